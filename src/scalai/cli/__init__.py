@@ -1,0 +1,1 @@
+"""The ``scalai`` command line."""

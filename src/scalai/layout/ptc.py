@@ -1,0 +1,277 @@
+"""The Parallelizable Tensor Collection: tensor specs laid out under one configuration.
+
+``PTC(config, specs, num_layers)`` answers, for every tensor, which ranks hold what
+(:meth:`PTC.holdings`) and, for every rank, what it stores (:meth:`PTC.rank_shards`).
+
+Holdings group the ranks that store an identical local shard (data-parallel replicas, the
+two copies of a tied embedding), so that the planner works per distinct shard rather than
+per rank.
+
+ZeRO-1 (``config.zero``): for each model shard (pipeline stage, tensor-parallel rank), the
+stage's parameters are laid end to end in spec order, each as its flattened local shard
+(padding included), into one flat buffer; the buffer is padded to a multiple of ``dp`` and
+cut into ``dp`` contiguous parts. Data-parallel rank ``d`` keeps part ``d`` of every
+optimizer state (fp32 master, Adam moments). A rank's local tensor for one optimizer state
+of one parameter is therefore 1-d: the part of the parameter's flat range that falls in
+the rank's part of the buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from math import prod
+from typing import Iterable, Sequence
+
+from ..config import ParallelConfig
+from ..regions import Region, contiguous_boxes, disjoint, flat_runs, subtract
+from .spec import TensorSpec
+from .splits import LocalShard, Piece, SplitRule
+
+__all__ = ["PTC", "Holding", "LayoutError"]
+
+
+class LayoutError(ValueError):
+    """A configuration that the model's tensors cannot be laid out under."""
+
+
+@dataclass(frozen=True, slots=True)
+class Holding:
+    """A local shard of one tensor and every rank that stores exactly it.
+
+    ``key`` is a small hashable stand-in for the shard's geometry: two holdings with equal
+    keys have equal shards, which lets the planner reuse region intersections across the
+    many layers that share a shape and split.
+    """
+
+    tensor: str
+    shard: LocalShard
+    ranks: tuple[int, ...]
+    key: tuple
+
+
+class PTC:
+    """Tensor specs laid out under a :class:`~scalai.config.ParallelConfig`.
+
+    Args:
+        config: the parallel configuration.
+        specs: every tensor of the job (parameters and optimizer state).
+        num_layers: transformer layers of the model (to place ``layer`` residences).
+
+    Raises:
+        LayoutError: a tensor cannot be split under ``config`` (the message names the
+            tensor, why, and which degrees would work).
+    """
+
+    def __init__(self, config: ParallelConfig, specs: Iterable[TensorSpec], num_layers: int):
+        self.config = config
+        self.specs: tuple[TensorSpec, ...] = tuple(specs)
+        self.num_layers = int(num_layers)
+        self._by_name = {s.name: s for s in self.specs}
+        if len(self._by_name) != len(self.specs):
+            seen: set[str] = set()
+            dup = next(s.name for s in self.specs if s.name in seen or seen.add(s.name))  # type: ignore[func-returns-value]
+            raise LayoutError(f"tensor {dup!r} is specified twice")
+        try:
+            stage_layers = config.stage_layers(self.num_layers)
+        except ValueError as exc:
+            raise LayoutError(str(exc)) from None
+        self.stage_of_layer = tuple(s for s, layers in enumerate(stage_layers) for _ in layers)
+        for spec in self.specs:
+            problem = spec.split.check(spec.shape, config.tp, config.dp)
+            if problem:
+                raise LayoutError(f"{problem} of {spec.name} (shape {list(spec.shape)}); "
+                                  f"choose tp so that it divides evenly")
+            if spec.param is not None and spec.param not in self._by_name:
+                raise LayoutError(f"optimizer state {spec.name} follows unknown parameter {spec.param}")
+        self._holdings: dict[str, tuple[Holding, ...]] = {}
+        self._zero: dict[tuple[int, int], tuple[dict[str, int], int]] = {}
+        self._rank_view: list[list[tuple[str, LocalShard]]] | None = None
+
+    # -- lookup ----------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    def spec(self, name: str) -> TensorSpec:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} is not part of this job's state") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def stages_of(self, spec: TensorSpec) -> tuple[int, ...]:
+        return spec.residence.stages(self.stage_of_layer, self.config.pp)
+
+    # -- holdings --------------------------------------------------------------------
+    def holdings(self, name: str) -> tuple[Holding, ...]:
+        """Every distinct local shard of tensor ``name`` and the ranks holding it."""
+        cached = self._holdings.get(name)
+        if cached is None:
+            cached = self._holdings[name] = tuple(self._compute_holdings(self.spec(name)))
+        return cached
+
+    def _compute_holdings(self, spec: TensorSpec) -> list[Holding]:
+        cfg = self.config
+        stages = self.stages_of(spec)
+        if spec.is_optimizer_state and cfg.zero and not spec.split.uses_dp:
+            return self._zero_holdings(spec, stages)
+        groups: dict[tuple, tuple[LocalShard, list[int]]] = {}
+        dp_ranks = range(cfg.dp) if spec.split.uses_dp else (None,)
+        for stage in stages:
+            for t in range(cfg.tp):
+                for d in dp_ranks:
+                    if d is None:
+                        key = ("tp", spec.split, spec.shape, cfg.tp, t)
+                        shard = _tp_shard(spec.split, spec.shape, cfg.tp, t)
+                        ranks = [cfg.rank(t, dd, stage) for dd in range(cfg.dp)]
+                    else:
+                        key = ("mesh", spec.split, spec.shape, cfg.tp, t, cfg.dp, d)
+                        shard = spec.split.shard(spec.shape, cfg.tp, t, cfg.dp, d)
+                        ranks = [cfg.rank(t, d, stage)]
+                    if not shard.pieces:
+                        continue
+                    entry = groups.setdefault(key, (shard, []))
+                    entry[1].extend(ranks)
+        return [Holding(spec.name, shard, tuple(sorted(ranks)), key)
+                for key, (shard, ranks) in groups.items()]
+
+    def _zero_layout(self, stage: int, tp_rank: int) -> tuple[dict[str, int], int]:
+        """Flat-buffer offset of every parameter of a model shard, and the part size."""
+        cached = self._zero.get((stage, tp_rank))
+        if cached is None:
+            offsets: dict[str, int] = {}
+            total = 0
+            for spec in self.specs:
+                if spec.is_optimizer_state or stage not in self.stages_of(spec):
+                    continue
+                offsets[spec.name] = total
+                total += prod(_tp_shard(spec.split, spec.shape, self.config.tp, tp_rank).shape)
+            part = -(-total // self.config.dp)
+            cached = self._zero[(stage, tp_rank)] = (offsets, part)
+        return cached
+
+    def _zero_holdings(self, spec: TensorSpec, stages: Sequence[int]) -> list[Holding]:
+        cfg = self.config
+        out = []
+        for stage in stages:
+            for t in range(cfg.tp):
+                offsets, part = self._zero_layout(stage, t)
+                param_shard = _tp_shard(spec.split, spec.shape, cfg.tp, t)
+                start, n = offsets[spec.param], prod(param_shard.shape)
+                for d in range(cfg.dp):
+                    lo, hi = max(start, d * part), min(start + n, (d + 1) * part)
+                    if hi <= lo:
+                        continue
+                    shard = _flat_shard(param_shard, lo - start, hi - start)
+                    if shard.pieces:
+                        key = ("zero", spec.split, spec.shape, cfg.tp, t, lo - start, hi - start)
+                        out.append(Holding(spec.name, shard, (cfg.rank(t, d, stage),), key))
+        return out
+
+    # -- per-rank view ----------------------------------------------------------------
+    def rank_shards(self, rank: int) -> list[tuple[str, LocalShard]]:
+        """``(tensor name, local shard)`` for every tensor that ``rank`` stores, spec order."""
+        if self._rank_view is None:
+            view: list[list[tuple[str, LocalShard]]] = [[] for _ in range(self.config.world_size)]
+            for spec in self.specs:
+                for h in self.holdings(spec.name):
+                    for r in h.ranks:
+                        view[r].append((spec.name, h.shard))
+            self._rank_view = view
+        return self._rank_view[rank]
+
+    def rank_nbytes(self, rank: int) -> int:
+        """Bytes of the local tensors of ``rank`` (padding included)."""
+        from ..dtypes import itemsize
+
+        return sum(prod(s.shape) * itemsize(self.spec(n).dtype) for n, s in self.rank_shards(rank))
+
+    def validate(self) -> None:
+        """Check that every tensor is covered exactly and every shard is well formed.
+
+        Raises:
+            LayoutError: naming the first tensor that is not.
+        """
+        for spec in self.specs:
+            boxes: dict[Region, None] = {}
+            for h in self.holdings(spec.name):
+                local_regions = [p.local_region for p in h.shard.pieces]
+                if not disjoint(local_regions):
+                    raise LayoutError(f"{spec.name}: overlapping pieces in one local shard")
+                for p in h.shard.pieces:
+                    if p.global_region.volume != p.local_region.volume:
+                        raise LayoutError(f"{spec.name}: piece {p} maps unequal volumes")
+                    if not Region.full(h.shard.shape).contains(p.local_region):
+                        raise LayoutError(f"{spec.name}: piece {p} lies outside local shape {h.shard.shape}")
+                    if not Region.full(spec.shape).contains(p.global_region):
+                        raise LayoutError(f"{spec.name}: piece {p} lies outside global shape {spec.shape}")
+                    boxes[p.global_region] = None
+            covered = union_volume(list(boxes))
+            if covered != spec.numel:
+                raise LayoutError(f"{spec.name}: the layout covers {covered} of {spec.numel} elements")
+
+    # -- serialization ----------------------------------------------------------------
+    def to_json(self, explicit: bool = False) -> dict:
+        """Config and specs (enough to rebuild everything); ``explicit`` adds every rank's shards."""
+        out = {"config": str(self.config), "num_layers": self.num_layers,
+               "tensors": [s.to_json() for s in self.specs]}
+        if explicit:
+            out["ranks"] = [
+                [{"tensor": n, "local_shape": list(s.shape), "pieces": [p.to_json() for p in s.pieces]}
+                 for n, s in self.rank_shards(r)]
+                for r in range(self.config.world_size)
+            ]
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict) -> PTC:
+        return cls(ParallelConfig.parse(obj["config"]),
+                   [TensorSpec.from_json(t) for t in obj["tensors"]], obj["num_layers"])
+
+    def relayout(self, config: ParallelConfig) -> PTC:
+        """The same tensors under another configuration."""
+        return PTC(config, self.specs, self.num_layers)
+
+
+@lru_cache(maxsize=65536)
+def _tp_shard(split: SplitRule, shape: tuple[int, ...], tp: int, tp_rank: int) -> LocalShard:
+    return split.shard(shape, tp, tp_rank)
+
+
+def _flat_shard(shard: LocalShard, start: int, stop: int) -> LocalShard:
+    """The flat element range ``[start, stop)`` of ``shard``'s local tensor, as a 1-d shard."""
+    shape = shard.shape
+    strides = [prod(shape[i + 1:]) for i in range(len(shape))]
+    pieces = []
+    for piece in shard.pieces:
+        loc, glob = piece.local_region, piece.global_region
+        if loc.sizes != glob.sizes:
+            raise LayoutError("cannot flatten a shard that is itself flattened")
+        delta = tuple(g - l for g, l in zip(glob.offsets, loc.offsets))
+        for run_lo, run_hi in flat_runs(shape, loc):
+            lo, hi = max(run_lo, start), min(run_hi, stop)
+            if hi <= lo:
+                continue
+            for box in contiguous_boxes(shape, lo, hi):
+                flat = sum(o * s for o, s in zip(box.offsets, strides))
+                pieces.append(Piece(box.shift(delta), Region((flat - start,), (box.volume,))))
+    pieces.sort(key=lambda p: p.local_region.offsets)
+    return LocalShard((stop - start,), tuple(pieces))
+
+
+def union_volume(boxes: Sequence[Region]) -> int:
+    """Number of elements covered by ``boxes`` (which may overlap)."""
+    if disjoint(boxes):
+        return sum(b.volume for b in boxes)
+    parts: list[Region] = []
+    for box in boxes:
+        pending = [box]
+        for p in parts:
+            pending = [q for r in pending for q in subtract(r, p)]
+            if not pending:
+                break
+        parts.extend(pending)
+    return sum(p.volume for p in parts)
