@@ -1,7 +1,7 @@
 """Plans as data: the copies that turn one layout of the job state into another.
 
 A :class:`Plan` is produced by :func:`scalai.planner.make_plan` (pure, no I/O) and consumed
-by an executor (local files, per-host stores). Regions in a :class:`Copy` are in the
+by an executor (local files, per-host stores). The windows of a :class:`Copy` are in the
 *local* coordinates of the source and destination ranks' tensors, so an executor never
 needs to know about global layouts.
 """
@@ -14,7 +14,7 @@ from ..config import Placement
 from ..layout.ptc import PTC
 from ..regions import Region
 
-__all__ = ["Deployment", "Copy", "PlanStats", "Plan"]
+__all__ = ["Deployment", "Window", "Copy", "PlanStats", "Plan"]
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,39 @@ class Deployment:
 
 
 @dataclass(frozen=True, slots=True)
-class Copy:
-    """Copy ``src_region`` of the source rank's local ``tensor`` into ``dst_region``.
+class Window:
+    """Which elements of a rank's local tensor a copy reads or writes.
 
-    Both regions have the same volume and correspond element by element in row-major order
-    (they differ in shape only when one side is a flattened ZeRO shard).
+    The elements are ``local[region]``; when ``view`` is set, that box (a flat 1-d range of
+    a ZeRO shard) is first reshaped to ``view`` (the shape of the global box the range
+    stands for) and then cut to ``sub``. Either way the selection has shape :attr:`shape`,
+    and a copy pairs source and destination selections element by element.
+    """
+
+    region: Region
+    view: tuple[int, ...] | None = None
+    sub: Region | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.sub.sizes if self.sub is not None else self.region.sizes
+
+    @property
+    def volume(self) -> int:
+        return self.sub.volume if self.sub is not None else self.region.volume
+
+    def select(self, local):
+        """The selected elements of ``local`` (a numpy array or torch tensor) as a view."""
+        out = local[self.region.to_slices()]
+        if self.view is not None:
+            out = out.reshape(self.view)[self.sub.to_slices()]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """Copy the ``src`` window of the source rank's local ``tensor`` into the ``dst`` window
+    of the destination rank's local ``tensor``. Both windows select arrays of the same shape.
 
     ``from_new`` marks a host fan-out: the source is the *destination* layout's local tensor
     on ``src_rank``, filled by an earlier copy of this plan, so that bytes needed by several
@@ -44,8 +72,8 @@ class Copy:
     tensor: str
     src_rank: int
     dst_rank: int
-    src_region: Region
-    dst_region: Region
+    src: Window
+    dst: Window
     nbytes: int
     src_host: str
     dst_host: str
