@@ -18,6 +18,7 @@ the rank's part of the buffer.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from functools import lru_cache
 from math import prod
@@ -165,7 +166,7 @@ class PTC:
                     lo, hi = max(start, d * part), min(start + n, (d + 1) * part)
                     if hi <= lo:
                         continue
-                    shard = _flat_shard(param_shard, lo - start, hi - start)
+                    shard = _zero_shard(spec.split, spec.shape, cfg.tp, t, lo - start, hi - start)
                     if shard.pieces:
                         key = ("zero", spec.split, spec.shape, cfg.tp, t, lo - start, hi - start)
                         out.append(Holding(spec.name, shard, (cfg.rank(t, d, stage),), key))
@@ -241,24 +242,42 @@ def _tp_shard(split: SplitRule, shape: tuple[int, ...], tp: int, tp_rank: int) -
     return split.shard(shape, tp, tp_rank)
 
 
-def _flat_shard(shard: LocalShard, start: int, stop: int) -> LocalShard:
-    """The flat element range ``[start, stop)`` of ``shard``'s local tensor, as a 1-d shard."""
-    shape = shard.shape
-    strides = [prod(shape[i + 1:]) for i in range(len(shape))]
-    pieces = []
+@lru_cache(maxsize=65536)
+def _zero_shard(split: SplitRule, shape: tuple[int, ...], tp: int, tp_rank: int,
+                start: int, stop: int) -> LocalShard:
+    """Flat elements ``[start, stop)`` of a tensor-parallel shard, as a 1-d ZeRO shard."""
+    return _flat_shard(_tp_shard(split, shape, tp, tp_rank), start, stop)
+
+
+@lru_cache(maxsize=16384)
+def _flat_index(shard: LocalShard) -> tuple[list[int], list[tuple[int, int, tuple[int, ...]]]]:
+    """Row-major runs of ``shard``'s pieces, sorted: (starts, [(start, stop, global delta)])."""
+    runs = []
     for piece in shard.pieces:
         loc, glob = piece.local_region, piece.global_region
         if loc.sizes != glob.sizes:
             raise LayoutError("cannot flatten a shard that is itself flattened")
         delta = tuple(g - l for g, l in zip(glob.offsets, loc.offsets))
-        for run_lo, run_hi in flat_runs(shape, loc):
-            lo, hi = max(run_lo, start), min(run_hi, stop)
-            if hi <= lo:
-                continue
-            for box in contiguous_boxes(shape, lo, hi):
-                flat = sum(o * s for o, s in zip(box.offsets, strides))
-                pieces.append(Piece(box.shift(delta), Region((flat - start,), (box.volume,))))
-    pieces.sort(key=lambda p: p.local_region.offsets)
+        runs.extend((a, b, delta) for a, b in flat_runs(shard.shape, loc))
+    runs.sort()
+    return [r[0] for r in runs], runs
+
+
+def _flat_shard(shard: LocalShard, start: int, stop: int) -> LocalShard:
+    """The flat element range ``[start, stop)`` of ``shard``'s local tensor, as a 1-d shard."""
+    shape = shard.shape
+    strides = [prod(shape[i + 1:]) for i in range(len(shape))]
+    starts, runs = _flat_index(shard)
+    pieces = []
+    for run_lo, run_hi, delta in runs[max(0, bisect_right(starts, start) - 1):]:
+        if run_lo >= stop:
+            break
+        lo, hi = max(run_lo, start), min(run_hi, stop)
+        if hi <= lo:
+            continue
+        for box in contiguous_boxes(shape, lo, hi):
+            flat = sum(o * s for o, s in zip(box.offsets, strides))
+            pieces.append(Piece(box.shift(delta), Region((flat - start,), (box.volume,))))
     return LocalShard((stop - start,), tuple(pieces))
 
 
