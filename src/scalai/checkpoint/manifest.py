@@ -1,0 +1,206 @@
+"""The manifest of a checkpoint directory: what is stored where, with checksums.
+
+``manifest.json`` is written last and atomically; its presence is what makes a directory
+a checkpoint. Layout (version 1)::
+
+    {
+      "format": "scalai-checkpoint",
+      "version": 1,
+      "created_by": "scalai 0.1.0",
+      "checksum_algorithm": "crc32",
+      "ptc": {"config": "tp=2,pp=1,dp=1", "num_layers": 2, "tensors": [...]},
+      "ranks": [
+        {"rank": 0, "file": "rank-00000.safetensors", "bytes": 8392,
+         "tensors": {"embedding.weight": {"dtype": "bfloat16", "shape": [512, 64],
+                                          "checksum": "9a3c01ff"}, ...}},
+        ...
+      ],
+      "state": {"step": 100, ...}
+    }
+
+``ranks[r].tensors`` lists, in file order, exactly the local tensors that
+``ptc.rank_shards(r)`` names, with their local shapes; ``checksum`` is the CRC-32 of the
+tensor's raw bytes as 8 hex digits; ``state`` is the caller's JSON (step, schedulers, RNG,
+data position). The parser is strict: unknown keys, wrong types or a layout that
+disagrees with the tensors listed make the manifest invalid; a newer version is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import CheckpointError
+from ..layout.ptc import PTC
+from .checksum import ALGORITHM
+
+__all__ = ["FORMAT", "VERSION", "MANIFEST_NAME", "TensorRecord", "RankRecord", "Manifest",
+           "rank_file_name", "read_manifest", "write_manifest", "atomic_write"]
+
+FORMAT = "scalai-checkpoint"
+VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank-{rank:05d}.safetensors"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRecord:
+    """One stored local tensor: dtype name, local shape, CRC-32 of its raw bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    checksum: int
+
+
+@dataclass(frozen=True, slots=True)
+class RankRecord:
+    """One rank's file: its name, its size in bytes and its tensors (in file order)."""
+
+    rank: int
+    file: str
+    nbytes: int
+    tensors: dict[str, TensorRecord]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    ptc: PTC
+    ranks: tuple[RankRecord, ...]
+    state: dict[str, Any]
+    created_by: str = ""
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT, "version": VERSION, "created_by": self.created_by,
+            "checksum_algorithm": ALGORITHM, "ptc": self.ptc.to_json(),
+            "ranks": [{"rank": r.rank, "file": r.file, "bytes": r.nbytes,
+                       "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape),
+                                       "checksum": f"{t.checksum:08x}"}
+                                   for n, t in r.tensors.items()}} for r in self.ranks],
+            "state": self.state,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "manifest.json") -> Manifest:
+        """Parse strictly; raises :class:`CheckpointError` naming ``where`` and the problem."""
+        def bad(why: str) -> CheckpointError:
+            return CheckpointError(f"{where} is invalid: {why}")
+
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise bad(f"not a {FORMAT} manifest")
+        version = obj.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise bad(f"version {version!r} is not a positive integer")
+        if version > VERSION:
+            raise CheckpointError(
+                f"{where} has format version {version}, newer than the {VERSION} this scalai "
+                f"reads; upgrade scalai (pip install -U scalai) to read this checkpoint")
+        expected = {"format", "version", "created_by", "checksum_algorithm", "ptc", "ranks", "state"}
+        if set(obj) != expected:
+            raise bad(f"keys {sorted(set(obj) ^ expected)} are unexpected or missing")
+        if obj["checksum_algorithm"] != ALGORITHM:
+            raise bad(f"unknown checksum algorithm {obj['checksum_algorithm']!r}")
+        if not isinstance(obj["state"], dict):
+            raise bad("state is not a JSON object")
+        try:
+            ptc = PTC.from_json(obj["ptc"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise bad(f"the layout does not parse ({exc})") from None
+        ranks = obj["ranks"]
+        if not isinstance(ranks, list) or len(ranks) != ptc.config.world_size:
+            raise bad(f"layout {ptc.config} has {ptc.config.world_size} ranks, "
+                      f"the manifest lists {len(ranks) if isinstance(ranks, list) else 'none'}")
+        records = tuple(_rank_record(r, i, ptc, bad) for i, r in enumerate(ranks))
+        return cls(ptc, records, obj["state"], str(obj["created_by"]))
+
+
+def _rank_record(obj: Any, rank: int, ptc: PTC, bad) -> RankRecord:
+    if not isinstance(obj, dict) or set(obj) != {"rank", "file", "bytes", "tensors"}:
+        raise bad(f"entry {rank} of ranks is not {{rank, file, bytes, tensors}}")
+    if obj["rank"] != rank or obj["file"] != rank_file_name(rank):
+        raise bad(f"entry {rank} of ranks names rank {obj['rank']!r}, file {obj['file']!r}")
+    if not isinstance(obj["bytes"], int) or obj["bytes"] < 8 or not isinstance(obj["tensors"], dict):
+        raise bad(f"rank {rank} has a bad byte count or tensor table")
+    expected = ptc.rank_shards(rank)
+    if list(obj["tensors"]) != [name for name, _ in expected]:
+        raise bad(f"rank {rank} lists other tensors than layout {ptc.config} gives it")
+    tensors = {}
+    for name, shard in expected:
+        t = obj["tensors"][name]
+        try:
+            ok = (set(t) == {"dtype", "shape", "checksum"} and len(t["checksum"]) == 8
+                  and all(c in "0123456789abcdef" for c in t["checksum"])
+                  and all(isinstance(s, int) for s in t["shape"]))
+            record = TensorRecord(t["dtype"], tuple(t["shape"]), int(t["checksum"], 16))
+        except (TypeError, ValueError, KeyError):
+            ok = False
+        if not ok or record.shape != shard.shape or record.dtype != ptc.spec(name).dtype:
+            raise bad(f"rank {rank} tensor {name}: {t!r} does not match the layout "
+                      f"(dtype {ptc.spec(name).dtype}, local shape {list(shard.shape)})")
+        tensors[name] = record
+    return RankRecord(rank, obj["file"], obj["bytes"], tensors)
+
+
+def atomic_write(path: str, data: bytes, sync: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename (all or nothing)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _dumps(obj: dict) -> str:
+    """JSON with one line per top-level key, per tensor spec and per rank (readable, compact)."""
+    def line(x: Any) -> str:
+        return json.dumps(x, separators=(", ", ": "))
+
+    ptc = obj["ptc"]
+    ptc_text = ("{" + ", ".join(f"{line(k)}: {line(v)}" for k, v in ptc.items() if k != "tensors")
+                + ', "tensors": [\n   ' + ",\n   ".join(line(t) for t in ptc["tensors"]) + "]}")
+    parts = {k: line(v) for k, v in obj.items()}
+    parts["ptc"] = ptc_text
+    parts["ranks"] = "[\n  " + ",\n  ".join(line(r) for r in obj["ranks"]) + "]"
+    return "{\n" + ",\n".join(f" {line(k)}: {v}" for k, v in parts.items()) + "\n}\n"
+
+
+def write_manifest(directory: str, manifest: Manifest, sync: bool = True) -> None:
+    text = _dumps(manifest.to_json()).encode()
+    atomic_write(os.path.join(directory, MANIFEST_NAME), text, sync)
+
+
+def read_manifest(directory: str) -> Manifest:
+    """Read and parse ``directory/manifest.json``.
+
+    Raises:
+        CheckpointError: the directory or its manifest is missing or invalid.
+    """
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory {directory} does not exist or is not a directory")
+    path = os.path.join(directory, MANIFEST_NAME)
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory} has no {MANIFEST_NAME}: the save did not finish; "
+                              f"use an earlier checkpoint") from None
+    try:
+        obj = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the file is corrupt, "
+                              f"use an earlier checkpoint") from None
+    return Manifest.from_json(obj, path)

@@ -1,0 +1,297 @@
+"""Our own reader and writer of the safetensors format, built for in-place, partial I/O.
+
+A safetensors file is ``u64 little-endian header length N`` + ``N`` bytes of JSON header
+``{name: {"dtype": "BF16", "shape": [..], "data_offsets": [begin, end]}, "__metadata__":
+{str: str}}`` + the data section; offsets are relative to the data section, tensors are
+row-major and little-endian and tile the data section without gaps.
+
+Why our own: the official library reads whole tensors; we need (1) a writer that
+preallocates the file and lets several threads fill regions of it in place, and (2) a
+reader that returns views of any region while touching only the bytes of that region.
+Both use the raw unsigned-integer numpy dtype of the element width
+(:func:`scalai.dtypes.raw_numpy`), so copies move bits and bfloat16 needs no conversion.
+Files written here load with the official ``safetensors`` library.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from math import prod
+from typing import Sequence
+
+import numpy as np
+
+from ..dtypes import from_safetensors_code, itemsize, raw_numpy, safetensors_code
+from ..errors import CheckpointError
+from ..regions import Region
+
+__all__ = ["TensorEntry", "SafetensorsWriter", "SafetensorsReader", "MAX_HEADER_BYTES"]
+
+#: Largest header accepted by the reader (the official library's limit is 100 MB).
+MAX_HEADER_BYTES = 100_000_000
+_ALIGN = 8  # the data section starts 8-byte aligned (the header is padded with spaces)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    """Where one tensor lies in a file: ``start`` is an absolute byte offset."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    nbytes: int
+
+
+def _layout(entries: Sequence[tuple[str, str, Sequence[int]]],
+            metadata: dict[str, str] | None) -> tuple[bytes, dict[str, TensorEntry], int]:
+    """Header bytes (length prefix included), entries with absolute offsets, file size."""
+    header: dict[str, object] = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("safetensors metadata must map str to str")
+        header["__metadata__"] = dict(metadata)
+    spans: list[tuple[str, str, tuple[int, ...], int, int]] = []
+    offset = 0
+    for name, dtype, shape in entries:
+        if name == "__metadata__" or name in header:
+            raise ValueError(f"tensor name {name!r} is reserved or repeated; give each tensor once")
+        shape = tuple(int(s) for s in shape)
+        nbytes = prod(shape) * itemsize(dtype)
+        header[name] = {"dtype": safetensors_code(dtype), "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        spans.append((name, dtype, shape, offset, nbytes))
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % _ALIGN)
+    base = 8 + len(text)
+    table = {n: TensorEntry(n, d, s, base + o, b) for n, d, s, o, b in spans}
+    return struct.pack("<Q", len(text)) + text, table, base + offset
+
+
+def _array(buf: mmap.mmap, entry: TensorEntry) -> np.ndarray:
+    dtype = raw_numpy(entry.dtype)
+    if entry.nbytes == 0:
+        return np.zeros(entry.shape, dtype)
+    flat = np.frombuffer(buf, dtype, count=entry.nbytes // dtype.itemsize, offset=entry.start)
+    return flat.reshape(entry.shape)
+
+
+def _close_map(buf: mmap.mmap | None) -> None:
+    if buf is None:
+        return
+    try:
+        buf.close()
+    except BufferError:
+        pass  # views still exist: the mapping stays alive until they are gone
+
+
+class SafetensorsWriter:
+    """Write one safetensors file in place: header first, data filled by the caller.
+
+    The file is created under a temporary name next to ``path`` with its final size
+    reserved (``posix_fallocate``: space errors surface now, and unwritten blocks read as
+    zeros, so regions nobody writes stay zero). :meth:`view` hands out writable
+    memory-mapped arrays; :meth:`write` is ``pwrite`` at a byte offset of a tensor (faster
+    for large contiguous runs: no page faults). Both may be used from several threads on
+    disjoint regions. :meth:`finalize` flushes, fsyncs and renames the file into place.
+
+    Args:
+        path: final file name.
+        entries: ``(name, dtype name, shape)`` of each tensor, in file order.
+        metadata: the header's ``__metadata__`` (str -> str).
+    """
+
+    def __init__(self, path: str | os.PathLike, entries: Sequence[tuple[str, str, Sequence[int]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = os.fspath(path)
+        header, self.entries, self.size = _layout(entries, metadata)
+        folder, base = os.path.split(self.path)
+        self.tmp_path = os.path.join(folder, f".{base}.tmp-{os.getpid()}")
+        self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._map: mmap.mmap | None = None
+        self.finalized = False
+        try:
+            try:
+                os.posix_fallocate(self._fd, 0, self.size)
+            except OSError as exc:
+                if exc.errno not in (95, 22):  # EOPNOTSUPP / EINVAL: no fallocate here
+                    raise
+                os.ftruncate(self._fd, self.size)
+            os.pwrite(self._fd, header, 0)
+        except BaseException:
+            self.abort()
+            raise
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def entry(self, name: str) -> TensorEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} is not in {self.path}") from None
+
+    def view(self, name: str) -> np.ndarray:
+        """Writable raw array of tensor ``name`` (local shape), backed by the file."""
+        if self._map is None:
+            self._map = mmap.mmap(self._fd, self.size)
+        return _array(self._map, self.entry(name))
+
+    def write(self, name: str, byte_offset: int, data) -> None:
+        """Write the bytes of ``data`` (a contiguous buffer) at ``byte_offset`` of tensor ``name``."""
+        entry = self.entry(name)
+        mv = memoryview(data)
+        if byte_offset < 0 or byte_offset + mv.nbytes > entry.nbytes:
+            raise ValueError(f"write of {mv.nbytes} bytes at {byte_offset} falls outside "
+                             f"{name} ({entry.nbytes} bytes)")
+        if mv.nbytes == 0:
+            return
+        mv = mv.cast("B")
+        pos = entry.start + byte_offset
+        while mv.nbytes:
+            done = os.pwrite(self._fd, mv, pos)
+            mv, pos = mv[done:], pos + done
+
+    def finalize(self, sync: bool = True) -> None:
+        """Flush, fsync (``sync``) and atomically rename the file to :attr:`path`."""
+        if self._map is not None:
+            self._map.flush()
+        if sync:
+            os.fsync(self._fd)
+        os.rename(self.tmp_path, self.path)
+        self.finalized = True
+        self.close()
+
+    def close(self) -> None:
+        _close_map(self._map)
+        self._map = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def abort(self) -> None:
+        """Close and delete the temporary file (nothing happens after :meth:`finalize`)."""
+        self.close()
+        if not self.finalized:
+            try:
+                os.unlink(self.tmp_path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self.finalized:
+            self.finalize()
+        else:
+            self.abort()
+
+
+class SafetensorsReader:
+    """Read-only, memory-mapped access to one safetensors file.
+
+    The header is parsed strictly (sizes, bounds, gaps, overlaps, file length); any problem
+    is a :class:`~scalai.errors.CheckpointError` naming the file. Views are read-only and
+    lazy: only the pages of the elements actually read are loaded.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path} is missing") from None
+        self._map: mmap.mmap | None = None
+        try:
+            self.size = os.fstat(self._fd).st_size
+            self.metadata, self.entries = self._parse()
+            if self.size:
+                self._map = mmap.mmap(self._fd, self.size, access=mmap.ACCESS_READ)
+        except BaseException:
+            self.close()
+            raise
+
+    def _bad(self, why: str) -> CheckpointError:
+        return CheckpointError(f"{self.path} is truncated or corrupt: {why}")
+
+    def _parse(self) -> tuple[dict[str, str], dict[str, TensorEntry]]:
+        if self.size < 8:
+            raise self._bad(f"{self.size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+        if n > MAX_HEADER_BYTES or 8 + n > self.size:
+            raise self._bad(f"header length {n} does not fit in {self.size} bytes")
+        try:
+            header = json.loads(os.pread(self._fd, n, 8))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self._bad(f"header is not JSON ({exc})") from None
+        if not isinstance(header, dict):
+            raise self._bad("header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise self._bad("__metadata__ is not a str -> str object")
+        base, entries, spans = 8 + n, {}, []
+        for name, info in header.items():
+            try:
+                dtype = from_safetensors_code(info["dtype"])
+                shape = tuple(info["shape"])
+                begin, end = info["data_offsets"]
+                ok = all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end))
+            except (TypeError, KeyError, ValueError):
+                ok = False
+            if not ok or set(info) != {"dtype", "shape", "data_offsets"}:
+                raise self._bad(f"bad header entry for {name!r}: {info!r}")
+            if end - begin != prod(shape) * itemsize(dtype):
+                raise self._bad(f"{name!r} spans {end - begin} bytes, its shape needs "
+                                f"{prod(shape) * itemsize(dtype)}")
+            entries[name] = TensorEntry(name, dtype, shape, base + begin, end - begin)
+            spans.append((begin, end, name))
+        spans.sort()
+        expected = 0
+        for begin, end, name in spans:
+            if begin != expected:
+                kind = "overlaps the previous tensor" if begin < expected else "leaves a gap"
+                raise self._bad(f"{name!r} at byte {begin} {kind}")
+            expected = end
+        if base + expected != self.size:
+            raise self._bad(f"the header describes {base + expected} bytes, the file has {self.size}")
+        return metadata, entries
+
+    def entry(self, name: str) -> TensorEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} is not in {self.path}") from None
+
+    def view(self, name: str, region: Region | None = None) -> np.ndarray:
+        """Read-only raw array of tensor ``name`` or of ``region`` of it (no bytes read yet)."""
+        entry = self.entry(name)
+        if self._map is None:
+            raise CheckpointError(f"{self.path} is closed")
+        array = _array(self._map, entry)
+        if region is None:
+            return array
+        if region.ndim != len(entry.shape) or not Region.full(entry.shape).contains(region):
+            raise ValueError(f"region {region} lies outside {name} of shape {list(entry.shape)}")
+        return array[region.to_slices()]
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        _close_map(self._map)
+        self._map = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
