@@ -1,0 +1,238 @@
+"""The sample index: for every sample, the file and byte range it is read from.
+
+A sample is a window of ``seq_len + 1`` tokens (inputs and the next-token targets);
+consecutive samples overlap by one token, as in nanoGPT and Megatron's GPT dataset, so
+sample ``i`` of a stream starts at token ``i * seq_len``. Two packings:
+
+``stream`` (default)
+    The inputs are one token stream, in order; a sample may continue from the end of
+    one file into the next.
+``document``
+    Samples never cross a document (a file, or a Megatron document); each document's
+    last ``(tokens - 1) % seq_len`` tokens are dropped.
+
+On disk an index is a directory::
+
+    index.json         format, version, seq_len, dtype, packing, the source files
+    sample_file.npy    uint32[num_samples]: source file of each sample's first byte
+    sample_offset.npy  uint64[num_samples]: byte offset of that first byte in the file
+
+A sample's bytes are ``sample_bytes = (seq_len + 1) * itemsize`` bytes from there, going
+on at byte 0 of the following files when a ``stream`` sample crosses a file end. Building
+writes into a temporary directory and renames it into place, so a reader never sees a
+half-written index; the arrays are filled in chunks (memory stays bounded whatever the
+corpus size) and nothing loops in Python per sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..errors import ScalaiError
+from .sources import SourceFile, discover, documents, fingerprint
+
+__all__ = ["SampleIndex", "build_index", "INDEX_FORMAT", "INDEX_VERSION", "PACKINGS"]
+
+INDEX_FORMAT = "scalai-data-index"
+INDEX_VERSION = 1
+PACKINGS = ("stream", "document")
+_CHUNK = 1 << 20  # samples per vectorized chunk: ~24 MiB of temporaries
+
+
+@dataclass(frozen=True, eq=False)
+class SampleIndex:
+    """An opened index (arrays memory-mapped, nothing else read)."""
+
+    path: Path
+    seq_len: int
+    dtype: str
+    packing: str
+    sources: tuple[SourceFile, ...]
+    sample_file: np.ndarray  # uint32[num_samples]
+    sample_offset: np.ndarray  # uint64[num_samples], bytes
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.sample_file.shape[0])
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes of one sample: ``(seq_len + 1) * itemsize``."""
+        return (self.seq_len + 1) * self.itemsize
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.tokens for s in self.sources)
+
+    def segments(self, sample: int) -> list[tuple[int, int, int]]:
+        """``(file, byte offset, byte count)`` pieces of one sample, in order."""
+        if not 0 <= sample < self.num_samples:
+            raise IndexError(f"sample {sample} is outside the index (0..{self.num_samples - 1})")
+        f, offset, left = int(self.sample_file[sample]), int(self.sample_offset[sample]), self.sample_bytes
+        pieces = []
+        while left > 0:
+            if f >= len(self.sources):
+                raise ScalaiError(f"sample {sample} runs past the last source file; the index is corrupt")
+            take = min(left, self.sources[f].size - offset)
+            if take > 0:
+                pieces.append((f, offset, take))
+                left -= take
+            f, offset = f + 1, 0
+        return pieces
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, verify: bool = False) -> SampleIndex:
+        """Open an index directory; checks every source file's size (``verify``: fingerprint too)."""
+        path = Path(path)
+        meta_path = path / "index.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{path} is not a scalai data index (no index.json); "
+                                    f"build one with 'scalai data index INPUTS... {path} --seq-len N'")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ScalaiError(f"{meta_path} is not valid JSON ({exc}); rebuild the index") from None
+        if meta.get("format") != INDEX_FORMAT:
+            raise ScalaiError(f"{meta_path} is not a scalai data index (format={meta.get('format')!r})")
+        if not isinstance(meta.get("version"), int) or meta["version"] > INDEX_VERSION:
+            raise ScalaiError(f"{path} is index version {meta.get('version')}, newer than this "
+                              f"scalai reads ({INDEX_VERSION}); upgrade scalai")
+        sources = tuple(SourceFile.from_json(s) for s in meta["sources"])
+        for s in sources:
+            try:
+                size = os.stat(s.path).st_size
+            except FileNotFoundError:
+                raise ScalaiError(f"source file {s.path} of index {path} is gone; restore it or "
+                                  f"rebuild the index") from None
+            if size != s.size or (verify and fingerprint(s.path, size) != s.fingerprint):
+                raise ScalaiError(f"source file {s.path} changed since index {path} was built "
+                                  f"({s.size} -> {size} bytes); rebuild the index")
+        sample_file = np.load(path / "sample_file.npy", mmap_mode="r")
+        sample_offset = np.load(path / "sample_offset.npy", mmap_mode="r")
+        n = int(meta["num_samples"])
+        if sample_file.shape != (n,) or sample_offset.shape != (n,):
+            raise ScalaiError(f"{path}: arrays hold {sample_file.shape[0]} and {sample_offset.shape[0]} "
+                              f"samples, index.json says {n}; rebuild the index")
+        return cls(path=path, seq_len=int(meta["seq_len"]), dtype=str(meta["dtype"]),
+                   packing=str(meta["packing"]), sources=sources, sample_file=sample_file,
+                   sample_offset=sample_offset)
+
+
+def _stream_starts(sources: Sequence[SourceFile], seq_len: int) -> tuple[int, Callable]:
+    """Sample count and a chunk function for the ``stream`` packing."""
+    first = np.concatenate([[0], np.cumsum([s.tokens for s in sources], dtype=np.int64)])  # [F + 1]
+    total = int(first[-1])
+    count = (total - 1) // seq_len if total > seq_len else 0
+    itemsize = sources[0].itemsize
+
+    def chunk(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        start = np.arange(lo, hi, dtype=np.int64) * seq_len  # [k] global token of each sample
+        f = np.searchsorted(first, start, side="right") - 1  # [k]; skips empty files
+        return f, (start - first[f]) * itemsize
+
+    return count, chunk
+
+
+def _document_starts(sources: Sequence[SourceFile], seq_len: int) -> tuple[int, Callable]:
+    """Sample count and a chunk function for the ``document`` packing."""
+    parts = [documents(s) for s in sources]
+    doc_file = np.concatenate([np.full(len(p[0]), i, dtype=np.int64) for i, p in enumerate(parts)])
+    doc_first = np.concatenate([p[0] for p in parts])  # [D] first token in its file
+    per_doc = np.maximum(np.concatenate([p[1] for p in parts]) - 1, 0) // seq_len  # [D]
+    before = np.concatenate([[0], np.cumsum(per_doc)])  # [D + 1] samples before each doc
+    itemsize = sources[0].itemsize
+
+    def chunk(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        sample = np.arange(lo, hi, dtype=np.int64)  # [k]
+        doc = np.searchsorted(before, sample, side="right") - 1  # [k]; skips docs without samples
+        token = doc_first[doc] + (sample - before[doc]) * seq_len  # [k]
+        return doc_file[doc], token * itemsize
+
+    return int(before[-1]), chunk
+
+
+def build_index(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, seq_len: int, *,
+                fmt: str = "auto", dtype: str = "uint16", tokenizer: str = "bytes",
+                packing: str = "stream", force: bool = False,
+                on_progress: Callable[[int], None] | None = None,
+                on_total: Callable[[int], None] | None = None) -> SampleIndex:
+    """Index ``inputs`` into the directory ``out``; returns the opened index.
+
+    ``on_total(num_samples)`` is called once the sample count is known, then
+    ``on_progress(k)`` after every chunk of ``k`` samples written.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"--seq-len {seq_len!r} must be a positive integer (tokens per sample, "
+                         f"without the extra target token)")
+    if packing not in PACKINGS:
+        raise ValueError(f"--packing {packing} is not known; use one of {', '.join(PACKINGS)}")
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; choose another path or pass --force to replace it")
+    if out.exists() and not (out / "index.json").is_file():
+        raise FileExistsError(f"{out} exists and is not a scalai index; refusing to replace it")
+    sources = discover(inputs, fmt=fmt, dtype=dtype, tokenizer=tokenizer)
+    out_abs = out.resolve()
+    if any(Path(s.path).is_relative_to(out_abs) for s in sources):
+        raise ValueError(f"{out} is among the inputs; write the index outside the data directories")
+    if len(sources) >= 2**32:
+        raise ValueError(f"{len(sources)} files are more than an index holds (2**32); concatenate them")
+    count, chunk = (_stream_starts if packing == "stream" else _document_starts)(sources, seq_len)
+    if count == 0:
+        tokens = sum(s.tokens for s in sources)
+        raise ValueError(f"the inputs hold {tokens} tokens, not one sample of seq_len + 1 = "
+                         f"{seq_len + 1} tokens{' inside one document' if packing == 'document' else ''}; "
+                         f"use a smaller --seq-len or more data")
+    if on_total:
+        on_total(count)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        files = np.lib.format.open_memmap(tmp / "sample_file.npy", mode="w+", dtype=np.uint32, shape=(count,))
+        offsets = np.lib.format.open_memmap(tmp / "sample_offset.npy", mode="w+", dtype=np.uint64,
+                                            shape=(count,))
+        for lo in range(0, count, _CHUNK):
+            hi = min(count, lo + _CHUNK)
+            files[lo:hi], offsets[lo:hi] = chunk(lo, hi)
+            if on_progress:
+                on_progress(hi - lo)
+        files.flush(), offsets.flush()
+        del files, offsets
+        meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "seq_len": seq_len,
+                "dtype": sources[0].dtype, "tokenizer": "bytes" if sources[0].kind == "text" else None,
+                "packing": packing, "num_samples": count,
+                "num_tokens": sum(s.tokens for s in sources),
+                "sample_bytes": (seq_len + 1) * sources[0].itemsize,
+                "sources": [s.to_json() for s in sources]}
+        # Metadata last: an index.json only ever sits beside complete arrays.
+        (tmp / "index.json").write_text(json.dumps(meta, indent=1))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return SampleIndex.open(out)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first, then deleted."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old.partial-{os.getpid()}"
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

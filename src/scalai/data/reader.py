@@ -1,0 +1,106 @@
+"""Reading samples' bytes from the source files, in place.
+
+Source files are memory-mapped read-only, lazily, once per process: a reader pickled
+into a DataLoader worker carries only the index path and reopens its maps there. Reads
+are plain slices of the maps (no system call per sample), safe from many threads.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+
+import numpy as np
+
+from ..errors import ScalaiError
+from .index import SampleIndex
+
+__all__ = ["SampleReader"]
+
+
+class SampleReader:
+    """Bytes and tokens of samples of one :class:`SampleIndex`."""
+
+    def __init__(self, index: SampleIndex) -> None:
+        self.index = index
+        self._sizes = np.array([s.size for s in index.sources], dtype=np.int64)
+        self._maps: list[np.ndarray | None] = [None] * len(index.sources)
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {"path": str(self.index.path)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(SampleIndex.open(state["path"]))
+
+    def _map(self, f: int) -> np.ndarray:
+        """uint8[size] view of source file ``f`` (mapped on first use)."""
+        m = self._maps[f]
+        if m is None:
+            with self._lock:
+                m = self._maps[f]
+                if m is None:
+                    m = self._maps[f] = self._open(f)
+        return m
+
+    def _open(self, f: int) -> np.ndarray:
+        source = self.index.sources[f]
+        if source.size == 0:
+            return np.zeros(0, dtype=np.uint8)
+        try:
+            with open(source.path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size != source.size:
+                    raise ScalaiError(f"source file {source.path} changed size since the index was "
+                                      f"built; rebuild the index")
+                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError:
+            raise ScalaiError(f"source file {source.path} is gone; restore it or rebuild the index") from None
+        return np.frombuffer(mapped, dtype=np.uint8)
+
+    # -- bytes -----------------------------------------------------------------------
+    def read(self, sample: int, start: int = 0, stop: int | None = None) -> bytes:
+        """Bytes ``[start, stop)`` of one sample (default: all ``sample_bytes`` of it)."""
+        sb = self.index.sample_bytes
+        stop = sb if stop is None else min(stop, sb)
+        if start < 0:
+            raise ValueError(f"byte offset {start} must be >= 0")
+        if start >= stop:
+            return b""
+        f = int(self.index.sample_file[sample])
+        offset = int(self.index.sample_offset[sample])
+        if offset + stop <= self._sizes[f]:  # the common case: inside one file
+            return self._map(f)[offset + start: offset + stop].tobytes()
+        # A stream sample that crosses a file end: join its pieces (rare: < one per file).
+        whole = b"".join(self._map(f)[o: o + n].tobytes() for f, o, n in self.index.segments(sample))
+        return whole[start:stop]
+
+    def read_range(self, samples: np.ndarray, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset + size)`` of the concatenation of ``samples`` (int[k])."""
+        sb = self.index.sample_bytes
+        end = min(offset + size, len(samples) * sb)
+        parts = []
+        while offset < end:
+            j, within = divmod(offset, sb)
+            take = min(sb - within, end - offset)
+            parts.append(self.read(int(samples[j]), within, within + take))
+            offset += take
+        return b"".join(parts)
+
+    # -- tokens ----------------------------------------------------------------------
+    def tokens(self, samples: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Tokens of ``samples`` (int[k]) as ``[k, seq_len + 1]`` of the index dtype."""
+        index = self.index
+        samples = np.asarray(samples, dtype=np.int64).reshape(-1)
+        sb = index.sample_bytes
+        raw = np.empty((samples.size, sb), dtype=np.uint8) if out is None else out.view(np.uint8).reshape(-1, sb)
+        files = index.sample_file[samples]
+        offsets = index.sample_offset[samples].astype(np.int64)
+        inside = offsets + sb <= self._sizes[files]  # [k] samples that do not cross a file end
+        for j in range(samples.size):
+            if inside[j]:
+                o = offsets[j]
+                raw[j] = self._map(int(files[j]))[o: o + sb]
+            else:
+                raw[j] = np.frombuffer(self.read(int(samples[j])), dtype=np.uint8)
+        return raw.view(np.dtype(index.dtype).newbyteorder("<")).reshape(samples.size, index.seq_len + 1)
