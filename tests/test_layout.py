@@ -120,7 +120,7 @@ def test_impossible_layouts_are_explained(layout, fragment):
 
 def test_ptc_rejects_generic_split_it_cannot_do():
     spec = TensorSpec("w", (6, 4), "float32", Split(0), Residence.of_layer(0))
-    with pytest.raises(LayoutError, match="tp=4 does not divide dim 0 of size 6 of w"):
+    with pytest.raises(LayoutError, match=r"w \(shape \[6, 4\]\) cannot be laid out under tp=4,pp=1,dp=1: tp=4 does not divide dim 0 of size 6; use tp in \{1, 2, 3, 6\}"):
         PTC(ParallelConfig(tp=4), [spec], 1)
 
 

@@ -31,7 +31,9 @@ def _register() -> None:
 def main(argv: list[str] | None = None) -> int:
     _register()
     try:
-        cli.main(args=argv, prog_name="scalai", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="scalai", standalone_mode=False)
+        if isinstance(code, int):
+            return code
     except click.exceptions.Abort:
         click.echo("scalai: interrupted", err=True)
         return 130

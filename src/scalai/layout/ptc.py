@@ -81,8 +81,8 @@ class PTC:
         for spec in self.specs:
             problem = spec.split.check(spec.shape, config.tp, config.dp)
             if problem:
-                raise LayoutError(f"{problem} of {spec.name} (shape {list(spec.shape)}); "
-                                  f"choose tp so that it divides evenly")
+                raise LayoutError(f"{spec.name} (shape {list(spec.shape)}) cannot be laid out "
+                                  f"under {config}: {problem}")
             if spec.param is not None and spec.param not in self._by_name:
                 raise LayoutError(f"optimizer state {spec.name} follows unknown parameter {spec.param}")
         self._holdings: dict[str, tuple[Holding, ...]] = {}
@@ -129,8 +129,8 @@ class PTC:
                         shard = _tp_shard(spec.split, spec.shape, cfg.tp, t)
                         ranks = [cfg.rank(t, dd, stage) for dd in range(cfg.dp)]
                     else:
-                        key = ("mesh", spec.split, spec.shape, cfg.tp, t, cfg.dp, d)
                         shard = spec.split.shard(spec.shape, cfg.tp, t, cfg.dp, d)
+                        key = ("mesh", spec.shape, shard)  # equal shards group as replicas
                         ranks = [cfg.rank(t, d, stage)]
                     if not shard.pieces:
                         continue
@@ -146,8 +146,8 @@ class PTC:
             offsets: dict[str, int] = {}
             total = 0
             for spec in self.specs:
-                if spec.is_optimizer_state or stage not in self.stages_of(spec):
-                    continue
+                if spec.is_optimizer_state or spec.split.uses_dp or stage not in self.stages_of(spec):
+                    continue  # dp-sharded (FSDP) parameters keep their state out of the buffer
                 offsets[spec.name] = total
                 total += prod(_tp_shard(spec.split, spec.shape, self.config.tp, tp_rank).shape)
             part = -(-total // self.config.dp)

@@ -113,7 +113,8 @@ class Split(SplitRule):
         if self.dim >= len(shape):
             return f"split dim {self.dim} is out of range for shape {list(shape)}"
         if shape[self.dim] % tp:
-            return f"tp={tp} does not divide dim {self.dim} of size {shape[self.dim]}"
+            return (f"tp={tp} does not divide dim {self.dim} of size {shape[self.dim]}; "
+                    f"{divisor_hint(shape[self.dim])}")
         return None
 
     def shard(self, shape, tp, tp_rank, dp=1, dp_rank=0):
@@ -121,6 +122,12 @@ class Split(SplitRule):
         local = tuple(part if d == self.dim else s for d, s in enumerate(shape))
         offsets = tuple(tp_rank * part if d == self.dim else 0 for d in range(len(shape)))
         return LocalShard(local, (Piece(Region(offsets, local), Region.full(local)),))
+
+
+def divisor_hint(count: int, degree: str = "tp") -> str:
+    """``"use tp in {1, 2, 4}"``: the degrees that divide ``count`` (up to 64)."""
+    options = [d for d in range(1, min(count, 64) + 1) if count % d == 0]
+    return f"use {degree} in {{{', '.join(map(str, options))}}}"
 
 
 def padded_vocab(vocab: int, multiple: int, tp: int) -> int:
@@ -181,9 +188,10 @@ class Fused(SplitRule):
             if any(s % self.groups for s in self.segments):
                 return f"segments {list(self.segments)} do not cut into {self.groups} groups"
             if self.groups % tp:
-                return f"tp={tp} does not divide {self.groups} {self.unit}"
+                return f"tp={tp} does not divide {self.groups} {self.unit}; {divisor_hint(self.groups)}"
         elif any(s % tp for s in self.segments):
-            return f"tp={tp} does not divide the fused parts {list(self.segments)} ({self.unit})"
+            return (f"tp={tp} does not divide the fused parts {list(self.segments)} ({self.unit}); "
+                    f"{divisor_hint(min(self.segments))}")
         return None
 
     def shard(self, shape, tp, tp_rank, dp=1, dp_rank=0):

@@ -1,0 +1,254 @@
+"""Checkpoint commands: synth, inspect, plan, reshard, compare."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import click
+
+from .main import cli
+from .output import console, emit_json, human_bytes, layout_option, progress
+
+
+def _placement(gpus_per_host: int):
+    from ..config import Placement
+
+    return Placement(gpus_per_host)
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("out", type=click.Path())
+@layout_option("--layout", "-l")
+@click.option("--seed", default=0, show_default=True, help="seed of the synthetic values")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
+def synth(model: str, out: str, layout, seed: int, as_json: bool) -> None:
+    """Write a checkpoint of MODEL in LAYOUT with deterministic values (optimizer state included).
+
+    MODEL is one of gpt-tiny, llama-tiny, gpt2-small, gpt3-1.3b, gpt3-2.7b, gpt3-6.7b, gpt3-175b.
+    Values depend only on the global position, so the same model synthesized in two layouts
+    holds the same global tensors.
+    """
+    from ..models import model_ptc
+    from ..models.synth import write_synthetic_checkpoint
+
+    ptc = model_ptc(model, layout)
+    total = sum(ptc.rank_nbytes(r) for r in range(layout.world_size))
+    t0 = time.perf_counter()
+    with progress(f"synth {model}", total, enabled=not as_json) as advance:
+        write_synthetic_checkpoint(model, out, layout, seed, progress=advance)
+    seconds = time.perf_counter() - t0
+    if as_json:
+        emit_json({"checkpoint": os.path.abspath(out), "model": model, "layout": str(layout),
+                   "bytes": total, "seconds": seconds})
+    else:
+        click.echo(f"wrote {out}: {model} in {layout}, {layout.world_size} ranks, "
+                   f"{human_bytes(total)} in {seconds:.1f} s")
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path())
+@click.option("--verify", is_flag=True, help="recompute every checksum")
+@click.option("--tensors", "show_tensors", is_flag=True, help="list every tensor")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def inspect(ckpt: str, verify: bool, show_tensors: bool, as_json: bool) -> None:
+    """Show a checkpoint's layout, tensors and sizes; --verify checks every checksum."""
+    from ..checkpoint import Checkpoint
+
+    with Checkpoint.open(ckpt) as c:
+        ptc = c.ptc
+        per_rank = [r.nbytes for r in c.manifest.ranks]
+        params = [s for s in ptc.specs if not s.is_optimizer_state]
+        info = {
+            "checkpoint": os.path.abspath(ckpt),
+            "model": c.state.get("model"),
+            "layout": str(ptc.config),
+            "world_size": ptc.config.world_size,
+            "tensors": len(ptc.specs),
+            "parameters": sum(s.numel for s in params),
+            "global_bytes": sum(s.nbytes for s in ptc.specs),
+            "stored_bytes": sum(per_rank),
+            "rank_bytes": {"min": min(per_rank), "max": max(per_rank)},
+            "step": c.state.get("step"),
+            "data": c.state.get("data"),
+        }
+        if verify:
+            t0 = time.perf_counter()
+            c.verify()
+            info["verified"] = {"checksums": sum(len(r.tensors) for r in c.manifest.ranks),
+                                "seconds": round(time.perf_counter() - t0, 3)}
+        if show_tensors or as_json:
+            info["tensor_list"] = [
+                {"name": s.name, "shape": list(s.shape), "dtype": s.dtype, "split": s.split.kind,
+                 "residence": s.residence.to_json()} for s in ptc.specs]
+    if as_json:
+        emit_json(info)
+        return
+    out = console()
+    out.print(f"[bold]{info['checkpoint']}[/bold]")
+    out.print(f"  model      {info['model'] or '(not recorded)'}")
+    out.print(f"  layout     {info['layout']}  ({info['world_size']} ranks)")
+    out.print(f"  tensors    {info['tensors']} ({len(params)} parameters, "
+              f"{info['parameters']:,} parameter elements)")
+    out.print(f"  bytes      {human_bytes(info['global_bytes'])} global state, "
+              f"{human_bytes(info['stored_bytes'])} stored")
+    out.print(f"  per rank   {human_bytes(min(per_rank))} .. {human_bytes(max(per_rank))}")
+    if info["step"] is not None:
+        out.print(f"  step       {info['step']}")
+    if info["data"]:
+        d = info["data"]
+        out.print(f"  data       epoch {d.get('epoch')}, {d.get('consumed')} samples consumed, "
+                  f"global batch {d.get('global_batch')}, seed {d.get('seed')}")
+    if verify:
+        v = info["verified"]
+        out.print(f"  verified   all {v['checksums']} checksums match ({v['seconds']:.2f} s)")
+    if show_tensors:
+        from rich.table import Table
+
+        table = Table("tensor", "shape", "dtype", "split", "stages", box=None)
+        for t in info["tensor_list"]:
+            table.add_row(t["name"], "x".join(map(str, t["shape"])), t["dtype"], t["split"], t["residence"])
+        out.print(table)
+
+
+def _stats_table(stats, seconds: float | None = None, title: str = "plan"):
+    from rich.table import Table
+
+    s = stats
+    table = Table(title=title, box=None, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_column(justify="right", style="dim")
+
+    def row(name, value, share=True):
+        pct = f"{100 * value / s.total_bytes:.1f} %" if share and s.total_bytes else ""
+        table.add_row(name, human_bytes(value), pct)
+
+    row("total bytes", s.total_bytes, share=False)
+    row("same device", s.same_device_bytes)
+    row("stay on host", s.same_host_bytes)
+    row("cross hosts", s.cross_host_bytes)
+    row("cross-host lower bound", s.cross_host_lower_bound_bytes)
+    table.add_row("copies", f"{s.copies:,}", "")
+    if seconds is not None:
+        table.add_row("plan time", f"{seconds:.2f} s", "")
+    return table
+
+
+def _hosts_table(stats, limit: int = 16):
+    from rich.table import Table
+
+    hosts = stats.to_json()["hosts"]
+    table = Table("host", "sends", "receives", box=None, title="cross-host load per host")
+    for name, load in list(hosts.items())[:limit]:
+        table.add_row(name, human_bytes(load["sent_bytes"]), human_bytes(load["received_bytes"]))
+    if len(hosts) > limit:
+        table.add_row(f"... {len(hosts) - limit} more", "", "")
+    return table
+
+
+@cli.command()
+@click.argument("ckpt", required=False, type=click.Path())
+@click.option("--model", "-m", help="plan for a named model's shapes instead of a checkpoint")
+@layout_option("--from", "from_layout", required=False, help="old layout (with --model)")
+@layout_option("--to", "to_layout")
+@click.option("--gpus-per-host", "-g", default=8, show_default=True, help="devices per host (both layouts)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def plan(ckpt, model, from_layout, to_layout, gpus_per_host: int, as_json: bool) -> None:
+    """Plan a change of layout and show what moves where.
+
+    Give a checkpoint (CKPT) or a model and its current layout (--model M --from L).
+    Planning touches no data: shapes only, so GPT-3 175B plans in seconds.
+    """
+    from ..planner import Deployment, make_plan
+
+    if (ckpt is None) == (model is None):
+        raise click.UsageError("give either a checkpoint or --model with --from")
+    if ckpt is not None:
+        from ..checkpoint import Checkpoint
+
+        with Checkpoint.open(ckpt) as c:
+            old_ptc = c.ptc
+        new_ptc = old_ptc.relayout(to_layout)
+    else:
+        from ..models import model_ptc
+
+        if from_layout is None:
+            raise click.UsageError("--model needs --from LAYOUT (the current layout)")
+        old_ptc, new_ptc = model_ptc(model, from_layout), model_ptc(model, to_layout)
+    place = _placement(gpus_per_host)
+    t0 = time.perf_counter()
+    result = make_plan(Deployment(old_ptc, place), Deployment(new_ptc, place))
+    seconds = time.perf_counter() - t0
+    if as_json:
+        emit_json({"from": str(old_ptc.config), "to": str(new_ptc.config), "gpus_per_host": gpus_per_host,
+                   "plan_seconds": round(seconds, 3), **result.stats.to_json()})
+        return
+    out = console()
+    out.print(f"{old_ptc.config} -> {new_ptc.config}, {gpus_per_host} GPUs per host "
+              f"({old_ptc.config.world_size} -> {new_ptc.config.world_size} ranks)")
+    out.print(_stats_table(result.stats, seconds))
+    if result.stats.cross_host_bytes:
+        out.print(_hosts_table(result.stats))
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path())
+@click.argument("out", type=click.Path())
+@layout_option("--to", "to_layout")
+@click.option("--gpus-per-host", "-g", default=None, type=int,
+              help="devices per host for the plan statistics (default: one host)")
+@click.option("--workers", "-j", default=None, type=int, help="copy threads (default: one per core)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, as_json: bool) -> None:
+    """Rewrite checkpoint CKPT in another layout as OUT (CKPT is never modified)."""
+    from ..checkpoint import Checkpoint
+    from ..executor import reshard_checkpoint
+
+    if os.path.lexists(out):
+        raise FileExistsError(f"output {out} already exists; choose another directory or remove it first")
+    with Checkpoint.open(ckpt) as c:
+        old = c.ptc
+        total = sum(old.relayout(to_layout).rank_nbytes(r) for r in range(to_layout.world_size))
+    placement = _placement(gpus_per_host) if gpus_per_host else None
+    with progress("reshard", total, enabled=not as_json) as advance:
+        result, seconds = reshard_checkpoint(ckpt, out, to_layout, placement=placement,
+                                             workers=workers, progress=advance)
+    moved = result.stats.total_bytes
+    if as_json:
+        emit_json({"checkpoint": os.path.abspath(out), "from": str(old.config), "to": str(to_layout),
+                   "seconds": round(float(seconds), 3),
+                   "phases": {k: round(v, 3) for k, v in seconds.__dict__.items()},
+                   "throughput_bytes_per_s": moved / float(seconds), **result.stats.to_json()})
+        return
+    out_c = console()
+    out_c.print(f"{old.config} -> {to_layout}: wrote {out}")
+    out_c.print(_stats_table(result.stats, title="plan"))
+    phases = ", ".join(f"{k} {v:.2f} s" for k, v in seconds.__dict__.items())
+    out_c.print(f"{human_bytes(moved)} in {float(seconds):.2f} s "
+                f"({human_bytes(moved / float(seconds))}/s; {phases})")
+
+
+@cli.command()
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def compare(a: str, b: str, as_json: bool) -> None:
+    """Exit 0 when A and B hold the same global tensors and state bit for bit, whatever their
+    layouts; otherwise name the first difference and exit 1."""
+    from ..checkpoint import Checkpoint
+    from ..compare import compare_checkpoints
+
+    with Checkpoint.open(a) as ca, Checkpoint.open(b) as cb:
+        diff = compare_checkpoints(ca, cb)
+        layouts = (str(ca.ptc.config), str(cb.ptc.config))
+    if as_json:
+        emit_json({"equal": diff is None, "difference": None if diff is None else str(diff),
+                   "a": layouts[0], "b": layouts[1]})
+    elif diff is None:
+        click.echo(f"equal: {a} ({layouts[0]}) and {b} ({layouts[1]}) hold the same state")
+    else:
+        click.echo(f"different: {diff}")
+    if diff is not None:
+        raise click.exceptions.Exit(1)
