@@ -9,11 +9,12 @@ TORCH_VERSION="${SCALAI_TORCH_VERSION:-2.13.0}"
 PY="${PYTHON:-python3}"
 
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-  if ! command -v fusermount3 >/dev/null 2>&1 || ! dpkg -s libfuse3-dev >/dev/null 2>&1; then
-    echo "setup: installing system packages (fuse3, libfuse3-dev, pkg-config)"
+  # FUSE: fusermount3 and libfuse3.so.3 (the binding, mfusepy, is ctypes: nothing to compile).
+  if ! command -v fusermount3 >/dev/null 2>&1 || ! dpkg -s libfuse3-3 >/dev/null 2>&1; then
+    echo "setup: installing system packages (fuse3)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null
-    apt-get install -y -qq fuse3 libfuse3-dev pkg-config >/dev/null
+    apt-get install -y -qq fuse3 >/dev/null
   fi
 fi
 
@@ -30,6 +31,6 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
 fi
 echo "setup: installing scalai"
 extras="dev"
-if [ -e /dev/fuse ] && pkg-config --exists fuse3 2>/dev/null; then extras="dev,fuse"; fi
+if [ -e /dev/fuse ] && command -v fusermount3 >/dev/null 2>&1; then extras="dev,fuse"; fi
 "$VPY" -m pip install -q -e ".[${extras}]"
 echo "setup: done (.venv/bin/scalai)"
