@@ -200,17 +200,28 @@ def plan(ckpt, model, from_layout, to_layout, gpus_per_host: int, as_json: bool)
 @click.option("--gpus-per-host", "-g", default=None, type=int,
               help="devices per host for the plan statistics (default: one host)")
 @click.option("--workers", "-j", default=None, type=int, help="copy threads (default: one per core)")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="check the source's checksums before resharding")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, as_json: bool) -> None:
-    """Rewrite checkpoint CKPT in another layout as OUT (CKPT is never modified)."""
+def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool, as_json: bool) -> None:
+    """Rewrite checkpoint CKPT in another layout as OUT (CKPT is never modified).
+
+    The source's checksums are verified first (--no-verify skips that pass), so a
+    corrupted checkpoint is never silently propagated into a new layout.
+    """
     from ..checkpoint import Checkpoint
     from ..executor import reshard_checkpoint
 
     if os.path.lexists(out):
         raise FileExistsError(f"output {out} already exists; choose another directory or remove it first")
+    verify_seconds = 0.0
     with Checkpoint.open(ckpt) as c:
         old = c.ptc
         total = sum(old.relayout(to_layout).rank_nbytes(r) for r in range(to_layout.world_size))
+        if verify:
+            t0 = time.perf_counter()
+            c.verify(workers)
+            verify_seconds = time.perf_counter() - t0
     placement = _placement(gpus_per_host) if gpus_per_host else None
     with progress("reshard", total, enabled=not as_json) as advance:
         result, seconds = reshard_checkpoint(ckpt, out, to_layout, placement=placement,
@@ -219,13 +230,16 @@ def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, as_json: boo
     if as_json:
         emit_json({"checkpoint": os.path.abspath(out), "from": str(old.config), "to": str(to_layout),
                    "seconds": round(float(seconds), 3),
-                   "phases": {k: round(v, 3) for k, v in seconds.__dict__.items()},
+                   "phases": {"verify": round(verify_seconds, 3),
+                              **{k: round(v, 3) for k, v in seconds.__dict__.items()}},
                    "throughput_bytes_per_s": moved / float(seconds), **result.stats.to_json()})
         return
     out_c = console()
     out_c.print(f"{old.config} -> {to_layout}: wrote {out}")
     out_c.print(_stats_table(result.stats, title="plan"))
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in seconds.__dict__.items())
+    if verify:
+        phases = f"source verified in {verify_seconds:.2f} s; " + phases
     out_c.print(f"{human_bytes(moved)} in {float(seconds):.2f} s "
                 f"({human_bytes(moved / float(seconds))}/s; {phases})")
 

@@ -26,6 +26,7 @@ def _register() -> None:
     # Each module adds its commands to ``cli``; heavy imports stay inside the commands.
     from . import ckpt_cmds  # noqa: F401
     from . import data_cmds  # noqa: F401
+    from . import demo_cmds  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:
