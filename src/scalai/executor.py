@@ -4,17 +4,16 @@
 window. Sources and destinations are checkpoints (memory-mapped files) or in-memory
 ``{rank: {tensor: array}}`` mappings; no global tensor is ever built.
 
-How bytes move (measured on a 2-core VM: see ``benchmarks/reshard.py``):
+One task fills one destination tensor (of one rank) from all its copies; tasks run in
+file order on a thread pool. :class:`~scalai.checkpoint.transfer.TensorFiller` picks how
+(``pwrite`` streams, block assembly, or strided copies into the mapping) and passes the
+CRC-32 of every block it writes to the checkpoint writer, so that the checksums of the new
+checkpoint cost no second read. A tensor that moves unchanged keeps the CRC its source
+checkpoint records and is not checksummed at all.
 
-- a destination window that is contiguous in its file is written with ``pwrite`` (no page
-  faults on the destination): straight from the source mapping when the source window is
-  contiguous too, else gathered through a per-worker buffer of :data:`CHUNK_BYTES`;
-- any other window is a strided numpy copy between the two mappings;
-- work is grouped by destination rank (one file per task: buffered writes to one file
-  serialize on its inode lock anyway), the largest groups first.
-
-Memory bound: besides the page cache, the executor holds one :data:`CHUNK_BYTES` buffer
-per worker; it never allocates a tensor.
+Memory bound: besides the kernel's page cache, the executor holds one
+:data:`~scalai.checkpoint.transfer.CHUNK_BYTES` buffer (4 MiB) per worker; it never
+allocates a tensor.
 """
 
 from __future__ import annotations
@@ -25,21 +24,23 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from math import prod
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from .checkpoint.arrays import as_raw
 from .checkpoint.reader import Checkpoint
+from .checkpoint.transfer import CHUNK_BYTES, TensorFiller, window_span
 from .checkpoint.writer import CheckpointWriter, default_workers
 from .config import ParallelConfig, Placement
+from .dtypes import raw_numpy
 from .errors import PlanError
 from .planner.plan import Copy, Deployment, Plan
+from .regions import Region
 
-__all__ = ["execute", "reshard_checkpoint", "ReshardTime", "CHUNK_BYTES"]
-
-#: Bytes of the gather buffer of each worker, and the most one ``pwrite`` or progress step moves.
-CHUNK_BYTES = 8 << 20
+__all__ = ["execute", "reshard_checkpoint", "ReshardTime"]
 
 
 class _Arrays:
@@ -74,7 +75,7 @@ def _check(plan: Plan) -> dict[tuple[int, str], int]:
             ok = shard is not None and region.ndim == len(shard.shape) and all(
                 o + s <= n for o, s, n in zip(region.offsets, region.sizes, shard.shape))
             if ok and window.view is not None:
-                ok = (np.prod(window.view, dtype=np.int64) == region.volume and window.sub is not None
+                ok = (prod(window.view) == region.volume and window.sub is not None
                       and all(o + s <= n for o, s, n in zip(window.sub.offsets, window.sub.sizes, window.view)))
             if not ok:
                 raise PlanError(f"copy of {c.tensor}: {side} window {window} does not fit rank "
@@ -85,69 +86,63 @@ def _check(plan: Plan) -> dict[tuple[int, str], int]:
     return covered
 
 
-def _blocks(shape: tuple[int, ...], max_elems: int):
-    """Index tuples cutting an array of ``shape`` into blocks of at most ~``max_elems``
-    elements, each contiguous once copied out, in row-major order."""
-    nd = len(shape)
-    if nd == 0:
-        yield ()
-        return
-    suffix = [1] * (nd + 1)
-    for i in range(nd - 1, -1, -1):
-        suffix[i] = suffix[i + 1] * shape[i]
-    axis = next(i for i in range(nd) if suffix[i + 1] <= max_elems)
-    step = max(1, max_elems // suffix[axis + 1])
-    for prefix in np.ndindex(*shape[:axis]):
-        for lo in range(0, shape[axis], step):
-            yield prefix + (slice(lo, min(lo + step, shape[axis])),)
-
-
 class _Worker:
-    """Runs the copies into one destination rank; owns one gather buffer."""
+    """Writes destination tensors, one task per (destination rank, tensor); one per thread."""
 
-    def __init__(self, source, dest, progress: Callable[[int], None] | None, lock: threading.Lock):
-        self.source, self.dest, self.progress, self.lock = source, dest, progress, lock
-        self.write = getattr(dest, "write", None)
-        self.buf: np.ndarray | None = None
+    def __init__(self, source, dest, mixed: set, progress: Callable[[int], None]):
+        self.source, self.dest, self.mixed = source, dest, mixed
+        self.fast = hasattr(dest, "write") and hasattr(dest, "entry")
+        self.carry = self.fast and hasattr(source, "checksum") and hasattr(dest, "declare_checksum")
+        self.filler = TensorFiller(progress)
 
-    def _tick(self, nbytes: int) -> None:
-        if self.progress is not None:
-            with self.lock:
-                self.progress(nbytes)
-
-    def run(self, copies: list[Copy]) -> None:
+    def run(self, rank: int, tensor: str, copies: list[Copy]) -> None:
+        selected = []
         for c in copies:
-            src_local = (self.dest if c.from_new else self.source).view(c.src_rank, c.tensor)
-            dst_local = self.dest.view(c.dst_rank, c.tensor)
-            if src_local.dtype.itemsize != dst_local.dtype.itemsize:
-                raise PlanError(f"{c.tensor}: source and destination element sizes differ")
-            s, d = c.src.select(src_local), c.dst.select(dst_local)
-            if d.size == 0:
-                continue
-            if self.write is not None and d.flags.c_contiguous:
-                offset = d.ctypes.data - dst_local.ctypes.data
-                self._pwrite(c, s, offset)
-            else:
-                np.copyto(d, s, casting="no")
-                self._tick(d.nbytes)
+            src = (self.dest if c.from_new else self.source).view(c.src_rank, c.tensor)
+            selected.append((c, c.src.select(src), src.shape))
+        if self.fast:
+            self._fill(rank, tensor, selected)
+        else:
+            self._mapped(rank, tensor, [(c, s) for c, s, _ in selected])
 
-    def _pwrite(self, c: Copy, s: np.ndarray, offset: int) -> None:
-        if s.flags.c_contiguous:
-            flat = memoryview(s.reshape(-1)).cast("B")
-            for lo in range(0, flat.nbytes, CHUNK_BYTES):
-                part = flat[lo:lo + CHUNK_BYTES]
-                self.write(c.dst_rank, c.tensor, offset + lo, part)
-                self._tick(part.nbytes)
+    def _fill(self, rank: int, tensor: str, selected: list) -> None:
+        entry = self.dest.entry(rank, tensor)
+        dtype = raw_numpy(entry.dtype)
+        if any(s.itemsize != dtype.itemsize for _, s, _ in selected):
+            raise PlanError(f"{tensor}: source and destination element sizes differ")
+        write = partial(self.dest.write, rank, tensor)
+        if len(selected) == 1 and self.carry:
+            c, s, src_shape = selected[0]
+            whole = Region.full(entry.shape)
+            if (not c.from_new and src_shape == entry.shape and c.src.view is None
+                    and c.dst.view is None and c.src.region == whole == c.dst.region):
+                # the tensor moves unchanged: its CRC is the one the source records
+                self.dest.declare_checksum(rank, tensor, self.source.checksum(c.src_rank, tensor))
+                self.filler.stream(s, write, 0, checksum=False)
+                return
+        spans = [window_span(entry.shape, c.dst) for c, _, _ in selected]
+        if None in spans and (rank, tensor) not in self.mixed and all(
+                c.dst.view is None for c, _, _ in selected) and \
+                prod(entry.shape[1:]) * dtype.itemsize <= CHUNK_BYTES:
+            self.filler.assemble(entry.shape, dtype, [(c, s) for c, s, _ in selected], write)
             return
-        if self.buf is None:
-            self.buf = np.empty(CHUNK_BYTES, np.uint8)
-        for block in _blocks(s.shape, CHUNK_BYTES // s.itemsize):
-            part = s[block]
-            staged = self.buf[:part.nbytes].view(s.dtype).reshape(part.shape)
-            np.copyto(staged, part)
-            self.write(c.dst_rank, c.tensor, offset, staged)
-            offset += part.nbytes
-            self._tick(part.nbytes)
+        strided = []
+        for (c, s, _), span in zip(selected, spans):
+            if span is None:
+                strided.append((c, s))
+            else:
+                self.filler.stream(s, write, span * dtype.itemsize)
+        if strided:
+            self._mapped(rank, tensor, strided)
+
+    def _mapped(self, rank: int, tensor: str, selected: list) -> None:
+        local = self.dest.view(rank, tensor)
+        for c, s in selected:
+            d = c.dst.select(local)
+            if s.itemsize != d.itemsize:
+                raise PlanError(f"{tensor}: source and destination element sizes differ")
+            np.copyto(d, s)
+            self.filler.progress(d.nbytes)
 
 
 def _raise_fd_limit(files: int) -> None:
@@ -171,8 +166,8 @@ def execute(plan: Plan, source, dest, workers: int | None = None,
             arrays of the new layout. Destination elements that no copy writes (padding)
             end up zero.
         workers: threads (default: one per core, at most 8).
-        progress: called with a byte count after each copied piece (<= :data:`CHUNK_BYTES`),
-            from worker threads, one call at a time.
+        progress: called with a byte count after each block written (<= 4 MiB), from
+            worker threads, one call at a time.
 
     Returns:
         bytes copied.
@@ -189,19 +184,36 @@ def execute(plan: Plan, source, dest, workers: int | None = None,
                 local[...] = 0
     _raise_fd_limit(len({c.src_rank for c in plan.copies if not c.from_new})
                     + len({c.dst_rank for c in plan.copies}))
+    tasks: dict[bool, dict[tuple[int, str], list[Copy]]] = {False: defaultdict(list), True: defaultdict(list)}
+    for c in plan.copies:
+        if c.dst.volume:
+            tasks[c.from_new][(c.dst_rank, c.tensor)].append(c)
+    mixed = set(tasks[False]) & set(tasks[True])
     lock = threading.Lock()
+    local = threading.local()
+
+    def tick(nbytes: int) -> None:
+        if progress is not None:
+            with lock:
+                progress(nbytes)
+
+    def run(item: tuple[tuple[int, str], list[Copy]]) -> None:
+        (rank, tensor), copies = item
+        worker = getattr(local, "worker", None)
+        if worker is None:
+            worker = local.worker = _Worker(source, dest, mixed, tick)
+        copies.sort(key=lambda c: c.dst.region.offsets)
+        worker.run(rank, tensor, copies)
+
+    file_order = {}
+    for rank in {r for phase in tasks.values() for r, _ in phase}:
+        file_order.update({(rank, n): i for i, (n, _) in enumerate(plan.new.ptc.rank_shards(rank))})
     with ThreadPoolExecutor(workers or default_workers()) as pool:
         for phase in (False, True):  # from_new copies read what the first phase wrote
-            groups: dict[int, list[Copy]] = defaultdict(list)
-            for c in plan.copies:
-                if c.from_new == phase:
-                    groups[c.dst_rank].append(c)
-            order = sorted(groups.values(), key=lambda g: -sum(c.nbytes for c in g))
-            for group in order:  # write each file front to back
-                index = {n: i for i, (n, _) in enumerate(plan.new.ptc.rank_shards(group[0].dst_rank))}
-                group.sort(key=lambda c: (index[c.tensor], c.dst.region.offsets))
-            worker = lambda group: _Worker(source, dest, progress, lock).run(group)  # noqa: E731
-            list(pool.map(worker, order))
+            # files front to back; several threads may share a file (they contend only
+            # while pwrite copies into the page cache, not while gathering or checksumming)
+            order = sorted(tasks[phase].items(), key=lambda kv: (kv[0][0], file_order[kv[0]]))
+            list(pool.map(run, order))
     return sum(c.nbytes for c in plan.copies)
 
 

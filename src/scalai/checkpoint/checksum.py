@@ -13,7 +13,11 @@ import zlib
 from concurrent.futures import Executor
 from typing import Hashable, Iterable
 
-__all__ = ["ALGORITHM", "crc32_combine", "checksums", "CHUNK_BYTES"]
+import numpy as np
+
+from .pages import populate
+
+__all__ = ["ALGORITHM", "crc32_combine", "crc32_zeros", "crc32_of_pieces", "checksums", "CHUNK_BYTES"]
 
 #: Name recorded in manifests.
 ALGORITHM = "crc32"
@@ -57,6 +61,49 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     return _multmodp(p, crc1) ^ (crc2 & 0xFFFFFFFF)
 
 
+def crc32_zeros(n: int) -> int:
+    """CRC-32 of ``n`` zero bytes, in O(log n) without touching ``n`` bytes."""
+    if n <= 1 << 16:
+        return zlib.crc32(bytes(n))
+    crc, power, length = 0, zlib.crc32(b"\0"), 1  # power = crc of 2^k zeros
+    while n:
+        if n & 1:
+            crc = crc32_combine(crc, power, length)
+        power = crc32_combine(power, power, length)
+        n >>= 1
+        length <<= 1
+    return crc
+
+
+def crc32_of_pieces(pieces: list[tuple[int, int, int]], total: int) -> int | None:
+    """CRC-32 of a ``total``-byte buffer from the CRCs of pieces written into it.
+
+    Args:
+        pieces: ``(byte offset, length, crc)``; bytes that no piece covers are zeros.
+
+    Returns:
+        the CRC, or ``None`` when pieces overlap or fall outside (then read the bytes).
+    """
+    crc = pos = 0
+    for offset, length, piece_crc in sorted(pieces):
+        if offset < pos:
+            return None
+        if offset > pos:
+            crc = crc32_combine(crc, crc32_zeros(offset - pos), offset - pos)
+        crc = crc32_combine(crc, piece_crc, length) if pos or offset else piece_crc
+        pos = offset + length
+    if pos > total:
+        return None
+    if pos < total:
+        crc = crc32_combine(crc, crc32_zeros(total - pos), total - pos)
+    return crc
+
+
+def _crc(part: memoryview) -> int:
+    populate(np.frombuffer(part, np.uint8))
+    return zlib.crc32(part)
+
+
 def checksums(buffers: Iterable[tuple[Hashable, object]], pool: Executor | None = None,
               chunk: int = CHUNK_BYTES) -> dict[Hashable, int]:
     """CRC-32 of each ``(key, buffer)``; buffers are C-contiguous (numpy arrays, mmaps).
@@ -68,15 +115,15 @@ def checksums(buffers: Iterable[tuple[Hashable, object]], pool: Executor | None 
     for key, buf in buffers:
         mv = memoryview(buf)
         if mv.nbytes == 0:
-            parts.append((key, 0, b""))
+            parts.append((key, 0, memoryview(b"")))
             continue
         mv = mv.cast("B")
         for lo in range(0, mv.nbytes, chunk):
             parts.append((key, min(chunk, mv.nbytes - lo), mv[lo:lo + chunk]))
     if pool is None:
-        crcs = [zlib.crc32(p) for _, _, p in parts]
+        crcs = [_crc(p) for _, _, p in parts]
     else:
-        crcs = list(pool.map(zlib.crc32, [p for _, _, p in parts]))
+        crcs = list(pool.map(_crc, [p for _, _, p in parts]))
     out: dict[Hashable, int] = {}
     for (key, length, _), crc in zip(parts, crcs):
         out[key] = crc if key not in out else crc32_combine(out[key], crc, length)

@@ -99,6 +99,10 @@ class Checkpoint:
         """Read-only raw array (local shape) of ``tensor`` on ``rank``, or a region of it."""
         return self.file(rank).view(tensor, region)
 
+    def checksum(self, rank: int, tensor: str) -> int:
+        """The CRC-32 that the manifest records for ``tensor`` on ``rank``."""
+        return self.manifest.ranks[rank].tensors[tensor].checksum
+
     def read(self, rank: int, tensor: str, region: Region | None = None):
         """A torch tensor (a copy, in the stored dtype) of a local tensor or a region of it."""
         return to_torch(self.view(rank, tensor, region), self.ptc.spec(tensor).dtype)

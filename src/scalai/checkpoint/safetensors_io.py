@@ -158,10 +158,12 @@ class SafetensorsWriter:
             mv, pos = mv[done:], pos + done
 
     def finalize(self, sync: bool = True) -> None:
-        """Flush, fsync (``sync``) and atomically rename the file to :attr:`path`."""
-        if self._map is not None:
-            self._map.flush()
+        """Make the file durable (``sync``: msync + fsync) and atomically rename it to
+        :attr:`path`. Without ``sync`` the data reaches the disk whenever the kernel writes
+        it back (mapped and written pages share the page cache, so readers see it now)."""
         if sync:
+            if self._map is not None:
+                self._map.flush()
             os.fsync(self._fd)
         os.rename(self.tmp_path, self.path)
         self.finalized = True

@@ -14,6 +14,7 @@ import os
 import shutil
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Mapping
@@ -22,9 +23,9 @@ import numpy as np
 
 from ..layout.ptc import PTC
 from .arrays import as_raw
-from .checksum import checksums
+from .checksum import checksums, crc32_of_pieces
 from .manifest import Manifest, RankRecord, TensorRecord, rank_file_name, write_manifest
-from .safetensors_io import SafetensorsWriter
+from .safetensors_io import SafetensorsWriter, TensorEntry
 
 __all__ = ["CheckpointWriter", "save_arrays", "default_workers"]
 
@@ -89,6 +90,9 @@ class CheckpointWriter:
         self.staging = os.path.join(parent, f".{name}.partial-{os.getpid()}")
         os.mkdir(self.staging)
         self._files: dict[int, SafetensorsWriter] = {}
+        self._pieces: dict[tuple[int, str], list[tuple[int, int, int]]] = {}
+        self._mapped: set[tuple[int, str]] = set()
+        self._declared: dict[tuple[int, str], int] = {}
         self._lock = threading.Lock()
         self.committed = False
         self.timings: dict[str, float] = {}
@@ -109,13 +113,37 @@ class CheckpointWriter:
                         os.path.join(self.staging, rank_file_name(rank)), entries, meta)
         return f
 
+    def entry(self, rank: int, tensor: str) -> TensorEntry:
+        """Dtype name, local shape and position of ``tensor`` in ``rank``'s file."""
+        return self.file(rank).entry(tensor)
+
     def view(self, rank: int, tensor: str) -> np.ndarray:
-        """Writable raw array (local shape) of ``tensor`` in ``rank``'s file."""
+        """Writable raw array (local shape) of ``tensor`` in ``rank``'s file.
+
+        The tensor will be checksummed by reading it back at :meth:`commit`.
+        """
+        self._mapped.add((rank, tensor))
         return self.file(rank).view(tensor)
 
-    def write(self, rank: int, tensor: str, byte_offset: int, data) -> None:
-        """Write contiguous ``data`` at ``byte_offset`` of ``tensor`` in ``rank``'s file."""
+    def write(self, rank: int, tensor: str, byte_offset: int, data, crc: int | None = None) -> None:
+        """Write contiguous ``data`` at ``byte_offset`` of ``tensor`` in ``rank``'s file.
+
+        ``crc``: ``zlib.crc32(data)`` if the caller has it; when the pieces written with a
+        CRC tile the tensor (gaps are zeros), :meth:`commit` combines them instead of
+        reading the tensor back.
+        """
         self.file(rank).write(tensor, byte_offset, data)
+        key = (rank, tensor)
+        if crc is None:
+            self._mapped.add(key)
+        else:
+            self._pieces.setdefault(key, []).append((byte_offset, memoryview(data).nbytes, crc))
+
+    def declare_checksum(self, rank: int, tensor: str, crc: int) -> None:
+        """State the CRC-32 that the whole tensor will have once written (e.g. a tensor
+        copied unchanged from a checkpoint that records it); :meth:`commit` then records it
+        without reading the tensor. A wrong claim is caught by :meth:`Checkpoint.verify`."""
+        self._declared[(rank, tensor)] = crc
 
     # -- finishing ----------------------------------------------------------------------
     def commit(self, workers: int | None = None) -> None:
@@ -129,7 +157,17 @@ class CheckpointWriter:
         files = [self.file(r) for r in ranks]
         with ThreadPoolExecutor(workers or default_workers()) as pool:
             t0 = time.perf_counter()
-            crcs = checksums((((r, n), files[r].view(n)) for r in ranks for n in files[r].entries), pool)
+            crcs, unknown = {}, []
+            for r in ranks:
+                for n, e in files[r].entries.items():
+                    crc = self._declared.get((r, n))
+                    if crc is None and (r, n) not in self._mapped:
+                        crc = crc32_of_pieces(self._pieces.get((r, n), []), e.nbytes)
+                    if crc is None:
+                        unknown.append(((r, n), files[r].view(n)))
+                    else:
+                        crcs[(r, n)] = crc
+            crcs.update(checksums(unknown, pool))
             t1 = time.perf_counter()
             list(pool.map(lambda f: f.finalize(self.sync), files))
         records = tuple(
@@ -186,5 +224,6 @@ def save_arrays(out_dir: str | os.PathLike, ptc: PTC, arrays: Mapping[int, Mappi
                 if raw.shape != shard.shape:
                     raise ValueError(f"{name} of rank {rank} has shape {list(raw.shape)}, its "
                                      f"local shape under {ptc.config} is {list(shard.shape)}")
-                writer.write(rank, name, 0, np.ascontiguousarray(raw))
+                raw = np.ascontiguousarray(raw)
+                writer.write(rank, name, 0, raw, zlib.crc32(raw) if raw.size else 0)
         writer.commit()
