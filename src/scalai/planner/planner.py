@@ -172,50 +172,59 @@ class _Builder:
 def check_coverage(plan: Plan) -> None:
     """Check that every destination element holding global data is written exactly once.
 
-    Raises:
-        PlanError: naming the first (rank, tensor) written twice or left short.
-    """
-    from ..regions import flat_runs
+    Works on boxes, never on elements: per (rank, tensor), the plain destination windows
+    and the flat ZeRO pieces written through views must be pairwise disjoint, lie where
+    the shard holds global data, and add up to exactly the shard's covered volume; inside
+    each flat piece, the views' sub-boxes must be disjoint and fill it.
 
-    runs: dict[tuple[int, str], list[tuple[int, int]]] = defaultdict(list)
-    ptc = plan.new.ptc
-    shapes = {(r, n): s.shape for r in range(ptc.config.world_size) for n, s in ptc.rank_shards(r)}
+    Raises:
+        PlanError: naming the first (rank, tensor) written twice, outside, or left short.
+    """
+    from math import prod
+
+    from ..regions import Region, disjoint, subtract
+
+    plain: dict[tuple[int, str], list] = defaultdict(list)
+    viewed: dict[tuple[int, str], dict] = defaultdict(dict)
     for c in plan.copies:
         key = (c.dst_rank, c.tensor)
-        shape = shapes.get(key)
-        if shape is None:
-            raise PlanError(f"plan writes {c.tensor} on rank {c.dst_rank}, which does not hold it")
-        runs[key].extend(_window_runs(shape, c.dst, flat_runs))
-    wanted: dict[int, list[tuple[int, int]]] = {}  # id(shard) -> merged runs; shards are shared
+        if c.dst.view is None:
+            plain[key].append(c.dst.region)
+        else:
+            viewed[key].setdefault((c.dst.region, c.dst.view), []).append(c.dst.sub)
+    ptc = plan.new.ptc
     for rank in range(ptc.config.world_size):
         for name, shard in ptc.rank_shards(rank):
-            got = sorted(runs.pop((rank, name), []))
-            want = wanted.get(id(shard))
-            if want is None:
-                want = wanted[id(shard)] = _merge_runs(sorted(
-                    r for p in shard.pieces for r in flat_runs(shard.shape, p.local_region)))
-            if _merge_runs(got) != want or _overlaps(got):
-                written = sum(b - a for a, b in got)
+            key = (rank, name)
+            boxes = plain.pop(key, [])
+            pieces = {p.local_region: p for p in shard.pieces}
+            for (region, view), subs in viewed.pop(key, {}).items():
+                piece = pieces.get(region)
+                if piece is None or piece.global_region.sizes != view \
+                        or not disjoint(subs) or sum(b.volume for b in subs) != prod(view) \
+                        or not all(Region.full(view).contains(b) for b in subs):
+                    raise PlanError(f"plan does not fill flat piece {region} of {name} on rank "
+                                    f"{rank} exactly once")
+                boxes.append(region)
+            full = Region.full(shard.shape)
+            written = sum(b.volume for b in boxes)
+            ok = written == shard.covered and disjoint(boxes) and all(full.contains(b) for b in boxes)
+            if ok and shard.covered != full.volume:  # padding exists: nothing may land on it
+                holes = [p.local_region for p in shard.pieces]
+                ok = all(not _outside(b, holes, subtract) for b in boxes)
+            if not ok:
                 raise PlanError(f"plan writes {written} elements of {name} on rank {rank} "
-                                f"where {sum(b - a for a, b in want)} are needed exactly once")
+                                f"where {shard.covered} are needed exactly once")
+    leftover = next(iter(plain), None) or next(iter(viewed), None)
+    if leftover:
+        raise PlanError(f"plan writes {leftover[1]} on rank {leftover[0]}, which does not hold it")
 
 
-def _window_runs(shape, window, flat_runs) -> list[tuple[int, int]]:
-    if window.view is None:
-        return flat_runs(shape, window.region)
-    base = window.region.offsets[0]
-    return [(base + a, base + b) for a, b in flat_runs(window.view, window.sub)]
-
-
-def _merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for a, b in runs:
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
-
-
-def _overlaps(sorted_runs: list[tuple[int, int]]) -> bool:
-    return any(b[0] < a[1] for a, b in zip(sorted_runs, sorted_runs[1:]))
+def _outside(box, pieces, subtract) -> bool:
+    """Whether part of ``box`` lies outside every one of ``pieces``."""
+    rest = [box]
+    for p in pieces:
+        rest = [q for r in rest for q in subtract(r, p)]
+        if not rest:
+            return False
+    return True
