@@ -32,12 +32,13 @@ import numpy as np
 
 from .checkpoint.arrays import as_raw
 from .checkpoint.reader import Checkpoint
-from .checkpoint.transfer import CHUNK_BYTES, TensorFiller, window_span
+from .checkpoint import transfer
+from .checkpoint.transfer import TensorFiller, window_span
 from .checkpoint.writer import CheckpointWriter, default_workers
 from .config import ParallelConfig, Placement
 from .dtypes import raw_numpy
 from .errors import PlanError
-from .planner.plan import Copy, Deployment, Plan
+from .planner.plan import Copy, Deployment, Plan, Window
 from .regions import Region
 
 __all__ = ["execute", "reshard_checkpoint", "ReshardTime"]
@@ -86,6 +87,15 @@ def _check(plan: Plan) -> dict[tuple[int, str], int]:
     return covered
 
 
+def _select(window: Window, local: np.ndarray) -> np.ndarray:
+    """``window.select(local)`` as a view, also for 0-d selections (where plain indexing
+    with ``()`` would return a scalar copy)."""
+    out = local[window.region.to_slices() + (Ellipsis,)]
+    if window.view is not None:
+        out = out.reshape(window.view)[window.sub.to_slices() + (Ellipsis,)]
+    return out
+
+
 class _Worker:
     """Writes destination tensors, one task per (destination rank, tensor); one per thread."""
 
@@ -99,7 +109,7 @@ class _Worker:
         selected = []
         for c in copies:
             src = (self.dest if c.from_new else self.source).view(c.src_rank, c.tensor)
-            selected.append((c, c.src.select(src), src.shape))
+            selected.append((c, _select(c.src, src), src.shape))
         if self.fast:
             self._fill(rank, tensor, selected)
         else:
@@ -123,7 +133,7 @@ class _Worker:
         spans = [window_span(entry.shape, c.dst) for c, _, _ in selected]
         if None in spans and (rank, tensor) not in self.mixed and all(
                 c.dst.view is None for c, _, _ in selected) and \
-                prod(entry.shape[1:]) * dtype.itemsize <= CHUNK_BYTES:
+                prod(entry.shape[1:]) * dtype.itemsize <= transfer.CHUNK_BYTES:
             self.filler.assemble(entry.shape, dtype, [(c, s) for c, s, _ in selected], write)
             return
         strided = []
@@ -138,7 +148,7 @@ class _Worker:
     def _mapped(self, rank: int, tensor: str, selected: list) -> None:
         local = self.dest.view(rank, tensor)
         for c, s in selected:
-            d = c.dst.select(local)
+            d = _select(c.dst, local)
             if s.itemsize != d.itemsize:
                 raise PlanError(f"{tensor}: source and destination element sizes differ")
             np.copyto(d, s)

@@ -78,13 +78,11 @@ def blocks(shape: tuple[int, ...], max_elems: int):
 
 
 class TensorFiller:
-    """Fills destination tensors with ``write(byte_offset, data, crc)`` calls; owns one buffer.
-
-    Args:
-        progress: called with the byte count of every block written.
-    """
+    """Fills destination tensors with ``write(byte_offset, data, crc)`` calls; owns one
+    buffer of :data:`CHUNK_BYTES` (allocated on first need)."""
 
     def __init__(self, progress: Callable[[int], None]):
+        """``progress`` is called with the bytes of copied elements after every block."""
         self.progress = progress
         self._buf: np.ndarray | None = None
 
@@ -93,9 +91,10 @@ class TensorFiller:
             self._buf = np.empty(CHUNK_BYTES, np.uint8)
         return self._buf[:nbytes].view(dtype).reshape(shape)
 
-    def _put(self, write, offset: int, data: np.ndarray, checksum: bool = True) -> None:
+    def _put(self, write, offset: int, data: np.ndarray, checksum: bool = True,
+             copied: int | None = None) -> None:
         write(offset, data, zlib.crc32(data) if checksum else None)
-        self.progress(data.nbytes)
+        self.progress(data.nbytes if copied is None else copied)
 
     def stream(self, src: np.ndarray, write, offset: int, checksum: bool = True) -> None:
         """Write the selection ``src`` (any strides) as the contiguous bytes at ``offset``;
@@ -133,10 +132,11 @@ class TensorFiller:
             if not cuts:
                 continue
             staged = self._buffer(block.volume * dtype.itemsize, dtype, block.sizes)
-            if sum(cut.volume for cut, _, _ in cuts) < block.volume:
+            covered = sum(cut.volume for cut, _, _ in cuts)
+            if covered < block.volume:
                 staged[...] = 0
             for cut, c, s in cuts:
                 part = s[cut.relative_to(c.dst.region).to_slices()]
                 populate(part)
                 staged[cut.relative_to(block).to_slices()] = part
-            self._put(write, r0 * row * dtype.itemsize, staged)
+            self._put(write, r0 * row * dtype.itemsize, staged, copied=covered * dtype.itemsize)

@@ -1,0 +1,313 @@
+"""The local reshard executor: hand-made plans, make_plan plans, files and in-memory targets."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import scalai.checkpoint.writer as writer_module
+import scalai.executor as executor_module
+from scalai.checkpoint import Checkpoint, CheckpointWriter, save_arrays, transfer, verify
+from scalai.config import ParallelConfig, Placement
+from scalai.dtypes import raw_numpy
+from scalai.errors import PlanError
+from scalai.executor import ReshardTime, execute, reshard_checkpoint
+from scalai.layout.ptc import PTC
+from scalai.layout.spec import TensorSpec, with_optimizer_state
+from scalai.layout.splits import Replicate, Split
+from scalai.models import model_ptc
+from scalai.planner import Copy, Deployment, Plan, PlanStats, Window, make_plan
+from scalai.regions import Region, flat_runs
+from test_checkpoint import _snapshot, global_raw, local_raw, make_ptc
+
+ONE_HOST = Placement(gpus_per_host=64)
+GARBAGE = 0xAB  # what padding holds in sources: a reshard must not carry it over
+
+
+def _copy(tensor, src_rank, dst_rank, src: Window, dst: Window, itemsize, from_new=False) -> Copy:
+    return Copy(tensor, src_rank, dst_rank, src, dst, src.volume * itemsize, "host0", "host0", from_new)
+
+
+def _plan(old: PTC, new: PTC, copies) -> Plan:
+    total = sum(c.nbytes for c in copies)
+    stats = PlanStats(total, total, total, 0, 0, copies=len(copies))
+    return Plan(Deployment(old, ONE_HOST), Deployment(new, ONE_HOST), tuple(copies), stats)
+
+
+def _window(piece, box: Region) -> Window:
+    """The window of ``piece``'s local tensor that holds global ``box`` (inside the piece)."""
+    g, loc = piece.global_region, piece.local_region
+    if g.sizes == loc.sizes:
+        return Window(box.relative_to(g).shift(loc.offsets))
+    return Window(loc, g.sizes, box.relative_to(g))
+
+
+def _replicate_to_split_plan(old: PTC, new: PTC, from_new_tensor: str | None = None) -> Plan:
+    """Every new piece read from old rank 0 (which holds every tensor whole); optionally
+    the copies of one tensor into ranks > 0 read new rank 0 instead (fan-out), listed first."""
+    first, rest = [], []
+    old_shards = dict(old.rank_shards(0))
+    new_shards0 = dict(new.rank_shards(0))
+    for r in range(new.config.world_size):
+        for name, shard in new.rank_shards(r):
+            size = raw_numpy(new.spec(name).dtype).itemsize
+            for p in shard.pieces:
+                if name == from_new_tensor and r > 0 and shard == new_shards0.get(name):
+                    w = _window(p, p.global_region)
+                    first.append(_copy(name, 0, r, w, w, size, from_new=True))
+                    continue
+                for q in old_shards[name].pieces:
+                    cut = q.global_region.intersect(p.global_region)
+                    if cut is not None:
+                        rest.append(_copy(name, 0, r, _window(q, cut), _window(p, cut), size))
+    return _plan(old, new, first + rest)
+
+
+def _assert_ranks_equal(actual, expected):
+    for r, tensors in expected.items():
+        for name, arr in tensors.items():
+            got = actual(r, name)
+            assert got.shape == arr.shape and np.array_equal(got, arr), f"rank {r} tensor {name}"
+
+
+# -- hand-made plans --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["tp=2,pp=1,dp=1", "tp=4,pp=2,dp=1", "tp=2,pp=1,dp=2,zero=1"])
+def test_hand_made_replicate_to_split_plan_into_files(tmp_path, layout):
+    old, new = make_ptc("tp=1,pp=1,dp=1"), make_ptc(layout)
+    glob = global_raw(old)
+    save_arrays(tmp_path / "a", old, local_raw(old, glob, pad=GARBAGE))
+    plan = _replicate_to_split_plan(old, new, from_new_tensor="extra.mask")
+    assert plan.copies[0].from_new  # listed first, must still run after the copies it reads
+    seen = []
+    with Checkpoint.open(tmp_path / "a") as src, CheckpointWriter(tmp_path / "b", new) as dst:
+        moved = execute(plan, src, dst, workers=3, progress=seen.append)
+        dst.commit()
+    assert moved == sum(seen) == plan.stats.total_bytes
+    with Checkpoint.open(tmp_path / "b") as ck:
+        ck.verify()
+        _assert_ranks_equal(ck.view, local_raw(new, glob, pad=0))
+
+
+def test_hand_made_plan_in_memory_torch_and_numpy():
+    old, new = make_ptc("tp=1,pp=1,dp=1"), make_ptc("tp=2,pp=2,dp=2,zero=1")
+    glob = global_raw(old, seed=5)
+    plan = _replicate_to_split_plan(old, new, from_new_tensor="embed")
+    assert plan.copies[0].from_new
+    source = local_raw(old, glob)
+    source[0] = {n: torch.from_numpy(a.view(np.int16)).view(getattr(torch, old.spec(n).dtype))
+                 if a.dtype == np.uint16 else a for n, a in source[0].items()}  # bf16/fp16 as torch
+    dest = {r: {n: np.full(a.shape, 7, a.dtype) for n, a in t.items()}
+            for r, t in local_raw(new, glob).items()}
+    execute(plan, source, dest, workers=2)
+    _assert_ranks_equal(lambda r, n: dest[r][n], local_raw(new, glob, pad=0))
+
+
+@pytest.mark.parametrize("cut", ["rows", "cols"])
+def test_flat_zero_windows_with_sub_boxes(tmp_path, cut):
+    """Copies into flat ZeRO shards that select part of the reshaped box: by rows (contiguous,
+    streamed) or by columns (strided, copied through the mapping)."""
+    specs = with_optimizer_state([TensorSpec("w", (6, 8), "bfloat16", Split(0)),
+                                  TensorSpec("v", (5, 4), "bfloat16", Replicate())])
+    old = PTC(ParallelConfig.parse("tp=1,pp=1,dp=1"), specs, 1)
+    new = PTC(ParallelConfig.parse("tp=2,pp=1,dp=3,zero=1"), specs, 1)
+    glob = global_raw(old, seed=2)
+    copies = []
+    for r in range(new.config.world_size):
+        for name, shard in new.rank_shards(r):
+            size = raw_numpy(new.spec(name).dtype).itemsize
+            for p in shard.pieces:
+                g = p.global_region
+                if len(g.sizes) != 2 or g.sizes[0 if cut == "rows" else 1] < 2:
+                    subs = [Region.full(g.sizes)]
+                elif cut == "rows":
+                    h = g.sizes[0] // 2
+                    subs = [Region((0, 0), (h, g.sizes[1])), Region((h, 0), (g.sizes[0] - h, g.sizes[1]))]
+                else:
+                    h = g.sizes[1] // 2
+                    subs = [Region((0, 0), (g.sizes[0], h)), Region((0, h), (g.sizes[0], g.sizes[1] - h))]
+                for sub in subs:
+                    src = Window(Region(tuple(a + b for a, b in zip(g.offsets, sub.offsets)), sub.sizes))
+                    if p.local_region.sizes == g.sizes:
+                        dst = Window(Region(tuple(a + b for a, b in zip(p.local_region.offsets, sub.offsets)), sub.sizes))
+                    else:
+                        dst = Window(p.local_region, g.sizes, sub)
+                    copies.append(_copy(name, 0, r, src, dst, size))
+    plan = _plan(old, new, copies)
+    save_arrays(tmp_path / "a", old, local_raw(old, glob))
+    with Checkpoint.open(tmp_path / "a") as src, CheckpointWriter(tmp_path / "b", new) as dst:
+        execute(plan, src, dst)
+        dst.commit()
+    verify(tmp_path / "b")
+    with Checkpoint.open(tmp_path / "b") as ck:
+        _assert_ranks_equal(ck.view, local_raw(new, glob))
+
+
+def test_plan_that_does_not_fit_is_rejected_before_writing():
+    old, new = make_ptc("tp=1,pp=1,dp=1"), make_ptc("tp=2,pp=1,dp=1")
+    glob = global_raw(old)
+    good = _replicate_to_split_plan(old, new)
+    bad = _copy("layers.1.fc", 0, 1, Window(Region((0, 0), (9, 8))), Window(Region((0, 0), (9, 8))), 2)
+    dest = {r: {n: np.full(a.shape, 7, a.dtype) for n, a in t.items()} for r, t in local_raw(new, glob).items()}
+    with pytest.raises(PlanError, match="destination window .* does not fit rank 1"):
+        execute(_plan(old, new, good.copies + (bad,)), local_raw(old, glob), dest)
+    assert all((a == 7).all() for t in dest.values() for a in t.values())
+    mismatch = _copy("embed", 0, 0, Window(Region((0, 0), (2, 8))), Window(Region((0, 0), (8, 2))), 2)
+    with pytest.raises(PlanError, match="source shape"):
+        execute(_plan(old, new, (mismatch,)), local_raw(old, glob), dest)
+
+
+def test_missing_source_array_is_a_clear_error():
+    old, new = make_ptc("tp=1,pp=1,dp=1"), make_ptc("tp=2,pp=1,dp=1")
+    glob = global_raw(old)
+    source = local_raw(old, glob)
+    del source[0]["embed"]
+    dest = local_raw(new, glob)
+    with pytest.raises(ValueError, match="no array for tensor embed of rank 0"):
+        execute(_replicate_to_split_plan(old, new), source, dest, workers=1)
+
+
+# -- make_plan plans over checkpoints ---------------------------------------------------------
+
+TRANSITIONS = [
+    ("llama-tiny", "tp=1,pp=1,dp=1", "tp=2,pp=2,dp=1"),
+    ("llama-tiny", "tp=2,pp=2,dp=1", "tp=1,pp=1,dp=2,zero=1"),
+    ("llama-tiny", "tp=2,pp=1,dp=2,zero=1", "tp=1,pp=4,dp=2,zero=1"),
+    ("llama-tiny", "tp=4,pp=1,dp=1", "tp=2,pp=2,dp=2,zero=1"),
+    ("llama-tiny", "tp=1,pp=2,dp=2,stages=1+3", "tp=2,pp=2,dp=1,stages=3+1"),
+    ("gpt-tiny", "tp=1,pp=1,dp=4,zero=1", "tp=4,pp=1,dp=1"),
+    ("gpt-tiny", "tp=2,pp=4,dp=1", "tp=1,pp=1,dp=1"),
+    ("gpt-tiny", "tp=4,pp=2,dp=2,zero=1", "tp=2,pp=1,dp=4,zero=1"),
+]
+
+
+@pytest.mark.parametrize("model, a, b", TRANSITIONS)
+def test_reshard_round_trip_through_files(tmp_path, model, a, b):
+    old, new = model_ptc(model, a), model_ptc(model, b)
+    glob = global_raw(old, seed=len(a) + len(b))
+    save_arrays(tmp_path / "a", old, local_raw(old, glob, pad=GARBAGE), {"step": 11})
+    before = _snapshot(tmp_path / "a")
+    plan, seconds = reshard_checkpoint(tmp_path / "a", tmp_path / "b", b, workers=2)
+    assert isinstance(seconds, ReshardTime) and float(seconds) == pytest.approx(
+        seconds.plan + seconds.copy + seconds.checksum + seconds.sync)
+    assert _snapshot(tmp_path / "a") == before
+    with Checkpoint.open(tmp_path / "b") as ck:
+        ck.verify()
+        assert str(ck.config) == str(ParallelConfig.parse(b)) and ck.state["step"] == 11
+        _assert_ranks_equal(ck.view, local_raw(new, glob, pad=0))
+    reshard_checkpoint(tmp_path / "b", tmp_path / "c", a, workers=1)
+    with Checkpoint.open(tmp_path / "c") as ck:
+        ck.verify()
+        _assert_ranks_equal(ck.view, local_raw(old, glob, pad=0))
+
+
+def test_fan_out_plan_across_hosts(tmp_path):
+    """Two hosts: bytes needed by both ranks of host 1 cross once, then are copied from
+    the new shard that received them (from_new copies)."""
+    old, new = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1"), model_ptc("gpt-tiny", "tp=1,pp=1,dp=4")
+    place = Placement(gpus_per_host=2)
+    plan = make_plan(Deployment(old, place), Deployment(new, place))
+    assert any(c.from_new for c in plan.copies)
+    glob = global_raw(old, seed=9)
+    save_arrays(tmp_path / "a", old, local_raw(old, glob, pad=GARBAGE))
+    with Checkpoint.open(tmp_path / "a") as src, CheckpointWriter(tmp_path / "b", new) as dst:
+        execute(plan, src, dst, workers=3)
+        dst.commit()
+    with Checkpoint.open(tmp_path / "b") as ck:
+        ck.verify()
+        _assert_ranks_equal(ck.view, local_raw(new, glob, pad=0))
+
+
+def test_small_blocks_and_the_paths_taken(tmp_path, monkeypatch):
+    """With 1 KiB blocks every loop of the streams and the assembly runs many times;
+    merging tp=2 into tp=1 assembles split-along-dim-1 tensors and never writes through
+    the mapping, so no tensor of the new checkpoint is read back to checksum it."""
+    monkeypatch.setattr(transfer, "CHUNK_BYTES", 1024)
+    calls = {"assemble": 0, "stream": 0, "mapped": 0}
+    for name, owner in (("assemble", transfer.TensorFiller), ("stream", transfer.TensorFiller),
+                        ("mapped", executor_module._Worker)):
+        original = getattr(owner, name if name != "mapped" else "_mapped")
+
+        def spy(self, *args, _original=original, _name=name, **kw):
+            calls[_name] += 1
+            return _original(self, *args, **kw)
+
+        monkeypatch.setattr(owner, name if name != "mapped" else "_mapped", spy)
+    readback = []
+    original_checksums = writer_module.checksums
+
+    def spy_checksums(jobs, pool=None):
+        jobs = list(jobs)
+        readback.extend(key for key, _ in jobs)
+        return original_checksums(jobs, pool)
+
+    monkeypatch.setattr(writer_module, "checksums", spy_checksums)
+    old, new = model_ptc("llama-tiny", "tp=2,pp=1,dp=1"), model_ptc("llama-tiny", "tp=1,pp=1,dp=1")
+    glob = global_raw(old, seed=4)
+    save_arrays(tmp_path / "a", old, local_raw(old, glob, pad=GARBAGE))
+    readback.clear()
+    reshard_checkpoint(tmp_path / "a", tmp_path / "b", "tp=1,pp=1,dp=1", workers=2)
+    assert calls["assemble"] > 0 and calls["stream"] > 0 and calls["mapped"] == 0
+    assert readback == []
+    with Checkpoint.open(tmp_path / "b") as ck:
+        ck.verify()
+        _assert_ranks_equal(ck.view, local_raw(new, glob, pad=0))
+
+
+def test_worker_count_does_not_change_the_bytes(tmp_path):
+    old = model_ptc("llama-tiny", "tp=1,pp=2,dp=2,zero=1")
+    save_arrays(tmp_path / "a", old, local_raw(old, global_raw(old, seed=1), pad=GARBAGE))
+    for workers in (1, 4):
+        reshard_checkpoint(tmp_path / "a", tmp_path / f"w{workers}", "tp=2,pp=1,dp=2,zero=1", workers=workers)
+    one, four = _snapshot(tmp_path / "w1"), _snapshot(tmp_path / "w4")
+    assert one.keys() == four.keys()
+    for name in one:
+        if name != "manifest.json":
+            assert one[name] == four[name], name
+
+
+def test_reshard_refuses_existing_output_and_bad_layout(tmp_path):
+    old = model_ptc("gpt-tiny", "tp=1,pp=1,dp=1")
+    save_arrays(tmp_path / "a", old, local_raw(old, global_raw(old)))
+    (tmp_path / "b").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        reshard_checkpoint(tmp_path / "a", tmp_path / "b", "tp=2,pp=1,dp=1")
+    assert os.listdir(tmp_path / "b") == []
+    with pytest.raises(ValueError, match="tp=3"):
+        reshard_checkpoint(tmp_path / "a", tmp_path / "c", "tp=3,pp=1,dp=1")
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+
+
+# -- pure helpers -----------------------------------------------------------------------------
+
+@st.composite
+def _shape_and_region(draw):
+    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=0, max_size=4)))
+    offsets, sizes = [], []
+    for n in shape:
+        lo = draw(st.integers(0, n - 1))
+        offsets.append(lo)
+        sizes.append(draw(st.integers(1, n - lo)))
+    return shape, Region(tuple(offsets), tuple(sizes))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_shape_and_region())
+def test_window_span_is_the_single_flat_run(case):
+    shape, region = case
+    runs = flat_runs(shape, region)
+    expected = runs[0][0] if len(runs) == 1 else None
+    assert transfer.window_span(shape, Window(region)) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(_shape_and_region(), st.integers(1, 40))
+def test_blocks_cover_the_array_in_order(case, max_elems):
+    shape, _ = case
+    a = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+    parts = [a[index] for index in transfer.blocks(shape, max_elems)]
+    assert all(p.size <= max_elems for p in parts)
+    assert np.array_equal(np.concatenate([p.reshape(-1) for p in parts]), a.reshape(-1))
