@@ -48,6 +48,7 @@ def test_synth_plan_reshard_compare_inspect(capsys, tmp_path, tiny):
     assert plan["cross_host_bytes"] == plan["cross_host_lower_bound_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_plan_for_gpt3_175b_shapes_only(capsys):
     r = run(capsys, "plan", "--model", "gpt3-175b", "--from", "tp=8,pp=16,dp=8",
             "--to", "tp=8,pp=8,dp=16", "--json")
