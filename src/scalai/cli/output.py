@@ -26,9 +26,11 @@ def human_bytes(n: float) -> str:
 
 
 def console(stderr: bool = False):
+    """A rich console; when output is not a terminal, wide enough that tables never wrap."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 160)
 
 
 @contextmanager
