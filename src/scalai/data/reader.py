@@ -79,28 +79,44 @@ class SampleReader:
         """Bytes ``[offset, offset + size)`` of the concatenation of ``samples`` (int[k])."""
         sb = self.index.sample_bytes
         end = min(offset + size, len(samples) * sb)
-        parts = []
-        while offset < end:
-            j, within = divmod(offset, sb)
-            take = min(sb - within, end - offset)
-            parts.append(self.read(int(samples[j]), within, within + take))
-            offset += take
-        return b"".join(parts)
+        if offset >= end:
+            return b""
+        first, last = offset // sb, (end - 1) // sb + 1  # samples touched: [first, last)
+        raw = self._gather(np.asarray(samples[first:last], dtype=np.int64)).reshape(-1)
+        return raw[offset - first * sb: end - first * sb].tobytes()
 
     # -- tokens ----------------------------------------------------------------------
-    def tokens(self, samples: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def tokens(self, samples: np.ndarray) -> np.ndarray:
         """Tokens of ``samples`` (int[k]) as ``[k, seq_len + 1]`` of the index dtype."""
         index = self.index
         samples = np.asarray(samples, dtype=np.int64).reshape(-1)
-        sb = index.sample_bytes
-        raw = np.empty((samples.size, sb), dtype=np.uint8) if out is None else out.view(np.uint8).reshape(-1, sb)
-        files = index.sample_file[samples]
-        offsets = index.sample_offset[samples].astype(np.int64)
-        inside = offsets + sb <= self._sizes[files]  # [k] samples that do not cross a file end
-        for j in range(samples.size):
-            if inside[j]:
-                o = offsets[j]
-                raw[j] = self._map(int(files[j]))[o: o + sb]
-            else:
-                raw[j] = np.frombuffer(self.read(int(samples[j])), dtype=np.uint8)
+        raw = self._gather(samples)
         return raw.view(np.dtype(index.dtype).newbyteorder("<")).reshape(samples.size, index.seq_len + 1)
+
+    def _gather(self, samples: np.ndarray) -> np.ndarray:
+        """Bytes of ``samples`` (int64[k]) as ``uint8[k, sample_bytes]``, one copy.
+
+        Each file's map is viewed as an array of overlapping ``sample_bytes``-wide records,
+        one starting at every token (dtype ``V{sample_bytes}``, stride ``itemsize``), so one
+        fancy index copies all of a file's samples with a memcpy each, in C.
+        """
+        index = self.index
+        sb, isz = index.sample_bytes, index.itemsize
+        raw = np.empty((samples.size, sb), dtype=np.uint8)
+        if samples.size == 0:
+            return raw
+        files = index.sample_file[samples].astype(np.int64)  # [k]
+        offsets = index.sample_offset[samples].astype(np.int64)  # [k] bytes
+        inside = offsets + sb <= self._sizes[files]  # [k] samples that do not cross a file end
+        single = bool(inside.all()) and files.min() == files.max()
+        for f in ([int(files[0])] if single else np.unique(files[inside]).tolist()):
+            mapped = self._map(f)
+            records = np.ndarray(shape=((mapped.size - sb) // isz + 1,), dtype=np.dtype((np.void, sb)),
+                                 buffer=mapped, strides=(isz,))
+            if single:
+                return records[offsets // isz].view(np.uint8).reshape(samples.size, sb)
+            sel = np.flatnonzero(inside & (files == f))
+            raw[sel] = records[offsets[sel] // isz].view(np.uint8).reshape(sel.size, sb)
+        for j in np.flatnonzero(~inside):  # rare: a stream sample across a file end
+            raw[j] = np.frombuffer(self.read(int(samples[j])), dtype=np.uint8)
+        return raw

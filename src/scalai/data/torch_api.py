@@ -46,6 +46,7 @@ class TokenDataset(Dataset):
         self.index = index if isinstance(index, SampleIndex) else SampleIndex.open(index)
         self.reader = SampleReader(self.index)
         self.dtype = dtype
+        self._np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
 
     def __len__(self) -> int:
         return self.index.num_samples
@@ -61,10 +62,11 @@ class TokenDataset(Dataset):
 
     def batch(self, samples: list[int] | np.ndarray) -> torch.Tensor:
         """Tokens of ``samples`` as one ``[k, seq_len + 1]`` tensor, read in one pass."""
-        tokens = self.reader.tokens(np.asarray(samples, dtype=np.int64))
-        if tokens.dtype == np.uint32:  # torch has no uint32 arithmetic; ids fit in int64
-            tokens = tokens.astype(np.int64)
-        return torch.from_numpy(tokens).to(self.dtype)
+        return self._widen(self.reader.tokens(np.asarray(samples, dtype=np.int64)))
+
+    def _widen(self, tokens: np.ndarray) -> torch.Tensor:
+        # In NumPy: torch's kernels for uint16 are slow generic fallbacks.
+        return torch.from_numpy(tokens.astype(self._np_dtype, copy=False))
 
     def __getstate__(self) -> dict:
         return {"path": str(self.index.path), "dtype": self.dtype}
@@ -171,8 +173,11 @@ class _IdsAndTokens(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitems__(self, samples: list[int]) -> tuple[list[int], torch.Tensor]:
-        return samples, self.dataset.batch(samples)
+    def __getitems__(self, samples: list[int]) -> tuple[list[int], np.ndarray]:
+        # Workers send the tokens as stored (uint16: a quarter of int64), pickled through
+        # the worker's pipe; a tensor would travel as a shared-memory file descriptor, which
+        # costs a socket round trip per batch. The loader widens them in the main process.
+        return samples, self.dataset.reader.tokens(np.asarray(samples, dtype=np.int64))
 
 
 class ElasticDataLoader:
@@ -234,8 +239,9 @@ class ElasticDataLoader:
         state, micro = self._delivered
         for ids, tokens in loader:
             last = micro + 1 == per_step
-            item = {"tokens": tokens, "sample_ids": torch.tensor(ids, dtype=torch.long), "micro_batch": micro,
-                    "last_in_step": last, "loss_scale": self.division.loss_scale(len(ids), self.reduce)}
+            item = {"tokens": self.dataset._widen(tokens), "sample_ids": torch.tensor(ids, dtype=torch.long),
+                    "micro_batch": micro, "last_in_step": last,
+                    "loss_scale": self.division.loss_scale(len(ids), self.reduce)}
             state, micro = (state.advance(1), 0) if last else (state, micro + 1)
             self._delivered = (state, micro)
             yield item
