@@ -104,11 +104,12 @@ class _Worker:
         self.fast = hasattr(dest, "write") and hasattr(dest, "entry")
         self.carry = self.fast and hasattr(source, "checksum") and hasattr(dest, "declare_checksum")
         self.filler = TensorFiller(progress)
+        self.read_new = getattr(dest, "read_view", dest.view)
 
     def run(self, rank: int, tensor: str, copies: list[Copy]) -> None:
         selected = []
         for c in copies:
-            src = (self.dest if c.from_new else self.source).view(c.src_rank, c.tensor)
+            src = (self.read_new if c.from_new else self.source.view)(c.src_rank, c.tensor)
             selected.append((c, _select(c.src, src), src.shape))
         if self.fast:
             self._fill(rank, tensor, selected)
