@@ -40,6 +40,7 @@ from .dtypes import raw_numpy
 from .errors import PlanError
 from .planner.plan import Copy, Deployment, Plan, Window
 from .regions import Region
+from .state import carry_state
 
 __all__ = ["execute", "reshard_checkpoint", "ReshardTime"]
 
@@ -253,6 +254,12 @@ def reshard_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
                        sync: bool = True) -> tuple[Plan, ReshardTime]:
     """Rewrite the checkpoint ``src_dir`` in layout ``new_config`` as ``out_dir``.
 
+    Plans with :func:`~scalai.planner.make_plan`, runs :func:`execute` into a
+    :class:`~scalai.checkpoint.CheckpointWriter` and commits; the non-tensor state goes
+    through :func:`scalai.state.carry_state`. The source's checksums are not re-verified
+    here (``Checkpoint.verify`` does that): bytes move as they are, and tensors that move
+    unchanged keep their recorded CRC, so a damaged source stays detectable.
+
     Args:
         placement: where old and new ranks run (the same hosts); default: one host holding
             every rank, so that every copy is a local one.
@@ -270,13 +277,16 @@ def reshard_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     t0 = time.perf_counter()
     new_config = ParallelConfig.parse(new_config)
+    if os.path.lexists(out_dir):
+        raise FileExistsError(f"output {out_dir} already exists; choose another output directory "
+                              f"or remove it first")
     with Checkpoint.open(src_dir) as ckpt:
         old_ptc = ckpt.ptc
         new_ptc = old_ptc.relayout(new_config)
         if placement is None:
             placement = Placement(gpus_per_host=max(old_ptc.config.world_size, new_config.world_size))
         plan = make_plan(Deployment(old_ptc, placement), Deployment(new_ptc, placement))
-        state = _carry_state(ckpt.state, old_ptc.config, new_config)
+        state = carry_state(ckpt.state, old_ptc.config, new_config)  # step, RNG rule, data
         t1 = time.perf_counter()
         with CheckpointWriter(out_dir, new_ptc, state, sync=sync) as writer:
             execute(plan, ckpt, writer, workers=workers, progress=progress)
@@ -284,12 +294,3 @@ def reshard_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
             writer.commit(workers)
     return plan, ReshardTime(plan=t1 - t0, copy=t2 - t1, checksum=writer.timings["checksum"],
                              sync=writer.timings["sync"])
-
-
-def _carry_state(state: dict, old: ParallelConfig, new: ParallelConfig) -> dict:
-    """Non-tensor state for the new layout: ``scalai.state.carry_state`` when present."""
-    try:
-        from .state import carry_state
-    except ImportError:
-        return state
-    return carry_state(state, old, new)
