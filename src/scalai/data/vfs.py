@@ -21,6 +21,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -92,26 +93,48 @@ def _clear_stale(mountpoint: Path) -> None:
 @contextmanager
 def _filtered_stderr() -> Iterator[None]:
     """Route fd 2 through a thread that drops :data:`_NOISE` lines (libfuse and its
-    fusermount3 child write to fd 2 directly, below Python)."""
-    read_end, write_end = os.pipe()
+    fusermount3 child write to fd 2 directly, below Python).
+
+    fd 2 becomes an unlinked temporary file, not a pipe: fusermount3 outlives this process
+    when it is killed, and a write to a pipe without a reader would kill it with SIGPIPE
+    before it unmounts.
+    """
+    sink = tempfile.TemporaryFile()
+    reader = open(f"/proc/self/fd/{sink.fileno()}", "rb")
     saved = os.dup(2)
     sys.stderr.flush()
-    os.dup2(write_end, 2)
-    os.close(write_end)
+    os.dup2(sink.fileno(), 2)
+    done = threading.Event()
 
     def forward() -> None:
-        with os.fdopen(read_end, "rb", buffering=0) as pipe:
-            for line in iter(pipe.readline, b""):
+        pending = b""
+        while True:
+            finished = done.is_set()
+            chunk = reader.read()
+            pending += chunk or b""
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
                 if not any(noise in line for noise in _NOISE):
-                    os.write(saved, line)
+                    os.write(saved, line + b"\n")
+            if finished:
+                if pending and not any(noise in pending for noise in _NOISE):
+                    os.write(saved, pending)
+                return
+            if not chunk:
+                time.sleep(0.05)
 
-    threading.Thread(target=forward, name="scalai-stderr", daemon=True).start()
+    thread = threading.Thread(target=forward, name="scalai-stderr", daemon=True)
+    thread.start()
     try:
         yield
     finally:
         sys.stderr.flush()
-        time.sleep(0.05)  # let the thread forward the last lines
+        done.set()
+        thread.join(timeout=2)
         os.dup2(saved, 2)
+        os.close(saved)
+        reader.close()
+        sink.close()
 
 
 class _Handle:
