@@ -94,6 +94,7 @@ class CheckpointWriter:
         self._mapped: set[tuple[int, str]] = set()
         self._declared: dict[tuple[int, str], int] = {}
         self._lock = threading.Lock()
+        self._rank_locks: dict[int, threading.Lock] = {}
         self.committed = False
         self.timings: dict[str, float] = {}
 
@@ -102,11 +103,13 @@ class CheckpointWriter:
         """The (lazily created) safetensors writer of ``rank``."""
         f = self._files.get(rank)
         if f is None:
+            if not 0 <= rank < self.ptc.config.world_size:
+                raise ValueError(f"rank {rank} is outside layout {self.ptc.config}")
             with self._lock:
+                rank_lock = self._rank_locks.setdefault(rank, threading.Lock())
+            with rank_lock:  # one file at a time per rank; other ranks' files in parallel
                 f = self._files.get(rank)
                 if f is None:
-                    if not 0 <= rank < self.ptc.config.world_size:
-                        raise ValueError(f"rank {rank} is outside layout {self.ptc.config}")
                     entries = [(n, self.ptc.spec(n).dtype, s.shape) for n, s in self.ptc.rank_shards(rank)]
                     meta = {"format": "pt", "scalai.rank": str(rank), "scalai.layout": str(self.ptc.config)}
                     f = self._files[rank] = SafetensorsWriter(
