@@ -26,6 +26,7 @@ class SampleReader:
         self.index = index
         self._sizes = np.array([s.size for s in index.sources], dtype=np.int64)
         self._maps: list[np.ndarray | None] = [None] * len(index.sources)
+        self._record_views: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
@@ -57,6 +58,16 @@ class SampleReader:
         except FileNotFoundError:
             raise ScalaiError(f"source file {source.path} is gone; restore it or rebuild the index") from None
         return np.frombuffer(mapped, dtype=np.uint8)
+
+    def _records(self, f: int) -> np.ndarray:
+        """File ``f`` as overlapping ``V{sample_bytes}`` records, one starting at every token."""
+        records = self._record_views.get(f)
+        if records is None:
+            mapped, sb, isz = self._map(f), self.index.sample_bytes, self.index.itemsize
+            records = np.ndarray(shape=((mapped.size - sb) // isz + 1,), dtype=np.dtype((np.void, sb)),
+                                 buffer=mapped, strides=(isz,))
+            self._record_views[f] = records
+        return records
 
     # -- bytes -----------------------------------------------------------------------
     def read(self, sample: int, start: int = 0, stop: int | None = None) -> bytes:
@@ -102,21 +113,18 @@ class SampleReader:
         """
         index = self.index
         sb, isz = index.sample_bytes, index.itemsize
-        raw = np.empty((samples.size, sb), dtype=np.uint8)
         if samples.size == 0:
-            return raw
-        files = index.sample_file[samples].astype(np.int64)  # [k]
+            return np.empty((0, sb), dtype=np.uint8)
+        files = index.sample_file[samples]  # [k] uint32
         offsets = index.sample_offset[samples].astype(np.int64)  # [k] bytes
+        f0 = int(files[0])
+        if (files == f0).all() and int(offsets.max()) + sb <= self._sizes[f0]:  # the common case
+            return self._records(f0)[offsets // isz].view(np.uint8).reshape(samples.size, sb)
+        raw = np.empty((samples.size, sb), dtype=np.uint8)
         inside = offsets + sb <= self._sizes[files]  # [k] samples that do not cross a file end
-        single = bool(inside.all()) and files.min() == files.max()
-        for f in ([int(files[0])] if single else np.unique(files[inside]).tolist()):
-            mapped = self._map(f)
-            records = np.ndarray(shape=((mapped.size - sb) // isz + 1,), dtype=np.dtype((np.void, sb)),
-                                 buffer=mapped, strides=(isz,))
-            if single:
-                return records[offsets // isz].view(np.uint8).reshape(samples.size, sb)
+        for f in np.unique(files[inside]).tolist():
             sel = np.flatnonzero(inside & (files == f))
-            raw[sel] = records[offsets[sel] // isz].view(np.uint8).reshape(sel.size, sb)
+            raw[sel] = self._records(f)[offsets[sel] // isz].view(np.uint8).reshape(sel.size, sb)
         for j in np.flatnonzero(~inside):  # rare: a stream sample across a file end
             raw[j] = np.frombuffer(self.read(int(samples[j])), dtype=np.uint8)
         return raw
