@@ -1,0 +1,31 @@
+"""Training-side API: describe the live job, save it, load it into any layout, stop together.
+
+::
+
+    job = describe(stage_module, optimizer, "tp=2,pp=2,dp=1", num_layers=4,
+                   scheduler=scheduler, data=data_state, seed=0)
+    if resume:
+        load(job, "ckpt")          # any saved layout; fills model and optimizer in place
+    stop = StopFlag("STOP")
+    while job.step < steps and not stop.should_stop():
+        train_one_step(); job.step += 1; job.data = data_state_after_step
+    save(job, "ckpt2")             # every rank writes its own shards; rank 0 commits
+
+All four are collective: every rank of the job calls them at the same point. Failures
+raise :class:`CollectiveError` on every rank alike.
+"""
+
+from .checkpoints import find_checkpoint, list_checkpoints, step_dir
+from .collective import CollectiveError, RankFailure, agree
+from .job import ADAM_STATES, JobState, describe
+from .load import FillError, LoadReport, load, plan_load
+from .save import SaveReport, save
+from .stop import StopFlag
+from .storage import DirectoryReader, DirectoryWriter, StateReader, StateWriter
+
+__all__ = [
+    "JobState", "describe", "save", "load", "StopFlag", "SaveReport", "LoadReport",
+    "StateWriter", "StateReader", "DirectoryWriter", "DirectoryReader", "plan_load",
+    "CollectiveError", "RankFailure", "FillError", "agree", "ADAM_STATES",
+    "step_dir", "find_checkpoint", "list_checkpoints",
+]

@@ -1,0 +1,95 @@
+"""``save``: every rank writes its own local shards in parallel; rank 0 commits once all are durable.
+
+Collective (every rank calls it at the same step). Three agreed phases:
+
+1. ``begin``: rank 0 opens a new, invisible version (a staging directory) and shares its
+   token;
+2. ``write``: every rank writes the raw bytes of its live local tensors (no gather, no
+   copy through another rank) with their CRC-32s, makes them durable, and shares the
+   record plus its RNG state;
+3. ``commit``: rank 0 writes the manifest (PTC, records, non-tensor state) and makes the
+   version visible atomically.
+
+A failure in any phase on any rank raises the same
+:class:`~scalai.training.collective.CollectiveError` on every rank, and rank 0 removes
+the staging version; a reader never sees a partial save.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from ..checkpoint.arrays import as_raw
+from ..checkpoint.manifest import Manifest
+from .collective import CollectiveError, agree
+from .job import JobState
+from .nontensor import capture, rank_snapshot
+from .storage import as_writer
+
+__all__ = ["save", "SaveReport"]
+
+
+@dataclass(frozen=True)
+class SaveReport:
+    """What :func:`save` did, as seen from one rank.
+
+    Attributes:
+        step: the step saved.
+        rank_bytes: bytes of tensor data this rank wrote.
+        total_bytes: bytes of tensor data all ranks wrote.
+        seconds: wall time per phase (``begin``, ``write``, ``commit``) and ``total``.
+    """
+
+    step: int
+    rank_bytes: int
+    total_bytes: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _created_by() -> str:
+    try:
+        return f"scalai {version('scalai')} (training)"
+    except PackageNotFoundError:
+        return "scalai (training)"
+
+
+def save(job: JobState, target: Any) -> SaveReport:
+    """Save the job state into ``target`` (a new directory path or a ``StateWriter``).
+
+    Raises:
+        CollectiveError: on every rank, if any rank failed (the message names the ranks
+            and their errors: an existing directory, a full disk, a live tensor that no
+            longer matches the layout...).
+    """
+    t0 = time.perf_counter()
+    writer = as_writer(target)
+    rank = job.rank
+    tokens = agree("save: begin", lambda: writer.begin() if rank == 0 else None, job.group, share=True)
+    token = tokens[0]
+    t1 = time.perf_counter()
+
+    def write() -> tuple[Any, dict, int]:
+        arrays = {name: as_raw(t, job.ptc.spec(name).dtype, name) for name, t in job.local_tensors().items()}
+        record = writer.write_rank(token, rank, job.ptc, arrays)
+        return record, rank_snapshot(job), sum(a.nbytes for a in arrays.values())
+
+    try:
+        written = agree("save: write shards", write, job.group, share=True)
+        t2 = time.perf_counter()
+
+        def commit() -> None:
+            if rank == 0:
+                state = capture(job, [w[1] for w in written])
+                writer.commit(token, Manifest(job.ptc, tuple(w[0] for w in written), state, _created_by()))
+
+        agree("save: commit", commit, job.group)
+    except CollectiveError:
+        if rank == 0:
+            writer.abort(token)
+        raise
+    t3 = time.perf_counter()
+    return SaveReport(step=job.step, rank_bytes=written[rank][2], total_bytes=sum(w[2] for w in written),
+                      seconds={"begin": t1 - t0, "write": t2 - t1, "commit": t3 - t2, "total": t3 - t0})
