@@ -1,0 +1,1 @@
+"""Example jobs built on scalai (imported on demand; they need torch)."""

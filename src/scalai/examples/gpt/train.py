@@ -1,0 +1,212 @@
+"""The training loop of the reference trainer: one process per rank, under torchrun.
+
+Per step, each data-parallel replica reads its share of the global batch from the
+dataset's global order (:class:`scalai.data.ElasticSampler`), runs it as micro-batches
+(through the pipeline schedule when ``pp > 1``, by gradient accumulation otherwise),
+and AdamW steps. The job state is a :class:`scalai.training.JobState`: ``--resume`` loads
+it from a checkpoint of any layout, ``--save`` writes it when the run ends or is stopped
+(``--stop-file``, ``SIGTERM``, ``SIGUSR1``), all ranks at the same step.
+
+The loss logged for a step is the mean token cross-entropy over the whole global batch,
+the same quantity under every layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from contextlib import nullcontext
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ...data import DataState, ElasticSampler, TokenDataset, step_ids
+from ...training import StopFlag, agree, describe, find_checkpoint, load, save, step_dir
+from .corpus import ensure_index
+from .model import preset
+from .options import TrainOptions
+from .parallel import StageModel, build_stage, loss_fn
+
+__all__ = ["train", "lr_factor"]
+
+
+def lr_factor(step: int, warmup: int, decay_steps: int) -> float:
+    """LR multiplier before optimizer step ``step + 1``: linear warm-up, then cosine to 0.1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, decay_steps - warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _train_step(sm: StageModel, tokens: torch.Tensor, sizes: list[int], scale: Any,
+                optimizer: Any, config: Any) -> torch.Tensor | None:
+    """One optimizer step on this replica's ``int64[part, seq + 1]`` tokens.
+
+    ``sizes`` are the replica's micro-batch sizes; ``scale(n)`` is the weight of the mean
+    loss of a micro-batch of ``n`` samples (``n * dp / global_batch``), so that the
+    summed, data-parallel-averaged gradient is the gradient of the global mean loss.
+
+    Returns, on the last pipeline stage, this replica's weighted loss sum (its share of
+    the global mean loss, times ``dp``); ``None`` elsewhere.
+    """
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    context = nullcontext()
+    if config.tp > 1:
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        context = loss_parallel()  # cross-entropy on vocabulary-sharded logits
+    losses: list[torch.Tensor] = []
+    with context:
+        if sm.schedule is not None:  # the schedule weights each micro-batch through its loss_fn
+            if sm.is_first:
+                sm.schedule.step(inputs)
+            elif sm.is_last:
+                sm.schedule.step(target=targets, losses=losses)
+            else:
+                sm.schedule.step()
+        else:
+            for i, (x, y) in enumerate(zip(inputs.split(sizes), targets.split(sizes))):
+                if config.dp > 1:  # all-reduce / reduce-scatter once, after the last micro-batch
+                    sm.module.set_requires_gradient_sync(i == len(sizes) - 1)
+                loss = loss_fn(sm.module(x), y) * scale(len(x))
+                loss.backward()
+                losses.append(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not sm.is_last:
+        return None
+    values = [loss.full_tensor() if hasattr(loss, "full_tensor") else loss for loss in losses]
+    return torch.stack([v.detach().double() for v in values]).sum()
+
+
+def _global_loss(loss: torch.Tensor | None, config: Any, device: str) -> float:
+    """Mean loss over the global batch, on every rank (one all_reduce)."""
+    box = torch.zeros(1, dtype=torch.float64, device=device)
+    if loss is not None and config.coords(dist.get_rank()).tp == 0:
+        box[0] = loss / config.dp
+    dist.all_reduce(box)
+    return float(box.item())
+
+
+def _say(text: str) -> None:
+    if dist.get_rank() == 0:
+        print(text, flush=True)
+
+
+def _save(job: Any, opts: TrainOptions) -> int:
+    target = step_dir(opts.save, job.step)
+    report = save(job, target)
+    _say(f"saved step {job.step} to {target} ({report.total_bytes / 2**20:.2f} MiB from "
+         f"{job.config.world_size} ranks in {report.seconds['total']:.2f} s)")
+    return job.step
+
+
+def train(opts: TrainOptions) -> dict[str, Any]:
+    """Run the job on this rank (the process group must be initialized); returns a summary."""
+    config, cfg = opts.config, preset(opts.model)
+    rank = dist.get_rank()
+    device = "cpu" if opts.device == "cpu" else f"cuda:{torch.cuda.current_device()}"
+    # Rank 0 builds the index if it is missing; the others open it once it exists.
+    agree("data: build the corpus index", lambda: ensure_index(cfg.seq_len, opts.data) if rank == 0 else None)
+    index = agree("data: open the corpus index", lambda: ensure_index(cfg.seq_len, opts.data))
+    if index.seq_len != cfg.seq_len:
+        raise ValueError(f"the index at {index.path} has seq_len={index.seq_len}; {opts.model} "
+                         f"needs {cfg.seq_len}")
+    division = opts.division
+    dp_rank = config.coords(rank).dp
+    sizes = division.micro_batch_sizes(dp_rank).tolist()
+
+    def scale(samples: int) -> float:
+        return division.loss_scale(samples, "mean")
+
+    def weighted_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return loss_fn(logits, targets) * scale(targets.shape[0])
+
+    sm = build_stage(cfg, config, seed=opts.seed, micro_batches=len(sizes), schedule=opts.schedule,
+                     device=opts.device, loss=weighted_loss)
+    optimizer = torch.optim.AdamW(sm.module.parameters(), lr=opts.lr, betas=(0.9, 0.95), eps=1e-8,
+                                  weight_decay=opts.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, opts.warmup, opts.decay_steps))
+    job = describe(sm.module, optimizer, config, num_layers=cfg.layers, scheduler=scheduler,
+                   data=DataState(seed=opts.seed, global_batch=opts.global_batch,
+                                  num_samples=index.num_samples),
+                   seed=opts.seed, extra={"model": opts.model})
+    if opts.resume:
+        source = agree("resume: find the checkpoint", lambda: find_checkpoint(opts.resume))
+        report = load(job, source, verify=opts.verify)
+        if job.extra.get("model", opts.model) != opts.model:
+            raise ValueError(f"{opts.resume} holds a {job.extra['model']} job, not {opts.model}")
+        if job.data.global_batch != opts.global_batch:
+            raise ValueError(f"{opts.resume} was trained with a global batch of {job.data.global_batch}; "
+                             f"resume with --global-batch {job.data.global_batch} to keep the trajectory")
+        _say(f"resumed step {job.step} from {source} ({report.saved_layout} -> {config}, "
+             f"{report.seconds['total']:.2f} s, RNG {report.rng})")
+    dataset = TokenDataset(index)
+    metrics = open(opts.metrics, "a") if opts.metrics and rank == 0 else None
+    losses: list[float] = []
+    stopped = None
+    saved_step = job.step if opts.resume else None  # never save a step twice
+    try:
+        with StopFlag(opts.stop_file) as stop:
+            while job.step < opts.steps:
+                start = time.perf_counter()
+                sampler = ElasticSampler(job.data, division, dp_rank, steps=1)
+                ids = [i for micro in sampler for i in micro]
+                tokens = dataset.batch(ids).to(device)  # [part, seq_len + 1]
+                local = _train_step(sm, tokens, sizes, scale, optimizer, config)
+                scheduler.step()
+                loss = _global_loss(local, config, device)
+                before, job.data, job.step = job.data, sampler.state, job.step + 1
+                seconds = time.perf_counter() - start
+                losses.append(loss)
+                if metrics is not None:
+                    metrics.write(json.dumps({
+                        "step": job.step, "loss": loss, "layout": str(config),
+                        "samples": job.data.position, "sample_ids": step_ids(before, 1)[0].tolist(),
+                        "step_time": round(seconds, 6), "lr": scheduler.get_last_lr()[0]}) + "\n")
+                    metrics.flush()
+                if job.step % opts.log_every == 0 or job.step == opts.steps:
+                    _say(f"step {job.step}/{opts.steps}  loss {loss:.4f}  {config}  {seconds:.3f} s")
+                if opts.save_every and job.step % opts.save_every == 0 and job.step < opts.steps:
+                    saved_step = _save(job, opts)
+                if job.step < opts.steps and stop.should_stop():
+                    stopped = stop.reason
+                    _say(f"stopping after step {job.step}: {stopped}")
+                    break
+    finally:
+        if metrics is not None:
+            metrics.close()
+    if opts.save and job.step != saved_step:
+        _save(job, opts)
+    return {"step": job.step, "losses": losses, "stopped": stopped}
+
+
+def main(opts: TrainOptions) -> int:
+    """Entry point of one worker: join the process group, train, report errors as one line."""
+    from ...errors import ScalaiError
+    from ...training import CollectiveError
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    warnings.filterwarnings("ignore", message=".*(torch.distributed.pipelining|_composable|experimental).*")
+    backend = "nccl" if opts.device == "cuda" else "gloo"
+    if opts.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=int(os.environ.get("SCALAI_TIMEOUT", "300"))))
+    try:
+        train(opts)
+        return 0
+    except (ValueError, ScalaiError, OSError) as exc:
+        if os.environ.get("SCALAI_DEBUG"):
+            raise
+        if dist.get_rank() == 0 or not isinstance(exc, CollectiveError):
+            print(f"scalai train (rank {dist.get_rank()}): error: {exc}", flush=True,
+                  file=__import__("sys").stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+    finally:
+        dist.destroy_process_group()
