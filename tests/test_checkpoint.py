@@ -238,6 +238,19 @@ def test_truncated_rank_file_is_reported_at_open(saved):
         Checkpoint.open(out)
 
 
+def test_damaged_header_of_a_rank_file_names_the_file(saved):
+    out, _, _, _ = saved
+    path = os.path.join(out, rank_file_name(3))
+    with open(path, "r+b") as f:
+        f.seek(9)
+        f.write(b"#")  # same size, header no longer JSON
+    with Checkpoint.open(out) as ck:  # sizes still match: found when the file is read
+        with pytest.raises(CheckpointError, match=r"rank-00003\.safetensors is truncated or corrupt"):
+            ck.view(3, "embed")
+    with pytest.raises(CheckpointError, match=r"rank-00003\.safetensors"):
+        verify(out)
+
+
 def test_missing_rank_file(saved):
     out, _, _, _ = saved
     os.unlink(os.path.join(out, rank_file_name(7)))

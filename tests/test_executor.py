@@ -160,13 +160,27 @@ def test_plan_that_does_not_fit_is_rejected_before_writing():
         execute(_plan(old, new, (mismatch,)), local_raw(old, glob), dest)
 
 
+def test_wrong_layout_or_shape_is_a_clear_error(tmp_path):
+    old, new = make_ptc("tp=1,pp=1,dp=1"), make_ptc("tp=2,pp=1,dp=1")
+    glob = global_raw(old)
+    plan = _replicate_to_split_plan(old, new)
+    source = local_raw(old, glob)
+    source[0]["layers.1.fc"] = source[0]["layers.1.fc"][:8]
+    with pytest.raises(ValueError, match=r"source layers.1.fc of rank 0 has shape \[8, 8\].* is \[16, 8\]"):
+        execute(plan, source, local_raw(new, glob))
+    save_arrays(tmp_path / "a", old, local_raw(old, glob))
+    with Checkpoint.open(tmp_path / "a") as src, CheckpointWriter(tmp_path / "b", old) as dst:
+        with pytest.raises(ValueError, match="destination holds layout tp=1,pp=1,dp=1 .* plan was made for tp=2"):
+            execute(plan, src, dst)
+
+
 def test_missing_source_array_is_a_clear_error():
     old, new = make_ptc("tp=1,pp=1,dp=1"), make_ptc("tp=2,pp=1,dp=1")
     glob = global_raw(old)
     source = local_raw(old, glob)
     del source[0]["embed"]
     dest = local_raw(new, glob)
-    with pytest.raises(ValueError, match="no array for tensor embed of rank 0"):
+    with pytest.raises(ValueError, match="no source array for tensor embed of rank 0"):
         execute(_replicate_to_split_plan(old, new), source, dest, workers=1)
 
 

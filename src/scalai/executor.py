@@ -19,7 +19,6 @@ allocates a tensor.
 from __future__ import annotations
 
 import os
-import resource
 import threading
 import time
 from collections import defaultdict
@@ -46,22 +45,39 @@ __all__ = ["execute", "reshard_checkpoint", "ReshardTime"]
 
 
 class _Arrays:
-    """``{rank: {tensor: numpy array or torch tensor}}`` seen as raw arrays."""
+    """``{rank: {tensor: numpy array or torch tensor}}`` of a layout, seen as raw arrays."""
 
-    def __init__(self, arrays: Mapping[int, Mapping[str, Any]], ptc):
-        self._arrays, self._ptc = arrays, ptc
+    def __init__(self, arrays: Mapping[int, Mapping[str, Any]], ptc, side: str):
+        self._arrays, self._ptc, self._side = arrays, ptc, side
+        self._shapes: dict[int, dict[str, tuple[int, ...]]] = {}
 
     def view(self, rank: int, tensor: str) -> np.ndarray:
         try:
             array = self._arrays[rank][tensor]
         except KeyError:
-            raise ValueError(f"no array for tensor {tensor} of rank {rank}; the mapping must hold "
-                             f"every local tensor of ptc.rank_shards({rank})") from None
-        return as_raw(array, self._ptc.spec(tensor).dtype, f"{tensor} of rank {rank}")
+            raise ValueError(f"no {self._side} array for tensor {tensor} of rank {rank}; the "
+                             f"mapping must hold every local tensor of ptc.rank_shards({rank})") from None
+        if self._side == "destination" and str(getattr(array, "device", "cpu")) != "cpu":
+            raise ValueError(f"destination {tensor} of rank {rank} is on {array.device}; give CPU "
+                             f"tensors (copy them to the device afterwards)")
+        raw = as_raw(array, self._ptc.spec(tensor).dtype, f"{tensor} of rank {rank}")
+        shapes = self._shapes.get(rank)
+        if shapes is None:
+            shapes = self._shapes[rank] = {n: s.shape for n, s in self._ptc.rank_shards(rank)}
+        if raw.shape != shapes.get(tensor):
+            raise ValueError(f"{self._side} {tensor} of rank {rank} has shape {list(raw.shape)}, its "
+                             f"local shape under {self._ptc.config} is {list(shapes.get(tensor, ()))}")
+        return raw
 
 
-def _side(obj, ptc):
-    return _Arrays(obj, ptc) if isinstance(obj, Mapping) else obj
+def _side(obj, ptc, side: str):
+    if isinstance(obj, Mapping):
+        return _Arrays(obj, ptc, side)
+    own = getattr(obj, "ptc", None)
+    if own is not None and own.to_json() != ptc.to_json():
+        raise ValueError(f"the {side} holds layout {own.config} of its tensors, the plan was made "
+                         f"for {ptc.config} (or for other tensors); plan from the {side}'s own layout")
+    return obj
 
 
 def _check(plan: Plan) -> dict[tuple[int, str], int]:
@@ -157,15 +173,6 @@ class _Worker:
             self.filler.progress(d.nbytes)
 
 
-def _raise_fd_limit(files: int) -> None:
-    """Each open rank file costs two descriptors (file + mapping); make room if we can."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 2 * files + 256
-    if soft != resource.RLIM_INFINITY and soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY
-                                                    else min(want, hard), hard))
-
-
 def execute(plan: Plan, source, dest, workers: int | None = None,
             progress: Callable[[int], None] | None = None) -> int:
     """Run every copy of ``plan`` from ``source`` (old layout) into ``dest`` (new layout).
@@ -188,14 +195,12 @@ def execute(plan: Plan, source, dest, workers: int | None = None,
         PlanError: a copy does not fit the layouts. Nothing is written in that case.
     """
     covered = _check(plan)
-    source, dest = _side(source, plan.old.ptc), _side(dest, plan.new.ptc)
+    source, dest = _side(source, plan.old.ptc, "source"), _side(dest, plan.new.ptc, "destination")
     if not getattr(dest, "zero_filled", False):
         for (rank, tensor), volume in covered.items():
             local = dest.view(rank, tensor)
             if volume < local.size:
                 local[...] = 0
-    _raise_fd_limit(len({c.src_rank for c in plan.copies if not c.from_new})
-                    + len({c.dst_rank for c in plan.copies}))
     tasks: dict[bool, dict[tuple[int, str], list[Copy]]] = {False: defaultdict(list), True: defaultdict(list)}
     for c in plan.copies:
         if c.dst.volume:

@@ -21,7 +21,7 @@ from ..regions import Region
 from .arrays import to_torch
 from .checksum import checksums
 from .manifest import Manifest, read_manifest
-from .safetensors_io import SafetensorsReader
+from .safetensors_io import SafetensorsReader, reserve_descriptors
 from .writer import default_workers
 
 __all__ = ["Checkpoint", "verify"]
@@ -66,6 +66,7 @@ class Checkpoint:
                 raise CheckpointError(
                     f"rank file {path} has {size} bytes, the manifest says {record.nbytes}: it is "
                     f"truncated or was replaced; restore the file or use an earlier checkpoint")
+        reserve_descriptors(len(manifest.ranks))
         return cls(directory, manifest)
 
     @property

@@ -19,6 +19,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from math import prod
 from typing import Sequence
@@ -29,7 +30,8 @@ from ..dtypes import from_safetensors_code, itemsize, raw_numpy, safetensors_cod
 from ..errors import CheckpointError
 from ..regions import Region
 
-__all__ = ["TensorEntry", "SafetensorsWriter", "SafetensorsReader", "MAX_HEADER_BYTES"]
+__all__ = ["TensorEntry", "SafetensorsWriter", "SafetensorsReader", "MAX_HEADER_BYTES",
+           "reserve_descriptors"]
 
 #: Largest header accepted by the reader (the official library's limit is 100 MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -81,6 +83,21 @@ def _array(buf: mmap.mmap, entry: TensorEntry) -> np.ndarray:
     return flat.reshape(entry.shape)
 
 
+def reserve_descriptors(files: int) -> None:
+    """Raise the soft open-file limit so that ``files`` more files can be open at once
+    (each costs two descriptors: the file and its mapping). Best effort."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = len(os.listdir("/proc/self/fd")) + 2 * files + 64
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+    except (ImportError, OSError, ValueError):
+        pass
+
+
 def _close_map(buf: mmap.mmap | None) -> None:
     if buf is None:
         return
@@ -114,6 +131,7 @@ class SafetensorsWriter:
         self.tmp_path = os.path.join(folder, f".{base}.tmp-{os.getpid()}")
         self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         self._map: mmap.mmap | None = None
+        self._lock = threading.Lock()
         self.finalized = False
         try:
             try:
@@ -139,7 +157,9 @@ class SafetensorsWriter:
     def view(self, name: str) -> np.ndarray:
         """Writable raw array of tensor ``name`` (local shape), backed by the file."""
         if self._map is None:
-            self._map = mmap.mmap(self._fd, self.size)
+            with self._lock:
+                if self._map is None:
+                    self._map = mmap.mmap(self._fd, self.size)
         return _array(self._map, self.entry(name))
 
     def write(self, name: str, byte_offset: int, data) -> None:

@@ -25,7 +25,7 @@ from ..layout.ptc import PTC
 from .arrays import as_raw
 from .checksum import checksums, crc32_of_pieces
 from .manifest import Manifest, RankRecord, TensorRecord, rank_file_name, write_manifest
-from .safetensors_io import SafetensorsWriter, TensorEntry
+from .safetensors_io import SafetensorsWriter, TensorEntry, reserve_descriptors
 
 __all__ = ["CheckpointWriter", "save_arrays", "default_workers"]
 
@@ -89,6 +89,7 @@ class CheckpointWriter:
         os.makedirs(parent, exist_ok=True)
         self.staging = os.path.join(parent, f".{name}.partial-{os.getpid()}")
         os.mkdir(self.staging)
+        reserve_descriptors(ptc.config.world_size)
         self._files: dict[int, SafetensorsWriter] = {}
         self._pieces: dict[tuple[int, str], list[tuple[int, int, int]]] = {}
         self._mapped: set[tuple[int, str]] = set()
