@@ -13,9 +13,6 @@ import zlib
 from concurrent.futures import Executor
 from typing import Hashable, Iterable
 
-import numpy as np
-
-from .pages import populate
 
 __all__ = ["ALGORITHM", "crc32_combine", "crc32_zeros", "crc32_of_pieces", "checksums", "CHUNK_BYTES"]
 
@@ -99,11 +96,6 @@ def crc32_of_pieces(pieces: list[tuple[int, int, int]], total: int) -> int | Non
     return crc
 
 
-def _crc(part: memoryview) -> int:
-    populate(np.frombuffer(part, np.uint8))
-    return zlib.crc32(part)
-
-
 def checksums(buffers: Iterable[tuple[Hashable, object]], pool: Executor | None = None,
               chunk: int = CHUNK_BYTES) -> dict[Hashable, int]:
     """CRC-32 of each ``(key, buffer)``; buffers are C-contiguous (numpy arrays, mmaps).
@@ -121,9 +113,9 @@ def checksums(buffers: Iterable[tuple[Hashable, object]], pool: Executor | None 
         for lo in range(0, mv.nbytes, chunk):
             parts.append((key, min(chunk, mv.nbytes - lo), mv[lo:lo + chunk]))
     if pool is None:
-        crcs = [_crc(p) for _, _, p in parts]
+        crcs = [zlib.crc32(p) for _, _, p in parts]
     else:
-        crcs = list(pool.map(_crc, [p for _, _, p in parts]))
+        crcs = list(pool.map(zlib.crc32, [p for _, _, p in parts]))
     out: dict[Hashable, int] = {}
     for (key, length, _), crc in zip(parts, crcs):
         out[key] = crc if key not in out else crc32_combine(out[key], crc, length)
