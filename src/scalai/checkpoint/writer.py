@@ -88,7 +88,11 @@ class CheckpointWriter:
         parent, name = os.path.split(self.out_dir)
         os.makedirs(parent, exist_ok=True)
         self.staging = os.path.join(parent, f".{name}.partial-{os.getpid()}")
-        os.mkdir(self.staging)
+        try:
+            os.mkdir(self.staging)
+        except FileExistsError:
+            raise FileExistsError(f"{self.staging} exists: another save of {self.out_dir} is under "
+                                  f"way in this process, or a crashed one left it; remove it") from None
         reserve_descriptors(ptc.config.world_size)
         self._files: dict[int, SafetensorsWriter] = {}
         self._pieces: dict[tuple[int, str], list[tuple[int, int, int]]] = {}
