@@ -21,7 +21,8 @@ from ..regions import Region
 from .arrays import to_torch
 from .checksum import checksums
 from .manifest import Manifest, read_manifest
-from .safetensors_io import SafetensorsReader, reserve_descriptors
+from .limits import reserve_descriptors
+from .safetensors_io import SafetensorsReader
 from .writer import default_workers
 
 __all__ = ["Checkpoint", "verify"]

@@ -30,8 +30,7 @@ from ..dtypes import from_safetensors_code, itemsize, raw_numpy, safetensors_cod
 from ..errors import CheckpointError
 from ..regions import Region
 
-__all__ = ["TensorEntry", "SafetensorsWriter", "SafetensorsReader", "MAX_HEADER_BYTES",
-           "reserve_descriptors"]
+__all__ = ["TensorEntry", "SafetensorsWriter", "SafetensorsReader", "MAX_HEADER_BYTES"]
 
 #: Largest header accepted by the reader (the official library's limit is 100 MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -81,21 +80,6 @@ def _array(buf: mmap.mmap, entry: TensorEntry) -> np.ndarray:
         return np.zeros(entry.shape, dtype)
     flat = np.frombuffer(buf, dtype, count=entry.nbytes // dtype.itemsize, offset=entry.start)
     return flat.reshape(entry.shape)
-
-
-def reserve_descriptors(files: int) -> None:
-    """Raise the soft open-file limit so that ``files`` more files can be open at once
-    (each costs two descriptors: the file and its mapping). Best effort."""
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = len(os.listdir("/proc/self/fd")) + 2 * files + 64
-        if soft != resource.RLIM_INFINITY and soft < want:
-            resource.setrlimit(resource.RLIMIT_NOFILE,
-                               (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
-    except (ImportError, OSError, ValueError):
-        pass
 
 
 def _close_map(buf: mmap.mmap | None) -> None:

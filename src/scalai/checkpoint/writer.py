@@ -25,7 +25,8 @@ from ..layout.ptc import PTC
 from .arrays import as_raw
 from .checksum import checksums, crc32_of_pieces
 from .manifest import Manifest, RankRecord, TensorRecord, rank_file_name, write_manifest
-from .safetensors_io import SafetensorsWriter, TensorEntry, reserve_descriptors
+from .limits import reserve_descriptors
+from .safetensors_io import SafetensorsWriter, TensorEntry
 
 __all__ = ["CheckpointWriter", "save_arrays", "default_workers"]
 
