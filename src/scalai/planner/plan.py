@@ -52,9 +52,10 @@ class Window:
 
     def select(self, local):
         """The selected elements of ``local`` (a numpy array or torch tensor) as a view."""
-        out = local[self.region.to_slices()]
+        # The trailing Ellipsis keeps 0-d selections views (plain () indexing copies a scalar).
+        out = local[self.region.to_slices() + (...,)]
         if self.view is not None:
-            out = out.reshape(self.view)[self.sub.to_slices()]
+            out = out.reshape(self.view)[self.sub.to_slices() + (...,)]
         return out
 
 
