@@ -28,6 +28,7 @@ def _register() -> None:
     from . import data_cmds  # noqa: F401
     from . import demo_cmds  # noqa: F401
     from . import train_cmds  # noqa: F401
+    from . import store_cmds  # noqa: F401
     from . import elastic_cmds  # noqa: F401
 
 

@@ -34,20 +34,24 @@ from .plan import Copy, Deployment, Plan, PlanStats
 __all__ = ["make_plan", "check_coverage"]
 
 
-def make_plan(old: Deployment, new: Deployment, validate: bool = True) -> Plan:
+def make_plan(old: Deployment, new: Deployment, validate: bool = True, fanout: bool = True) -> Plan:
     """Plan the copies from ``old`` to ``new`` (same tensors, any configurations/placements).
 
     Args:
         old: the deployment that holds the state now.
         new: the deployment to produce.
         validate: check that every destination element is written exactly once.
+        fanout: use rule 3 (``from_new`` copies from a rank of the same host that fetched
+            the bytes already). Turn it off when every destination rank loads on its own
+            (no rank can read another's new tensors); cross-host bytes may then exceed
+            the lower bound.
 
     Raises:
         PlanError: the two deployments do not describe the same tensors, or (with
             ``validate``) the plan would not cover the destination exactly once.
     """
     _check_same_tensors(old, new)
-    builder = _Builder(old, new)
+    builder = _Builder(old, new, fanout=fanout)
     for spec in new.ptc.specs:
         builder.add_tensor(spec.name, itemsize(spec.dtype))
     plan = Plan(old, new, tuple(builder.copies), builder.stats())
@@ -84,6 +88,7 @@ class _Sources:
 class _Builder:
     old: Deployment
     new: Deployment
+    fanout: bool = True
     copies: list[Copy] = field(default_factory=list)
     total: int = 0
     same_device: int = 0
@@ -140,7 +145,7 @@ class _Builder:
                     self.same_host += nbytes
                     if self.old_device[src] == self.new_device[dst]:
                         self.same_device += nbytes
-                elif host in fetched:
+                elif self.fanout and host in fetched:
                     peer, peer_ni = fetched[host]
                     self._emit_fanout(name, size, group, peer_ni, ni, peer, dst, host)
                     self.same_host += nbytes

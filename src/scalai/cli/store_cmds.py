@@ -1,0 +1,222 @@
+"""Store commands: ``scalai store serve | push | reshard | pull | ls | rm``."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from .main import cli
+from .output import console, emit_json, human_bytes, layout_option, progress
+
+_STORES_HELP = "store URLs in host order, comma-separated (e.g. http://127.0.0.1:7070,http://127.0.0.1:7071)"
+
+
+def _size(text: str | None) -> int | None:
+    """``"8G"``, ``"512M"``, ``"1000000"`` -> bytes."""
+    if text is None:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size; write e.g. 512M or 8G") from None
+
+
+def _rate(text: str | None) -> float | None:
+    """``"1gbit"``, ``"400mbit"``, ``"50MB"`` (per second) -> bytes per second."""
+    if text is None:
+        return None
+    t = text.strip().lower().removesuffix("/s").removesuffix("ps")
+    for suffix, scale in (("gbit", 1e9 / 8), ("mbit", 1e6 / 8), ("kbit", 1e3 / 8), ("gb", 1e9), ("mb", 1e6),
+                          ("kb", 1e3), ("b", 1.0)):
+        if t.endswith(suffix):
+            try:
+                return float(t[: -len(suffix)]) * scale
+            except ValueError:
+                break
+    raise click.BadParameter(f"{text!r} is not a rate; write e.g. 1gbit, 400mbit or 50MB")
+
+
+def _token_option(f):
+    return click.option("--token-file", type=click.Path(dir_okay=False),
+                        help="file holding the shared token (default: $SCALAI_TOKEN)")(f)
+
+
+def _cluster(stores: str, token_file: str | None):
+    from ..store import StoreCluster, load_token
+
+    return StoreCluster([u.strip() for u in stores.split(",") if u.strip()], load_token(token_file))
+
+
+@cli.group()
+def store() -> None:
+    """Per-host tensor stores: serve one, push a checkpoint, reshard across hosts, pull it back."""
+
+
+@store.command()
+@click.option("--root", required=True, type=click.Path(file_okay=False),
+              help="directory for the shards, memory-backed (e.g. /dev/shm/scalai-store)")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on (anything but loopback needs a token)")
+@click.option("--port", default=7070, show_default=True, type=int, help="port (0: any free one)")
+@click.option("--name", default=None, help="this host's name in placements (default: the machine's host name)")
+@_token_option
+@click.option("--spill", type=click.Path(file_okay=False), help="disk directory for what passes --memory-limit")
+@click.option("--memory-limit", default=None, help="bytes to hold in --root, e.g. 64G (default: no limit)")
+@click.option("--max-upload", default="16G", show_default=True, help="largest tensor upload accepted")
+@click.option("--link", "link_rate", default=None,
+              help="simulate this host's link in the transport: bytes/s each way to other hosts, e.g. 1gbit")
+@click.option("--url-file", type=click.Path(dir_okay=False), help="write the store's URL here once listening")
+def serve(root, host, port, name, token_file, spill, memory_limit, max_upload, link_rate, url_file) -> None:
+    """Run a store on this host until SIGTERM or Ctrl-C (the shards stay in --root)."""
+    from ..store.client import load_token
+    from ..store.daemon import default_name, serve as run
+    from ..store.server import StoreConfig
+
+    rate = _rate(link_rate)
+    config = StoreConfig(root=root, name=name or default_name(), token=load_token(token_file), spill=spill,
+                         memory_limit=_size(memory_limit), max_upload=_size(max_upload),
+                         link_up=rate, link_down=rate)
+    run(config, host, port, url_file, announce=click.echo)
+
+
+@store.command()
+@click.argument("ckpt", type=click.Path())
+@click.option("--job", required=True, help="job name")
+@click.option("--stores", required=True, help=_STORES_HELP)
+@click.option("--gpus-per-host", "-g", required=True, type=int, help="ranks per host (rank r goes to host r // G)")
+@click.option("--version", default=None, help="version name (default: the next v<n>)")
+@_token_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def push(ckpt, job, stores, gpus_per_host, version, token_file, as_json) -> None:
+    """Upload checkpoint CKPT into the stores: each rank's shards to the store of its host."""
+    import time
+
+    from ..checkpoint import Checkpoint
+
+    with Checkpoint.open(ckpt) as c:
+        total = sum(r.nbytes for r in c.manifest.ranks)
+    cluster = _cluster(stores, token_file)
+    t0 = time.perf_counter()
+    with progress("push", total, enabled=not as_json) as advance:
+        v = cluster.push(ckpt, job, gpus_per_host, version, progress=advance)
+    seconds = time.perf_counter() - t0
+    m = v.manifest
+    out = {"job": job, "version": v.name, "layout": str(m.ptc.config), "hosts": m.hosts,
+           "bytes": total, "seconds": round(seconds, 3)}
+    if as_json:
+        emit_json(out)
+    else:
+        click.echo(f"pushed {ckpt} as {job}/{v.name} ({m.ptc.config}) to {', '.join(m.hosts)}: "
+                   f"{human_bytes(total)} in {seconds:.1f} s")
+
+
+@store.command("reshard")
+@click.option("--job", required=True, help="job name")
+@layout_option("--to", "to_layout")
+@click.option("--stores", required=True, help=_STORES_HELP)
+@click.option("--gpus-per-host", "-g", type=int, default=None, help="ranks per host after (default: as before)")
+@click.option("--hosts", default=None, help="hosts of the new placement, comma-separated (default: all stores)")
+@click.option("--central", is_flag=True, help="consolidate-then-split through one host (the baseline)")
+@click.option("--keep-old", is_flag=True, help="keep the old version once the new one is committed")
+@_token_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def reshard_cmd(job, to_layout, stores, gpus_per_host, hosts, central, keep_old, token_file, as_json) -> None:
+    """Transform the job's current version into layout --to, inside the stores.
+
+    Distributed by default: every destination host pulls its slices in parallel, from its
+    own store by memory copy and from peer stores by ranged reads. The new version is
+    committed on every store only when every host finished; the old one is then dropped.
+    """
+    from ..store.reshard import reshard
+
+    cluster = _cluster(stores, token_file)
+    result = reshard(cluster, job, to_layout, gpus_per_host, hosts.split(",") if hosts else None,
+                     central=central, keep_old=keep_old)
+    if as_json:
+        emit_json(result.to_json())
+        return
+    s = result.stats
+    out = console()
+    out.print(f"{job}: {result.source} -> {result.target} ({to_layout}, {result.mode}) in {result.seconds:.2f} s "
+              f"({', '.join(f'{k} {v:.2f} s' for k, v in result.phases.items())})")
+    out.print(f"moved {human_bytes(s.total_bytes)}; across hosts {human_bytes(result.cross_host_bytes)} counted "
+              f"by the stores (plan {human_bytes(s.cross_host_bytes)}, lower bound "
+              f"{human_bytes(s.cross_host_lower_bound_bytes)})")
+
+
+@store.command()
+@click.argument("out", type=click.Path())
+@click.option("--job", required=True, help="job name")
+@click.option("--stores", required=True, help=_STORES_HELP)
+@click.option("--version", default=None, help="version (default: the current one)")
+@_token_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def pull(out, job, stores, version, token_file, as_json) -> None:
+    """Write the job's current version (or --version) from the stores as checkpoint OUT."""
+    import time
+
+    if os.path.lexists(out):
+        raise FileExistsError(f"output {out} already exists; choose another directory or remove it first")
+    cluster = _cluster(stores, token_file)
+    src = cluster.latest(job, version)
+    m = src.manifest
+    total = sum(m.ptc.rank_nbytes(r) for r in range(m.ptc.config.world_size))
+    t0 = time.perf_counter()
+    with progress("pull", total, enabled=not as_json) as advance:
+        cluster.pull(job, out, src.name, progress=advance)
+    seconds = time.perf_counter() - t0
+    if as_json:
+        emit_json({"checkpoint": os.path.abspath(out), "job": job, "version": src.name,
+                   "layout": str(m.ptc.config), "bytes": total, "seconds": round(seconds, 3)})
+    else:
+        click.echo(f"wrote {out}: {job}/{src.name} ({m.ptc.config}), {human_bytes(total)} in {seconds:.1f} s")
+
+
+@store.command("ls")
+@click.option("--stores", required=True, help=_STORES_HELP)
+@_token_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def ls_cmd(stores, token_file, as_json) -> None:
+    """List every store's jobs and versions, and its memory use."""
+    from ..store.cluster import parallel
+
+    cluster = _cluster(stores, token_file)
+    info = dict(zip(cluster.hosts, parallel(lambda c: {"usage": c.usage(), "jobs": c.jobs()}, cluster.clients)))
+    if as_json:
+        emit_json(info)
+        return
+    for host, i in info.items():
+        click.echo(f"{host} ({cluster.by_host[host].url}): {human_bytes(i['usage']['memory_bytes'])} in memory, "
+                   f"{human_bytes(i['usage']['spill_bytes'])} spilled")
+        for j in i["jobs"]:
+            for v in j["versions"]:
+                state = "committed" if v["committed"] else "uncommitted"
+                click.echo(f"  {j['job']}/{v['version']}: {v['layout'] or '?'} {state}, "
+                           f"{v['tensors']} tensors, {human_bytes(v['bytes'])}")
+
+
+@store.command("rm")
+@click.option("--job", required=True, help="job name")
+@click.option("--version", default=None, help="one version (default: the whole job)")
+@click.option("--stores", required=True, help=_STORES_HELP)
+@_token_option
+def rm_cmd(job, version, stores, token_file) -> None:
+    """Delete a job (or one version of it) from every store."""
+    from ..store.cluster import parallel
+    from ..store.errors import StoreRequestError
+
+    cluster = _cluster(stores, token_file)
+
+    def one(c):
+        try:
+            return c.delete(job, version)["deleted"]
+        except StoreRequestError as exc:
+            if exc.status == 404:
+                return []
+            raise
+    removed = parallel(one, cluster.clients)
+    click.echo(f"deleted {job}{'/' + version if version else ''} from "
+               f"{sum(1 for r in removed if r)} of {len(removed)} stores")

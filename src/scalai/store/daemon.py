@@ -1,0 +1,98 @@
+"""Running a store: bind checks, start-up line, clean shutdown on SIGTERM/SIGINT.
+
+A store listens on loopback by default. Any other address (a LAN address, ``0.0.0.0``)
+is refused unless the store has a token, because anyone who can reach the port could
+otherwise read and delete the job's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+
+from ..checkpoint.manifest import atomic_write
+from .server import StoreConfig, make_app
+
+__all__ = ["serve", "is_loopback", "check_bind"]
+
+log = logging.getLogger("scalai.store")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Raise ValueError when ``host`` is not loopback and there is no token."""
+    if not is_loopback(host) and not token:
+        raise ValueError(f"refusing to listen on {host} without a token: anyone who reaches it could read "
+                         f"and delete job state; give --token-file FILE (or set SCALAI_TOKEN), or listen "
+                         f"on 127.0.0.1")
+
+
+def serve(config: StoreConfig, host: str = "127.0.0.1", port: int = 0, url_file: str | None = None,
+          announce=print) -> None:
+    """Serve ``config`` on ``host:port`` until SIGTERM or SIGINT (``port=0``: any free one).
+
+    Once listening, calls ``announce`` with one line holding the store's URL and, if
+    given, writes the URL to ``url_file`` (atomically: a script can wait for the file).
+    """
+    check_bind(host, config.token)
+    _raise_fd_limit()
+    logging.basicConfig(level=os.environ.get("SCALAI_STORE_LOG", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(_serve(config, host, port, url_file, announce))
+
+
+async def _serve(config: StoreConfig, host: str, port: int, url_file: str | None, announce) -> None:
+    from aiohttp import web
+
+    app = make_app(config)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=256, reuse_address=True)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()  # the port chosen when 0 was asked for
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    url = f"http://{shown}:{bound[1]}"
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if url_file:
+        atomic_write(url_file, (url + "\n").encode(), sync=False)
+    usage = app["catalog"].usage()
+    announce(f"scalai store {config.name} serving {url} (root {config.root}, "
+             f"{usage['memory_bytes']} bytes held{', token required' if config.token else ''})")
+    sys.stdout.flush()
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _raise_fd_limit() -> None:
+    """Cached mappings and open connections each hold a descriptor: allow many."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def default_name() -> str:
+    """This machine's short host name, made a valid store name."""
+    name = socket.gethostname().split(".")[0]
+    cleaned = "".join(c if c.isalnum() or c in "_-" else "-" for c in name).lstrip("-_") or "store"
+    return cleaned[:64]

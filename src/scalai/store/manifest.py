@@ -1,0 +1,114 @@
+"""The manifest of a stored version: what makes a set of uploaded shards a committed state.
+
+Written by :meth:`Catalog.commit` into ``<root>/<job>/<version>/manifest.json`` on every
+store of the cluster (the same JSON everywhere)::
+
+    {"format": "scalai-store-version", "format_version": 1,
+     "job": "gpt", "version": "v1", "sequence": 1, "parent": "v0",
+     "ptc": {...},                                     # the layout (PTC.to_json)
+     "placement": {"gpus_per_host": 4, "hosts": ["host0", "host1"]},
+     "state": {...},                                   # step, RNG, data position
+     "created_by": "scalai 0.1.0",
+     "scratch": false}                                 # true: an intermediate (central mode)
+
+Rank ``r``'s shards live on the store named ``placement.host(r)``. ``sequence`` orders the
+versions of a job: the latest one committed on every store is the job's current state
+(scratch versions, the consolidated copy of central mode, never are).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Placement
+from ..layout.ptc import PTC
+from .names import check_name
+
+__all__ = ["VersionManifest", "FORMAT", "FORMAT_VERSION", "placement_to_json", "placement_from_json"]
+
+FORMAT = "scalai-store-version"
+FORMAT_VERSION = 1
+
+
+def placement_to_json(placement: Placement) -> dict:
+    if placement.hosts is None:
+        raise ValueError("a stored version needs named hosts: Placement(gpus_per_host, hosts=(...))")
+    return {"gpus_per_host": placement.gpus_per_host, "hosts": list(placement.hosts)}
+
+
+def placement_from_json(obj: Any) -> Placement:
+    if not isinstance(obj, dict) or set(obj) != {"gpus_per_host", "hosts"} \
+            or not isinstance(obj["hosts"], list) or not obj["hosts"]:
+        raise ValueError("placement must be {gpus_per_host: int, hosts: [name, ...]}")
+    return Placement(obj["gpus_per_host"], tuple(check_name(h, "host") for h in obj["hosts"]))
+
+
+@dataclass(frozen=True)
+class VersionManifest:
+    """A committed version of a job: its layout, where its ranks are, its non-tensor state."""
+
+    job: str
+    version: str
+    sequence: int
+    ptc: PTC
+    placement: Placement
+    state: dict
+    parent: str | None = None
+    created_by: str = "scalai"
+    scratch: bool = False
+
+    def __post_init__(self) -> None:
+        check_name(self.job, "job")
+        check_name(self.version, "version")
+        if self.parent is not None:
+            check_name(self.parent, "parent version")
+        if isinstance(self.sequence, bool) or not isinstance(self.sequence, int) or self.sequence < 0:
+            raise ValueError(f"sequence {self.sequence!r} must be a non-negative integer")
+        world = self.ptc.config.world_size
+        slots = self.placement.gpus_per_host * len(self.placement.hosts or ())
+        if slots < world:
+            raise ValueError(f"layout {self.ptc.config} has {world} ranks but the placement has "
+                             f"{slots} devices ({self.placement.gpus_per_host} on each of "
+                             f"{len(self.placement.hosts or ())} hosts); add stores or raise gpus_per_host")
+
+    @property
+    def hosts(self) -> list[str]:
+        """The hosts that hold at least one rank, in order."""
+        return self.placement.hosts_for(self.ptc.config.world_size)
+
+    def ranks_on(self, host: str) -> list[int]:
+        return [r for r in range(self.ptc.config.world_size) if self.placement.host(r) == host]
+
+    def expected(self, host: str) -> dict[tuple[int, str], tuple[str, tuple[int, ...]]]:
+        """``{(rank, tensor): (dtype, local shape)}`` that the store ``host`` must hold."""
+        return {(r, name): (self.ptc.spec(name).dtype, shard.shape)
+                for r in self.ranks_on(host) for name, shard in self.ptc.rank_shards(r)}
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "job": self.job,
+                "version": self.version, "sequence": self.sequence, "parent": self.parent,
+                "ptc": self.ptc.to_json(), "placement": placement_to_json(self.placement),
+                "state": self.state, "created_by": self.created_by, "scratch": self.scratch}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> VersionManifest:
+        """Parse strictly; raises ValueError saying what is wrong."""
+        keys = {"format", "format_version", "job", "version", "sequence", "parent", "ptc",
+                "placement", "state", "created_by", "scratch"}
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} manifest")
+        if not isinstance(obj.get("format_version"), int) or obj["format_version"] > FORMAT_VERSION:
+            raise ValueError(f"manifest format_version {obj.get('format_version')!r} is not one this "
+                             f"scalai reads ({FORMAT_VERSION}); upgrade scalai")
+        if set(obj) != keys:
+            raise ValueError(f"manifest keys {sorted(set(obj) ^ keys)} are unexpected or missing")
+        if not isinstance(obj["state"], dict):
+            raise ValueError("manifest state must be a JSON object")
+        try:
+            ptc = PTC.from_json(obj["ptc"])
+        except Exception as exc:  # any malformed JSON shape is bad input, never a crash
+            raise ValueError(f"manifest ptc does not parse ({exc})") from None
+        return cls(obj["job"], obj["version"], obj["sequence"], ptc,
+                   placement_from_json(obj["placement"]), obj["state"], obj["parent"],
+                   str(obj["created_by"]), bool(obj["scratch"]))

@@ -1,0 +1,223 @@
+"""The store's HTTP API as an OpenAPI 3.1 document, and validation of JSON bodies against it.
+
+The server validates every JSON request body with the schemas below (so the document is
+what the server enforces, not a description written beside it), serves the document at
+``GET /v1/openapi.json``, and the tests check that the routes it registers are exactly
+the operations listed here and that its answers match the response schemas.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from .names import MAX_NAME, MAX_RANK, MAX_TENSOR_NAME
+
+__all__ = ["SPEC", "API_VERSION", "validate_body", "BodyError", "schema"]
+
+API_VERSION = 1
+
+NAME = {"type": "string", "pattern": f"^[A-Za-z0-9][A-Za-z0-9_.\\-]{{0,{MAX_NAME - 1}}}$"}
+TENSOR = {"type": "string", "pattern": f"^[A-Za-z0-9_][A-Za-z0-9_.\\-]{{0,{MAX_TENSOR_NAME - 1}}}$"}
+BOX = {"type": "string", "pattern": r"^([0-9]+:[0-9]+(,[0-9]+:[0-9]+)*)?$",
+       "description": "start:stop per dimension, comma-separated (local coordinates)"}
+SHAPE = {"type": "string", "pattern": r"^([0-9]+(,[0-9]+)*)?$"}
+CRC = {"type": ["string", "null"], "pattern": "^[0-9a-f]{8}$"}
+COUNTS = {"type": "object", "additionalProperties": {"type": "integer"}}
+PLACEMENT = {"type": "object", "required": ["gpus_per_host", "hosts"], "additionalProperties": False,
+             "properties": {"gpus_per_host": {"type": "integer", "minimum": 1, "maximum": 4096},
+                            "hosts": {"type": "array", "items": NAME, "minItems": 1, "maxItems": 65536}}}
+PTC = {"type": "object", "required": ["config", "num_layers", "tensors"],
+       "properties": {"config": {"type": "string"}, "num_layers": {"type": "integer", "minimum": 0},
+                      "tensors": {"type": "array", "items": {"type": "object"}}}}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["code", "message"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                       "host": {"type": "string"}}}}},
+    "Health": {"type": "object", "required": ["status", "name", "api", "scalai", "uptime_s"],
+               "properties": {"status": {"const": "ok"}, "name": NAME, "api": {"type": "integer"},
+                              "scalai": {"type": "string"}, "uptime_s": {"type": "number"},
+                              "limited": {"type": "boolean"}}},
+    "Usage": {"type": "object", "required": ["memory_bytes", "spill_bytes", "jobs", "traffic"],
+              "properties": {"memory_bytes": {"type": "integer"}, "spill_bytes": {"type": "integer"},
+                             "memory_limit_bytes": {"type": ["integer", "null"]},
+                             "root": {"type": "string"}, "spill": {"type": ["string", "null"]},
+                             "jobs": {"type": "object"},
+                             "traffic": {"type": "object", "required": ["sent", "received"],
+                                         "properties": {"sent": COUNTS, "received": COUNTS}}}},
+    "VersionSummary": {"type": "object", "required": ["version", "committed", "bytes", "tensors"],
+                       "properties": {"version": NAME, "committed": {"type": "boolean"},
+                                      "sequence": {"type": ["integer", "null"]},
+                                      "layout": {"type": ["string", "null"]},
+                                      "bytes": {"type": "integer"}, "tensors": {"type": "integer"}}},
+    "Job": {"type": "object", "required": ["job", "versions"],
+            "properties": {"job": NAME, "versions": {"type": "array",
+                                                     "items": {"$ref": "#/components/schemas/VersionSummary"}}}},
+    "JobList": {"type": "object", "required": ["jobs"],
+                "properties": {"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}}},
+    "TensorInfo": {"type": "object", "required": ["dtype", "shape", "bytes", "crc32"],
+                   "properties": {"dtype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+                                  "bytes": {"type": "integer"}, "crc32": CRC}},
+    "Version": {"type": "object", "required": ["job", "version", "committed", "bytes", "manifest"],
+                "properties": {"job": NAME, "version": NAME, "committed": {"type": "boolean"},
+                               "bytes": {"type": "integer"},
+                               "manifest": {"anyOf": [{"$ref": "#/components/schemas/Manifest"}, {"type": "null"}]},
+                               "ranks": {"type": "object", "additionalProperties": {
+                                   "type": "object", "additionalProperties": {"$ref": "#/components/schemas/TensorInfo"}}}}},
+    "Manifest": {"type": "object", "additionalProperties": False,
+                 "required": ["format", "format_version", "job", "version", "sequence", "parent", "ptc",
+                              "placement", "state", "created_by", "scratch"],
+                 "properties": {"format": {"const": "scalai-store-version"}, "format_version": {"type": "integer"},
+                                "job": NAME, "version": NAME, "sequence": {"type": "integer", "minimum": 0},
+                                "parent": {"anyOf": [NAME, {"type": "null"}]}, "ptc": PTC,
+                                "placement": PLACEMENT, "state": {"type": "object"},
+                                "created_by": {"type": "string"}, "scratch": {"type": "boolean"}}},
+    "CommitRequest": {"type": "object", "required": ["manifest"], "additionalProperties": False,
+                      "properties": {"manifest": {"$ref": "#/components/schemas/Manifest"}}},
+    "UploadResult": {"type": "object", "required": ["job", "version", "rank", "tensor", "bytes", "crc32"],
+                     "properties": {"job": NAME, "version": NAME, "rank": {"type": "integer"},
+                                    "tensor": TENSOR, "bytes": {"type": "integer"}, "crc32": CRC,
+                                    "spilled": {"type": "boolean"}}},
+    "Deleted": {"type": "object", "required": ["job", "deleted"],
+                "properties": {"job": NAME, "deleted": {"type": "array", "items": NAME}}},
+    "TransformRequest": {
+        "type": "object", "additionalProperties": False,
+        "required": ["from_version", "to_version", "old", "new", "peers"],
+        "properties": {
+            "from_version": NAME, "to_version": NAME,
+            "old": {"type": "object", "required": ["ptc", "placement"], "additionalProperties": False,
+                    "properties": {"ptc": PTC, "placement": PLACEMENT}},
+            "new": {"type": "object", "required": ["layout", "placement"], "additionalProperties": False,
+                    "properties": {"layout": {"type": "string", "maxLength": 200}, "placement": PLACEMENT}},
+            "peers": {"type": "object", "maxProperties": 65536,
+                      "additionalProperties": {"type": "string", "pattern": "^https?://[^\\s]+$"}},
+            "checksum": {"type": "boolean", "default": True},
+            "concurrency": {"type": "integer", "minimum": 1, "maximum": 64, "default": 8}}},
+    "TransformResult": {
+        "type": "object", "required": ["host", "copies", "local_bytes", "fetched_bytes", "seconds"],
+        "properties": {"host": NAME, "copies": {"type": "integer"}, "local_bytes": {"type": "integer"},
+                       "fetched_bytes": COUNTS, "requests": {"type": "integer"},
+                       "seconds": {"type": "object", "additionalProperties": {"type": "number"}},
+                       "tensors": {"type": "integer"}, "bytes": {"type": "integer"}}},
+}
+
+
+def _p(name: str, schema: dict, where: str = "path", required: bool = True, doc: str = "") -> dict:
+    return {"name": name, "in": where, "required": required, "schema": schema, "description": doc}
+
+
+_JOB = _p("job", NAME)
+_VERSION = _p("version", NAME)
+_RANK = _p("rank", {"type": "integer", "minimum": 0, "maximum": MAX_RANK - 1})
+_TENSOR = _p("tensor", TENSOR)
+
+
+def _json(ref: str, doc: str) -> dict:
+    return {"description": doc, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+_ERRORS = {code: _json("Error", why) for code, why in {
+    "400": "bad input: a name, rank, region, query or body is invalid (the message says which)",
+    "401": "missing or wrong token", "404": "no such job, version, tensor or route",
+    "409": "conflicts with the version's state (committed, incomplete, being written)",
+    "413": "request body larger than the store accepts",
+    "502": "a peer store failed during a transformation (host names it)",
+    "507": "no room in memory and no spill directory"}.items()}
+
+
+def _op(summary: str, ok: str, ok_doc: str, params: list, status: str = "200", body: dict | None = None,
+        errors: tuple[str, ...] = ("400", "401", "404")) -> dict:
+    out = {"summary": summary, "parameters": params,
+           "responses": {status: _json(ok, ok_doc) if ok else {"description": ok_doc},
+                         **{e: _ERRORS[e] for e in errors}}}
+    if body is not None:
+        out["requestBody"] = body
+    return out
+
+
+_TENSOR_BYTES = {"description": "the selection's raw bytes, row-major (bfloat16 as its 16 bits)",
+                 "headers": {"X-Scalai-Dtype": {"schema": {"type": "string"}},
+                             "X-Scalai-Shape": {"schema": SHAPE}},
+                 "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+
+SPEC: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "scalai tensor store", "version": str(API_VERSION),
+             "description": "Per-host store of the shards of training jobs: jobs / versions / ranks / "
+                            "tensors, N-d region reads sliced on the server, atomic commits, and "
+                            "distributed transformations between layouts. See docs/store.md."},
+    "security": [{"bearer": []}],
+    "components": {"schemas": SCHEMAS, "securitySchemes": {"bearer": {
+        "type": "http", "scheme": "bearer",
+        "description": "required on every request when the store has a token (always off loopback)"}}},
+    "paths": {
+        "/v1/health": {"get": _op("liveness and identity", "Health", "the store is up", [], errors=("401",))},
+        "/v1/usage": {"get": _op("bytes held, per job and version; bytes sent and received", "Usage",
+                                 "usage", [], errors=("401",))},
+        "/v1/openapi.json": {"get": _op("this document", "", "the OpenAPI document", [], errors=("401",))},
+        "/v1/jobs": {"get": _op("list jobs and their versions", "JobList", "jobs", [], errors=("401",))},
+        "/v1/jobs/{job}": {
+            "get": _op("one job's versions", "Job", "the job", [_JOB]),
+            "delete": _op("delete every version of a job", "Deleted", "deleted", [_JOB])},
+        "/v1/jobs/{job}/versions/{version}": {
+            "get": _op("a version: committed?, manifest, stored tensors", "Version", "the version",
+                       [_JOB, _VERSION, _p("tensors", {"type": "boolean"}, "query", False,
+                                           "list the stored tensors (default true)")]),
+            "delete": _op("delete a version (cancels a transformation writing it)", "Deleted", "deleted",
+                          [_JOB, _VERSION])},
+        "/v1/jobs/{job}/versions/{version}/commit": {
+            "post": _op("commit a version atomically (checks that this store holds its ranks' tensors)",
+                        "Version", "committed", [_JOB, _VERSION],
+                        body={"required": True, "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/CommitRequest"}}}},
+                        errors=("400", "401", "404", "409", "413"))},
+        "/v1/jobs/{job}/versions/{version}/ranks/{rank}/tensors/{tensor}": {
+            "get": {**_op("read a tensor or an N-d region of it (sliced on the server, streamed)", "",
+                          "", [_JOB, _VERSION, _RANK, _TENSOR,
+                               _p("region", BOX, "query", False, "box of the local tensor"),
+                               _p("view", SHAPE, "query", False, "reshape the (1-d) region to this"),
+                               _p("sub", BOX, "query", False, "box of the view")],
+                          errors=("400", "401", "404", "409")),
+                    "responses": {"200": _TENSOR_BYTES, **{e: _ERRORS[e] for e in ("400", "401", "404", "409")}}},
+            "put": _op("upload a tensor (streamed; replaces an earlier upload of an uncommitted version)",
+                       "UploadResult", "stored", [_JOB, _VERSION, _RANK, _TENSOR,
+                                                  _p("dtype", {"type": "string"}, "query", True, "e.g. bfloat16"),
+                                                  _p("shape", SHAPE, "query", True, "local shape, e.g. 768,3072")],
+                       status="201", errors=("400", "401", "409", "413", "507"),
+                       body={"required": True, "content": {"application/octet-stream": {
+                           "schema": {"type": "string", "format": "binary"}}}})},
+        "/v1/jobs/{job}/transform": {
+            "post": _op("run this host's part of a plan: build a new version from an old one, pulling "
+                        "local slices by memory copy and remote ones by ranged reads from peer stores",
+                        "TransformResult", "this host's part is written (uncommitted)", [_JOB],
+                        body={"required": True, "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/TransformRequest"}}}},
+                        errors=("400", "401", "404", "409", "413", "502", "507"))},
+    },
+}
+
+
+class BodyError(ValueError):
+    """A JSON body that does not match its schema (HTTP 400)."""
+
+
+def schema(name: str) -> dict:
+    """A component schema with ``$ref`` resolvable (for jsonschema)."""
+    return {"$ref": f"#/components/schemas/{name}", "components": {"schemas": SCHEMAS}}
+
+
+@lru_cache(maxsize=None)
+def _validator(name: str):
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(schema(name))
+
+
+def validate_body(obj: Any, name: str) -> None:
+    """Raise :class:`BodyError` naming the first problem if ``obj`` does not match ``name``."""
+    error = next(iter(_validator(name).iter_errors(obj)), None)
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "body"
+        raise BodyError(f"{name}: {where}: {error.message[:300]}")

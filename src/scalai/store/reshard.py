@@ -1,0 +1,172 @@
+"""Transforming a job's state in its stores from one layout to another.
+
+Distributed (the default): every destination host's store runs its part of the plan at
+the same time (see :mod:`scalai.store.transform`), pulling each slice from the store that
+the planner chose: its own (memory copy) or a peer (ranged read). Cross-host bytes are
+the plan's, which equal the lower bound.
+
+Central (the baseline, the way consolidate-then-split tools work): the first destination
+host first pulls the whole state into one consolidated copy (``tp=1,pp=1,dp=1`` on that
+host: a scratch version), then every destination host pulls its new shards from it. All
+bytes go through one host's link, twice.
+
+Either way the result is a new version, committed on every store only after every host
+finished; the old version is deleted after that (unless kept). When anything fails, the
+new version is deleted everywhere, the old one is untouched, and the error names the
+store that failed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..config import ParallelConfig, Placement
+from ..planner import Deployment, make_plan
+from ..planner.plan import PlanStats
+from .cluster import StoreCluster, StoredVersion, parallel
+from .errors import StoreError, StoreRequestError, StoreUnavailable
+from .manifest import VersionManifest, placement_to_json
+
+__all__ = ["ReshardResult", "reshard", "TransformError"]
+
+
+class TransformError(StoreError):
+    """A transformation failed; the old version is intact (the message says how to retry)."""
+
+
+@dataclass
+class ReshardResult:
+    """What a transformation did (times in seconds, sizes in bytes).
+
+    Attributes:
+        source / target: the old and new version names.
+        mode: ``distributed`` or ``central``.
+        seconds: wall time, start to old version dropped.
+        phases: ``plan``, ``transform`` (central: ``consolidate`` and ``split``), ``commit``, ``drop``.
+        stats: the plan's statistics (its cross-host bytes and the lower bound).
+        cross_host_bytes: bytes that stores actually pulled from other stores, counted by
+            their transport (payload bytes of ranged reads).
+        hosts: every host's own report (bytes pulled per peer, local bytes, its phases).
+    """
+
+    source: str
+    target: str
+    mode: str
+    seconds: float
+    phases: dict[str, float]
+    stats: PlanStats
+    cross_host_bytes: int
+    hosts: dict[str, dict] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "target": self.target, "mode": self.mode, "seconds": self.seconds,
+                "phases": self.phases, "plan": self.stats.to_json(), "cross_host_bytes": self.cross_host_bytes,
+                "hosts": self.hosts}
+
+
+def _request(src_version: str, to_version: str, old: Deployment, new_layout: str, new_place: Placement,
+             peers: dict[str, str], checksum: bool) -> dict:
+    return {"from_version": src_version, "to_version": to_version,
+            "old": {"ptc": old.ptc.to_json(), "placement": placement_to_json(old.placement)},
+            "new": {"layout": new_layout, "placement": placement_to_json(new_place)},
+            "peers": peers, "checksum": checksum}
+
+
+def _run_parts(cluster: StoreCluster, job: str, hosts: Sequence[str], request: dict) -> dict[str, dict]:
+    results = parallel(lambda h: cluster.client(h).transform(job, request), list(hosts), workers=len(hosts))
+    return dict(zip(hosts, results))
+
+
+def _failure(exc: Exception, job: str, source: str, what: str) -> TransformError:
+    host = getattr(exc, "host", None)
+    down = isinstance(exc, StoreUnavailable) or (isinstance(exc, StoreRequestError) and exc.status == 502)
+    hint = (f"restart the store of {host} (same --root keeps its data) and run the command again" if down
+            else "fix the cause and run the command again")
+    return TransformError(f"{what} of job {job} failed: {exc}. Version {source} is intact and still the "
+                          f"job's current state; {hint}", host)
+
+
+def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_per_host: int | None = None,
+            hosts: Sequence[str] | None = None, central: bool = False, keep_old: bool = False,
+            version: str | None = None, checksum: bool = True) -> ReshardResult:
+    """Transform the job's current version (or ``version``) into ``layout``.
+
+    Args:
+        layout: the new layout, e.g. ``"tp=2,pp=2,dp=2,zero=1"``.
+        gpus_per_host: devices per host in the new placement (default: as before).
+        hosts: hosts of the new placement, in order (default: every store given, in order;
+            a disjoint set is a redeployment).
+        central: consolidate-then-split through the first new host (the baseline).
+        keep_old: keep the old version after the new one is committed.
+        checksum: CRC-32 every new tensor in the stores (``pull`` verifies against it).
+
+    Raises:
+        ValueError: the layout does not fit the model or the hosts.
+        TransformError: a store failed; the new version was removed, the old one is intact.
+    """
+    from ..state import carry_state
+
+    t0 = time.perf_counter()
+    config = ParallelConfig.parse(layout) if isinstance(layout, str) else layout
+    src: StoredVersion = cluster.latest(job, version)
+    old = Deployment(src.manifest.ptc, src.manifest.placement)
+    for h in src.manifest.hosts:
+        cluster.client(h)  # every old host must be reachable through --stores
+    new_place = cluster.placement(gpus_per_host or old.placement.gpus_per_host, hosts)
+    new = Deployment(old.ptc.relayout(config), new_place)
+    slots = new_place.gpus_per_host * len(new_place.hosts)
+    if config.world_size > slots:
+        raise ValueError(f"layout {config} needs {config.world_size} devices but {len(new_place.hosts)} hosts x "
+                         f"{new_place.gpus_per_host} GPUs give {slots}; add stores or raise --gpus-per-host")
+    plan = make_plan(old, new)
+    target, seq = cluster.next_version(job)
+    dest_hosts = new_place.hosts_for(config.world_size)
+    t1 = time.perf_counter()
+    phases = {"plan": t1 - t0}
+    results: dict[str, dict] = {}
+    scratch = None
+    try:
+        if not central:
+            req = _request(src.name, target, old, str(config), new_place, cluster.peers, checksum)
+            results = _run_parts(cluster, job, dest_hosts, req)
+            phases["transform"] = time.perf_counter() - t1
+        else:
+            hub = dest_hosts[0]
+            scratch = f"{target}.consolidated"
+            one = ParallelConfig(tp=1, pp=1, dp=1)
+            hub_place = Placement(1, (hub,))
+            req = _request(src.name, scratch, old, str(one), hub_place, cluster.peers, checksum)
+            results["consolidate"] = _run_parts(cluster, job, [hub], req)[hub]
+            cluster.commit(VersionManifest(job, scratch, src.manifest.sequence, old.ptc.relayout(one), hub_place,
+                                           {}, src.name, scratch=True), [hub])
+            t2 = time.perf_counter()
+            phases["consolidate"] = t2 - t1
+            mid = Deployment(old.ptc.relayout(one), hub_place)
+            req = _request(scratch, target, mid, str(config), new_place, cluster.peers, checksum)
+            results.update(_run_parts(cluster, job, dest_hosts, req))
+            phases["split"] = time.perf_counter() - t2
+    except Exception as exc:
+        cluster.drop(job, target)
+        if scratch:
+            cluster.drop(job, scratch)
+        raise _failure(exc, job, src.name, "transformation") from None
+    t3 = time.perf_counter()
+    state = carry_state(src.manifest.state, old.ptc.config, config)
+    manifest = VersionManifest(job, target, seq, new.ptc, new_place, state, src.name)
+    try:
+        cluster.commit(manifest)
+    except Exception as exc:
+        cluster.drop(job, target)
+        raise _failure(exc, job, src.name, "commit") from None
+    t4 = time.perf_counter()
+    phases["commit"] = t4 - t3
+    if scratch:
+        cluster.drop(job, scratch, [dest_hosts[0]])
+    if not keep_old:
+        cluster.drop(job, src.name)
+    phases["drop"] = time.perf_counter() - t4
+    counted = sum(n for r in results.values() for n in r["fetched_bytes"].values())
+    return ReshardResult(src.name, target, "central" if central else "distributed", time.perf_counter() - t0,
+                         phases, plan.stats, counted, results)

@@ -1,0 +1,177 @@
+"""What a training job calls to keep its state in the stores of its hosts.
+
+The training API's ``save``/``load`` take a list of store URLs as well as a directory.
+With stores, every rank saves its local shards into the store of its own host (an upload
+over loopback: a memory copy that outlives the worker), one rank commits once all ranks
+are done, and on restart every rank loads its shards through a plan from whatever
+version the stores hold, in whatever layout it was saved::
+
+    cluster = StoreCluster(urls, load_token())           # every rank, same URLs, same order
+    placement = cluster.placement(gpus_per_host)          # rank r lives on cluster.hosts[r // G]
+    version, seq = next_version(cluster, job)             # rank 0, then broadcast
+    save_rank(cluster, job, version, rank, ptc, placement, local_tensors)
+    barrier()
+    if rank == 0:
+        commit(cluster, job, version, ptc, placement, state, seq)
+    ...
+    stored = load_rank(cluster, job, rank, ptc, placement, local_tensors)   # fills in place
+    state = stored.state
+
+When the elastic runner transformed the state in the stores first (``scalai store
+reshard``), the plan of :func:`load_rank` is the identity: every rank reads its own
+tensors from its own host's store. Otherwise each rank reads exactly the slices it needs
+from whichever stores hold them (ranks load independently, so the plan has no host fan-out).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..checkpoint.arrays import as_raw
+from ..config import Placement
+from ..layout.ptc import PTC
+from ..planner import Deployment, make_plan
+from ..planner.plan import Copy
+from .cluster import StoreCluster, parallel
+from .manifest import VersionManifest
+from .transform import split_copy
+
+__all__ = ["save_rank", "commit", "next_version", "load_rank", "StoreSource"]
+
+LOAD_BLOCK = 8 << 20  # bytes per ranged read while loading (more blocks = more parallel reads)
+
+
+def next_version(cluster: StoreCluster, job: str) -> tuple[str, int]:
+    """A version name that no store holds yet, and its sequence number (call on one rank)."""
+    return cluster.next_version(job)
+
+
+def save_rank(cluster: StoreCluster, job: str, version: str, rank: int, ptc: PTC, placement: Placement,
+              tensors: Mapping[str, Any], workers: int = 4) -> int:
+    """Upload every local tensor of ``rank`` (``ptc.rank_shards(rank)``) to its host's store.
+
+    Args:
+        tensors: ``{name: tensor}`` (torch or numpy, the spec's dtype, the local shape;
+            GPU tensors are copied to host memory one at a time).
+
+    Returns:
+        bytes uploaded.
+
+    Raises:
+        ValueError: a tensor is missing or has the wrong shape or dtype.
+    """
+    client = cluster.client(placement.host(rank))
+    shards = ptc.rank_shards(rank)
+    for name, shard in shards:
+        if name not in tensors:
+            raise ValueError(f"rank {rank} has no tensor {name}; give every tensor of ptc.rank_shards({rank})")
+        if tuple(tensors[name].shape) != shard.shape:
+            raise ValueError(f"{name} of rank {rank} has shape {list(tensors[name].shape)}, its local shape "
+                             f"under {ptc.config} is {list(shard.shape)}")
+
+    def one(item) -> int:
+        name, _ = item
+        value = tensors[name]
+        if hasattr(value, "device") and str(value.device) != "cpu":
+            value = value.detach().cpu()
+        return client.put(job, version, rank, name, value, ptc.spec(name).dtype)["bytes"]
+
+    return sum(parallel(one, shards, workers))
+
+
+def commit(cluster: StoreCluster, job: str, version: str, ptc: PTC, placement: Placement, state: dict,
+           sequence: int, parent: str | None = None) -> VersionManifest:
+    """Commit a saved version on every store (call on one rank, after every rank saved).
+
+    Raises:
+        StoreRequestError: a store lacks some of its ranks' tensors (409, naming them).
+    """
+    manifest = VersionManifest(job, version, sequence, ptc, placement, dict(state), parent)
+    cluster.commit(manifest)
+    return manifest
+
+
+def load_rank(cluster: StoreCluster, job: str, rank: int, ptc: PTC, placement: Placement,
+              out: Mapping[str, Any], version: str | None = None, workers: int = 8) -> VersionManifest:
+    """Fill ``rank``'s local tensors ``out`` (writable, the local shapes of ``ptc``) from the
+    job's current version (or ``version``) in the stores, whatever its layout.
+
+    Every element is written exactly once (the plan is checked); padding is zeroed.
+
+    Returns:
+        the stored version's manifest (its ``state`` holds step, RNG, data position).
+    """
+    stored = cluster.latest(job, version).manifest
+    plan = make_plan(Deployment(stored.ptc, stored.placement), Deployment(ptc, placement), fanout=False)
+    raw: dict[str, np.ndarray] = {}
+    staged: dict[str, Any] = {}
+    for name, shard in ptc.rank_shards(rank):
+        if name not in out:
+            raise ValueError(f"out has no tensor {name}; give every tensor of ptc.rank_shards({rank})")
+        target = out[name]
+        if hasattr(target, "device") and str(target.device) != "cpu":
+            staged[name] = target
+            target = target.detach().cpu()
+        raw[name] = as_raw(target, ptc.spec(name).dtype, f"{name} of rank {rank}")
+        if raw[name].shape != shard.shape:
+            raise ValueError(f"{name} of rank {rank} has shape {list(raw[name].shape)}, expected {list(shard.shape)}")
+        if shard.covered != raw[name].size:
+            raw[name][...] = 0
+    work: list[tuple[Copy, Any, Any]] = []
+    for c in plan.copies_into(rank):
+        size = raw[c.tensor].itemsize
+        work.extend((c, src, dst) for src, dst in split_copy(c, size, LOAD_BLOCK))
+
+    def one(item) -> None:
+        c, src, dst = item
+        target = dst.select(raw[c.tensor])
+        client = cluster.client(c.src_host)
+        if target.flags.c_contiguous:
+            client.read(job, stored.version, c.src_rank, c.tensor, src, out=target)
+        else:
+            np.copyto(target, client.read(job, stored.version, c.src_rank, c.tensor, src))
+
+    parallel(one, work, workers)
+    for name, device_tensor in staged.items():
+        import torch
+
+        device_tensor.copy_(torch.from_numpy(raw[name]).view(device_tensor.dtype))
+    return stored
+
+
+class _RemoteTensor:
+    """A stored tensor as a lazy array: slicing it reads only that box from the store."""
+
+    def __init__(self, cluster: StoreCluster, job: str, version: str, host: str, rank: int, name: str,
+                 shape: tuple[int, ...], dtype: np.dtype):
+        self._args = (job, version, rank, name)
+        self._client = cluster.client(host)
+        self.shape, self.dtype = shape, dtype
+
+    def __getitem__(self, index) -> np.ndarray:
+        from ..regions import Region
+
+        if not isinstance(index, tuple) or not all(isinstance(i, slice) and i.step in (None, 1) for i in index):
+            raise TypeError("a stored tensor supports box slicing only, e.g. t[0:4, 8:16]")
+        box = Region(tuple(i.start or 0 for i in index),
+                     tuple((n if i.stop is None else i.stop) - (i.start or 0) for i, n in zip(index, self.shape)))
+        return self._client.read(*self._args, box)
+
+
+class StoreSource:
+    """A stored version as the source of :func:`scalai.executor.execute`: ``view(rank,
+    tensor)`` is a lazy array whose box slices are ranged reads from the rank's store."""
+
+    def __init__(self, cluster: StoreCluster, job: str, version: str | None = None):
+        from ..dtypes import raw_numpy
+
+        self.version = cluster.latest(job, version).manifest
+        self._cluster, self._job, self._raw_numpy = cluster, job, raw_numpy
+
+    def view(self, rank: int, tensor: str) -> _RemoteTensor:
+        m = self.version
+        shard = dict(m.ptc.rank_shards(rank))[tensor]
+        return _RemoteTensor(self._cluster, self._job, m.version, m.placement.host(rank), rank, tensor,
+                             shard.shape, self._raw_numpy(m.ptc.spec(tensor).dtype))

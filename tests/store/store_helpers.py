@@ -1,0 +1,72 @@
+"""Real store processes for the tests: started as a user would (``python -m scalai.store
+serve``), on loopback, each with its own root; killed and restarted at will."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from scalai.store import StoreClient
+
+TOKEN = "test-token-0123456789abcdef"
+
+
+class StoreProc:
+    """One store process. ``port=0`` picks a free port the first time; restarts keep it."""
+
+    def __init__(self, root: Path, name: str, token: str | None = None, link: str | None = None,
+                 extra: tuple[str, ...] = ()):
+        self.root, self.name, self.token, self.link, self.extra = Path(root), name, token, link, extra
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        self.log = self.root.parent / f"{name}.log"
+
+    def start(self, timeout: float = 30.0) -> StoreProc:
+        url_file = self.root.parent / f"{self.name}.url"
+        url_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "scalai.store", "serve", "--root", str(self.root), "--name", self.name,
+               "--port", str(self.port), "--url-file", str(url_file), *self.extra]
+        env = {**os.environ, "SCALAI_STORE_LOG": "WARNING"}
+        env.pop("SCALAI_TOKEN", None)
+        if self.token:
+            token_file = self.root.parent / f"{self.name}.token"
+            token_file.write_text(self.token)
+            cmd += ["--token-file", str(token_file)]
+        if self.link:
+            cmd += ["--link", self.link]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + timeout
+        while not url_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"store {self.name} did not start: {self.log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        self.url = url_file.read_text().strip()
+        self.port = int(self.url.rsplit(":", 1)[1])
+        return self
+
+    def client(self, **kw) -> StoreClient:
+        return StoreClient(self.url, self.token, **kw)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        self.proc = None
+
+    def restart(self) -> StoreProc:
+        self.kill()
+        for _ in range(100):  # the old socket may linger a moment
+            try:
+                return self.start()
+            except RuntimeError:
+                if "address already in use" not in self.log.read_text().lower():
+                    raise
+                time.sleep(0.1)
+        return self.start()
