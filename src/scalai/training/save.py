@@ -11,8 +11,8 @@ Collective (every rank calls it at the same step). Three agreed phases:
    version visible atomically.
 
 A failure in any phase on any rank raises the same
-:class:`~scalai.training.collective.CollectiveError` on every rank, and rank 0 removes
-the staging version; a reader never sees a partial save.
+:class:`~scalai.training.collective.CollectiveError` on every rank, after rank 0 has
+removed the staging version; a reader never sees a partial save.
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def save(job: JobState, target: Any) -> SaveReport:
 
         agree("save: commit", commit, job.group)
     except CollectiveError:
-        if rank == 0:
-            writer.abort(token)
+        # Agreed as well: when save raises on any rank, the staging version is gone.
+        agree("save: abort", lambda: writer.abort(token) if rank == 0 else None, job.group)
         raise
     t3 = time.perf_counter()
     return SaveReport(step=job.step, rank_bytes=written[rank][2], total_bytes=sum(w[2] for w in written),

@@ -66,15 +66,21 @@ class TrainOptions:
             division = self.division
         except ValueError as exc:
             raise ValueError(f"--global-batch {self.global_batch} with dp={config.dp}: {exc}") from None
+        if config.pp > 1 and self.schedule == "1f1b" and len(division.micro_batch_sizes(0)) < config.pp:
+            raise ValueError(
+                f"1F1B over pp={config.pp} stages needs at least {config.pp} micro-batches per replica, "
+                f"but a replica gets only {self.global_batch // config.dp} samples (global batch "
+                f"{self.global_batch}, dp={config.dp}); use --schedule gpipe or a global batch of at "
+                f"least {config.pp * config.dp}")
         if config.pp > 1:
             for r in range(config.dp):  # the pipeline schedule cuts a replica's part evenly
-                sizes = division.micro_batch_sizes(r)
-                if len(set(sizes.tolist())) > 1:
+                sizes = division.micro_batch_sizes(r).tolist()
+                if len(set(sizes)) > 1:
                     raise ValueError(
-                        f"with pp={config.pp}, replica {r} would run micro-batches of {sizes.tolist()} "
-                        f"samples (global batch {self.global_batch}, dp={config.dp}, --micro-batch "
-                        f"{self.micro_batch}); pipeline micro-batches must be equal: choose a "
-                        f"--micro-batch that divides {int(division.part_sizes()[r])}")
+                        f"with pp={config.pp}, replica {r} would run micro-batches of {sizes} samples "
+                        f"(global batch {self.global_batch}, dp={config.dp}, --micro-batch "
+                        f"{self.micro_batch}); pipeline micro-batches must be equal: make the global "
+                        f"batch a multiple of dp * {len(sizes)}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device {self.device!r} must be cpu or cuda")
 
@@ -84,10 +90,22 @@ class TrainOptions:
 
     @property
     def division(self):
-        """How each global batch is divided among replicas and micro-batches."""
+        """How each global batch is divided among replicas and micro-batches.
+
+        Without a pipeline, a replica cuts its share into near-equal micro-batches of at
+        most ``micro_batch`` samples. With one, every replica runs the same number of
+        micro-batches, at least ``pp`` for 1F1B (which needs one in flight per stage).
+        """
         from ...data import Division
 
-        return Division(self.global_batch, self.config.dp, micro_batch_size=self.micro_batch)
+        config = self.config
+        if config.pp == 1:
+            return Division(self.global_batch, config.dp, micro_batch_size=self.micro_batch)
+        largest = -(-self.global_batch // config.dp)
+        count = -(-largest // self.micro_batch)
+        if self.schedule == "1f1b":
+            count = max(count, config.pp)
+        return Division(self.global_batch, config.dp, num_micro_batches=min(count, self.global_batch // config.dp))
 
 
 _HELP = {

@@ -19,8 +19,9 @@ import os
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -32,7 +33,7 @@ from .model import preset
 from .options import TrainOptions
 from .parallel import StageModel, build_stage, loss_fn
 
-__all__ = ["train", "lr_factor"]
+__all__ = ["train", "build", "resume", "Run", "lr_factor"]
 
 
 def lr_factor(step: int, warmup: int, decay_steps: int) -> float:
@@ -106,8 +107,27 @@ def _save(job: Any, opts: TrainOptions) -> int:
     return job.step
 
 
-def train(opts: TrainOptions) -> dict[str, Any]:
-    """Run the job on this rank (the process group must be initialized); returns a summary."""
+@dataclass
+class Run:
+    """A built job on this rank: the parallelized stage, its optimizer and the job state.
+
+    ``sizes`` are this replica's micro-batch sizes (samples); ``scale(n)`` is the weight
+    of the mean loss of a micro-batch of ``n`` samples (see :func:`_train_step`).
+    """
+
+    opts: TrainOptions
+    stage: StageModel
+    job: Any
+    optimizer: Any
+    scheduler: Any
+    index: Any
+    sizes: list[int]
+    scale: Callable[[int], float]
+    device: str
+
+
+def build(opts: TrainOptions) -> Run:
+    """Open the corpus, build and parallelize the model, describe the job (collective)."""
     config, cfg = opts.config, preset(opts.model)
     rank = dist.get_rank()
     device = "cpu" if opts.device == "cpu" else f"cuda:{torch.cuda.current_device()}"
@@ -118,8 +138,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         raise ValueError(f"the index at {index.path} has seq_len={index.seq_len}; {opts.model} "
                          f"needs {cfg.seq_len}")
     division = opts.division
-    dp_rank = config.coords(rank).dp
-    sizes = division.micro_batch_sizes(dp_rank).tolist()
+    sizes = division.micro_batch_sizes(config.coords(rank).dp).tolist()
 
     def scale(samples: int) -> float:
         return division.loss_scale(samples, "mean")
@@ -127,28 +146,43 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     def weighted_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return loss_fn(logits, targets) * scale(targets.shape[0])
 
-    sm = build_stage(cfg, config, seed=opts.seed, micro_batches=len(sizes), schedule=opts.schedule,
-                     device=opts.device, loss=weighted_loss)
-    optimizer = torch.optim.AdamW(sm.module.parameters(), lr=opts.lr, betas=(0.9, 0.95), eps=1e-8,
+    stage = build_stage(cfg, config, seed=opts.seed, micro_batches=len(sizes), schedule=opts.schedule,
+                        device=opts.device, loss=weighted_loss)
+    optimizer = torch.optim.AdamW(stage.module.parameters(), lr=opts.lr, betas=(0.9, 0.95), eps=1e-8,
                                   weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, opts.warmup, opts.decay_steps))
-    job = describe(sm.module, optimizer, config, num_layers=cfg.layers, scheduler=scheduler,
+    job = describe(stage.module, optimizer, config, num_layers=cfg.layers, scheduler=scheduler,
                    data=DataState(seed=opts.seed, global_batch=opts.global_batch,
                                   num_samples=index.num_samples),
                    seed=opts.seed, extra={"model": opts.model})
+    return Run(opts, stage, job, optimizer, scheduler, index, sizes, scale, device)
+
+
+def resume(run: Run) -> None:
+    """Load ``run.opts.resume`` (a checkpoint or a root) into the built job (collective)."""
+    opts, job = run.opts, run.job
+    source = agree("resume: find the checkpoint", lambda: find_checkpoint(opts.resume))
+    report = load(job, source, verify=opts.verify)
+    if job.extra.get("model", opts.model) != opts.model:
+        raise ValueError(f"{source} holds a {job.extra['model']} job, not {opts.model}")
+    if job.data.global_batch != opts.global_batch:
+        raise ValueError(f"{source} was trained with a global batch of {job.data.global_batch}; "
+                         f"resume with --global-batch {job.data.global_batch} to keep the trajectory")
+    _say(f"resumed step {job.step} from {source} ({report.saved_layout} -> {job.config}, "
+         f"{report.seconds['total']:.2f} s, RNG {report.rng})")
+
+
+def train(opts: TrainOptions) -> dict[str, Any]:
+    """Run the job on this rank (the process group must be initialized); returns a summary:
+    ``step`` reached, ``losses`` of the steps trained here, ``stopped`` (the reason or None)."""
+    run = build(opts)
+    job, config = run.job, opts.config
     if opts.resume:
-        source = agree("resume: find the checkpoint", lambda: find_checkpoint(opts.resume))
-        report = load(job, source, verify=opts.verify)
-        if job.extra.get("model", opts.model) != opts.model:
-            raise ValueError(f"{opts.resume} holds a {job.extra['model']} job, not {opts.model}")
-        if job.data.global_batch != opts.global_batch:
-            raise ValueError(f"{opts.resume} was trained with a global batch of {job.data.global_batch}; "
-                             f"resume with --global-batch {job.data.global_batch} to keep the trajectory")
-        _say(f"resumed step {job.step} from {source} ({report.saved_layout} -> {config}, "
-             f"{report.seconds['total']:.2f} s, RNG {report.rng})")
-    dataset = TokenDataset(index)
-    metrics = open(opts.metrics, "a") if opts.metrics and rank == 0 else None
+        resume(run)
+    dataset = TokenDataset(run.index)
+    division, dp_rank = opts.division, config.coords(dist.get_rank()).dp
+    metrics = open(opts.metrics, "a") if opts.metrics and dist.get_rank() == 0 else None
     losses: list[float] = []
     stopped = None
     saved_step = job.step if opts.resume else None  # never save a step twice
@@ -158,10 +192,10 @@ def train(opts: TrainOptions) -> dict[str, Any]:
                 start = time.perf_counter()
                 sampler = ElasticSampler(job.data, division, dp_rank, steps=1)
                 ids = [i for micro in sampler for i in micro]
-                tokens = dataset.batch(ids).to(device)  # [part, seq_len + 1]
-                local = _train_step(sm, tokens, sizes, scale, optimizer, config)
-                scheduler.step()
-                loss = _global_loss(local, config, device)
+                tokens = dataset.batch(ids).to(run.device)  # [part, seq_len + 1]
+                local = _train_step(run.stage, tokens, run.sizes, run.scale, run.optimizer, config)
+                run.scheduler.step()
+                loss = _global_loss(local, config, run.device)
                 before, job.data, job.step = job.data, sampler.state, job.step + 1
                 seconds = time.perf_counter() - start
                 losses.append(loss)
@@ -169,7 +203,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
                     metrics.write(json.dumps({
                         "step": job.step, "loss": loss, "layout": str(config),
                         "samples": job.data.position, "sample_ids": step_ids(before, 1)[0].tolist(),
-                        "step_time": round(seconds, 6), "lr": scheduler.get_last_lr()[0]}) + "\n")
+                        "step_time": round(seconds, 6), "lr": run.scheduler.get_last_lr()[0]}) + "\n")
                     metrics.flush()
                 if job.step % opts.log_every == 0 or job.step == opts.steps:
                     _say(f"step {job.step}/{opts.steps}  loss {loss:.4f}  {config}  {seconds:.3f} s")

@@ -1,0 +1,82 @@
+"""Convergence across changes of layout: stop at A, resume at B, same losses as staying at A.
+
+Every chain starts with an uninterrupted run at layout A that also saves checkpoints on
+the way (saving does not touch the training state), then resumes those checkpoints at
+other layouts step by step. Each resumed step must give the loss the uninterrupted run
+had at that step, within TOLERANCE, and read exactly the same samples.
+
+TOLERANCE: the layouts compute the same sums in different orders (tensor-parallel
+all-reduces of partial products, data-parallel gradient averaging, vocabulary-parallel
+log-sum-exp), which changes fp32 results by a few ulps per step; measured drift over 20
+steps of gpt-tiny stays below 1e-6 relative (docs/training.md); 1e-4 is the issue's target.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import read_metrics, run_segment
+
+TOLERANCE = 1e-4
+
+CHAINS = {
+    # every single-dimension change, in both directions, one dimension per arrow
+    "single": (24, ["tp=2,pp=1,dp=1", "tp=1,pp=1,dp=1", "tp=1,pp=2,dp=1", "tp=1,pp=1,dp=1",
+                    "tp=1,pp=1,dp=2", "tp=1,pp=1,dp=2,zero=1", "tp=1,pp=1,dp=2", "tp=1,pp=1,dp=1",
+                    "tp=2,pp=1,dp=1"]),
+    # mixed changes, through an uneven data-parallel division (8 samples over 3 replicas)
+    # and ZeRO with a pipeline, back to the first layout
+    "mixed": (20, ["tp=2,pp=2,dp=1", "tp=1,pp=1,dp=4", "tp=2,pp=1,dp=2", "tp=1,pp=1,dp=3",
+                   "tp=1,pp=2,dp=2,zero=1", "tp=2,pp=2,dp=1"]),
+}
+
+
+def _relative(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_chain_follows_the_unchanged_run(name, corpus_index, tmp_path):
+    steps, layouts = CHAINS[name]
+    cuts = [round(steps * i / len(layouts)) for i in range(len(layouts) + 1)]  # 0, 3, 5, 8, ...
+    ref_metrics = tmp_path / "reference.jsonl"
+    reference = run_segment(corpus_index, layouts[0], steps, save=str(tmp_path / "a"),
+                            metrics=str(ref_metrics), save_every=cuts[1])
+    assert reference["step"] == steps and len(reference["losses"]) == steps
+    ref_steps = {r["step"]: r for r in read_metrics(ref_metrics)}
+
+    resumed = str(tmp_path / "a" / f"step-{cuts[1]:06d}")
+    report = []
+    for i, layout in enumerate(layouts[1:], 1):
+        metrics = tmp_path / f"segment{i}.jsonl"
+        out = run_segment(corpus_index, layout, cuts[i + 1], resume=resumed,
+                          save=str(tmp_path / f"s{i}"), metrics=str(metrics))
+        rows = read_metrics(metrics)
+        assert [r["step"] for r in rows] == list(range(cuts[i] + 1, cuts[i + 1] + 1)), \
+            "the resumed run must continue at the saved step and stop at --steps"
+        worst = 0.0
+        for row in rows:
+            ref = ref_steps[row["step"]]
+            assert row["layout"] == layout
+            assert row["sample_ids"] == ref["sample_ids"] and row["samples"] == ref["samples"], \
+                f"step {row['step']} at {layout} read other samples than the unchanged run"
+            diff = _relative(row["loss"], ref["loss"])
+            worst = max(worst, diff)
+            assert diff < TOLERANCE, (f"{layouts[i - 1]} -> {layout}: step {row['step']} loss "
+                                      f"{row['loss']!r} vs {ref['loss']!r} (rel {diff:.2e})")
+        assert out["losses"] == [r["loss"] for r in rows]
+        report.append(f"{layouts[i - 1]} -> {layout} (steps {cuts[i] + 1}-{cuts[i + 1]}): {worst:.1e}")
+        resumed = str(tmp_path / f"s{i}")  # a root: its latest step-* checkpoint
+    print(f"\n{name} chain, max relative loss difference to the unchanged run at {layouts[0]}:\n  "
+          + "\n  ".join(report))
+
+
+@pytest.mark.slow
+def test_same_layout_resume_is_bit_exact(corpus_index, tmp_path):
+    """Without a change of layout nothing is reordered: the losses are identical (every
+    rank's RNG state is restored as saved under the same degrees)."""
+    layout = "tp=1,pp=1,dp=2"
+    reference = run_segment(corpus_index, layout, 6, save=str(tmp_path / "a"), save_every=3)
+    resumed = run_segment(corpus_index, layout, 6, resume=str(tmp_path / "a" / "step-000003"))
+    assert resumed["losses"] == reference["losses"][3:]
