@@ -159,7 +159,7 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]
                 if i in sections and i:
                     table.add_section()
                 table.add_row(*map(str, r))
-            Console(width=max(150, shutil.get_terminal_size().columns)).print(table)
+            Console(width=max(160, shutil.get_terminal_size().columns)).print(table)
             return
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
     print(title)

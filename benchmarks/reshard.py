@@ -6,30 +6,30 @@ moments per layout) it moves the same job state from the old layout to the new o
 
 1. **scalai reshard**: ``scalai.executor.reshard_checkpoint``, checkpoint directory ->
    checkpoint directory (plan, copy, CRC-32 checksums, fsync + renames; parts reported).
+   **scalai, RAM -> RAM** (an extra line): the same planner and executor between arrays in
+   memory (old local tensors read into RAM, new ones pre-allocated and pre-faulted, as an
+   in-memory store holds them): scalai's copy engine without storage, to hold against (c).
 2. **(a) PyTorch Distributed Checkpoint**: the state is saved with ``dcp.save`` in the old
    layout (setup, untimed). The timed step runs one process per *new* rank (gloo on CPU,
-   ``OMP_NUM_THREADS`` = cores / ranks): each builds its state dict of empty DTensors with
-   the new shapes and placements, ``dcp.load`` reshards on load; for parity the loaded state
-   is then saved with ``dcp.save`` in the new layout (``FileSystemWriter(thread_count=
-   cores / ranks, sync_files=True)``). Reported: load, and load + save.
+   started before timing; ``OMP_NUM_THREADS`` = cores / ranks): each builds its state dict
+   of empty DTensors with the new shapes and placements and ``dcp.load`` reshards on load;
+   for parity the loaded state is then saved with ``dcp.save`` in the new layout
+   (``FileSystemWriter(thread_count=cores / ranks, sync_files=True)``). Reported: load, and
+   load + save (wall time of the slowest rank: every phase ends on a barrier).
    DCP cannot express Megatron's layouts, so each tensor gets the nearest DTensor layout on
    a ``(dp, tp)`` device mesh: column-parallel, fused QKV, fused gate/up and vocabulary-
    parallel tensors are ``Shard(dim)`` on tp (plain contiguous chunks of the global tensor:
    no per-head-group QKV interleave, no vocabulary padding, uneven last chunk), row-parallel
    ``Shard(1)``, the rest ``Replicate``; ``Replicate`` on dp, except optimizer state under
-   ZeRO-1, which is ``Shard(0)`` on dp (DCP has no flat buffer split across replicas);
+   ZeRO-1, which is ``Shard(0)`` on dp (DCP has no flat buffer cut across replicas);
    pipeline parallelism is which ranks hold which names (tied embeddings on the first and
-   last stage). The bytes DCP moves are those of the same global tensors.
+   last stage). DCP moves the same global tensors (minus vocabulary padding).
 3. **(b) consolidate-then-split** (DeepSpeed's universal-checkpoint approach): read every
    shard, assemble each full global tensor in memory, write one consolidated file per
    tensor, then cut those into the new layout's rank files (same scalai file format, so the
    result is compared like scalai's). numpy copies and ``pwrite``, threads, no Python loops
    over elements. The format's CRC-32s are computed by reading the new files back at
    commit (DeepSpeed writes none): that part is shown separately.
-   **scalai, RAM → RAM** (an extra line): the same planner and executor between arrays in
-   memory (old local tensors read into RAM, new ones pre-allocated and pre-faulted, as the
-   in-memory store would hold them): scalai's copy engine without storage, the line to
-   hold against (c).
 4. **(c) memory copy**: ``np.copyto`` of the same number of bytes that scalai writes, RAM to
    RAM with the same thread count, between two pre-faulted 512 MiB buffers (copied round
    until the byte count is reached: far larger than any cache, so the rate is RAM's): the
@@ -37,22 +37,27 @@ moments per layout) it moves the same job state from the old layout to the new o
    ``os.sendfile`` into one new file per new rank, as many bytes as scalai writes, then
    fsynced: what the storage does with no layout logic at all.
 
-Every method runs with fsync on (scalai ``sync=True``, DCP ``sync_files=True``, fsync in
-(b) and (c')); on tmpfs fsync costs almost nothing, and scalai's part is reported.
+Storage: one scratch directory for every method, ``/dev/shm`` (tmpfs) when memory leaves
+room for all the files plus what the run holds in RAM, else ``/tmp`` (``--workdir`` picks);
+the run prints which. Every method fsyncs its output (scalai ``sync=True``, DCP
+``sync_files=True``, fsync in (b) and (c')); scalai's fsync share is reported.
 Throughput is the bytes of the new layout (every rank's local tensors, replicas and
-padding included: what scalai writes) divided by the time, for every method alike.
+padding included: what scalai writes) divided by the time, for every method alike. The
+CPU column (user + system seconds of every thread, and of every rank for DCP) is steadier
+than wall time on a machine that other jobs share.
 
 Correctness is checked before timing: scalai's and (b)'s outputs compare equal
 (``scalai.compare.compare_checkpoints``) to a checkpoint synthesized directly in the new
-layout; DCP's loaded tensors equal the synthetic global values for a sample of tensors
-(whole local shards) and for the first and last row of every tensor on every rank.
+layout, the RAM -> RAM arrays equal its local tensors, and DCP's loaded tensors equal the
+synthetic global values for a sample of tensors (whole local shards) and for the first and
+last row of every tensor on every rank.
 
 Repeats are interleaved (each round runs every method, in a rotated order) so that the
 noise of a shared machine hits every method alike; the table shows the median, min and max.
 
 Usage::
 
-    .venv/bin/python benchmarks/reshard.py                        # defaults, ~7 minutes on 2 cores
+    .venv/bin/python benchmarks/reshard.py                        # defaults, 7-9 minutes on 2 cores
     .venv/bin/python benchmarks/reshard.py --model gpt-tiny --repeats 1   # smoke test
     .venv/bin/python benchmarks/reshard.py --transition "tp=2,pp=1,dp=1:tp=1,pp=2,dp=1"
 """
@@ -62,6 +67,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import sys
@@ -329,6 +335,19 @@ def run_file_copy(src: str, out: str, sizes: list[int], workers: int, sync: bool
 # (a) PyTorch Distributed Checkpoint: one process per rank, gloo
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all its threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _dcp_round(runs: list[dict]) -> dict[str, float]:
+    """One DCP round: wall times of rank 0 (every phase ends on a barrier), CPU of all ranks."""
+    out = {k: runs[0][k] for k in ("load", "save", "total")}
+    out.update(cpu=sum(r["cpu"] for r in runs), cpu_load=sum(r["cpu_load"] for r in runs))
+    return out
+
+
 def _tp_placement(split):
     from torch.distributed.tensor import Replicate, Shard
 
@@ -418,17 +437,17 @@ def _dcp_worker(rank: int, world: int, init_method: str, conn, threads: int, mod
     def load(src: str, out: str | None, verify: list[str] | None, seed: int) -> dict:
         """Timed: empty state dict in ``layout``, ``dcp.load``, then (``out``) ``dcp.save``."""
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         state = {name: _dtensor(torch.empty(shape, dtype=getattr(torch, spec.dtype)), spec, sub, placements)
                  for name, spec, placements, shape, offset in items}
         dcp.load(state, storage_reader=FileSystemReader(src))
         dist.barrier()
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), _cpu_seconds()
         if out:
             dcp.save(state, storage_writer=FileSystemWriter(out, thread_count=threads, sync_files=True))
             dist.barrier()
-        t2 = time.perf_counter()
-        result = {"load": t1 - t0, "save": t2 - t1, "total": t2 - t0,
+        t2, c2 = time.perf_counter(), _cpu_seconds()
+        result = {"load": t1 - t0, "save": t2 - t1, "total": t2 - t0, "cpu_load": c1 - c0, "cpu": c2 - c0,
                   "nbytes": sum(state[n].to_local().nbytes for n in state)}
         if verify is not None:
             sample, bad = set(verify), []
@@ -668,7 +687,8 @@ class Bench:
             # -- timed rounds, interleaved ------------------------------------------
             runners = {
                 "scalai": lambda: run_scalai(src, out("scalai"), t.new, w),
-                "dcp": lambda: job.call("load", src=dcp_src, out=out("dcp-new"), verify=None, seed=self.seed)[0],
+                "dcp": lambda: _dcp_round(job.call("load", src=dcp_src, out=out("dcp-new"), verify=None,
+                                                   seed=self.seed)),
                 "consolidate": lambda: run_consolidate_split(src, out("consolidated"), out("split"), t.new, w),
                 "scalai-mem": lambda: in_memory.run(),
                 "memcpy": lambda: memcpy.run(),
@@ -677,7 +697,9 @@ class Bench:
             for r in range(a.repeats):
                 order = self.methods[r % len(self.methods):] + self.methods[:r % len(self.methods)]
                 for m in order:
+                    c0 = _cpu_seconds()
                     sample = runners[m]()
+                    sample.setdefault("cpu", _cpu_seconds() - c0)
                     result.samples.setdefault(m, []).append(sample)
                     if m == "dcp" and not result.dcp_saved_nbytes:
                         result.dcp_saved_nbytes = _dir_bytes(out("dcp-new"))
@@ -741,8 +763,9 @@ def table_rows(results: list[Result], workers: int) -> tuple[list[list[str]], li
                          f"split {_fmt(res.stats(key, 'split').median)} "
                          f"(crc {_fmt(res.stats(key, 'checksum').median)})")
             ratio = f"{st.median / base.median:.2f}" if base else ""
+            cpu = res.stats(method, "cpu_load" if key == "dcp_load" else "cpu")
             entries.append([names[key], _fmt(st.median), f"{_fmt(st.min)}–{_fmt(st.max)}",
-                            f"{res.nbytes / st.median / 1e9:.2f}", ratio, parts])
+                            f"{res.nbytes / st.median / 1e9:.2f}", ratio, _fmt(cpu.median) if cpu else "", parts])
         t = res.transition
         labels = [t.label, str(t.old), f"→ {t.new}", f"{res.nbytes / 1e9:.2f} GB, {t.new.world_size} ranks"]
         for j, e in enumerate(entries):
@@ -771,6 +794,9 @@ def targets(results: list[Result]) -> list[str]:
             mem = res.stats("scalai-mem")
             if mem:
                 checks.append(f"(RAM → RAM: {st.median / mem.median:.2f})")
+            cs, cm = res.stats("scalai", "cpu"), res.stats("memcpy", "cpu")
+            if cs and cm and cs.median > 0:
+                checks.append(f"(by CPU seconds: {cm.median / cs.median:.2f})")
         lines.append(f"{res.transition.label}: " + "; ".join(checks))
     return lines
 
@@ -794,10 +820,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
 
     bench = Bench(args)
     machine = machine_description()
     revision = scalai_revision()
+    load_before = os.getloadavg()
     log(f"model {args.model}, {len(bench.transitions)} transitions, {args.repeats} rounds, "
         f"{args.workers} workers; scratch {bench.storage}")
     try:
@@ -808,9 +838,10 @@ def main(argv=None) -> int:
             _rm(bench.workdir)
 
     rows, sections = table_rows(results, args.workers)
-    title = (f"Reshard of {args.model} state, median of {args.repeats} (seconds); GB/s = bytes of the new "
-             f"layout / time; ÷scalai = time / scalai's time")
-    print_table(title, ["transition", "method", "median s", "min–max s", "GB/s", "÷scalai", "parts (median s)"],
+    title = (f"Reshard of {args.model} state, median of {args.repeats} rounds (wall seconds); GB/s = bytes of "
+             f"the new layout / time; ÷scalai = time / scalai's time; CPU s = user + system CPU seconds "
+             f"(all threads; all ranks for DCP)")
+    print_table(title, ["transition", "method", "median s", "min–max s", "GB/s", "÷scalai", "CPU s", "parts (median s)"],
                 rows, sections, args.format)
     print()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}; {machine['os']}; "
@@ -819,6 +850,9 @@ def main(argv=None) -> int:
     print(f"scalai: {revision}; {args.workers} threads for scalai, (b), (c), (c'); "
           f"DCP: one process per new rank, cores / ranks threads each")
     print(f"storage: {bench.storage}; every method fsyncs its output")
+    load_after = os.getloadavg()
+    print(f"load average (1 min) at start {load_before[0]:.1f}, at end {load_after[0]:.1f} "
+          f"({machine['cores']} cores; above that count, other processes competed for the CPU)")
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     for res in results:
         if res.dcp_nbytes:
@@ -831,6 +865,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "storage": bench.storage, "argv": sys.argv, "scalai": revision,
+                       "loadavg": [load_before[0], load_after[0]],
                        "results": [{"transition": str(r.transition), "label": r.transition.label,
                                     "nbytes": r.nbytes, "dcp_nbytes": r.dcp_nbytes,
                                     "dcp_saved_nbytes": r.dcp_saved_nbytes, "samples": r.samples}
