@@ -76,7 +76,7 @@ class GPTConfig:
                              f"{{{', '.join(map(str, options))}}}")
 
     def num_params(self) -> int:
-        per_block = 4 * (self.dim * self.dim + self.dim) + 2 * self.dim * self.hidden \
+        per_block = 4 * self.dim * self.dim + 3 * self.dim + 2 * self.dim * self.hidden \
             + self.hidden + self.dim + 4 * self.dim
         return (self.vocab + self.seq_len) * self.dim + self.layers * per_block \
             + 2 * self.dim + self.dim * self.vocab
@@ -106,7 +106,9 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.dim)
-        self.wk = nn.Linear(cfg.dim, cfg.dim)
+        # No key bias: it adds q.b to every score of a row, which softmax ignores, so its
+        # exact gradient is zero and Adam would turn rounding noise into steps of size lr.
+        self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.dim)
         self.wo = nn.Linear(cfg.dim, cfg.dim)
 

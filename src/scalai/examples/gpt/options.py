@@ -37,7 +37,7 @@ class TrainOptions:
     seed: int = 0
     global_batch: int = 8
     micro_batch: int = 4
-    lr: float = 3e-3
+    lr: float = 1e-3
     warmup: int = 10
     decay_steps: int = 2000
     weight_decay: float = 0.1
