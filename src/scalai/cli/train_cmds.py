@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import click
 
@@ -79,6 +80,7 @@ def _prepare_data(opts) -> None:
 
 def _launch(opts) -> None:
     """Run ``python -m scalai.examples.gpt`` on tp*pp*dp local processes with torch's launcher."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -96,6 +98,12 @@ def _launch(opts) -> None:
         ["--standalone", "--nproc-per-node", str(world), "--module", "scalai.examples.gpt", *to_argv(opts)])
     try:
         run(args)
+    except SignalException as exc:
+        # torchrun forwarded the signal; the workers' StopFlag stopped them after the same step.
+        name = signal.Signals(exc.sigval).name
+        saved = " and saved" if opts.save else ""
+        console(stderr=True).print(f"scalai: {name}: the workers stopped after the same step{saved}")
+        raise click.exceptions.Exit(128 + int(exc.sigval)) from None
     except ChildFailedError as exc:
         codes = sorted({f.exitcode for f in exc.failures.values()})
         ranks = sorted(exc.failures)

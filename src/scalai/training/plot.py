@@ -83,9 +83,11 @@ def plot_losses(records: list[dict], out: str | os.PathLike, reference: list[dic
         steps, losses = [r["step"] for r in seg], [r["loss"] for r in seg]
         if previous_last is not None:  # join the curve across the change
             steps, losses = [previous_last["step"]] + steps, [previous_last["loss"]] + losses
-            ax.axvline(seg[0]["step"] - 0.5, color="0.3", ls="--", lw=0.8)
-            ax.annotate(f"-> {layout}", (seg[0]["step"] - 0.5, 1.0), xycoords=("data", "axes fraction"),
-                        rotation=90, va="top", ha="right", fontsize=8, color="0.25")
+            for a in (row[0] for row in axes):
+                a.axvline(seg[0]["step"] - 0.5, color="0.3", ls="--", lw=0.8)
+            ax.annotate(f" {layout}\n from step {seg[0]['step']}", (seg[0]["step"] - 0.5, 0.03),
+                        xycoords=("data", "axes fraction"), va="bottom", ha="left", fontsize=8,
+                        color="0.25")
         label = layout if layout not in {s[0] for s in segments[: segments.index((layout, seg))]} else None
         ax.plot(steps, losses, color=color, lw=1.6, marker="o", ms=2.5, label=label)
         previous_last = seg[-1]
@@ -96,9 +98,18 @@ def plot_losses(records: list[dict], out: str | os.PathLike, reference: list[dic
     if reference:
         diff = relative_differences(records, reference)
         low = axes[1][0]
-        low.semilogy(list(diff), [max(v, 1e-12) for v in diff.values()], color="tab:red", marker=".", lw=1)
-        low.axhline(1e-4, color="0.3", ls=":", lw=1)
-        low.set_ylabel("relative difference\nto unchanged run")
+        nonzero = {s: v for s, v in diff.items() if v > 0}
+        floor = min(nonzero.values(), default=1e-8) / 10
+        low.semilogy(list(nonzero), list(nonzero.values()), color="tab:red", marker=".", lw=0,
+                     label="|loss - unchanged| / unchanged")
+        zeros = [s for s, v in diff.items() if v == 0]
+        if zeros:
+            low.semilogy(zeros, [floor] * len(zeros), ls="", marker="o", mfc="none", color="tab:green",
+                         ms=4, label="identical (0)")
+        low.axhline(1e-4, color="0.3", ls=":", lw=1, label="1e-4")
+        low.set_ylim(floor / 3, max(2e-4, max(nonzero.values(), default=0) * 3))
+        low.set_ylabel("relative difference")
+        low.legend(fontsize=7, loc="center left", ncol=3)
         low.grid(alpha=0.3)
     axes[-1][0].set_xlabel("step")
     fig.tight_layout()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 import warnings
 from contextlib import nullcontext
@@ -187,7 +188,8 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     stopped = None
     saved_step = job.step if opts.resume else None  # never save a step twice
     try:
-        with StopFlag(opts.stop_file) as stop:
+        # SIGINT too: Ctrl-C reaches every worker, and all of them stop after the same step.
+        with StopFlag(opts.stop_file, signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)) as stop:
             while job.step < opts.steps:
                 start = time.perf_counter()
                 sampler = ElasticSampler(job.data, division, dp_rank, steps=1)
