@@ -1,0 +1,228 @@
+"""Save and load of the reference job's state: scalai.training against PyTorch DCP.
+
+One run prints one table measured in that run. The job is the reference trainer's GPT
+(``--model``, default ``gpt-bench``: 26 M parameters; fp32 weights and two fp32 Adam moments
+per weight, ~300 MiB of state), built with PyTorch's own APIs under layout A, its
+optimizer state filled with deterministic values, then:
+
+1. **save at A**, every rank at once:
+   - scalai: :func:`scalai.training.save` (each rank writes its own safetensors file with
+     CRC-32s and fsync, rank 0 commits the manifest);
+   - DCP: ``dcp.save`` of ``get_state_dict(model, optimizer)`` with
+     ``FileSystemWriter(sync_files=True, thread_count=1)`` (DCP writes each replicated
+     tensor once; scalai writes every rank's local tensors, replicas included, the format's
+     one-file-per-rank rule).
+2. **load at B**, into the same world of processes rebuilt under layout B (another
+   TP x PP x DP, ZeRO on or off), from the files saved at A:
+   - scalai: :func:`scalai.training.load` (same plan on every rank, region reads straight
+     into the live tensors, exactly-once check), with and without the CRC-32 pass
+     (``verify``); DCP has no checksums;
+   - DCP: ``dcp.load`` into ``get_state_dict(model_b, optimizer_b)`` then
+     ``set_state_dict`` (resharding on load).
+   After each load every live tensor of B is compared bit for bit across the two loads.
+
+Times are wall seconds, the slowest rank (each timed step starts after a barrier).
+Throughput is the job's global state (one copy of every tensor) over the time, for both
+systems alike. Repeats are interleaved; the table shows the median, min and max. Each
+save goes to a fresh directory; loads read files the saves just wrote (page cache warm
+on disk, RAM on tmpfs), so the figures measure the software, not a cold disk.
+
+Usage::
+
+    .venv/bin/python benchmarks/save_load.py                     # gpt-bench, 3 repeats, ~2 minutes
+    .venv/bin/python benchmarks/save_load.py --model gpt-tiny --repeats 1   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Stats, choose_workdir, log, machine_description, print_table  # noqa: E402
+
+#: A TP+PP job moving to ZeRO with PP, that one moving to TP+DP, and a replicated DP job
+#: (every replica's file holds the whole state: scalai writes 4x the bytes DCP writes).
+DEFAULT_TRANSITIONS = ("tp=2,pp=2,dp=1:tp=1,pp=2,dp=2,zero=1", "tp=1,pp=2,dp=2,zero=1:tp=2,pp=1,dp=2",
+                       "tp=1,pp=1,dp=4:tp=2,pp=2,dp=1")
+
+
+def _fill_optimizer(job) -> None:
+    """Deterministic non-zero Adam moments and step count (a job mid-training)."""
+    import torch
+
+    for name, tensor in job.local_tensors().items():
+        if name.startswith("optimizer."):
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))  # same on every replica
+            tensor.copy_(torch.rand(tensor.shape, generator=g) + (0.0 if "exp_avg_sq" in name else -0.5))
+    for state in job.optimizer.state.values():
+        state["step"].fill_(100.0)
+    job.step = 100
+
+
+def _timed(fn):
+    """Run ``fn`` after a barrier on every rank; the slowest rank's seconds."""
+    import torch
+    import torch.distributed as dist
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    box = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return float(box.item())
+
+
+def _dcp_state(run):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(run.stage.module, run.optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def worker(args) -> None:
+    """One rank: build A, save both ways; rebuild as B, load both ways, compare."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from scalai.examples.gpt.options import TrainOptions
+    from scalai.examples.gpt.train import build
+    from scalai.training import load, save
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    a, b = args.transition[0].split(":")
+    results = {"save": {"scalai": [], "dcp": []}, "load": {"scalai": [], "scalai_noverify": [], "dcp": []}}
+    run_a = build(TrainOptions(layout=a, steps=1, model=args.model, data=args.data))
+    _fill_optimizer(run_a.job)
+    state_bytes = sum(s.nbytes for s in run_a.job.ptc.specs)
+    written = 0
+    for r in range(args.repeats):
+        order = [("scalai", lambda: save(run_a.job, f"{args.work}/s{r}")),
+                 ("dcp", lambda: dcp.save(_dcp_state(run_a), storage_writer=FileSystemWriter(
+                     f"{args.work}/d{r}", sync_files=True, thread_count=1)))]
+        for name, fn in order[r % 2:] + order[: r % 2]:
+            results["save"][name].append(_timed(fn))
+    if rank == 0:
+        sizes = {k: sum(f.stat().st_size for f in Path(args.work, f"{k}0").rglob("*") if f.is_file())
+                 for k in ("s", "d")}
+        written = sizes
+    del run_a
+
+    run_b = build(TrainOptions(layout=b, steps=1, model=args.model, data=args.data))
+    mismatches = 0
+    for r in range(args.repeats):
+        steps = [("scalai", lambda: load(run_b.job, f"{args.work}/s{r}", verify=True)),
+                 ("scalai_noverify", lambda: load(run_b.job, f"{args.work}/s{r}", verify=False))]
+
+        def dcp_load():
+            state = _dcp_state(run_b)
+            dcp.load(state, storage_reader=FileSystemReader(f"{args.work}/d{r}"))
+            set_state_dict(run_b.stage.module, run_b.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+
+        for name, fn in steps:
+            results["load"][name].append(_timed(fn))
+        ours = {n: t.clone() for n, t in run_b.job.local_tensors().items()}
+        results["load"]["dcp"].append(_timed(dcp_load))
+        theirs = run_b.job.local_tensors()
+        mismatches += sum(not torch.equal(ours[n], theirs[n]) for n in ours)
+    box = torch.tensor([mismatches])
+    dist.all_reduce(box)
+    if rank == 0:
+        Path(args.out).write_text(json.dumps({"results": results, "state_bytes": state_bytes,
+                                              "written": written, "mismatches": int(box.item()),
+                                              "tensors": len(run_b.job.ptc.specs)}))
+    dist.destroy_process_group()
+
+
+def _row(label: str, samples: list[float], nbytes: int, base: float | None) -> list[str]:
+    s = Stats.of(samples)
+    ratio = f"{base / s.median:.2f}x" if base else ""
+    return [label, f"{s.median:.3f}", f"{s.min:.3f}–{s.max:.3f}", f"{nbytes / s.median / 2**30:.2f}", ratio]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="gpt-bench")
+    parser.add_argument("--transition", action="append", help="A:B layouts of equal world size")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--format", default="rich", choices=["rich", "markdown", "plain"])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    from scalai.config import ParallelConfig
+    from scalai.examples.gpt.corpus import ensure_index
+    from scalai.examples.gpt.model import preset
+
+    cfg = preset(args.model)
+    index = str(ensure_index(cfg.seq_len).path)
+    transitions = args.transition or list(DEFAULT_TRANSITIONS)
+    state = cfg.num_params() * 4 * 3
+    work, where = choose_workdir(4 * state * args.repeats * 2, 4 * state, args.workdir, "scalai-saveload")
+    log(f"{args.model}: {cfg.num_params() / 1e6:.1f} M parameters, {state / 2**20:.0f} MiB of state; "
+        f"files in {where}")
+    rows, sections, notes = [], [], []
+    try:
+        for transition in transitions:
+            a, b = (ParallelConfig.parse(x) for x in transition.split(":"))
+            if a.world_size != b.world_size:
+                raise SystemExit(f"{transition}: A and B must have the same world size (one launch)")
+            tdir = os.path.join(work, f"t{len(sections)}")
+            os.makedirs(tdir)
+            out = os.path.join(tdir, "result.json")
+            log(f"{a} -> {b}: {a.world_size} processes, {args.repeats} repeats")
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc-per-node", str(a.world_size), __file__, "--worker", "--model", args.model,
+                            "--transition", transition, "--repeats", str(args.repeats), "--data", index,
+                            "--work", tdir, "--out", out], check=True, env=env)
+            res = json.loads(Path(out).read_text())
+            if res["mismatches"]:
+                raise SystemExit(f"{transition}: {res['mismatches']} live tensors differ between the "
+                                 f"scalai and DCP loads; the figures would compare different work")
+            nbytes = res["state_bytes"]
+            sections.append(len(rows))
+            save, load = res["results"]["save"], res["results"]["load"]
+            dcp_save, dcp_load = Stats.of(save["dcp"]).median, Stats.of(load["dcp"]).median
+            rows.append([f"save at {a}: scalai"] + _row("", save["scalai"], nbytes, dcp_save)[1:])
+            rows.append([f"save at {a}: DCP"] + _row("", save["dcp"], nbytes, None)[1:])
+            rows.append([f"load at {b}: scalai (verify)"] + _row("", load["scalai"], nbytes, dcp_load)[1:])
+            rows.append([f"load at {b}: scalai (no verify)"] + _row("", load["scalai_noverify"], nbytes,
+                                                                    dcp_load)[1:])
+            rows.append([f"load at {b}: DCP"] + _row("", load["dcp"], nbytes, None)[1:])
+            notes.append(f"{a} -> {b}: files written by scalai {res['written']['s'] / 2**20:.0f} MiB, "
+                         f"by DCP {res['written']['d'] / 2**20:.0f} MiB; {res['tensors']} tensors; "
+                         f"loads equal bit for bit")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(f"Save and load of {args.model} ({state / 2**20:.0f} MiB of state), "
+                f"median of {args.repeats}", ["step", "seconds", "min–max", "GiB/s", "vs DCP"],
+                rows, sections, args.format)
+    for note in notes:
+        print(note)
+    machine = machine_description()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}; torch "
+          f"{machine.get('torch')}; files on {where}")
+
+
+if __name__ == "__main__":
+    main()
