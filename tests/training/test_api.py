@@ -236,3 +236,28 @@ def test_plot_reads_resumed_metrics_and_writes_a_png(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"step": "one"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1 is not a metrics line"):
         read_metrics(tmp_path / "bad.jsonl")
+
+
+def test_load_reads_only_windows_from_a_backend_that_offers_them(tmp_path):
+    """A reader with ``read_window`` (a store) is asked for exactly the planned windows."""
+    from scalai.training import DirectoryReader
+
+    save(make_job(), tmp_path / "ckpt")
+
+    class WindowReader(DirectoryReader):
+        windows = 0
+
+        def view(self, rank, tensor, region=None):
+            raise AssertionError("load must use read_window when the backend has it")
+
+        def read_window(self, rank, tensor, window):
+            WindowReader.windows += 1
+            return window.select(self.checkpoint.view(rank, tensor)).copy()
+
+    job = make_job(seed=1, steps=0)
+    reader = WindowReader.open(tmp_path / "ckpt")
+    report = load(job, reader)
+    assert WindowReader.windows == report.copies > 0
+    expected = make_job()
+    for name, tensor in expected.local_tensors().items():
+        assert torch.equal(job.local_tensors()[name], tensor), name

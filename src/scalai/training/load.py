@@ -114,6 +114,7 @@ def _fill(job: JobState, reader: StateReader, copies: list[Copy]) -> int:
     unknown = set(by_tensor) - set(live)
     if unknown:
         raise FillError(f"the plan writes {sorted(unknown)[:3]} which rank {job.rank} does not hold")
+    read_window = getattr(reader, "read_window", None)
     copied = 0
     with torch.no_grad():
         for name, local in live.items():
@@ -122,7 +123,11 @@ def _fill(job: JobState, reader: StateReader, copies: list[Copy]) -> int:
             raw = as_raw(buffer, dtype, name)
             count = np.zeros(raw.shape, np.uint8)
             for c in by_tensor.get(name, ()):
-                np.copyto(_select(c.dst, raw), _select(c.src, reader.view(c.src_rank, name)))
+                target = _select(c.dst, raw)
+                if read_window is not None:  # the backend reads just the window (a store)
+                    np.copyto(target, np.asarray(read_window(c.src_rank, name, c.src)).reshape(target.shape))
+                else:
+                    np.copyto(target, _select(c.src, reader.view(c.src_rank, name)))
                 _select(c.dst, count)[...] += 1
                 copied += c.nbytes
             expected = _expected_cover(shards[name])

@@ -77,6 +77,10 @@ class StateReader(Protocol):
     def close(self) -> None:
         """Release files and connections."""
 
+    # Optional: ``read_window(rank, tensor, window) -> array`` returning the elements a plan's
+    # ``Window`` selects (shape ``window.shape``). ``load`` uses it when present, so that a
+    # remote backend moves only the window's bytes instead of a whole tensor for ``view``.
+
 
 class DirectoryWriter:
     """Write a checkpoint directory from every rank of a job (the shared-filesystem backend).
