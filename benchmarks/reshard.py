@@ -8,7 +8,9 @@ moments per layout) it moves the same job state from the old layout to the new o
    checkpoint directory (plan, copy, CRC-32 checksums, fsync + renames; parts reported).
    **scalai, RAM -> RAM** (an extra line): the same planner and executor between arrays in
    memory (old local tensors read into RAM, new ones pre-allocated and pre-faulted, as an
-   in-memory store holds them): scalai's copy engine without storage, to hold against (c).
+   in-memory store holds them; set up before each run, untimed, and freed after it, so the
+   other methods do not run under its memory): scalai's copy engine without storage, to
+   hold against (c).
 2. **(a) PyTorch Distributed Checkpoint**: the state is saved with ``dcp.save`` in the old
    layout (setup, untimed). The timed step runs one process per *new* rank (gloo on CPU,
    started before timing; ``OMP_NUM_THREADS`` = cores / ranks): each builds its state dict
@@ -171,13 +173,19 @@ class InMemoryReshard:
         self.workers = workers
 
     def run(self) -> dict[str, float]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         both = Placement(gpus_per_host=max(self.old_ptc.config.world_size, self.new_ptc.config.world_size))
         plan = make_plan(Deployment(self.old_ptc, both), Deployment(self.new_ptc, both))
         t1 = time.perf_counter()
         execute(plan, self.src, self.dst, workers=self.workers)
         t2 = time.perf_counter()
-        return {"total": t2 - t0, "plan": t1 - t0, "copy": t2 - t1}
+        return {"total": t2 - t0, "plan": t1 - t0, "copy": t2 - t1, "cpu": _cpu_seconds() - c0}
+
+    @classmethod
+    def once(cls, src: str, new: ParallelConfig, workers: int) -> dict[str, float]:
+        """Set up (untimed), run, and free the arrays: the RAM is not held between runs, so
+        that the other methods do not run under its memory pressure."""
+        return cls(src, new, workers).run()
 
     def differs_from(self, ref: str) -> str | None:
         """The first local tensor that differs from checkpoint ``ref`` (same layout), if any."""
@@ -293,11 +301,16 @@ class MemoryCopy:
             done += n
 
     def run(self) -> dict[str, float]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         with ThreadPoolExecutor(self.workers) as pool:
             list(pool.map(lambda t: np.copyto(self.dst[t[0]:t[0] + t[1]], self.src[t[0]:t[0] + t[1]]),
                           self.tasks))
-        return {"total": time.perf_counter() - t0}
+        return {"total": time.perf_counter() - t0, "cpu": _cpu_seconds() - c0}
+
+    @classmethod
+    def once(cls, nbytes: int, workers: int) -> dict[str, float]:
+        """Allocate and pre-fault (untimed), copy, free."""
+        return cls(nbytes, workers).run()
 
 
 def run_file_copy(src: str, out: str, sizes: list[int], workers: int, sync: bool = True) -> dict[str, float]:
@@ -645,7 +658,7 @@ class Bench:
         ref = self.checkpoint(t.new)
         out = lambda name: os.path.join(self.workdir, name)  # noqa: E731
         dcp_src, job = out("dcp-old"), None
-        memcpy = in_memory = None
+        in_memory = None
         try:
             # -- setup and verification (untimed) -----------------------------------
             if "dcp" in self.methods:
@@ -662,6 +675,7 @@ class Bench:
                 in_memory = InMemoryReshard(src, t.new, w)
                 in_memory.run()
                 diff = in_memory.differs_from(ref)
+                in_memory = None
                 if diff:
                     raise SystemExit(f"scalai in memory produced wrong values in {diff}")
                 log("  scalai in memory: new arrays equal the synthesized new layout")
@@ -681,8 +695,6 @@ class Bench:
                     f"whole); ranks hold {result.dcp_nbytes / 1e9:.2f} GB")
             if str(t.new) not in later:
                 self.release({str(t.old)} | later)  # the reference is no longer needed
-            if "memcpy" in self.methods:
-                memcpy = MemoryCopy(result.nbytes, w)
 
             # -- timed rounds, interleaved ------------------------------------------
             runners = {
@@ -690,8 +702,8 @@ class Bench:
                 "dcp": lambda: _dcp_round(job.call("load", src=dcp_src, out=out("dcp-new"), verify=None,
                                                    seed=self.seed)),
                 "consolidate": lambda: run_consolidate_split(src, out("consolidated"), out("split"), t.new, w),
-                "scalai-mem": lambda: in_memory.run(),
-                "memcpy": lambda: memcpy.run(),
+                "scalai-mem": lambda: InMemoryReshard.once(src, t.new, w),
+                "memcpy": lambda: MemoryCopy.once(result.nbytes, w),
                 "filecopy": lambda: run_file_copy(src, out("filecopy"), sizes, w),
             }
             for r in range(a.repeats):
@@ -710,7 +722,7 @@ class Bench:
         finally:
             self.release_jobs(later_old)
             _rm(dcp_src)
-            del memcpy, in_memory
+            del in_memory
         return result
 
     def expect_equal(self, out: str, ref: str, what: str) -> None:
