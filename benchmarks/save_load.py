@@ -118,7 +118,6 @@ def worker(args) -> None:
         sizes = {k: sum(f.stat().st_size for f in Path(args.work, f"{k}0").rglob("*") if f.is_file())
                  for k in ("s", "d")}
         written = sizes
-    del run_a
 
     run_b = build(TrainOptions(layout=b, steps=1, model=args.model, data=args.data))
     mismatches = 0

@@ -12,9 +12,7 @@ import importlib
 import os
 import re
 import signal
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

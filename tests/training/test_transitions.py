@@ -21,7 +21,8 @@ TOLERANCE = 1e-4
 
 CHAINS = {
     # every single-dimension change, in both directions, one dimension per arrow
-    "single": (24, ["tp=2,pp=1,dp=1", "tp=1,pp=1,dp=1", "tp=1,pp=2,dp=1", "tp=1,pp=1,dp=1",
+    # (the pp=2 segment runs the GPipe schedule; every other pipeline here runs 1F1B)
+    "single": (24, ["tp=2,pp=1,dp=1", "tp=1,pp=1,dp=1", "tp=1,pp=2,dp=1 gpipe", "tp=1,pp=1,dp=1",
                     "tp=1,pp=1,dp=2", "tp=1,pp=1,dp=2,zero=1", "tp=1,pp=1,dp=2", "tp=1,pp=1,dp=1",
                     "tp=2,pp=1,dp=1"]),
     # mixed changes, through an uneven data-parallel division (8 samples over 3 replicas)
@@ -48,9 +49,10 @@ def test_chain_follows_the_unchanged_run(name, corpus_index, tmp_path):
 
     resumed = str(tmp_path / "a" / f"step-{cuts[1]:06d}")
     report = []
-    for i, layout in enumerate(layouts[1:], 1):
+    for i, entry in enumerate(layouts[1:], 1):
+        layout, _, schedule = entry.partition(" ")
         metrics = tmp_path / f"segment{i}.jsonl"
-        out = run_segment(corpus_index, layout, cuts[i + 1], resume=resumed,
+        out = run_segment(corpus_index, layout, cuts[i + 1], resume=resumed, schedule=schedule or "1f1b",
                           save=str(tmp_path / f"s{i}"), metrics=str(metrics))
         rows = read_metrics(metrics)
         assert [r["step"] for r in rows] == list(range(cuts[i] + 1, cuts[i + 1] + 1)), \
@@ -66,7 +68,7 @@ def test_chain_follows_the_unchanged_run(name, corpus_index, tmp_path):
             assert diff < TOLERANCE, (f"{layouts[i - 1]} -> {layout}: step {row['step']} loss "
                                       f"{row['loss']!r} vs {ref['loss']!r} (rel {diff:.2e})")
         assert out["losses"] == [r["loss"] for r in rows]
-        report.append(f"{layouts[i - 1]} -> {layout} (steps {cuts[i] + 1}-{cuts[i + 1]}): {worst:.1e}")
+        report.append(f"{layouts[i - 1]} -> {entry} (steps {cuts[i] + 1}-{cuts[i + 1]}): {worst:.1e}")
         resumed = str(tmp_path / f"s{i}")  # a root: its latest step-* checkpoint
     print(f"\n{name} chain, max relative loss difference to the unchanged run at {layouts[0]}:\n  "
           + "\n  ".join(report))

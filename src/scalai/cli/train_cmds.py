@@ -44,7 +44,7 @@ def train(layout, steps, model, save, save_every, resume, metrics, plot, data, s
     scalai train --layout tp=1,pp=1,dp=4 --steps 40 --resume run/ckpt --save run/ckpt --metrics run/metrics.jsonl
     scalai plot run/metrics.jsonl -o run/loss.png
     """
-    from ..examples.gpt.options import TrainOptions, to_argv
+    from ..examples.gpt.options import TrainOptions
 
     if plot and not metrics:
         raise click.UsageError("--plot draws the --metrics file; give --metrics too")

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Mapping
 from ..config import ParallelConfig
 from ..layout.dtensor import specs_from_module
 from ..layout.ptc import PTC, LayoutError
-from ..layout.spec import Residence, TensorSpec, optimizer_tensor_name, with_optimizer_state
+from ..layout.spec import Residence, TensorSpec, with_optimizer_state
 from .collective import agree, gather, world
 
 __all__ = ["JobState", "describe", "ADAM_STATES"]
@@ -215,7 +215,3 @@ def describe(modules: Any, optimizer: Any, config: ParallelConfig | str, *, num_
     agree("describe: match live tensors to the layout", job.local_tensors, group)
     return job
 
-
-def optimizer_name(state: str, param: str) -> str:
-    """Name of the Adam state ``state`` (``exp_avg``/``exp_avg_sq``) of ``param`` in the PTC."""
-    return optimizer_tensor_name(state, param)

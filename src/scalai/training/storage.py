@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
@@ -220,7 +219,3 @@ def _fsync_dir(path: str) -> None:
     finally:
         os.close(fd)
 
-
-def crc32(raw: np.ndarray) -> int:
-    """CRC-32 of a contiguous raw array (what manifests record)."""
-    return zlib.crc32(np.ascontiguousarray(raw)) if raw.size else 0
