@@ -18,6 +18,18 @@ if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
   fi
 fi
 
+# >>> store: iproute2 (ip netns, tc) for simulated multi-host links; owned by src/scalai/store
+# Without it (or without root), simulated hosts fall back to the stores' own rate limiter.
+if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+  if ! command -v ip >/dev/null 2>&1 || ! command -v tc >/dev/null 2>&1; then
+    echo "setup: installing system packages (iproute2)"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq >/dev/null && apt-get install -y -qq iproute2 >/dev/null; } \
+      || echo "setup: could not install iproute2; simulated hosts will use the transport rate limiter"
+  fi
+fi
+# <<< store
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PY" -m venv .venv

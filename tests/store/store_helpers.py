@@ -70,3 +70,18 @@ class StoreProc:
                     raise
                 time.sleep(0.1)
         return self.start()
+
+
+class Result:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+
+def run_cli(capsys, *args) -> Result:
+    """Run the ``scalai`` CLI in this process and capture what a user would see."""
+    from scalai.cli.main import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return Result(code, captured.out, captured.err)

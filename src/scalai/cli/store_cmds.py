@@ -118,7 +118,9 @@ def push(ckpt, job, stores, gpus_per_host, version, token_file, as_json) -> None
 @layout_option("--to", "to_layout")
 @click.option("--stores", required=True, help=_STORES_HELP)
 @click.option("--gpus-per-host", "-g", type=int, default=None, help="ranks per host after (default: as before)")
-@click.option("--hosts", default=None, help="hosts of the new placement, comma-separated (default: all stores)")
+@click.option("--hosts", default=None,
+              help="hosts of the new placement, comma-separated (default: all stores, in order); 'auto': "
+                   "the hosts that make the busiest one receive the least")
 @click.option("--central", is_flag=True, help="consolidate-then-split through one host (the baseline)")
 @click.option("--keep-old", is_flag=True, help="keep the old version once the new one is committed")
 @_token_option
@@ -133,14 +135,15 @@ def reshard_cmd(job, to_layout, stores, gpus_per_host, hosts, central, keep_old,
     from ..store.reshard import reshard
 
     cluster = _cluster(stores, token_file)
-    result = reshard(cluster, job, to_layout, gpus_per_host, hosts.split(",") if hosts else None,
+    result = reshard(cluster, job, to_layout, gpus_per_host, hosts if hosts in (None, "auto") else hosts.split(","),
                      central=central, keep_old=keep_old)
     if as_json:
         emit_json(result.to_json())
         return
     s = result.stats
     out = console()
-    out.print(f"{job}: {result.source} -> {result.target} ({to_layout}, {result.mode}) in {result.seconds:.2f} s "
+    out.print(f"{job}: {result.source} -> {result.target} ({to_layout} on {', '.join(result.placement)}, "
+              f"{result.mode}) in {result.seconds:.2f} s "
               f"({', '.join(f'{k} {v:.2f} s' for k, v in result.phases.items())})")
     out.print(f"moved {human_bytes(s.total_bytes)}; across hosts {human_bytes(result.cross_host_bytes)} counted "
               f"by the stores (plan {human_bytes(s.cross_host_bytes)}, lower bound "

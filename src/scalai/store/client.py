@@ -179,10 +179,11 @@ class StoreClient:
         """Upload ``array`` (numpy or torch, dtype ``dtype``, the local shape) as ``tensor``
         of ``rank``; streamed from its memory, replaced if uploaded before (uncommitted)."""
         raw = np.ascontiguousarray(as_raw(array, dtype, f"{tensor} of rank {rank}"))
-        body = memoryview(raw.reshape(-1).view(np.uint8)) if raw.size else b""
+        body = _Chunks(memoryview(raw.reshape(-1).view(np.uint8)) if raw.size else memoryview(b""))
         resp = self._request("PUT", self._tensor_path(job, version, rank, tensor), body=body,
                              query={"dtype": dtype, "shape": format_shape(raw.shape)},
-                             headers={"Content-Type": "application/octet-stream"})
+                             headers={"Content-Type": "application/octet-stream",
+                                      "Content-Length": str(raw.nbytes)})
         return json.loads(resp.data)
 
     def read(self, job: str, version: str, rank: int, tensor: str, window: Window | Region | None = None,
@@ -268,6 +269,18 @@ class StoreClient:
 
     def __repr__(self) -> str:
         return f"StoreClient({self.label})"
+
+
+class _Chunks:
+    """A request body sent 1 MiB at a time (re-iterable, for retries). Sending a large
+    buffer in one call would have to finish within the socket's timeout (the connect
+    timeout, while a request is sent); per chunk, a slow link never trips it."""
+
+    def __init__(self, view: memoryview, size: int = 1 << 20):
+        self.view, self.size = view, size
+
+    def __iter__(self):
+        return (self.view[i:i + self.size] for i in range(0, self.view.nbytes, self.size))
 
 
 def _urllib3_errors():

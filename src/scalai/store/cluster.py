@@ -40,6 +40,15 @@ def parallel(fn: Callable, items: Sequence, workers: int = 8) -> list:
     return [f.result() for f in futures]
 
 
+def _interleave(items: Sequence[tuple[str, object]]) -> list:
+    """Items grouped by host, dealt round-robin: every host's link is busy from the start."""
+    by_host: dict[str, list] = {}
+    for host, item in items:
+        by_host.setdefault(host, []).append(item)
+    queues = list(by_host.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
 @dataclass(frozen=True)
 class StoredVersion:
     """A committed version: its parsed manifest and the JSON the stores hold."""
@@ -147,7 +156,7 @@ class StoreCluster:
                                  f"{', '.join(missing)}; give their stores in --stores, or use another version")
         held = {h: [f"{v['version']}{'' if v['committed'] else ' (uncommitted)'}" for v in vs]
                 for h, vs in per_host.items()}
-        what = f"version {version}" if version else "a committed version"
+        what = f"committed version {version}" if version else "committed version"
         raise StoreError(f"job {job} has no {what} in the stores given (they hold: {held}); "
                          f"push one with 'scalai store push'")
 
@@ -171,9 +180,9 @@ class StoreCluster:
 
     # -- checkpoints ------------------------------------------------------------------
     def push(self, ckpt_dir: str, job: str, gpus_per_host: int, version: str | None = None,
-             progress: Callable[[int], None] | None = None, workers: int = 4) -> StoredVersion:
+             progress: Callable[[int], None] | None = None, workers: int = 2) -> StoredVersion:
         """Upload a checkpoint directory: each rank's shards to the store of its host, then
-        commit on every store. The stores' CRC-32 of every upload is checked against the
+        commit on every store (``workers`` uploads in flight per host). The stores' CRC-32 of every upload is checked against the
         checkpoint's manifest. On failure the new version is deleted everywhere.
 
         Raises:
@@ -188,7 +197,8 @@ class StoreCluster:
             ptc: PTC = ckpt.ptc
             name, seq = self.next_version(job) if version is None else (version, self.next_version(job)[1])
             manifest = VersionManifest(job, name, seq, ptc, placement, ckpt.state)
-            work = [(r, n) for r in range(ptc.config.world_size) for n, _ in ptc.rank_shards(r)]
+            work = _interleave([(placement.host(r), (r, n)) for r in range(ptc.config.world_size)
+                                for n, _ in ptc.rank_shards(r)])
 
             def upload(item: tuple[int, str]) -> None:
                 rank, tensor = item
@@ -201,7 +211,7 @@ class StoreCluster:
                     progress(out["bytes"])
 
             try:
-                parallel(upload, work, workers)
+                parallel(upload, work, workers * len(manifest.hosts))
                 self.commit(manifest)
             except BaseException:
                 self.drop(job, name)
@@ -209,7 +219,7 @@ class StoreCluster:
         return StoredVersion(manifest, manifest.to_json())
 
     def pull(self, job: str, out_dir: str, version: str | None = None,
-             progress: Callable[[int], None] | None = None, workers: int = 4) -> StoredVersion:
+             progress: Callable[[int], None] | None = None, workers: int = 2) -> StoredVersion:
         """Write a committed version (default: the latest) as a checkpoint directory.
 
         Every tensor streams from the store of its rank's host into the new rank files;
@@ -243,7 +253,7 @@ class StoreCluster:
                     raise ChecksumError(f"{tensor} of rank {rank} from store {client.label} does not match "
                                         f"the checksum the store recorded; its memory may be damaged")
 
-            parallel(fetch, [(r, n) for r in range(m.ptc.config.world_size) for n, _ in m.ptc.rank_shards(r)],
-                     workers)
+            parallel(fetch, _interleave([(m.placement.host(r), (r, n)) for r in range(m.ptc.config.world_size)
+                                         for n, _ in m.ptc.rank_shards(r)]), workers * len(m.hosts))
             writer.commit()
         return src

@@ -16,6 +16,7 @@ import socket
 import sys
 
 from ..checkpoint.manifest import atomic_write
+from .http_util import Keys
 from .server import StoreConfig, make_app
 
 __all__ = ["serve", "is_loopback", "check_bind"]
@@ -58,7 +59,8 @@ async def _serve(config: StoreConfig, host: str, port: int, url_file: str | None
     from aiohttp import web
 
     app = make_app(config)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           read_bufsize=int(os.environ.get("SCALAI_STORE_BUFSIZE", 4 << 20)))
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=256, reuse_address=True)
     await site.start()
@@ -71,7 +73,7 @@ async def _serve(config: StoreConfig, host: str, port: int, url_file: str | None
         loop.add_signal_handler(sig, stop.set)
     if url_file:
         atomic_write(url_file, (url + "\n").encode(), sync=False)
-    usage = app["catalog"].usage()
+    usage = app[Keys.CATALOG].usage()
     announce(f"scalai store {config.name} serving {url} (root {config.root}, "
              f"{usage['memory_bytes']} bytes held{', token required' if config.token else ''})")
     sys.stdout.flush()

@@ -28,6 +28,7 @@ from ..planner.plan import PlanStats
 from .cluster import StoreCluster, StoredVersion, parallel
 from .errors import StoreError, StoreRequestError, StoreUnavailable
 from .manifest import VersionManifest, placement_to_json
+from .placement import choose_hosts
 
 __all__ = ["ReshardResult", "reshard", "TransformError"]
 
@@ -49,6 +50,7 @@ class ReshardResult:
         cross_host_bytes: bytes that stores actually pulled from other stores, counted by
             their transport (payload bytes of ranged reads).
         hosts: every host's own report (bytes pulled per peer, local bytes, its phases).
+        placement: the hosts of the new layout, in slot order.
     """
 
     source: str
@@ -59,11 +61,12 @@ class ReshardResult:
     stats: PlanStats
     cross_host_bytes: int
     hosts: dict[str, dict] = field(default_factory=dict)
+    placement: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         return {"source": self.source, "target": self.target, "mode": self.mode, "seconds": self.seconds,
                 "phases": self.phases, "plan": self.stats.to_json(), "cross_host_bytes": self.cross_host_bytes,
-                "hosts": self.hosts}
+                "hosts": self.hosts, "placement": list(self.placement)}
 
 
 def _request(src_version: str, to_version: str, old: Deployment, new_layout: str, new_place: Placement,
@@ -89,7 +92,7 @@ def _failure(exc: Exception, job: str, source: str, what: str) -> TransformError
 
 
 def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_per_host: int | None = None,
-            hosts: Sequence[str] | None = None, central: bool = False, keep_old: bool = False,
+            hosts: Sequence[str] | str | None = None, central: bool = False, keep_old: bool = False,
             version: str | None = None, checksum: bool = True) -> ReshardResult:
     """Transform the job's current version (or ``version``) into ``layout``.
 
@@ -97,7 +100,9 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_
         layout: the new layout, e.g. ``"tp=2,pp=2,dp=2,zero=1"``.
         gpus_per_host: devices per host in the new placement (default: as before).
         hosts: hosts of the new placement, in order (default: every store given, in order;
-            a disjoint set is a redeployment).
+            a disjoint set is a redeployment), or ``"auto"``: the hosts, among all stores,
+            whose assignment makes the busiest host receive the fewest bytes
+            (:func:`~scalai.store.placement.choose_hosts`; e.g. which 2 of 4 hosts to keep).
         central: consolidate-then-split through the first new host (the baseline).
         keep_old: keep the old version after the new one is committed.
         checksum: CRC-32 every new tensor in the stores (``pull`` verifies against it).
@@ -114,7 +119,11 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_
     old = Deployment(src.manifest.ptc, src.manifest.placement)
     for h in src.manifest.hosts:
         cluster.client(h)  # every old host must be reachable through --stores
-    new_place = cluster.placement(gpus_per_host or old.placement.gpus_per_host, hosts)
+    g = gpus_per_host or old.placement.gpus_per_host
+    if hosts == "auto" or (not isinstance(hosts, str) and list(hosts or []) == ["auto"]):
+        chosen = choose_hosts(old, old.ptc.relayout(config), g, cluster.hosts)
+        hosts = list(chosen) + [h for h in cluster.hosts if h not in chosen]
+    new_place = cluster.placement(g, hosts)
     new = Deployment(old.ptc.relayout(config), new_place)
     slots = new_place.gpus_per_host * len(new_place.hosts)
     if config.world_size > slots:
@@ -169,4 +178,4 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_
     phases["drop"] = time.perf_counter() - t4
     counted = sum(n for r in results.values() for n in r["fetched_bytes"].values())
     return ReshardResult(src.name, target, "central" if central else "distributed", time.perf_counter() - t0,
-                         phases, plan.stats, counted, results)
+                         phases, plan.stats, counted, results, tuple(dest_hosts))

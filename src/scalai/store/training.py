@@ -17,6 +17,12 @@ version the stores hold, in whatever layout it was saved::
     stored = load_rank(cluster, job, rank, ptc, placement, local_tensors)   # fills in place
     state = stored.state
 
+With the training API (``scalai.training.save/load``), :class:`StoreWriter` and
+:class:`StoreReader` are its ``StateWriter``/``StateReader`` over the stores::
+
+    save(job, StoreWriter(urls, "gpt", gpus_per_host=4))
+    load(job, StoreReader(urls, "gpt"))
+
 When the elastic runner transformed the state in the stores first (``scalai store
 reshard``), the plan of :func:`load_rank` is the identity: every rank reads its own
 tensors from its own host's store. Otherwise each rank reads exactly the slices it needs
@@ -38,7 +44,7 @@ from .cluster import StoreCluster, parallel
 from .manifest import VersionManifest
 from .transform import split_copy
 
-__all__ = ["save_rank", "commit", "next_version", "load_rank", "StoreSource"]
+__all__ = ["save_rank", "commit", "next_version", "load_rank", "StoreSource", "StoreWriter", "StoreReader"]
 
 LOAD_BLOCK = 8 << 20  # bytes per ranged read while loading (more blocks = more parallel reads)
 
@@ -141,6 +147,112 @@ def load_rank(cluster: StoreCluster, job: str, rank: int, ptc: PTC, placement: P
     return stored
 
 
+class StoreWriter:
+    """:class:`scalai.training.storage.StateWriter` over the stores: ``save(job, writer)``.
+
+    ``begin`` (rank 0) picks the next version name; ``write_rank`` uploads the rank's
+    tensors to the store of its own host (``placement.host(rank)``); ``commit`` (rank 0)
+    commits the version on every store; ``abort`` deletes it everywhere.
+
+    Args:
+        urls: the stores in host order (every rank gives the same list), or a cluster.
+        job: the job's name in the stores.
+        gpus_per_host: ranks per host: rank ``r`` lives on the ``r // G``-th store.
+    """
+
+    def __init__(self, urls, job: str, gpus_per_host: int, token: str | None = None):
+        self.cluster = urls if isinstance(urls, StoreCluster) else StoreCluster(urls, token)
+        self.job = job
+        self.placement = self.cluster.placement(gpus_per_host)
+
+    def begin(self) -> str:
+        return self.cluster.next_version(self.job)[0]
+
+    def write_rank(self, token: str, rank: int, ptc: PTC, arrays: Mapping[str, Any]):
+        from ..checkpoint.manifest import RankRecord, TensorRecord
+
+        client = self.cluster.client(self.placement.host(rank))
+        records, total = {}, 0
+        for name, shard in ptc.rank_shards(rank):
+            dtype = ptc.spec(name).dtype
+            out = client.put(self.job, token, rank, name, arrays[name], dtype)
+            records[name] = TensorRecord(dtype, shard.shape, int(out["crc32"], 16))
+            total += out["bytes"]
+        return RankRecord(rank, f"{client.url}/v1/jobs/{self.job}/versions/{token}/ranks/{rank}", total, records)
+
+    def commit(self, token: str, manifest) -> None:
+        sequence = int(token[1:]) if token[1:].isdigit() else self.cluster.next_version(self.job)[1]
+        commit(self.cluster, self.job, token, manifest.ptc, self.placement, manifest.state, sequence)
+
+    def abort(self, token: str) -> None:
+        self.cluster.drop(self.job, token)
+
+
+class StoreReader:
+    """:class:`scalai.training.storage.StateReader` over the stores: ``load(job, reader)``.
+
+    ``view(rank, tensor, region)`` reads from the store of the saved rank's host, only the
+    region when one is given (the whole tensor otherwise; the last few are cached, since
+    a loader may select several windows of one tensor). :meth:`read_window` reads exactly
+    a plan's window (flat ZeRO views included), sliced on the store.
+    """
+
+    def __init__(self, urls, job: str, version: str | None = None, token: str | None = None, cache: int = 4):
+        self.cluster = urls if isinstance(urls, StoreCluster) else StoreCluster(urls, token)
+        self.job = job
+        self.manifest = self.cluster.latest(job, version).manifest
+        self.ptc: PTC = self.manifest.ptc
+        self.state: dict = self.manifest.state
+        self._cache: dict[tuple[int, str], np.ndarray] = {}
+        self._cache_size = cache
+
+    def _client(self, rank: int):
+        return self.cluster.client(self.manifest.placement.host(rank))
+
+    def view(self, rank: int, tensor: str, region=None) -> np.ndarray:
+        if region is not None:
+            return self._client(rank).read(self.job, self.manifest.version, rank, tensor, region)
+        key = (rank, tensor)
+        if key not in self._cache:
+            while len(self._cache) >= self._cache_size:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = self._client(rank).read(self.job, self.manifest.version, rank, tensor)
+            self._cache[key].flags.writeable = False
+        return self._cache[key]
+
+    def read_window(self, rank: int, tensor: str, window, out: np.ndarray | None = None) -> np.ndarray:
+        """The elements a plan's ``Window`` selects from the saved rank's tensor."""
+        return self._client(rank).read(self.job, self.manifest.version, rank, tensor, window, out=out)
+
+    def verify(self, ranks) -> None:
+        """Stream the given saved ranks' tensors and check each against the CRC-32 its
+        store recorded (the bytes cross the network once; pass ``verify=False`` to skip).
+
+        Raises:
+            ChecksumError: naming the store, rank and tensor.
+        """
+        import zlib
+
+        from ..errors import ChecksumError
+
+        for rank in ranks:
+            client = self._client(rank)
+            listing = client.version(self.job, self.manifest.version)["ranks"].get(str(rank), {})
+            for name, _ in self.ptc.rank_shards(rank):
+                crc = 0
+                for chunk in client.stream(self.job, self.manifest.version, rank, name):
+                    crc = zlib.crc32(chunk, crc)
+                want = listing.get(name, {}).get("crc32")
+                if want is not None and int(want, 16) != crc:
+                    raise ChecksumError(f"{name} of rank {rank} in store {client.label} does not match the "
+                                        f"CRC-32 recorded when it was stored; the store's memory is damaged")
+
+    def close(self) -> None:
+        self._cache.clear()
+        for c in self.cluster.clients:
+            c.close()
+
+
 class _RemoteTensor:
     """A stored tensor as a lazy array: slicing it reads only that box from the store."""
 
@@ -153,7 +265,10 @@ class _RemoteTensor:
     def __getitem__(self, index) -> np.ndarray:
         from ..regions import Region
 
-        if not isinstance(index, tuple) or not all(isinstance(i, slice) and i.step in (None, 1) for i in index):
+        index = index if isinstance(index, tuple) else (index,)
+        if index and index[-1] is Ellipsis:
+            index = index[:-1]
+        if len(index) != len(self.shape) or not all(isinstance(i, slice) and i.step in (None, 1) for i in index):
             raise TypeError("a stored tensor supports box slicing only, e.g. t[0:4, 8:16]")
         box = Region(tuple(i.start or 0 for i in index),
                      tuple((n if i.stop is None else i.stop) - (i.start or 0) for i, n in zip(index, self.shape)))

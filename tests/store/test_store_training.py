@@ -1,0 +1,143 @@
+"""The training-side hooks: ranks save their shards to their host's store, one commits,
+and ranks of another layout load exactly their slices through a plan; the executor reads
+a stored version through StoreSource. Ranks are simulated in one process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scalai.checkpoint.arrays import to_torch
+from scalai.config import Placement
+from scalai.dtypes import raw_numpy
+from scalai.models import model_ptc
+from scalai.models.synth import fill_local
+from scalai.planner import Deployment, make_plan
+from scalai.store import StoreCluster, StoreRequestError
+from scalai.store.training import StoreSource, commit, load_rank, next_version, save_rank
+
+
+def _rank_tensors(ptc, rank: int, seed: int = 5, torch_tensors: bool = True) -> dict:
+    out = {}
+    for name, shard in ptc.rank_shards(rank):
+        spec = ptc.spec(name)
+        raw = np.zeros(shard.shape, raw_numpy(spec.dtype))
+        fill_local(spec, shard, raw, seed)
+        out[name] = to_torch(raw, spec.dtype) if torch_tensors else raw
+    return out
+
+
+def _empty(ptc, rank: int) -> dict:
+    return {n: torch.full(s.shape, 7, dtype=getattr(torch, ptc.spec(n).dtype)) for n, s in ptc.rank_shards(rank)}
+
+
+@pytest.fixture
+def cluster(stores):
+    return StoreCluster([p.url for p in stores(3)])
+
+
+def test_save_commit_load_across_layouts(cluster):
+    old = model_ptc("gpt-tiny", "tp=2,pp=2,dp=2,zero=1")
+    place = cluster.placement(3)  # 8 ranks on host0..host2
+    version, seq = next_version(cluster, "job")
+    assert (version, seq) == ("v0", 0)
+    for rank in range(old.config.world_size):
+        save_rank(cluster, "job", version, rank, old, place, _rank_tensors(old, rank))
+    # before the commit, loading finds nothing
+    with pytest.raises(Exception, match="job job has no committed version"):
+        load_rank(cluster, "job", 0, old, place, _empty(old, 0))
+    commit(cluster, "job", version, old, place, {"step": 42}, seq)
+    assert next_version(cluster, "job") == ("v1", 1)
+    # load in another layout and placement, rank by rank, from whichever stores hold the slices
+    new = old.relayout(old.config.with_(tp=1, pp=4, dp=1))
+    new_place = Placement(2, ("host2", "host0"))
+    for rank in range(new.config.world_size):
+        live = _empty(new, rank)
+        stored = load_rank(cluster, "job", rank, new, new_place, live)
+        assert stored.state == {"step": 42} and stored.version == "v0"
+        for name, tensor in _rank_tensors(new, rank).items():
+            assert torch.equal(live[name], tensor), (rank, name)
+
+
+def test_same_layout_load_reads_only_the_own_host(cluster):
+    ptc = model_ptc("gpt-tiny", "tp=2,pp=1,dp=3,zero=1")
+    place = cluster.placement(2)
+    for rank in range(ptc.config.world_size):
+        save_rank(cluster, "job", "v0", rank, ptc, place, _rank_tensors(ptc, rank, torch_tensors=False))
+    commit(cluster, "job", "v0", ptc, place, {}, 0)
+    plan = make_plan(Deployment(ptc, place), Deployment(ptc, place), fanout=False)
+    assert plan.stats.cross_host_bytes == 0 == plan.stats.total_bytes - plan.stats.same_device_bytes
+    before = {h: c.usage()["traffic"]["sent"] for h, c in cluster.by_host.items()}
+    live = {n: np.zeros(s.shape, raw_numpy(ptc.spec(n).dtype)) for n, s in ptc.rank_shards(5)}
+    load_rank(cluster, "job", 5, ptc, place, live)
+    for name, expected in _rank_tensors(ptc, 5, torch_tensors=False).items():
+        np.testing.assert_array_equal(live[name], expected)
+    after = {h: c.usage()["traffic"]["sent"] for h, c in cluster.by_host.items()}
+    assert after["host0"] == before["host0"] and after["host1"] == before["host1"]  # rank 5 is on host2
+
+
+def test_save_checks_shapes_and_commit_checks_completeness(cluster):
+    ptc = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1")
+    place = cluster.placement(1)
+    tensors = _rank_tensors(ptc, 0)
+    name = next(iter(tensors))
+    with pytest.raises(ValueError, match="has shape"):
+        save_rank(cluster, "job", "v0", 0, ptc, place, {**tensors, name: tensors[name][:1]})
+    with pytest.raises(ValueError, match="has no tensor"):
+        save_rank(cluster, "job", "v0", 0, ptc, place, {k: v for k, v in tensors.items() if k != name})
+    save_rank(cluster, "job", "v0", 0, ptc, place, tensors)  # rank 1 never saved
+    with pytest.raises(StoreRequestError, match="store host1.*tensors missing"):
+        commit(cluster, "job", "v0", ptc, place, {}, 0)
+
+
+def test_executor_reads_a_stored_version(cluster):
+    from scalai.executor import execute
+
+    old = model_ptc("gpt-tiny", "tp=2,pp=2,dp=1")
+    place = cluster.placement(2)
+    for rank in range(old.config.world_size):
+        save_rank(cluster, "job", "v0", rank, old, place, _rank_tensors(old, rank))
+    commit(cluster, "job", "v0", old, place, {}, 0)
+    new = old.relayout(old.config.with_(tp=1, pp=1, dp=2, zero=True))
+    one = Placement(8)
+    plan = make_plan(Deployment(old, one), Deployment(new, one))
+    dest = {r: {n: np.zeros(s.shape, raw_numpy(new.spec(n).dtype)) for n, s in new.rank_shards(r)}
+            for r in range(new.config.world_size)}
+    execute(plan, StoreSource(cluster, "job"), dest)
+    for rank in range(new.config.world_size):
+        for name, expected in _rank_tensors(new, rank, torch_tensors=False).items():
+            np.testing.assert_array_equal(dest[rank][name], expected)
+
+
+def test_writer_and_reader_for_the_training_api(cluster):
+    from scalai.checkpoint.manifest import Manifest
+    from scalai.planner.plan import Window
+    from scalai.regions import Region
+    from scalai.store.training import StoreReader, StoreWriter
+    from scalai.training.storage import StateReader, StateWriter
+
+    ptc = model_ptc("gpt-tiny", "tp=2,pp=1,dp=2,zero=1")
+    writer = StoreWriter(cluster, "job", gpus_per_host=2)
+    assert isinstance(writer, StateWriter)
+    token = writer.begin()
+    records = [writer.write_rank(token, r, ptc, _rank_tensors(ptc, r, torch_tensors=False)) for r in range(4)]
+    assert records[3].tensors and all(t.checksum for t in records[3].tensors.values())
+    writer.commit(token, Manifest(ptc, tuple(records), {"step": 3}))
+    reader = StoreReader([c.url for c in cluster.clients], "job")
+    assert isinstance(reader, StateReader) and reader.state == {"step": 3} and str(reader.ptc.config) == str(ptc.config)
+    reader.verify(range(4))
+    expected = _rank_tensors(ptc, 3, torch_tensors=False)
+    name, shard = next((n, s) for n, s in ptc.rank_shards(3) if len(s.shape) == 2)
+    np.testing.assert_array_equal(reader.view(3, name), expected[name])
+    box = Region((1, 2), (3, 4))
+    np.testing.assert_array_equal(reader.view(3, name, box), expected[name][1:4, 2:6])
+    flat = next(n for n, s in ptc.rank_shards(3) if len(s.shape) == 1 and s.shape[0] >= 12)
+    w = Window(Region((0,), (12,)), (3, 4), Region((1, 1), (2, 2)))
+    np.testing.assert_array_equal(reader.read_window(3, flat, w), w.select(expected[flat]))
+    reader.close()
+    # an aborted save leaves nothing
+    token = writer.begin()
+    writer.write_rank(token, 0, ptc, _rank_tensors(ptc, 0, torch_tensors=False))
+    writer.abort(token)
+    assert all(v["version"] == "v0" for c in cluster.clients for v in c.job("job")["versions"])
