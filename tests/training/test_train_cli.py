@@ -67,3 +67,21 @@ def test_bad_input_is_one_line_before_any_worker_starts(tmp_path):
         assert result.returncode == code, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, result.stderr)
+
+
+def test_cli_defaults_are_the_trainers():
+    """``scalai train`` spells its defaults out (no torch import at start-up); they must be
+    the ones ``python -m scalai.examples.gpt`` uses."""
+    import dataclasses
+
+    from scalai.cli.main import _register, cli
+    from scalai.examples.gpt.options import TrainOptions
+
+    _register()
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
+    options = {p.name: p.default for p in cli.commands["train"].params if p.name in defaults}
+    assert set(options) == {"layout", "steps", "model", "save", "save_every", "resume", "metrics", "data",
+                            "seed", "global_batch", "micro_batch", "lr", "schedule", "stop_file", "device"}
+    for name, value in options.items():
+        if name not in ("layout", "steps"):
+            assert value == defaults[name], f"--{name.replace('_', '-')}: CLI {value!r}, trainer {defaults[name]!r}"

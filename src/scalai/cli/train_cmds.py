@@ -30,7 +30,7 @@ class TrainingFailed(ScalaiError):
 @click.option("--data", type=click.Path(), default=None, help="sample index (default: the stdlib corpus, built on first use)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--global-batch", type=int, default=8, show_default=True, help="samples per step over all replicas")
-@click.option("--micro-batch", type=int, default=2, show_default=True, help="samples per micro-batch")
+@click.option("--micro-batch", type=int, default=4, show_default=True, help="largest micro-batch (samples)")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="peak learning rate")
 @click.option("--schedule", type=click.Choice(["1f1b", "gpipe"]), default="1f1b", show_default=True)
 @click.option("--stop-file", type=click.Path(), default=None, help="stop and save after the step at which this file exists")
