@@ -59,7 +59,7 @@ noise of a shared machine hits every method alike; the table shows the median, m
 
 Usage::
 
-    .venv/bin/python benchmarks/reshard.py                        # defaults, 7-9 minutes on 2 cores
+    .venv/bin/python benchmarks/reshard.py                        # defaults (3 rounds), 7-9 minutes on 2 cores
     .venv/bin/python benchmarks/reshard.py --model gpt-tiny --repeats 1   # smoke test
     .venv/bin/python benchmarks/reshard.py --transition "tp=2,pp=1,dp=1:tp=1,pp=2,dp=1"
 """
