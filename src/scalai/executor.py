@@ -214,6 +214,13 @@ def execute(plan: Plan, source, dest, workers: int | None = None,
             with lock:
                 progress(nbytes)
 
+    # A tensor complete in the destination may be written back while others are filled.
+    pending = defaultdict(int)
+    for phase in tasks.values():
+        for key in phase:
+            pending[key] += 1
+    complete = getattr(dest, "tensor_complete", None)
+
     def run(item: tuple[tuple[int, str], list[Copy]]) -> None:
         (rank, tensor), copies = item
         worker = getattr(local, "worker", None)
@@ -221,6 +228,11 @@ def execute(plan: Plan, source, dest, workers: int | None = None,
             worker = local.worker = _Worker(source, dest, mixed, tick)
         copies.sort(key=lambda c: c.dst.region.offsets)
         worker.run(rank, tensor, copies)
+        with lock:
+            pending[(rank, tensor)] -= 1
+            done = pending[(rank, tensor)] == 0
+        if done and complete is not None:
+            complete(rank, tensor)
 
     file_order = {}
     for rank in {r for phase in tasks.values() for r, _ in phase}:

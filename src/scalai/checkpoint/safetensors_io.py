@@ -82,6 +82,29 @@ def _array(buf: mmap.mmap, entry: TensorEntry) -> np.ndarray:
     return flat.reshape(entry.shape)
 
 
+def _load_sync_file_range():
+    """libc's ``sync_file_range`` (Linux) through ctypes, or ``None`` where it is missing."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range(fd: int, offset: int, nbytes: int) -> None:
+    if _SYNC_FILE_RANGE is not None and nbytes:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
+
+
 def _close_map(buf: mmap.mmap | None) -> None:
     if buf is None:
         return
@@ -160,6 +183,12 @@ class SafetensorsWriter:
         while mv.nbytes:
             done = os.pwrite(self._fd, mv, pos)
             mv, pos = mv[done:], pos + done
+
+    def start_writeback(self, name: str) -> None:
+        """Ask the kernel to start writing tensor ``name``'s bytes to disk, without waiting,
+        so that the fsync of :meth:`finalize` overlaps with the rest of the work."""
+        entry = self.entries[name]
+        _sync_file_range(self._fd, entry.start, entry.nbytes)
 
     def finalize(self, sync: bool = True) -> None:
         """Make the file durable (``sync``: msync + fsync) and atomically rename it to

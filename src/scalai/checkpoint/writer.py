@@ -152,6 +152,12 @@ class CheckpointWriter:
         else:
             self._pieces.setdefault(key, []).append((byte_offset, memoryview(data).nbytes, crc))
 
+    def tensor_complete(self, rank: int, tensor: str) -> None:
+        """``tensor`` of ``rank`` is fully written: start writing it back to disk now, so
+        that the fsync of :meth:`commit` overlaps with filling the other tensors."""
+        if self.sync:
+            self.file(rank).start_writeback(tensor)
+
     def declare_checksum(self, rank: int, tensor: str, crc: int) -> None:
         """State the CRC-32 that the whole tensor will have once written (e.g. a tensor
         copied unchanged from a checkpoint that records it); :meth:`commit` then records it
