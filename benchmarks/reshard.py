@@ -103,7 +103,7 @@ DEFAULT_TRANSITIONS = (
     "tp=1,pp=1,dp=1:tp=1,pp=2,dp=1",  # PP 1 -> 2
     "tp=1,pp=2,dp=1:tp=1,pp=2,dp=2,zero=1",  # DP 1 -> 2 with ZeRO-1
 )
-METHODS = ("scalai", "scalai-mem", "dcp", "consolidate", "memcpy", "filecopy")
+METHODS = ("scalai", "scalai-load", "scalai-mem", "dcp", "consolidate", "memcpy", "filecopy")
 _MEMCPY_BUFFER = 512 << 20
 _COPY_CHUNK = 64 << 20
 
@@ -153,19 +153,23 @@ def run_scalai(src: str, out: str, new: ParallelConfig, workers: int) -> dict[st
 
 
 class InMemoryReshard:
-    """scalai's planner and executor between arrays in RAM (the in-memory store's path).
+    """scalai's planner and executor into arrays in RAM.
 
-    Untimed setup: the old layout's local tensors are read into RAM and the new layout's
-    local tensors are allocated and pre-faulted, as (c) does. Timed: ``make_plan`` +
-    ``execute`` from the old arrays into the new ones. Not a checkpoint (nothing written to
-    storage): it shows how much of the file path's time is the copy engine itself.
+    ``from_files=False`` ("scalai-mem", the in-memory store's path): the old layout's local
+    tensors are read into RAM first (untimed), so both sides are arrays. ``from_files=True``
+    ("scalai-load", like for like with DCP's load): the source stays the checkpoint's files
+    (memory-mapped, page cache warm as for DCP) and the new layout's arrays are filled from
+    them. Either way the new arrays are allocated and pre-faulted untimed, as (c) does;
+    timed: ``make_plan`` + ``execute``. Nothing is written to storage.
     """
 
-    def __init__(self, src: str, new: ParallelConfig, workers: int):
+    def __init__(self, src: str, new: ParallelConfig, workers: int, from_files: bool = False):
+        self.path, self.src = src, None
         with Checkpoint.open(src) as ckpt:
             self.old_ptc = ckpt.ptc
-            self.src = {r: {n: np.array(ckpt.view(r, n)) for n, _ in ckpt.ptc.rank_shards(r)}
-                        for r in range(ckpt.ptc.config.world_size)}
+            if not from_files:
+                self.src = {r: {n: np.array(ckpt.view(r, n)) for n, _ in ckpt.ptc.rank_shards(r)}
+                            for r in range(ckpt.ptc.config.world_size)}
         self.new_ptc = self.old_ptc.relayout(new)
         self.dst = {r: {n: np.ones(shard.shape, raw_numpy(self.new_ptc.spec(n).dtype))
                         for n, shard in self.new_ptc.rank_shards(r)}
@@ -174,18 +178,21 @@ class InMemoryReshard:
 
     def run(self) -> dict[str, float]:
         t0, c0 = time.perf_counter(), _cpu_seconds()
+        source = self.src if self.src is not None else Checkpoint.open(self.path)
         both = Placement(gpus_per_host=max(self.old_ptc.config.world_size, self.new_ptc.config.world_size))
         plan = make_plan(Deployment(self.old_ptc, both), Deployment(self.new_ptc, both))
         t1 = time.perf_counter()
-        execute(plan, self.src, self.dst, workers=self.workers)
+        execute(plan, source, self.dst, workers=self.workers)
         t2 = time.perf_counter()
+        if source is not self.src:
+            source.close()
         return {"total": t2 - t0, "plan": t1 - t0, "copy": t2 - t1, "cpu": _cpu_seconds() - c0}
 
     @classmethod
-    def once(cls, src: str, new: ParallelConfig, workers: int) -> dict[str, float]:
+    def once(cls, src: str, new: ParallelConfig, workers: int, from_files: bool = False) -> dict[str, float]:
         """Set up (untimed), run, and free the arrays: the RAM is not held between runs, so
         that the other methods do not run under its memory pressure."""
-        return cls(src, new, workers).run()
+        return cls(src, new, workers, from_files).run()
 
     def differs_from(self, ref: str) -> str | None:
         """The first local tensor that differs from checkpoint ``ref`` (same layout), if any."""
@@ -671,14 +678,15 @@ class Bench:
                 run_scalai(src, out("scalai"), t.new, w)
                 self.expect_equal(out("scalai"), ref, "scalai reshard")
                 _rm(out("scalai"))
-            if "scalai-mem" in self.methods:
-                in_memory = InMemoryReshard(src, t.new, w)
-                in_memory.run()
-                diff = in_memory.differs_from(ref)
-                in_memory = None
-                if diff:
-                    raise SystemExit(f"scalai in memory produced wrong values in {diff}")
-                log("  scalai in memory: new arrays equal the synthesized new layout")
+            for method, from_files in (("scalai-mem", False), ("scalai-load", True)):
+                if method in self.methods:
+                    in_memory = InMemoryReshard(src, t.new, w, from_files)
+                    in_memory.run()
+                    diff = in_memory.differs_from(ref)
+                    in_memory = None
+                    if diff:
+                        raise SystemExit(f"{method} produced wrong values in {diff}")
+                    log(f"  {method}: new arrays equal the synthesized new layout")
             if "consolidate" in self.methods:
                 run_consolidate_split(src, out("consolidated"), out("split"), t.new, w)
                 self.expect_equal(out("split"), ref, "consolidate-then-split")
@@ -703,6 +711,7 @@ class Bench:
                                                    seed=self.seed)),
                 "consolidate": lambda: run_consolidate_split(src, out("consolidated"), out("split"), t.new, w),
                 "scalai-mem": lambda: InMemoryReshard.once(src, t.new, w),
+                "scalai-load": lambda: InMemoryReshard.once(src, t.new, w, from_files=True),
                 "memcpy": lambda: MemoryCopy.once(result.nbytes, w),
                 "filecopy": lambda: run_file_copy(src, out("filecopy"), sizes, w),
             }
@@ -745,6 +754,7 @@ def table_rows(results: list[Result], workers: int) -> tuple[list[list[str]], li
     rows, sections = [], []
     names = {
         "scalai": "scalai reshard",
+        "scalai-load": "scalai load, files → RAM",
         "scalai-mem": "scalai, RAM → RAM",
         "dcp_load": "(a) DCP load",
         "dcp": "(a) DCP load + save",
@@ -756,7 +766,7 @@ def table_rows(results: list[Result], workers: int) -> tuple[list[list[str]], li
         sections.append(len(rows))
         base = res.stats("scalai")
         entries = []
-        for key in ("scalai", "scalai-mem", "dcp_load", "dcp", "consolidate", "memcpy", "filecopy"):
+        for key in ("scalai", "scalai-load", "scalai-mem", "dcp_load", "dcp", "consolidate", "memcpy", "filecopy"):
             method, part = ("dcp", "load") if key == "dcp_load" else (key, "total")
             st = res.stats(method, part)
             if st is None:
@@ -765,7 +775,7 @@ def table_rows(results: list[Result], workers: int) -> tuple[list[list[str]], li
             if key == "scalai":
                 parts = " · ".join(f"{short} {_fmt(res.stats('scalai', p).median)}" for p, short in
                                    (("plan", "plan"), ("copy", "copy"), ("checksum", "crc"), ("sync", "fsync")))
-            elif key == "scalai-mem":
+            elif key in ("scalai-mem", "scalai-load"):
                 parts = (f"plan {_fmt(res.stats(key, 'plan').median)} · "
                          f"copy {_fmt(res.stats(key, 'copy').median)}")
             elif key == "dcp":
@@ -809,6 +819,11 @@ def targets(results: list[Result]) -> list[str]:
             cs, cm = res.stats("scalai", "cpu"), res.stats("memcpy", "cpu")
             if cs and cm and cs.median > 0:
                 checks.append(f"(by CPU seconds: {cm.median / cs.median:.2f})")
+        load, dcp_load = res.stats("scalai-load"), res.stats("dcp", "load")
+        if load and dcp_load:
+            ok = dcp_load.median > load.median
+            checks.append(f"like for like, scalai load vs DCP load (files -> RAM): "
+                          f"{dcp_load.median / load.median:.2f}x {'met' if ok else 'MISSED'}")
         lines.append(f"{res.transition.label}: " + "; ".join(checks))
     return lines
 
