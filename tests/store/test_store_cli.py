@@ -43,6 +43,13 @@ def test_new_user_flow(stores, tiny_ckpt, tmp_path, capsys, monkeypatch):
     assert r.code == 0 and "from 2 of 2 stores" in r.out
 
 
+def test_openapi_command_prints_the_document(capsys):
+    from scalai.store.openapi import SPEC
+
+    r = run(capsys, "store", "openapi")
+    assert r.code == 0 and json.loads(r.out) == json.loads(json.dumps(SPEC))
+
+
 def test_errors_are_one_line(stores, tiny_ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("SCALAI_TOKEN", raising=False)
     (a,) = stores(1, token=TOKEN)

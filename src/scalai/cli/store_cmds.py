@@ -1,4 +1,4 @@
-"""Store commands: ``scalai store serve | push | reshard | pull | ls | rm``."""
+"""Store commands: ``scalai store serve | push | reshard | pull | ls | rm | openapi``."""
 
 from __future__ import annotations
 
@@ -223,3 +223,11 @@ def rm_cmd(job, version, stores, token_file) -> None:
     removed = parallel(one, cluster.clients)
     click.echo(f"deleted {job}{'/' + version if version else ''} from "
                f"{sum(1 for r in removed if r)} of {len(removed)} stores")
+
+
+@store.command("openapi")
+def openapi_cmd() -> None:
+    """Print the stores' HTTP API as an OpenAPI 3.1 document (JSON)."""
+    from ..store.openapi import SPEC
+
+    emit_json(SPEC)

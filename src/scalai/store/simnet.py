@@ -139,6 +139,7 @@ class SimulatedHosts:
 
     def _drop_network(self) -> None:
         for i in range(self.n):
+            _run("ip", "link", "del", self._veth(i)[0], check=False)  # the pair goes with it, at once
             _run("ip", "netns", "del", self._ns(i), check=False)
         _run("ip", "link", "del", f"{self.tag}br", check=False)
 
