@@ -167,3 +167,31 @@ def test_latest_ignores_versions_not_committed_everywhere(stores, tiny_ckpt):
     assert cluster.next_version("gpt") == ("v2", 2)
     with pytest.raises(Exception, match="not committed on host"):
         cluster.latest("gpt", "v1")
+
+
+def test_recovery_from_replicas_after_a_host_is_lost(stores, tmp_path):
+    from scalai.config import ParallelConfig
+    from scalai.errors import PlanError
+    from scalai.models.synth import write_synthetic_checkpoint
+    from scalai.store import StoreError
+
+    plain, zero = tmp_path / "plain", tmp_path / "zero"
+    write_synthetic_checkpoint("gpt-tiny", plain, ParallelConfig.parse("tp=2,pp=1,dp=2"), seed=1)
+    write_synthetic_checkpoint("gpt-tiny", zero, ParallelConfig.parse("tp=2,pp=1,dp=2,zero=1"), seed=1)
+    procs = stores(3)
+    cluster = StoreCluster([p.url for p in procs])
+    cluster.push(str(plain), "gpt", gpus_per_host=2)  # replica dp0 on host0, dp1 on host1
+    cluster.push(str(zero), "z", gpus_per_host=2)
+    procs[1].kill()  # host1 and its store are gone
+    survivors = StoreCluster([procs[0].url, procs[2].url])
+    with pytest.raises(StoreError, match="not committed on host.*host1|no committed version"):
+        reshard(survivors, "gpt", "tp=2,pp=1,dp=2", gpus_per_host=2)
+    result = reshard(survivors, "gpt", "tp=2,pp=1,dp=2", gpus_per_host=2, hosts=["host0", "host2"], lost=["host1"])
+    assert result.cross_host_bytes == result.stats.cross_host_lower_bound_bytes > 0
+    assert set(result.hosts["host2"]["fetched_bytes"]) == {"host0"}  # the surviving replica
+    survivors.pull("gpt", str(tmp_path / "recovered"))
+    _same(plain, tmp_path / "recovered")
+    # with ZeRO-1 the optimizer state has no replica: refused, nothing changed
+    with pytest.raises(PlanError, match="no replica survives"):
+        reshard(survivors, "z", "tp=2,pp=1,dp=2,zero=1", gpus_per_host=2, hosts=["host0", "host2"], lost=["host1"])
+    assert [v["version"] for v in procs[0].client().job("z")["versions"]] == ["v0"]

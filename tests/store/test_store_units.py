@@ -176,3 +176,17 @@ def test_plan_without_fanout_reads_every_rank_directly():
     assert any(c.from_new for c in fan.copies) and not any(c.from_new for c in direct.copies)
     assert fan.stats.cross_host_bytes == fan.stats.cross_host_lower_bound_bytes < direct.stats.cross_host_bytes
     assert fan.stats.total_bytes == direct.stats.total_bytes
+
+
+def test_plan_around_unavailable_ranks():
+    from scalai.errors import PlanError
+
+    ptc = model_ptc("gpt-tiny", "tp=2,pp=1,dp=2")
+    old = Deployment(ptc, Placement(2, ("host0", "host1")))
+    new = Deployment(ptc, Placement(2, ("host0", "host2")))
+    plan = make_plan(old, new, unavailable={2, 3})
+    assert not any(c.src_rank in (2, 3) for c in plan.copies if not c.from_new)
+    assert plan.stats.host_sent_bytes == {"host0": plan.stats.cross_host_bytes}
+    zero = Deployment(model_ptc("gpt-tiny", "tp=2,pp=1,dp=2,zero=1"), old.placement)
+    with pytest.raises(PlanError, match="no replica survives"):
+        make_plan(zero, Deployment(zero.ptc, new.placement), unavailable={2, 3})

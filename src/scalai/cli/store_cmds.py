@@ -122,10 +122,12 @@ def push(ckpt, job, stores, gpus_per_host, version, token_file, as_json) -> None
               help="hosts of the new placement, comma-separated (default: all stores, in order); 'auto': "
                    "the hosts that make the busiest one receive the least")
 @click.option("--central", is_flag=True, help="consolidate-then-split through one host (the baseline)")
+@click.option("--lost", default=None,
+              help="hosts whose stores are gone, comma-separated: read their ranks' bytes from replicas")
 @click.option("--keep-old", is_flag=True, help="keep the old version once the new one is committed")
 @_token_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def reshard_cmd(job, to_layout, stores, gpus_per_host, hosts, central, keep_old, token_file, as_json) -> None:
+def reshard_cmd(job, to_layout, stores, gpus_per_host, hosts, central, lost, keep_old, token_file, as_json) -> None:
     """Transform the job's current version into layout --to, inside the stores.
 
     Distributed by default: every destination host pulls its slices in parallel, from its
@@ -136,7 +138,7 @@ def reshard_cmd(job, to_layout, stores, gpus_per_host, hosts, central, keep_old,
 
     cluster = _cluster(stores, token_file)
     result = reshard(cluster, job, to_layout, gpus_per_host, hosts if hosts in (None, "auto") else hosts.split(","),
-                     central=central, keep_old=keep_old)
+                     central=central, keep_old=keep_old, lost=lost.split(",") if lost else ())
     if as_json:
         emit_json(result.to_json())
         return

@@ -34,7 +34,8 @@ from .plan import Copy, Deployment, Plan, PlanStats
 __all__ = ["make_plan", "check_coverage"]
 
 
-def make_plan(old: Deployment, new: Deployment, validate: bool = True, fanout: bool = True) -> Plan:
+def make_plan(old: Deployment, new: Deployment, validate: bool = True, fanout: bool = True,
+              unavailable: frozenset[int] | set[int] = frozenset()) -> Plan:
     """Plan the copies from ``old`` to ``new`` (same tensors, any configurations/placements).
 
     Args:
@@ -45,13 +46,15 @@ def make_plan(old: Deployment, new: Deployment, validate: bool = True, fanout: b
             the bytes already). Turn it off when every destination rank loads on its own
             (no rank can read another's new tensors); cross-host bytes may then exceed
             the lower bound.
+        unavailable: old ranks that cannot be read (their host is lost); their bytes come
+            from surviving replicas.
 
     Raises:
         PlanError: the two deployments do not describe the same tensors, or (with
             ``validate``) the plan would not cover the destination exactly once.
     """
     _check_same_tensors(old, new)
-    builder = _Builder(old, new, fanout=fanout)
+    builder = _Builder(old, new, fanout=fanout, unavailable=frozenset(unavailable))
     for spec in new.ptc.specs:
         builder.add_tensor(spec.name, itemsize(spec.dtype))
     plan = Plan(old, new, tuple(builder.copies), builder.stats())
@@ -89,6 +92,7 @@ class _Builder:
     old: Deployment
     new: Deployment
     fanout: bool = True
+    unavailable: frozenset[int] = frozenset()
     copies: list[Copy] = field(default_factory=list)
     total: int = 0
     same_device: int = 0
@@ -123,12 +127,18 @@ class _Builder:
         by_host: dict[str, list[int]] = defaultdict(list)
         for oi in group.old:
             for r in old_h[oi].ranks:
+                if r in self.unavailable:
+                    continue
                 by_device.setdefault(self.old_device[r], r)
                 by_host[self.old_host[r]].append(r)
         return _Sources(by_device, by_host)
 
     def _add_group(self, name: str, size: int, group: Group, old_h, new_h) -> None:
         sources = self._sources(group, old_h)
+        if not sources.by_host:
+            lost = sorted(r for oi in group.old for r in old_h[oi].ranks)
+            raise PlanError(f"tensor {name}: {group.volume} elements are held only by unavailable old ranks "
+                            f"{lost}; no replica survives, so restore the job from a persistent checkpoint")
         owner_of = {r: oi for oi in group.old for r in old_h[oi].ranks}
         nbytes = group.volume * size
         fetched: dict[str, tuple[int, int]] = {}  # host -> (rank that fetched, its new holding)

@@ -124,9 +124,10 @@ class StoreCluster:
                 n = max(n, v.get("sequence") or 0, int(m.group(1)) if m else 0)
         return f"v{n + 1}", n + 1
 
-    def latest(self, job: str, version: str | None = None) -> StoredVersion:
+    def latest(self, job: str, version: str | None = None, lost: Sequence[str] = ()) -> StoredVersion:
         """The job's current state: ``version`` if given, else the committed version with
-        the highest sequence that is committed on every host of its placement.
+        the highest sequence that is committed on every host of its placement (except the
+        ``lost`` hosts, whose stores are gone).
 
         Raises:
             StoreError: no such version (the message lists what the stores hold).
@@ -148,7 +149,7 @@ class StoreCluster:
             manifest = VersionManifest.from_json(raw)
             if manifest.scratch:
                 continue
-            missing = [h for h in manifest.hosts if h not in committed[name]]
+            missing = [h for h in manifest.hosts if h not in committed[name] and h not in lost]
             if not missing:
                 return StoredVersion(manifest, raw)
             if version:

@@ -94,6 +94,9 @@ SCHEMAS: dict[str, Any] = {
             "peers": {"type": "object", "maxProperties": 65536,
                       "additionalProperties": {"type": "string", "pattern": "^https?://[^\\s]+$"}},
             "checksum": {"type": "boolean", "default": True},
+            "lost_hosts": {"type": "array", "items": NAME, "maxItems": 65536,
+                           "description": "hosts of the old placement that are gone: read their "
+                                          "bytes from surviving replicas"},
             "concurrency": {"type": "integer", "minimum": 1, "maximum": 64, "default": 8}}},
     "TransformResult": {
         "type": "object", "required": ["host", "copies", "local_bytes", "fetched_bytes", "seconds"],

@@ -70,11 +70,11 @@ class ReshardResult:
 
 
 def _request(src_version: str, to_version: str, old: Deployment, new_layout: str, new_place: Placement,
-             peers: dict[str, str], checksum: bool) -> dict:
+             peers: dict[str, str], checksum: bool, lost: Sequence[str] = ()) -> dict:
     return {"from_version": src_version, "to_version": to_version,
             "old": {"ptc": old.ptc.to_json(), "placement": placement_to_json(old.placement)},
             "new": {"layout": new_layout, "placement": placement_to_json(new_place)},
-            "peers": peers, "checksum": checksum}
+            "peers": peers, "checksum": checksum, "lost_hosts": list(lost)}
 
 
 def _run_parts(cluster: StoreCluster, job: str, hosts: Sequence[str], request: dict) -> dict[str, dict]:
@@ -93,7 +93,7 @@ def _failure(exc: Exception, job: str, source: str, what: str) -> TransformError
 
 def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_per_host: int | None = None,
             hosts: Sequence[str] | str | None = None, central: bool = False, keep_old: bool = False,
-            version: str | None = None, checksum: bool = True) -> ReshardResult:
+            version: str | None = None, checksum: bool = True, lost: Sequence[str] = ()) -> ReshardResult:
     """Transform the job's current version (or ``version``) into ``layout``.
 
     Args:
@@ -106,6 +106,8 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_
         central: consolidate-then-split through the first new host (the baseline).
         keep_old: keep the old version after the new one is committed.
         checksum: CRC-32 every new tensor in the stores (``pull`` verifies against it).
+        lost: hosts of the old placement whose stores are gone (a failure): their ranks'
+            bytes are read from surviving replicas; give the surviving stores only.
 
     Raises:
         ValueError: the layout does not fit the model or the hosts.
@@ -115,10 +117,12 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_
 
     t0 = time.perf_counter()
     config = ParallelConfig.parse(layout) if isinstance(layout, str) else layout
-    src: StoredVersion = cluster.latest(job, version)
+    src: StoredVersion = cluster.latest(job, version, lost)
     old = Deployment(src.manifest.ptc, src.manifest.placement)
     for h in src.manifest.hosts:
-        cluster.client(h)  # every old host must be reachable through --stores
+        if h not in lost:
+            cluster.client(h)  # every surviving old host must be reachable through --stores
+    unavailable = frozenset(r for r in range(old.ptc.config.world_size) if old.placement.host(r) in lost)
     g = gpus_per_host or old.placement.gpus_per_host
     if hosts == "auto" or (not isinstance(hosts, str) and list(hosts or []) == ["auto"]):
         chosen = choose_hosts(old, old.ptc.relayout(config), g, cluster.hosts)
@@ -129,7 +133,10 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_
     if config.world_size > slots:
         raise ValueError(f"layout {config} needs {config.world_size} devices but {len(new_place.hosts)} hosts x "
                          f"{new_place.gpus_per_host} GPUs give {slots}; add stores or raise --gpus-per-host")
-    plan = make_plan(old, new)
+    if set(new_place.hosts_for(config.world_size)) & set(lost):
+        raise ValueError(f"the new placement uses lost host(s) {sorted(set(lost))}; place the layout on "
+                         f"surviving hosts")
+    plan = make_plan(old, new, unavailable=unavailable)
     target, seq = cluster.next_version(job)
     dest_hosts = new_place.hosts_for(config.world_size)
     t1 = time.perf_counter()
@@ -138,7 +145,7 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_
     scratch = None
     try:
         if not central:
-            req = _request(src.name, target, old, str(config), new_place, cluster.peers, checksum)
+            req = _request(src.name, target, old, str(config), new_place, cluster.peers, checksum, lost)
             results = _run_parts(cluster, job, dest_hosts, req)
             phases["transform"] = time.perf_counter() - t1
         else:
@@ -146,7 +153,7 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_
             scratch = f"{target}.consolidated"
             one = ParallelConfig(tp=1, pp=1, dp=1)
             hub_place = Placement(1, (hub,))
-            req = _request(src.name, scratch, old, str(one), hub_place, cluster.peers, checksum)
+            req = _request(src.name, scratch, old, str(one), hub_place, cluster.peers, checksum, lost)
             results["consolidate"] = _run_parts(cluster, job, [hub], req)[hub]
             cluster.commit(VersionManifest(job, scratch, src.manifest.sequence, old.ptc.relayout(one), hub_place,
                                            {}, src.name, scratch=True), [hub])

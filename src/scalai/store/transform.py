@@ -26,6 +26,7 @@ import zlib
 from collections import defaultdict
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import quote
 
 import numpy as np
@@ -64,6 +65,13 @@ class TransformSpec:
     peers: dict[str, str]
     checksum: bool = True
     concurrency: int = 8
+    lost_hosts: tuple[str, ...] = ()
+
+    @property
+    def unavailable(self) -> frozenset[int]:
+        """Old ranks on lost hosts: the plan reads their bytes from replicas."""
+        return frozenset(r for r in range(self.old.ptc.config.world_size)
+                         if self.old.placement.host(r) in self.lost_hosts)
 
     @classmethod
     def from_json(cls, job: str, obj: dict) -> TransformSpec:
@@ -82,7 +90,7 @@ class TransformSpec:
                                  f"ranks, layout {dep.ptc.config} has {world}")
         peers = {check_name(h, "host"): url.rstrip("/") for h, url in obj["peers"].items()}
         return cls(check_name(job, "job"), obj["from_version"], obj["to_version"], old, new, peers,
-                   obj.get("checksum", True), obj.get("concurrency", 8))
+                   obj.get("checksum", True), obj.get("concurrency", 8), tuple(obj.get("lost_hosts", ())))
 
 
 def _sub(window: Window, box: Region) -> Window:
@@ -239,7 +247,7 @@ class _HostPart:
             raise ValueError("from_version and to_version must differ")
         if self.me in s.old.placement.hosts:
             self.catalog.committed(s.job, s.from_version)  # 404/409 early if it is not there
-        plan = await self._in_pool(make_plan, s.old, s.new)
+        plan = await self._in_pool(partial(make_plan, s.old, s.new, unavailable=s.unavailable))
         mine = [c for c in plan.copies if c.dst_host == self.me and c.dst.volume]
         t1 = time.perf_counter()
         await self._in_pool(self._allocate)
