@@ -1,6 +1,14 @@
-"""Worker functions for multi-process training tests (run by ``tests/_dist.py``)."""
+"""Worker functions for multi-process training tests (run by ``tests/_dist.py``).
+
+Each function ends with ``gc.collect()``: the parallelized model keeps gloo work objects
+alive in reference cycles, and if those are only freed while the interpreter shuts down
+(after ``destroy_process_group``), gloo aborts the process ("terminate called without an
+active exception") now and then. Collecting while everything is alive avoids it.
+"""
 
 from __future__ import annotations
+
+import gc
 
 
 def train_segment(rank: int, world_size: int, **options):
@@ -11,7 +19,9 @@ def train_segment(rank: int, world_size: int, **options):
     from scalai.examples.gpt.train import train
 
     torch.set_num_threads(1)
-    return train(TrainOptions(**options))
+    summary = train(TrainOptions(**options))
+    gc.collect()
+    return summary
 
 
 def failure_scenarios(rank: int, world_size: int, data: str, tmp: str):
@@ -75,4 +85,6 @@ def failure_scenarios(rank: int, world_size: int, data: str, tmp: str):
             if flag.should_stop():
                 out["stopped_at"], out["reason"] = step, flag.reason
                 break
+    del run, job
+    gc.collect()
     return out

@@ -13,10 +13,12 @@ the same quantity under every layout.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -241,8 +243,10 @@ def main(opts: TrainOptions) -> int:
         if os.environ.get("SCALAI_DEBUG"):
             raise
         if dist.get_rank() == 0 or not isinstance(exc, CollectiveError):
-            print(f"scalai train (rank {dist.get_rank()}): error: {exc}", flush=True,
-                  file=__import__("sys").stderr)
+            print(f"scalai train (rank {dist.get_rank()}): error: {exc}", flush=True, file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1
     finally:
+        # Free the model's gloo work objects (held in reference cycles) while the
+        # interpreter is fully alive: freed during shutdown, gloo may abort the process.
+        gc.collect()
         dist.destroy_process_group()
