@@ -23,19 +23,12 @@ def corpus_index(tmp_path_factory) -> str:
 
 def run_segment(corpus_index: str, layout: str, steps: int, *, timeout: float = 300, **options) -> dict:
     """Train ``layout`` up to ``steps`` on tp*pp*dp gloo processes; rank 0's summary."""
-    from _dist import DistRunError, run_ranks
+    from _dist import run_ranks
     from scalai.config import ParallelConfig
 
     world = ParallelConfig.parse(layout).world_size
-    kwargs = dict(layout=layout, steps=steps, data=corpus_index, **options)
-    try:
-        results = run_ranks(WORKERS, "train_segment", world, timeout=timeout, kwargs=kwargs)
-    except DistRunError as exc:
-        # run_ranks picks a free port, then starts the ranks: on a busy machine another
-        # process may take the port in between. Only that is retried, once.
-        if "Address already in use" not in str(exc) and "EADDRINUSE" not in str(exc):
-            raise
-        results = run_ranks(WORKERS, "train_segment", world, timeout=timeout, kwargs=kwargs)
+    results = run_ranks(WORKERS, "train_segment", world, timeout=timeout,
+                        kwargs=dict(layout=layout, steps=steps, data=corpus_index, **options))
     assert all(r["losses"] == results[0]["losses"] for r in results), "ranks disagree on the loss"
     return results[0]
 
