@@ -102,6 +102,9 @@ def _worker(path: str, func: str, out: str) -> None:
         result = getattr(module, func)(rank, world_size, **kwargs)
         Path(out, f"result{rank}.json").write_text(json.dumps(result))
     finally:
+        import gc
+
+        gc.collect()  # free gloo work objects now, or gloo may abort the process at exit
         dist.destroy_process_group()
 
 

@@ -1,4 +1,4 @@
-"""Loss curves from ``metrics.jsonl`` files, written as a PNG (needs matplotlib: ``scalai[plot]``).
+"""Loss curves from ``metrics.jsonl`` files, written as a PNG (matplotlib, a runtime dependency).
 
 Each line of a metrics file is one step: ``{"step", "loss", "layout", ...}``. Runs that
 stop and resume append to the same file; when a step appears twice (a run resumed from
@@ -56,7 +56,8 @@ def plot_losses(records: list[dict], out: str | os.PathLike, reference: list[dic
     try:
         import matplotlib
     except ImportError:
-        raise ValueError("plotting needs matplotlib; install it with pip install 'scalai[plot]'") from None
+        raise ValueError("plotting needs matplotlib, which scalai depends on: reinstall scalai "
+                         "(pip install -e .) or pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
