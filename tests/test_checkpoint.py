@@ -122,7 +122,8 @@ def test_official_safetensors_library_loads_our_files(saved):
     for r in range(ptc.config.world_size):
         path = os.path.join(out, rank_file_name(r))
         loaded = load_file(path)
-        assert list(loaded) == [n for n, _ in ptc.rank_shards(r)]
+        # each replica lives in the file of the lowest rank holding it
+        assert list(loaded) == [n for n, _ in ptc.rank_shards(r) if ptc.replica_owner(n, r) == r]
         for name, tensor in loaded.items():
             assert str(tensor.dtype) == f"torch.{ptc.spec(name).dtype}"
             expect = arrays[r][name]
@@ -239,15 +240,17 @@ def test_truncated_rank_file_is_reported_at_open(saved):
 
 
 def test_damaged_header_of_a_rank_file_names_the_file(saved):
-    out, _, _, _ = saved
-    path = os.path.join(out, rank_file_name(3))
+    out, ptc, _, _ = saved
+    rank, name = next((r, n) for r in range(ptc.config.world_size) for n, _ in ptc.rank_shards(r)
+                      if r > 0 and ptc.replica_owner(n, r) == r)  # a tensor stored in its own file
+    path = os.path.join(out, rank_file_name(rank))
     with open(path, "r+b") as f:
         f.seek(9)
         f.write(b"#")  # same size, header no longer JSON
     with Checkpoint.open(out) as ck:  # sizes still match: found when the file is read
-        with pytest.raises(CheckpointError, match=r"rank-00003\.safetensors is truncated or corrupt"):
-            ck.view(3, "embed")
-    with pytest.raises(CheckpointError, match=r"rank-00003\.safetensors"):
+        with pytest.raises(CheckpointError, match=rf"rank-{rank:05d}\.safetensors is truncated or corrupt"):
+            ck.view(rank, name)
+    with pytest.raises(CheckpointError, match=rf"rank-{rank:05d}\.safetensors"):
         verify(out)
 
 
@@ -421,7 +424,8 @@ _KILLED_WRITER = textwrap.dedent("""
     w = CheckpointWriter(sys.argv[1], ptc, {{"step": 1}})
     for r in range(4):
         for name, _ in ptc.rank_shards(r):
-            w.view(r, name)[...] = 1
+            if w.stores(r, name):
+                w.view(r, name)[...] = 1
     print("filled", flush=True)
     time.sleep(60)
 """)
@@ -444,3 +448,65 @@ def test_killed_writer_leaves_no_directory_that_looks_complete(tmp_path):
         Checkpoint.open(out)
     with pytest.raises(CheckpointError, match="no manifest.json"):
         Checkpoint.open(tmp_path / left[0])
+
+
+# -- replicas stored once ---------------------------------------------------------------------
+
+def _dp_checkpoint(tmp_path, dedup: bool):
+    from scalai.models import model_ptc
+    from scalai.models.synth import write_synthetic_checkpoint
+    from scalai.config import ParallelConfig
+
+    out = tmp_path / ("dedup" if dedup else "full")
+    if dedup:
+        write_synthetic_checkpoint("gpt-tiny", out, ParallelConfig.parse("tp=1,pp=2,dp=4"), seed=2)
+    else:  # the same state with every replica written out
+        ptc = model_ptc("gpt-tiny", "tp=1,pp=2,dp=4")
+        with Checkpoint.open(tmp_path / "dedup") as src, CheckpointWriter(out, ptc, src.state, dedup=False) as w:
+            for r in range(ptc.config.world_size):
+                for n, _ in ptc.rank_shards(r):
+                    w.view(r, n)[...] = src.view(r, n)
+            w.commit()
+    return out
+
+
+def test_replicas_are_stored_once_and_read_through_their_owner(tmp_path):
+    from scalai.compare import compare_checkpoints
+
+    dedup, full = _dp_checkpoint(tmp_path, True), _dp_checkpoint(tmp_path, False)
+    size = lambda d: sum(f.stat().st_size for f in d.iterdir() if f.suffix == ".safetensors")  # noqa: E731
+    assert size(dedup) * 3.5 < size(full)  # dp=4: one copy instead of four (plus headers)
+    with Checkpoint.open(dedup) as a, Checkpoint.open(full) as b:
+        # rank 5 is dp rank 1 of stage 1; the tied embedding's copy on the last stage is the
+        # same shard as the first stage's, stored once by rank 0
+        assert a.stored_in(5, "decoder.layers.3.mlp.linear_fc1.weight") == 4
+        assert a.stored_in(5, "embedding.word_embeddings.weight") == 0
+        assert np.array_equal(a.view(5, "embedding.word_embeddings.weight"),
+                              b.view(5, "embedding.word_embeddings.weight"))
+        assert a.checksum(7, "decoder.final_layernorm.weight") == b.checksum(7, "decoder.final_layernorm.weight")
+        a.verify()
+        assert compare_checkpoints(a, b) is None
+    text = (dedup / "manifest.json").read_text()
+    assert '"stored_in": 4' in text and '"version": 2' in text
+
+
+def test_version_1_manifests_without_replica_pointers_still_read(tmp_path):
+    _dp_checkpoint(tmp_path, True)
+    full = _dp_checkpoint(tmp_path, False)
+    path = full / "manifest.json"
+    path.write_text(path.read_text().replace('"version": 2', '"version": 1'))
+    with Checkpoint.open(full) as c:
+        c.verify()
+
+
+@pytest.mark.parametrize("owner", [5, 3])
+def test_a_replica_pointer_to_a_rank_without_that_replica_is_refused(tmp_path, owner):
+    out = _dp_checkpoint(tmp_path, True)
+    path = out / "manifest.json"
+    text = path.read_text()
+    # rank 6 (stage 1, dp rank 2) points at rank 4; make it point at rank 5 (itself an
+    # alias) or rank 3 (stage 0: another shard)
+    line = next(l for l in text.splitlines() if l.strip().startswith('{"rank": 6,'))
+    path.write_text(text.replace(line, line.replace('"stored_in": 4', f'"stored_in": {owner}')))
+    with pytest.raises(CheckpointError, match="does not store an identical replica"):
+        Checkpoint.open(out)

@@ -159,7 +159,7 @@ def test_reshard_refuses_a_corrupted_source(capsys, tmp_path, tiny):
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny, copy)
-    victim = copy / "rank-00002.safetensors"
+    victim = copy / "rank-00001.safetensors"  # rank 1 stores data (rank 2 is a replica of rank 0)
     data = bytearray(victim.read_bytes())
     data[-3] ^= 0xFF
     victim.write_bytes(bytes(data))

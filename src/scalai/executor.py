@@ -189,7 +189,7 @@ def execute(plan: Plan, source, dest, workers: int | None = None,
             worker threads, one call at a time.
 
     Returns:
-        bytes copied.
+        bytes copied (replicas that ``dest`` stores once are copied once).
 
     Raises:
         PlanError: a copy does not fit the layouts. Nothing is written in that case.
@@ -201,9 +201,12 @@ def execute(plan: Plan, source, dest, workers: int | None = None,
             local = dest.view(rank, tensor)
             if volume < local.size:
                 local[...] = 0
+    # A destination that stores each replica once (see CheckpointWriter.stores) needs only
+    # the copies into the stored replica; the others would repeat its bytes.
+    stores = getattr(dest, "stores", lambda rank, tensor: True)
     tasks: dict[bool, dict[tuple[int, str], list[Copy]]] = {False: defaultdict(list), True: defaultdict(list)}
     for c in plan.copies:
-        if c.dst.volume:
+        if c.dst.volume and stores(c.dst_rank, c.tensor):
             tasks[c.from_new][(c.dst_rank, c.tensor)].append(c)
     mixed = set(tasks[False]) & set(tasks[True])
     lock = threading.Lock()
@@ -243,7 +246,7 @@ def execute(plan: Plan, source, dest, workers: int | None = None,
             # while pwrite copies into the page cache, not while gathering or checksumming)
             order = sorted(tasks[phase].items(), key=lambda kv: (kv[0][0], file_order[kv[0]]))
             list(pool.map(run, order))
-    return sum(c.nbytes for c in plan.copies)
+    return sum(c.nbytes for phase in tasks.values() for copies in phase.values() for c in copies)
 
 
 class ReshardTime(float):

@@ -50,7 +50,8 @@ def failure_scenarios(rank: int, world_size: int, data: str, tmp: str):
             shutil.copytree(good, os.path.join(tmp, "missing"))
             os.unlink(os.path.join(tmp, "missing", "rank-00001.safetensors"))
             shutil.copytree(good, os.path.join(tmp, "corrupt"))
-            path = os.path.join(tmp, "corrupt", "rank-00001.safetensors")
+            # rank 0's file: at dp=2 it stores every replica (rank 1's entries point to it)
+            path = os.path.join(tmp, "corrupt", "rank-00000.safetensors")
             raw = bytearray(open(path, "rb").read())
             raw[len(raw) // 2] ^= 0x40
             open(path, "wb").write(bytes(raw))

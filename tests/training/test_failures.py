@@ -27,9 +27,9 @@ def test_missing_shard_fails_on_every_rank(outcomes):
 def test_corrupted_shard_fails_on_every_rank(outcomes):
     seen = [o["corrupt"] for o in outcomes]
     assert all(s is not None for s in seen) and seen[0] == seen[1]
-    # saved rank 1 is verified by live rank 1 only; rank 0 learns it through the collective
-    assert seen[0]["ranks"] == [1] and seen[0]["kinds"] == ["ChecksumError"]
-    assert "checksum mismatch" in seen[0]["message"] and "rank-00001.safetensors" in seen[0]["message"]
+    # saved rank 0 is verified by live rank 0 only; rank 1 learns it through the collective
+    assert seen[0]["ranks"] == [0] and seen[0]["kinds"] == ["ChecksumError"]
+    assert "checksum mismatch" in seen[0]["message"] and "rank-00000.safetensors" in seen[0]["message"]
 
 
 def test_a_write_failure_on_one_rank_fails_the_save_everywhere_and_leaves_nothing(outcomes):

@@ -1,11 +1,11 @@
 """The manifest of a checkpoint directory: what is stored where, with checksums.
 
 ``manifest.json`` is written last and atomically; its presence is what makes a directory
-a checkpoint. Layout (version 1)::
+a checkpoint. Layout (version 2)::
 
     {
       "format": "scalai-checkpoint",
-      "version": 1,
+      "version": 2,
       "created_by": "scalai 0.1.0",
       "checksum_algorithm": "crc32",
       "ptc": {"config": "tp=2,pp=1,dp=1", "num_layers": 2, "tensors": [...]},
@@ -20,7 +20,10 @@ a checkpoint. Layout (version 1)::
 
 ``ranks[r].tensors`` lists, in file order, exactly the local tensors that
 ``ptc.rank_shards(r)`` names, with their local shapes; ``checksum`` is the CRC-32 of the
-tensor's raw bytes as 8 hex digits; ``state`` is the caller's JSON (step, schedulers, RNG,
+tensor's raw bytes as 8 hex digits. A replica (the same shard held by several
+data-parallel ranks, or a tied embedding's two copies) is stored once, in the file of the
+lowest rank holding it; the others record ``"stored_in": <that rank>`` instead of a
+checksum (version 2; version 1 stored every replica); ``state`` is the caller's JSON (step, schedulers, RNG,
 data position). The parser is strict: unknown keys, wrong types or a layout that
 disagrees with the tensors listed make the manifest invalid; a newer version is refused.
 """
@@ -40,7 +43,7 @@ __all__ = ["FORMAT", "VERSION", "MANIFEST_NAME", "TensorRecord", "RankRecord", "
            "rank_file_name", "read_manifest", "write_manifest", "atomic_write"]
 
 FORMAT = "scalai-checkpoint"
-VERSION = 1
+VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 
@@ -50,11 +53,26 @@ def rank_file_name(rank: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class TensorRecord:
-    """One stored local tensor: dtype name, local shape, CRC-32 of its raw bytes."""
+    """One local tensor: dtype name, local shape, and either the CRC-32 of its raw bytes
+    (stored in this rank's file) or ``stored_in``: the rank whose file holds the identical
+    replica (data-parallel replicas are stored once)."""
 
     dtype: str
     shape: tuple[int, ...]
-    checksum: int
+    checksum: int | None
+    stored_in: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.checksum is None) == (self.stored_in is None):
+            raise ValueError("a tensor record has either a checksum or stored_in, not both")
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"dtype": self.dtype, "shape": list(self.shape)}
+        if self.stored_in is None:
+            out["checksum"] = f"{self.checksum:08x}"
+        else:
+            out["stored_in"] = self.stored_in
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +97,7 @@ class Manifest:
             "format": FORMAT, "version": VERSION, "created_by": self.created_by,
             "checksum_algorithm": ALGORITHM, "ptc": self.ptc.to_json(),
             "ranks": [{"rank": r.rank, "file": r.file, "bytes": r.nbytes,
-                       "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape),
-                                       "checksum": f"{t.checksum:08x}"}
-                                   for n, t in r.tensors.items()}} for r in self.ranks],
+                       "tensors": {n: t.to_json() for n, t in r.tensors.items()}} for r in self.ranks],
             "state": self.state,
         }
 
@@ -116,6 +132,7 @@ class Manifest:
             raise bad(f"layout {ptc.config} has {ptc.config.world_size} ranks, "
                       f"the manifest lists {len(ranks) if isinstance(ranks, list) else 'none'}")
         records = tuple(_rank_record(r, i, ptc, bad) for i, r in enumerate(ranks))
+        _check_replicas(records, ptc, bad)
         return cls(ptc, records, obj["state"], str(obj["created_by"]))
 
 
@@ -133,10 +150,15 @@ def _rank_record(obj: Any, rank: int, ptc: PTC, bad) -> RankRecord:
     for name, shard in expected:
         t = obj["tensors"][name]
         try:
-            ok = (set(t) == {"dtype", "shape", "checksum"} and len(t["checksum"]) == 8
-                  and all(c in "0123456789abcdef" for c in t["checksum"])
-                  and all(isinstance(s, int) for s in t["shape"]))
-            record = TensorRecord(t["dtype"], tuple(t["shape"]), int(t["checksum"], 16))
+            if isinstance(t, dict) and "stored_in" in t:
+                ok = set(t) == {"dtype", "shape", "stored_in"} and isinstance(t["stored_in"], int) \
+                    and not isinstance(t["stored_in"], bool)
+                record = TensorRecord(t["dtype"], tuple(t["shape"]), None, t["stored_in"])
+            else:
+                ok = (set(t) == {"dtype", "shape", "checksum"} and len(t["checksum"]) == 8
+                      and all(c in "0123456789abcdef" for c in t["checksum"]))
+                record = TensorRecord(t["dtype"], tuple(t["shape"]), int(t["checksum"], 16))
+            ok = ok and all(isinstance(s, int) for s in t["shape"])
         except (TypeError, ValueError, KeyError):
             ok = False
         if not ok or record.shape != shard.shape or record.dtype != ptc.spec(name).dtype:
@@ -144,6 +166,20 @@ def _rank_record(obj: Any, rank: int, ptc: PTC, bad) -> RankRecord:
                       f"(dtype {ptc.spec(name).dtype}, local shape {list(shard.shape)})")
         tensors[name] = record
     return RankRecord(rank, obj["file"], obj["bytes"], tensors)
+
+
+def _check_replicas(records: tuple[RankRecord, ...], ptc: PTC, bad) -> None:
+    """Every ``stored_in`` names another holder of the very same shard that stores it."""
+    for record in records:
+        for name, t in record.tensors.items():
+            if t.stored_in is None:
+                continue
+            holding = next(h for h in ptc.holdings(name) if record.rank in h.ranks)
+            owner = t.stored_in
+            if owner == record.rank or owner not in holding.ranks \
+                    or records[owner].tensors[name].stored_in is not None:
+                raise bad(f"rank {record.rank} tensor {name} is said to be stored by rank {owner}, "
+                          f"which does not store an identical replica")
 
 
 def atomic_write(path: str, data: bytes, sync: bool = True) -> None:

@@ -90,20 +90,25 @@ class Checkpoint:
         record = self.manifest.ranks[rank]
         reader = SafetensorsReader(os.path.join(self.directory, record.file))
         stored = [(n, e.dtype, e.shape) for n, e in reader.entries.items()]
-        expected = [(n, t.dtype, t.shape) for n, t in record.tensors.items()]
+        expected = [(n, t.dtype, t.shape) for n, t in record.tensors.items() if t.stored_in is None]
         if sorted(stored) != sorted(expected):
             reader.close()
             raise CheckpointError(f"{reader.path} holds other tensors than the manifest lists; "
                                   f"the file was replaced: use an earlier checkpoint")
         return reader
 
+    def stored_in(self, rank: int, tensor: str) -> int:
+        """The rank whose file holds ``rank``'s ``tensor`` (itself, or the replica's owner)."""
+        owner = self.manifest.ranks[rank].tensors[tensor].stored_in
+        return rank if owner is None else owner
+
     def view(self, rank: int, tensor: str, region: Region | None = None) -> np.ndarray:
         """Read-only raw array (local shape) of ``tensor`` on ``rank``, or a region of it."""
-        return self.file(rank).view(tensor, region)
+        return self.file(self.stored_in(rank, tensor)).view(tensor, region)
 
     def checksum(self, rank: int, tensor: str) -> int:
-        """The CRC-32 that the manifest records for ``tensor`` on ``rank``."""
-        return self.manifest.ranks[rank].tensors[tensor].checksum
+        """The CRC-32 that the manifest records for ``tensor`` on ``rank`` (or its replica)."""
+        return self.manifest.ranks[self.stored_in(rank, tensor)].tensors[tensor].checksum
 
     def read(self, rank: int, tensor: str, region: Region | None = None):
         """A torch tensor (a copy, in the stored dtype) of a local tensor or a region of it."""
@@ -134,12 +139,13 @@ class Checkpoint:
                 do not match the manifest.
             CheckpointError: a rank file is missing, truncated or unreadable.
         """
-        jobs = [((r.rank, n), self.view(r.rank, n)) for r in self.manifest.ranks for n in r.tensors]
+        jobs = [((r.rank, n), self.view(r.rank, n)) for r in self.manifest.ranks
+                for n, t in r.tensors.items() if t.stored_in is None]
         with ThreadPoolExecutor(workers or default_workers()) as pool:
             crcs = checksums(jobs, pool)
         for record in self.manifest.ranks:
             for name, t in record.tensors.items():
-                if crcs[(record.rank, name)] != t.checksum:
+                if t.stored_in is None and crcs[(record.rank, name)] != t.checksum:
                     raise ChecksumError(
                         f"checksum mismatch in {os.path.join(self.directory, record.file)}, tensor "
                         f"{name}: stored {t.checksum:08x}, computed {crcs[(record.rank, name)]:08x}; "

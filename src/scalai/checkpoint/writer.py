@@ -65,6 +65,8 @@ class CheckpointWriter:
         ptc: the layout; rank ``r`` stores ``ptc.rank_shards(r)``.
         state: JSON-serializable non-tensor state (step, schedulers, RNG, data position).
         sync: fsync files and directories on commit (turn off only for scratch data).
+        dedup: store each replica once, in the file of the lowest rank holding it (see
+            :meth:`stores`); the other holders' manifest entries point there.
 
     Raises:
         FileExistsError: ``out_dir`` exists (nothing is touched).
@@ -74,10 +76,11 @@ class CheckpointWriter:
     zero_filled = True
 
     def __init__(self, out_dir: str | os.PathLike, ptc: PTC, state: Mapping[str, Any] | None = None,
-                 sync: bool = True):
+                 sync: bool = True, dedup: bool = True):
         self.out_dir = os.path.abspath(os.fspath(out_dir))
         self.ptc = ptc
         self.sync = sync
+        self.dedup = dedup
         try:
             self.state = json.loads(json.dumps(dict(state or {}), allow_nan=False))
         except (TypeError, ValueError) as exc:
@@ -116,11 +119,17 @@ class CheckpointWriter:
             with rank_lock:  # one file at a time per rank; other ranks' files in parallel
                 f = self._files.get(rank)
                 if f is None:
-                    entries = [(n, self.ptc.spec(n).dtype, s.shape) for n, s in self.ptc.rank_shards(rank)]
+                    entries = [(n, self.ptc.spec(n).dtype, s.shape) for n, s in self.ptc.rank_shards(rank)
+                               if self.stores(rank, n)]
                     meta = {"format": "pt", "scalai.rank": str(rank), "scalai.layout": str(self.ptc.config)}
                     f = self._files[rank] = SafetensorsWriter(
                         os.path.join(self.staging, rank_file_name(rank)), entries, meta)
         return f
+
+    def stores(self, rank: int, tensor: str) -> bool:
+        """Whether ``rank``'s file holds ``tensor`` (with ``dedup``, only the lowest rank of
+        identical replicas does; writing the others would only repeat its bytes)."""
+        return not self.dedup or self.ptc.replica_owner(tensor, rank) == rank
 
     def entry(self, rank: int, tensor: str) -> TensorEntry:
         """Dtype name, local shape and position of ``tensor`` in ``rank``'s file."""
@@ -135,7 +144,10 @@ class CheckpointWriter:
         return self.file(rank).view(tensor)
 
     def read_view(self, rank: int, tensor: str) -> np.ndarray:
-        """The same array as :meth:`view`, for reading what was written (no checksum cost)."""
+        """The same array as :meth:`view`, for reading what was written (no checksum cost);
+        a replica that ``rank`` does not store reads from the rank that does."""
+        if not self.stores(rank, tensor):
+            rank = self.ptc.replica_owner(tensor, rank)
         return self.file(rank).view(tensor)
 
     def write(self, rank: int, tensor: str, byte_offset: int, data, crc: int | None = None) -> None:
@@ -190,8 +202,10 @@ class CheckpointWriter:
             t1 = time.perf_counter()
             list(pool.map(lambda f: f.finalize(self.sync), files))
         records = tuple(
-            RankRecord(r, rank_file_name(r), files[r].size,
-                       {n: TensorRecord(e.dtype, e.shape, crcs[(r, n)]) for n, e in files[r].entries.items()})
+            RankRecord(r, rank_file_name(r), files[r].size, {
+                n: (TensorRecord(self.ptc.spec(n).dtype, s.shape, crcs[(r, n)]) if self.stores(r, n) else
+                    TensorRecord(self.ptc.spec(n).dtype, s.shape, None, self.ptc.replica_owner(n, r)))
+                for n, s in self.ptc.rank_shards(r)})
             for r in ranks)
         write_manifest(self.staging, Manifest(self.ptc, records, self.state, _created_by()), self.sync)
         if self.sync:
@@ -236,6 +250,8 @@ def save_arrays(out_dir: str | os.PathLike, ptc: PTC, arrays: Mapping[int, Mappi
         for rank in range(ptc.config.world_size):
             given = arrays.get(rank, {})
             for name, shard in ptc.rank_shards(rank):
+                if not writer.stores(rank, name):
+                    continue
                 if name not in given:
                     raise ValueError(f"no array for tensor {name} of rank {rank}; give every "
                                      f"tensor of ptc.rank_shards({rank})")

@@ -31,10 +31,10 @@ def synth(model: str, out: str, layout, seed: int, as_json: bool) -> None:
     holds the same global tensors.
     """
     from ..models import model_ptc
-    from ..models.synth import write_synthetic_checkpoint
+    from ..models.synth import stored_nbytes, write_synthetic_checkpoint
 
     ptc = model_ptc(model, layout)
-    total = sum(ptc.rank_nbytes(r) for r in range(layout.world_size))
+    total = stored_nbytes(ptc)
     t0 = time.perf_counter()
     with progress(f"synth {model}", total, enabled=not as_json) as advance:
         write_synthetic_checkpoint(model, out, layout, seed, progress=advance)
@@ -211,13 +211,14 @@ def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool
     """
     from ..checkpoint import Checkpoint
     from ..executor import reshard_checkpoint
+    from ..models.synth import stored_nbytes
 
     if os.path.lexists(out):
         raise FileExistsError(f"output {out} already exists; choose another directory or remove it first")
     verify_seconds = 0.0
     with Checkpoint.open(ckpt) as c:
         old = c.ptc
-        total = sum(old.relayout(to_layout).rank_nbytes(r) for r in range(to_layout.world_size))
+        total = stored_nbytes(old.relayout(to_layout))
         if verify:
             t0 = time.perf_counter()
             c.verify(workers)

@@ -88,6 +88,7 @@ class PTC:
         self._holdings: dict[str, tuple[Holding, ...]] = {}
         self._zero: dict[tuple[int, int], tuple[dict[str, int], int]] = {}
         self._rank_view: list[list[tuple[str, LocalShard]]] | None = None
+        self._owners: dict[str, dict[int, int]] = {}
 
     # -- lookup ----------------------------------------------------------------------
     @property
@@ -171,6 +172,14 @@ class PTC:
                         key = ("zero", spec.split, spec.shape, cfg.tp, t, lo - start, hi - start)
                         out.append(Holding(spec.name, shard, (cfg.rank(t, d, stage),), key))
         return out
+
+    def replica_owner(self, name: str, rank: int) -> int:
+        """The lowest rank holding the same local shard of ``name`` as ``rank`` does: the one
+        replica a checkpoint stores (``rank`` itself when it is the lowest)."""
+        owners = self._owners.get(name)
+        if owners is None:
+            owners = self._owners[name] = {r: min(h.ranks) for h in self.holdings(name) for r in h.ranks}
+        return owners[rank]
 
     # -- per-rank view ----------------------------------------------------------------
     def rank_shards(self, rank: int) -> list[tuple[str, LocalShard]]:

@@ -16,7 +16,8 @@ from ..dtypes import raw_numpy
 from ..layout.spec import TensorSpec
 from ..regions import Region
 
-__all__ = ["synth_region", "fill_local", "synthetic_state", "write_synthetic_checkpoint"]
+__all__ = ["synth_region", "fill_local", "synthetic_state", "write_synthetic_checkpoint",
+           "stored_nbytes"]
 
 _CHUNK = 1 << 22  # elements per hashing pass: bounds temporaries to ~64 MiB
 
@@ -96,6 +97,16 @@ def fill_local(spec: TensorSpec, shard, out: np.ndarray, seed: int) -> None:
         out[piece.local_region.to_slices()] = vals.reshape(piece.local_region.sizes)
 
 
+def stored_nbytes(ptc) -> int:
+    """Bytes a checkpoint of ``ptc`` stores: local tensors, padding included, replicas once."""
+    total = 0
+    for rank in range(ptc.config.world_size):
+        for name, shard in ptc.rank_shards(rank):
+            if ptc.replica_owner(name, rank) == rank:
+                total += int(np.prod(shard.shape)) * raw_numpy(ptc.spec(name).dtype).itemsize
+    return total
+
+
 def synthetic_state(model: str, config, seed: int, step: int = 1000, global_batch: int = 64) -> dict:
     """Non-tensor state of a synthetic job at ``step``: scheduler, per-rank RNG, data position."""
     from ..data.state import DataState
@@ -134,7 +145,7 @@ def write_synthetic_checkpoint(model: str, out_dir, config, seed: int = 0, progr
     from . import model_ptc
 
     ptc = model_ptc(model, config)
-    need = sum(ptc.rank_nbytes(r) for r in range(config.world_size))
+    need = stored_nbytes(ptc)
     parent = os.path.dirname(os.path.abspath(os.fspath(out_dir))) or "."
     free = shutil.disk_usage(parent if os.path.isdir(parent) else ".").free
     if need > 0.9 * free:
@@ -145,6 +156,8 @@ def write_synthetic_checkpoint(model: str, out_dir, config, seed: int = 0, progr
     with CheckpointWriter(out_dir, ptc, state) as writer:
         def fill(rank: int) -> None:
             for name, shard in ptc.rank_shards(rank):
+                if not writer.stores(rank, name):
+                    continue  # a replica stored once, by a lower rank
                 fill_local(ptc.spec(name), shard, writer.view(rank, name), seed)
                 if progress:
                     progress(int(np.prod(shard.shape)) * raw_numpy(ptc.spec(name).dtype).itemsize)

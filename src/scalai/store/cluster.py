@@ -255,6 +255,7 @@ class StoreCluster:
                                         f"the checksum the store recorded; its memory may be damaged")
 
             parallel(fetch, _interleave([(m.placement.host(r), (r, n)) for r in range(m.ptc.config.world_size)
-                                         for n, _ in m.ptc.rank_shards(r)]), workers * len(m.hosts))
+                                         for n, _ in m.ptc.rank_shards(r) if writer.stores(r, n)]),
+                     workers * len(m.hosts))
             writer.commit()
         return src

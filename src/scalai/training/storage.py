@@ -115,7 +115,9 @@ class DirectoryWriter:
         if not os.path.isdir(staging):
             raise CheckpointError(f"staging directory {staging} is not visible from this rank; "
                                   f"a directory checkpoint needs a filesystem shared by all ranks")
-        shards = ptc.rank_shards(rank)
+        # Each replica is stored once, by the lowest rank holding it (manifest: stored_in).
+        shards = [(name, shard) for name, shard in ptc.rank_shards(rank)
+                  if ptc.replica_owner(name, rank) == rank]
         entries = [(name, ptc.spec(name).dtype, shard.shape) for name, shard in shards]
         meta = {"format": "pt", "scalai.rank": str(rank), "scalai.layout": str(ptc.config)}
         path = os.path.join(staging, rank_file_name(rank))
@@ -135,9 +137,10 @@ class DirectoryWriter:
         except BaseException:
             writer.abort()
             raise
-        return RankRecord(rank, rank_file_name(rank), writer.size,
-                          {name: TensorRecord(ptc.spec(name).dtype, shard.shape, crcs[name])
-                           for name, shard in shards})
+        return RankRecord(rank, rank_file_name(rank), writer.size, {
+            name: (TensorRecord(ptc.spec(name).dtype, shard.shape, crcs[name]) if name in crcs else
+                   TensorRecord(ptc.spec(name).dtype, shard.shape, None, ptc.replica_owner(name, rank)))
+            for name, shard in ptc.rank_shards(rank)})
 
     def commit(self, token: str, manifest: Manifest) -> None:
         staging = self._staging(token)
@@ -180,7 +183,7 @@ class DirectoryReader:
         """
         manifest = self.checkpoint.manifest
         jobs = [((r, name), self.checkpoint.view(r, name)) for r in ranks
-                for name in manifest.ranks[r].tensors]
+                for name, t in manifest.ranks[r].tensors.items() if t.stored_in is None]
         with ThreadPoolExecutor(self.workers) as pool:
             crcs = checksums(jobs, pool)
         for (r, name), crc in sorted(crcs.items()):
