@@ -83,11 +83,10 @@ def test_hand_made_replicate_to_split_plan_into_files(tmp_path, layout):
     plan = _replicate_to_split_plan(old, new, from_new_tensor="extra.mask")
     assert plan.copies[0].from_new  # listed first, must still run after the copies it reads
     seen = []
-    with Checkpoint.open(tmp_path / "a") as src, CheckpointWriter(tmp_path / "b", new) as dst:
+    with Checkpoint.open(tmp_path / "a") as src, CheckpointWriter(tmp_path / "b", new, dedup=False) as dst:
         moved = execute(plan, src, dst, workers=3, progress=seen.append)
-        stored = sum(c.nbytes for c in plan.copies if dst.stores(c.dst_rank, c.tensor))
         dst.commit()
-    assert moved == sum(seen) == stored <= plan.stats.total_bytes  # replicas written once
+    assert moved == sum(seen) == plan.stats.total_bytes
     with Checkpoint.open(tmp_path / "b") as ck:
         ck.verify()
         _assert_ranks_equal(ck.view, local_raw(new, glob, pad=0))
@@ -139,7 +138,7 @@ def test_flat_zero_windows_with_sub_boxes(tmp_path, cut):
                     copies.append(_copy(name, 0, r, src, dst, size))
     plan = _plan(old, new, copies)
     save_arrays(tmp_path / "a", old, local_raw(old, glob))
-    with Checkpoint.open(tmp_path / "a") as src, CheckpointWriter(tmp_path / "b", new) as dst:
+    with Checkpoint.open(tmp_path / "a") as src, CheckpointWriter(tmp_path / "b", new, dedup=False) as dst:
         execute(plan, src, dst)
         dst.commit()
     verify(tmp_path / "b")
@@ -170,7 +169,7 @@ def test_wrong_layout_or_shape_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"source layers.1.fc of rank 0 has shape \[8, 8\].* is \[16, 8\]"):
         execute(plan, source, local_raw(new, glob))
     save_arrays(tmp_path / "a", old, local_raw(old, glob))
-    with Checkpoint.open(tmp_path / "a") as src, CheckpointWriter(tmp_path / "b", old) as dst:
+    with Checkpoint.open(tmp_path / "a") as src, CheckpointWriter(tmp_path / "b", old, dedup=False) as dst:
         with pytest.raises(ValueError, match="destination holds layout tp=1,pp=1,dp=1 .* plan was made for tp=2"):
             execute(plan, src, dst)
 
@@ -228,7 +227,7 @@ def test_fan_out_plan_across_hosts(tmp_path):
     assert any(c.from_new for c in plan.copies)
     glob = global_raw(old, seed=9)
     save_arrays(tmp_path / "a", old, local_raw(old, glob, pad=GARBAGE))
-    with Checkpoint.open(tmp_path / "a") as src, CheckpointWriter(tmp_path / "b", new) as dst:
+    with Checkpoint.open(tmp_path / "a") as src, CheckpointWriter(tmp_path / "b", new, dedup=False) as dst:
         execute(plan, src, dst, workers=3)
         dst.commit()
     with Checkpoint.open(tmp_path / "b") as ck:
@@ -371,3 +370,28 @@ def test_reshard_memory_stays_bounded(tmp_path, a, b):
         for lo in range(0, 2048, 512):
             box = Region((lo, 0), (512, 8192))
             assert np.array_equal(src.read_global("w", box), dst.read_global("w", box))
+
+
+def test_plans_into_a_deduplicating_checkpoint_fill_each_replica_once(tmp_path):
+    """A checkpoint writer stores each replica once: a plan made for ``stored_replicas()``
+    fills exactly that, fan-out included; a plan for every replica is refused."""
+    from scalai.config import Placement
+    from scalai.planner import Deployment, make_plan
+
+    old, new = make_ptc("tp=2,pp=1,dp=1"), make_ptc("tp=1,pp=2,dp=4")
+    glob = global_raw(old)
+    save_arrays(tmp_path / "a", old, local_raw(old, glob, pad=GARBAGE))
+    hosts = Placement(2)  # 8 new ranks on 4 hosts: bytes fetched once per host, then fanned out
+    stored = make_plan(Deployment(old, hosts), Deployment(new.stored_replicas(), hosts))
+    full = make_plan(Deployment(old, hosts), Deployment(new, hosts))
+    assert stored.stats.total_bytes < full.stats.total_bytes
+    with Checkpoint.open(tmp_path / "a") as src:
+        with CheckpointWriter(tmp_path / "refused", new) as dst:
+            with pytest.raises(PlanError, match="stored_replicas"):
+                execute(full, src, dst)
+        with CheckpointWriter(tmp_path / "b", new) as dst:
+            assert execute(stored, src, dst) == stored.stats.total_bytes
+            dst.commit()
+    with Checkpoint.open(tmp_path / "b") as ck:
+        ck.verify()
+        _assert_ranks_equal(ck.view, local_raw(new, glob, pad=0))

@@ -189,7 +189,7 @@ def execute(plan: Plan, source, dest, workers: int | None = None,
             worker threads, one call at a time.
 
     Returns:
-        bytes copied (replicas that ``dest`` stores once are copied once).
+        bytes copied.
 
     Raises:
         PlanError: a copy does not fit the layouts. Nothing is written in that case.
@@ -201,12 +201,13 @@ def execute(plan: Plan, source, dest, workers: int | None = None,
             local = dest.view(rank, tensor)
             if volume < local.size:
                 local[...] = 0
-    # A destination that stores each replica once (see CheckpointWriter.stores) needs only
-    # the copies into the stored replica; the others would repeat its bytes.
-    stores = getattr(dest, "stores", lambda rank, tensor: True)
+    stores = getattr(dest, "stores", None)
     tasks: dict[bool, dict[tuple[int, str], list[Copy]]] = {False: defaultdict(list), True: defaultdict(list)}
     for c in plan.copies:
-        if c.dst.volume and stores(c.dst_rank, c.tensor):
+        if stores is not None and not stores(c.dst_rank, c.tensor):
+            raise PlanError(f"the plan copies {c.tensor} into rank {c.dst_rank}, whose replica the "
+                            f"destination stores elsewhere; plan into ptc.stored_replicas()")
+        if c.dst.volume:
             tasks[c.from_new][(c.dst_rank, c.tensor)].append(c)
     mixed = set(tasks[False]) & set(tasks[True])
     lock = threading.Lock()
@@ -305,7 +306,8 @@ def reshard_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
         new_ptc = old_ptc.relayout(new_config)
         if placement is None:
             placement = Placement(gpus_per_host=max(old_ptc.config.world_size, new_config.world_size))
-        plan = make_plan(Deployment(old_ptc, placement), Deployment(new_ptc, placement))
+        # Into what the new checkpoint stores: each replica once (CheckpointWriter dedups).
+        plan = make_plan(Deployment(old_ptc, placement), Deployment(new_ptc.stored_replicas(), placement))
         state = carry_state(ckpt.state, old_ptc.config, new_config)  # step, RNG rule, data
         t1 = time.perf_counter()
         with CheckpointWriter(out_dir, new_ptc, state, sync=sync) as writer:

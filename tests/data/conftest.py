@@ -57,10 +57,6 @@ def text_dir(tmp_path: Path) -> Path:
     return root
 
 
-def concat_bytes(paths: list[Path]) -> bytes:
-    return b"".join(Path(p).read_bytes() for p in paths)
-
-
 def require_fuse() -> None:
     """Fail (not skip) when FUSE is unusable, unless SCALAI_ALLOW_NO_FUSE=1 allows a skip."""
     from scalai.data.vfs import fuse_unavailable_reason

@@ -12,7 +12,7 @@ import pytest
 from scalai.data import SampleIndex, SampleReader, build_index
 from scalai.errors import ScalaiError
 
-from conftest import concat_bytes
+from data_helpers import concat_bytes
 
 
 def _all_samples(index: SampleIndex) -> list[bytes]:

@@ -21,7 +21,7 @@ import pytest
 from scalai.data import build_index, global_order
 from scalai.data.vfs import is_mounted
 
-from conftest import concat_bytes
+from data_helpers import concat_bytes
 
 _SCALAI = [sys.executable, "-c", "import sys; from scalai.cli.main import main; sys.exit(main())"]
 

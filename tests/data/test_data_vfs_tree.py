@@ -9,7 +9,7 @@ import pytest
 
 from scalai.data import DataState, Division, MountConfig, SampleReader, View, build_index, global_order
 
-from conftest import concat_bytes
+from data_helpers import concat_bytes
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import WORKERS
+from training_helpers import WORKERS
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_metrics
+from training_helpers import read_metrics
 
 SCALAI = str(Path(sys.executable).parent / "scalai")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import read_metrics, run_segment
+from training_helpers import read_metrics, run_segment
 
 TOLERANCE = 1e-4
 

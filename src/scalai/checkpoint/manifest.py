@@ -21,9 +21,9 @@ a checkpoint. Layout (version 2)::
 ``ranks[r].tensors`` lists, in file order, exactly the local tensors that
 ``ptc.rank_shards(r)`` names, with their local shapes; ``checksum`` is the CRC-32 of the
 tensor's raw bytes as 8 hex digits. A replica (the same shard held by several
-data-parallel ranks, or a tied embedding's two copies) is stored once, in the file of the
-lowest rank holding it; the others record ``"stored_in": <that rank>`` instead of a
-checksum (version 2; version 1 stored every replica); ``state`` is the caller's JSON (step, schedulers, RNG,
+data-parallel ranks, or a tied embedding's two copies) is stored once, in the file of one
+rank holding it (``PTC.replica_owner``: chosen to balance bytes across files); the others
+record ``"stored_in": <that rank>`` instead of a checksum (version 2; version 1 stored every replica); ``state`` is the caller's JSON (step, schedulers, RNG,
 data position). The parser is strict: unknown keys, wrong types or a layout that
 disagrees with the tensors listed make the manifest invalid; a newer version is refused.
 """

@@ -65,7 +65,7 @@ class CheckpointWriter:
         ptc: the layout; rank ``r`` stores ``ptc.rank_shards(r)``.
         state: JSON-serializable non-tensor state (step, schedulers, RNG, data position).
         sync: fsync files and directories on commit (turn off only for scratch data).
-        dedup: store each replica once, in the file of the lowest rank holding it (see
+        dedup: store each replica once, in the file of one rank holding it (see
             :meth:`stores`); the other holders' manifest entries point there.
 
     Raises:
@@ -127,8 +127,8 @@ class CheckpointWriter:
         return f
 
     def stores(self, rank: int, tensor: str) -> bool:
-        """Whether ``rank``'s file holds ``tensor`` (with ``dedup``, only the lowest rank of
-        identical replicas does; writing the others would only repeat its bytes)."""
+        """Whether ``rank``'s file holds ``tensor`` (with ``dedup``, one rank of identical
+        replicas does, ``PTC.replica_owner``; writing the others would repeat its bytes)."""
         return not self.dedup or self.ptc.replica_owner(tensor, rank) == rank
 
     def entry(self, rank: int, tensor: str) -> TensorEntry:

@@ -89,6 +89,7 @@ class PTC:
         self._zero: dict[tuple[int, int], tuple[dict[str, int], int]] = {}
         self._rank_view: list[list[tuple[str, LocalShard]]] | None = None
         self._owners: dict[str, dict[int, int]] = {}
+        self._replicas_of: PTC | None = None  # set on a stored_replicas() view
 
     # -- lookup ----------------------------------------------------------------------
     @property
@@ -116,6 +117,10 @@ class PTC:
         return cached
 
     def _compute_holdings(self, spec: TensorSpec) -> list[Holding]:
+        if self._replicas_of is not None:
+            full = self._replicas_of
+            return [Holding(h.tensor, h.shard, (full.replica_owner(spec.name, h.ranks[0]),), h.key)
+                    for h in full.holdings(spec.name)]
         cfg = self.config
         stages = self.stages_of(spec)
         if spec.is_optimizer_state and cfg.zero and not spec.split.uses_dp:
@@ -174,12 +179,30 @@ class PTC:
         return out
 
     def replica_owner(self, name: str, rank: int) -> int:
-        """The lowest rank holding the same local shard of ``name`` as ``rank`` does: the one
-        replica a checkpoint stores (``rank`` itself when it is the lowest)."""
-        owners = self._owners.get(name)
-        if owners is None:
-            owners = self._owners[name] = {r: min(h.ranks) for h in self.holdings(name) for r in h.ranks}
-        return owners[rank]
+        """The rank among those holding the same local shard of ``name`` as ``rank`` that
+        stores it in a checkpoint (each replica once). Owners are chosen greedily, tensor by
+        tensor in spec order, as the holder with the fewest bytes so far (ties: the lowest
+        rank), so every rank writes its share when replicas are many (a pure function of
+        the PTC: every rank computes the same owners)."""
+        if not self._owners:
+            from ..dtypes import itemsize
+
+            load = [0] * self.config.world_size
+            for spec in self.specs:
+                owners = self._owners[spec.name] = {}
+                for h in self.holdings(spec.name):
+                    owner = min(h.ranks, key=lambda r: (load[r], r))
+                    load[owner] += prod(h.shard.shape) * itemsize(spec.dtype)
+                    owners.update((r, owner) for r in h.ranks)
+        return self._owners[name][rank]
+
+    def stored_replicas(self) -> PTC:
+        """This layout with every replica held only by the rank that stores it
+        (:meth:`replica_owner`): what a checkpoint holds on disk, and the layout to plan
+        into when writing one, so that no byte is copied twice into the same file."""
+        view = PTC(self.config, self.specs, self.num_layers)
+        view._replicas_of = self
+        return view
 
     # -- per-rank view ----------------------------------------------------------------
     def rank_shards(self, rank: int) -> list[tuple[str, LocalShard]]:

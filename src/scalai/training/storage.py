@@ -115,7 +115,7 @@ class DirectoryWriter:
         if not os.path.isdir(staging):
             raise CheckpointError(f"staging directory {staging} is not visible from this rank; "
                                   f"a directory checkpoint needs a filesystem shared by all ranks")
-        # Each replica is stored once, by the lowest rank holding it (manifest: stored_in).
+        # Each replica is stored once, by the rank PTC.replica_owner names (manifest: stored_in).
         shards = [(name, shard) for name, shard in ptc.rank_shards(rank)
                   if ptc.replica_owner(name, rank) == rank]
         entries = [(name, ptc.spec(name).dtype, shard.shape) for name, shard in shards]
