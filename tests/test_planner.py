@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scalai.config import ParallelConfig, Placement
+from scalai.config import Placement
 from scalai.errors import PlanError
 from scalai.models import model_ptc
 from scalai.planner import Deployment, check_coverage, make_plan

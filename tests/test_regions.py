@@ -1,7 +1,7 @@
 """Region algebra, checked element by element against numpy masks."""
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from scalai.regions import Region, bounding_box, contiguous_boxes, disjoint, flat_runs, subtract
