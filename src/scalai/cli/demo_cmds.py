@@ -97,3 +97,28 @@ def _same(a, b, compare_checkpoints, Checkpoint, say) -> bool:
         return True
     say(f"   [red]different: {diff}[/red]")
     return False
+
+
+@cli.command("demo")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="new directory for the run [default: ./scalai-demo, or -2, -3... if it exists]")
+@click.option("--data", type=click.Path(), default=None, help="sample index [default: the stdlib corpus]")
+def demo(out, data) -> None:
+    """The main job: a training run that grows, shrinks, changes tp, pp and dp, moves to
+    other hosts and survives a killed worker, on simulated hosts on this machine.
+
+    Runs gpt-tiny under the embedded schedule (scalai.elastic.demo), then the same job
+    unchanged, prints the timeline of every reconfiguration and checks that every sample
+    was read exactly once and the loss follows the unchanged run; writes loss.png (loss vs
+    the unchanged run, changes marked) and timeline.png (phases). A few minutes on 2 cores.
+    """
+    from pathlib import Path
+
+    from ..elastic.demo import new_demo_dir, run_demo
+
+    target = Path(out) if out else new_demo_dir()
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"output {target} already exists and is not empty; choose a new --out")
+    _, _, check = run_demo(target, data, say=click.echo)
+    if not check.ok:
+        raise click.ClickException("the elastic run did not follow the unchanged run; see above")

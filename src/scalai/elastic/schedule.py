@@ -5,6 +5,7 @@ A schedule file is a JSON list of events, each with exactly one trigger and one 
     [{"step": 10, "devices": 4},                 # grow or shrink to 4 devices
      {"step": 20, "layout": "tp=1,pp=2,dp=2"},   # change to this layout
      {"step": 30, "fail": 1},                    # kill the worker of rank 1
+     {"step": 35, "fail": "host1"},              # host1 dies: its workers and its store
      {"time": 45.0, "redeploy": true}]           # move to a disjoint set of hosts
 
 ``step`` fires when the job has finished that many steps; ``time`` after that many seconds
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,7 @@ from ..config import ParallelConfig
 __all__ = ["Event", "parse_schedule", "load_schedule", "ACTIONS"]
 
 ACTIONS = ("devices", "layout", "fail", "redeploy")
+_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class Event:
     """One scheduled change. Exactly one of ``step`` and ``time`` is set."""
 
     action: str
-    value: Any  # devices: int; layout: ParallelConfig; fail: rank (int); redeploy: True
+    value: Any  # devices: int; layout: ParallelConfig; fail: rank (int) or host (str); redeploy: True
     step: int | None = None
     time: float | None = None
     index: int = 0
@@ -42,7 +45,9 @@ class Event:
 
     def describe(self) -> str:
         what = {"devices": f"scale to {self.value} devices", "layout": f"change layout to {self.value}",
-                "fail": f"kill the worker of rank {self.value}", "redeploy": "redeploy to other hosts"}
+                "fail": (f"kill host {self.value}" if isinstance(self.value, str)
+                         else f"kill the worker of rank {self.value}"),
+                "redeploy": "redeploy to other hosts"}
         return f"{what[self.action]} at {self.trigger}"
 
     def to_json(self) -> dict:
@@ -78,10 +83,14 @@ def _event(i: int, raw: Any) -> Event:
         if isinstance(time, bool) or not isinstance(time, (int, float)) or time < 0:
             raise _bad(i, f"time={time!r} must be a non-negative number of seconds")
         time = float(time)
-    if action in ("devices", "fail"):
+    if action == "fail" and isinstance(value, str):
+        if not _HOST.fullmatch(value):
+            raise _bad(i, f"fail={value!r}: give a rank (integer) or a host name like \"host1\"")
+    elif action in ("devices", "fail"):
         lo = 1 if action == "devices" else 0
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise _bad(i, f"{action}={value!r} must be an integer >= {lo}")
+            raise _bad(i, f"{action}={value!r} must be an integer >= {lo}"
+                          + (" (a rank) or a host name" if action == "fail" else ""))
     elif action == "layout":
         try:
             value = ParallelConfig.parse(value) if isinstance(value, str) else None

@@ -9,9 +9,15 @@ store of the cluster (the same JSON everywhere)::
      "placement": {"gpus_per_host": 4, "hosts": ["host0", "host1"]},
      "state": {...},                                   # step, RNG, data position
      "created_by": "scalai 0.1.0",
-     "scratch": false}                                 # true: an intermediate (central mode)
+     "scratch": false,                                 # true: an intermediate (central mode)
+     "lost_ranks": [3]}                                # optional: ranks whose shards are gone
 
-Rank ``r``'s shards live on the store named ``placement.host(r)``. ``sequence`` orders the
+Rank ``r``'s shards live on the store named ``placement.host(r)``, except the
+``lost_ranks``: a version saved by the survivors of a failure (each surviving rank dumped
+its own shards) lacks the shards of the ranks that died; it is committed without them and
+can only be transformed with those ranks unavailable (their bytes read from replicas).
+
+``sequence`` orders the
 versions of a job: the latest one committed on every store is the job's current state
 (scratch versions, the consolidated copy of central mode, never are).
 """
@@ -57,6 +63,7 @@ class VersionManifest:
     parent: str | None = None
     created_by: str = "scalai"
     scratch: bool = False
+    lost_ranks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_name(self.job, "job")
@@ -66,6 +73,12 @@ class VersionManifest:
         if isinstance(self.sequence, bool) or not isinstance(self.sequence, int) or self.sequence < 0:
             raise ValueError(f"sequence {self.sequence!r} must be a non-negative integer")
         world = self.ptc.config.world_size
+        lost = tuple(self.lost_ranks)
+        if any(isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < world for r in lost) \
+                or list(lost) != sorted(set(lost)):
+            raise ValueError(f"lost_ranks {list(lost)} must be distinct ranks of the layout (0..{world - 1}), "
+                             f"in increasing order")
+        object.__setattr__(self, "lost_ranks", lost)
         slots = self.placement.gpus_per_host * len(self.placement.hosts or ())
         if slots < world:
             raise ValueError(f"layout {self.ptc.config} has {world} ranks but the placement has "
@@ -83,13 +96,17 @@ class VersionManifest:
     def expected(self, host: str) -> dict[tuple[int, str], tuple[str, tuple[int, ...]]]:
         """``{(rank, tensor): (dtype, local shape)}`` that the store ``host`` must hold."""
         return {(r, name): (self.ptc.spec(name).dtype, shard.shape)
-                for r in self.ranks_on(host) for name, shard in self.ptc.rank_shards(r)}
+                for r in self.ranks_on(host) if r not in self.lost_ranks
+                for name, shard in self.ptc.rank_shards(r)}
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "job": self.job,
-                "version": self.version, "sequence": self.sequence, "parent": self.parent,
-                "ptc": self.ptc.to_json(), "placement": placement_to_json(self.placement),
-                "state": self.state, "created_by": self.created_by, "scratch": self.scratch}
+        out = {"format": FORMAT, "format_version": FORMAT_VERSION, "job": self.job,
+               "version": self.version, "sequence": self.sequence, "parent": self.parent,
+               "ptc": self.ptc.to_json(), "placement": placement_to_json(self.placement),
+               "state": self.state, "created_by": self.created_by, "scratch": self.scratch}
+        if self.lost_ranks:
+            out["lost_ranks"] = list(self.lost_ranks)
+        return out
 
     @classmethod
     def from_json(cls, obj: Any) -> VersionManifest:
@@ -101,8 +118,11 @@ class VersionManifest:
         if not isinstance(obj.get("format_version"), int) or obj["format_version"] > FORMAT_VERSION:
             raise ValueError(f"manifest format_version {obj.get('format_version')!r} is not one this "
                              f"scalai reads ({FORMAT_VERSION}); upgrade scalai")
-        if set(obj) != keys:
-            raise ValueError(f"manifest keys {sorted(set(obj) ^ keys)} are unexpected or missing")
+        if set(obj) - {"lost_ranks"} != keys:
+            raise ValueError(f"manifest keys {sorted((set(obj) - {'lost_ranks'}) ^ keys)} are unexpected or missing")
+        lost = obj.get("lost_ranks", [])
+        if not isinstance(lost, list):
+            raise ValueError("manifest lost_ranks must be a list of ranks")
         if not isinstance(obj["state"], dict):
             raise ValueError("manifest state must be a JSON object")
         try:
@@ -111,4 +131,4 @@ class VersionManifest:
             raise ValueError(f"manifest ptc does not parse ({exc})") from None
         return cls(obj["job"], obj["version"], obj["sequence"], ptc,
                    placement_from_json(obj["placement"]), obj["state"], obj["parent"],
-                   str(obj["created_by"]), bool(obj["scratch"]))
+                   str(obj["created_by"]), bool(obj["scratch"]), tuple(lost))

@@ -73,7 +73,11 @@ SCHEMAS: dict[str, Any] = {
                                 "job": NAME, "version": NAME, "sequence": {"type": "integer", "minimum": 0},
                                 "parent": {"anyOf": [NAME, {"type": "null"}]}, "ptc": PTC,
                                 "placement": PLACEMENT, "state": {"type": "object"},
-                                "created_by": {"type": "string"}, "scratch": {"type": "boolean"}}},
+                                "created_by": {"type": "string"}, "scratch": {"type": "boolean"},
+                                "lost_ranks": {"type": "array", "maxItems": 65536,
+                                               "items": {"type": "integer", "minimum": 0, "maximum": MAX_RANK},
+                                               "description": "ranks whose shards are gone (a version "
+                                                              "dumped by the survivors of a failure)"}}},
     "CommitRequest": {"type": "object", "required": ["manifest"], "additionalProperties": False,
                       "properties": {"manifest": {"$ref": "#/components/schemas/Manifest"}}},
     "UploadResult": {"type": "object", "required": ["job", "version", "rank", "tensor", "bytes", "crc32"],
@@ -97,6 +101,10 @@ SCHEMAS: dict[str, Any] = {
             "lost_hosts": {"type": "array", "items": NAME, "maxItems": 65536,
                            "description": "hosts of the old placement that are gone: read their "
                                           "bytes from surviving replicas"},
+            "lost_ranks": {"type": "array", "maxItems": 65536,
+                           "items": {"type": "integer", "minimum": 0, "maximum": MAX_RANK},
+                           "description": "old ranks whose shards are gone (besides those of lost "
+                                          "hosts): read their bytes from surviving replicas"},
             "concurrency": {"type": "integer", "minimum": 1, "maximum": 64, "default": 8}}},
     "TransformResult": {
         "type": "object", "required": ["host", "copies", "local_bytes", "fetched_bytes", "seconds"],

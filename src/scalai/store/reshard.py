@@ -70,11 +70,15 @@ class ReshardResult:
 
 
 def _request(src_version: str, to_version: str, old: Deployment, new_layout: str, new_place: Placement,
-             peers: dict[str, str], checksum: bool, lost: Sequence[str] = ()) -> dict:
-    return {"from_version": src_version, "to_version": to_version,
-            "old": {"ptc": old.ptc.to_json(), "placement": placement_to_json(old.placement)},
-            "new": {"layout": new_layout, "placement": placement_to_json(new_place)},
-            "peers": peers, "checksum": checksum, "lost_hosts": list(lost)}
+             peers: dict[str, str], checksum: bool, lost: Sequence[str] = (),
+             lost_ranks: Sequence[int] = ()) -> dict:
+    out = {"from_version": src_version, "to_version": to_version,
+           "old": {"ptc": old.ptc.to_json(), "placement": placement_to_json(old.placement)},
+           "new": {"layout": new_layout, "placement": placement_to_json(new_place)},
+           "peers": peers, "checksum": checksum, "lost_hosts": list(lost)}
+    if lost_ranks:
+        out["lost_ranks"] = sorted(lost_ranks)
+    return out
 
 
 def _run_parts(cluster: StoreCluster, job: str, hosts: Sequence[str], request: dict) -> dict[str, dict]:
@@ -107,7 +111,9 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_
         keep_old: keep the old version after the new one is committed.
         checksum: CRC-32 every new tensor in the stores (``pull`` verifies against it).
         lost: hosts of the old placement whose stores are gone (a failure): their ranks'
-            bytes are read from surviving replicas; give the surviving stores only.
+            bytes are read from surviving replicas; give the surviving stores only. The
+            version's own ``lost_ranks`` (ranks that died before they could save) are
+            read from replicas as well.
 
     Raises:
         ValueError: the layout does not fit the model or the hosts.
@@ -122,7 +128,9 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_
     for h in src.manifest.hosts:
         if h not in lost:
             cluster.client(h)  # every surviving old host must be reachable through --stores
-    unavailable = frozenset(r for r in range(old.ptc.config.world_size) if old.placement.host(r) in lost)
+    lost_ranks = src.manifest.lost_ranks
+    unavailable = frozenset(r for r in range(old.ptc.config.world_size)
+                            if old.placement.host(r) in lost or r in lost_ranks)
     g = gpus_per_host or old.placement.gpus_per_host
     if hosts == "auto" or (not isinstance(hosts, str) and list(hosts or []) == ["auto"]):
         chosen = choose_hosts(old, old.ptc.relayout(config), g, cluster.hosts)
@@ -145,7 +153,8 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_
     scratch = None
     try:
         if not central:
-            req = _request(src.name, target, old, str(config), new_place, cluster.peers, checksum, lost)
+            req = _request(src.name, target, old, str(config), new_place, cluster.peers, checksum, lost,
+                           lost_ranks)
             results = _run_parts(cluster, job, dest_hosts, req)
             phases["transform"] = time.perf_counter() - t1
         else:
@@ -153,7 +162,8 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_
             scratch = f"{target}.consolidated"
             one = ParallelConfig(tp=1, pp=1, dp=1)
             hub_place = Placement(1, (hub,))
-            req = _request(src.name, scratch, old, str(one), hub_place, cluster.peers, checksum, lost)
+            req = _request(src.name, scratch, old, str(one), hub_place, cluster.peers, checksum, lost,
+                           lost_ranks)
             results["consolidate"] = _run_parts(cluster, job, [hub], req)[hub]
             cluster.commit(VersionManifest(job, scratch, src.manifest.sequence, old.ptc.relayout(one), hub_place,
                                            {}, src.name, scratch=True), [hub])

@@ -164,6 +164,7 @@ class StoreWriter:
         self.cluster = urls if isinstance(urls, StoreCluster) else StoreCluster(urls, token)
         self.job = job
         self.placement = self.cluster.placement(gpus_per_host)
+        self.last_version: str | None = None  # the version the last save wrote (every rank)
 
     def begin(self) -> str:
         return self.cluster.next_version(self.job)[0]
@@ -171,6 +172,7 @@ class StoreWriter:
     def write_rank(self, token: str, rank: int, ptc: PTC, arrays: Mapping[str, Any]):
         from ..checkpoint.manifest import RankRecord, TensorRecord
 
+        self.last_version = token
         client = self.cluster.client(self.placement.host(rank))
         records, total = {}, 0
         for name, shard in ptc.rank_shards(rank):

@@ -66,12 +66,13 @@ class TransformSpec:
     checksum: bool = True
     concurrency: int = 8
     lost_hosts: tuple[str, ...] = ()
+    lost_ranks: tuple[int, ...] = ()
 
     @property
     def unavailable(self) -> frozenset[int]:
-        """Old ranks on lost hosts: the plan reads their bytes from replicas."""
+        """Old ranks on lost hosts, and lost ranks: the plan reads their bytes from replicas."""
         return frozenset(r for r in range(self.old.ptc.config.world_size)
-                         if self.old.placement.host(r) in self.lost_hosts)
+                         if self.old.placement.host(r) in self.lost_hosts or r in self.lost_ranks)
 
     @classmethod
     def from_json(cls, job: str, obj: dict) -> TransformSpec:
@@ -90,7 +91,8 @@ class TransformSpec:
                                  f"ranks, layout {dep.ptc.config} has {world}")
         peers = {check_name(h, "host"): url.rstrip("/") for h, url in obj["peers"].items()}
         return cls(check_name(job, "job"), obj["from_version"], obj["to_version"], old, new, peers,
-                   obj.get("checksum", True), obj.get("concurrency", 8), tuple(obj.get("lost_hosts", ())))
+                   obj.get("checksum", True), obj.get("concurrency", 8), tuple(obj.get("lost_hosts", ())),
+                   tuple(obj.get("lost_ranks", ())))
 
 
 def _sub(window: Window, box: Region) -> Window:

@@ -91,6 +91,22 @@ def _data_parallel(module: GPTStage, dp_mesh: Any, zero: bool) -> None:
     replicate(module, mesh=dp_mesh)
 
 
+def preload(layout: ParallelConfig) -> None:
+    """Import the parallelism modules ``layout`` uses (about a second of CPU), so that a
+    worker waiting for its devices has done it before it builds the model."""
+    import importlib
+
+    names = ["torch.distributed.device_mesh"]
+    names += ["torch.distributed.tensor.parallel"] if layout.tp > 1 else []
+    names += ["torch.distributed.fsdp", "torch.distributed._composable.replicate_with_fsdp"] if layout.dp > 1 else []
+    names += ["torch.distributed.pipelining"] if layout.pp > 1 else []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass  # build_stage says what is missing and what to do
+
+
 def build_stage(cfg: GPTConfig, layout: ParallelConfig, *, seed: int, micro_batches: int,
                 schedule: str = "1f1b", device: str = "cpu",
                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = loss_fn) -> StageModel:

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ...data import DataState, ElasticSampler, TokenDataset, step_ids
+from ...elastic.worker import ElasticWorker
 from ...training import StopFlag, agree, describe, find_checkpoint, load, save, step_dir
 from .corpus import ensure_index
 from .model import preset
@@ -48,8 +49,10 @@ def lr_factor(step: int, warmup: int, decay_steps: int) -> float:
 
 
 def _train_step(sm: StageModel, tokens: torch.Tensor, sizes: list[int], scale: Any,
-                optimizer: Any, config: Any) -> torch.Tensor | None:
-    """One optimizer step on this replica's ``int64[part, seq + 1]`` tokens.
+                config: Any) -> torch.Tensor | None:
+    """Forward and backward of one step on this replica's ``int64[part, seq + 1]`` tokens:
+    the gradients, reduced over the replicas. The optimizer steps later, after the step's
+    last collective (see :func:`train`).
 
     ``sizes`` are the replica's micro-batch sizes; ``scale(n)`` is the weight of the mean
     loss of a micro-batch of ``n`` samples (``n * dp / global_batch``), so that the
@@ -80,8 +83,6 @@ def _train_step(sm: StageModel, tokens: torch.Tensor, sizes: list[int], scale: A
                 loss = loss_fn(sm.module(x), y) * scale(len(x))
                 loss.backward()
                 losses.append(loss)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     if not sm.is_last:
         return None
     values = [loss.full_tensor() if hasattr(loss, "full_tensor") else loss for loss in losses]
@@ -176,51 +177,88 @@ def resume(run: Run) -> None:
          f"{report.seconds['total']:.2f} s, RNG {report.rng})")
 
 
-def train(opts: TrainOptions) -> dict[str, Any]:
+def train(opts: TrainOptions, elastic: ElasticWorker | None = None) -> dict[str, Any]:
     """Run the job on this rank (the process group must be initialized); returns a summary:
-    ``step`` reached, ``losses`` of the steps trained here, ``stopped`` (the reason or None)."""
+    ``step`` reached, ``losses`` of the steps trained here, ``stopped`` (the reason or None)
+    and, under ``scalai run`` (``elastic``) after a peer failed, ``dumped`` (the exit code).
+
+    Each step's optimizer update comes after its last collective (the loss all-reduce): a
+    failing peer therefore leaves every surviving rank with the weights of the last step
+    it completed, which an elastic worker dumps for the runner (see
+    :mod:`scalai.elastic.worker`).
+    """
+    if elastic is not None:
+        from .parallel import preload
+
+        elastic.started(dist.get_rank())
+        preload(opts.config)  # while the previous generation's workers exit
+        elastic.wait_devices()
     run = build(opts)
     job, config = run.job, opts.config
-    if opts.resume:
+    if elastic is not None:
+        elastic.ready(job)
+        report = elastic.resume(job, verify=opts.verify)
+        if report is not None:
+            _say(f"resumed step {job.step} from the stores ({report.saved_layout} -> {job.config}, "
+                 f"{report.seconds['total']:.2f} s)")
+    elif opts.resume:
         resume(run)
     dataset = TokenDataset(run.index)
     division, dp_rank = opts.division, config.coords(dist.get_rank()).dp
     metrics = open(opts.metrics, "a") if opts.metrics and dist.get_rank() == 0 else None
     losses: list[float] = []
     stopped = None
-    saved_step = job.step if opts.resume else None  # never save a step twice
+    saved_step = job.step if (opts.resume or elastic is not None) else None  # never save a step twice
+    # SIGINT too: Ctrl-C reaches every worker, and all of them stop after the same step.
+    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
     try:
-        # SIGINT too: Ctrl-C reaches every worker, and all of them stop after the same step.
-        with StopFlag(opts.stop_file, signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)) as stop:
-            while job.step < opts.steps:
-                start = time.perf_counter()
-                sampler = ElasticSampler(job.data, division, dp_rank, steps=1)
-                ids = [i for micro in sampler for i in micro]
-                tokens = dataset.batch(ids).to(run.device)  # [part, seq_len + 1]
-                local = _train_step(run.stage, tokens, run.sizes, run.scale, run.optimizer, config)
-                run.scheduler.step()
-                loss = _global_loss(local, config, run.device)
-                before, job.data, job.step = job.data, sampler.state, job.step + 1
-                seconds = time.perf_counter() - start
-                losses.append(loss)
-                if metrics is not None:
-                    metrics.write(json.dumps({
-                        "step": job.step, "loss": loss, "layout": str(config),
-                        "samples": job.data.position, "sample_ids": step_ids(before, 1)[0].tolist(),
-                        "step_time": round(seconds, 6), "lr": run.scheduler.get_last_lr()[0]}) + "\n")
-                    metrics.flush()
-                if job.step % opts.log_every == 0 or job.step == opts.steps:
-                    _say(f"step {job.step}/{opts.steps}  loss {loss:.4f}  {config}  {seconds:.3f} s")
-                if opts.save_every and job.step % opts.save_every == 0 and job.step < opts.steps:
-                    saved_step = _save(job, opts)
-                if job.step < opts.steps and stop.should_stop():
-                    stopped = stop.reason
-                    _say(f"stopping after step {job.step}: {stopped}")
-                    break
+        with (elastic.stop_flag(signals) if elastic else StopFlag(opts.stop_file, signals=signals)) as stop:
+            try:
+                while job.step < opts.steps:
+                    start = time.perf_counter()
+                    sampler = ElasticSampler(job.data, division, dp_rank, steps=1)
+                    ids = [i for micro in sampler for i in micro]
+                    tokens = dataset.batch(ids).to(run.device)  # [part, seq_len + 1]
+                    local = _train_step(run.stage, tokens, run.sizes, run.scale, config)
+                    loss = _global_loss(local, config, run.device)  # the step's last collective
+                    run.optimizer.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                    run.scheduler.step()
+                    before, job.data, job.step = job.data, sampler.state, job.step + 1
+                    seconds = time.perf_counter() - start
+                    losses.append(loss)
+                    if metrics is not None:
+                        metrics.write(json.dumps({
+                            "step": job.step, "loss": loss, "layout": str(config),
+                            "samples": job.data.position, "sample_ids": step_ids(before, 1)[0].tolist(),
+                            "step_time": round(seconds, 6), "lr": run.scheduler.get_last_lr()[0],
+                            "time": time.time()}) + "\n")
+                        metrics.flush()
+                    if job.step % opts.log_every == 0 or job.step == opts.steps:
+                        _say(f"step {job.step}/{opts.steps}  loss {loss:.4f}  {config}  {seconds:.3f} s")
+                    if elastic is not None:
+                        elastic.step_done(job, opts.steps)
+                    elif opts.save_every and job.step % opts.save_every == 0 and job.step < opts.steps:
+                        saved_step = _save(job, opts)
+                    if job.step < opts.steps and stop.should_stop():
+                        stopped = stop.reason
+                        _say(f"stopping after step {job.step}: {stopped}")
+                        break
+            except Exception as exc:  # noqa: BLE001 - under scalai run: a peer (or its store) is gone
+                # The weights are those of job.step (the optimizer steps after the step's last
+                # collective), so the runner can restart from this rank's dump. Outside
+                # scalai run, errors propagate as they are.
+                if elastic is None:
+                    raise
+                return {"step": job.step, "losses": losses, "stopped": "peer failure",
+                        "dumped": elastic.dump(job, exc)}
     finally:
         if metrics is not None:
             metrics.close()
-    if opts.save and job.step != saved_step:
+    if elastic is not None:
+        version = elastic.save(job)
+        _say(f"saved step {job.step} to the stores as {version}")
+    elif opts.save and job.step != saved_step:
         _save(job, opts)
     return {"step": job.step, "losses": losses, "stopped": stopped}
 
@@ -237,7 +275,12 @@ def main(opts: TrainOptions) -> int:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=int(os.environ.get("SCALAI_TIMEOUT", "300"))))
     try:
-        train(opts)
+        result = train(opts, ElasticWorker.from_env())
+        if "dumped" in result:
+            # The process group is broken (a peer died): leave without tearing it down,
+            # which could wait for the dead peer.
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(result["dumped"])
         return 0
     except (ValueError, ScalaiError, OSError) as exc:
         if os.environ.get("SCALAI_DEBUG"):

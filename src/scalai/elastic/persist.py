@@ -1,0 +1,119 @@
+"""Persistent copies of committed versions, made in the background.
+
+The stores keep the job's state in host memory: fast, but gone with the host. Every time a
+new version is committed (a periodic save of the workers, or the result of a
+transformation) the runner hands it to the :class:`Persister`, whose thread pulls it from
+the stores into ``ROOT/step-NNNNNN`` (a checkpoint directory, written atomically: data
+first, manifest last, renamed into place). Training never waits for it: the workers' save
+was a copy into their own host's memory, and the pull reads from the stores' memory while
+training goes on. Only the newest submitted version is pulled (an older one still waiting is
+skipped), and only the newest ``keep`` copies stay on disk.
+
+When a host dies and no replica holds its bytes, :meth:`Persister.latest` is where the job
+restarts from.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+__all__ = ["Persister", "Persisted"]
+
+
+@dataclass(frozen=True)
+class Persisted:
+    version: str
+    step: int
+    path: Path
+    seconds: float
+    bytes: int
+
+
+class Persister:
+    """Background pulls of committed versions into checkpoint directories under ``root``.
+
+    Args:
+        urls: a callable returning the stores that are alive now (slot order irrelevant).
+        job: the job's name in the stores.
+        root: where the checkpoints go.
+        token: the stores' token.
+        keep: how many copies to keep on disk.
+    """
+
+    def __init__(self, urls: Callable[[], Sequence[str]], job: str, root: str | Path, token: str | None = None,
+                 keep: int = 2, on_error: Callable[[str], None] | None = None):
+        self.urls, self.job, self.root, self.token, self.keep = urls, job, Path(root), token, keep
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.on_error = on_error or (lambda message: None)
+        self.done: list[Persisted] = []
+        self.busy: str | None = None
+        self._pending: tuple[str, int] | None = None
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="scalai-persist", daemon=True)
+        self._thread.start()
+
+    def submit(self, version: str, step: int) -> None:
+        """Persist ``version`` (of ``step``) when the thread is free; replaces a waiting one."""
+        with self._cv:
+            if self.done and self.done[-1].step >= step and self.done[-1].version == version:
+                return
+            self._pending = (version, step)
+            self._cv.notify()
+
+    def in_use(self) -> set[str]:
+        """Versions being pulled or waiting to be: the stores must keep them."""
+        with self._cv:
+            return {v for v in (self.busy, self._pending[0] if self._pending else None) if v}
+
+    def latest(self) -> Persisted | None:
+        with self._cv:
+            return self.done[-1] if self.done else None
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Wait until nothing is pending or being pulled (tests and the end of a run)."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self._pending is None and self.busy is None, timeout)
+
+    def _loop(self) -> None:
+        import time
+
+        from ..store import StoreCluster
+
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._pending is not None or self._closed)
+                if self._closed:
+                    return
+                version, step = self._pending
+                self._pending, self.busy = None, version
+            t0 = time.perf_counter()
+            out = self.root / f"step-{step:06d}"
+            try:
+                if out.exists():
+                    shutil.rmtree(out)
+                cluster = StoreCluster(list(self.urls()), self.token)
+                cluster.pull(self.job, str(out), version)
+                nbytes = sum(f.stat().st_size for f in out.iterdir())
+                record = Persisted(version, step, out, time.perf_counter() - t0, nbytes)
+            except Exception as exc:  # noqa: BLE001 - reported; the stores still hold the version
+                self.on_error(f"persistent copy of {version} (step {step}) failed: {exc}")
+                record = None
+            with self._cv:
+                if record is not None:
+                    self.done.append(record)
+                    for old in self.done[:-self.keep]:
+                        shutil.rmtree(old.path, ignore_errors=True)
+                    self.done = self.done[-self.keep:]
+                self.busy = None
+                self._cv.notify_all()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=60)

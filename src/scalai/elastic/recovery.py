@@ -1,0 +1,95 @@
+"""After a failure: from the survivors' dumps if replicas hold every lost byte, else from the
+last committed version (in the stores, or its persistent copy on disk).
+
+When a worker (or a whole host) dies, the collectives of the other workers fail; each of
+them uploads the shards of the last step it completed to its own host's store, under the
+generation's dump version, and reports its non-tensor state (see
+:mod:`scalai.elastic.worker`). The runner then:
+
+1. :func:`consistent_dumps`: keeps the dumps only if every survivor dumped the same step;
+2. :func:`replicas_cover`: plans from the old layout, with the dead ranks unavailable, to
+   the new one; a :class:`~scalai.errors.PlanError` means some bytes existed only on dead
+   ranks (a layout without data-parallel replicas, or ZeRO-1 optimizer shards);
+3. :func:`commit_dump`: commits the dump as a version whose ``lost_ranks`` are the dead
+   ranks, on the surviving hosts, so that the stores can transform it (reading the dead
+   ranks' bytes from replicas);
+
+otherwise it restarts from the newest committed version whose hosts are all alive, or
+from the newest persistent copy on disk (:func:`restore_from_disk`), and counts the steps
+lost.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from typing import Mapping, Sequence
+
+from ..config import Placement
+from ..errors import PlanError
+from ..layout.ptc import PTC
+from ..planner import Deployment, make_plan
+
+__all__ = ["consistent_dumps", "merged_state", "replicas_cover", "commit_dump", "restore_from_disk"]
+
+
+def consistent_dumps(reports: Mapping[int, dict]) -> tuple[dict[int, dict], str]:
+    """``({rank: dump}, why_not)``: the dumps if every one is of the same step (pure).
+
+    ``why_not`` is empty when the dumps can be used, else the reason they cannot.
+    """
+    dumps = {r: rep["dump"] for r, rep in reports.items() if rep.get("dump")}
+    if not dumps:
+        return {}, "no surviving worker dumped its shards"
+    steps = sorted({d["step"] for d in dumps.values()})
+    if len(steps) > 1:
+        return {}, f"survivors dumped different steps {steps} (a worker died inside a step's last collective)"
+    return dumps, ""
+
+
+def merged_state(dumps: Mapping[int, dict]) -> dict:
+    """The job's non-tensor state from the survivors' dumps: one rank's view, every
+    survivor's RNG (pure)."""
+    first = dumps[min(dumps)]["state"]
+    state = dict(first)
+    rng = dict(state.get("rng") or {})
+    rng["ranks"] = {str(r): d["state"]["rng"]["ranks"][str(r)] for r, d in sorted(dumps.items())}
+    state["rng"] = rng
+    return state
+
+
+def replicas_cover(old_ptc: PTC, old_place: Placement, new_ptc: PTC, new_place: Placement,
+                   dead: Sequence[int]) -> str:
+    """Empty if surviving ranks hold every byte the new layout needs, else why not (pure)."""
+    try:
+        make_plan(Deployment(old_ptc, old_place), Deployment(new_ptc, new_place), unavailable=frozenset(dead))
+    except PlanError as exc:
+        return str(exc)
+    return ""
+
+
+def commit_dump(cluster, job: str, version: str, ptc: PTC, placement: Placement, state: dict,
+                dead: Sequence[int], alive_hosts: Sequence[str]):
+    """Commit the survivors' dump as a version with ``lost_ranks`` on the surviving hosts."""
+    from ..store.manifest import VersionManifest
+
+    _, seq = cluster.next_version(job)
+    manifest = VersionManifest(job, version, seq, ptc, placement, state, lost_ranks=tuple(sorted(dead)))
+    hosts = [h for h in placement.hosts_for(ptc.config.world_size) if h in alive_hosts]
+    cluster.commit(manifest, hosts)
+    return manifest
+
+
+def restore_from_disk(ckpt_dir: str, layout, cluster, job: str, gpus_per_host: int) -> tuple[str, int]:
+    """Put a persistent copy back into the stores of ``cluster`` (its hosts, in slot order)
+    in ``layout``: reshard it on disk, then push it. Returns ``(version, bytes)``."""
+    from ..executor import reshard_checkpoint
+
+    scratch = tempfile.mkdtemp(prefix="scalai-restore-", dir=None)
+    out = f"{scratch}/ckpt"
+    try:
+        plan, _ = reshard_checkpoint(ckpt_dir, out, layout, sync=False)
+        stored = cluster.push(out, job, gpus_per_host)
+        return stored.name, plan.stats.total_bytes
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,202 @@
+"""What ``scalai run`` runs: the job, the machines, the schedule. Validated before anything starts.
+
+:class:`RunSpec` checks itself on construction, including a dry run of every step-triggered
+event of the schedule against the machines (:func:`dry_run`): an event that asks for more
+devices than there are, a layout the trainer cannot run, a redeployment without enough
+free hosts or a failure of a rank that will not exist is refused up front, with the
+event's index, before any process starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Sequence
+
+from ..config import ParallelConfig
+from .allocation import Allocation, LayoutChooser, Pool, apply_event, pick_hosts, trainer_shape
+from .layouts import Hardware, Workload
+from .schedule import Event
+
+__all__ = ["RunSpec", "dry_run", "after_failure"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One elastic run of the reference trainer.
+
+    Attributes:
+        schedule: the events (see :mod:`scalai.elastic.schedule`).
+        steps: the job's total optimizer steps.
+        out: the run directory (created; must not hold an earlier run).
+        model: the trainer's model preset.
+        hosts / gpus_per_host: the simulated machines (host0, host1, ...).
+        layout / devices: the starting layout, or a device count to choose one for
+            (default: one host's devices).
+        commit_every: commit the state to the stores every N steps (0: only at changes);
+            the last commit is where a failure without replicas restarts from.
+        persist: copy every commit to ``out/checkpoints`` in the background.
+        link: the simulated link between hosts' stores (e.g. ``"1gbit"``), or None.
+    """
+
+    schedule: tuple[Event, ...]
+    steps: int
+    out: str
+    model: str = "gpt-tiny"
+    hosts: int = 2
+    gpus_per_host: int = 2
+    layout: str | None = None
+    devices: int | None = None
+    job: str = "job"
+    commit_every: int = 10
+    persist: bool = True
+    link: str | None = None
+    global_batch: int = 8
+    micro_batch: int = 4
+    lr: float = 1e-3
+    seed: int = 0
+    data: str | None = None
+    device_memory: float = 80.0
+    pipeline_schedule: str = "1f1b"
+    control_host: str = "127.0.0.1"
+    control_port: int = 0
+    control_token: str | None = None
+    worker_timeout: int = 120
+    extra_hosts: Sequence[str] = field(default=())
+
+    def __post_init__(self) -> None:
+        from ..store.names import check_name
+
+        object.__setattr__(self, "schedule", tuple(self.schedule))
+        for name in ("steps", "hosts", "gpus_per_host"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={value!r} must be a positive integer")
+        if self.commit_every < 0:
+            raise ValueError(f"--commit-every={self.commit_every} must be >= 0")
+        if self.hosts > 80:
+            raise ValueError(f"--hosts={self.hosts}: one machine simulates at most 80 hosts")
+        check_name(self.job, "job")
+        from .control import check_listen
+
+        check_listen(self.control_host, self.control_token)
+        for e in self.schedule:
+            if e.step is not None and e.step >= self.steps:
+                raise ValueError(f"schedule event {e.index} ({e.describe()}) never fires: the run ends at "
+                                 f"step {self.steps}; use a step below {self.steps}")
+        self.trainer_options(self.initial().layout)  # the starting layout must be trainable
+        dry_run(self)
+
+    # -- derived ----------------------------------------------------------------------
+    @property
+    def host_names(self) -> tuple[str, ...]:
+        return tuple(f"host{i}" for i in range(self.hosts))
+
+    def pool(self) -> Pool:
+        return Pool(self.host_names, self.gpus_per_host)
+
+    def trainer_options(self, layout: ParallelConfig | str, steps: int | None = None, **kw):
+        """The trainer's options for ``layout`` (raises ValueError if it cannot run it)."""
+        from ..examples.gpt.options import TrainOptions
+
+        return TrainOptions(layout=str(layout), steps=steps or self.steps, model=self.model, seed=self.seed,
+                            global_batch=self.global_batch, micro_batch=self.micro_batch, lr=self.lr,
+                            schedule=self.pipeline_schedule, data=self.data, **kw)
+
+    def accepts(self, layout: ParallelConfig) -> bool:
+        try:
+            self.trainer_options(layout)
+        except ValueError:
+            return False
+        return True
+
+    @cached_property
+    def chooser(self) -> LayoutChooser:
+        shape = trainer_shape(self.model)
+        hw = Hardware(device_memory_gib=self.device_memory, gpus_per_host=self.gpus_per_host)
+        work = Workload(global_batch=self.global_batch, seq_len=shape.max_seq_len,
+                        micro_batch=min(self.micro_batch, self.global_batch))
+        return LayoutChooser(shape, hw, work, self.accepts)
+
+    def initial(self) -> Allocation:
+        """The starting allocation."""
+        pool = self.pool()
+        if self.layout is not None:
+            layout = ParallelConfig.parse(self.layout)
+            if self.devices is not None and self.devices != layout.world_size:
+                raise ValueError(f"--layout {layout} uses {layout.world_size} devices, not --devices "
+                                 f"{self.devices}; give one of them")
+        else:
+            n = self.devices or self.gpus_per_host
+            if n > pool.total:
+                raise ValueError(f"--devices {n}: the machines have {pool.total} ({self.hosts} hosts x "
+                                 f"{self.gpus_per_host}); use --hosts or --gpus-per-host")
+            layout = self.chooser(n)
+        if not self.accepts(layout):
+            self.trainer_options(layout)  # raises with the trainer's reason
+        return Allocation(layout, pick_hosts(pool, layout.world_size), self.gpus_per_host)
+
+
+def dry_run(spec: RunSpec) -> list[tuple[Event, Allocation]]:
+    """The allocations the step-triggered events lead to, assuming nothing else happens.
+
+    A failure of a host or rank that the job will not be using then (by this prediction;
+    a ``scalai scale`` request may change it) is kept, and skipped at run time if it is
+    still absent.
+
+    Raises:
+        ValueError: naming the first event that cannot be carried out, and why.
+    """
+    alloc, pool = spec.initial(), spec.pool()
+    out = []
+    for e in spec.schedule:
+        if e.action == "fail" and isinstance(e.value, str) and e.value not in spec.host_names:
+            raise ValueError(f"schedule event {e.index} ({e.describe()}): there is no host {e.value}; the "
+                             f"hosts are {', '.join(spec.host_names)}")
+        if e.action == "fail" and not isinstance(e.value, str) and e.value >= spec.hosts * spec.gpus_per_host:
+            raise ValueError(f"schedule event {e.index} ({e.describe()}): rank {e.value} can never exist on "
+                             f"{spec.hosts} hosts x {spec.gpus_per_host} devices")
+    for e in (e for e in spec.schedule if e.step is not None):
+        try:
+            if e.action == "fail":
+                present = e.value in alloc.hosts if isinstance(e.value, str) else e.value < alloc.devices
+                if present:
+                    alloc, pool = _after_fail(spec, alloc, pool, e.value)
+            else:
+                alloc = apply_event(alloc, pool, e.action, e.value, spec.chooser, spec.accepts)
+        except ValueError as exc:
+            raise ValueError(f"schedule event {e.index} ({e.describe()}): {exc}") from None
+        out.append((e, alloc))
+    return out
+
+
+def _after_fail(spec: RunSpec, alloc: Allocation, pool: Pool, target) -> tuple[Allocation, Pool]:
+    if isinstance(target, str):
+        if target not in alloc.hosts:
+            raise ValueError(f"{target} holds no worker of the job then ({alloc.describe()})")
+        return after_failure(spec, alloc, pool, alloc.ranks_on(target), [target])
+    if target >= alloc.devices:
+        raise ValueError(f"rank {target} does not exist then ({alloc.layout} has {alloc.devices} ranks)")
+    return after_failure(spec, alloc, pool, [target], [])
+
+
+def after_failure(spec: RunSpec, alloc: Allocation, pool: Pool, dead_ranks, dead_hosts) -> tuple[Allocation, Pool]:
+    """The allocation after ranks (and hosts) died, and the pool without their devices.
+
+    The job goes on with its surviving devices; if none survive, with as many devices as
+    it had, from healthy hosts (a restart elsewhere). Pure.
+
+    Raises:
+        ValueError: no healthy device is left.
+    """
+    for host in dead_hosts:
+        pool = pool.fail_host(host)
+    for rank in dead_ranks:
+        if alloc.host(rank) not in dead_hosts:
+            pool = pool.fail_devices(alloc.host(rank))
+    survivors = alloc.devices - len(set(dead_ranks))
+    n = min(survivors or alloc.devices, pool.total)
+    if n < 1:
+        raise ValueError("no healthy device is left to continue on")
+    prefer = [h for h in alloc.hosts if h not in pool.dead]
+    return Allocation(spec.chooser(n), pick_hosts(pool, n, prefer=prefer), spec.gpus_per_host), pool

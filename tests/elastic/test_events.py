@@ -1,0 +1,50 @@
+"""Worker reports and the phases of a reconfiguration computed from them (pure)."""
+
+import os
+
+import pytest
+
+from scalai.elastic.events import RankLog, read_generation, reconfiguration_phases, write_json_atomic
+from scalai.elastic.worker import ElasticWorker, process_start_time
+
+
+def test_rank_logs_round_trip(tmp_path):
+    log = RankLog(tmp_path, 3, 1, host="host0")
+    log.mark("ready", 10.0)
+    log.update(step=7, saved={"version": "v2", "step": 7, "bytes": 10})
+    RankLog(tmp_path, 3, 0, host="host0").mark("ready", 11.0)
+    write_json_atomic(tmp_path / "events" / "g003" / ".rank-00002.json.tmp-1", {})  # a writer mid-rename
+    got = read_generation(tmp_path, 3)
+    assert sorted(got) == [0, 1]
+    assert got[1]["times"] == {"ready": 10.0} and got[1]["saved"]["version"] == "v2"
+    assert got[1]["pid"] == os.getpid() and read_generation(tmp_path, 4) == {}
+
+
+def test_phases_tile_the_downtime():
+    old = {r: {"times": {"save_start": 101.0 + r * 0.1, "save_end": 102.0 + r * 0.1}} for r in range(2)}
+    new = {r: {"times": {"ready": 104.0, "load_end": 106.5}} for r in range(4)}
+    durations, starts, downtime = reconfiguration_phases(
+        100.0, old, exited=102.5, plan=(102.5, 102.6), transform=(102.6, 104.5), new=new,
+        first_step_end=107.0, go=104.5)
+    assert durations == pytest.approx({"stop": 1.0, "save": 1.1, "plan": 0.1, "transform": 1.9,
+                                       "relaunch": 1.9, "load": 2.0, "first_step": 0.5})
+    assert starts["relaunch"] == pytest.approx(2.1) and starts["load"] == pytest.approx(4.5)
+    assert downtime == pytest.approx(7.0)
+    # a failure: the survivors dumped instead of saving
+    dumped = {0: {"times": {"dump_start": 100.2, "dump_end": 100.4}}}
+    durations, _, _ = reconfiguration_phases(100.0, dumped, 101.0, (101.0, 101.1), (101.1, 101.5), new, 107.0)
+    assert durations["stop"] == pytest.approx(0.2) and durations["save"] == pytest.approx(0.2)
+
+
+def test_the_worker_reads_its_settings_from_the_environment(tmp_path):
+    assert ElasticWorker.from_env({}) is None
+    env = {"SCALAI_RUN_DIR": str(tmp_path), "SCALAI_GENERATION": "2", "SCALAI_HOST": "host1",
+           "SCALAI_HOSTS": "host1,host0", "SCALAI_GPUS_PER_HOST": "2",
+           "SCALAI_STORES": "host0=http://127.0.0.1:1,host1=http://127.0.0.1:2", "SCALAI_JOB": "j",
+           "SCALAI_RESUME": "1", "SCALAI_COMMIT_EVERY": "5", "SCALAI_DUMP_VERSION": "rescue-g002"}
+    w = ElasticWorker.from_env(env)
+    assert w.urls == ["http://127.0.0.1:2", "http://127.0.0.1:1"] and w.resume_from_stores
+    with pytest.raises(ValueError, match="SCALAI_JOB missing"):
+        ElasticWorker.from_env({k: v for k, v in env.items() if k != "SCALAI_JOB"})
+    started = process_start_time()
+    assert started is None or abs(started - __import__("time").time()) < 3600

@@ -1,0 +1,44 @@
+"""The runner's decisions without processes: requests, stop points, time events, lead steps."""
+
+import time
+
+import pytest
+
+from scalai.elastic.ahead import lead_steps
+from scalai.elastic.faults import fire_timed
+from scalai.elastic.runner import Runner
+from scalai.elastic.schedule import parse_schedule
+from scalai.elastic.spec import RunSpec
+
+
+@pytest.fixture
+def runner(tmp_path):
+    events = parse_schedule([{"step": 4, "devices": 2}, {"step": 6, "devices": 4}, {"time": 0.0, "redeploy": True},
+                             {"step": 8, "fail": 1}])
+    return Runner(RunSpec(tuple(events), 10, str(tmp_path / "out"), hosts=4, gpus_per_host=2, devices=2))
+
+
+def test_requests_are_checked_when_they_arrive(runner):
+    with pytest.raises(ValueError, match="already runs tp=1,pp=1,dp=2 on host0; nothing to change"):
+        runner.request("devices", 2)
+    with pytest.raises(ValueError, match="only 8 healthy devices"):
+        runner.request("devices", 9)
+    accepted = runner.request("devices", 4)
+    assert accepted["hosts"] == ["host0", "host1"] and len(runner.take_requests()) == 1
+
+
+def test_events_that_change_nothing_are_not_stop_points(runner):
+    assert runner._next_stop(0, runner.alloc) == 6  # devices 2 at step 4 is what it runs already
+    assert runner._next_stop(6, runner.alloc) == 10
+
+
+def test_time_events_become_requests(runner):
+    runner._t0 = time.time() - 1
+    fire_timed(runner)
+    (action, value, reason, _), = runner.take_requests()
+    assert (action, value, reason) == ("redeploy", True, "redeploy (request)")
+
+
+def test_lead_steps_cover_the_start_up():
+    assert lead_steps([], []) == 21  # 10 s over 0.5 s, plus one
+    assert lead_steps([4.0, 6.0, 30.0], [0.0, 1.0, 2.0, 3.0]) == 7
