@@ -110,8 +110,9 @@ def test_run_scales_on_request_and_recovers_from_failures_without_replicas(tmp_p
         assert "stopping after the current step, then tp=1,pp=4,dp=1 on host0, host1" in asked.stdout
         text, _ = proc.communicate(timeout=600)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # SIGTERM: the runner stops its agents and stores on the way out
+            proc.terminate()
+            proc.wait(60)
     assert proc.returncode == 0, text[-4000:]
     rows, changes = _check_outputs(out, read_rows(out / "unchanged" / "metrics.jsonl"), 18)
     scale, rank, host1, host0 = changes
@@ -146,3 +147,25 @@ def test_bad_runs_fail_in_one_line_before_anything_starts(tmp_path):
     assert not (tmp_path / "new").exists()
     missing = run_cli("scale", "nosuchjob", 2, env={"SCALAI_CACHE": str(tmp_path)}, timeout=60)
     assert missing.returncode == 2 and "no running job named 'nosuchjob'" in missing.stderr
+
+
+def test_sigterm_stops_the_run_and_everything_it_started(tmp_path, corpus_index):
+    import os
+    import signal
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(scalai_cmd("run", "--steps", 1000, "--hosts", 1, "--gpus-per-host", 2, "--out", out,
+                                       "--data", corpus_index, "--job", "sigterm-test"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "SCALAI_CACHE": str(tmp_path / "cache")})
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    stores = json.loads((out / "control.json").read_text())["stores"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    time.sleep(1)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(out) not in ps and stores not in ps  # no worker, agent or store left behind
+    assert not Path(stores).exists()

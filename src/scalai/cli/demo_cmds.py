@@ -115,10 +115,12 @@ def demo(out, data) -> None:
     from pathlib import Path
 
     from ..elastic.demo import new_demo_dir, run_demo
+    from ..elastic.run_cli import stop_on_sigterm
 
     target = Path(out) if out else new_demo_dir()
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"output {target} already exists and is not empty; choose a new --out")
+    stop_on_sigterm()
     _, _, check = run_demo(target, data, say=click.echo)
     if not check.ok:
         raise click.ClickException("the elastic run did not follow the unchanged run; see above")

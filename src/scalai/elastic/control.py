@@ -131,9 +131,9 @@ class ControlServer:
         self._thread = threading.Thread(target=self._server.serve_forever, name="scalai-control", daemon=True)
         self._thread.start()
 
-    def register(self, job: str, run_dir: str | Path) -> None:
+    def register(self, job: str, run_dir: str | Path, **extra: Any) -> None:
         """Write where this endpoint listens (run dir and the per-user registry)."""
-        entry = {"job": job, "url": self.url, "pid": os.getpid(), "run_dir": str(run_dir)}
+        entry = {"job": job, "url": self.url, "pid": os.getpid(), "run_dir": str(run_dir), **extra}
         write_json_atomic(Path(run_dir) / "control.json", entry)
         write_json_atomic(registry_path(job), entry)
 

@@ -21,7 +21,7 @@ from .events import read_generation
 if TYPE_CHECKING:
     from .runner import Generation, Runner
 
-__all__ = ["fire_failures", "fire_timed", "kill_rank", "kill_host"]
+__all__ = ["fire_failures", "fire_timed", "kill_rank", "kill_host", "detect_dead_stores"]
 
 
 def fire_failures(runner: Runner, gen: Generation) -> None:
@@ -68,7 +68,7 @@ def kill_rank(runner: Runner, gen: Generation, rank: int, why: str) -> None:
         return
     gen.killed.append(("rank", rank, time.time()))
     runner.say(f"{why}: killed the worker of rank {rank} (pid {pid}, {gen.alloc.host(rank)}) at step "
-               f"{runner.rows[-1]['step']}")
+               f"{_step(runner)}")
 
 
 def kill_host(runner: Runner, gen: Generation, host: str, why: str) -> None:
@@ -82,4 +82,17 @@ def kill_host(runner: Runner, gen: Generation, host: str, why: str) -> None:
     shutil.rmtree(Path(runner.hosts.root) / host, ignore_errors=True)  # its memory is gone
     gen.killed.append(("host", host, time.time()))
     runner.pool = runner.pool.fail_host(host)
-    runner.say(f"{why}: host {host} died (its workers and its store) at step {runner.rows[-1]['step']}")
+    runner.say(f"{why}: host {host} died (its workers and its store) at step {_step(runner)}")
+
+
+def _step(runner: Runner) -> int:
+    return runner.rows[-1]["step"] if runner.rows else 0
+
+
+def detect_dead_stores(runner: Runner, gen: Generation) -> None:
+    """A store process of the generation's hosts that has exited means its host is gone:
+    the host's workers are killed and the generation fails (a host found dead)."""
+    for host in gen.alloc.hosts:
+        proc = runner.hosts.procs[runner.hosts.hosts.index(host)]
+        if host not in runner.pool.dead and (proc is None or proc.poll() is not None):
+            kill_host(runner, gen, host, f"the store of {host} is gone")

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["run_from_cli", "compare_runs", "load_events"]
+__all__ = ["run_from_cli", "compare_runs", "load_events", "stop_on_sigterm"]
 
 
 def load_events(schedule_file: str | None):
     from .schedule import load_schedule
 
     return tuple(load_schedule(schedule_file)) if schedule_file else ()
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit``, so that the runner stops its agents and stores on the
+    way out (``finally``) as it does on Ctrl-C."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def run_from_cli(*, schedule_file, steps, out, compare=False, control_token_file=None, **kw):
@@ -23,6 +34,7 @@ def run_from_cli(*, schedule_file, steps, out, compare=False, control_token_file
     spec = RunSpec(load_events(schedule_file), steps, str(out), control_token=token, **kw)
     if Path(out).exists() and any(Path(out).iterdir()):
         raise FileExistsError(f"run directory {out} is not empty; choose a new --out")
+    stop_on_sigterm()
     result = Runner(spec).run()
     if compare:
         compare_runs(spec, result)

@@ -38,7 +38,7 @@ from .ahead import drop_successor, maybe_prelaunch
 from .allocation import Allocation, apply_event
 from .control import ControlServer
 from .events import events_dir, read_generation, reconfiguration_phases
-from .faults import fire_failures, fire_timed
+from .faults import detect_dead_stores, fire_failures, fire_timed
 from .launch import Agent, Rendezvous, start_agents
 from .persist import Persister
 from .progress import MetricsTail, Progress, run_row
@@ -158,7 +158,7 @@ class Runner:
         self.rdzv = Rendezvous()
         self.control = ControlServer(self.status, self.request, spec.control_host, spec.control_port,
                                      spec.control_token)
-        self.control.register(spec.job, self.dir)
+        self.control.register(spec.job, self.dir, stores=self.hosts.root)
         self.persister = Persister(self._alive_urls, spec.job, self.dir / "checkpoints", self.hosts.token,
                                    on_error=lambda m: self.say(f"warning: {m}")) if spec.persist else None
         link = f", links {spec.link}" if spec.link else ""
@@ -332,6 +332,7 @@ class Runner:
             self._poll_commits(gen)
             fire_failures(self, gen)
             fire_timed(self)
+            detect_dead_stores(self, gen)
             with self._lock:
                 asked = bool(self._requests)
             if asked and stop_at is None:

@@ -144,8 +144,7 @@ def plot_timeline(changes: Sequence[Reconfiguration], path: str | os.PathLike, t
             start = c.starts.get(phase, cursor)
             lane = 0.22 if phase == "relaunch" else -0.12
             height = 0.22 if phase == "relaunch" else 0.42
-            ax.barh(i + lane, width, left=start, height=height, color=_COLORS[phase], edgecolor="white",
-                    label=phase if phase not in seen else None)
+            ax.barh(i + lane, width, left=start, height=height, color=_COLORS[phase], edgecolor="white")
             seen.add(phase)
             cursor = max(cursor, start + width) if phase != "relaunch" else cursor
         end = max([c.downtime] + [c.starts.get(p, 0) + c.phases.get(p, 0) for p in c.phases])
@@ -161,7 +160,11 @@ def plot_timeline(changes: Sequence[Reconfiguration], path: str | os.PathLike, t
     ax.set_xlabel("seconds after the request (to the end of the first step in the new layout)")
     ax.set_title(title or "reconfigurations", pad=22)
     if changes:
-        ax.legend(ncol=len(PHASES), fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
+        from matplotlib.patches import Patch
+
+        handles = [Patch(color=_COLORS[p], label=p) for p in PHASES if p in seen]
+        ax.legend(handles=handles, ncol=len(PHASES), fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0),
+                  frameon=False)
         ax.set_xlim(0, max(c.downtime for c in changes) * 1.45 or 1)
     fig.tight_layout()
     _save(fig, path)
@@ -200,8 +203,9 @@ def plot_loss(runs: dict[str, Sequence[dict]], path: str | os.PathLike,
         for a in (row[0] for row in axes):
             a.axvline(x, color="#c44e52" if c.recovered_from else "#999999", linewidth=0.8, linestyle="--")
         lost = f" ({c.steps_lost} steps lost)" if c.steps_lost else ""
-        ax.text(x, ymax, f" {c.reason}{lost}\n -> {c.to_layout}", fontsize=6.5, va="top", rotation=90,
-                color="0.3")
+        target = "" if c.to_layout in c.reason else f"\n -> {c.to_layout}"
+        ax.text(x, ymax, f" {c.reason}{lost}{target}", fontsize=6.5, va="top", rotation=90, color="0.25",
+                bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1})
     from matplotlib.ticker import MaxNLocator
 
     axes[-1][0].xaxis.set_major_locator(MaxNLocator(integer=True))
