@@ -12,7 +12,10 @@ machine the runner gives slot ``s`` the loopback address ``127.0.0.<10+s>`` (all
 127.0.0.0/8 reaches this machine); on real hosts use their addresses, listed so that
 their sorted order is the slot order. Workers check it (``ElasticWorker.ready``).
 
-Agents run in their own session (process group), so a host can be killed as a whole.
+Agents run in their own session; torchrun starts each worker in a session of its own, so
+:meth:`Agent.kill` finds the workers as the agent's descendants and signals them too (and
+every elastic worker dies with its agent: ``ElasticWorker.started`` sets the parent-death
+signal on Linux).
 """
 
 from __future__ import annotations
@@ -26,7 +29,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["Agent", "Rendezvous", "agent_command", "slot_address", "start_agents"]
+__all__ = ["Agent", "Rendezvous", "agent_command", "slot_address", "start_agents", "descendants"]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first), from /proc; empty where there is none."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return []
+    for name in entries:
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def slot_address(slot: int) -> str:
@@ -73,12 +98,19 @@ class Agent:
         return self.proc.poll()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal the agent and every worker it started (its whole session)."""
-        if self.proc.poll() is None:
+        """Signal the agent and every worker it started. torchrun starts each worker in a
+        session of its own, so the workers are found as the agent's descendants first."""
+        if self.proc.poll() is not None:
+            return
+        workers = descendants(self.proc.pid)
+        for pid in [self.proc.pid, *workers]:
             try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
+                os.killpg(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
 
     def wait(self, timeout: float | None = None) -> int | None:
         try:

@@ -83,6 +83,23 @@ def go_file(run_dir: str | os.PathLike, generation: int) -> Path:
     return Path(run_dir) / "control" / f"go-g{generation:03d}.json"
 
 
+def die_with_parent() -> None:
+    """Linux: get SIGKILL when the parent process (the torchrun agent) dies. Elsewhere: nothing."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the agent died before the call
+        os._exit(1)
+
+
 def process_start_time() -> float | None:
     """When this process started (wall clock), from /proc on Linux; None elsewhere."""
     try:
@@ -156,7 +173,9 @@ class ElasticWorker:
 
     # -- the calls --------------------------------------------------------------------
     def started(self, rank: int) -> None:
-        """Open this rank's report with when its process started and joined the group."""
+        """Open this rank's report with when its process started and joined the group; from
+        now on this worker dies with its agent (a host that dies takes its workers along)."""
+        die_with_parent()
         self.rank = rank
         self.log = RankLog(self.run_dir, self.generation, rank, host=self.host)
         born = process_start_time()
