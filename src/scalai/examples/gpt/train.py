@@ -37,7 +37,7 @@ from .model import preset
 from .options import TrainOptions
 from .parallel import StageModel, build_stage, loss_fn
 
-__all__ = ["train", "build", "resume", "Run", "lr_factor"]
+__all__ = ["train", "build", "resume", "step", "Run", "lr_factor"]
 
 
 def lr_factor(step: int, warmup: int, decay_steps: int) -> float:
@@ -177,6 +177,27 @@ def resume(run: Run) -> None:
          f"{report.seconds['total']:.2f} s, RNG {report.rng})")
 
 
+def step(run: Run, dataset: TokenDataset) -> float:
+    """One optimizer step of the job on this rank (collective): read this replica's share of
+    the next global batch, forward and backward, AdamW and the LR schedule; advances
+    ``run.job.step`` and ``run.job.data``. Returns the step's mean loss over the global batch.
+
+    The optimizer steps after the step's last collective (the loss all-reduce), so that a
+    peer failing during the step leaves this rank with the weights of the previous step.
+    """
+    job, config = run.job, run.opts.config
+    sampler = ElasticSampler(job.data, run.opts.division, config.coords(dist.get_rank()).dp, steps=1)
+    ids = [i for micro in sampler for i in micro]
+    tokens = dataset.batch(ids).to(run.device)  # [part, seq_len + 1]
+    local = _train_step(run.stage, tokens, run.sizes, run.scale, config)
+    loss = _global_loss(local, config, run.device)  # the step's last collective
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    job.data, job.step = sampler.state, job.step + 1
+    return loss
+
+
 def train(opts: TrainOptions, elastic: ElasticWorker | None = None) -> dict[str, Any]:
     """Run the job on this rank (the process group must be initialized); returns a summary:
     ``step`` reached, ``losses`` of the steps trained here, ``stopped`` (the reason or None)
@@ -204,7 +225,6 @@ def train(opts: TrainOptions, elastic: ElasticWorker | None = None) -> dict[str,
     elif opts.resume:
         resume(run)
     dataset = TokenDataset(run.index)
-    division, dp_rank = opts.division, config.coords(dist.get_rank()).dp
     metrics = open(opts.metrics, "a") if opts.metrics and dist.get_rank() == 0 else None
     losses: list[float] = []
     stopped = None
@@ -216,15 +236,8 @@ def train(opts: TrainOptions, elastic: ElasticWorker | None = None) -> dict[str,
             try:
                 while job.step < opts.steps:
                     start = time.perf_counter()
-                    sampler = ElasticSampler(job.data, division, dp_rank, steps=1)
-                    ids = [i for micro in sampler for i in micro]
-                    tokens = dataset.batch(ids).to(run.device)  # [part, seq_len + 1]
-                    local = _train_step(run.stage, tokens, run.sizes, run.scale, config)
-                    loss = _global_loss(local, config, run.device)  # the step's last collective
-                    run.optimizer.step()
-                    run.optimizer.zero_grad(set_to_none=True)
-                    run.scheduler.step()
-                    before, job.data, job.step = job.data, sampler.state, job.step + 1
+                    before = job.data
+                    loss = step(run, dataset)
                     seconds = time.perf_counter() - start
                     losses.append(loss)
                     if metrics is not None:
