@@ -71,6 +71,9 @@ def test_demo_changes_every_dimension_moves_and_survives_a_killed_worker(tmp_pat
     changed = [tuple(i for i in range(3) if degrees(c.from_layout)[i] != degrees(c.to_layout)[i])
                for c in changes[:3]]
     assert changed == [(0,), (2,), (1,)]  # tp alone (grow), dp alone (shrink), pp alone (grow)
+    # tp=1 -> tp=2 transforms into the layout the new workers announced: each tp rank gets
+    # half the weights (the old rules, tp=1's replicated tensors, would send them whole)
+    assert changes[0].bytes_moved < 1.1 * changes[0].saved_bytes  # dp=2 both times: 2 copies
     redeploy = changes[3]
     assert redeploy.from_layout == redeploy.to_layout and not set(redeploy.from_hosts) & set(redeploy.to_hosts)
     # everything came from the old hosts, except copies of replicated tensors (norms,

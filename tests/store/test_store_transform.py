@@ -195,3 +195,41 @@ def test_recovery_from_replicas_after_a_host_is_lost(stores, tmp_path):
     with pytest.raises(PlanError, match="no replica survives"):
         reshard(survivors, "z", "tp=2,pp=1,dp=2,zero=1", gpus_per_host=2, hosts=["host0", "host2"], lost=["host1"])
     assert [v["version"] for v in procs[0].client().job("z")["versions"]] == ["v0"]
+
+
+def test_transform_into_a_given_ptc(stores, tiny_ckpt, tmp_path):
+    """A job may give the new layout's PTC itself (a split its old rules cannot know): the
+    stores lay the state out by it, and every global tensor stays the same."""
+    import dataclasses
+
+    from scalai.config import ParallelConfig
+    from scalai.layout.ptc import PTC
+    from scalai.errors import PlanError
+    from scalai.layout.splits import Replicate, Split
+
+    cluster = StoreCluster([p.url for p in stores(2)])
+    cluster.push(str(tiny_ckpt), "gpt", gpus_per_host=4)
+    with Checkpoint.open(tiny_ckpt) as c:
+        old = c.manifest.ptc
+    guessed = old.relayout(ParallelConfig.parse("tp=2,pp=1,dp=2"))
+    norm = next(s for s in guessed.specs if isinstance(s.split, Replicate) and len(s.shape) == 1
+                and s.shape[0] % 2 == 0 and not s.name.startswith("optimizer."))
+    target = PTC(guessed.config, [dataclasses.replace(s, split=Split(0)) if s.name == norm.name else s
+                                  for s in guessed.specs], guessed.num_layers)
+    result = reshard(cluster, "gpt", target, gpus_per_host=2)
+    assert result.stats.total_bytes < reshard_plan_bytes(old, guessed)
+    cluster.pull("gpt", str(tmp_path / "pulled"))
+    with Checkpoint.open(tmp_path / "pulled") as c:
+        assert c.manifest.ptc.spec(norm.name).split == Split(0)
+        assert dict(c.manifest.ptc.rank_shards(0))[norm.name].shape == (norm.shape[0] // 2,)
+    _same(tiny_ckpt, tmp_path / "pulled")
+    with pytest.raises(PlanError, match="drops"):  # a PTC of other tensors is refused
+        reshard(cluster, "gpt", PTC(target.config, target.specs[:-1], target.num_layers), gpus_per_host=2)
+
+
+def reshard_plan_bytes(old, new) -> int:
+    from scalai.config import Placement
+    from scalai.planner import Deployment, make_plan
+
+    return make_plan(Deployment(old, Placement(4, ("host0", "host1"))),
+                     Deployment(new, Placement(2, ("host0", "host1")))).stats.total_bytes

@@ -89,3 +89,31 @@ def failure_scenarios(rank: int, world_size: int, data: str, tmp: str):
     del run, job
     gc.collect()
     return out
+
+
+def layout_descriptions(rank: int, world_size: int, layouts: list[str], data: str):
+    """Per layout (of this world size): whether the PTC described on the meta device equals
+    the built job's, the elements each rank holds under it, and under the first layout's
+    PTC relaid out (its split rules applied at this layout's degrees)."""
+    import math
+
+    import torch
+
+    from scalai.config import ParallelConfig
+    from scalai.examples.gpt.options import TrainOptions
+    from scalai.examples.gpt.train import build, describe_layout
+
+    def per_rank(ptc):
+        return [sum(math.prod(s.shape) for _, s in ptc.rank_shards(r)) for r in range(world_size)]
+
+    torch.set_num_threads(1)
+    out, first = {}, None
+    for layout in layouts:
+        opts = TrainOptions(layout=layout, steps=1, data=data)
+        announced = describe_layout(opts)
+        built = build(opts).job.ptc
+        first = first or built
+        out[layout] = {"equal": announced.to_json() == built.to_json(), "elements": per_rank(built),
+                       "relaid_out": per_rank(first.relayout(ParallelConfig.parse(layout)))}
+    gc.collect()
+    return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from training_helpers import read_metrics, run_segment
+from training_helpers import WORKERS, read_metrics, run_segment
 
 TOLERANCE = 1e-4
 
@@ -82,3 +82,24 @@ def test_same_layout_resume_is_bit_exact(corpus_index, tmp_path):
     reference = run_segment(corpus_index, layout, 6, save=str(tmp_path / "a"), save_every=3)
     resumed = run_segment(corpus_index, layout, 6, resume=str(tmp_path / "a" / "step-000003"))
     assert resumed["losses"] == reference["losses"][3:]
+
+
+def test_the_layout_described_on_the_meta_device_is_the_built_jobs(corpus_index):
+    """What a new generation announces before its devices are free (the target of the
+    runner's transformation) is exactly the PTC of the job it then builds; and it is what
+    a tp=1 job's own split rules cannot know: relaid out to tp=2, its replicated weights
+    would put whole tensors on every rank."""
+    from _dist import run_ranks
+
+    layouts = ["tp=1,pp=1,dp=2", "tp=2,pp=1,dp=1", "tp=1,pp=1,dp=2,zero=1", "tp=1,pp=2,dp=1"]
+    out = run_ranks(WORKERS, "layout_descriptions", 2, timeout=300,
+                    kwargs=dict(layouts=layouts, data=corpus_index))[0]
+    assert all(v["equal"] for v in out.values()), out
+    whole = sum(out["tp=1,pp=1,dp=2"]["elements"]) // 2  # one replica: the whole state
+    # relaid out: whole weights on both tp ranks; FSDP's sharded weights read as ZeRO-1's
+    # replicated ones (only the moments split)
+    for layout, most in (("tp=2,pp=1,dp=1", 0.55), ("tp=1,pp=1,dp=2,zero=1", 0.8)):
+        assert sum(out[layout]["elements"]) < most * sum(out[layout]["relaid_out"]), (layout, out[layout])
+        # one copy of the state, plus the tensors tensor-parallel ranks replicate (norms, biases)
+        assert whole <= sum(out[layout]["elements"]) < 1.05 * whole, (layout, out[layout])
+    assert out["tp=1,pp=2,dp=1"]["elements"] == out["tp=1,pp=2,dp=1"]["relaid_out"]  # residence is a rule

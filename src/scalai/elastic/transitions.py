@@ -4,8 +4,9 @@ Both follow the same order, chosen so that the new workers' start-up (Python, to
 rendezvous, building the model) overlaps the transformation of the state:
 
 1. decide the new allocation (pure: :mod:`.allocation`);
-2. start the new generation's agents; their workers build the model and wait;
-3. transform the state in the stores into the new layout and placement;
+2. start the new generation's agents; their workers announce the job's PTC under the new
+   layout (described on the meta device), then build the model and wait;
+3. transform the state in the stores into that PTC and the new placement;
 4. write the go file naming the new version; the workers load it and train on.
 
 A planned change transforms the version the workers saved when they stopped. A recovery
@@ -16,22 +17,27 @@ persistent copy on disk), and counts the steps lost.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .ahead import drop_successor
+from ..config import ParallelConfig
 from .allocation import apply_event
 from .events import read_generation, write_json_atomic
 from .recovery import commit_dump, consistent_dumps, merged_state, replicas_cover, restore_from_disk
 from .spec import after_failure
 from .timeline import Reconfiguration
-from .worker import go_file
+from .worker import go_file, layout_file
 
 if TYPE_CHECKING:
     from .runner import Generation, Runner
 
-__all__ = ["Outcome", "reconfigure", "recover"]
+__all__ = ["Outcome", "reconfigure", "recover", "target_layout"]
+
+#: Longest wait for a new generation's announced layout (its workers' start-up).
+ANNOUNCE_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -48,12 +54,45 @@ class Outcome:
     logs: str = ""
 
 
-def _transform(runner: Runner, alloc, version: str, lost_hosts=()):
+def target_layout(runner: Runner, gen: Generation, timeout: float = ANNOUNCE_TIMEOUT_S, poll: float = 0.02):
+    """What to transform the state into for ``gen``: the PTC its workers announced
+    (:meth:`~.worker.ElasticWorker.announce`), waiting for it while they start; or ``gen``'s
+    layout (the old PTC's split rules at the new degrees) when its rank 0 went on without
+    announcing (a script that does not), its agents died, or ``timeout`` seconds passed."""
+    from ..layout.ptc import PTC
+
+    path = layout_file(runner.dir, gen.number)
+    deadline = time.time() + timeout
+    while True:
+        if path.exists():
+            try:
+                ptc = PTC.from_json(json.loads(path.read_text()))
+            except (OSError, ValueError, KeyError) as exc:
+                runner.say(f"  warning: generation {gen.number}'s announced layout is unreadable ({exc}); "
+                           f"transforming by the old split rules")
+                return gen.alloc.layout
+            if ptc.config != gen.alloc.layout:
+                runner.say(f"  warning: generation {gen.number} announced {ptc.config}, not "
+                           f"{gen.alloc.layout}; transforming by the old split rules")
+                return gen.alloc.layout
+            return ptc
+        times = read_generation(runner.dir, gen.number).get(0, {}).get("times", {})
+        if {"waiting", "ready"} & set(times) and not path.exists():
+            return gen.alloc.layout  # rank 0 went on without announcing
+        if time.time() > deadline or any(a.poll() is not None for a in gen.agents):
+            return gen.alloc.layout
+        time.sleep(poll)
+
+
+def _transform(runner: Runner, alloc, version: str, lost_hosts=(), layout=None):
+    """Transform ``version`` into ``layout`` (a PTC or a configuration; default
+    ``alloc.layout``) on ``alloc``'s hosts."""
     from ..store import reshard
 
     t0 = time.time()
-    result = reshard(runner._cluster(), runner.spec.job, alloc.layout, gpus_per_host=runner.spec.gpus_per_host,
-                     hosts=list(alloc.hosts), version=version, keep_old=True, lost=list(lost_hosts))
+    result = reshard(runner._cluster(), runner.spec.job, layout or alloc.layout,
+                     gpus_per_host=runner.spec.gpus_per_host, hosts=list(alloc.hosts), version=version,
+                     keep_old=True, lost=list(lost_hosts))
     plan_end = t0 + result.phases.get("plan", 0.0)
     return result, (t0, plan_end), (plan_end, time.time())
 
@@ -96,7 +135,7 @@ def reconfigure(runner: Runner, old: Generation, outcome: Outcome) -> Generation
         drop_successor(old)
         new = runner.launch(alloc, outcome.step, resume=True, free=False)
     runner.await_exit(old, new)
-    result, plan, transform = _transform(runner, alloc, outcome.version)
+    result, plan, transform = _transform(runner, alloc, outcome.version, layout=target_layout(runner, new))
     runner.record_commit(result.target, outcome.step, alloc.hosts)
     change = Reconfiguration(outcome.step, str(old.alloc.layout), str(alloc.layout), reason,
                              bytes_moved=result.stats.total_bytes, cross_host_bytes=result.cross_host_bytes,
@@ -140,9 +179,10 @@ def recover(runner: Runner, old: Generation, outcome: Outcome) -> Generation:
             old_ptc = ptc_of(runner.dir, old.number)
         except OSError:
             why = "the failed generation never reported its layout"
+    target = target_layout(runner, new)
     if old_ptc is not None and not why:
-        why = replicas_cover(old_ptc, old.alloc.placement, old_ptc.relayout(alloc.layout), alloc.placement,
-                             unavailable)
+        new_ptc = target if not isinstance(target, ParallelConfig) else old_ptc.relayout(target)
+        why = replicas_cover(old_ptc, old.alloc.placement, new_ptc, alloc.placement, unavailable)
     cluster = runner._cluster()
     dump_version = f"rescue-g{old.number:03d}"
     source, step, moved, cross = "", 0, 0, 0
@@ -150,7 +190,7 @@ def recover(runner: Runner, old: Generation, outcome: Outcome) -> Generation:
         step = next(iter(dumps.values()))["step"]
         commit_dump(cluster, runner.spec.job, dump_version, old_ptc, old.alloc.placement, merged_state(dumps),
                     unavailable, [h for h in runner.spec.host_names if h not in runner.pool.dead])
-        result, plan, transform = _transform(runner, alloc, dump_version, dead_hosts)
+        result, plan, transform = _transform(runner, alloc, dump_version, dead_hosts, target)
         version, recovered = result.target, "replicas"
         moved, cross = result.stats.total_bytes, result.cross_host_bytes
         source = f"dumps of {len(dumps)} surviving ranks at step {step}"
@@ -163,7 +203,7 @@ def recover(runner: Runner, old: Generation, outcome: Outcome) -> Generation:
         t0 = time.time()
         if alive:
             c = alive[-1]
-            result, plan, transform = _transform(runner, alloc, c["version"])
+            result, plan, transform = _transform(runner, alloc, c["version"], layout=target)
             version, step = result.target, c["step"]
             moved, cross = result.stats.total_bytes, result.cross_host_bytes
             source = f"store version {c['version']} (step {step})"

@@ -7,6 +7,7 @@ calls (the reference trainer, :mod:`scalai.examples.gpt.train`, does)::
 
     elastic = ElasticWorker.from_env()              # None outside scalai run
     if elastic:
+        elastic.announce(describe_on_meta)          # optional: the new layout's PTC, early
         elastic.wait_devices()                      # the previous workers have exited
     job = describe(...)
     if elastic:
@@ -60,7 +61,7 @@ from typing import Any
 
 from .events import EXIT_DUMPED, RankLog
 
-__all__ = ["ElasticWorker", "EXIT_DUMPED", "stop_file", "go_file", "free_file", "ENV",
+__all__ = ["ElasticWorker", "EXIT_DUMPED", "stop_file", "go_file", "free_file", "layout_file", "ENV",
            "process_start_time"]
 
 ENV = ("SCALAI_RUN_DIR", "SCALAI_GENERATION", "SCALAI_HOST", "SCALAI_HOSTS", "SCALAI_GPUS_PER_HOST",
@@ -81,6 +82,14 @@ def free_file(run_dir: str | os.PathLike, generation: int) -> Path:
 def go_file(run_dir: str | os.PathLike, generation: int) -> Path:
     """Written by the runner (the version to load) once the state is in the new layout."""
     return Path(run_dir) / "control" / f"go-g{generation:03d}.json"
+
+
+def layout_file(run_dir: str | os.PathLike, generation: int) -> Path:
+    """Written by rank 0 of ``generation`` (:meth:`ElasticWorker.announce`): the job's PTC
+    under the generation's layout, the target of the transformation."""
+    from .events import events_dir
+
+    return events_dir(run_dir, generation) / "layout.json"
 
 
 def die_with_parent() -> None:
@@ -182,6 +191,25 @@ class ElasticWorker:
         if born is not None:
             self.log.mark("process_start", born)
         self.log.mark("joined")
+
+    def announce(self, describe: Any) -> None:
+        """Before the devices are free: tell the runner the job's PTC under this generation's
+        layout (collective: ``describe()`` runs on every rank; rank 0 writes it).
+
+        The runner transforms the state into this PTC. Without it, the runner applies the
+        old PTC's split rules at the new degrees, which cannot know how a tensor that was
+        whole splits along an axis that appears (a weight replicated at ``tp=1`` is sharded
+        at ``tp=2``; FSDP sharding comes with ``zero=1``): every rank would then receive
+        whole tensors, and the runner waits for this announcement instead. ``describe`` may
+        build the model on the meta device (no memory, no values): only the layout counts.
+        """
+        ptc = describe()
+        if self.rank == 0:
+            from .events import write_json_atomic
+
+            write_json_atomic(layout_file(self.run_dir, self.generation), ptc.to_json())
+        if self.log is not None:
+            self.log.mark("announced")
 
     def wait_devices(self, poll: float = 0.02, timeout: float = 900.0) -> None:
         """Before building the model: wait until the previous generation's workers are gone.

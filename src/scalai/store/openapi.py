@@ -94,7 +94,9 @@ SCHEMAS: dict[str, Any] = {
             "old": {"type": "object", "required": ["ptc", "placement"], "additionalProperties": False,
                     "properties": {"ptc": PTC, "placement": PLACEMENT}},
             "new": {"type": "object", "required": ["layout", "placement"], "additionalProperties": False,
-                    "properties": {"layout": {"type": "string", "maxLength": 200}, "placement": PLACEMENT}},
+                    "properties": {"layout": {"type": "string", "maxLength": 200}, "placement": PLACEMENT,
+                                   "ptc": {**PTC, "description": "the job's tensors under the new layout "
+                                           "(default: the old PTC's split rules at the new degrees)"}}},
             "peers": {"type": "object", "maxProperties": 65536,
                       "additionalProperties": {"type": "string", "pattern": "^https?://[^\\s]+$"}},
             "checksum": {"type": "boolean", "default": True},

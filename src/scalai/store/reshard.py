@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..config import ParallelConfig, Placement
+from ..layout.ptc import PTC
 from ..planner import Deployment, make_plan
 from ..planner.plan import PlanStats
 from .cluster import StoreCluster, StoredVersion, parallel
@@ -69,15 +70,16 @@ class ReshardResult:
                 "hosts": self.hosts, "placement": list(self.placement)}
 
 
-def _request(src_version: str, to_version: str, old: Deployment, new_layout: str, new_place: Placement,
-             peers: dict[str, str], checksum: bool, lost: Sequence[str] = (),
-             lost_ranks: Sequence[int] = ()) -> dict:
+def _request(src_version: str, to_version: str, old: Deployment, new: Deployment, peers: dict[str, str],
+             checksum: bool, lost: Sequence[str] = (), lost_ranks: Sequence[int] = ()) -> dict:
     out = {"from_version": src_version, "to_version": to_version,
            "old": {"ptc": old.ptc.to_json(), "placement": placement_to_json(old.placement)},
-           "new": {"layout": new_layout, "placement": placement_to_json(new_place)},
+           "new": {"layout": str(new.ptc.config), "placement": placement_to_json(new.placement)},
            "peers": peers, "checksum": checksum, "lost_hosts": list(lost)}
     if lost_ranks:
         out["lost_ranks"] = sorted(lost_ranks)
+    if new.ptc.specs != old.ptc.specs:  # the job described its new layout itself
+        out["new"]["ptc"] = new.ptc.to_json()
     return out
 
 
@@ -95,13 +97,18 @@ def _failure(exc: Exception, job: str, source: str, what: str) -> TransformError
                           f"job's current state; {hint}", host)
 
 
-def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_per_host: int | None = None,
+def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str | PTC, gpus_per_host: int | None = None,
             hosts: Sequence[str] | str | None = None, central: bool = False, keep_old: bool = False,
             version: str | None = None, checksum: bool = True, lost: Sequence[str] = ()) -> ReshardResult:
     """Transform the job's current version (or ``version``) into ``layout``.
 
     Args:
-        layout: the new layout, e.g. ``"tp=2,pp=2,dp=2,zero=1"``.
+        layout: the new layout, e.g. ``"tp=2,pp=2,dp=2,zero=1"``, or the job's PTC under
+            it. Given a layout, the old PTC's split rules are applied at the new degrees,
+            which is exact for rule tables and for DTensor layouts that keep their mesh
+            axes; a job described from live DTensors gives its new PTC instead when an
+            axis appears (a tensor replicated at ``tp=1`` is sharded at ``tp=2``; FSDP
+            sharding appears with ``zero=1``), or every rank would receive whole tensors.
         gpus_per_host: devices per host in the new placement (default: as before).
         hosts: hosts of the new placement, in order (default: every store given, in order;
             a disjoint set is a redeployment), or ``"auto"``: the hosts, among all stores,
@@ -122,9 +129,12 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_
     from ..state import carry_state
 
     t0 = time.perf_counter()
-    config = ParallelConfig.parse(layout) if isinstance(layout, str) else layout
+    given = layout if isinstance(layout, PTC) else None
+    config = given.config if given is not None else \
+        ParallelConfig.parse(layout) if isinstance(layout, str) else layout
     src: StoredVersion = cluster.latest(job, version, lost)
     old = Deployment(src.manifest.ptc, src.manifest.placement)
+    new_ptc = given if given is not None else old.ptc.relayout(config)
     for h in src.manifest.hosts:
         if h not in lost:
             cluster.client(h)  # every surviving old host must be reachable through --stores
@@ -133,10 +143,10 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_
                             if old.placement.host(r) in lost or r in lost_ranks)
     g = gpus_per_host or old.placement.gpus_per_host
     if hosts == "auto" or (not isinstance(hosts, str) and list(hosts or []) == ["auto"]):
-        chosen = choose_hosts(old, old.ptc.relayout(config), g, cluster.hosts)
+        chosen = choose_hosts(old, new_ptc, g, cluster.hosts)
         hosts = list(chosen) + [h for h in cluster.hosts if h not in chosen]
     new_place = cluster.placement(g, hosts)
-    new = Deployment(old.ptc.relayout(config), new_place)
+    new = Deployment(new_ptc, new_place)
     slots = new_place.gpus_per_host * len(new_place.hosts)
     if config.world_size > slots:
         raise ValueError(f"layout {config} needs {config.world_size} devices but {len(new_place.hosts)} hosts x "
@@ -153,8 +163,7 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_
     scratch = None
     try:
         if not central:
-            req = _request(src.name, target, old, str(config), new_place, cluster.peers, checksum, lost,
-                           lost_ranks)
+            req = _request(src.name, target, old, new, cluster.peers, checksum, lost, lost_ranks)
             results = _run_parts(cluster, job, dest_hosts, req)
             phases["transform"] = time.perf_counter() - t1
         else:
@@ -162,15 +171,15 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str, gpus_
             scratch = f"{target}.consolidated"
             one = ParallelConfig(tp=1, pp=1, dp=1)
             hub_place = Placement(1, (hub,))
-            req = _request(src.name, scratch, old, str(one), hub_place, cluster.peers, checksum, lost,
-                           lost_ranks)
+            req = _request(src.name, scratch, old, Deployment(old.ptc.relayout(one), hub_place), cluster.peers,
+                           checksum, lost, lost_ranks)
             results["consolidate"] = _run_parts(cluster, job, [hub], req)[hub]
             cluster.commit(VersionManifest(job, scratch, src.manifest.sequence, old.ptc.relayout(one), hub_place,
                                            {}, src.name, scratch=True), [hub])
             t2 = time.perf_counter()
             phases["consolidate"] = t2 - t1
             mid = Deployment(old.ptc.relayout(one), hub_place)
-            req = _request(scratch, target, mid, str(config), new_place, cluster.peers, checksum)
+            req = _request(scratch, target, mid, new, cluster.peers, checksum)
             results.update(_run_parts(cluster, job, dest_hosts, req))
             phases["split"] = time.perf_counter() - t2
     except Exception as exc:

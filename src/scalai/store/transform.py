@@ -81,7 +81,16 @@ class TransformSpec:
             old_ptc = PTC.from_json(obj["old"]["ptc"])
         except Exception as exc:  # malformed layouts are bad input, never a crash
             raise ValueError(f"old.ptc does not parse ({exc})") from None
-        new_ptc = old_ptc.relayout(ParallelConfig.parse(obj["new"]["layout"]))
+        config = ParallelConfig.parse(obj["new"]["layout"])
+        new_ptc = old_ptc.relayout(config)
+        if "ptc" in obj["new"]:  # the job's own description of its tensors under the new layout
+            try:
+                new_ptc = PTC.from_json(obj["new"]["ptc"])
+            except Exception as exc:  # noqa: BLE001 - bad input, never a crash
+                raise ValueError(f"new.ptc does not parse ({exc})") from None
+            if new_ptc.config != config:
+                raise ValueError(f"new.ptc is laid out as {new_ptc.config}, new.layout says {config}; "
+                                 f"send the PTC of the new layout")
         old = Deployment(old_ptc, placement_from_json(obj["old"]["placement"]))
         new = Deployment(new_ptc, placement_from_json(obj["new"]["placement"]))
         for dep, what in ((old, "old"), (new, "new")):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ...config import ParallelConfig
 from .model import GPTConfig, GPTStage, init_weights
 
-__all__ = ["StageModel", "build_stage", "loss_fn", "SCHEDULES"]
+__all__ = ["StageModel", "build_stage", "meta_stage", "loss_fn", "SCHEDULES"]
 
 SCHEDULES = ("1f1b", "gpipe")
 
@@ -107,6 +107,46 @@ def preload(layout: ParallelConfig) -> None:
             pass  # build_stage says what is missing and what to do
 
 
+def meta_stage(cfg: GPTConfig, layout: ParallelConfig, device: str = "cpu") -> StageModel:
+    """This rank's stage under ``layout``, parallelized as :func:`build_stage` does, with its
+    parameters on the meta device (no memory, no values): the shapes and DTensor placements
+    of the job's tensors under a layout, e.g. before the devices are free. Collective (the
+    mesh's process groups); no pipeline schedule."""
+    return _stage(cfg, layout, device, seed=None)
+
+
+def _stage(cfg: GPTConfig, layout: ParallelConfig, device: str, seed: int | None) -> StageModel:
+    """Check ``layout``, make the mesh, build this rank's stage (initialized from ``seed``
+    on ``device``; ``None``: on the meta device), apply TP then DP."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    cfg.check_tp(layout.tp)
+    world = dist.get_world_size()
+    if world != layout.world_size:
+        raise ValueError(f"layout {layout} needs {layout.world_size} processes, the job has {world}")
+    stage_layers = layout.stage_layers(cfg.layers)
+    stage_index = layout.coords(dist.get_rank()).pp
+    if layout.pp > 1 and any(len(r) == 0 for r in stage_layers):
+        raise ValueError(f"stages={'+'.join(str(len(r)) for r in stage_layers)} leaves a stage "
+                         f"without layers; give every stage at least one layer")
+    mesh = init_device_mesh(device, (layout.pp, layout.dp, layout.tp), mesh_dim_names=("pp", "dp", "tp"))
+    first, last = stage_index == 0, stage_index == layout.pp - 1
+    if seed is None:
+        with torch.device("meta"):
+            module = GPTStage(cfg, stage_layers[stage_index], first, last)
+    else:
+        module = GPTStage(cfg, stage_layers[stage_index], first, last)
+        init_weights(module, seed)
+        module.to(device)
+    if layout.tp > 1:
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        parallelize_module(module, mesh["tp"], _tp_plan(module))
+    if layout.dp > 1:
+        _data_parallel(module, mesh["dp"], layout.zero)
+    return StageModel(module, mesh, stage_index, first, last)
+
+
 def build_stage(cfg: GPTConfig, layout: ParallelConfig, *, seed: int, micro_batches: int,
                 schedule: str = "1f1b", device: str = "cpu",
                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = loss_fn) -> StageModel:
@@ -124,37 +164,14 @@ def build_stage(cfg: GPTConfig, layout: ParallelConfig, *, seed: int, micro_batc
     Raises:
         ValueError: the layout does not fit the model or the world.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-
-    cfg.check_tp(layout.tp)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule {schedule!r} is not one of {SCHEDULES}")
-    world = dist.get_world_size()
-    if world != layout.world_size:
-        raise ValueError(f"layout {layout} needs {layout.world_size} processes, the job has {world}")
-    stage_layers = layout.stage_layers(cfg.layers)
-    rank = dist.get_rank()
-    stage_index = layout.coords(rank).pp
-    first, last = stage_index == 0, stage_index == layout.pp - 1
-    if layout.pp > 1 and any(len(r) == 0 for r in stage_layers):
-        raise ValueError(f"stages={'+'.join(str(len(r)) for r in stage_layers)} leaves a stage "
-                         f"without layers; give every stage at least one layer")
-    mesh = init_device_mesh(device, (layout.pp, layout.dp, layout.tp), mesh_dim_names=("pp", "dp", "tp"))
-    module = GPTStage(cfg, stage_layers[stage_index], first, last)
-    init_weights(module, seed)
-    module.to(device)
-    if layout.tp > 1:
-        from torch.distributed.tensor.parallel import parallelize_module
-
-        parallelize_module(module, mesh["tp"], _tp_plan(module))
-    if layout.dp > 1:
-        _data_parallel(module, mesh["dp"], layout.zero)
-    out = StageModel(module, mesh, stage_index, first, last)
+    out = _stage(cfg, layout, device, seed)
     if layout.pp > 1:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-        stage = PipelineStage(module, stage_index, layout.pp, torch.device(device),
-                              group=mesh["pp"].get_group())
+        stage = PipelineStage(out.module, out.stage_index, layout.pp, torch.device(device),
+                              group=out.mesh["pp"].get_group())
         cls: Callable = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
         out.schedule = cls(stage, n_microbatches=micro_batches, loss_fn=loss, scale_grads=False)
     return out

@@ -35,9 +35,9 @@ from ...training import StopFlag, agree, describe, find_checkpoint, load, save, 
 from .corpus import ensure_index
 from .model import preset
 from .options import TrainOptions
-from .parallel import StageModel, build_stage, loss_fn
+from .parallel import StageModel, build_stage, loss_fn, meta_stage
 
-__all__ = ["train", "build", "resume", "step", "Run", "lr_factor"]
+__all__ = ["train", "build", "describe_layout", "resume", "step", "Run", "lr_factor"]
 
 
 def lr_factor(step: int, warmup: int, decay_steps: int) -> float:
@@ -163,6 +163,16 @@ def build(opts: TrainOptions) -> Run:
     return Run(opts, stage, job, optimizer, scheduler, index, sizes, scale, device)
 
 
+def describe_layout(opts: TrainOptions) -> Any:
+    """The job's PTC under ``opts.layout`` without building it (collective): the stage is
+    made on the meta device (:func:`~.parallel.meta_stage`), so this needs no memory and
+    may run while other processes still hold the devices."""
+    cfg = preset(opts.model)
+    sm = meta_stage(cfg, opts.config, opts.device)
+    optimizer = torch.optim.AdamW(sm.module.parameters(), lr=opts.lr)  # for the moments' specs
+    return describe(sm.module, optimizer, opts.config, num_layers=cfg.layers).ptc
+
+
 def resume(run: Run) -> None:
     """Load ``run.opts.resume`` (a checkpoint or a root) into the built job (collective)."""
     opts, job = run.opts, run.job
@@ -213,6 +223,7 @@ def train(opts: TrainOptions, elastic: ElasticWorker | None = None) -> dict[str,
 
         elastic.started(dist.get_rank())
         preload(opts.config)  # while the previous generation's workers exit
+        elastic.announce(lambda: describe_layout(opts))  # the target of the transformation
         elastic.wait_devices()
     run = build(opts)
     job, config = run.job, opts.config
