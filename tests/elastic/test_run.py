@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_rows, run_cli, scalai_cmd
+from elastic_helpers import read_rows, run_cli, scalai_cmd
 from scalai.config import ParallelConfig
 from scalai.elastic.demo import DEMO_STEPS, check_run
 from scalai.elastic.progress import effective_rows, sample_counts
