@@ -94,9 +94,12 @@ class Progress:
         now = time.time()
         self._times = [(t, n) for t, n in self._times if now - t < 10.0] + [(now, len(row["samples"]))]
         span = self._times[-1][0] - self._times[0][0]
-        rate = sum(n for _, n in self._times[1:]) / span if span > 0 else 0.0
+        if span > 0:
+            rate = f"{sum(n for _, n in self._times[1:]) / span:.1f}"
+        else:  # the first step seen: its own time, if the worker reported it
+            rate = f"{len(row['samples']) / row['step_time']:.1f}" if row.get("step_time") else "-"
         self._line = (f"step {row['step']}/{self.total}  loss {row['loss']:.4f}  {row['layout']}  "
-                      f"{rate:.1f} samples/s{('  ' + note) if note else ''}")
+                      f"{rate} samples/s{('  ' + note) if note else ''}")
         if self.tty:
             self.out.write("\r\033[K" + self._line)
             self.out.flush()
