@@ -172,3 +172,22 @@ def test_sigterm_stops_the_run_and_everything_it_started(tmp_path, corpus_index)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(out) not in ps and stores not in ps  # no worker, agent or store left behind
     assert not Path(stores).exists()
+
+
+@pytest.mark.slow
+def test_run_launches_the_users_own_module(tmp_path, corpus_index):
+    import os
+
+    schedule = tmp_path / "schedule.json"
+    schedule.write_text(json.dumps([{"step": 2, "layout": "tp=1,pp=1,dp=1"}]))
+    out = tmp_path / "run"
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    result = run_cli("run", "--schedule", schedule, "--steps", 4, "--layout", "tp=1,pp=1,dp=2", "--commit-every", 0,
+                     "--module", "wrapped_trainer", "--out", out, "--data", corpus_index, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    marks = sorted(p.name for p in (out / "wrapped").iterdir())
+    assert marks == ["g0-rank0-tp=1,pp=1,dp=2", "g0-rank1-tp=1,pp=1,dp=2", "g1-rank0-tp=1,pp=1,dp=1"]
+    assert [r["step"] for r in effective_rows(read_rows(out / "metrics.jsonl"))] == [1, 2, 3, 4]
+    missing = run_cli("run", "--steps", 4, "--module", "no_such_trainer", "--out", tmp_path / "x")
+    assert missing.returncode == 2 and "--module no_such_trainer: no such module" in missing.stderr
+    assert not (tmp_path / "x").exists()

@@ -78,13 +78,16 @@ def layouts(model, devices, device_memory, gpus_per_host, global_batch, seq_len,
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--data", type=click.Path(), default=None, help="sample index [default: the stdlib corpus]")
 @click.option("--device-memory", default=80.0, show_default=True, type=float, help="GiB per device (cost model)")
+@click.option("--module", default="scalai.examples.gpt", show_default=True,
+              help="the workers' module (python -m MODULE): the reference trainer, or your script taking its "
+                   "arguments and following scalai.elastic.worker's protocol")
 @click.option("--compare", is_flag=True, help="also run the job unchanged (no events) and plot against it")
 @click.option("--control-host", default="127.0.0.1", show_default=True, help="address of the control endpoint")
 @click.option("--control-port", default=0, show_default=True, type=int, help="port of the control endpoint (0: any)")
 @click.option("--control-token-file", type=click.Path(dir_okay=False), default=None,
               help="token required by the control endpoint (needed off loopback)")
 def run_cmd(schedule_file, steps, out, model, hosts, gpus_per_host, layout, devices, job, commit_every, link,
-            global_batch, micro_batch, lr, seed, data, device_memory, compare, control_host, control_port,
+            global_batch, micro_batch, lr, seed, data, device_memory, module, compare, control_host, control_port,
             control_token_file) -> None:
     """Train under a changing device allocation: grow, shrink, move, survive failures.
 
@@ -102,7 +105,7 @@ def run_cmd(schedule_file, steps, out, model, hosts, gpus_per_host, layout, devi
     run_from_cli(schedule_file=schedule_file, steps=steps, out=out, model=model, hosts=hosts,
                  gpus_per_host=gpus_per_host, layout=layout, devices=devices, job=job, commit_every=commit_every,
                  link=link, global_batch=global_batch, micro_batch=micro_batch, lr=lr, seed=seed, data=data,
-                 device_memory=device_memory, compare=compare, control_host=control_host,
+                 device_memory=device_memory, module=module, compare=compare, control_host=control_host,
                  control_port=control_port, control_token_file=control_token_file)
 
 

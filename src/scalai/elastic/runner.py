@@ -242,7 +242,7 @@ class Runner:
                "SCALAI_DUMP_VERSION": f"rescue-g{number:03d}", "SCALAI_TIMEOUT": str(spec.worker_timeout)}
         host_env = {h: {"SCALAI_HOST": h} for h in alloc.hosts}
         agents = start_agents(alloc.hosts, [alloc.local_size(h) for h in alloc.hosts], self.rdzv.endpoint,
-                              f"{spec.job}-g{number:03d}", "scalai.examples.gpt", to_argv(opts), env, host_env,
+                              f"{spec.job}-g{number:03d}", spec.module, to_argv(opts), env, host_env,
                               self.dir / "logs")
         gen = Generation(number, alloc, until, start_step, agents, time.time(), resume)
         if free:

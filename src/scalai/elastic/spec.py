@@ -9,6 +9,7 @@ event's index, before any process starts.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Sequence
@@ -37,6 +38,10 @@ class RunSpec:
             the last commit is where a failure without replicas restarts from.
         persist: copy every commit to ``out/checkpoints`` in the background.
         link: the simulated link between hosts' stores (e.g. ``"1gbit"``), or None.
+        module: the workers' module (``python -m MODULE``), the reference trainer by
+            default; it takes the reference trainer's arguments
+            (:func:`scalai.examples.gpt.options.parse_args`) and follows the worker
+            protocol of :mod:`scalai.elastic.worker`.
     """
 
     schedule: tuple[Event, ...]
@@ -63,6 +68,7 @@ class RunSpec:
     control_token: str | None = None
     worker_timeout: int = 120
     extra_hosts: Sequence[str] = field(default=())
+    module: str = "scalai.examples.gpt"
 
     def __post_init__(self) -> None:
         from ..store.names import check_name
@@ -77,6 +83,7 @@ class RunSpec:
         if self.hosts > 80:
             raise ValueError(f"--hosts={self.hosts}: one machine simulates at most 80 hosts")
         check_name(self.job, "job")
+        _check_module(self.module)
         from .control import check_listen
 
         check_listen(self.control_host, self.control_token)
@@ -135,6 +142,18 @@ class RunSpec:
         if not self.accepts(layout):
             self.trainer_options(layout)  # raises with the trainer's reason
         return Allocation(layout, pick_hosts(pool, layout.world_size), self.gpus_per_host)
+
+
+def _check_module(name: str) -> None:
+    """The workers' module must exist here (the runner's Python is the workers' Python)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        raise ValueError(f"--module {name}: no such module in {sys.executable}; install it or set PYTHONPATH")
 
 
 def dry_run(spec: RunSpec) -> list[tuple[Event, Allocation]]:
