@@ -21,3 +21,23 @@ def test_slot_addresses_sort_in_slot_order():
     assert sorted(addresses) == addresses
     with pytest.raises(ValueError):
         slot_address(90)
+
+
+def test_process_gone_sees_exited_and_zombie_processes():
+    import subprocess
+    import sys
+    import time
+
+    from scalai.elastic.launch import process_gone
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert not process_gone(proc.pid)
+    finally:
+        proc.kill()
+    deadline = time.time() + 10
+    while not process_gone(proc.pid):  # a zombie until reaped below: gone already
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.wait()
+    assert process_gone(proc.pid)

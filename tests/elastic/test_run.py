@@ -71,9 +71,12 @@ def test_demo_changes_every_dimension_moves_and_survives_a_killed_worker(tmp_pat
     changed = [tuple(i for i in range(3) if degrees(c.from_layout)[i] != degrees(c.to_layout)[i])
                for c in changes[:3]]
     assert changed == [(0,), (2,), (1,)]  # tp alone (grow), dp alone (shrink), pp alone (grow)
-    # tp=1 -> tp=2 transforms into the layout the new workers announced: each tp rank gets
-    # half the weights (the old rules, tp=1's replicated tensors, would send them whole)
-    assert changes[0].bytes_moved < 1.1 * changes[0].saved_bytes  # dp=2 both times: 2 copies
+    # Saved: one copy of the state (dp=2 on one host: each host stores a replica once).
+    # Moved: one copy per host of the new layout (two hosts), split over the host's two tp
+    # ranks as the new workers announced (tp=1's rules would send whole tensors to each
+    # rank: four copies)
+    grow = changes[0]
+    assert 1.9 * grow.saved_bytes < grow.bytes_moved < 2.2 * grow.saved_bytes
     redeploy = changes[3]
     assert redeploy.from_layout == redeploy.to_layout and not set(redeploy.from_hosts) & set(redeploy.to_hosts)
     # everything came from the old hosts, except copies of replicated tensors (norms,

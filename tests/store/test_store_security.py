@@ -193,3 +193,11 @@ def test_weak_tokens_are_refused(tmp_path):
         load_token(tmp_path / "missing")
     (tmp_path / "t").write_text(TOKEN + "\n")
     assert load_token(tmp_path / "t") == TOKEN
+
+
+def test_file_paths_go_to_loopback_clients_only():
+    from scalai.store.server import _loopback
+
+    assert _loopback("127.0.0.1") and _loopback("127.0.0.12") and _loopback("::1")
+    assert not _loopback("10.0.0.5") and not _loopback("192.168.1.2") and not _loopback(None)
+    assert not _loopback("not an address")

@@ -14,6 +14,7 @@ from scalai.dtypes import raw_numpy
 from scalai.models import model_ptc
 from scalai.models.synth import fill_local
 from scalai.planner import Deployment, make_plan
+from scalai.errors import ChecksumError
 from scalai.store import StoreCluster, StoreRequestError
 from scalai.store.training import StoreSource, commit, load_rank, next_version, save_rank
 
@@ -136,8 +137,64 @@ def test_writer_and_reader_for_the_training_api(cluster):
     w = Window(Region((0,), (12,)), (3, 4), Region((1, 1), (2, 2)))
     np.testing.assert_array_equal(reader.read_window(3, flat, w), w.select(expected[flat]))
     reader.close()
+    # a reader on rank 3's host maps that store's files (no bytes over HTTP): same results
+    host = cluster.hosts[3 // 2]
+    local = StoreReader([c.url for c in cluster.clients], "job", local_host=host)
+    assert local._mapped(3, name) is not None and local._mapped(0, name) is None  # rank 0 lives elsewhere
+    local.verify(range(4))
+    np.testing.assert_array_equal(local.view(3, name), expected[name])
+    np.testing.assert_array_equal(local.view(3, name, box), expected[name][1:4, 2:6])
+    out = np.zeros((2, 2), expected[flat].dtype)
+    assert local.read_window(3, flat, w, out=out) is out
+    np.testing.assert_array_equal(out, w.select(expected[flat]))
+    # a damaged byte in the store's memory is caught by the checksum pass
+    path = cluster.client(host).files("job", "v0", 3)[name]["path"]
+    with open(path, "r+b") as f:
+        f.seek(600)
+        byte = f.read(1)
+        f.seek(600)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    local.close()
+    with pytest.raises(ChecksumError, match=f"{name} of rank 3"):
+        StoreReader([c.url for c in cluster.clients], "job", local_host=host).verify([3])
     # an aborted save leaves nothing
     token = writer.begin()
     writer.write_rank(token, 0, ptc, _rank_tensors(ptc, 0, torch_tensors=False))
     writer.abort(token)
     assert all(v["version"] == "v0" for c in cluster.clients for v in c.job("job")["versions"])
+
+
+def test_writer_stores_replicas_once_per_host_and_they_transform(cluster, tmp_path):
+    """dp=4 on two hosts: each host's store keeps one copy of the state (split between its
+    two ranks, not one per rank), and a transformation reads them like any version."""
+    from scalai.checkpoint.manifest import Manifest
+    from scalai.store import reshard
+    from scalai.store.training import StoreReader, StoreWriter
+
+    ptc = model_ptc("gpt-tiny", "tp=1,pp=1,dp=4")
+    writer = StoreWriter(cluster, "rep", gpus_per_host=2)
+    token = writer.begin()
+    records = [writer.write_rank(token, r, ptc, _rank_tensors(ptc, r, torch_tensors=False)) for r in range(4)]
+    writer.commit(token, Manifest(ptc, tuple(records), {"step": 1}))
+    state = ptc.rank_nbytes(0)  # one replica holds the whole state
+    assert sum(r.nbytes for r in records) == 2 * state  # one copy per host, not four
+    assert all(0.4 * state < r.nbytes < 0.6 * state for r in records)  # shared by the host's ranks
+    stored = cluster.latest("rep").manifest
+    assert stored.replicas == "per_host" and stored.ptc.full.rank_nbytes(1) == state
+    # pulled to disk, it is an ordinary checkpoint of every rank's tensors
+    from scalai.checkpoint import Checkpoint
+
+    cluster.pull("rep", str(tmp_path / "pulled"))
+    with Checkpoint.open(tmp_path / "pulled") as ckpt:
+        ckpt.verify()
+        for r in range(4):
+            for name, want in _rank_tensors(ptc, r, torch_tensors=False).items():
+                np.testing.assert_array_equal(np.asarray(ckpt.view(r, name)), want, err_msg=f"{name} of rank {r}")
+    result = reshard(cluster, "rep", "tp=2,pp=1,dp=2", gpus_per_host=2)
+    assert result.cross_host_bytes == 0  # each host still had a whole copy
+    new = cluster.latest("rep").manifest
+    assert new.replicas == "all"
+    reader = StoreReader([c.url for c in cluster.clients], "rep")
+    for r in range(4):
+        for name, want in _rank_tensors(new.ptc, r, torch_tensors=False).items():
+            np.testing.assert_array_equal(reader.view(r, name), want, err_msg=f"{name} of rank {r}")

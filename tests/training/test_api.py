@@ -126,8 +126,8 @@ def test_exactly_once_check_catches_a_bad_plan(tmp_path, monkeypatch, tamper):
     save(make_job(), tmp_path / "ckpt")
     real = load_module.plan_load
 
-    def bad_plan(saved, live):
-        plan = real(saved, live)
+    def bad_plan(saved, live, *placements):
+        plan = real(saved, live, *placements)
         copies = list(plan.copies)
         victim = next(i for i, c in enumerate(copies) if c.tensor == "optimizer.exp_avg.tok.weight")
         copies = copies[:victim] + copies[victim + 1:] if tamper == "drop" else copies + [copies[victim]]

@@ -54,6 +54,24 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie waiting for its parent counts: it
+    holds no memory and no device)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
+
+
 def slot_address(slot: int) -> str:
     """The loopback address of host slot ``slot`` on one machine (sorts in slot order)."""
     if not 0 <= slot < 90:

@@ -39,7 +39,7 @@ from .allocation import Allocation, apply_event
 from .control import ControlServer
 from .events import events_dir, read_generation, reconfiguration_phases
 from .faults import detect_dead_stores, fire_failures, fire_timed
-from .launch import Agent, Rendezvous, start_agents
+from .launch import Agent, Rendezvous, process_gone, start_agents
 from .persist import Persister
 from .progress import MetricsTail, Progress, run_row
 from .report import finish
@@ -377,6 +377,14 @@ class Runner:
         period), then free the devices for ``new``."""
         def wait() -> None:
             deadline = time.time() + GRACE_S
+            # The devices are free once the old workers are gone (their agents take longer
+            # to shut down, and hold no device).
+            pids = [r.get("pid") for r in read_generation(self.dir, old.number).values()]
+            while pids and all(pids) and not all(process_gone(p) for p in pids) \
+                    and any(a.poll() is None for a in old.agents) and time.time() < deadline:
+                time.sleep(0.01)
+            if pids and all(pids) and all(process_gone(p) for p in pids):
+                free_file(self.dir, new.number).touch()
             for a in old.agents:
                 if a.wait(max(0.1, deadline - time.time())) is None:
                     a.kill()

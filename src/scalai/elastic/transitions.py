@@ -92,7 +92,7 @@ def _transform(runner: Runner, alloc, version: str, lost_hosts=(), layout=None):
     t0 = time.time()
     result = reshard(runner._cluster(), runner.spec.job, layout or alloc.layout,
                      gpus_per_host=runner.spec.gpus_per_host, hosts=list(alloc.hosts), version=version,
-                     keep_old=True, lost=list(lost_hosts))
+                     keep_old=True, lost=list(lost_hosts), replicas="per_host")
     plan_end = t0 + result.phases.get("plan", 0.0)
     return result, (t0, plan_end), (plan_end, time.time())
 

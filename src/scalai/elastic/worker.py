@@ -260,6 +260,7 @@ class ElasticWorker:
         """
         import json
 
+        from ..config import Placement
         from ..store.client import load_token
         from ..store.training import StoreReader
         from ..training import load
@@ -277,9 +278,10 @@ class ElasticWorker:
         if version is None:  # nothing was ever committed: the runner restarts the job from scratch
             self.log.mark("load_end", loaded=None)
             return None
-        reader = StoreReader(self.urls, self.job_name, version, token=load_token())
+        # This host's store is on this machine: map its files instead of streaming them
+        reader = StoreReader(self.urls, self.job_name, version, token=load_token(), local_host=self.host)
         try:
-            report = load(job, reader, verify=verify)
+            report = load(job, reader, verify=verify, placement=Placement(self.gpus_per_host, self.hosts))
         finally:
             reader.close()
         self.log.mark("load_end", step=job.step, loaded={"version": version, "step": job.step,

@@ -22,7 +22,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from functools import lru_cache
 from math import prod
-from typing import Iterable, Sequence
+from typing import Callable, Hashable, Iterable, Sequence
 
 from ..config import ParallelConfig
 from ..regions import Region, contiguous_boxes, disjoint, flat_runs, subtract
@@ -90,6 +90,8 @@ class PTC:
         self._rank_view: list[list[tuple[str, LocalShard]]] | None = None
         self._owners: dict[str, dict[int, int]] = {}
         self._replicas_of: PTC | None = None  # set on a stored_replicas() view
+        self._replica_group: Callable[[int], Hashable] | None = None  # ... kept once per group
+        self._group_owners: dict[tuple[str, int], tuple[int, ...]] | None = None
 
     # -- lookup ----------------------------------------------------------------------
     @property
@@ -119,6 +121,10 @@ class PTC:
     def _compute_holdings(self, spec: TensorSpec) -> list[Holding]:
         if self._replicas_of is not None:
             full = self._replicas_of
+            if self._replica_group is not None:
+                owners = self._owners_per_group()
+                return [Holding(h.tensor, h.shard, owners[(spec.name, h.ranks[0])], h.key)
+                        for h in full.holdings(spec.name)]
             return [Holding(h.tensor, h.shard, (full.replica_owner(spec.name, h.ranks[0]),), h.key)
                     for h in full.holdings(spec.name)]
         cfg = self.config
@@ -196,13 +202,46 @@ class PTC:
                     owners.update((r, owner) for r in h.ranks)
         return self._owners[name][rank]
 
-    def stored_replicas(self) -> PTC:
+    def stored_replicas(self, group: Callable[[int], Hashable] | None = None) -> PTC:
         """This layout with every replica held only by the rank that stores it
         (:meth:`replica_owner`): what a checkpoint holds on disk, and the layout to plan
-        into when writing one, so that no byte is copied twice into the same file."""
+        into when writing one, so that no byte is copied twice into the same file.
+
+        ``group`` (rank -> key, e.g. ``placement.host``): keep one replica per group
+        instead, the holder with the fewest bytes so far among the group's holders: what
+        per-host stores keep, so that a host which held a replica still holds it and no
+        byte has to cross hosts that did not have to before."""
         view = PTC(self.config, self.specs, self.num_layers)
-        view._replicas_of = self
+        view._replicas_of = self.full
+        view._replica_group = group
         return view
+
+    @property
+    def full(self) -> PTC:
+        """The layout with every replica (this PTC unless it is a :meth:`stored_replicas` view)."""
+        return self._replicas_of if self._replicas_of is not None else self
+
+    def _owners_per_group(self) -> dict[tuple[str, int], tuple[int, ...]]:
+        """``{(tensor, first holder): owners}`` of a per-group view, balanced by bytes."""
+        if self._group_owners is None:
+            from ..dtypes import itemsize
+
+            full, group = self.full, self._replica_group
+            load = [0] * self.config.world_size
+            out: dict[tuple[str, int], tuple[int, ...]] = {}
+            for spec in self.specs:
+                for h in full.holdings(spec.name):
+                    members: dict[Hashable, list[int]] = {}
+                    for r in h.ranks:
+                        members.setdefault(group(r), []).append(r)
+                    owners = []
+                    for ranks in members.values():
+                        owner = min(ranks, key=lambda r: (load[r], r))
+                        load[owner] += prod(h.shard.shape) * itemsize(spec.dtype)
+                        owners.append(owner)
+                    out[(spec.name, h.ranks[0])] = tuple(sorted(owners))
+            self._group_owners = out
+        return self._group_owners
 
     # -- per-rank view ----------------------------------------------------------------
     def rank_shards(self, rank: int) -> list[tuple[str, LocalShard]]:

@@ -175,6 +175,12 @@ class StoreClient:
         return self._json("GET", f"/v1/jobs/{check_name(job, 'job')}/versions/{check_name(version, 'version')}",
                           query=None if tensors else {"tensors": "false"})
 
+    def files(self, job: str, version: str, rank: int) -> dict[str, dict]:
+        """``{tensor: {path, offset, dtype, shape, bytes, crc32}}``: the files of a committed
+        rank, for a client on the store's own machine to map (the store refuses others)."""
+        return self._json("GET", f"/v1/jobs/{check_name(job, 'job')}/versions/{check_name(version, 'version')}"
+                                 f"/ranks/{int(rank)}/files")["files"]
+
     def put(self, job: str, version: str, rank: int, tensor: str, array, dtype: str) -> dict:
         """Upload ``array`` (numpy or torch, dtype ``dtype``, the local shape) as ``tensor``
         of ``rank``; streamed from its memory, replaced if uploaded before (uncommitted)."""

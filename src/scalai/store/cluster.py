@@ -40,6 +40,19 @@ def parallel(fn: Callable, items: Sequence, workers: int = 8) -> list:
     return [f.result() for f in futures]
 
 
+def _stored_sources(m: VersionManifest) -> dict[tuple[int, str], int]:
+    """``{(rank, tensor): the rank whose store entry holds it}`` for every local tensor of
+    the version's layout: the rank itself, or (replicas kept once per host) the holder of
+    the same replica on its host, else on another host."""
+    full, out = m.ptc.full, {}
+    for name in full.names:
+        for every, stored in zip(full.holdings(name), m.ptc.holdings(name)):
+            for r in every.ranks:
+                same_host = [o for o in stored.ranks if m.placement.host(o) == m.placement.host(r)]
+                out[(r, name)] = r if r in stored.ranks else (same_host or list(stored.ranks))[0]
+    return out
+
+
 def _interleave(items: Sequence[tuple[str, object]]) -> list:
     """Items grouped by host, dealt round-robin: every host's link is busy from the start."""
     by_host: dict[str, list] = {}
@@ -231,31 +244,34 @@ class StoreCluster:
 
         src = self.latest(job, version)
         m = src.manifest
+        full = m.ptc.full  # the checkpoint's layout; the stores may hold a replica once per host
+        source = _stored_sources(m)
         recorded = {}
         for host in m.hosts:
             ranks = self.client(host).version(job, m.version)["ranks"]
             for rank, tensors in ranks.items():
                 for tensor, info in tensors.items():
                     recorded[(int(rank), tensor)] = info["crc32"]
-        with CheckpointWriter(out_dir, m.ptc, m.state) as writer:
+        with CheckpointWriter(out_dir, full, m.state) as writer:
             def fetch(item: tuple[int, str]) -> None:
                 rank, tensor = item
-                client = self.client(m.placement.host(rank))
+                stored = source[(rank, tensor)]
+                client = self.client(m.placement.host(stored))
                 offset, crc = 0, 0
-                for chunk in client.stream(job, m.version, rank, tensor):
+                for chunk in client.stream(job, m.version, stored, tensor):
                     piece_crc = zlib.crc32(chunk)
                     writer.write(rank, tensor, offset, chunk, piece_crc)
                     crc = zlib.crc32(chunk, crc)
                     offset += len(chunk)
                     if progress is not None:
                         progress(len(chunk))
-                want = recorded.get((rank, tensor))
+                want = recorded.get((stored, tensor))
                 if want is not None and int(want, 16) != crc:
                     raise ChecksumError(f"{tensor} of rank {rank} from store {client.label} does not match "
                                         f"the checksum the store recorded; its memory may be damaged")
 
-            parallel(fetch, _interleave([(m.placement.host(r), (r, n)) for r in range(m.ptc.config.world_size)
-                                         for n, _ in m.ptc.rank_shards(r) if writer.stores(r, n)]),
+            parallel(fetch, _interleave([(m.placement.host(source[(r, n)]), (r, n)) for r in range(full.config.world_size)
+                                         for n, _ in full.rank_shards(r) if writer.stores(r, n)]),
                      workers * len(m.hosts))
             writer.commit()
         return src

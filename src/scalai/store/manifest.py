@@ -10,12 +10,16 @@ store of the cluster (the same JSON everywhere)::
      "state": {...},                                   # step, RNG, data position
      "created_by": "scalai 0.1.0",
      "scratch": false,                                 # true: an intermediate (central mode)
-     "lost_ranks": [3]}                                # optional: ranks whose shards are gone
+     "lost_ranks": [3],                                # optional: ranks whose shards are gone
+     "replicas": "per_host"}                           # optional: replicas kept once per host
 
 Rank ``r``'s shards live on the store named ``placement.host(r)``, except the
 ``lost_ranks``: a version saved by the survivors of a failure (each surviving rank dumped
 its own shards) lacks the shards of the ranks that died; it is committed without them and
 can only be transformed with those ranks unavailable (their bytes read from replicas).
+With ``replicas: per_host``, a replica that several ranks of one host share (data-parallel
+copies, replicated norms) is stored once on that host, by the rank
+:meth:`PTC.stored_replicas` names; ``ptc`` is then that view.
 
 ``sequence`` orders the
 versions of a job: the latest one committed on every store is the job's current state
@@ -35,6 +39,8 @@ __all__ = ["VersionManifest", "FORMAT", "FORMAT_VERSION", "placement_to_json", "
 
 FORMAT = "scalai-store-version"
 FORMAT_VERSION = 1
+#: What a version stores of replicas: every rank's copy, or one copy per host.
+REPLICAS = ("all", "per_host")
 
 
 def placement_to_json(placement: Placement) -> dict:
@@ -64,8 +70,14 @@ class VersionManifest:
     created_by: str = "scalai"
     scratch: bool = False
     lost_ranks: tuple[int, ...] = ()
+    replicas: str = "all"
 
     def __post_init__(self) -> None:
+        if self.replicas not in REPLICAS:
+            raise ValueError(f"replicas {self.replicas!r} is not one of {REPLICAS}")
+        full = self.ptc.full
+        object.__setattr__(self, "ptc", full.stored_replicas(self.placement.host) if self.replicas == "per_host"
+                           else full)
         check_name(self.job, "job")
         check_name(self.version, "version")
         if self.parent is not None:
@@ -106,6 +118,8 @@ class VersionManifest:
                "state": self.state, "created_by": self.created_by, "scratch": self.scratch}
         if self.lost_ranks:
             out["lost_ranks"] = list(self.lost_ranks)
+        if self.replicas != "all":
+            out["replicas"] = self.replicas
         return out
 
     @classmethod
@@ -118,8 +132,9 @@ class VersionManifest:
         if not isinstance(obj.get("format_version"), int) or obj["format_version"] > FORMAT_VERSION:
             raise ValueError(f"manifest format_version {obj.get('format_version')!r} is not one this "
                              f"scalai reads ({FORMAT_VERSION}); upgrade scalai")
-        if set(obj) - {"lost_ranks"} != keys:
-            raise ValueError(f"manifest keys {sorted((set(obj) - {'lost_ranks'}) ^ keys)} are unexpected or missing")
+        optional = {"lost_ranks", "replicas"}
+        if set(obj) - optional != keys:
+            raise ValueError(f"manifest keys {sorted((set(obj) - optional) ^ keys)} are unexpected or missing")
         lost = obj.get("lost_ranks", [])
         if not isinstance(lost, list):
             raise ValueError("manifest lost_ranks must be a list of ranks")
@@ -131,4 +146,4 @@ class VersionManifest:
             raise ValueError(f"manifest ptc does not parse ({exc})") from None
         return cls(obj["job"], obj["version"], obj["sequence"], ptc,
                    placement_from_json(obj["placement"]), obj["state"], obj["parent"],
-                   str(obj["created_by"]), bool(obj["scratch"]), tuple(lost))
+                   str(obj["created_by"]), bool(obj["scratch"]), tuple(lost), obj.get("replicas", "all"))

@@ -77,9 +77,20 @@ SCHEMAS: dict[str, Any] = {
                                 "lost_ranks": {"type": "array", "maxItems": 65536,
                                                "items": {"type": "integer", "minimum": 0, "maximum": MAX_RANK},
                                                "description": "ranks whose shards are gone (a version "
-                                                              "dumped by the survivors of a failure)"}}},
+                                                              "dumped by the survivors of a failure)"},
+                                "replicas": {"enum": ["all", "per_host"], "default": "all",
+                                             "description": "per_host: each host stores one copy of a "
+                                                            "replica its ranks share (PTC.stored_replicas)"}}},
     "CommitRequest": {"type": "object", "required": ["manifest"], "additionalProperties": False,
                       "properties": {"manifest": {"$ref": "#/components/schemas/Manifest"}}},
+    "RankFiles": {"type": "object", "required": ["job", "version", "rank", "files"],
+                  "properties": {"job": NAME, "version": NAME, "rank": {"type": "integer"},
+                                 "files": {"type": "object", "additionalProperties": {
+                                     "type": "object", "required": ["path", "offset", "dtype", "shape", "crc32"],
+                                     "properties": {"path": {"type": "string"}, "offset": {"type": "integer"},
+                                                    "dtype": {"type": "string"},
+                                                    "shape": {"type": "array", "items": {"type": "integer"}},
+                                                    "bytes": {"type": "integer"}, "crc32": CRC}}}}},
     "UploadResult": {"type": "object", "required": ["job", "version", "rank", "tensor", "bytes", "crc32"],
                      "properties": {"job": NAME, "version": NAME, "rank": {"type": "integer"},
                                     "tensor": TENSOR, "bytes": {"type": "integer"}, "crc32": CRC,
@@ -92,9 +103,13 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "from_version": NAME, "to_version": NAME,
             "old": {"type": "object", "required": ["ptc", "placement"], "additionalProperties": False,
-                    "properties": {"ptc": PTC, "placement": PLACEMENT}},
+                    "properties": {"ptc": PTC, "placement": PLACEMENT,
+                                   "replicas": {"enum": ["all", "per_host"], "default": "all"}}},
             "new": {"type": "object", "required": ["layout", "placement"], "additionalProperties": False,
                     "properties": {"layout": {"type": "string", "maxLength": 200}, "placement": PLACEMENT,
+                                   "replicas": {"enum": ["all", "per_host"], "default": "all",
+                                                "description": "per_host: write a replica that ranks of "
+                                                               "one host share once on that host"},
                                    "ptc": {**PTC, "description": "the job's tensors under the new layout "
                                            "(default: the old PTC's split rules at the new degrees)"}}},
             "peers": {"type": "object", "maxProperties": 65536,
@@ -133,7 +148,8 @@ def _json(ref: str, doc: str) -> dict:
 
 _ERRORS = {code: _json("Error", why) for code, why in {
     "400": "bad input: a name, rank, region, query or body is invalid (the message says which)",
-    "401": "missing or wrong token", "404": "no such job, version, tensor or route",
+    "401": "missing or wrong token", "403": "not allowed from this client's address",
+    "404": "no such job, version, tensor or route",
     "409": "conflicts with the version's state (committed, incomplete, being written)",
     "413": "request body larger than the store accepts",
     "502": "a peer store failed during a transformation (host names it)",
@@ -186,6 +202,10 @@ SPEC: dict[str, Any] = {
                         body={"required": True, "content": {"application/json": {
                             "schema": {"$ref": "#/components/schemas/CommitRequest"}}}},
                         errors=("400", "401", "404", "409", "413"))},
+        "/v1/jobs/{job}/versions/{version}/ranks/{rank}/files": {
+            "get": _op("the files of a rank's committed tensors, to map on this machine (loopback "
+                       "clients only; 403 elsewhere)", "RankFiles", "tensor name -> file", [_JOB, _VERSION, _RANK],
+                       errors=("400", "401", "403", "404", "409"))},
         "/v1/jobs/{job}/versions/{version}/ranks/{rank}/tensors/{tensor}": {
             "get": {**_op("read a tensor or an N-d region of it (sliced on the server, streamed)", "",
                           "", [_JOB, _VERSION, _RANK, _TENSOR,

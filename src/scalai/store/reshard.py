@@ -28,7 +28,7 @@ from ..planner import Deployment, make_plan
 from ..planner.plan import PlanStats
 from .cluster import StoreCluster, StoredVersion, parallel
 from .errors import StoreError, StoreRequestError, StoreUnavailable
-from .manifest import VersionManifest, placement_to_json
+from .manifest import REPLICAS, VersionManifest, placement_to_json
 from .placement import choose_hosts
 
 __all__ = ["ReshardResult", "reshard", "TransformError"]
@@ -71,15 +71,19 @@ class ReshardResult:
 
 
 def _request(src_version: str, to_version: str, old: Deployment, new: Deployment, peers: dict[str, str],
-             checksum: bool, lost: Sequence[str] = (), lost_ranks: Sequence[int] = ()) -> dict:
+             checksum: bool, lost: Sequence[str] = (), lost_ranks: Sequence[int] = (),
+             replicas: str = "all") -> dict:
     out = {"from_version": src_version, "to_version": to_version,
-           "old": {"ptc": old.ptc.to_json(), "placement": placement_to_json(old.placement)},
+           "old": {"ptc": old.ptc.to_json(), "placement": placement_to_json(old.placement),
+                   "replicas": replicas},
            "new": {"layout": str(new.ptc.config), "placement": placement_to_json(new.placement)},
            "peers": peers, "checksum": checksum, "lost_hosts": list(lost)}
     if lost_ranks:
         out["lost_ranks"] = sorted(lost_ranks)
     if new.ptc.specs != old.ptc.specs:  # the job described its new layout itself
         out["new"]["ptc"] = new.ptc.to_json()
+    if new.ptc is not new.ptc.full:
+        out["new"]["replicas"] = "per_host"
     return out
 
 
@@ -99,7 +103,8 @@ def _failure(exc: Exception, job: str, source: str, what: str) -> TransformError
 
 def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str | PTC, gpus_per_host: int | None = None,
             hosts: Sequence[str] | str | None = None, central: bool = False, keep_old: bool = False,
-            version: str | None = None, checksum: bool = True, lost: Sequence[str] = ()) -> ReshardResult:
+            version: str | None = None, checksum: bool = True, lost: Sequence[str] = (),
+            replicas: str = "all") -> ReshardResult:
     """Transform the job's current version (or ``version``) into ``layout``.
 
     Args:
@@ -117,6 +122,8 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str | PTC,
         central: consolidate-then-split through the first new host (the baseline).
         keep_old: keep the old version after the new one is committed.
         checksum: CRC-32 every new tensor in the stores (``pull`` verifies against it).
+        replicas: ``"per_host"``: a replica that ranks of one host share is written once on
+            that host (:meth:`PTC.stored_replicas`); its ranks read it from there.
         lost: hosts of the old placement whose stores are gone (a failure): their ranks'
             bytes are read from surviving replicas; give the surviving stores only. The
             version's own ``lost_ranks`` (ranks that died before they could save) are
@@ -146,7 +153,9 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str | PTC,
         chosen = choose_hosts(old, new_ptc, g, cluster.hosts)
         hosts = list(chosen) + [h for h in cluster.hosts if h not in chosen]
     new_place = cluster.placement(g, hosts)
-    new = Deployment(new_ptc, new_place)
+    if replicas not in REPLICAS:
+        raise ValueError(f"replicas={replicas!r} is not one of {REPLICAS}")
+    new = Deployment(new_ptc.stored_replicas(new_place.host) if replicas == "per_host" else new_ptc, new_place)
     slots = new_place.gpus_per_host * len(new_place.hosts)
     if config.world_size > slots:
         raise ValueError(f"layout {config} needs {config.world_size} devices but {len(new_place.hosts)} hosts x "
@@ -163,7 +172,8 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str | PTC,
     scratch = None
     try:
         if not central:
-            req = _request(src.name, target, old, new, cluster.peers, checksum, lost, lost_ranks)
+            req = _request(src.name, target, old, new, cluster.peers, checksum, lost, lost_ranks,
+                           src.manifest.replicas)
             results = _run_parts(cluster, job, dest_hosts, req)
             phases["transform"] = time.perf_counter() - t1
         else:
@@ -172,7 +182,7 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str | PTC,
             one = ParallelConfig(tp=1, pp=1, dp=1)
             hub_place = Placement(1, (hub,))
             req = _request(src.name, scratch, old, Deployment(old.ptc.relayout(one), hub_place), cluster.peers,
-                           checksum, lost, lost_ranks)
+                           checksum, lost, lost_ranks, src.manifest.replicas)
             results["consolidate"] = _run_parts(cluster, job, [hub], req)[hub]
             cluster.commit(VersionManifest(job, scratch, src.manifest.sequence, old.ptc.relayout(one), hub_place,
                                            {}, src.name, scratch=True), [hub])
@@ -189,7 +199,7 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str | PTC,
         raise _failure(exc, job, src.name, "transformation") from None
     t3 = time.perf_counter()
     state = carry_state(src.manifest.state, old.ptc.config, config)
-    manifest = VersionManifest(job, target, seq, new.ptc, new_place, state, src.name)
+    manifest = VersionManifest(job, target, seq, new.ptc, new_place, state, src.name, replicas=replicas)
     try:
         cluster.commit(manifest)
     except Exception as exc:

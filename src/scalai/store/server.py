@@ -12,6 +12,7 @@ block from the file mapping.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections import defaultdict
@@ -25,10 +26,10 @@ from aiohttp import web
 from ..checkpoint.transfer import blocks
 from ..dtypes import itemsize
 from .catalog import Catalog, Conflict, NotFound, remove_trees
-from .files import TensorUpload
+from .files import DATA_OFFSET, TensorUpload
 from .http_util import FROM_HEADER, Keys, auth, errors, json_body, limited, path_names, tensor_key
 from .manifest import VersionManifest
-from .names import NameError_, check_dtype, check_name, format_shape, parse_shape, parse_window
+from .names import NameError_, check_dtype, check_name, check_rank, format_shape, parse_shape, parse_window
 from .openapi import API_VERSION, SPEC
 from .ratelimit import Link
 from .transform import TransformSpec, run_host_part
@@ -215,6 +216,27 @@ async def get_tensor(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def rank_files(request: web.Request) -> web.Response:
+    """The files of one rank's committed tensors, for a client on this machine to map them
+    itself (no bytes through HTTP). Loopback clients only: a path means nothing elsewhere."""
+    job, version = path_names(request)
+    rank = check_rank(request.match_info["rank"])
+    if not _loopback(request.remote):
+        raise web.HTTPForbidden(text=f"store {request.app[Keys.NAME]} gives file paths to clients on its "
+                                     f"own machine only; read the tensors over HTTP")
+    entry = request.app[Keys.CATALOG].committed(job, version)
+    files = {name: {"path": t.path, "offset": DATA_OFFSET, **t.meta.to_json()}
+             for (r, name), t in entry.tensors.items() if r == rank}
+    return web.json_response({"job": job, "version": version, "rank": rank, "files": files})
+
+
+def _loopback(address: str | None) -> bool:
+    try:
+        return address is not None and ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
 async def transform(request: web.Request) -> web.Response:
     (job,) = path_names(request)
     app = request.app
@@ -287,6 +309,7 @@ def make_app(config: StoreConfig) -> web.Application:
     app.router.add_get("/v1/jobs/{job}/versions/{version}", get_version, allow_head=False)
     app.router.add_delete("/v1/jobs/{job}/versions/{version}", delete)
     app.router.add_post("/v1/jobs/{job}/versions/{version}/commit", commit)
+    app.router.add_get("/v1/jobs/{job}/versions/{version}/ranks/{rank}/files", rank_files, allow_head=False)
     app.router.add_get(tensor, get_tensor, allow_head=False)
     app.router.add_put(tensor, put_tensor)
     app.router.add_post("/v1/jobs/{job}/transform", transform)

@@ -88,13 +88,14 @@ def save_rank(cluster: StoreCluster, job: str, version: str, rank: int, ptc: PTC
 
 
 def commit(cluster: StoreCluster, job: str, version: str, ptc: PTC, placement: Placement, state: dict,
-           sequence: int, parent: str | None = None) -> VersionManifest:
+           sequence: int, parent: str | None = None, replicas: str = "all") -> VersionManifest:
     """Commit a saved version on every store (call on one rank, after every rank saved).
+    ``replicas="per_host"``: the ranks saved ``ptc.stored_replicas(placement.host)``.
 
     Raises:
         StoreRequestError: a store lacks some of its ranks' tensors (409, naming them).
     """
-    manifest = VersionManifest(job, version, sequence, ptc, placement, dict(state), parent)
+    manifest = VersionManifest(job, version, sequence, ptc, placement, dict(state), parent, replicas=replicas)
     cluster.commit(manifest)
     return manifest
 
@@ -165,6 +166,7 @@ class StoreWriter:
         self.job = job
         self.placement = self.cluster.placement(gpus_per_host)
         self.last_version: str | None = None  # the version the last save wrote (every rank)
+        self._stored: tuple[PTC, PTC] | None = None  # (ptc, its per-host view)
 
     def begin(self) -> str:
         return self.cluster.next_version(self.job)[0]
@@ -175,16 +177,24 @@ class StoreWriter:
         self.last_version = token
         client = self.cluster.client(self.placement.host(rank))
         records, total = {}, 0
-        for name, shard in ptc.rank_shards(rank):
+        for name, shard in self.stored(ptc).rank_shards(rank):
             dtype = ptc.spec(name).dtype
             out = client.put(self.job, token, rank, name, arrays[name], dtype)
             records[name] = TensorRecord(dtype, shard.shape, int(out["crc32"], 16))
             total += out["bytes"]
         return RankRecord(rank, f"{client.url}/v1/jobs/{self.job}/versions/{token}/ranks/{rank}", total, records)
 
+    def stored(self, ptc: PTC) -> PTC:
+        """What the ranks upload of ``ptc``: a replica that ranks of one host share, once per
+        host (the host that held a copy keeps one; none is uploaded twice into one store)."""
+        if self._stored is None or self._stored[0] is not ptc:
+            self._stored = (ptc, ptc.stored_replicas(self.placement.host))
+        return self._stored[1]
+
     def commit(self, token: str, manifest) -> None:
         sequence = int(token[1:]) if token[1:].isdigit() else self.cluster.next_version(self.job)[1]
-        commit(self.cluster, self.job, token, manifest.ptc, self.placement, manifest.state, sequence)
+        commit(self.cluster, self.job, token, manifest.ptc, self.placement, manifest.state, sequence,
+               replicas="per_host")
 
     def abort(self, token: str) -> None:
         self.cluster.drop(self.job, token)
@@ -199,19 +209,36 @@ class StoreReader:
     a plan's window (flat ZeRO views included), sliced on the store.
     """
 
-    def __init__(self, urls, job: str, version: str | None = None, token: str | None = None, cache: int = 4):
+    def __init__(self, urls, job: str, version: str | None = None, token: str | None = None, cache: int = 4,
+                 local_host: str | None = None):
         self.cluster = urls if isinstance(urls, StoreCluster) else StoreCluster(urls, token)
         self.job = job
         self.manifest = self.cluster.latest(job, version).manifest
         self.ptc: PTC = self.manifest.ptc
+        self.placement: Placement = self.manifest.placement
         self.state: dict = self.manifest.state
         self._cache: dict[tuple[int, str], np.ndarray] = {}
         self._cache_size = cache
+        self.local_host = local_host
+        self._local: dict[int, dict[str, np.ndarray] | None] = {}
 
     def _client(self, rank: int):
         return self.cluster.client(self.manifest.placement.host(rank))
 
+    def _mapped(self, rank: int, tensor: str) -> np.ndarray | None:
+        """The saved rank's tensor mapped from its store's file, when the rank lives on
+        ``local_host`` (this machine's store) and the store gives its files; else None."""
+        if self.local_host is None or self.manifest.placement.host(rank) != self.local_host:
+            return None
+        if rank not in self._local:
+            self._local[rank] = _map_rank(self._client(rank), self.job, self.manifest.version, rank)
+        arrays = self._local[rank]
+        return None if arrays is None else arrays.get(tensor)
+
     def view(self, rank: int, tensor: str, region=None) -> np.ndarray:
+        mapped = self._mapped(rank, tensor)
+        if mapped is not None:
+            return mapped if region is None else mapped[region.to_slices() + (...,)]
         if region is not None:
             return self._client(rank).read(self.job, self.manifest.version, rank, tensor, region)
         key = (rank, tensor)
@@ -224,6 +251,13 @@ class StoreReader:
 
     def read_window(self, rank: int, tensor: str, window, out: np.ndarray | None = None) -> np.ndarray:
         """The elements a plan's ``Window`` selects from the saved rank's tensor."""
+        mapped = self._mapped(rank, tensor)
+        if mapped is not None:
+            sel = window.select(mapped)
+            if out is None:
+                return np.array(sel)
+            np.copyto(out, sel.reshape(out.shape))
+            return out
         return self._client(rank).read(self.job, self.manifest.version, rank, tensor, window, out=out)
 
     def verify(self, ranks) -> None:
@@ -242,7 +276,10 @@ class StoreReader:
             listing = client.version(self.job, self.manifest.version)["ranks"].get(str(rank), {})
             for name, _ in self.ptc.rank_shards(rank):
                 crc = 0
-                for chunk in client.stream(self.job, self.manifest.version, rank, name):
+                mapped = self._mapped(rank, name)
+                chunks = client.stream(self.job, self.manifest.version, rank, name) if mapped is None \
+                    else _byte_blocks(mapped)
+                for chunk in chunks:
                     crc = zlib.crc32(chunk, crc)
                 want = listing.get(name, {}).get("crc32")
                 if want is not None and int(want, 16) != crc:
@@ -251,8 +288,34 @@ class StoreReader:
 
     def close(self) -> None:
         self._cache.clear()
+        self._local.clear()
         for c in self.cluster.clients:
             c.close()
+
+
+def _map_rank(client, job: str, version: str, rank: int) -> dict[str, np.ndarray] | None:
+    """Every tensor of a committed rank mapped read-only from its store's files, or None when
+    the store does not give them (another machine) or a file is not what the store says."""
+    from .errors import StoreError
+    from .files import StoreFileError, TensorMeta, map_tensor, read_meta
+
+    try:
+        files = client.files(job, version, rank)
+        out = {}
+        for name, f in files.items():
+            meta = TensorMeta(f["dtype"], tuple(f["shape"]), None if f["crc32"] is None else int(f["crc32"], 16))
+            if read_meta(f["path"]) != meta:  # the same file, not one that happens to share its path
+                return None
+            out[name] = map_tensor(f["path"], meta)
+        return out
+    except (StoreError, StoreFileError, OSError, KeyError, ValueError):
+        return None
+
+
+def _byte_blocks(array: np.ndarray, block: int = 4 << 20):
+    flat = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
+    for lo in range(0, flat.nbytes, block):
+        yield flat[lo:lo + block]
 
 
 class _RemoteTensor:

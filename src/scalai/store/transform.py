@@ -91,8 +91,14 @@ class TransformSpec:
             if new_ptc.config != config:
                 raise ValueError(f"new.ptc is laid out as {new_ptc.config}, new.layout says {config}; "
                                  f"send the PTC of the new layout")
-        old = Deployment(old_ptc, placement_from_json(obj["old"]["placement"]))
-        new = Deployment(new_ptc, placement_from_json(obj["new"]["placement"]))
+        old_place = placement_from_json(obj["old"]["placement"])
+        if obj["old"].get("replicas", "all") == "per_host":  # each host stored its replicas once
+            old_ptc = old_ptc.stored_replicas(old_place.host)
+        old = Deployment(old_ptc, old_place)
+        new_place = placement_from_json(obj["new"]["placement"])
+        if obj["new"].get("replicas", "all") == "per_host":  # write each host's replicas once
+            new_ptc = new_ptc.stored_replicas(new_place.host)
+        new = Deployment(new_ptc, new_place)
         for dep, what in ((old, "old"), (new, "new")):
             world, place = dep.ptc.config.world_size, dep.placement
             if place.gpus_per_host * len(place.hosts) < world:

@@ -71,18 +71,23 @@ class LoadReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def plan_load(saved: PTC, live: PTC) -> Plan:
-    """The plan from the saved layout to the live one, every rank on one host.
+def plan_load(saved: PTC, live: PTC, saved_placement: Placement | None = None,
+              live_placement: Placement | None = None) -> Plan:
+    """The plan from the saved layout to the live one; each copy reads a saved tensor
+    directly (no ``from_new`` fan-out between live ranks, which would need another rank's
+    memory).
 
-    With every rank on one host, each copy reads a saved file directly (no ``from_new``
-    fan-out between live ranks, which would need another rank's memory).
+    With both placements (the same host names), sources are chosen on the reading rank's
+    own host first; without, every rank counts as on one host.
 
     Raises:
         PlanError: the two describe different tensors (a missing optimizer state, other
             shapes or dtypes: another model or optimizer).
     """
-    hosts = Placement(max(saved.config.world_size, live.config.world_size))
-    return make_plan(Deployment(saved, hosts), Deployment(live, hosts))
+    if saved_placement is None or live_placement is None:
+        hosts = Placement(max(saved.config.world_size, live.config.world_size))
+        return make_plan(Deployment(saved, hosts), Deployment(live, hosts))
+    return make_plan(Deployment(saved, saved_placement), Deployment(live, live_placement), fanout=False)
 
 
 def _expected_cover(shard) -> np.ndarray:
@@ -142,13 +147,16 @@ def _fill(job: JobState, reader: StateReader, copies: list[Copy]) -> int:
     return copied
 
 
-def load(job: JobState, source: Any, *, verify: bool = True) -> LoadReport:
+def load(job: JobState, source: Any, *, verify: bool = True, placement: Placement | None = None) -> LoadReport:
     """Fill ``job`` in place from ``source`` (a checkpoint directory or a ``StateReader``).
 
     Args:
         job: the live job (from :func:`~scalai.training.describe`), in any layout.
         source: the saved state, in any layout of the same model and optimizer.
         verify: check every saved byte against its CRC-32 first (split over the ranks).
+        placement: the hosts the live ranks run on, when ``source`` knows where its ranks
+            are (stores: a reader's ``placement``): ranks then read replicas from their
+            own host's store.
 
     Returns:
         A :class:`LoadReport`; ``job.step`` and ``job.data`` now hold the saved position.
@@ -177,7 +185,8 @@ def load(job: JobState, source: Any, *, verify: bool = True) -> LoadReport:
             saved_ranks = range(rank, reader.ptc.config.world_size, size)
             agree("load: verify checksums", lambda: reader.verify(saved_ranks), job.group)
         t2 = time.perf_counter()
-        plan = agree("load: plan", lambda: plan_load(reader.ptc, job.ptc), job.group)
+        saved_place = getattr(reader, "placement", None) if placement is not None else None
+        plan = agree("load: plan", lambda: plan_load(reader.ptc, job.ptc, saved_place, placement), job.group)
         copies = plan.copies_into(rank)
         t3 = time.perf_counter()
         copied = agree("load: copy into the live tensors", lambda: _fill(job, reader, copies), job.group)

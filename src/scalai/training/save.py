@@ -38,7 +38,8 @@ class SaveReport:
 
     Attributes:
         step: the step saved.
-        rank_bytes: bytes of tensor data this rank wrote.
+        rank_bytes: bytes of tensor data this rank wrote (a replica is written by one of
+            its holders: once in a checkpoint directory, once per host in stores).
         total_bytes: bytes of tensor data all ranks wrote.
         seconds: wall time per phase (``begin``, ``write``, ``commit``) and ``total``.
     """
@@ -74,7 +75,8 @@ def save(job: JobState, target: Any) -> SaveReport:
     def write() -> tuple[Any, dict, int]:
         arrays = {name: as_raw(t, job.ptc.spec(name).dtype, name) for name, t in job.local_tensors().items()}
         record = writer.write_rank(token, rank, job.ptc, arrays)
-        return record, rank_snapshot(job), sum(a.nbytes for a in arrays.values())
+        written = sum(arrays[name].nbytes for name, t in record.tensors.items() if t.stored_in is None)
+        return record, rank_snapshot(job), written
 
     try:
         written = agree("save: write shards", write, job.group, share=True)
