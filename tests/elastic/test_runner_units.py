@@ -42,3 +42,29 @@ def test_time_events_become_requests(runner):
 def test_lead_steps_cover_the_start_up():
     assert lead_steps([], []) == 21  # 10 s over 0.5 s, plus one
     assert lead_steps([4.0, 6.0, 30.0], [0.0, 1.0, 2.0, 3.0]) == 7
+
+
+def test_persister_holds_copies_during_a_reconfiguration(tmp_path):
+    import threading
+    import time
+
+    from scalai.elastic.persist import Persister
+
+    tried = threading.Event()
+    errors: list[str] = []
+
+    def urls():
+        tried.set()
+        return ["http://127.0.0.1:9"]  # nothing listens: the copy fails, and says so
+
+    p = Persister(urls, "job", tmp_path / "ckpts", on_error=errors.append)
+    try:
+        p.hold()
+        p.submit("v3", 30)
+        time.sleep(0.3)
+        assert not tried.is_set() and p.in_use() == {"v3"}  # waiting, kept in the stores
+        p.hold(False)
+        assert tried.wait(10) and p.wait_idle(30)
+        assert errors and "v3 (step 30)" in errors[0] and p.latest() is None
+    finally:
+        p.close()

@@ -52,6 +52,7 @@ class Persister:
         self.done: list[Persisted] = []
         self.busy: str | None = None
         self._pending: tuple[str, int] | None = None
+        self._held = False
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="scalai-persist", daemon=True)
@@ -65,6 +66,14 @@ class Persister:
             self._pending = (version, step)
             self._cv.notify()
 
+    def hold(self, held: bool = True) -> None:
+        """While held, no new copy starts (one under way goes on): the runner holds the
+        copies during a reconfiguration, whose downtime they would lengthen by competing for
+        the CPU and the stores, and releases them after the first step in the new layout."""
+        with self._cv:
+            self._held = held
+            self._cv.notify_all()
+
     def in_use(self) -> set[str]:
         """Versions being pulled or waiting to be: the stores must keep them."""
         with self._cv:
@@ -75,7 +84,9 @@ class Persister:
             return self.done[-1] if self.done else None
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
-        """Wait until nothing is pending or being pulled (tests and the end of a run)."""
+        """Release a hold, then wait until nothing is pending or being pulled (tests and
+        the end of a run)."""
+        self.hold(False)
         with self._cv:
             return self._cv.wait_for(lambda: self._pending is None and self.busy is None, timeout)
 
@@ -86,7 +97,7 @@ class Persister:
 
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._pending is not None or self._closed)
+                self._cv.wait_for(lambda: (self._pending is not None and not self._held) or self._closed)
                 if self._closed:
                     return
                 version, step = self._pending

@@ -282,6 +282,8 @@ class Runner:
         p = self._pending
         if p is None:
             return
+        if self.persister is not None:
+            self.persister.hold(False)  # held since the reconfiguration began
         first_end = gen.first_row["time"] if gen.first_row else None
         durations, starts, downtime = reconfiguration_phases(
             p.request, read_generation(self.dir, p.old.number), p.old.exited_at or p.plan[0], p.plan,

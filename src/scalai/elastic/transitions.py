@@ -108,6 +108,8 @@ def reconfigure(runner: Runner, old: Generation, outcome: Outcome) -> Generation
 
     runner.state = "reconfiguring"
     t_plan = time.time()
+    if runner.persister is not None:
+        runner.persister.hold()  # no disk copies during the downtime (released after the first step)
     runner.record_commit(outcome.version, outcome.step, old.alloc.hosts)
     due = runner.due(outcome.step)
     requests = runner.take_requests()
@@ -158,6 +160,8 @@ def recover(runner: Runner, old: Generation, outcome: Outcome) -> Generation:
 
     runner.state = "recovering"
     t_plan = time.time()
+    if runner.persister is not None:
+        runner.persister.hold()
     world = old.alloc.devices
     reports = read_generation(runner.dir, old.number)
     dead_hosts = [t for kind, t, _ in old.killed if kind == "host"]
