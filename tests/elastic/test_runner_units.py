@@ -68,3 +68,34 @@ def test_persister_holds_copies_during_a_reconfiguration(tmp_path):
         assert errors and "v3 (step 30)" in errors[0] and p.latest() is None
     finally:
         p.close()
+
+
+def test_known_ptc_reuses_a_layout_with_the_same_axes(tmp_path):
+    """A PTC reported under tp=2,dp=2 serves tp=4,dp=2 (relaid out: the same axes in use),
+    not layouts that drop or add an axis (they wait for their own announcement)."""
+    import json
+    import types
+
+    from scalai.config import ParallelConfig
+    from scalai.elastic.runner import Runner, axes_in_use
+    from scalai.layout.dtensor import AxisPlacement, MeshSplit
+    from scalai.layout.ptc import PTC
+    from scalai.layout.spec import Residence, TensorSpec
+
+    split = MeshSplit((AxisPlacement.replicate("dp"), AxisPlacement.shard("tp", 0)))
+    spec = TensorSpec("w", (8, 4), "float32", split, Residence.from_json("first"))
+    seen = PTC(ParallelConfig.parse("tp=2,pp=1,dp=2"), [spec], 2)
+    events = tmp_path / "events" / "g000"
+    events.mkdir(parents=True)
+    (events / "ptc.json").write_text(json.dumps(seen.to_json()))
+    runner = types.SimpleNamespace(dir=tmp_path)
+
+    def known(text):
+        return Runner.known_ptc(runner, ParallelConfig.parse(text))
+
+    assert axes_in_use(ParallelConfig.parse("tp=4,pp=2,dp=2")) == (True, True, False)
+    got = known("tp=4,pp=2,dp=2")
+    assert got is not None and str(got.config) == "tp=4,pp=2,dp=2"
+    assert got.rank_shards(0)[0][1].shape == (2, 4)  # the tp split survives the relayout
+    assert known("tp=4,pp=1,dp=1") is None and known("tp=1,pp=1,dp=2") is None
+    assert known("tp=2,pp=1,dp=2,zero=1") is None  # FSDP sharding is another axis in use

@@ -239,7 +239,9 @@ class Runner:
                "SCALAI_HOSTS": ",".join(alloc.hosts), "SCALAI_GPUS_PER_HOST": str(spec.gpus_per_host),
                "SCALAI_STORES": ",".join(f"{h}={urls[h]}" for h in alloc.hosts), "SCALAI_JOB": spec.job,
                "SCALAI_RESUME": "1" if resume else "0", "SCALAI_COMMIT_EVERY": str(spec.commit_every),
-               "SCALAI_DUMP_VERSION": f"rescue-g{number:03d}", "SCALAI_TIMEOUT": str(spec.worker_timeout)}
+               "SCALAI_DUMP_VERSION": f"rescue-g{number:03d}", "SCALAI_TIMEOUT": str(spec.worker_timeout),
+               # nothing to transform into (a fresh start), or a PTC known already: no announcement
+               "SCALAI_ANNOUNCE": "0" if not resume or self.known_ptc(alloc.layout) is not None else "1"}
         host_env = {h: {"SCALAI_HOST": h} for h in alloc.hosts}
         agents = start_agents(alloc.hosts, [alloc.local_size(h) for h in alloc.hosts], self.rdzv.endpoint,
                               f"{spec.job}-g{number:03d}", spec.module, to_argv(opts), env, host_env,
@@ -251,6 +253,27 @@ class Runner:
         if activate:
             self.activate(gen)
         return gen
+
+    def known_ptc(self, layout) -> PTC | None:
+        """The job's PTC under ``layout`` if this run saw it under a layout that uses the same
+        parallel axes (what a generation reported when ready, or announced), relaid out to
+        ``layout``'s degrees; else None.
+
+        Described from DTensor placements, a job's split rules depend on which axes are in
+        use (tp > 1, dp > 1, sharding over dp), not on their degrees, so the relayout is
+        exact; should a script differ, a load still fills every element exactly once (from
+        a less convenient layout)."""
+        cache = self.__dict__.setdefault("_seen_ptcs", {})
+        for path in sorted(Path(self.dir, "events").glob("g*/*.json")):
+            if path.name in ("ptc.json", "layout.json") and str(path) not in cache:
+                try:
+                    cache[str(path)] = PTC.from_json(json.loads(path.read_text()))
+                except (OSError, ValueError, KeyError):
+                    continue  # being written: read it next time
+        for ptc in cache.values():
+            if axes_in_use(ptc.config) == axes_in_use(layout):
+                return ptc.relayout(layout) if ptc.config != layout else ptc
+        return None
 
     def activate(self, gen: Generation) -> None:
         self.gen, self.alloc, self.state = gen, gen.alloc, "running"
@@ -432,6 +455,12 @@ class Runner:
         return out
 
     # -- the end ----------------------------------------------------------------------
+
+def axes_in_use(layout) -> tuple[bool, bool, bool]:
+    """Which parallel axes ``layout`` uses (pure): tensor parallel, data parallel, and
+    sharding over the data-parallel ranks."""
+    return layout.tp > 1, layout.dp > 1, layout.dp > 1 and bool(layout.zero)
+
 
 def ptc_of(run_dir: Path, generation: int) -> PTC:
     """The PTC rank 0 of ``generation`` reported (its layout's tensors)."""

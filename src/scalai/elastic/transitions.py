@@ -55,12 +55,16 @@ class Outcome:
 
 
 def target_layout(runner: Runner, gen: Generation, timeout: float = ANNOUNCE_TIMEOUT_S, poll: float = 0.02):
-    """What to transform the state into for ``gen``: the PTC its workers announced
+    """What to transform the state into for ``gen``: the PTC the run already knows for its
+    layout (:meth:`Runner.known_ptc`), else the one its workers announce
     (:meth:`~.worker.ElasticWorker.announce`), waiting for it while they start; or ``gen``'s
     layout (the old PTC's split rules at the new degrees) when its rank 0 went on without
     announcing (a script that does not), its agents died, or ``timeout`` seconds passed."""
     from ..layout.ptc import PTC
 
+    known = runner.known_ptc(gen.alloc.layout)
+    if known is not None:
+        return known
     path = layout_file(runner.dir, gen.number)
     deadline = time.time() + timeout
     while True:

@@ -47,6 +47,7 @@ Environment (set by the runner for every agent; workers inherit it):
 ``SCALAI_RESUME``          ``1``: wait for the go file, then load the version it names
 ``SCALAI_COMMIT_EVERY``    commit the state to the stores every N steps (0: never)
 ``SCALAI_DUMP_VERSION``    the version name survivors dump into after a failure
+``SCALAI_ANNOUNCE``        optional; ``0``: the runner knows the layout's PTC, skip ``announce``
 =========================  ==========================================================
 """
 
@@ -135,6 +136,7 @@ class ElasticWorker:
     resume_from_stores: bool
     commit_every: int
     dump_version: str
+    announce_layout: bool = True
     rank: int = 0
     log: RankLog | None = None
     _first_step_seen: bool = False
@@ -157,7 +159,7 @@ class ElasticWorker:
         return cls(env["SCALAI_RUN_DIR"], int(env["SCALAI_GENERATION"]), env["SCALAI_HOST"],
                    tuple(env["SCALAI_HOSTS"].split(",")), int(env["SCALAI_GPUS_PER_HOST"]), stores,
                    env["SCALAI_JOB"], env["SCALAI_RESUME"] == "1", int(env["SCALAI_COMMIT_EVERY"]),
-                   env["SCALAI_DUMP_VERSION"])
+                   env["SCALAI_DUMP_VERSION"], env.get("SCALAI_ANNOUNCE", "1") != "0")
 
     # -- helpers ----------------------------------------------------------------------
     @property
@@ -202,7 +204,11 @@ class ElasticWorker:
         at ``tp=2``; FSDP sharding comes with ``zero=1``): every rank would then receive
         whole tensors, and the runner waits for this announcement instead. ``describe`` may
         build the model on the meta device (no memory, no values): only the layout counts.
+        Skipped (``describe`` not called) when the runner already knows the PTC: a generation
+        of this run reported one under a layout that uses the same parallel axes.
         """
+        if not self.announce_layout:  # the runner knows this layout's PTC already
+            return
         ptc = describe()
         if self.rank == 0:
             from .events import write_json_atomic
