@@ -256,7 +256,8 @@ def run_consolidate_split(src: str, tmp: str, out: str, new: ParallelConfig, wor
 
     new_ptc = ptc.relayout(new)
     with CheckpointWriter(out, new_ptc, state, sync=sync) as writer:
-        tasks = [(r, name, shard) for r in range(new.world_size) for name, shard in new_ptc.rank_shards(r)]
+        tasks = [(r, name, shard) for r in range(new.world_size) for name, shard in new_ptc.rank_shards(r)
+                 if writer.stores(r, name)]  # each replica once, like every writer of the format
         tasks.sort(key=lambda t: -prod(t[2].shape) * raw_numpy(new_ptc.spec(t[1]).dtype).itemsize)
 
         def split(task) -> None:
