@@ -22,7 +22,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from functools import lru_cache
 from math import prod
-from typing import Callable, Hashable, Iterable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 from ..config import ParallelConfig
 from ..regions import Region, contiguous_boxes, disjoint, flat_runs, subtract
@@ -88,10 +88,9 @@ class PTC:
         self._holdings: dict[str, tuple[Holding, ...]] = {}
         self._zero: dict[tuple[int, int], tuple[dict[str, int], int]] = {}
         self._rank_view: list[list[tuple[str, LocalShard]]] | None = None
-        self._owners: dict[str, dict[int, int]] = {}
+        self._owners: dict[Any, dict[str, dict[int, int]]] = {}  # replica group -> owner maps
         self._replicas_of: PTC | None = None  # set on a stored_replicas() view
         self._replica_group: Callable[[int], Hashable] | None = None  # ... kept once per group
-        self._group_owners: dict[tuple[str, int], tuple[int, ...]] | None = None
 
     # -- lookup ----------------------------------------------------------------------
     @property
@@ -120,13 +119,9 @@ class PTC:
 
     def _compute_holdings(self, spec: TensorSpec) -> list[Holding]:
         if self._replicas_of is not None:
-            full = self._replicas_of
-            if self._replica_group is not None:
-                owners = self._owners_per_group()
-                return [Holding(h.tensor, h.shard, owners[(spec.name, h.ranks[0])], h.key)
-                        for h in full.holdings(spec.name)]
-            return [Holding(h.tensor, h.shard, (full.replica_owner(spec.name, h.ranks[0]),), h.key)
-                    for h in full.holdings(spec.name)]
+            owners = self._replicas_of._owner_maps(self._replica_group)[spec.name]
+            return [Holding(h.tensor, h.shard, tuple(sorted({owners[r] for r in h.ranks})), h.key)
+                    for h in self._replicas_of.holdings(spec.name)]
         cfg = self.config
         stages = self.stages_of(spec)
         if spec.is_optimizer_state and cfg.zero and not spec.split.uses_dp:
@@ -190,17 +185,28 @@ class PTC:
         tensor in spec order, as the holder with the fewest bytes so far (ties: the lowest
         rank), so every rank writes its share when replicas are many (a pure function of
         the PTC: every rank computes the same owners)."""
-        if not self._owners:
+        return self._owner_maps(None)[name][rank]
+
+    def _owner_maps(self, group: Callable[[int], Hashable] | None) -> dict[str, dict[int, int]]:
+        """``{tensor: {holder: the rank storing its replica}}``, one owner among the holders
+        of each ``group(rank)`` (``None``: among all), chosen as :meth:`replica_owner` says."""
+        if group not in self._owners:
             from ..dtypes import itemsize
 
             load = [0] * self.config.world_size
+            maps: dict[str, dict[int, int]] = {}
             for spec in self.specs:
-                owners = self._owners[spec.name] = {}
+                owners = maps[spec.name] = {}
                 for h in self.holdings(spec.name):
-                    owner = min(h.ranks, key=lambda r: (load[r], r))
-                    load[owner] += prod(h.shard.shape) * itemsize(spec.dtype)
-                    owners.update((r, owner) for r in h.ranks)
-        return self._owners[name][rank]
+                    members: dict[Hashable, list[int]] = {}
+                    for r in h.ranks:
+                        members.setdefault(None if group is None else group(r), []).append(r)
+                    for ranks in members.values():
+                        owner = min(ranks, key=lambda r: (load[r], r))
+                        load[owner] += prod(h.shard.shape) * itemsize(spec.dtype)
+                        owners.update((r, owner) for r in ranks)
+            self._owners[group] = maps
+        return self._owners[group]
 
     def stored_replicas(self, group: Callable[[int], Hashable] | None = None) -> PTC:
         """This layout with every replica held only by the rank that stores it
@@ -220,28 +226,6 @@ class PTC:
     def full(self) -> PTC:
         """The layout with every replica (this PTC unless it is a :meth:`stored_replicas` view)."""
         return self._replicas_of if self._replicas_of is not None else self
-
-    def _owners_per_group(self) -> dict[tuple[str, int], tuple[int, ...]]:
-        """``{(tensor, first holder): owners}`` of a per-group view, balanced by bytes."""
-        if self._group_owners is None:
-            from ..dtypes import itemsize
-
-            full, group = self.full, self._replica_group
-            load = [0] * self.config.world_size
-            out: dict[tuple[str, int], tuple[int, ...]] = {}
-            for spec in self.specs:
-                for h in full.holdings(spec.name):
-                    members: dict[Hashable, list[int]] = {}
-                    for r in h.ranks:
-                        members.setdefault(group(r), []).append(r)
-                    owners = []
-                    for ranks in members.values():
-                        owner = min(ranks, key=lambda r: (load[r], r))
-                        load[owner] += prod(h.shard.shape) * itemsize(spec.dtype)
-                        owners.append(owner)
-                    out[(spec.name, h.ranks[0])] = tuple(sorted(owners))
-            self._group_owners = out
-        return self._group_owners
 
     # -- per-rank view ----------------------------------------------------------------
     def rank_shards(self, rank: int) -> list[tuple[str, LocalShard]]:

@@ -223,12 +223,12 @@ class StoreReader:
         self._local: dict[int, dict[str, np.ndarray] | None] = {}
 
     def _client(self, rank: int):
-        return self.cluster.client(self.manifest.placement.host(rank))
+        return self.cluster.client(self.placement.host(rank))
 
     def _mapped(self, rank: int, tensor: str) -> np.ndarray | None:
         """The saved rank's tensor mapped from its store's file, when the rank lives on
         ``local_host`` (this machine's store) and the store gives its files; else None."""
-        if self.local_host is None or self.manifest.placement.host(rank) != self.local_host:
+        if self.local_host is None or self.placement.host(rank) != self.local_host:
             return None
         if rank not in self._local:
             self._local[rank] = _map_rank(self._client(rank), self.job, self.manifest.version, rank)
