@@ -72,3 +72,10 @@ def test_a_token_is_required_when_set_and_off_loopback(server):
     assert send_scale(s.url, {"devices": 2}, token=TOKEN)["accepted"]
     with pytest.raises(ValueError, match="refusing to listen on 0.0.0.0 without a token"):
         ControlServer(dict, lambda a, v: {}, host="0.0.0.0")
+
+
+def test_a_busy_control_port_is_refused_in_one_line(server):
+    s, _ = server()
+    port = int(s.url.rsplit(":", 1)[1])
+    with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}.*choose another --control-port"):
+        ControlServer(dict, lambda a, v: {}, port=port)

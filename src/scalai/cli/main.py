@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("scalai: interrupted", err=True)
         return 130
     except (ValueError, KeyError, FileExistsError, FileNotFoundError, NotADirectoryError,
-            PermissionError, ScalaiError) as exc:
+            PermissionError, ConnectionError, TimeoutError, ScalaiError) as exc:
         if os.environ.get("SCALAI_DEBUG"):
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

@@ -125,7 +125,11 @@ class ControlServer:
                 self._send(202, {"accepted": accepted})
 
         self.status, self.scale = status, scale
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise ValueError(f"the control endpoint cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                             f"choose another --control-port (0: any free one)") from None
         self._server.daemon_threads = True
         self.url = f"http://{host}:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="scalai-control", daemon=True)
@@ -187,3 +191,5 @@ def send_scale(url: str, body: dict, token: str | None = None, timeout: float = 
         raise ValueError(f"the runner refused: {reason}") from None
     except urllib.error.URLError as exc:
         raise ConnectionError(f"no runner answers at {url} ({exc.reason}); has the run ended?") from None
+    except (TimeoutError, OSError) as exc:
+        raise ConnectionError(f"the runner at {url} did not answer ({exc}); is it overloaded or gone?") from None

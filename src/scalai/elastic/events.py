@@ -44,11 +44,11 @@ def rank_file(run_dir: str | os.PathLike, generation: int, rank: int) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` so that readers see the old or the new file, whole."""
+    from ..checkpoint.manifest import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    atomic_write(str(path), json.dumps(obj).encode(), sync=False)
 
 
 def read_generation(run_dir: str | os.PathLike, generation: int) -> dict[int, dict]:

@@ -7,10 +7,10 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import TYPE_CHECKING
 
+from ..checkpoint.manifest import atomic_write
 from .events import write_json_atomic
 from .progress import mark_lost
 from .timeline import format_table, plot_loss, plot_timeline, write_timeline
@@ -34,9 +34,7 @@ def finish(runner: Runner, outcome) -> RunResult:
     latest = runner.persister.latest() if runner.persister else None
     rows = mark_lost(runner.rows)
     runner.metrics_out.close()
-    tmp = runner.dir / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, runner.dir / "metrics.jsonl")
+    atomic_write(str(runner.dir / "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows).encode(), sync=False)
     write_timeline(runner.dir / "timeline.json", runner.changes)
     plot_timeline(runner.changes, runner.dir / "timeline.png", f"{runner.spec.job}: reconfigurations")
     plot_loss({"elastic run": rows}, runner.dir / "loss.png", runner.changes,

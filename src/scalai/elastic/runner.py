@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..errors import ScalaiError
 from ..layout.ptc import PTC
 from .ahead import drop_successor, maybe_prelaunch
 from .allocation import Allocation, apply_event
@@ -52,7 +54,7 @@ __all__ = ["Runner", "RunResult", "RunFailed"]
 GRACE_S = 60.0  # after a failure, how long the survivors get to dump before they are killed
 
 
-class RunFailed(Exception):
+class RunFailed(ScalaiError):
     """The run cannot go on (the message says why and where the logs are)."""
 
 
@@ -137,16 +139,21 @@ class Runner:
     def run(self) -> RunResult:
         if self.dir.exists() and any(self.dir.iterdir()):
             raise FileExistsError(f"run directory {self.dir} is not empty; choose a new --out")
+        created = not self.dir.exists()
         for sub in ("events", "control", "logs", "workers"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self.metrics_out = open(self.dir / "metrics.jsonl", "a")
         self.tail = MetricsTail(self.dir / "workers" / "metrics.jsonl")
         self._gens: list[Generation] = []
+        started = False
         try:
             self._start_infrastructure()
+            started = True
             return self._main()
         finally:
             self._shutdown()
+            if created and not started:  # nothing ran: leave no half-made run directory behind
+                shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- infrastructure ---------------------------------------------------------------
     def _start_infrastructure(self) -> None:
