@@ -24,8 +24,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -106,11 +105,9 @@ class Agent:
     """One host's torchrun agent."""
 
     host: str
-    slot: int
     nproc: int
     proc: subprocess.Popen
     log: Path
-    started: float = field(default_factory=time.time)
 
     def poll(self) -> int | None:
         return self.proc.poll()
@@ -158,5 +155,5 @@ def start_agents(hosts: Sequence[str], local_sizes: Sequence[int], endpoint: str
         with open(log, "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env={**env, **host_env.get(host, {})}, start_new_session=True)
-        agents.append(Agent(host, slot, nproc, proc, log))
+        agents.append(Agent(host, nproc, proc, log))
     return agents

@@ -66,7 +66,6 @@ class Generation:
     start_step: int
     agents: list[Agent]
     launched: float
-    resume: bool
     exited_at: float | None = None
     first_row: dict | None = None
     killed: list[tuple[str, Any, float]] = field(default_factory=list)  # (kind, target, time)
@@ -191,6 +190,8 @@ class Runner:
             self.control.close(self.spec.job)
         if getattr(self, "hosts", None):
             self.hosts.close()
+        if getattr(self, "rdzv", None):
+            self.rdzv.close()
         if getattr(self, "metrics_out", None):
             self.metrics_out.close()
 
@@ -253,7 +254,7 @@ class Runner:
         agents = start_agents(alloc.hosts, [alloc.local_size(h) for h in alloc.hosts], self.rdzv.endpoint,
                               f"{spec.job}-g{number:03d}", spec.module, to_argv(opts), env, host_env,
                               self.dir / "logs")
-        gen = Generation(number, alloc, until, start_step, agents, time.time(), resume)
+        gen = Generation(number, alloc, until, start_step, agents, time.time())
         if free:
             free_file(self.dir, number).touch()
         self._gens.append(gen)
@@ -393,9 +394,9 @@ class Runner:
             saved = reports.get(0, {}).get("saved") or {}
             step = saved.get("step", gen.start_step)
             kind = "done" if step >= self.spec.steps else "stopped"
-            return Outcome(kind, step, gen.start_step, saved.get("version"), saved.get("bytes", 0), stop_at)
+            return Outcome(kind, step, saved.get("version"), saved.get("bytes", 0), stop_at)
         logs = "\n".join(f"[{a.host}] {a.tail(8)}" for a in gen.agents if a.poll() not in (0, None))
-        return Outcome("failed", None, gen.start_step, None, 0, failed_at, logs)
+        return Outcome("failed", None, None, 0, failed_at, logs)
 
     def _saved(self, gen: Generation) -> bool:
         """Every worker saved before the last step of the job: the next generation may start."""

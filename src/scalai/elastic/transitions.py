@@ -47,7 +47,6 @@ class Outcome:
 
     kind: str
     step: int | None
-    start_step: int
     version: str | None
     saved_bytes: int
     request: float | None
