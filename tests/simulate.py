@@ -74,23 +74,103 @@ def padding_is_zero(ptc: PTC, ranks: list[dict[str, np.ndarray]]) -> bool:
     return True
 
 
-def lower_bound_bytes(old, new) -> int:
-    """Cross-host lower bound by brute force over element masks."""
-    total = 0
-    hosts = {new.placement.host(r) for r in range(new.ptc.config.world_size)}
+def _cuts(shape, boxes) -> list[np.ndarray]:
+    """Per dimension, every coordinate where a box starts or ends (0 and the size included)."""
+    cuts = [{0, n} for n in shape]
+    for b in boxes:
+        for d, (o, s) in enumerate(zip(b.offsets, b.sizes)):
+            cuts[d].update((o, o + s))
+    return [np.array(sorted(c)) for c in cuts]
+
+
+def _mask(cuts: list[np.ndarray], boxes) -> np.ndarray:
+    """The elements covered by ``boxes``, on the grid of cells between ``cuts``."""
+    mask = np.zeros([len(c) - 1 for c in cuts], dtype=bool)
+    for b in boxes:
+        mask[tuple(slice(int(np.searchsorted(c, o)), int(np.searchsorted(c, o + s)))
+                   for c, o, s in zip(cuts, b.offsets, b.sizes))] = True
+    return mask
+
+
+def _cell_volumes(cuts: list[np.ndarray]) -> np.ndarray:
+    """Elements in every cell of the grid (an outer product of the cut widths)."""
+    volumes = np.ones((), dtype=np.int64)
+    for c in cuts:
+        volumes = np.multiply.outer(volumes, np.diff(c).astype(np.int64))
+    return volumes
+
+
+def _boxes_by_host(dep, ranks) -> dict[str, dict[str, list]]:
+    """``{tensor: {host: [global boxes]}}`` that ``ranks`` of deployment ``dep`` store."""
+    out: dict[str, dict[str, list]] = {}
+    for r in ranks:
+        host = dep.placement.host(r)
+        for name, shard in dep.ptc.rank_shards(r):
+            out.setdefault(name, {}).setdefault(host, []).extend(p.global_region for p in shard.pieces)
+    return out
+
+
+def host_lower_bounds(old, new, unavailable=()) -> dict[str, int]:
+    """Cross-host lower bound per destination host, by element masks: for every host of
+    ``new``, the elements of each tensor that its new ranks store and that no available
+    old rank on the same host stores, times the element size. Hosts that need nothing
+    from elsewhere are left out.
+
+    Independent of the planner: built only from each rank's local shards (their global
+    boxes, ``PTC.rank_shards``) and the placements, never from fragment groups, copies or
+    statistics. Masks are kept on the grid of cells cut by the boxes' edges (each cell
+    weighted by its element count), which is exact and keeps large models cheap.
+    """
     from scalai.dtypes import itemsize
 
-    for spec in new.ptc.specs:
-        for h in hosts:
-            need = np.zeros(spec.shape, dtype=bool)
-            have = np.zeros(spec.shape, dtype=bool)
-            for hold in new.ptc.holdings(spec.name):
-                if any(new.placement.host(r) == h for r in hold.ranks):
-                    for p in hold.shard.pieces:
-                        need[p.global_region.to_slices()] = True
-            for hold in old.ptc.holdings(spec.name):
-                if any(old.placement.host(r) == h for r in hold.ranks):
-                    for p in hold.shard.pieces:
-                        have[p.global_region.to_slices()] = True
-            total += int(np.count_nonzero(need & ~have)) * itemsize(spec.dtype)
-    return total
+    lost = set(unavailable)
+    need = _boxes_by_host(new, range(new.ptc.config.world_size))
+    have = _boxes_by_host(old, [r for r in range(old.ptc.config.world_size) if r not in lost])
+    out: dict[str, int] = {}
+    for name, by_host in need.items():
+        spec = new.ptc.spec(name)
+        held = have.get(name, {})
+        cuts = _cuts(spec.shape, [b for boxes in (*by_host.values(), *held.values()) for b in boxes])
+        volumes = _cell_volumes(cuts)
+        for host, boxes in by_host.items():
+            missing = _mask(cuts, boxes) & ~_mask(cuts, held.get(host, []))
+            nbytes = int(volumes[missing].sum()) * itemsize(spec.dtype)
+            if nbytes:
+                out[host] = out.get(host, 0) + nbytes
+    return out
+
+
+def lower_bound_bytes(old, new, unavailable=()) -> int:
+    """The cross-host lower bound summed over destination hosts (:func:`host_lower_bounds`)."""
+    return sum(host_lower_bounds(old, new, unavailable).values())
+
+
+def elements_without_a_source(old, unavailable=()) -> list[str]:
+    """Tensors of which some element is stored by no available old rank (a plan must fail)."""
+    lost = set(unavailable)
+    held = _boxes_by_host(old, [r for r in range(old.ptc.config.world_size) if r not in lost])
+    out = []
+    for spec in old.ptc.specs:
+        boxes = [b for bs in held.get(spec.name, {}).values() for b in bs]
+        cuts = _cuts(spec.shape, boxes)
+        if not _mask(cuts, boxes).all():
+            out.append(spec.name)
+    return out
+
+
+def cross_host_received(plan: Plan) -> dict[str, int]:
+    """Bytes each destination host receives from other hosts under ``plan``, counted from
+    its copies alone: the source rank's host (old placement, or the new one for a fan-out
+    copy) against the destination rank's host, and the destination window's element count
+    times the element size (not the plan's own labels, byte counts or statistics)."""
+    from scalai.dtypes import itemsize
+
+    out: dict[str, int] = {}
+    for c in plan.copies:
+        src = (plan.new if c.from_new else plan.old).placement.host(c.src_rank)
+        dst = plan.new.placement.host(c.dst_rank)
+        if src != dst:
+            nbytes = c.dst.volume * itemsize(plan.new.ptc.spec(c.tensor).dtype)
+            if nbytes:
+                out[dst] = out.get(dst, 0) + nbytes
+    return out

@@ -12,7 +12,8 @@ from scalai.config import Placement
 from scalai.errors import PlanError
 from scalai.models import model_ptc
 from scalai.planner import Deployment, check_coverage, make_plan
-from simulate import execute, gather, global_arrays, lower_bound_bytes, padding_is_zero, scatter
+from simulate import (cross_host_received, elements_without_a_source, execute, gather, global_arrays,
+                      host_lower_bounds, padding_is_zero, scatter)
 
 LAYOUTS = [f"tp={t},pp={p},dp={d}{',zero=1' if z else ''}"
            for t in (1, 2, 4) for p in (1, 2, 4) for d in (1, 2, 4) for z in (False, True)
@@ -24,6 +25,17 @@ def _grid(n: int, seed: int) -> list[tuple[str, str]]:
     return random.Random(seed).sample(pairs, n)
 
 
+def _assert_lower_bound(plan, unavailable=()) -> None:
+    """What the plan's copies send to each host equals the per-host lower bound computed
+    independently (element masks over the PTCs' boxes); the plan's statistics agree."""
+    expected = host_lower_bounds(plan.old, plan.new, unavailable)
+    assert cross_host_received(plan) == expected
+    assert all((c.src_host, c.dst_host) == ((plan.new if c.from_new else plan.old).placement.host(c.src_rank),
+                                            plan.new.placement.host(c.dst_rank)) for c in plan.copies)
+    assert plan.stats.host_received_bytes == expected
+    assert plan.stats.cross_host_bytes == plan.stats.cross_host_lower_bound_bytes == sum(expected.values())
+
+
 def _check(model, a, b, gpus_per_host=2, seed=0):
     old = Deployment(model_ptc(model, a), Placement(gpus_per_host))
     new = Deployment(model_ptc(model, b), Placement(gpus_per_host))
@@ -33,8 +45,7 @@ def _check(model, a, b, gpus_per_host=2, seed=0):
     back = gather(new.ptc, new_ranks)
     assert all(np.array_equal(back[k], glob[k]) for k in glob), f"{a} -> {b} changed a tensor"
     assert padding_is_zero(new.ptc, new_ranks)
-    s = there.stats
-    assert s.cross_host_bytes == s.cross_host_lower_bound_bytes
+    _assert_lower_bound(there)
     # and back again, bit for bit, rank by rank
     again = execute(make_plan(new, old), new_ranks)
     original = scatter(old.ptc, glob)
@@ -87,7 +98,8 @@ def test_sources_spread_over_replicas_not_dp_rank_0():
     sent = plan.stats.host_sent_bytes
     assert len(sent) == 4
     assert max(sent.values()) <= 1.1 * min(sent.values())
-    assert plan.stats.cross_host_bytes == plan.stats.total_bytes == plan.stats.cross_host_lower_bound_bytes
+    assert plan.stats.cross_host_bytes == plan.stats.total_bytes
+    _assert_lower_bound(plan)
 
 
 def test_a_byte_needed_by_several_ranks_of_a_host_crosses_once():
@@ -95,7 +107,7 @@ def test_a_byte_needed_by_several_ranks_of_a_host_crosses_once():
     new = Deployment(model_ptc("gpt-tiny", "tp=1,pp=1,dp=4"), Placement(4, ("new",)))
     plan = make_plan(old, new)
     state = sum(spec.nbytes for spec in old.ptc.specs)  # global bytes, no padding
-    assert plan.stats.cross_host_bytes == state  # once, not four times
+    assert cross_host_received(plan) == {"new": state}  # once, not four times
     assert plan.stats.total_bytes == 4 * state
     fanout = [c for c in plan.copies if c.from_new]
     assert fanout and all(not c.crosses_hosts for c in fanout)
@@ -109,9 +121,37 @@ def test_any_plan_covers_every_destination_element_once(a, b, gph, model):
     new = Deployment(model_ptc(model, b), Placement(gph))
     plan = make_plan(old, new, validate=False)
     check_coverage(plan)
-    assert plan.stats.cross_host_bytes == plan.stats.cross_host_lower_bound_bytes == lower_bound_bytes(old, new)
+    _assert_lower_bound(plan)
     assert plan.stats.total_bytes == sum(new.ptc.rank_nbytes(r) for r in range(new.ptc.config.world_size)) \
         - _padding_bytes(new.ptc)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(LAYOUTS), st.sampled_from(LAYOUTS), st.sampled_from([1, 2, 3, 4, 8]),
+       st.sampled_from([1, 2, 3, 4, 8]), st.integers(0, 2), st.sets(st.integers(0, 3), max_size=2),
+       st.sampled_from(["gpt-tiny", "llama-tiny"]))
+def test_cross_host_bytes_equal_an_independent_per_host_lower_bound(a, b, g_old, g_new, shift, lost, model):
+    """Random layouts, host sizes, new hosts shifted against the old ones (a partial or
+    whole redeployment) and lost old hosts (recovery from replicas): every host receives
+    exactly the bytes its new ranks need that no surviving old rank on it holds, and the
+    values arrive intact without reading a lost rank."""
+    old = Deployment(model_ptc(model, a), Placement(g_old))
+    new_ptc = model_ptc(model, b)
+    hosts = tuple(f"host{shift + i}" for i in range(-(-new_ptc.config.world_size // g_new)))
+    new = Deployment(new_ptc, Placement(g_new, hosts))
+    unavailable = {r for r in range(old.ptc.config.world_size) if r // g_old in lost}
+    if elements_without_a_source(old, unavailable):
+        with pytest.raises(PlanError, match="no replica survives"):
+            make_plan(old, new, unavailable=unavailable)
+        return
+    plan = make_plan(old, new, unavailable=unavailable)
+    _assert_lower_bound(plan, unavailable)
+    glob = global_arrays(old.ptc)
+    ranks = scatter(old.ptc, glob)
+    for r in unavailable:  # a lost rank's memory is garbage: reading it would show
+        ranks[r] = {n: np.full_like(x, -7) for n, x in ranks[r].items()}
+    back = gather(new.ptc, execute(plan, ranks))
+    assert all(np.array_equal(back[k], glob[k]) for k in glob)
 
 
 def _padding_bytes(ptc) -> int:
@@ -142,7 +182,7 @@ def test_planning_hundreds_of_ranks_in_one_process():
     assert old.ptc.config.world_size == 256 and new.ptc.config.world_size == 288
     plan = make_plan(old, new)
     s = plan.stats
-    assert s.cross_host_bytes == s.cross_host_lower_bound_bytes
+    _assert_lower_bound(plan)
     assert 0 < s.cross_host_bytes < s.total_bytes
     assert sum(s.host_sent_bytes.values()) == sum(s.host_received_bytes.values()) == s.cross_host_bytes
 

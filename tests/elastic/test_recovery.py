@@ -54,7 +54,9 @@ def test_a_dump_without_a_dead_rank_is_transformed_from_its_replica(tmp_path):
     from scalai.executor import reshard_checkpoint
     from scalai.models.synth import write_synthetic_checkpoint
     from scalai.store import StoreCluster, reshard
+    from scalai.planner import Deployment
     from scalai.store.simnet import SimulatedHosts
+    from simulate import host_lower_bounds
 
     src = tmp_path / "src"
     write_synthetic_checkpoint("gpt-tiny", src, ParallelConfig.parse("tp=1,pp=1,dp=2"), seed=4)
@@ -67,7 +69,13 @@ def test_a_dump_without_a_dead_rank_is_transformed_from_its_replica(tmp_path):
             client.put("job", "rescue-g001", 0, name, np.asarray(ckpt.view(0, name)), ckpt.ptc.spec(name).dtype)
         commit_dump(cluster, "job", "rescue-g001", ckpt.ptc, place, ckpt.state, [1], ["host0", "host1", "host2"])
         result = reshard(cluster, "job", "tp=1,pp=1,dp=1", gpus_per_host=1, hosts=["host2"], version="rescue-g001")
-        assert result.stats.cross_host_bytes == result.stats.total_bytes > 0  # all from host0's dump
+        # all from host0's dump: host2 pulls the whole state once, counted by the stores
+        expected = host_lower_bounds(Deployment(ckpt.ptc, place),
+                                     Deployment(model_ptc("gpt-tiny", "tp=1,pp=1,dp=1"), Placement(1, ("host2",))),
+                                     unavailable={1})
+        assert expected == {"host2": sum(s.nbytes for s in ckpt.ptc.specs)}
+        assert {h: sum(r["fetched_bytes"].values()) for h, r in result.hosts.items()} == expected
+        assert set(result.hosts["host2"]["fetched_bytes"]) == {"host0"}
         cluster.pull("job", str(tmp_path / "out"), result.target)
     reshard_checkpoint(src, tmp_path / "expected", "tp=1,pp=1,dp=1")
     with Checkpoint.open(tmp_path / "out") as a, Checkpoint.open(tmp_path / "expected") as b:

@@ -52,6 +52,22 @@ def _check_outputs(out: Path, reference_rows: list[dict], steps: int) -> tuple[l
     return rows, changes
 
 
+def _lower_bound(out: Path, change, unavailable=()) -> int:
+    """The cross-host lower bound of ``change`` by element masks (``simulate``), from the
+    PTCs the run's workers reported and the hosts of the timeline, not from the planner."""
+    from scalai.config import Placement
+    from scalai.layout.ptc import PTC
+    from scalai.planner import Deployment
+    from simulate import lower_bound_bytes
+
+    reported = {str(p.config): p for p in (PTC.from_json(json.loads(f.read_text()))
+                                           for f in sorted((out / "events").glob("g*/ptc.json")))}
+    old_ptc = reported[change.from_layout]
+    new_ptc = reported.get(change.to_layout) or old_ptc.relayout(ParallelConfig.parse(change.to_layout))
+    return lower_bound_bytes(Deployment(old_ptc, Placement(2, tuple(change.from_hosts))),
+                             Deployment(new_ptc, Placement(2, tuple(change.to_hosts))), unavailable)
+
+
 @pytest.mark.slow
 def test_demo_changes_every_dimension_moves_and_survives_a_killed_worker(tmp_path, corpus_index):
     out = tmp_path / "demo"
@@ -84,11 +100,14 @@ def test_demo_changes_every_dimension_moves_and_survives_a_killed_worker(tmp_pat
     redeploy = changes[3]
     assert redeploy.from_layout == redeploy.to_layout and not set(redeploy.from_hosts) & set(redeploy.to_hosts)
     # everything came from the old hosts, except copies of replicated tensors (norms,
-    # biases) that the second rank of a new host takes from the first (host fan-out)
+    # biases) that the second rank of a new host takes from the first (host fan-out):
+    # exactly the per-host lower bound, computed independently of the planner
     assert 0.9 * redeploy.bytes_moved < redeploy.cross_host_bytes <= redeploy.bytes_moved
+    assert redeploy.cross_host_bytes == _lower_bound(out, redeploy) > 0
     assert changes[4].reason == "scale to 2 devices" and changes[4].to_layout == "tp=1,pp=1,dp=2"
     failure = changes[5]
     assert failure.recovered_from == "replicas" and failure.steps_lost == 0
+    assert failure.cross_host_bytes == _lower_bound(out, failure, unavailable={1})
     assert failure.to_layout == "tp=1,pp=1,dp=1" and failure.reason == "failure of rank 1"
     assert json.loads((out / "summary.json").read_text())["steps_lost"] == 0
 

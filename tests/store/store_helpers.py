@@ -10,9 +10,32 @@ import sys
 import time
 from pathlib import Path
 
+from scalai.config import Placement
+from scalai.models import model_ptc
+from scalai.planner import Deployment
 from scalai.store import StoreClient
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # simulate: the independent oracle
+from simulate import host_lower_bounds  # noqa: E402
+
 TOKEN = "test-token-0123456789abcdef"
+
+
+def deployment(layout: str, gpus_per_host: int, hosts, model: str = "gpt-tiny") -> Deployment:
+    """``model`` in ``layout`` on ``hosts`` (in order), built from the model, not from a store."""
+    return Deployment(model_ptc(model, layout), Placement(gpus_per_host, tuple(hosts)))
+
+
+def assert_pulled_the_lower_bound(report: dict, old: Deployment, new: Deployment, unavailable=()) -> None:
+    """Every destination store pulled from its peers (bytes counted by the stores' transport,
+    ``report`` as ``ReshardResult.to_json()`` or ``scalai store reshard --json`` gives it)
+    exactly the per-host lower bound computed independently by element masks
+    (``simulate.host_lower_bounds``), and the plan reported that bound."""
+    expected = host_lower_bounds(old, new, unavailable)
+    pulled = {h: n for h, r in report["hosts"].items() if (n := sum(r["fetched_bytes"].values()))}
+    assert pulled == expected, f"stores pulled {pulled}, the lower bound is {expected}"
+    reported = (report["cross_host_bytes"], report["plan"]["cross_host_lower_bound_bytes"])
+    assert reported == (sum(expected.values()),) * 2, f"counted, planner's bound: {reported}; bound {expected}"
 
 
 class StoreProc:

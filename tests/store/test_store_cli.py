@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from store_helpers import run_cli as run
-from store_helpers import TOKEN  # noqa: E402
+from store_helpers import TOKEN, assert_pulled_the_lower_bound, deployment  # noqa: E402
 
 
 def test_new_user_flow(stores, tiny_ckpt, tmp_path, capsys, monkeypatch):
@@ -19,17 +19,20 @@ def test_new_user_flow(stores, tiny_ckpt, tmp_path, capsys, monkeypatch):
     assert r.code == 0, r.err
     assert "pushed" in r.out and "gpt/v0" in r.out and "host0, host1" in r.out
     monkeypatch.setenv("SCALAI_TOKEN", TOKEN)  # the other way to give the token
-    r = run(capsys, "store", "reshard", "--job", "gpt", "--to", "tp=1,pp=2,dp=4,zero=1", "--stores", urls,
+    r = run(capsys, "store", "reshard", "--job", "gpt", "--to", "tp=2,pp=1,dp=4,zero=1", "--stores", urls,
             "--json")
     assert r.code == 0, r.err
     out = json.loads(r.out)
     assert out["mode"] == "distributed" and (out["source"], out["target"]) == ("v0", "v1")
-    assert out["cross_host_bytes"] == out["plan"]["cross_host_bytes"] == out["plan"]["cross_host_lower_bound_bytes"]
+    hosts = ["host0", "host1"]  # the README's example: each host lacks the other's pipeline stage
+    assert_pulled_the_lower_bound(out, deployment("tp=2,pp=2,dp=2", 4, hosts),
+                                  deployment("tp=2,pp=1,dp=4,zero=1", 4, hosts))
+    assert out["cross_host_bytes"] > 0
     r = run(capsys, "store", "ls", "--stores", urls)
-    assert r.code == 0 and "gpt/v1: tp=1,pp=2,dp=4,zero=1 committed" in r.out and "gpt/v0" not in r.out
+    assert r.code == 0 and "gpt/v1: tp=2,pp=1,dp=4,zero=1 committed" in r.out and "gpt/v0" not in r.out
     r = run(capsys, "store", "pull", tmp_path / "pulled", "--job", "gpt", "--stores", urls)
     assert r.code == 0 and "wrote" in r.out, r.err
-    r = run(capsys, "reshard", tiny_ckpt, tmp_path / "local", "--to", "tp=1,pp=2,dp=4,zero=1")
+    r = run(capsys, "reshard", tiny_ckpt, tmp_path / "local", "--to", "tp=2,pp=1,dp=4,zero=1")
     assert r.code == 0, r.err
     r = run(capsys, "compare", tmp_path / "pulled", tmp_path / "local")
     assert r.code == 0 and r.out.startswith("equal"), r.out + r.err

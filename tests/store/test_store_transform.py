@@ -13,6 +13,7 @@ from scalai.checkpoint import Checkpoint
 from scalai.compare import compare_checkpoints
 from scalai.executor import reshard_checkpoint
 from scalai.store import StoreCluster, TransformError, reshard
+from store_helpers import assert_pulled_the_lower_bound, deployment
 
 
 def _same(a, b) -> None:
@@ -39,16 +40,17 @@ def test_distributed_equals_local_reshard_and_counts_lower_bound(stores, tiny_ck
     cluster = StoreCluster([p.url for p in procs])
     cluster.push(str(tiny_ckpt), "gpt", gpus_per_host=4)  # 8 ranks on host0, host1
     result = reshard(cluster, "gpt", layout, gpus_per_host=g_new)
-    s = result.stats
-    assert result.cross_host_bytes == s.cross_host_bytes == s.cross_host_lower_bound_bytes
-    assert s.cross_host_bytes > 0 or layout.startswith("tp=2,pp=1")
+    old = deployment("tp=2,pp=2,dp=2", 4, ["host0", "host1"])
+    new = deployment(layout, g_new, cluster.hosts)
+    assert_pulled_the_lower_bound(result.to_json(), old, new)
+    assert result.cross_host_bytes > 0 or layout.startswith("tp=2,pp=1")
     assert _holdings(cluster, "gpt") == {h: ["v1"] for h in cluster.hosts}  # old version dropped
     cluster.pull("gpt", str(tmp_path / "pulled"))
     reshard_checkpoint(tiny_ckpt, tmp_path / "local", layout, sync=False)
     _same(tmp_path / "local", tmp_path / "pulled")
     # and back: A -> B -> A is the original bit for bit
     back = reshard(cluster, "gpt", "tp=2,pp=2,dp=2", gpus_per_host=4)
-    assert back.cross_host_bytes == back.stats.cross_host_lower_bound_bytes
+    assert_pulled_the_lower_bound(back.to_json(), new, deployment("tp=2,pp=2,dp=2", 4, cluster.hosts))
     cluster.pull("gpt", str(tmp_path / "back"))
     _same(tiny_ckpt, tmp_path / "back")
     with Checkpoint.open(tiny_ckpt) as a, Checkpoint.open(tmp_path / "back") as b:
@@ -65,7 +67,9 @@ def test_central_mode_same_result_more_traffic(stores, tiny_ckpt, tmp_path):
     cluster.drop("gpt", dist.target)
     central = reshard(cluster, "gpt", layout, gpus_per_host=2, central=True)
     assert central.mode == "central" and set(central.phases) >= {"consolidate", "split"}
-    assert central.cross_host_bytes > dist.cross_host_bytes == dist.stats.cross_host_lower_bound_bytes
+    assert central.cross_host_bytes > dist.cross_host_bytes
+    assert_pulled_the_lower_bound(dist.to_json(), deployment("tp=2,pp=2,dp=2", 3, cluster.hosts),
+                                  deployment(layout, 2, cluster.hosts))
     assert not any("consolidated" in v for vs in _holdings(cluster, "gpt").values() for v in vs)
     cluster.pull("gpt", str(tmp_path / "central"))
     _same(tmp_path / "dist", tmp_path / "central")
@@ -76,7 +80,9 @@ def test_redeployment_to_other_hosts(stores, tiny_ckpt, tmp_path):
     cluster.push(str(tiny_ckpt), "gpt", gpus_per_host=4)  # host0, host1
     result = reshard(cluster, "gpt", "tp=2,pp=2,dp=2", gpus_per_host=4, hosts=["host2", "host3"])
     s = result.stats
-    assert result.cross_host_bytes == s.cross_host_bytes == s.cross_host_lower_bound_bytes > 0
+    assert_pulled_the_lower_bound(result.to_json(), deployment("tp=2,pp=2,dp=2", 4, ["host0", "host1"]),
+                                  deployment("tp=2,pp=2,dp=2", 4, ["host2", "host3"]))
+    assert s.cross_host_bytes > 0
     # nothing is local: each byte crosses once per host, then fans out to the host's replicas
     assert s.same_device_bytes == 0 and s.cross_host_bytes + s.same_host_bytes == s.total_bytes
     assert s.same_host_bytes > 0
@@ -129,7 +135,9 @@ def test_store_killed_mid_transfer(stores, tiny_ckpt, tmp_path, victim):
     _same(tiny_ckpt, tmp_path / "old")
     # retry succeeds
     result = reshard(cluster, "gpt", "tp=2,pp=2,dp=2", gpus_per_host=4, hosts=["host1", "host2"])
-    assert result.source == "v0" and result.cross_host_bytes == result.stats.cross_host_lower_bound_bytes
+    assert result.source == "v0"
+    assert_pulled_the_lower_bound(result.to_json(), deployment("tp=2,pp=2,dp=2", 4, ["host0", "host1"]),
+                                  deployment("tp=2,pp=2,dp=2", 4, ["host1", "host2"]))
     cluster.pull("gpt", str(tmp_path / "new"))
     _same(tiny_ckpt, tmp_path / "new")
 
@@ -187,7 +195,9 @@ def test_recovery_from_replicas_after_a_host_is_lost(stores, tmp_path):
     with pytest.raises(StoreError, match="not committed on host.*host1|no committed version"):
         reshard(survivors, "gpt", "tp=2,pp=1,dp=2", gpus_per_host=2)
     result = reshard(survivors, "gpt", "tp=2,pp=1,dp=2", gpus_per_host=2, hosts=["host0", "host2"], lost=["host1"])
-    assert result.cross_host_bytes == result.stats.cross_host_lower_bound_bytes > 0
+    assert_pulled_the_lower_bound(result.to_json(), deployment("tp=2,pp=1,dp=2", 2, ["host0", "host1"]),
+                                  deployment("tp=2,pp=1,dp=2", 2, ["host0", "host2"]), unavailable={2, 3})
+    assert result.cross_host_bytes > 0
     assert set(result.hosts["host2"]["fetched_bytes"]) == {"host0"}  # the surviving replica
     survivors.pull("gpt", str(tmp_path / "recovered"))
     _same(plain, tmp_path / "recovered")
