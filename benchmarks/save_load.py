@@ -2,30 +2,39 @@
 
 One run prints one table measured in that run. The job is the reference trainer's GPT
 (``--model``, default ``gpt-bench``: 26 M parameters; fp32 weights and two fp32 Adam moments
-per weight, ~300 MiB of state), built with PyTorch's own APIs under layout A, its
-optimizer state filled with deterministic values, then:
+per weight, ~300 MiB of state), built with PyTorch's own APIs under layout A on one process
+per rank (gloo, ``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``), its optimizer state
+filled with deterministic values, then:
 
-1. **save at A**, every rank at once:
-   - scalai: :func:`scalai.training.save` (each rank writes its own safetensors file with
-     CRC-32s and fsync, rank 0 commits the manifest);
+1. **save at A**, every rank at once, each side into a fresh directory:
+   - scalai: :func:`scalai.training.save`. Each rank ``pwrite``s the bytes of its live local
+     tensors (no staging copy) into its own preallocated safetensors file, each replica
+     once (the rank ``PTC.replica_owner`` names), computes their CRC-32s with a pool of
+     ``THREADS`` threads, fsyncs the file; rank 0 writes the manifest, fsyncs and renames
+     the directory into place.
    - DCP: ``dcp.save`` of ``get_state_dict(model, optimizer)`` with
-     ``FileSystemWriter(sync_files=True, thread_count=1)`` (DCP writes each replicated
-     tensor once; scalai writes every rank's local tensors, replicas included, the format's
-     one-file-per-rank rule).
-2. **load at B**, into the same world of processes rebuilt under layout B (another
-   TP x PP x DP, ZeRO on or off), from the files saved at A:
-   - scalai: :func:`scalai.training.load` (same plan on every rank, region reads straight
-     into the live tensors, exactly-once check), with and without the CRC-32 pass
-     (``verify``); DCP has no checksums;
+     ``FileSystemWriter(sync_files=True, thread_count=THREADS)``: the same thread count per
+     rank; DCP plans the save collectively, writes each replicated tensor once, one file per
+     rank (``torch.save`` serialization), fsyncs, and rank 0 writes the metadata.
+2. **load at B**, into the same processes rebuilt under layout B (another TP x PP x DP,
+   ZeRO on or off), from the files saved at A; before every load the live tensors are
+   overwritten with a sentinel (untimed), so that a load that skipped a tensor would show:
+   - scalai: :func:`scalai.training.load` as a job calls it by default (``verify=True``):
+     every saved byte's CRC-32 recomputed (each rank 1/world of the saved files, ``THREADS``
+     threads), one plan, region copies from memory-mapped files straight into the live
+     tensors (one thread per rank) with the exactly-once check, non-tensor state restored.
+     ``verify=False`` (not the default) is printed too, labelled so.
    - DCP: ``dcp.load`` into ``get_state_dict(model_b, optimizer_b)`` then
-     ``set_state_dict`` (resharding on load).
-   After each load every live tensor of B is compared bit for bit across the two loads.
+     ``set_state_dict`` (resharding on load; ``FileSystemReader`` reads on one thread per
+     rank). DCP has no checksums.
+   After every round the live tensors of B are compared bit for bit across the loads.
 
-Times are wall seconds, the slowest rank (each timed step starts after a barrier).
+Times are wall seconds of the slowest rank (each timed step starts after a barrier).
 Throughput is the job's global state (one copy of every tensor) over the time, for both
-systems alike. Repeats are interleaved; the table shows the median, min and max. Each
-save goes to a fresh directory; loads read files the saves just wrote (page cache warm
-on disk, RAM on tmpfs), so the figures measure the software, not a cold disk.
+systems alike; the files each side wrote are printed. Repeats are interleaved and the order
+of the methods rotates every round; the table shows median, min and max. Loads read files
+the saves just wrote (page cache warm on disk, RAM on tmpfs), so the figures measure the
+software, not a cold disk.
 
 Usage::
 
@@ -48,8 +57,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Stats, choose_workdir, log, machine_description, print_table  # noqa: E402
 
+#: Threads per rank for both sides: scalai's default (one per core, at most 8) for its
+#: checksums, and DCP's ``FileSystemWriter(thread_count=...)``.
+THREADS = max(1, min(8, os.cpu_count() or 1))
+
 #: A TP+PP job moving to ZeRO with PP, that one moving to TP+DP, and a replicated DP job
-#: (every replica's file holds the whole state: scalai writes 4x the bytes DCP writes).
+#: (each replica written once by both sides).
 DEFAULT_TRANSITIONS = ("tp=2,pp=2,dp=1:tp=1,pp=2,dp=2,zero=1", "tp=1,pp=2,dp=2,zero=1:tp=2,pp=1,dp=2",
                        "tp=1,pp=1,dp=4:tp=2,pp=2,dp=1")
 
@@ -87,8 +100,13 @@ def _dcp_state(run):
     return {"model": model_sd, "optim": optim_sd}
 
 
+def _rotated(methods: list, r: int) -> list:
+    k = r % len(methods)
+    return methods[k:] + methods[:k]
+
+
 def worker(args) -> None:
-    """One rank: build A, save both ways; rebuild as B, load both ways, compare."""
+    """One rank: build A, save both ways; rebuild as B, load every way, compare."""
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -109,34 +127,36 @@ def worker(args) -> None:
     state_bytes = sum(s.nbytes for s in run_a.job.ptc.specs)
     written = 0
     for r in range(args.repeats):
-        order = [("scalai", lambda: save(run_a.job, f"{args.work}/s{r}")),
+        saves = [("scalai", lambda: save(run_a.job, f"{args.work}/s{r}")),
                  ("dcp", lambda: dcp.save(_dcp_state(run_a), storage_writer=FileSystemWriter(
-                     f"{args.work}/d{r}", sync_files=True, thread_count=1)))]
-        for name, fn in order[r % 2:] + order[: r % 2]:
+                     f"{args.work}/d{r}", sync_files=True, thread_count=THREADS)))]
+        for name, fn in _rotated(saves, r):
             results["save"][name].append(_timed(fn))
     if rank == 0:
-        sizes = {k: sum(f.stat().st_size for f in Path(args.work, f"{k}0").rglob("*") if f.is_file())
-                 for k in ("s", "d")}
-        written = sizes
+        written = {k: sum(f.stat().st_size for f in Path(args.work, f"{k}0").rglob("*") if f.is_file())
+                   for k in ("s", "d")}
 
     run_b = build(TrainOptions(layout=b, steps=1, model=args.model, data=args.data))
     mismatches = 0
     for r in range(args.repeats):
-        steps = [("scalai", lambda: load(run_b.job, f"{args.work}/s{r}", verify=True)),
-                 ("scalai_noverify", lambda: load(run_b.job, f"{args.work}/s{r}", verify=False))]
-
         def dcp_load():
             state = _dcp_state(run_b)
             dcp.load(state, storage_reader=FileSystemReader(f"{args.work}/d{r}"))
             set_state_dict(run_b.stage.module, run_b.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])
 
-        for name, fn in steps:
+        loads = [("scalai", lambda: load(run_b.job, f"{args.work}/s{r}")),  # verify=True: the default
+                 ("scalai_noverify", lambda: load(run_b.job, f"{args.work}/s{r}", verify=False)),
+                 ("dcp", dcp_load)]
+        loaded = {}
+        for name, fn in _rotated(loads, r):
+            with torch.no_grad():
+                for t in run_b.job.local_tensors().values():
+                    t.fill_(-7.0)  # a sentinel: a tensor the load skipped would differ (untimed)
             results["load"][name].append(_timed(fn))
-        ours = {n: t.clone() for n, t in run_b.job.local_tensors().items()}
-        results["load"]["dcp"].append(_timed(dcp_load))
-        theirs = run_b.job.local_tensors()
-        mismatches += sum(not torch.equal(ours[n], theirs[n]) for n in ours)
+            loaded[name] = {n: t.clone() for n, t in run_b.job.local_tensors().items()}
+        ours = loaded["scalai"]
+        mismatches += sum(not torch.equal(ours[n], other[n]) for other in loaded.values() for n in ours)
     box = torch.tensor([mismatches])
     dist.all_reduce(box)
     if rank == 0:
@@ -172,6 +192,7 @@ def main() -> None:
     from scalai.examples.gpt.corpus import ensure_index
     from scalai.examples.gpt.model import preset
 
+    load_before = os.getloadavg()[0]
     cfg = preset(args.model)
     index = str(ensure_index(cfg.seq_len).path)
     transitions = args.transition or list(DEFAULT_TRANSITIONS)
@@ -204,8 +225,8 @@ def main() -> None:
             dcp_save, dcp_load = Stats.of(save["dcp"]).median, Stats.of(load["dcp"]).median
             rows.append([f"save at {a}: scalai"] + _row("", save["scalai"], nbytes, dcp_save)[1:])
             rows.append([f"save at {a}: DCP"] + _row("", save["dcp"], nbytes, None)[1:])
-            rows.append([f"load at {b}: scalai (verify)"] + _row("", load["scalai"], nbytes, dcp_load)[1:])
-            rows.append([f"load at {b}: scalai (no verify)"] + _row("", load["scalai_noverify"], nbytes,
+            rows.append([f"load at {b}: scalai (default: verify)"] + _row("", load["scalai"], nbytes, dcp_load)[1:])
+            rows.append([f"load at {b}: scalai, verify=False (not the default)"] + _row("", load["scalai_noverify"], nbytes,
                                                                     dcp_load)[1:])
             rows.append([f"load at {b}: DCP"] + _row("", load["dcp"], nbytes, None)[1:])
             notes.append(f"{a} -> {b}: files written by scalai {res['written']['s'] / 2**20:.0f} MiB, "
@@ -220,7 +241,12 @@ def main() -> None:
         print(note)
     machine = machine_description()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}; torch "
-          f"{machine.get('torch')}; files on {where}")
+          f"{machine.get('torch')}; files on {where}; load average (1 min) at start {load_before:.1f}, at end {os.getloadavg()[0]:.1f}")
+    print(f"scalai save: pwrite from the live tensors, CRC-32 on {THREADS} threads per rank, fsync; load "
+          f"(default): CRC-32 of every saved byte (split over the ranks), then region copies into the live "
+          f"tensors. DCP save: FileSystemWriter(sync_files=True, thread_count={THREADS}); load: dcp.load + "
+          f"set_state_dict, no checksums. Order of the methods rotated every round; live tensors overwritten "
+          f"with a sentinel before every load.")
 
 
 if __name__ == "__main__":
