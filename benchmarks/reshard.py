@@ -71,6 +71,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import redirect_stdout
@@ -556,7 +557,13 @@ def main(argv=None) -> int:
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
         p.error(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+    try:
+        for t in args.transition or ():
+            Transition.parse(t)
+    except ValueError as exc:
+        p.error(str(exc))
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the scratch directory on kill
     bench = Bench(args)
     machine, revision, load_before = machine_description(), scalai_revision(), os.getloadavg()
     log(f"model {args.model}, {len(bench.transitions)} transitions, {args.repeats} rounds, "

@@ -48,6 +48,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -192,6 +193,7 @@ def main() -> None:
     from scalai.examples.gpt.corpus import ensure_index
     from scalai.examples.gpt.model import preset
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the scratch directory on kill
     load_before = os.getloadavg()[0]
     cfg = preset(args.model)
     index = str(ensure_index(cfg.seq_len).path)
