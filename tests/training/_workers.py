@@ -24,6 +24,30 @@ def train_segment(rank: int, world_size: int, **options):
     return summary
 
 
+def train_with_faulty_reads(rank: int, world_size: int, faults: dict, **options):
+    """:func:`train_segment` with a data source that goes wrong on some rank: ``faults`` maps
+    ``"RANK:STEP"`` to ``"twice"`` (the micro-batch's second row re-reads its first sample,
+    whose neighbour is then never read) or ``"skip"`` (its last row is not read), silently:
+    the rows still come with the ids of what was read, as a real reader's would."""
+    from scalai.data import torch_api
+
+    read = torch_api._IdsAndTokens.__getitems__
+    calls = {"n": 0}
+    micro_batches = options.get("global_batch", 8) // world_size // options.get("micro_batch", 4)
+
+    def faulty(self, samples):
+        calls["n"] += 1
+        fault = faults.get(f"{rank}:{(calls['n'] - 1) // max(1, micro_batches) + 1}")
+        if fault == "twice":
+            samples = [samples[0], samples[0], *samples[2:]]
+        elif fault == "skip":
+            samples = samples[:-1]
+        return read(self, samples)
+
+    torch_api._IdsAndTokens.__getitems__ = faulty
+    return train_segment(rank, world_size, **options)
+
+
 def failure_scenarios(rank: int, world_size: int, data: str, tmp: str):
     """Damaged checkpoints, a failing writer and a stop request seen by only one rank.
 
@@ -116,4 +140,67 @@ def layout_descriptions(rank: int, world_size: int, layouts: list[str], data: st
         out[layout] = {"equal": announced.to_json() == built.to_json(), "elements": per_rank(built),
                        "relaid_out": per_rank(first.relayout(ParallelConfig.parse(layout)))}
     gc.collect()
+    return out
+
+
+def _snapshot(job) -> dict:
+    return {name: t.clone() for name, t in job.local_tensors().items()}
+
+
+def _dumps_during_step(job, snapshot, train_step, block) -> dict:
+    """Run ``train_step()`` (forward, backward, optimizer step) with ``job.local_tensors()``
+    called from the middle of forward (after ``block``) and of backward (at ``block``'s
+    output gradient), where a survivor's dump finds itself when a peer dies there. Returns,
+    per phase, ``"ok"`` (every tensor found, equal to ``snapshot``: the optimizer has not
+    stepped yet) or what went wrong."""
+    import torch
+
+    seen: dict[str, str] = {}
+
+    def dump(phase: str) -> None:
+        try:
+            now = job.local_tensors()
+            same = sorted(now) == sorted(snapshot) and all(torch.equal(now[k], snapshot[k]) for k in now)
+            seen[phase] = "ok" if same else "different values"
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            seen[phase] = f"{type(exc).__name__}: {exc}"
+
+    def on_forward(mod, args, output):
+        dump("forward")
+        out = output[0] if isinstance(output, tuple) else output
+        if out.requires_grad:
+            out.register_hook(lambda grad: dump("backward"))
+
+    handle = block.register_forward_hook(on_forward)
+    try:
+        train_step()
+    finally:
+        handle.remove()
+    return seen
+
+
+def midstep_dumps(rank: int, world_size: int, layouts: list[str], data: str):
+    """``job.local_tensors()`` (what a survivor's dump reads) in the middle of forward and
+    of backward: the reference trainer under each of ``layouts`` (FSDP2 ``replicate`` for
+    dp > 1, ``fully_shard`` with zero=1), and torch's own test Transformer under FSDP2
+    ``fully_shard`` described by :func:`scalai.training.describe`."""
+    import torch
+    import torch.distributed as dist
+
+    from scalai.data import TokenDataset
+    from scalai.examples.gpt.options import TrainOptions
+    from scalai.examples.gpt.train import build, step
+
+    torch.set_num_threads(1)
+    out = {}
+    for layout in layouts:
+        run = build(TrainOptions(layout=layout, steps=2, data=data))
+        dataset = TokenDataset(run.index)
+        step(run, dataset)  # FSDP2 initializes lazily in the first forward; Adam makes its moments
+        snapshot = _snapshot(run.job)
+        block = run.stage.module.layers[min(run.stage.module.layers, key=int)]
+        out[layout] = _dumps_during_step(run.job, snapshot, lambda: step(run, dataset), block)
+        del run, block
+        gc.collect()
+
     return out

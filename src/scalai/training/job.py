@@ -12,6 +12,14 @@ The :class:`JobState` then maps every tensor of this rank's part of the PTC to t
 local ``torch.Tensor`` that holds it (``DTensor.to_local()`` for parameters and their
 Adam moments), so that :func:`~scalai.training.save` and :func:`~scalai.training.load`
 read and write the training tensors in place.
+
+It finds the parameters through references taken when the job was described, not through
+the modules' attributes: during forward and backward FSDP2 (``fully_shard``, and the
+FSDP2-based ``replicate``) swaps each module's parameters for unsharded copies, and only
+puts the sharded ones (those the optimizer updates and keys its state by) back after the
+step's last gather. A survivor that dumps its shards after a peer died in the middle of a
+step must still find them; reading them from the references touches no collective and no
+FSDP state, so it works whatever phase the failed collective left FSDP2 in.
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ class JobState:
         seed: the job's seed (for the RNG rule on a change of layout).
         extra: any JSON-able state of the caller, saved and restored as is.
         group: the process group of the job (``None``: the default group).
+        params: ``{name: parameter}`` as the modules held them when the job was described
+            (set by :func:`describe`; ``None``: read the modules at every call). These stay
+            the optimizer's parameters while FSDP2 swaps the modules' attributes mid-step.
     """
 
     config: ParallelConfig
@@ -62,13 +73,17 @@ class JobState:
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     group: Any = None
+    params: dict[str, Any] | None = None
 
     @property
     def rank(self) -> int:
         return world(self.group)[0]
 
     def parameters(self) -> dict[str, Any]:
-        """``{name: parameter}`` of this rank's modules (names as in the PTC)."""
+        """``{name: parameter}`` of this rank's modules (names as in the PTC): the references
+        :func:`describe` took (valid in any phase of an FSDP2 step), else the modules' own."""
+        if self.params is not None:
+            return dict(self.params)
         out: dict[str, Any] = {}
         for module in self.modules:
             for name, p in module.named_parameters():
@@ -168,7 +183,8 @@ def describe(modules: Any, optimizer: Any, config: ParallelConfig | str, *, num_
              extra: Mapping[str, Any] | None = None,
              residence_of: Callable[[str], Residence | None] | None = None,
              group: Any = None) -> JobState:
-    """Describe the live job; collective (every rank of ``group`` calls it, after parallelizing).
+    """Describe the live job; collective (every rank of ``group`` calls it, after parallelizing
+    and between steps: FSDP2's parameters are then the sharded ones).
 
     Args:
         modules: this rank's stage module, or a list of them.
@@ -212,6 +228,7 @@ def describe(modules: Any, optimizer: Any, config: ParallelConfig | str, *, num_
     ptc = agree("describe: build the job's PTC", build, group)
     job = JobState(config=config, ptc=ptc, modules=modules, optimizer=optimizer, scheduler=scheduler,
                    step=int(step), data=data, seed=int(seed), extra=dict(extra or {}), group=group)
+    job.params = job.parameters()  # at rest: FSDP2's sharded parameters, which the optimizer holds
     agree("describe: match live tensors to the layout", job.local_tensors, group)
     return job
 
