@@ -26,7 +26,8 @@ import pytest
 
 from elastic_helpers import read_rows, run_cli, scalai_cmd
 from scalai.config import ParallelConfig
-from scalai.elastic.demo import DEMO_STEPS, check_run
+from scalai.elastic.check import check_run
+from scalai.elastic.demo import DEMO_STEPS
 from scalai.elastic.progress import effective_rows, sample_counts
 from scalai.elastic.timeline import read_timeline
 

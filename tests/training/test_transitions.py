@@ -103,3 +103,28 @@ def test_the_layout_described_on_the_meta_device_is_the_built_jobs(corpus_index)
         # one copy of the state, plus the tensors tensor-parallel ranks replicate (norms, biases)
         assert whole <= sum(out[layout]["elements"]) < 1.05 * whole, (layout, out[layout])
     assert out["tp=1,pp=2,dp=1"]["elements"] == out["tp=1,pp=2,dp=1"]["relaid_out"]  # residence is a rule
+
+
+@pytest.mark.slow
+def test_a_rank_that_reads_a_sample_twice_or_skips_one_fails_the_exactly_once_check(corpus_index, tmp_path):
+    """The metrics carry what the ranks fed their models, not ids computed from the data
+    position: a data source that silently goes wrong on data-parallel rank 1 (a sample read
+    twice at step 2, one skipped at step 3) is seen, and the run's check fails there."""
+    from _dist import run_ranks
+    from scalai.elastic.check import check_run
+
+    layout, steps = "tp=1,pp=1,dp=2", 3
+    run_segment(corpus_index, layout, steps, metrics=str(tmp_path / "reference.jsonl"))
+    reference = [dict(r, samples=r["sample_ids"]) for r in read_metrics(tmp_path / "reference.jsonl")]
+    assert check_run(reference, reference, steps).ok and all(len(r["samples"]) == 8 for r in reference)
+    run_ranks(WORKERS, "train_with_faulty_reads", 2, timeout=300,
+              kwargs=dict(faults={"1:2": "twice", "1:3": "skip"}, layout=layout, steps=steps, data=corpus_index,
+                          metrics=str(tmp_path / "faulty.jsonl")))
+    faulty = [dict(r, samples=r["sample_ids"]) for r in read_metrics(tmp_path / "faulty.jsonl")]
+    check = check_run(faulty, reference, steps)
+    assert not check.data_ok and check.repeated == 1 and check.differing == [2, 3], check.lines()
+    assert check.lines()[0].startswith("FAIL data:")
+    read = {r["step"]: r["samples"] for r in faulty}
+    expected = {r["step"]: r["samples"] for r in reference}
+    assert read[1] == expected[1] and len(read[3]) == 7  # rank 1 read one row less at step 3
+    assert read[2][4:6] == [expected[2][4]] * 2  # rank 1's part starts at offset 4 of the batch

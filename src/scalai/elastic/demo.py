@@ -15,18 +15,17 @@ a worker whose state survives in a data-parallel replica::
     28     end
 
 Then the same job runs unchanged (its starting layout, no events) and the two loss curves
-are compared: every sample read exactly once, and the loss within a relative 1e-4 of the
-unchanged run at every step that was not lost.
+are compared (:func:`~.run_cli.compare_runs`, :func:`~.check.check_run`): every sample read exactly once (counted on the
+ids the ranks fed their models), and the loss within a relative 1e-4 of the unchanged run
+at every step that was not lost.
 """
 
 from __future__ import annotations
 
-import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEMO_SCHEDULE", "demo_spec", "check_run", "RunCheck", "new_demo_dir"]
+__all__ = ["DEMO_SCHEDULE", "demo_spec", "new_demo_dir", "run_demo"]
 
 DEMO_SCHEDULE = [
     {"step": 4, "layout": "tp=2,pp=1,dp=2"},
@@ -37,7 +36,6 @@ DEMO_SCHEDULE = [
     {"step": 24, "fail": 1},
 ]
 DEMO_STEPS = 28
-TOLERANCE = 1e-4  # the training issue's: relative loss difference to the unchanged run
 
 
 def demo_spec(out: str | Path, data: str | None = None, job: str = "demo"):
@@ -60,53 +58,11 @@ def new_demo_dir(base: str | Path = "scalai-demo") -> Path:
     return Path(f"{base}-{n}")
 
 
-@dataclass(frozen=True)
-class RunCheck:
-    """What :func:`check_run` found."""
-
-    steps: int
-    samples: int
-    repeated: int
-    missing_steps: list[int]
-    max_difference: float
-    at_step: int | None
-    compared: int
-
-    @property
-    def ok(self) -> bool:
-        return not self.repeated and not self.missing_steps and self.max_difference <= TOLERANCE
-
-    def lines(self) -> list[str]:
-        mark = {True: "ok  ", False: "FAIL"}
-        return [f"{mark[not self.repeated and not self.missing_steps]} data: {self.samples} samples over "
-                f"{self.steps} steps, each read exactly once"
-                + ("" if not self.repeated else f" - {self.repeated} read more than once")
-                + ("" if not self.missing_steps else f" - steps missing: {self.missing_steps}"),
-                f"{mark[self.max_difference <= TOLERANCE]} loss: largest relative difference to the unchanged "
-                f"run {self.max_difference:.1e}" + (f" (step {self.at_step})" if self.at_step else "")
-                + f" over {self.compared} steps; tolerance {TOLERANCE:g}"]
-
-
-def check_run(rows: list[dict], reference: list[dict], steps: int) -> RunCheck:
-    """Exactly-once data and loss agreement of an elastic run with an unchanged one (pure)."""
-    from .progress import effective_rows, sample_counts
-
-    kept = effective_rows(rows)
-    counts = sample_counts(rows)
-    ref = {r["step"]: r for r in effective_rows(reference)}
-    missing = sorted(set(range(1, steps + 1)) - {r["step"] for r in kept})
-    same_data = [r["step"] for r in kept if r["step"] in ref and r["samples"] != ref[r["step"]]["samples"]]
-    diffs = {r["step"]: abs(r["loss"] - ref[r["step"]]["loss"]) / abs(ref[r["step"]]["loss"])
-             for r in kept if r["step"] in ref}
-    worst = max(diffs, key=diffs.get) if diffs else None
-    return RunCheck(len(kept), len(counts), sum(1 for c in counts.values() if c > 1) + len(same_data), missing,
-                    diffs.get(worst, 0.0) if worst else 0.0, worst, len(diffs))
-
-
 def run_demo(out: Path, data: str | None = None, say=print):
     """Run the demo into ``out``; returns (elastic result, unchanged result, check)."""
+    from .run_cli import compare_runs
     from .runner import Runner
-    from .timeline import format_table, plot_loss
+    from .timeline import format_table
 
     spec = demo_spec(out, data)
     say(f"scalai demo: gpt-tiny on 4 simulated hosts x 2 devices, {DEMO_STEPS} steps; schedule:")
@@ -115,17 +71,7 @@ def run_demo(out: Path, data: str | None = None, say=print):
     say("")
     result = Runner(spec, report=False).run()
     (out / "schedule.json").write_text(json.dumps(DEMO_SCHEDULE, indent=1))
-    say("\nthe same job unchanged (tp=1,pp=1,dp=2, no events), for comparison ...")
-    from dataclasses import replace
-
-    start = spec.initial()
-    base = replace(spec, schedule=(), out=str(out / "unchanged"), layout=str(start.layout), devices=None,
-                   job=f"{spec.job}-unchanged", persist=False, commit_every=0)
-    reference = Runner(base, out=io.StringIO()).run()
-    ref_name = f"unchanged run ({start.layout})"
-    plot_loss({"elastic run": result.rows, ref_name: reference.rows}, out / "loss.png", result.changes,
-              "scalai demo: loss of the elastic run against the unchanged run", reference=ref_name)
-    check = check_run(result.rows, reference.rows, DEMO_STEPS)
+    reference, check = compare_runs(spec, result, say)
     say("\ntimeline (seconds per phase; bytes moved by the transformation):\n")
     say(format_table(result.changes))
     say("")

@@ -3,7 +3,8 @@
 Rank 0 of every generation appends one JSON line per step to ``RUN_DIR/workers/metrics.jsonl``
 (the trainer's ``--metrics`` format). The runner follows that file (:class:`MetricsTail`),
 turns each line into a row of ``RUN_DIR/metrics.jsonl`` (:func:`run_row`: ``samples`` is the
-list of global sample ids the step read) and prints a progress line (:class:`Progress`).
+list of sample ids the data-parallel ranks fed their models in that step, as they reported
+them) and prints a progress line (:class:`Progress`).
 
 When a failure costs steps (the job restarts from an older committed version), those steps
 run again; the first rows of a step are then marked ``"lost": true`` by
@@ -47,11 +48,17 @@ class MetricsTail:
 
 
 def run_row(worker_row: dict, generation: int) -> dict:
-    """A row of ``RUN_DIR/metrics.jsonl`` from a trainer metrics row (pure)."""
-    return {"step": worker_row["step"], "loss": worker_row["loss"], "layout": worker_row["layout"],
-            "samples": worker_row.get("sample_ids", []), "consumed": worker_row.get("samples"),
-            "step_time": worker_row.get("step_time"), "lr": worker_row.get("lr"),
-            "time": worker_row.get("time"), "generation": generation}
+    """A row of ``RUN_DIR/metrics.jsonl`` from a trainer metrics row (pure). ``samples``
+    are the ids the ranks reported feeding their models (``sample_ids``, see
+    :func:`scalai.training.gather_fed`; empty if the script reported none), ``fed_mismatch``
+    the ranks of a replica that fed other rows than the replica's first rank."""
+    row = {"step": worker_row["step"], "loss": worker_row["loss"], "layout": worker_row["layout"],
+           "samples": worker_row.get("sample_ids", []), "consumed": worker_row.get("samples"),
+           "step_time": worker_row.get("step_time"), "lr": worker_row.get("lr"),
+           "time": worker_row.get("time"), "generation": generation}
+    if worker_row.get("fed_mismatch"):
+        row["fed_mismatch"] = worker_row["fed_mismatch"]
+    return row
 
 
 def mark_lost(rows: Iterable[dict]) -> list[dict]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["run_from_cli", "compare_runs", "load_events", "stop_on_sigterm"]
+from ..errors import ScalaiError
+
+__all__ = ["run_from_cli", "compare_runs", "load_events", "stop_on_sigterm", "RunCheckFailed"]
 
 
 def load_events(schedule_file: str | None):
@@ -24,8 +26,13 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+class RunCheckFailed(ScalaiError):
+    """``scalai run --compare``: the elastic run did not follow the unchanged run."""
+
+
 def run_from_cli(*, schedule_file, steps, out, compare=False, control_token_file=None, **kw):
-    """Validate everything, run, and (``compare``) run the unchanged job beside it."""
+    """Validate everything, run, and (``compare``) run the unchanged job beside it and check
+    the elastic run against it (:func:`~.check.check_run`; raises :class:`RunCheckFailed`)."""
     from ..store.client import load_token
     from .runner import Runner
     from .spec import RunSpec
@@ -37,17 +44,25 @@ def run_from_cli(*, schedule_file, steps, out, compare=False, control_token_file
     stop_on_sigterm()
     result = Runner(spec).run()
     if compare:
-        compare_runs(spec, result)
+        _, check = compare_runs(spec, result)
+        print()
+        for line in check.lines():
+            print(line)
+        print(f"plot: {Path(result.out) / 'loss.png'}")
+        if not check.ok:
+            raise RunCheckFailed("the elastic run did not follow the unchanged run (FAIL above); its "
+                                 f"metrics are in {Path(result.out) / 'metrics.jsonl'}")
     return result
 
 
 def compare_runs(spec, result, say=print):
-    """Run ``spec``'s job unchanged (its starting layout, no events) in ``OUT/unchanged`` and
-    plot the elastic run against it; returns the largest relative loss difference over the
-    steps that were not lost."""
+    """Run ``spec``'s job unchanged (its starting layout, no events) in ``OUT/unchanged``,
+    plot the elastic run against it (``OUT/loss.png``) and check it
+    (:func:`~.check.check_run`). Returns ``(the unchanged run's result, the check)``."""
+    import io
     from dataclasses import replace
 
-    from .progress import effective_rows
+    from .check import check_run
     from .runner import Runner
     from .timeline import plot_loss
 
@@ -56,18 +71,8 @@ def compare_runs(spec, result, say=print):
     base = replace(spec, schedule=(), out=str(out / "unchanged"), layout=str(start.layout), devices=None,
                    job=f"{spec.job}-unchanged", persist=False, commit_every=0)
     say(f"\nthe same job unchanged ({start.layout}, no events), for comparison ...")
-    import io
-
-    ref = Runner(base, out=io.StringIO(), report=False).run()
-    rows = effective_rows(result.rows)
-    ref_loss = {r["step"]: r["loss"] for r in effective_rows(ref.rows)}
-    diffs = {r["step"]: abs(r["loss"] - ref_loss[r["step"]]) / abs(ref_loss[r["step"]])
-             for r in rows if r["step"] in ref_loss}
-    plot_loss({"elastic run": result.rows, f"unchanged ({start.layout})": ref.rows}, out / "loss.png",
-              result.changes, f"{spec.job}: loss of the elastic run against the unchanged run",
-              reference=f"unchanged ({start.layout})")
-    worst = max(diffs.values(), default=0.0)
-    at = max(diffs, key=diffs.get) if diffs else None
-    say(f"\nloss against the unchanged run: largest relative difference {worst:.1e}"
-        + (f" (step {at})" if at else "") + f" over {len(diffs)} steps; plot in {out / 'loss.png'}")
-    return worst
+    reference = Runner(base, out=io.StringIO(), report=False).run()
+    name = f"unchanged run ({start.layout})"
+    plot_loss({"elastic run": result.rows, name: reference.rows}, out / "loss.png", result.changes,
+              f"{spec.job}: loss of the elastic run against the unchanged run", reference=name)
+    return reference, check_run(result.rows, reference.rows, spec.steps)

@@ -12,11 +12,13 @@
     save(job, "ckpt2")             # every rank writes its own shards; rank 0 commits
 
 All four are collective: every rank of the job calls them at the same point. Failures
-raise :class:`CollectiveError` on every rank alike.
+raise :class:`CollectiveError` on every rank alike. :func:`gather_fed` (once per step)
+brings every rank's fed sample ids to rank 0, for exactly-once checks on what was read.
 """
 
 from .checkpoints import find_checkpoint, list_checkpoints, step_dir
 from .collective import CollectiveError, RankFailure, agree
+from .fed import FedSamples, gather_fed
 from .job import ADAM_STATES, JobState, describe
 from .load import FillError, LoadReport, load, plan_load
 from .save import SaveReport, save
@@ -27,5 +29,5 @@ __all__ = [
     "JobState", "describe", "save", "load", "StopFlag", "SaveReport", "LoadReport",
     "StateWriter", "StateReader", "DirectoryWriter", "DirectoryReader", "plan_load",
     "CollectiveError", "RankFailure", "FillError", "agree", "ADAM_STATES",
-    "step_dir", "find_checkpoint", "list_checkpoints",
+    "step_dir", "find_checkpoint", "list_checkpoints", "FedSamples", "gather_fed",
 ]

@@ -1,9 +1,11 @@
 """The training loop of the reference trainer: one process per rank, under torchrun.
 
 Per step, each data-parallel replica reads its share of the global batch from the
-dataset's global order (:class:`scalai.data.ElasticSampler`), runs it as micro-batches
-(through the pipeline schedule when ``pp > 1``, by gradient accumulation otherwise),
-and AdamW steps. The job state is a :class:`scalai.training.JobState`: ``--resume`` loads
+dataset's global order (:class:`scalai.data.ElasticDataLoader`: micro-batches of rows, each
+row with its sample id), runs it as micro-batches (through the pipeline schedule when
+``pp > 1``, by gradient accumulation otherwise), and AdamW steps. Every rank reports the
+ids of the rows it fed to its model (:func:`scalai.training.gather_fed`); rank 0 writes
+them into the step's metrics row, so that exactly-once checks count what was read. The job state is a :class:`scalai.training.JobState`: ``--resume`` loads
 it from a checkpoint of any layout, ``--save`` writes it when the run ends or is stopped
 (``--stop-file``, ``SIGTERM``, ``SIGUSR1``), all ranks at the same step.
 
@@ -29,9 +31,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ...data import DataState, ElasticSampler, TokenDataset, step_ids
+from ...data import DataState, ElasticDataLoader, TokenDataset
 from ...elastic.worker import ElasticWorker
-from ...training import StopFlag, agree, describe, find_checkpoint, load, save, step_dir
+from ...training import FedSamples, StopFlag, agree, describe, find_checkpoint, gather_fed, load, save, step_dir
 from .corpus import ensure_index
 from .model import preset
 from .options import TrainOptions
@@ -48,20 +50,28 @@ def lr_factor(step: int, warmup: int, decay_steps: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _train_step(sm: StageModel, tokens: torch.Tensor, sizes: list[int], scale: Any,
-                config: Any) -> torch.Tensor | None:
-    """Forward and backward of one step on this replica's ``int64[part, seq + 1]`` tokens:
-    the gradients, reduced over the replicas. The optimizer steps later, after the step's
-    last collective (see :func:`train`).
+def _train_step(sm: StageModel, micro_batches: list[dict], config: Any,
+                device: str) -> tuple[torch.Tensor | None, list[int]]:
+    """Forward and backward of one step on this replica's micro-batches (items of
+    :class:`~scalai.data.ElasticDataLoader`: ``tokens`` ``int64[k, seq + 1]`` with their
+    ``sample_ids``): the gradients, reduced over the replicas. The optimizer steps later,
+    after the step's last collective (see :func:`step`).
 
-    ``sizes`` are the replica's micro-batch sizes; ``scale(n)`` is the weight of the mean
-    loss of a micro-batch of ``n`` samples (``n * dp / global_batch``), so that the
-    summed, data-parallel-averaged gradient is the gradient of the global mean loss.
+    Each micro-batch's mean loss is weighted by its ``loss_scale`` (``k * dp /
+    global_batch``), so that the summed, data-parallel-averaged gradient is the gradient of
+    the global mean loss (through the pipeline schedule, the stage's loss function applies
+    the same weight).
 
-    Returns, on the last pipeline stage, this replica's weighted loss sum (its share of
-    the global mean loss, times ``dp``); ``None`` elsewhere.
+    Returns ``(loss, fed)``: on the last pipeline stage, this replica's weighted loss sum
+    (its share of the global mean loss, times ``dp``), ``None`` elsewhere; and the sample
+    ids of the rows this rank fed to its model (inputs on the first stage, targets on the
+    last, none in between), in the order fed.
     """
+    tokens = torch.cat([m["tokens"] for m in micro_batches]).to(device)  # [part, seq + 1]
+    ids = torch.cat([m["sample_ids"] for m in micro_batches])  # [part]: travelled with the rows
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    sizes = [len(m["sample_ids"]) for m in micro_batches]
+    fed: list[int] = []
     context = nullcontext()
     if config.tp > 1:
         from torch.distributed.tensor.parallel import loss_parallel
@@ -76,17 +86,20 @@ def _train_step(sm: StageModel, tokens: torch.Tensor, sizes: list[int], scale: A
                 sm.schedule.step(target=targets, losses=losses)
             else:
                 sm.schedule.step()
+            if sm.is_first or sm.is_last:
+                fed = ids.tolist()
         else:
-            for i, (x, y) in enumerate(zip(inputs.split(sizes), targets.split(sizes))):
+            for i, (x, y, m) in enumerate(zip(inputs.split(sizes), targets.split(sizes), micro_batches)):
                 if config.dp > 1:  # all-reduce / reduce-scatter once, after the last micro-batch
                     sm.module.set_requires_gradient_sync(i == len(sizes) - 1)
-                loss = loss_fn(sm.module(x), y) * scale(len(x))
+                loss = loss_fn(sm.module(x), y) * m["loss_scale"]
                 loss.backward()
                 losses.append(loss)
+                fed += m["sample_ids"].tolist()
     if not sm.is_last:
-        return None
+        return None, fed
     values = [loss.full_tensor() if hasattr(loss, "full_tensor") else loss for loss in losses]
-    return torch.stack([v.detach().double() for v in values]).sum()
+    return torch.stack([v.detach().double() for v in values]).sum(), fed
 
 
 def _global_loss(loss: torch.Tensor | None, config: Any, device: str) -> float:
@@ -116,7 +129,8 @@ class Run:
     """A built job on this rank: the parallelized stage, its optimizer and the job state.
 
     ``sizes`` are this replica's micro-batch sizes (samples); ``scale(n)`` is the weight
-    of the mean loss of a micro-batch of ``n`` samples (see :func:`_train_step`).
+    of the mean loss of a micro-batch of ``n`` samples (see :func:`_train_step`). ``fed``:
+    after a :func:`step`, on rank 0, the sample ids every rank fed its model in it.
     """
 
     opts: TrainOptions
@@ -128,6 +142,7 @@ class Run:
     sizes: list[int]
     scale: Callable[[int], float]
     device: str
+    fed: FedSamples | None = None
 
 
 def build(opts: TrainOptions) -> Run:
@@ -190,21 +205,24 @@ def resume(run: Run) -> None:
 def step(run: Run, dataset: TokenDataset) -> float:
     """One optimizer step of the job on this rank (collective): read this replica's share of
     the next global batch, forward and backward, AdamW and the LR schedule; advances
-    ``run.job.step`` and ``run.job.data``. Returns the step's mean loss over the global batch.
+    ``run.job.step`` and ``run.job.data``, and sets ``run.fed`` (on rank 0: what every rank
+    fed its model, a :class:`~scalai.training.FedSamples`). Returns the step's mean loss
+    over the global batch.
 
     The optimizer steps after the step's last collective (the loss all-reduce), so that a
     peer failing during the step leaves this rank with the weights of the previous step.
     """
-    job, config = run.job, run.opts.config
-    sampler = ElasticSampler(job.data, run.opts.division, config.coords(dist.get_rank()).dp, steps=1)
-    ids = [i for micro in sampler for i in micro]
-    tokens = dataset.batch(ids).to(run.device)  # [part, seq_len + 1]
-    local = _train_step(run.stage, tokens, run.sizes, run.scale, config)
+    job, config, division = run.job, run.opts.config, run.opts.division
+    loader = ElasticDataLoader(dataset, job.data, config.dp, config.coords(dist.get_rank()).dp, steps=1,
+                               micro_batch_size=division.micro_batch_size,
+                               num_micro_batches=division.num_micro_batches)
+    local, ids = _train_step(run.stage, list(loader), config, run.device)
+    run.fed = gather_fed(ids, config)
     loss = _global_loss(local, config, run.device)  # the step's last collective
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
-    job.data, job.step = sampler.state, job.step + 1
+    job.data, job.step = loader.state, job.step + 1
     return loss
 
 
@@ -247,14 +265,13 @@ def train(opts: TrainOptions, elastic: ElasticWorker | None = None) -> dict[str,
             try:
                 while job.step < opts.steps:
                     start = time.perf_counter()
-                    before = job.data
                     loss = step(run, dataset)
                     seconds = time.perf_counter() - start
                     losses.append(loss)
-                    if metrics is not None:
+                    if metrics is not None:  # sample_ids: what the ranks fed their models
                         metrics.write(json.dumps({
                             "step": job.step, "loss": loss, "layout": str(config),
-                            "samples": job.data.position, "sample_ids": step_ids(before, 1)[0].tolist(),
+                            "samples": job.data.position, **run.fed.to_json(),
                             "step_time": round(seconds, 6), "lr": run.scheduler.get_last_lr()[0],
                             "time": time.time()}) + "\n")
                         metrics.flush()
