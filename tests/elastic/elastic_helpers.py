@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # doc_examples, _dist
+
 SCALAI = str(Path(sys.executable).parent / "scalai")  # the console script, as a user runs it
 
 
@@ -24,3 +26,4 @@ def run_cli(*args, timeout: float = 600, env: dict | None = None) -> subprocess.
 
 def read_rows(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+

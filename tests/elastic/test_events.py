@@ -46,5 +46,25 @@ def test_the_worker_reads_its_settings_from_the_environment(tmp_path):
     assert w.urls == ["http://127.0.0.1:2", "http://127.0.0.1:1"] and w.resume_from_stores
     with pytest.raises(ValueError, match="SCALAI_JOB missing"):
         ElasticWorker.from_env({k: v for k, v in env.items() if k != "SCALAI_JOB"})
+    assert w.timeout is None  # SCALAI_TIMEOUT is optional
+    assert ElasticWorker.from_env({**env, "SCALAI_TIMEOUT": "90"}).timeout.total_seconds() == 90
+    for bad in ("soon", "0", "-5"):
+        with pytest.raises(ValueError, match="SCALAI_TIMEOUT"):
+            ElasticWorker.from_env({**env, "SCALAI_TIMEOUT": bad})
     started = process_start_time()
     assert started is None or abs(started - __import__("time").time()) < 3600
+
+
+def test_started_gives_every_group_the_runners_timeout(tmp_path):
+    """A script that initializes its process group without the runner's timeout (torch's
+    default: 30 minutes for gloo) still gets it, for the groups it makes afterwards too."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from _dist import run_ranks
+
+    got = run_ranks(Path(__file__).parent / "_elastic_workers.py", "runner_timeout_applied", 2, timeout=120,
+                    kwargs={"run_dir": str(tmp_path)})
+    # _dist starts the group with 60 s; the worker gives it and the mesh's group 42 s
+    assert all(g == {"before": 60.0, "world": 42.0, "mesh": 42.0} for g in got), got

@@ -201,20 +201,85 @@ def test_sigterm_stops_the_run_and_everything_it_started(tmp_path, corpus_index)
     assert not Path(stores).exists()
 
 
+def _survivors_dumped_and_exited(out: Path, generation: int, died: set[int]) -> None:
+    """Every survivor of ``generation`` dumped its shards without an error and left with
+    EXIT_DUMPED (75), as its report says and as its torchrun agent saw it."""
+    from scalai.elastic.events import EXIT_DUMPED, read_generation
+
+    reports = read_generation(out, generation)
+    logs = "".join(p.read_text() for p in (out / "logs").glob(f"*-g{generation:03d}-*.log"))
+    survivors = sorted(set(reports) - died)
+    assert survivors
+    for rank in survivors:
+        r = reports[rank]
+        assert r.get("dump") and not r.get("dump_error"), (rank, r.get("dump_error"))
+        assert r.get("exit_code") == EXIT_DUMPED and "exit" in r["times"], (rank, r["times"])
+        assert f"exitcode  : {EXIT_DUMPED} (pid: {r['pid']})" in logs, (rank, logs[-3000:])
+    for rank in died:
+        assert "dump_start" not in reports[rank]["times"]
+
+
+def _each_sample_once(rows: list[dict], steps: int, batch: int = 8) -> None:
+    kept = effective_rows(rows)
+    assert [r["step"] for r in kept] == list(range(1, steps + 1))
+    assert all(len(r["samples"]) == batch and not r.get("fed_mismatch") for r in kept)
+    assert len(sample_counts(rows)) == batch * steps  # no sample read twice
+
+
 @pytest.mark.slow
-def test_run_launches_the_users_own_module(tmp_path, corpus_index):
+def test_the_documented_worker_protocol_runs_as_written(tmp_path, corpus_index):
+    """The complete training script of scalai.elastic.worker's docstring, extracted from it,
+    under ``scalai run --module``: a small model of one's own with FSDP2 (``fully_shard``
+    at zero=1, ``replicate`` otherwise) through a planned change of layout and a worker
+    killed in the middle of a forward pass; the survivors' dumps succeed, they exit with
+    75 (no hang in the broken group's teardown), and the job goes on from the replicas
+    without losing a step, every sample read once, the loss that of the unchanged run."""
     import os
 
+    from doc_examples import write_worker_example
+
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    write_worker_example(mods, "doc_example")
     schedule = tmp_path / "schedule.json"
-    schedule.write_text(json.dumps([{"step": 2, "layout": "tp=1,pp=1,dp=1"}]))
+    schedule.write_text(json.dumps([{"step": 2, "layout": "tp=1,pp=1,dp=3"}]))
     out = tmp_path / "run"
-    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    result = run_cli("run", "--schedule", schedule, "--steps", 4, "--layout", "tp=1,pp=1,dp=2", "--commit-every", 0,
-                     "--module", "wrapped_trainer", "--out", out, "--data", corpus_index, env=env, timeout=600)
+    env = {"PYTHONPATH": os.pathsep.join([str(mods), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+           "SCALAI_TEST_TARGET": "doc_example", "SCALAI_TEST_KILL": "1:1:2:forward"}
+    result = run_cli("run", "--schedule", schedule, "--steps", 5, "--hosts", 2, "--layout", "tp=1,pp=1,dp=2,zero=1",
+                     "--commit-every", 0, "--module", "kill_mid_step", "--compare", "--out", out,
+                     "--data", corpus_index, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    marks = sorted(p.name for p in (out / "wrapped").iterdir())
-    assert marks == ["g0-rank0-tp=1,pp=1,dp=2", "g0-rank1-tp=1,pp=1,dp=2", "g1-rank0-tp=1,pp=1,dp=1"]
-    assert [r["step"] for r in effective_rows(read_rows(out / "metrics.jsonl"))] == [1, 2, 3, 4]
+    assert "ok   data: 40 samples over 5 steps, each read exactly once" in result.stdout
+    assert "ok   loss: largest relative difference to the unchanged run" in result.stdout
+    changes = read_timeline(out / "timeline.json")
+    assert [(c.from_layout, c.to_layout, c.recovered_from, c.steps_lost) for c in changes] == [
+        ("tp=1,pp=1,dp=2,zero=1", "tp=1,pp=1,dp=3", "", 0), ("tp=1,pp=1,dp=3", "tp=1,pp=1,dp=2", "replicas", 0)]
+    _survivors_dumped_and_exited(out, 1, died={1})
+    _each_sample_once(read_rows(out / "metrics.jsonl"), 5)
     missing = run_cli("run", "--steps", 4, "--module", "no_such_trainer", "--out", tmp_path / "x")
     assert missing.returncode == 2 and "--module no_such_trainer: no such module" in missing.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_workers_killed_mid_forward_and_mid_backward_are_recovered_from_replicas(tmp_path, corpus_index):
+    """The reference trainer (TP and FSDP2 ``replicate``): a worker killed in the middle of
+    a forward pass (its tensor-parallel partner fails in a forward collective, the other
+    replica in backward), then, on the three devices left, one killed in the middle of a
+    backward pass. Every survivor's dump finds the sharded state and succeeds; both times
+    the job goes on from the replicas without losing a step."""
+    import os
+
+    out = tmp_path / "run"
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+           "SCALAI_TEST_KILL": "0:1:2:forward,1:2:2:backward"}
+    result = run_cli("run", "--steps", 5, "--hosts", 2, "--layout", "tp=2,pp=1,dp=2", "--commit-every", 0,
+                     "--module", "kill_mid_step", "--out", out, "--data", corpus_index, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    changes = read_timeline(out / "timeline.json")
+    assert [(c.from_layout, c.to_layout, c.recovered_from, c.steps_lost, c.at_step) for c in changes] == [
+        ("tp=2,pp=1,dp=2", "tp=1,pp=1,dp=3", "replicas", 0, 1), ("tp=1,pp=1,dp=3", "tp=1,pp=1,dp=2", "replicas", 0, 2)]
+    _survivors_dumped_and_exited(out, 0, died={1})
+    _survivors_dumped_and_exited(out, 1, died={2})
+    _each_sample_once(read_rows(out / "metrics.jsonl"), 5)

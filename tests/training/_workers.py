@@ -179,11 +179,12 @@ def _dumps_during_step(job, snapshot, train_step, block) -> dict:
     return seen
 
 
-def midstep_dumps(rank: int, world_size: int, layouts: list[str], data: str):
+def midstep_dumps(rank: int, world_size: int, layouts: list[str], data: str, example: str):
     """``job.local_tensors()`` (what a survivor's dump reads) in the middle of forward and
-    of backward: the reference trainer under each of ``layouts`` (FSDP2 ``replicate`` for
-    dp > 1, ``fully_shard`` with zero=1), and torch's own test Transformer under FSDP2
-    ``fully_shard`` described by :func:`scalai.training.describe`."""
+    of backward, under each of ``layouts`` (FSDP2 ``replicate`` for dp > 1, ``fully_shard``
+    with zero=1): the reference trainer (keys: the layouts), and the small model of one's
+    own of the script at ``example`` (the worker protocol's docstring; keys ``example
+    LAYOUT``), described by :func:`scalai.training.describe` like any user's."""
     import torch
     import torch.distributed as dist
 
@@ -201,6 +202,23 @@ def midstep_dumps(rank: int, world_size: int, layouts: list[str], data: str):
         block = run.stage.module.layers[min(run.stage.module.layers, key=int)]
         out[layout] = _dumps_during_step(run.job, snapshot, lambda: step(run, dataset), block)
         del run, block
+        gc.collect()
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("worker_doc_example", example)
+    own = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(own)
+    dataset = TokenDataset(data)
+    for layout in layouts:
+        opts = TrainOptions(layout=layout, steps=2, data=data)
+        if opts.config.tp > 1 or opts.config.pp > 1:
+            continue  # the example runs data parallelism only
+        model, job = own.build(opts, dataset)
+        own.train_step(model, job, dataset, opts.micro_batch)
+        out[f"example {layout}"] = _dumps_during_step(
+            job, _snapshot(job), lambda: own.train_step(model, job, dataset, opts.micro_batch), model.layers[0])
+        del model, job
         gc.collect()
 
     return out

@@ -45,16 +45,20 @@ def test_a_stop_request_on_one_rank_stops_every_rank_at_the_same_step(outcomes):
     assert outcomes[0]["reason"] == "requested on another rank"
 
 
-def test_a_dump_finds_the_sharded_state_in_the_middle_of_forward_and_of_backward(corpus_index):
+def test_a_dump_finds_the_sharded_state_in_the_middle_of_forward_and_of_backward(corpus_index, tmp_path):
     """What a survivor's dump reads (``job.local_tensors()``) when a peer dies mid-step:
     FSDP2 (``replicate`` at dp=2, ``fully_shard`` with zero=1) has swapped the modules'
     parameters for unsharded ones then; the dump must still find every sharded parameter
-    and Adam moment, with the values of the last completed step."""
+    and Adam moment, with the values of the last completed step. The reference trainer,
+    and the small model of one's own of the worker protocol's documented script."""
     from _dist import run_ranks
+    from doc_examples import write_worker_example
 
     layouts = ["tp=1,pp=1,dp=2", "tp=1,pp=1,dp=2,zero=1", "tp=2,pp=1,dp=1"]
-    seen = run_ranks(WORKERS, "midstep_dumps", 2, timeout=240, kwargs={"layouts": layouts, "data": corpus_index})
+    seen = run_ranks(WORKERS, "midstep_dumps", 2, timeout=240,
+                     kwargs={"layouts": layouts, "data": corpus_index,
+                             "example": str(write_worker_example(tmp_path))})
     for rank, out in enumerate(seen):
-        assert set(out) == set(layouts)
+        assert set(out) == set(layouts) | {f"example {layout}" for layout in layouts[:2]}
         for layout, phases in out.items():
             assert phases == {"forward": "ok", "backward": "ok"}, (rank, layout, phases)

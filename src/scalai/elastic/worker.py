@@ -1,31 +1,138 @@
-"""The worker's side of ``scalai run``: what a training script calls to be elastic.
+r"""The worker's side of ``scalai run``: what a training script calls to be elastic.
 
 ``scalai run`` launches the workers with torchrun and tells them, through environment
 variables, where the job state lives (the stores of their hosts), where to report
 (``RUN_DIR/events``) and how to stop. A script built on :mod:`scalai.training` adds a few
-calls (the reference trainer, :mod:`scalai.examples.gpt.train`, does)::
+calls to its loop; the reference trainer (:mod:`scalai.examples.gpt.train`) does, and so
+does this complete script of one's own (a small model, FSDP2 over the data-parallel ranks;
+``scalai run --module NAME`` runs it with the reference trainer's arguments, and the tests
+run this very text)::
 
-    elastic = ElasticWorker.from_env()              # None outside scalai run
-    if elastic:
-        elastic.announce(describe_on_meta)          # optional: the new layout's PTC, early
-        elastic.wait_devices()                      # the previous workers have exited
-    job = describe(...)
-    if elastic:
-        elastic.ready(job)                          # placement check; "ready" mark
-        elastic.resume(job)                         # wait for the runner, load from the stores
-    with (elastic.stop_flag() if elastic else StopFlag(...)) as stop:
-        try:
-            while job.step < steps:
-                train_one_step()                    # optimizer.step() after the last collective
-                if elastic:
-                    elastic.step_done(job)          # first-step mark, periodic commit
-                if stop.should_stop(): break
-        except RuntimeError:                        # a peer died: its collective failed here
-            if elastic:
-                sys.exit(elastic.dump(job))         # this rank's shards -> own store, no collective
-            raise
-    if elastic:
-        elastic.save(job)                           # all ranks -> their own stores, rank 0 commits
+    import json
+    import time
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from scalai.data import DataState, ElasticDataLoader, TokenDataset
+    from scalai.elastic.worker import ElasticWorker
+    from scalai.examples.gpt.options import parse_args
+    from scalai.training import StopFlag, describe, gather_fed
+
+
+    class TinyLM(torch.nn.Module):  # a byte-level model of one's own; its layers in `layers`
+        def __init__(self, width=32, depth=2):
+            super().__init__()
+            self.embed = torch.nn.Embedding(256, width)
+            self.layers = torch.nn.ModuleList(
+                torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, width), torch.nn.GELU())
+                for _ in range(depth))
+            self.head = torch.nn.Linear(width, 256)
+
+        def forward(self, tokens):
+            h = self.embed(tokens)
+            for layer in self.layers:
+                h = h + layer(h)
+            return self.head(h)
+
+
+    def build(opts, dataset):
+        # This rank's model (FSDP2 over the data-parallel ranks) and the job state around it.
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        config = opts.config
+        if config.tp > 1 or config.pp > 1:
+            raise ValueError(f"this script runs data parallelism only, not {config}")
+        torch.manual_seed(opts.seed)  # the same initial weights on every rank
+        model = TinyLM()
+        if config.dp > 1:
+            mesh = init_device_mesh("cpu", (config.dp,), mesh_dim_names=("dp",))
+            if config.zero:  # parameters, gradients and Adam moments sharded over the replicas
+                for layer in model.layers:
+                    fully_shard(layer, mesh=mesh)
+                fully_shard(model, mesh=mesh)
+            else:
+                replicate(model, mesh=mesh)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr)
+        data = DataState(seed=opts.seed, global_batch=opts.global_batch, num_samples=len(dataset))
+        return model, describe(model, optimizer, config, num_layers=len(model.layers), data=data, seed=opts.seed)
+
+
+    def train_step(model, job, dataset, micro_batch):
+        # One step; returns the global batch's mean loss and (on rank 0) the ids every rank fed.
+        config = job.config
+        loader = ElasticDataLoader(dataset, job.data, config.dp, config.coords(job.rank).dp,
+                                   micro_batch_size=micro_batch, steps=1)
+        fed, loss_sum = [], torch.zeros(1, dtype=torch.float64)
+        for batch in loader:  # this replica's micro-batches; every row comes with its sample id
+            if config.dp > 1:
+                model.set_requires_gradient_sync(batch["last_in_step"])
+            tokens = batch["tokens"]
+            logits = model(tokens[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) * batch["loss_scale"]
+            loss.backward()
+            loss_sum += loss.detach().double()
+            fed += batch["sample_ids"].tolist()
+        samples = gather_fed(fed, config)  # what every rank fed its model, on rank 0
+        dist.all_reduce(loss_sum)  # the step's last collective: the optimizer steps after it
+        job.optimizer.step()
+        job.optimizer.zero_grad(set_to_none=True)
+        job.step, job.data = job.step + 1, loader.state
+        return loss_sum.item() / config.dp, samples
+
+
+    def main():
+        opts = parse_args()  # scalai run passes the reference trainer's arguments
+        elastic = ElasticWorker.from_env()  # None outside scalai run
+        dist.init_process_group("gloo", timeout=elastic.timeout if elastic else None)
+        if elastic:
+            elastic.started(dist.get_rank())  # reports; SCALAI_TIMEOUT for every group
+            elastic.wait_devices()  # the previous generation's workers have exited
+        dataset = TokenDataset(opts.data)
+        model, job = build(opts, dataset)
+        if elastic:
+            elastic.ready(job)  # placement check
+            elastic.resume(job, verify=opts.verify)  # wait for the runner; load from the stores
+        metrics = open(opts.metrics, "a") if opts.metrics and job.rank == 0 else None
+        with (elastic.stop_flag() if elastic else StopFlag(opts.stop_file)) as stop:
+            try:
+                while job.step < opts.steps:
+                    loss, samples = train_step(model, job, dataset, opts.micro_batch)
+                    if metrics:
+                        row = {"step": job.step, "loss": loss, "layout": str(job.config), "time": time.time()}
+                        metrics.write(json.dumps({**row, **samples.to_json()}) + "\n")
+                        metrics.flush()
+                    if elastic:
+                        elastic.step_done(job, opts.steps)  # first-step mark; commits every N steps
+                    if job.step < opts.steps and stop.should_stop():
+                        break
+            except Exception as exc:  # a peer died: one of the step's collectives failed here
+                if elastic is None:
+                    raise
+                elastic.exit(elastic.dump(job, exc))  # own shards -> own store; exits, no teardown
+        if elastic:
+            elastic.save(job)  # every rank -> its host's store; rank 0 commits
+            elastic.exit(0)  # frees the collectives' work, tears the group down, exits
+        dist.destroy_process_group()
+
+
+    if __name__ == "__main__":
+        main()
+
+The calls, in order: :meth:`~ElasticWorker.started` right after ``init_process_group``;
+optionally :meth:`~ElasticWorker.announce` (the new layout's PTC described on the meta
+device, before the devices are free; without it the runner transforms by the old layout's
+split rules); :meth:`~ElasticWorker.wait_devices` before touching the devices;
+:meth:`~ElasticWorker.ready` and :meth:`~ElasticWorker.resume` once the job is described;
+:meth:`~ElasticWorker.step_done` ``(job, last_step)`` after every optimizer step; on a
+failed collective :meth:`~ElasticWorker.dump` and :meth:`~ElasticWorker.exit` with its code;
+at the end :meth:`~ElasticWorker.save` and :meth:`~ElasticWorker.exit`. Each step appends one
+metrics row (``step``, ``loss``, ``layout``, ``time`` and the ``sample_ids`` the ranks fed
+their models, from :func:`scalai.training.gather_fed`) to ``--metrics``: the runner follows
+that file, and its exactly-once check counts those ids.
 
 **Failure semantics.** ``dump`` saves the state of ``job.step``, the last step this rank
 completed. That is consistent across ranks when the optimizer steps only after the step's
@@ -48,6 +155,9 @@ Environment (set by the runner for every agent; workers inherit it):
 ``SCALAI_COMMIT_EVERY``    commit the state to the stores every N steps (0: never)
 ``SCALAI_DUMP_VERSION``    the version name survivors dump into after a failure
 ``SCALAI_ANNOUNCE``        optional; ``0``: the runner knows the layout's PTC, skip ``announce``
+``SCALAI_TIMEOUT``         optional; seconds a collective may wait (a frozen peer) before it
+                           fails: :meth:`~ElasticWorker.started` gives it to the default
+                           process group; ``ElasticWorker.timeout`` for ``init_process_group``
 =========================  ==========================================================
 """
 
@@ -57,8 +167,9 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .events import EXIT_DUMPED, RankLog
 
@@ -137,9 +248,11 @@ class ElasticWorker:
     commit_every: int
     dump_version: str
     announce_layout: bool = True
+    timeout_s: float | None = None
     rank: int = 0
     log: RankLog | None = None
     _first_step_seen: bool = False
+    dumped: bool = False
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> ElasticWorker | None:
@@ -156,12 +269,24 @@ class ElasticWorker:
             raise ValueError(f"scalai run sets {', '.join(ENV)}; {', '.join(missing)} missing: launch "
                              f"elastic workers with 'scalai run', not by hand")
         stores = dict(item.split("=", 1) for item in env["SCALAI_STORES"].split(",") if item)
+        timeout = env.get("SCALAI_TIMEOUT")
+        try:
+            timeout_s = float(timeout) if timeout else None
+        except ValueError:
+            raise ValueError(f"SCALAI_TIMEOUT={timeout!r} is not a number of seconds") from None
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"SCALAI_TIMEOUT={timeout!r} must be a positive number of seconds")
         return cls(env["SCALAI_RUN_DIR"], int(env["SCALAI_GENERATION"]), env["SCALAI_HOST"],
                    tuple(env["SCALAI_HOSTS"].split(",")), int(env["SCALAI_GPUS_PER_HOST"]), stores,
                    env["SCALAI_JOB"], env["SCALAI_RESUME"] == "1", int(env["SCALAI_COMMIT_EVERY"]),
-                   env["SCALAI_DUMP_VERSION"], env.get("SCALAI_ANNOUNCE", "1") != "0")
+                   env["SCALAI_DUMP_VERSION"], env.get("SCALAI_ANNOUNCE", "1") != "0", timeout_s)
 
     # -- helpers ----------------------------------------------------------------------
+    @property
+    def timeout(self) -> timedelta | None:
+        """The runner's collective timeout (``SCALAI_TIMEOUT``), for ``init_process_group``."""
+        return timedelta(seconds=self.timeout_s) if self.timeout_s is not None else None
+
     @property
     def urls(self) -> list[str]:
         """The placement's stores in slot order (rank r's store is ``urls[r // G]``)."""
@@ -184,15 +309,31 @@ class ElasticWorker:
 
     # -- the calls --------------------------------------------------------------------
     def started(self, rank: int) -> None:
-        """Open this rank's report with when its process started and joined the group; from
-        now on this worker dies with its agent (a host that dies takes its workers along)."""
+        """Right after ``init_process_group``: open this rank's report with when its process
+        started and joined the group, and give the default process group the runner's
+        timeout (``SCALAI_TIMEOUT``; groups made from it later, e.g. a ``DeviceMesh``'s,
+        inherit it), so that a collective waiting for a host that froze without closing its
+        connections fails after that long, whatever timeout the script passed. From now on
+        this worker dies with its agent (a host that dies takes its workers along)."""
         die_with_parent()
+        self._apply_timeout()
         self.rank = rank
         self.log = RankLog(self.run_dir, self.generation, rank, host=self.host)
         born = process_start_time()
         if born is not None:
             self.log.mark("process_start", born)
         self.log.mark("joined")
+
+    def _apply_timeout(self) -> None:
+        import torch.distributed as dist
+
+        if self.timeout_s is None or not dist.is_available() or not dist.is_initialized():
+            return
+        try:  # torch has no public setter; without this one the script's own timeout stays
+            from torch.distributed.distributed_c10d import _set_pg_timeout
+        except ImportError:
+            return
+        _set_pg_timeout(self.timeout)
 
     def announce(self, describe: Any) -> None:
         """Before the devices are free: tell the runner the job's PTC under this generation's
@@ -325,10 +466,15 @@ class ElasticWorker:
 
     def dump(self, job: Any, error: BaseException | None = None) -> int:
         """After a collective failed: upload this rank's shards of step ``job.step`` to its
-        own host's store (no collective), report the non-tensor state; returns the exit code.
+        own host's store (no collective), report the non-tensor state; returns the exit code
+        (:data:`EXIT_DUMPED`) to leave with, through :meth:`exit`.
 
-        SIGTERM (torchrun stopping the host's other workers) is ignored meanwhile.
+        The shards are found whatever phase the failed step left the model in (FSDP2 swaps
+        in unsharded parameters during forward and backward; :class:`~scalai.training.JobState`
+        keeps the sharded ones). SIGTERM (torchrun stopping the host's other workers) is
+        ignored from now on: the process leaves through :meth:`exit`.
         """
+        self.dumped = True
         from ..checkpoint.arrays import as_raw
         from ..store.client import StoreClient, load_token
         from ..training.nontensor import capture, rank_snapshot
@@ -350,3 +496,29 @@ class ElasticWorker:
         except Exception as exc:  # noqa: BLE001 - the runner falls back to the last commit
             log.mark("dump_end", dump=None, dump_error=f"{type(exc).__name__}: {exc}")
         return EXIT_DUMPED
+
+    def exit(self, code: int = 0) -> NoReturn:
+        """Leave the worker process with ``code``; never returns.
+
+        After :meth:`dump` (a peer died, the process group is broken) it exits at once,
+        without tearing the group down: teardown (``destroy_process_group``, or the
+        interpreter's own at ``sys.exit``) may wait for the dead peer until torchrun kills
+        the process, and the runner would see a signal instead of :data:`EXIT_DUMPED`.
+        Otherwise (the run ended, or this generation stopped for a change) it frees the
+        model's collective work objects while the interpreter is whole (freed during
+        shutdown, gloo may abort the process), tears the group down and exits.
+        """
+        import gc
+        import sys
+
+        if not self.dumped:
+            import torch.distributed as dist
+
+            gc.collect()
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        if self.log is not None:
+            self.log.mark("exit", exit_code=code)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

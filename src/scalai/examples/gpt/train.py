@@ -305,7 +305,10 @@ def train(opts: TrainOptions, elastic: ElasticWorker | None = None) -> dict[str,
 
 
 def main(opts: TrainOptions) -> int:
-    """Entry point of one worker: join the process group, train, report errors as one line."""
+    """Entry point of one worker: join the process group, train, report errors as one line.
+    Under ``scalai run``, a worker that dumped after a peer failed leaves through
+    :meth:`ElasticWorker.exit <scalai.elastic.worker.ElasticWorker.exit>` (no teardown of the
+    broken process group)."""
     from ...errors import ScalaiError
     from ...training import CollectiveError
 
@@ -314,14 +317,16 @@ def main(opts: TrainOptions) -> int:
     backend = "nccl" if opts.device == "cuda" else "gloo"
     if opts.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(seconds=int(os.environ.get("SCALAI_TIMEOUT", "300"))))
     try:
-        result = train(opts, ElasticWorker.from_env())
+        elastic = ElasticWorker.from_env()
+    except ValueError as exc:  # SCALAI_* set partly, or unparsable: not launched by scalai run
+        print(f"scalai train: error: {exc}", flush=True, file=sys.stderr)
+        return 2
+    dist.init_process_group(backend, timeout=elastic.timeout if elastic and elastic.timeout else timedelta(seconds=300))
+    try:
+        result = train(opts, elastic)
         if "dumped" in result:
-            # The process group is broken (a peer died): leave without tearing it down,
-            # which could wait for the dead peer.
-            sys.stdout.flush(), sys.stderr.flush()
-            os._exit(result["dumped"])
+            elastic.exit(result["dumped"])
         return 0
     except (ValueError, ScalaiError, OSError) as exc:
         if os.environ.get("SCALAI_DEBUG"):
