@@ -23,17 +23,22 @@ def test_rank_logs_round_trip(tmp_path):
 def test_phases_tile_the_downtime():
     old = {r: {"times": {"save_start": 101.0 + r * 0.1, "save_end": 102.0 + r * 0.1}} for r in range(2)}
     new = {r: {"times": {"ready": 104.0, "load_end": 106.5}} for r in range(4)}
+    runner = {"allocate": (102.5, 102.52), "announce": (102.52, 104.2), "plan": (104.2, 104.25),
+              "transform": (104.25, 104.5)}
     durations, starts, downtime = reconfiguration_phases(
-        100.0, old, exited=102.5, plan=(102.5, 102.6), transform=(102.6, 104.5), new=new,
-        first_step_end=107.0, go=104.5)
-    assert durations == pytest.approx({"stop": 1.0, "save": 1.1, "plan": 0.1, "transform": 1.9,
-                                       "relaunch": 1.9, "load": 2.0, "first_step": 0.5})
+        100.0, old, exited=102.5, runner=runner, new=new, first_step_end=107.0, go=104.5)
+    assert durations == pytest.approx({"stop": 1.0, "save": 1.1, "allocate": 0.02, "announce": 1.68,
+                                       "plan": 0.05, "transform": 0.25, "relaunch": 1.9, "load": 2.0,
+                                       "first_step": 0.5})
+    assert starts["announce"] == pytest.approx(2.52) and starts["plan"] == pytest.approx(4.2)
     assert starts["relaunch"] == pytest.approx(2.1) and starts["load"] == pytest.approx(4.5)
     assert downtime == pytest.approx(7.0)
     # a failure: the survivors dumped instead of saving
     dumped = {0: {"times": {"dump_start": 100.2, "dump_end": 100.4}}}
-    durations, _, _ = reconfiguration_phases(100.0, dumped, 101.0, (101.0, 101.1), (101.1, 101.5), new, 107.0)
+    durations, _, _ = reconfiguration_phases(100.0, dumped, 101.0, {"plan": (101.0, 101.1),
+                                                                    "transform": (101.1, 101.5)}, new, 107.0)
     assert durations["stop"] == pytest.approx(0.2) and durations["save"] == pytest.approx(0.2)
+    assert "announce" not in durations and durations["load"] == pytest.approx(2.5)  # from the workers ready
 
 
 def test_the_worker_reads_its_settings_from_the_environment(tmp_path):

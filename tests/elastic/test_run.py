@@ -48,7 +48,8 @@ def _check_outputs(out: Path, reference_rows: list[dict], steps: int) -> tuple[l
         data = (out / name).read_bytes()
         assert data[:8] == PNG and len(data) > 20_000, name
     for c in changes:
-        assert c.downtime > 0 and set(c.phases) >= {"plan", "transform", "relaunch", "load", "first_step"}
+        assert c.downtime > 0 and set(c.phases) >= {"allocate", "announce", "plan", "transform", "relaunch", "load",
+                                                    "first_step"}
         assert c.bytes_moved > 0
     return rows, changes
 

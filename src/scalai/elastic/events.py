@@ -8,12 +8,13 @@ rename) whenever something happens, so the runner reads whole objects only::
     {"generation": 3, "rank": 1, "host": "host0", "pid": 4242, "layout": "tp=2,pp=1,dp=2",
      "step": 17,                                  # last completed optimizer step
      "times": {"ready": t, "load_start": t, "load_end": t, "first_step": t,
-               "save_start": t, "save_end": t, "dump_start": t, "dump_end": t},
+               "save_start": t, "save_end": t, "dump_start": t, "dump_end": t, "exit": t},
      "loaded": {"version": "v6", "step": 12, "bytes": 912384},
      "saved": {"version": "v7", "step": 17, "bytes": 912384},     # rank 0: the stop save
      "commits": [{"version": "v5", "step": 15, "time": t}],       # rank 0: periodic saves
      "dump": {"version": "rescue-g3", "step": 16, "bytes": 912384, "state": {...}},
-     "error": "..."}
+     "dump_error": "...",                                         # a dump that failed
+     "exit_code": 75}                                             # ElasticWorker.exit
 
 Times are ``time.time()`` seconds (wall clock: the runner compares them with its own, so
 on several machines their clocks must be synchronized, as NTP does). Phases of a
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = ["EXIT_DUMPED", "events_dir", "rank_file", "write_json_atomic", "read_generation",
-           "RankLog", "reconfiguration_phases"]
+           "RankLog", "reconfiguration_phases", "RUNNER_PHASES"]
 
 #: A worker's exit status after a peer failed and it dumped its shards (EX_TEMPFAIL).
 EXIT_DUMPED = 75
@@ -94,26 +95,44 @@ def _span(reports: Mapping[int, dict], name: str, pick) -> float | None:
     return pick(values) if values else None
 
 
+#: The phases the runner times itself, in order (the others come from the workers' marks).
+RUNNER_PHASES = ("allocate", "announce", "plan", "transform")
+
+
 def reconfiguration_phases(request: float, old: Mapping[int, dict], exited: float,
-                           plan: tuple[float, float], transform: tuple[float, float],
-                           new: Mapping[int, dict], first_step_end: float | None,
+                           runner: Mapping[str, tuple[float, float]], new: Mapping[int, dict],
+                           first_step_end: float | None,
                            go: float | None = None) -> tuple[dict[str, float], dict[str, float], float]:
     """Phases of one reconfiguration from the marks of the old and new generations. Pure.
+
+    What each phase measures (its two timestamps):
+
+    - ``stop``: the request -> the first old worker starting to save (or, after a
+      failure, to dump): the workers finishing their step and agreeing to stop;
+    - ``save``: first save (dump) start -> last save (dump) end;
+    - ``allocate``, ``announce``, ``plan``, ``transform``: timed by the runner (``runner``,
+      see :data:`RUNNER_PHASES` and :mod:`.transitions`): choosing the new allocation and
+      starting its agents; waiting for the new workers' announced PTC; planning the
+      transformation; the stores moving the bytes and committing the new version;
+    - ``relaunch``: last save (dump) end -> every new worker ready (built its model and
+      described the job): the old workers exit, the new ones start (unless started ahead),
+      join, build; it overlaps the runner's phases;
+    - ``load``: the go file (or the workers ready, or the transform's end, whichever is
+      last) -> the last worker loaded its shards;
+    - ``first_step``: last load end -> the end of the first step in the new layout.
 
     Args:
         request: when the change was asked for (end of the step it was scheduled after, a
             stop request, or the failure).
         old / new: the rank reports of the stopping and of the new generation.
         exited: when the last old worker had exited (the runner saw its agents end).
-        plan / transform: (start, end) measured by the runner.
+        runner: ``{phase: (start, end)}`` for the phases the runner timed.
         first_step_end: when the new layout's first step ended (its metrics row).
         go: when the runner let the new workers load (end of the transform, or later).
 
     Returns:
         ``(durations, starts, downtime)``: seconds per phase, each phase's start as seconds
         after ``request``, and the downtime (request to the end of the first new step).
-        ``relaunch`` runs from the end of the save (old workers exiting) to the new workers
-        being ready to load, so it overlaps ``plan`` and ``transform``.
     """
     durations: dict[str, float] = {}
     starts: dict[str, float] = {}
@@ -127,13 +146,15 @@ def reconfiguration_phases(request: float, old: Mapping[int, dict], exited: floa
     save_b = _span(old, "save_end", max) or _span(old, "dump_end", max)
     put("stop", request, save_a if save_a is not None else exited)
     put("save", save_a, save_b)
-    put("plan", *plan)
-    put("transform", *transform)
+    for phase in RUNNER_PHASES:
+        if phase in runner:
+            put(phase, *runner[phase])
     ready = _span(new, "ready", max)
     put("relaunch", save_b if save_b is not None else exited, ready)
     load_b = _span(new, "load_end", max)
-    load_a = max(x for x in (go, ready, transform[1]) if x is not None)
+    transformed = runner["transform"][1] if "transform" in runner else None
+    load_a = max([x for x in (go, ready, transformed) if x is not None], default=None)
     put("load", load_a, load_b)
     put("first_step", load_b, first_step_end)
-    end = first_step_end or load_b or transform[1]
+    end = first_step_end or load_b or transformed or request
     return durations, starts, max(0.0, end - request)

@@ -77,8 +77,7 @@ class _Pending:
     change: Reconfiguration
     request: float
     old: Generation
-    plan: tuple[float, float]
-    transform: tuple[float, float]
+    marks: dict[str, tuple[float, float]]  # the runner's phases: (start, end) each
     go: float | None = None
 
 
@@ -317,8 +316,8 @@ class Runner:
             self.persister.hold(False)  # held since the reconfiguration began
         first_end = gen.first_row["time"] if gen.first_row else None
         durations, starts, downtime = reconfiguration_phases(
-            p.request, read_generation(self.dir, p.old.number), p.old.exited_at or p.plan[0], p.plan,
-            p.transform, read_generation(self.dir, gen.number), first_end, p.go)
+            p.request, read_generation(self.dir, p.old.number), p.old.exited_at or p.marks["allocate"][0],
+            p.marks, read_generation(self.dir, gen.number), first_end, p.go)
         p.change.phases, p.change.starts, p.change.measured_downtime = durations, starts, downtime
         self.changes.append(p.change)
         self._pending = None

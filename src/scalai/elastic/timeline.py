@@ -2,10 +2,14 @@
 
 A :class:`Reconfiguration` is one change of allocation broken into phases (seconds):
 ``stop`` (workers agree to stop), ``save`` (shards into the hosts' stores; after a failure:
-the survivors' dump), ``plan``, ``transform`` (bytes moved between stores), ``relaunch``
-(old workers gone, new workers started and ready; it overlaps plan and transform),
-``load`` (workers read their shards) and ``first_step`` (the first step in the new
-layout). ``starts`` gives each phase's start, in seconds after the request; ``downtime``
+the survivors' dump), ``allocate`` (the runner picks the new layout and hosts and starts
+their agents), ``announce`` (waiting for the new workers to describe the job under the new
+layout: their start-up, when the run does not know that PTC yet), ``plan`` (the
+transformation's plan), ``transform`` (bytes moved between stores, the new version
+committed), ``relaunch`` (old workers gone, new workers started and ready; it overlaps
+allocate to transform), ``load`` (workers read their shards) and ``first_step`` (the first
+step in the new layout); :func:`~.events.reconfiguration_phases` gives the two timestamps
+of each. ``starts`` gives each phase's start, in seconds after the request; ``downtime``
 is measured from the request to the end of the first step in the new layout (phases may
 overlap, so it is not their sum). ``timeline.json`` is a list of them;
 :func:`format_table` prints them, :func:`plot_timeline` and :func:`plot_loss` draw PNGs
@@ -22,8 +26,9 @@ from typing import Sequence
 __all__ = ["PHASES", "Reconfiguration", "write_timeline", "read_timeline", "plot_timeline",
            "plot_loss", "read_metrics", "format_table"]
 
-PHASES = ("stop", "save", "plan", "transform", "relaunch", "load", "first_step")
-_COLORS = dict(zip(PHASES, ("#8c8c8c", "#4c72b0", "#c9b037", "#dd8452", "#55a868", "#8172b3", "#64b5cd")))
+PHASES = ("stop", "save", "allocate", "announce", "plan", "transform", "relaunch", "load", "first_step")
+_COLORS = dict(zip(PHASES, ("#8c8c8c", "#4c72b0", "#937860", "#da8bc3", "#c9b037", "#dd8452", "#55a868",
+                            "#8172b3", "#64b5cd")))
 
 
 @dataclass
@@ -120,9 +125,9 @@ def format_table(changes: Sequence[Reconfiguration]) -> str:
 
     out = [line(head), "  ".join("-" * w for w in widths), *map(line, rows)]
     if changes:
-        out.append(f"(seconds; phases overlap: relaunch runs beside plan and transform; downtime = "
-                   f"request to the end of the first step in the new layout; total "
-                   f"{sum(c.downtime for c in changes):.1f} s over {len(changes)} changes)")
+        out.append(f"(seconds; phases overlap: relaunch runs beside allocate, announce (waiting for the new "
+                   f"workers' PTC), plan and transform; downtime = request to the end of the first step in "
+                   f"the new layout; total {sum(c.downtime for c in changes):.1f} s over {len(changes)} changes)")
     return "\n".join(out)
 
 

@@ -1,12 +1,15 @@
 """What the runner does between two generations: a planned change, or a recovery.
 
 Both follow the same order, chosen so that the new workers' start-up (Python, torch,
-rendezvous, building the model) overlaps the transformation of the state:
+rendezvous, building the model) overlaps the transformation of the state; the runner times
+each step as a phase of the reconfiguration (:func:`~.events.reconfiguration_phases`):
 
-1. decide the new allocation (pure: :mod:`.allocation`);
-2. start the new generation's agents; their workers announce the job's PTC under the new
-   layout (described on the meta device), then build the model and wait;
-3. transform the state in the stores into that PTC and the new placement;
+1. ``allocate``: decide the new allocation (pure: :mod:`.allocation`) and start the new
+   generation's agents (or adopt those started ahead);
+2. ``announce``: wait until the new workers have announced the job's PTC under the new
+   layout (described on the meta device; nothing to wait for when the run knows it);
+3. ``plan`` and ``transform``: plan the transformation into that PTC and the new placement,
+   and let the stores carry it out;
 4. write the go file naming the new version; the workers load it and train on.
 
 A planned change transforms the version the workers saved when they stopped. A recovery
@@ -110,10 +113,9 @@ def reconfigure(runner: Runner, old: Generation, outcome: Outcome) -> Generation
     from .runner import _Pending
 
     runner.state = "reconfiguring"
-    t_plan = time.time()
+    t_allocate = time.time()
     if runner.persister is not None:
         runner.persister.hold()  # no disk copies during the downtime (released after the first step)
-    runner.record_commit(outcome.version, outcome.step, old.alloc.hosts)
     due = runner.due(outcome.step)
     requests = runner.take_requests()
     alloc, reasons = old.alloc, []
@@ -128,9 +130,9 @@ def reconfigure(runner: Runner, old: Generation, outcome: Outcome) -> Generation
             runner.say(f"{reason}: skipped: {exc}")
     # A request that came before the generation's first step counts from that step's end:
     # the job could not stop earlier.
-    started = old.first_row["time"] if old.first_row else t_plan
+    started = old.first_row["time"] if old.first_row else t_allocate
     request = min([max(t, started) for *_, t in requests] + ([_row_time(runner, outcome.step)] if due else [])
-                  or [t_plan])
+                  or [t_allocate])
     reason = "; ".join(reasons) or "restart (nothing to change)"
     runner.say(f"step {outcome.step}: {reason} -> {alloc.describe()}")
     if old.successor is not None and old.successor.alloc == alloc:
@@ -140,14 +142,21 @@ def reconfigure(runner: Runner, old: Generation, outcome: Outcome) -> Generation
         drop_successor(old)
         new = runner.launch(alloc, outcome.step, resume=True, free=False)
     runner.await_exit(old, new)
-    result, plan, transform = _transform(runner, alloc, outcome.version, layout=target_layout(runner, new))
-    runner.record_commit(result.target, outcome.step, alloc.hosts)
+    t_announce = time.time()
+    target = target_layout(runner, new)
+    t_plan = time.time()
+    result, plan, transform = _transform(runner, alloc, outcome.version, layout=target)
     change = Reconfiguration(outcome.step, str(old.alloc.layout), str(alloc.layout), reason,
                              bytes_moved=result.stats.total_bytes, cross_host_bytes=result.cross_host_bytes,
                              from_hosts=list(old.alloc.hosts), to_hosts=list(alloc.hosts),
                              saved_bytes=outcome.saved_bytes)
-    runner._pending = _Pending(change, request, old, (t_plan, plan[1]), transform)
+    runner._pending = _Pending(change, request, old, {"allocate": (t_allocate, t_announce),
+                                                      "announce": (t_announce, t_plan),
+                                                      "plan": (t_plan, plan[1]), "transform": transform})
     runner._pending.go = _go(runner, new, result.target)
+    # The bookkeeping of versions (it drops the ones these supersede) waits until after the go.
+    runner.record_commit(outcome.version, outcome.step, old.alloc.hosts)
+    runner.record_commit(result.target, outcome.step, alloc.hosts)
     return new
 
 
@@ -162,7 +171,7 @@ def recover(runner: Runner, old: Generation, outcome: Outcome) -> Generation:
     from .runner import _Pending, ptc_of
 
     runner.state = "recovering"
-    t_plan = time.time()
+    t_allocate = time.time()
     if runner.persister is not None:
         runner.persister.hold()
     world = old.alloc.devices
@@ -176,6 +185,9 @@ def recover(runner: Runner, old: Generation, outcome: Outcome) -> Generation:
                                                           if old.alloc.host(r) not in dead_hosts])
     runner.say(f"failure after step {last_logged}: lost {what or 'workers'}; continuing on {alloc.describe()}")
     new = runner.launch(alloc, last_logged, resume=True)
+    t_announce = time.time()
+    target = target_layout(runner, new)
+    t_plan = time.time()
 
     dumps, why = consistent_dumps(reports)
     dumps = {r: d for r, d in dumps.items() if r not in died}
@@ -186,7 +198,6 @@ def recover(runner: Runner, old: Generation, outcome: Outcome) -> Generation:
             old_ptc = ptc_of(runner.dir, old.number)
         except OSError:
             why = "the failed generation never reported its layout"
-    target = target_layout(runner, new)
     if old_ptc is not None and not why:
         new_ptc = target if not isinstance(target, ParallelConfig) else old_ptc.relayout(target)
         why = replicas_cover(old_ptc, old.alloc.placement, new_ptc, alloc.placement, unavailable)
@@ -222,19 +233,25 @@ def recover(runner: Runner, old: Generation, outcome: Outcome) -> Generation:
             version, moved = restore_from_disk(str(persisted.path), alloc.layout, targets, runner.spec.job,
                                                runner.spec.gpus_per_host)
             step, cross = persisted.step, moved
-            plan, transform = (t0, t0), (t0, time.time())
+            plan, transform = (t_plan, t0), (t0, time.time())  # the copy on disk resharded and pushed
             source = f"persistent copy {persisted.path} (step {step})"
         else:
-            version, step, plan, transform = None, 0, (t0, t0), (t0, t0)
+            version, step, plan, transform = None, 0, (t_plan, t0), (t0, t0)
             source = "nothing committed yet: restarted from step 0"
-    if version is not None:
-        runner.record_commit(version, step, alloc.hosts)
     lost = max(0, last_logged - step)
     runner.say(f"  recovered from {recovered}: {source}; {lost} steps lost")
     change = Reconfiguration(step, str(old.alloc.layout), str(alloc.layout),
                              f"failure of {what or 'workers'}", bytes_moved=moved, cross_host_bytes=cross,
                              steps_lost=lost, recovered_from=recovered, from_hosts=list(old.alloc.hosts),
                              to_hosts=list(alloc.hosts), source=source, last_step=last_logged)
-    runner._pending = _Pending(change, outcome.request or t_plan, old, (t_plan, plan[1]), transform)
+    # A failure the runner did not cause is first seen when the survivors start dumping (their
+    # agents exit only after that): the downtime counts from the earliest sign of it.
+    dump_starts = [r["times"]["dump_start"] for r in reports.values() if "dump_start" in r.get("times", {})]
+    request = min([outcome.request or t_allocate, *dump_starts])
+    runner._pending = _Pending(change, request, old, {"allocate": (t_allocate, t_announce),
+                                                      "announce": (t_announce, t_plan),
+                                                      "plan": (t_plan, plan[1]), "transform": transform})
     runner._pending.go = _go(runner, new, version)
+    if version is not None:  # the bookkeeping of versions (it drops older ones) waits until after the go
+        runner.record_commit(version, step, alloc.hosts)
     return new
