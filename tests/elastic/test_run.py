@@ -284,3 +284,24 @@ def test_workers_killed_mid_forward_and_mid_backward_are_recovered_from_replicas
     _survivors_dumped_and_exited(out, 0, died={1})
     _survivors_dumped_and_exited(out, 1, died={2})
     _each_sample_once(read_rows(out / "metrics.jsonl"), 5)
+
+
+@pytest.mark.slow
+def test_run_compare_fails_when_a_rank_reads_a_sample_twice(tmp_path, corpus_index):
+    """``scalai run --compare`` counts the ids the ranks fed their models: rank 1 of the
+    elastic run silently reads a sample twice in step 2 (the unchanged run reads right), and
+    the check fails in one line with status 1, naming the step."""
+    import os
+
+    out = tmp_path / "run"
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+           "SCALAI_TEST_READ_FAULT": "faulty:0:1:2:twice"}
+    result = run_cli("run", "--steps", 2, "--hosts", 1, "--layout", "tp=1,pp=1,dp=2", "--commit-every", 0,
+                     "--job", "faulty", "--module", "kill_mid_step", "--compare", "--out", out,
+                     "--data", corpus_index, env=env, timeout=600)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "FAIL data: 15 samples over 2 steps (ids the data-parallel ranks fed their models): 1 read more than once" \
+        in result.stdout
+    assert "steps reading other samples than the unchanged run: 2" in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did not follow the unchanged run" in lines[0], result.stderr

@@ -26,25 +26,11 @@ def train_segment(rank: int, world_size: int, **options):
 
 def train_with_faulty_reads(rank: int, world_size: int, faults: dict, **options):
     """:func:`train_segment` with a data source that goes wrong on some rank: ``faults`` maps
-    ``"RANK:STEP"`` to ``"twice"`` (the micro-batch's second row re-reads its first sample,
-    whose neighbour is then never read) or ``"skip"`` (its last row is not read), silently:
-    the rows still come with the ids of what was read, as a real reader's would."""
-    from scalai.data import torch_api
+    ``"RANK:STEP"`` to ``"twice"`` or ``"skip"`` (see ``tests/faults.py``)."""
+    from faults import faulty_reads, step_counter
 
-    read = torch_api._IdsAndTokens.__getitems__
-    calls = {"n": 0}
-    micro_batches = options.get("global_batch", 8) // world_size // options.get("micro_batch", 4)
-
-    def faulty(self, samples):
-        calls["n"] += 1
-        fault = faults.get(f"{rank}:{(calls['n'] - 1) // max(1, micro_batches) + 1}")
-        if fault == "twice":
-            samples = [samples[0], samples[0], *samples[2:]]
-        elif fault == "skip":
-            samples = samples[:-1]
-        return read(self, samples)
-
-    torch_api._IdsAndTokens.__getitems__ = faulty
+    mine = {int(key.split(":")[1]): kind for key, kind in faults.items() if int(key.split(":")[0]) == rank}
+    faulty_reads(mine, step_counter())
     return train_segment(rank, world_size, **options)
 
 

@@ -82,9 +82,11 @@ class RunCheck:
                     f"steps missing: {_few(self.missing_steps)}" if self.missing_steps else "",
                     f"steps not compared with the unchanged run: {_few(self.not_compared)}"
                     if self.not_compared else ""]
-        data = (f"{mark[self.data_ok]} data: {self.samples} samples over {self.kept} steps, each read exactly "
-                f"once (ids the data-parallel ranks fed their models)")
-        data += "".join(f" - {p}" for p in problems if p)
+        data = f"{mark[self.data_ok]} data: {self.samples} samples over {self.kept} steps"
+        if self.data_ok:
+            data += ", each read exactly once (ids the data-parallel ranks fed their models)"
+        else:
+            data += " (ids the data-parallel ranks fed their models): " + "; ".join(p for p in problems if p)
         loss = (f"{mark[self.loss_ok]} loss: largest relative difference to the unchanged run "
                 f"{self.max_difference:.1e}" + (f" (step {self.at_step})" if self.at_step else "")
                 + f" over {self.compared} of {self.steps} steps; tolerance {TOLERANCE:g}")
