@@ -63,6 +63,7 @@ def test_chain_follows_the_unchanged_run(name, corpus_index, tmp_path):
             assert row["layout"] == layout
             assert row["sample_ids"] == ref["sample_ids"] and row["samples"] == ref["samples"], \
                 f"step {row['step']} at {layout} read other samples than the unchanged run"
+            assert len(row["sample_ids"]) == 8 and not row.get("fed_mismatch"), row  # every rank agreed
             diff = _relative(row["loss"], ref["loss"])
             worst = max(worst, diff)
             assert diff < TOLERANCE, (f"{layouts[i - 1]} -> {layout}: step {row['step']} loss "

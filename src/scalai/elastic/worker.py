@@ -506,7 +506,8 @@ class ElasticWorker:
         the process, and the runner would see a signal instead of :data:`EXIT_DUMPED`.
         Otherwise (the run ended, or this generation stopped for a change) it frees the
         model's collective work objects while the interpreter is whole (freed during
-        shutdown, gloo may abort the process), tears the group down and exits.
+        shutdown, gloo may abort the process), tears the group down and exits. Either way
+        the interpreter does not shut down: flush what the script wrote to its own files.
         """
         import gc
         import sys
