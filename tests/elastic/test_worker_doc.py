@@ -4,7 +4,7 @@
 import re
 from pathlib import Path
 
-from elastic_helpers import SCALAI  # noqa: F401 - puts tests/ on sys.path for doc_examples
+import elastic_helpers  # noqa: F401 - puts tests/ on sys.path (doc_examples)
 from doc_examples import literal_blocks, worker_example
 
 
