@@ -324,7 +324,7 @@ def _header_file(tmp_path, header: bytes, data: bytes = b"") -> str:
      b'"b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}}', b"123456", "overlaps"),
     (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', b"12345678", "gap"),
     (b'{"a": {"dtype": "Q99", "shape": [1], "data_offsets": [0, 4]}}', b"1234", "bad header entry"),
-    (b'{"a": [1, 2]', b"", "not JSON"),
+    (b'{"a": [1, 2]', b"", "not valid JSON"),
     (b"[1, 2]", b"", "not a JSON object"),
 ])
 def test_corrupt_safetensors_headers(tmp_path, header, data, message):

@@ -35,16 +35,19 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..bounded import loads, read_regular
 from ..errors import CheckpointError
 from ..layout.ptc import PTC
 from .checksum import ALGORITHM
 
-__all__ = ["FORMAT", "VERSION", "MANIFEST_NAME", "TensorRecord", "RankRecord", "Manifest",
-           "rank_file_name", "read_manifest", "write_manifest", "atomic_write"]
+__all__ = ["FORMAT", "VERSION", "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "TensorRecord", "RankRecord",
+           "Manifest", "rank_file_name", "read_manifest", "parse_manifest", "write_manifest", "atomic_write"]
 
 FORMAT = "scalai-checkpoint"
 VERSION = 2
 MANIFEST_NAME = "manifest.json"
+#: Largest manifest read: about 40 KB per rank of GPT-3 175B, so some 25,000 ranks.
+MAX_MANIFEST_BYTES = 1 << 30
 
 
 def rank_file_name(rank: int) -> str:
@@ -123,6 +126,11 @@ class Manifest:
             raise bad(f"unknown checksum algorithm {obj['checksum_algorithm']!r}")
         if not isinstance(obj["state"], dict):
             raise bad("state is not a JSON object")
+        step = obj["state"].get("step")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise bad(f"state.step {step!r:.40} is not a non-negative integer")
+        if not isinstance(obj["state"].get("data", {}), dict):
+            raise bad("state.data (the data position) is not a JSON object")
         try:
             ptc = PTC.from_json(obj["ptc"])
         except (ValueError, KeyError, TypeError) as exc:
@@ -201,9 +209,12 @@ def atomic_write(path: str, data: bytes, sync: bool = True) -> None:
 
 
 def _dumps(obj: dict) -> str:
-    """JSON with one line per top-level key, per tensor spec and per rank (readable, compact)."""
+    """JSON with one line per top-level key, per tensor spec and per rank (readable, compact).
+
+    Strict JSON (``NaN`` and infinities refused), as :func:`parse_manifest` reads it.
+    """
     def line(x: Any) -> str:
-        return json.dumps(x, separators=(", ", ": "))
+        return json.dumps(x, separators=(", ", ": "), allow_nan=False)
 
     ptc = obj["ptc"]
     ptc_text = ("{" + ", ".join(f"{line(k)}: {line(v)}" for k, v in ptc.items() if k != "tensors")
@@ -229,14 +240,19 @@ def read_manifest(directory: str) -> Manifest:
         raise CheckpointError(f"checkpoint directory {directory} does not exist or is not a directory")
     path = os.path.join(directory, MANIFEST_NAME)
     try:
-        with open(path, "rb") as f:
-            text = f.read()
+        text = read_regular(path, MAX_MANIFEST_BYTES, "manifest", CheckpointError)
     except FileNotFoundError:
         raise CheckpointError(f"{directory} has no {MANIFEST_NAME}: the save did not finish; "
                               f"use an earlier checkpoint") from None
-    try:
-        obj = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); the file is corrupt, "
-                              f"use an earlier checkpoint") from None
-    return Manifest.from_json(obj, path)
+    return parse_manifest(text, path)
+
+
+def parse_manifest(text: bytes | str, where: str = MANIFEST_NAME) -> Manifest:
+    """Parse the bytes of a manifest (bounded JSON, then :meth:`Manifest.from_json`).
+
+    Raises:
+        CheckpointError: naming ``where``: not JSON, nested too deep, ``NaN``, or invalid.
+    """
+    obj = loads(text, where, error=CheckpointError, max_bytes=MAX_MANIFEST_BYTES,
+                hint="; the file is corrupt, use an earlier checkpoint")
+    return Manifest.from_json(obj, where)

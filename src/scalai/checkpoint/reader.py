@@ -8,12 +8,14 @@ load only the pages they touch. Nothing is ever written: files are opened read-o
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from ..bounded import file_kind
 from ..dtypes import raw_numpy
 from ..errors import CheckpointError, ChecksumError
 from ..layout.ptc import PTC
@@ -59,10 +61,17 @@ class Checkpoint:
         for record in manifest.ranks:
             path = os.path.join(directory, record.file)
             try:
-                size = os.stat(path).st_size
+                info = os.stat(path)
             except FileNotFoundError:
                 raise CheckpointError(f"rank file {path} is missing; the checkpoint is damaged: "
                                       f"restore the file or use an earlier checkpoint") from None
+            except OSError as exc:
+                raise CheckpointError(f"rank file {path} cannot be read ({exc.strerror}); the checkpoint "
+                                      f"is damaged: restore the file or use an earlier checkpoint") from None
+            if not stat.S_ISREG(info.st_mode):
+                raise CheckpointError(f"rank file {path} is {file_kind(info.st_mode)}, not a regular file; "
+                                      f"the checkpoint is damaged: restore the file or use an earlier checkpoint")
+            size = info.st_size
             if size != record.nbytes:
                 raise CheckpointError(
                     f"rank file {path} has {size} bytes, the manifest says {record.nbytes}: it is "

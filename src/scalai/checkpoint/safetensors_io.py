@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..bounded import loads, open_regular
 from ..dtypes import from_safetensors_code, itemsize, raw_numpy, safetensors_code
 from ..errors import CheckpointError
 from ..regions import Region
@@ -239,7 +240,7 @@ class SafetensorsReader:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            self._fd = open_regular(self.path, "safetensors file", CheckpointError)
         except FileNotFoundError:
             raise CheckpointError(f"{self.path} is missing") from None
         self._map: mmap.mmap | None = None
@@ -261,10 +262,13 @@ class SafetensorsReader:
         (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
         if n > MAX_HEADER_BYTES or 8 + n > self.size:
             raise self._bad(f"header length {n} does not fit in {self.size} bytes")
+        raw = os.pread(self._fd, n, 8)
+        if len(raw) != n:
+            raise self._bad(f"the header ends after {len(raw)} of its {n} bytes")
         try:
-            header = json.loads(os.pread(self._fd, n, 8))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise self._bad(f"header is not JSON ({exc})") from None
+            header = loads(raw, "header")
+        except ValueError as exc:
+            raise self._bad(str(exc)) from None
         if not isinstance(header, dict):
             raise self._bad("header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}

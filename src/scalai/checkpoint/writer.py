@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..bounded import loads
 from ..layout.ptc import PTC
 from .arrays import as_raw
 from .checksum import checksums, crc32_of_pieces
@@ -81,9 +82,9 @@ class CheckpointWriter:
         self.ptc = ptc
         self.sync = sync
         self.dedup = dedup
-        try:
-            self.state = json.loads(json.dumps(dict(state or {}), allow_nan=False))
-        except (TypeError, ValueError) as exc:
+        try:  # exactly what a reader will accept (bounded depth, no NaN): refused now, not at load
+            self.state = loads(json.dumps(dict(state or {}), allow_nan=False), "checkpoint state")
+        except (TypeError, ValueError, RecursionError) as exc:
             raise ValueError(f"checkpoint state must be JSON-serializable ({exc}); store "
                              f"tensors as tensors and encode bytes (e.g. base64)") from None
         if os.path.lexists(self.out_dir):

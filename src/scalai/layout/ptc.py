@@ -25,6 +25,7 @@ from math import prod
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
 from ..config import ParallelConfig
+from ..validate import integer
 from ..regions import Region, contiguous_boxes, disjoint, flat_runs, subtract
 from .spec import TensorSpec
 from .splits import LocalShard, Piece, SplitRule
@@ -67,7 +68,10 @@ class PTC:
     def __init__(self, config: ParallelConfig, specs: Iterable[TensorSpec], num_layers: int):
         self.config = config
         self.specs: tuple[TensorSpec, ...] = tuple(specs)
-        self.num_layers = int(num_layers)
+        try:
+            self.num_layers = integer("num_layers", num_layers, 0, hint=" (transformer layers of the model)")
+        except ValueError as exc:
+            raise LayoutError(str(exc)) from None
         self._by_name = {s.name: s for s in self.specs}
         if len(self._by_name) != len(self.specs):
             seen: set[str] = set()
@@ -83,6 +87,9 @@ class PTC:
             if problem:
                 raise LayoutError(f"{spec.name} (shape {list(spec.shape)}) cannot be laid out "
                                   f"under {config}: {problem}")
+            if spec.residence.kind == "layer" and spec.residence.layer >= self.num_layers:
+                raise LayoutError(f"{spec.name} belongs to layer {spec.residence.layer}, but the model has "
+                                  f"{self.num_layers} layers (0..{self.num_layers - 1})")
             if spec.param is not None and spec.param not in self._by_name:
                 raise LayoutError(f"optimizer state {spec.name} follows unknown parameter {spec.param}")
         self._holdings: dict[str, tuple[Holding, ...]] = {}
@@ -284,6 +291,10 @@ class PTC:
 
     @classmethod
     def from_json(cls, obj: dict) -> PTC:
+        """Parse :meth:`to_json`'s object; raises ValueError (``LayoutError``), KeyError or
+        TypeError for anything else."""
+        if not isinstance(obj, dict) or not isinstance(obj.get("tensors"), list):
+            raise ValueError("a PTC is a JSON object with config, num_layers and a list of tensors")
         return cls(ParallelConfig.parse(obj["config"]),
                    [TensorSpec.from_json(t) for t in obj["tensors"]], obj["num_layers"])
 

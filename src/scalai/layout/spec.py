@@ -8,10 +8,12 @@ copy follows its parameter through every change of layout.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 from ..dtypes import itemsize
+from ..validate import integer
 from .splits import Replicate, SplitRule, split_from_json
 
 __all__ = ["Residence", "TensorSpec", "with_optimizer_state", "OPTIMIZER_STATES",
@@ -35,9 +37,9 @@ class Residence:
 
     def __post_init__(self) -> None:
         if self.kind not in ("layer", "first", "last", "tied", "all"):
-            raise ValueError(f"unknown residence {self.kind!r}")
-        if self.kind == "layer" and self.layer < 0:
-            raise ValueError("a layer residence needs the layer's global index")
+            raise ValueError(f"unknown residence {self.kind!r}; use layer:N, first, last, tied or all")
+        if self.kind == "layer":
+            integer("a layer residence's layer", self.layer, 0, hint=" (the layer's global index)")
 
     @classmethod
     def of_layer(cls, layer: int) -> Residence:
@@ -62,8 +64,13 @@ class Residence:
 
     @classmethod
     def from_json(cls, text: str) -> Residence:
+        if not isinstance(text, str):
+            raise ValueError(f"residence {text!r} is not a string such as \"layer:3\" or \"first\"")
         if text.startswith("layer:"):
-            return cls("layer", int(text.split(":", 1)[1]))
+            number = text.split(":", 1)[1]
+            if not number.isdigit() or not number.isascii() or len(number) > 18:
+                raise ValueError(f"residence {text!r} does not name a layer index (layer:N)")
+            return cls("layer", int(number))
         return cls(text)
 
 
@@ -91,8 +98,24 @@ class TensorSpec:
     state: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"tensor name {self.name!r} must be a non-empty string")
+        if isinstance(self.shape, (str, bytes)) or not hasattr(self.shape, "__iter__"):
+            raise ValueError(f"tensor {self.name}: shape {self.shape!r} is not a list of sizes")
+        sizes = tuple(self.shape)
+        if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in sizes):
+            raise ValueError(f"tensor {self.name}: shape {list(sizes)!r:.200} must hold non-negative "
+                             f"integer sizes")
+        object.__setattr__(self, "shape", tuple(int(s) for s in sizes))
+        if not isinstance(self.dtype, str):
+            raise ValueError(f"tensor {self.name}: dtype {self.dtype!r} is not a dtype name")
         itemsize(self.dtype)  # validates the dtype name
+        if not isinstance(self.split, SplitRule):
+            raise ValueError(f"tensor {self.name}: split {self.split!r} is not a split rule")
+        if (self.param is None) != (self.state is None) or not all(
+                v is None or isinstance(v, str) for v in (self.param, self.state)):
+            raise ValueError(f"tensor {self.name}: param and state are both strings (optimizer "
+                             f"state) or both absent (a parameter)")
 
     @property
     def is_optimizer_state(self) -> bool:
@@ -119,6 +142,14 @@ class TensorSpec:
 
     @classmethod
     def from_json(cls, obj: dict) -> TensorSpec:
+        """Parse :meth:`to_json`'s object strictly; raises ValueError (or KeyError)."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"a tensor spec must be a JSON object, not {obj!r:.80}")
+        unknown = sorted(set(obj) - {"name", "shape", "dtype", "split", "residence", "param", "state"})
+        if unknown:
+            raise ValueError(f"tensor spec {obj.get('name')!r} has unknown keys {unknown}")
+        if not isinstance(obj["shape"], list):
+            raise ValueError(f"tensor {obj['name']!r}: shape {obj['shape']!r:.80} is not a list")
         return cls(name=obj["name"], shape=tuple(obj["shape"]), dtype=obj["dtype"],
                    split=split_from_json(obj["split"]),
                    residence=Residence.from_json(obj["residence"]),

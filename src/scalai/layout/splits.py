@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..regions import Region
+from ..validate import integer
 
 __all__ = ["Piece", "LocalShard", "SplitRule", "Replicate", "Split", "VocabSplit", "Fused",
            "split_from_json", "SPLIT_KINDS", "padded_vocab"]
@@ -81,7 +82,7 @@ class SplitRule(ABC):
 
     def check(self, shape: tuple[int, ...], tp: int, dp: int = 1) -> str | None:
         """Why ``shape`` cannot be split over ``tp`` ranks, or ``None`` when it can."""
-        return None
+        return _dim_problem(self, shape)
 
     @abstractmethod
     def shard(self, shape: tuple[int, ...], tp: int, tp_rank: int,
@@ -109,9 +110,13 @@ class Split(SplitRule):
     dim: int = 0
     kind: ClassVar[str] = "split"
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dim", integer("split dim", self.dim, 0))
+
     def check(self, shape, tp, dp=1):
-        if self.dim >= len(shape):
-            return f"split dim {self.dim} is out of range for shape {list(shape)}"
+        problem = _dim_problem(self, shape)
+        if problem:
+            return problem
         if shape[self.dim] % tp:
             return (f"tp={tp} does not divide dim {self.dim} of size {shape[self.dim]}; "
                     f"{divisor_hint(shape[self.dim])}")
@@ -122,6 +127,14 @@ class Split(SplitRule):
         local = tuple(part if d == self.dim else s for d, s in enumerate(shape))
         offsets = tuple(tp_rank * part if d == self.dim else 0 for d in range(len(shape)))
         return LocalShard(local, (Piece(Region(offsets, local), Region.full(local)),))
+
+
+def _dim_problem(rule: SplitRule, shape: tuple[int, ...]) -> str | None:
+    """Why ``rule``'s ``dim`` (if it has one) does not exist in ``shape``."""
+    dim = getattr(rule, "dim", None)
+    if dim is not None and dim >= len(shape):
+        return f"{rule.kind} dim {dim} is out of range for shape {list(shape)} ({len(shape)} dims)"
+    return None
 
 
 def divisor_hint(count: int, degree: str = "tp") -> str:
@@ -143,6 +156,12 @@ class VocabSplit(SplitRule):
     dim: int = 0
     multiple: int = 128
     kind: ClassVar[str] = "vocab"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dim", integer("vocab split dim", self.dim, 0))
+        object.__setattr__(self, "multiple", integer(
+            "vocab split multiple", self.multiple, 1,
+            hint=" (the vocabulary is padded to a multiple of multiple * tp; Megatron's default is 128)"))
 
     def shard(self, shape, tp, tp_rank, dp=1, dp_rank=0):
         vocab = shape[self.dim]
@@ -178,9 +197,20 @@ class Fused(SplitRule):
     kind: ClassVar[str] = "fused"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "segments", tuple(int(s) for s in self.segments))
+        object.__setattr__(self, "dim", integer("fused dim", self.dim, 0))
+        if isinstance(self.segments, (str, bytes)) or not hasattr(self.segments, "__iter__"):
+            raise ValueError(f"fused segments {self.segments!r} must be a list of sizes")
+        object.__setattr__(self, "segments", tuple(integer("fused segment", s, 1) for s in self.segments))
+        if not self.segments:
+            raise ValueError("fused segments are empty; list the size of every fused part")
+        object.__setattr__(self, "groups", integer("fused groups", self.groups, 0))
+        if not isinstance(self.unit, str):
+            raise ValueError(f"fused unit {self.unit!r} must be a string")
 
     def check(self, shape, tp, dp=1):
+        problem = _dim_problem(self, shape)
+        if problem:
+            return problem
         if sum(self.segments) != shape[self.dim]:
             return (f"fused segments {list(self.segments)} sum to {sum(self.segments)}, "
                     f"not to dim {self.dim} of size {shape[self.dim]}")
@@ -229,9 +259,20 @@ def register_split(cls: type[SplitRule]) -> type[SplitRule]:
 
 
 def split_from_json(obj: dict) -> SplitRule:
+    """The rule ``obj`` (as :meth:`SplitRule.to_json` writes it) describes.
+
+    Raises:
+        ValueError: not an object, an unknown kind, unknown fields or invalid values.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError(f"a split rule must be a JSON object, not {obj!r}")
     kind = obj.get("kind")
-    if kind not in SPLIT_KINDS:
+    if not isinstance(kind, str) or kind not in SPLIT_KINDS:
         raise ValueError(f"unknown split kind {kind!r}; known: {', '.join(SPLIT_KINDS)}")
     cls = SPLIT_KINDS[kind]
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in obj.items() if k != "kind"}
+    unknown = sorted(set(args) - set(cls.__dataclass_fields__))  # type: ignore[attr-defined]
+    if unknown:
+        raise ValueError(f"split kind {kind!r} takes no {unknown}; it takes "
+                         f"{sorted(cls.__dataclass_fields__)}")  # type: ignore[attr-defined]
     return cls(**args)
