@@ -77,6 +77,9 @@ class ParallelConfig:
         """Parse ``"tp=2,pp=4,dp=2[,zero=1][,stages=3+5]"`` (any order, spaces allowed)."""
         if isinstance(text, ParallelConfig):
             return text
+        if not str(text).replace(" ", "").replace(",", ""):
+            raise ValueError(f"layout {text!r} is empty; write the degrees, e.g. 'tp=2,pp=1,dp=4' "
+                             f"(tp=1,pp=1,dp=1 for a single device)")
         values: dict[str, object] = {}
         for item in str(text).replace(" ", "").split(","):
             if not item:

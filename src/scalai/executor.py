@@ -290,11 +290,15 @@ def reshard_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
         the plan and the time it took (a float of seconds, with a breakdown).
 
     Raises:
-        ValueError: ``new_config`` is not valid for the checkpoint's tensors.
+        ValueError: ``new_config`` is not valid for the checkpoint's tensors; ``out_dir``
+            lies inside ``src_dir`` or its filesystem cannot take the new checkpoint.
         FileExistsError: ``out_dir`` exists (nothing is touched).
         CheckpointError: the source is incomplete or damaged. The source is never modified.
     """
     from .planner import make_plan
+
+    from .checkpoint.staging import check_output
+    from .models.synth import stored_nbytes
 
     t0 = time.perf_counter()
     new_config = ParallelConfig.parse(new_config)
@@ -304,6 +308,7 @@ def reshard_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
     with Checkpoint.open(src_dir) as ckpt:
         old_ptc = ckpt.ptc
         new_ptc = old_ptc.relayout(new_config)
+        check_output(out_dir, stored_nbytes(new_ptc), f"the reshard to {new_config}", inputs=[src_dir])
         if placement is None:
             placement = Placement(gpus_per_host=max(old_ptc.config.world_size, new_config.world_size))
         # Into what the new checkpoint stores: each replica once (CheckpointWriter dedups).

@@ -17,7 +17,7 @@ __all__ = ["integer", "finite", "MAX_INT64"]
 MAX_INT64 = 2**63 - 1
 
 
-def integer(name: str, value: Any, minimum: int | None = 0, maximum: int | None = None,
+def integer(name: str | None, value: Any, minimum: int | None = 0, maximum: int | None = None,
             hint: str = "") -> int:
     """``value`` as an ``int`` in ``[minimum, maximum]``.
 
@@ -25,24 +25,32 @@ def integer(name: str, value: Any, minimum: int | None = 0, maximum: int | None 
     truncated to 1100, nor is ``4.0`` taken for 4) and strings.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name}={value!r} is not an integer{_bounds(minimum, maximum)}{hint}")
+        raise ValueError(f"{_what(name, value)} is not an integer{_bounds(minimum, maximum)}{hint}")
     value = int(value)
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(f"{name}={value} is out of range: it must be an integer{_bounds(minimum, maximum)}{hint}")
+        raise ValueError(f"{_what(name, value)} is out of range: it must be an integer"
+                         f"{_bounds(minimum, maximum)}{hint}")
     return value
 
 
-def finite(name: str, value: Any, minimum: float | None = None, maximum: float | None = None,
+def finite(name: str | None, value: Any, minimum: float | None = None, maximum: float | None = None,
            exclusive_minimum: bool = False, hint: str = "") -> float:
     """``value`` as a finite ``float`` (no NaN, no infinity) within the bounds."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} is not a finite number{_bounds(minimum, maximum, exclusive_minimum)}{hint}")
+        raise ValueError(f"{_what(name, value)} is not a finite number"
+                         f"{_bounds(minimum, maximum, exclusive_minimum)}{hint}")
     value = float(value)
     low = minimum is not None and (value <= minimum if exclusive_minimum else value < minimum)
     if low or (maximum is not None and value > maximum):
-        raise ValueError(f"{name}={value:g} is out of range: it must be a number"
+        raise ValueError(f"{_what(name, value)} is out of range: it must be a number"
                          f"{_bounds(minimum, maximum, exclusive_minimum)}{hint}")
     return value
+
+
+def _what(name: str | None, value: Any) -> str:
+    """``name=value``, or the value alone when the caller names it (a CLI option)."""
+    shown = _num(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else repr(value)
+    return shown if name is None else f"{name}={shown}"
 
 
 def _num(x: float) -> str:

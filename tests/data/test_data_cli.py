@@ -70,7 +70,7 @@ def test_plan_reads_the_state_from_a_checkpoint_manifest(index_path, tmp_path, c
     (["plan", "--global-batch", "7", "--dp", "2"], "missing --seed"),
     (["plan", "--seed", "1", "--global-batch", "8", "--dp", "2", "--micro-batch-size", "2",
       "--num-micro-batches", "2"], "not both"),
-    (["order", "--seed", "-3", "--count", "4"], "seed=-3"),
+    (["order", "--seed", "-3", "--count", "4"], "'--seed': -3 is out of range"),
 ])
 def test_bad_input_is_one_line_and_a_nonzero_exit(index_path, capsys, args, message):
     code, out, err = _run(capsys, "data", args[0], "--index", str(index_path), *args[1:])

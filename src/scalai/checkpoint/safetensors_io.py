@@ -149,6 +149,9 @@ class SafetensorsWriter:
                     raise
                 os.ftruncate(self._fd, self.size)
             os.pwrite(self._fd, header, 0)
+        except OSError as exc:  # name the file: a full disk says where it was full
+            self.abort()
+            raise OSError(exc.errno, f"{exc.strerror} while reserving {self.size} bytes", self.path) from None
         except BaseException:
             self.abort()
             raise

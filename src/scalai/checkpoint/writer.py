@@ -4,7 +4,8 @@ Everything is written into a staging directory ``.NAME.partial-<pid>`` next to t
 :meth:`CheckpointWriter.commit` checksums and fsyncs the rank files, writes
 ``manifest.json`` atomically, then renames the staging directory to ``NAME``. A crash at
 any point leaves at most a hidden ``.partial`` directory, never a directory that looks like
-a checkpoint.
+a checkpoint; the next writer into the same parent directory removes it once its writer
+is provably gone (see :mod:`scalai.checkpoint.staging`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..layout.ptc import PTC
 from .arrays import as_raw
 from .checksum import checksums, crc32_of_pieces
 from .manifest import Manifest, RankRecord, TensorRecord, rank_file_name, write_manifest
+from . import staging
 from .limits import reserve_descriptors
 from .safetensors_io import SafetensorsWriter, TensorEntry
 
@@ -90,14 +92,7 @@ class CheckpointWriter:
         if os.path.lexists(self.out_dir):
             raise FileExistsError(f"output {self.out_dir} already exists; choose another "
                                   f"output directory or remove it first")
-        parent, name = os.path.split(self.out_dir)
-        os.makedirs(parent, exist_ok=True)
-        self.staging = os.path.join(parent, f".{name}.partial-{os.getpid()}")
-        try:
-            os.mkdir(self.staging)
-        except FileExistsError:
-            raise FileExistsError(f"{self.staging} exists: another save of {self.out_dir} is under "
-                                  f"way in this process, or a crashed one left it; remove it") from None
+        self.staging = staging.create(self.out_dir)
         reserve_descriptors(ptc.config.world_size)
         self._files: dict[int, SafetensorsWriter] = {}
         self._pieces: dict[tuple[int, str], list[tuple[int, int, int]]] = {}
@@ -209,6 +204,7 @@ class CheckpointWriter:
                 for n, s in self.ptc.rank_shards(r)})
             for r in ranks)
         write_manifest(self.staging, Manifest(self.ptc, records, self.state, _created_by()), self.sync)
+        staging.release(self.staging)
         if self.sync:
             _fsync_dir(self.staging)
         if os.path.lexists(self.out_dir):

@@ -9,6 +9,7 @@ import click
 
 from .main import cli
 from .output import console, emit_json, human_bytes, layout_option, progress
+from .params import COUNT, SEED
 
 
 def _placement(gpus_per_host: int):
@@ -21,7 +22,7 @@ def _placement(gpus_per_host: int):
 @click.argument("model")
 @click.argument("out", type=click.Path())
 @layout_option("--layout", "-l")
-@click.option("--seed", default=0, show_default=True, help="seed of the synthetic values")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="seed of the synthetic values")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
 def synth(model: str, out: str, layout, seed: int, as_json: bool) -> None:
     """Write a checkpoint of MODEL in LAYOUT with deterministic values (optimizer state included).
@@ -153,7 +154,8 @@ def _hosts_table(stats, limit: int = 16):
 @click.option("--model", "-m", help="plan for a named model's shapes instead of a checkpoint")
 @layout_option("--from", "from_layout", required=False, help="old layout (with --model)")
 @layout_option("--to", "to_layout")
-@click.option("--gpus-per-host", "-g", default=8, show_default=True, help="devices per host (both layouts)")
+@click.option("--gpus-per-host", "-g", default=8, show_default=True, type=COUNT,
+              help="devices per host (both layouts)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def plan(ckpt, model, from_layout, to_layout, gpus_per_host: int, as_json: bool) -> None:
     """Plan a change of layout and show what moves where.
@@ -197,9 +199,9 @@ def plan(ckpt, model, from_layout, to_layout, gpus_per_host: int, as_json: bool)
 @click.argument("ckpt", type=click.Path())
 @click.argument("out", type=click.Path())
 @layout_option("--to", "to_layout")
-@click.option("--gpus-per-host", "-g", default=None, type=int,
+@click.option("--gpus-per-host", "-g", default=None, type=COUNT,
               help="devices per host for the plan statistics (default: one host)")
-@click.option("--workers", "-j", default=None, type=int, help="copy threads (default: one per core)")
+@click.option("--workers", "-j", default=None, type=COUNT, help="copy threads (default: one per core)")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="check the source's checksums before resharding")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
@@ -210,20 +212,20 @@ def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool
     corrupted checkpoint is never silently propagated into a new layout.
     """
     from ..checkpoint import Checkpoint
+    from ..checkpoint.staging import check_output
     from ..executor import reshard_checkpoint
     from ..models.synth import stored_nbytes
 
-    if os.path.lexists(out):
-        raise FileExistsError(f"output {out} already exists; choose another directory or remove it first")
     verify_seconds = 0.0
     with Checkpoint.open(ckpt) as c:
         old = c.ptc
         total = stored_nbytes(old.relayout(to_layout))
+        check_output(out, total, f"the reshard to {to_layout}", inputs=[ckpt])  # before the long verify
         if verify:
             t0 = time.perf_counter()
             c.verify(workers)
             verify_seconds = time.perf_counter() - t0
-    placement = _placement(gpus_per_host) if gpus_per_host else None
+    placement = _placement(gpus_per_host) if gpus_per_host is not None else None
     with progress("reshard", total, enabled=not as_json) as advance:
         result, seconds = reshard_checkpoint(ckpt, out, to_layout, placement=placement,
                                              workers=workers, progress=advance)

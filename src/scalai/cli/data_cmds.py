@@ -11,6 +11,7 @@ import click
 
 from .main import cli
 from .output import console, emit_json, human_bytes, progress
+from .params import COUNT, NON_NEGATIVE, SEED
 
 
 @cli.group()
@@ -21,10 +22,10 @@ def data() -> None:
 def _state_options(func: Callable) -> Callable:
     """--seed/--global-batch/--epoch/--consumed/--order, or --state FILE."""
     options = [
-        click.option("--seed", type=int, default=None, help="seed of the global order"),
-        click.option("--global-batch", type=int, default=None, help="samples per optimizer step, all replicas"),
-        click.option("--epoch", type=int, default=0, show_default=True, help="epoch the count starts in"),
-        click.option("--consumed", type=int, default=0, show_default=True,
+        click.option("--seed", type=SEED, default=None, help="seed of the global order"),
+        click.option("--global-batch", type=COUNT, default=None, help="samples per optimizer step, all replicas"),
+        click.option("--epoch", type=NON_NEGATIVE, default=0, show_default=True, help="epoch the count starts in"),
+        click.option("--consumed", type=NON_NEGATIVE, default=0, show_default=True,
                      help="samples consumed since the start of --epoch (may exceed one epoch)"),
         click.option("--order", "order_name", default="feistel", show_default=True,
                      type=click.Choice(["feistel", "sequential"]), help="order algorithm"),
@@ -66,16 +67,16 @@ def _division(global_batch: int, dp: int, micro_batch_size: int | None, num_micr
 
 
 def _micro_options(func: Callable) -> Callable:
-    func = click.option("--num-micro-batches", type=int, default=None,
+    func = click.option("--num-micro-batches", type=COUNT, default=None,
                         help="same number of micro-batches on every rank")(func)
-    return click.option("--micro-batch-size", type=int, default=None,
+    return click.option("--micro-batch-size", type=COUNT, default=None,
                         help="largest micro-batch; ranks split their part into near-equal ones")(func)
 
 
 @data.command("index")
 @click.argument("inputs", nargs=-1, required=True)
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--seq-len", type=int, required=True, help="tokens per sample (each sample holds seq_len + 1)")
+@click.option("--seq-len", type=COUNT, required=True, help="tokens per sample (each sample holds seq_len + 1)")
 @click.option("--tokenizer", default="bytes", show_default=True, help="tokenizer for raw text (bytes only)")
 @click.option("--format", "fmt", default="auto", show_default=True,
               type=click.Choice(["auto", "tokens", "megatron", "text"]),
@@ -121,9 +122,9 @@ def index_cmd(inputs: tuple[str, ...], out: Path, seq_len: int, tokenizer: str, 
 
 @data.command("order")
 @click.option("--index", "index_path", required=True, type=click.Path(path_type=Path), help="index directory")
-@click.option("--seed", type=int, required=True, help="seed of the global order")
-@click.option("--count", type=int, required=True, help="how many ids to print")
-@click.option("--start", type=int, default=0, show_default=True, help="first position (samples since epoch 0)")
+@click.option("--seed", type=SEED, required=True, help="seed of the global order")
+@click.option("--count", type=NON_NEGATIVE, required=True, help="how many ids to print")
+@click.option("--start", type=NON_NEGATIVE, default=0, show_default=True, help="first position (samples since epoch 0)")
 @click.option("--order", "order_name", default="feistel", show_default=True,
               type=click.Choice(["feistel", "sequential"]))
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list of ids")
@@ -151,8 +152,8 @@ def order_cmd(index_path: Path, seed: int, count: int, start: int, order_name: s
 @data.command("plan")
 @click.option("--index", "index_path", required=True, type=click.Path(path_type=Path), help="index directory")
 @_state_options
-@click.option("--dp", type=int, required=True, help="data-parallel degree")
-@click.option("--steps", type=int, default=1, show_default=True, help="steps to show")
+@click.option("--dp", type=COUNT, required=True, help="data-parallel degree")
+@click.option("--steps", type=COUNT, default=1, show_default=True, help="steps to show")
 @_micro_options
 @click.option("--json", "as_json", is_flag=True, help="JSON: a list over steps of a list over ranks of id lists")
 def plan_cmd(index_path: Path, seed, global_batch, epoch, consumed, order_name, state_file, dp: int, steps: int,
@@ -185,10 +186,10 @@ def plan_cmd(index_path: Path, seed, global_batch, epoch, consumed, order_name, 
 @click.argument("index_path", metavar="INDEX", type=click.Path(path_type=Path))
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 @_state_options
-@click.option("--dp", type=int, required=True, help="data-parallel degree (one directory per rank)")
-@click.option("--steps", type=int, default=8, show_default=True, help="upcoming steps shown per rank")
+@click.option("--dp", type=COUNT, required=True, help="data-parallel degree (one directory per rank)")
+@click.option("--steps", type=COUNT, default=8, show_default=True, help="upcoming steps shown per rank")
 @_micro_options
-@click.option("--threads", type=int, default=8, show_default=True, help="FUSE worker threads")
+@click.option("--threads", type=COUNT, default=8, show_default=True, help="FUSE worker threads")
 def mount_cmd(index_path: Path, mountpoint: Path, seed, global_batch, epoch, consumed, order_name, state_file,
               dp: int, steps: int, micro_batch_size, num_micro_batches, threads: int) -> None:
     """Serve each rank's upcoming samples under MOUNTPOINT until Ctrl-C or SIGTERM.

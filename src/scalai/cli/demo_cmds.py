@@ -10,6 +10,7 @@ import click
 
 from .main import cli
 from .output import console, human_bytes, layout_option
+from .params import COUNT
 
 
 @cli.command("demo-reshard")
@@ -17,7 +18,7 @@ from .output import console, human_bytes, layout_option
               help="model shape (llama-tiny has GQA, SwiGLU and vocabulary padding)")
 @layout_option("--from", "from_layout", required=False, help="starting layout [default: tp=2,pp=2,dp=2]")
 @layout_option("--to", "to_layout", required=False, help="target layout [default: tp=4,pp=1,dp=2,zero=1]")
-@click.option("--gpus-per-host", "-g", default=4, show_default=True, help="devices per host")
+@click.option("--gpus-per-host", "-g", default=4, show_default=True, type=COUNT, help="devices per host")
 @click.option("--out", type=click.Path(), default=None, help="keep the checkpoints in this new directory")
 def demo_reshard(model, from_layout, to_layout, gpus_per_host, out) -> None:
     """Synthesize a checkpoint, plan and run a reshard, and prove it exact.

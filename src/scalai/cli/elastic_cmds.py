@@ -6,17 +6,18 @@ import click
 
 from .main import cli
 from .output import console, emit_json
+from .params import COUNT, NON_NEGATIVE, PORT, POSITIVE_NUMBER, SEED
 
 
 @cli.command()
 @click.argument("model")
-@click.option("--devices", "-n", required=True, type=int, help="number of devices")
-@click.option("--device-memory", "-M", default=80.0, show_default=True, type=float, help="GiB per device")
-@click.option("--gpus-per-host", "-g", default=8, show_default=True, type=int)
-@click.option("--global-batch", default=512, show_default=True, type=int, help="sequences per step")
-@click.option("--seq-len", default=None, type=int, help="tokens per sequence [default: min(2048, model's)]")
+@click.option("--devices", "-n", required=True, type=COUNT, help="number of devices")
+@click.option("--device-memory", "-M", default=80.0, show_default=True, type=POSITIVE_NUMBER, help="GiB per device")
+@click.option("--gpus-per-host", "-g", default=8, show_default=True, type=COUNT)
+@click.option("--global-batch", default=512, show_default=True, type=COUNT, help="sequences per step")
+@click.option("--seq-len", default=None, type=COUNT, help="tokens per sequence [default: min(2048, model's)]")
 @click.option("--recompute", is_flag=True, help="full activation recomputation")
-@click.option("--top", default=10, show_default=True, type=int, help="rows to show")
+@click.option("--top", default=10, show_default=True, type=COUNT, help="rows to show")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def layouts(model, devices, device_memory, gpus_per_host, global_batch, seq_len, recompute, top, as_json):
     """Rank the (tp, pp, dp, zero) layouts of MODEL on N devices by estimated step time.
@@ -61,29 +62,29 @@ def layouts(model, devices, device_memory, gpus_per_host, global_batch, seq_len,
               help="JSON list of events: {\"step\": S, \"devices\": N}, {\"step\": S, \"layout\": L}, "
                    "{\"step\": S, \"fail\": RANK|HOST}, {\"step\": S, \"redeploy\": true}; \"time\": SECONDS "
                    "instead of \"step\" [default: none]")
-@click.option("--steps", type=int, required=True, help="total optimizer steps of the job")
+@click.option("--steps", type=COUNT, required=True, help="total optimizer steps of the job")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="new run directory")
 @click.option("--model", "-m", default="gpt-tiny", show_default=True, help="gpt-tiny, gpt-small or gpt-bench")
-@click.option("--hosts", "-H", default=2, show_default=True, type=int, help="simulated hosts (one store each)")
-@click.option("--gpus-per-host", "-g", default=2, show_default=True, type=int, help="devices per host")
+@click.option("--hosts", "-H", default=2, show_default=True, type=COUNT, help="simulated hosts (one store each)")
+@click.option("--gpus-per-host", "-g", default=2, show_default=True, type=COUNT, help="devices per host")
 @click.option("--layout", "-l", default=None, help="starting layout [default: the best for --devices]")
-@click.option("--devices", "-n", default=None, type=int, help="starting devices [default: one host's]")
+@click.option("--devices", "-n", default=None, type=COUNT, help="starting devices [default: one host's]")
 @click.option("--job", default="job", show_default=True, help="the job's name (stores, scalai scale)")
-@click.option("--commit-every", default=10, show_default=True, type=int,
+@click.option("--commit-every", default=10, show_default=True, type=NON_NEGATIVE,
               help="commit the state to the stores every N steps, copied to disk in the background (0: only at changes)")
 @click.option("--link", default=None, help="simulated link between hosts' stores, e.g. 1gbit [default: unlimited]")
-@click.option("--global-batch", default=8, show_default=True, type=int)
-@click.option("--micro-batch", default=4, show_default=True, type=int)
-@click.option("--lr", default=1e-3, show_default=True, type=float)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--global-batch", default=8, show_default=True, type=COUNT)
+@click.option("--micro-batch", default=4, show_default=True, type=COUNT)
+@click.option("--lr", default=1e-3, show_default=True, type=POSITIVE_NUMBER)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--data", type=click.Path(), default=None, help="sample index [default: the stdlib corpus]")
-@click.option("--device-memory", default=80.0, show_default=True, type=float, help="GiB per device (cost model)")
+@click.option("--device-memory", default=80.0, show_default=True, type=POSITIVE_NUMBER, help="GiB per device (cost model)")
 @click.option("--module", default="scalai.examples.gpt", show_default=True,
               help="the workers' module (python -m MODULE): the reference trainer, or your script taking its "
                    "arguments and following scalai.elastic.worker's protocol")
 @click.option("--compare", is_flag=True, help="also run the job unchanged (no events) and plot against it")
 @click.option("--control-host", default="127.0.0.1", show_default=True, help="address of the control endpoint")
-@click.option("--control-port", default=0, show_default=True, type=int, help="port of the control endpoint (0: any)")
+@click.option("--control-port", default=0, show_default=True, type=PORT, help="port of the control endpoint (0: any)")
 @click.option("--control-token-file", type=click.Path(dir_okay=False), default=None,
               help="token required by the control endpoint (needed off loopback)")
 def run_cmd(schedule_file, steps, out, model, hosts, gpus_per_host, layout, devices, job, commit_every, link,
@@ -111,7 +112,7 @@ def run_cmd(schedule_file, steps, out, model, hosts, gpus_per_host, layout, devi
 
 @cli.command("scale")
 @click.argument("job")
-@click.argument("devices", required=False, type=int)
+@click.argument("devices", required=False, type=COUNT)
 @click.option("--layout", "-l", default=None, help="move to this layout instead of a device count")
 @click.option("--redeploy", is_flag=True, help="move the job to hosts it does not use")
 @click.option("--url", default=None, help="the runner's control endpoint [default: found by the job's name]")

@@ -9,20 +9,14 @@ from typing import Iterator
 
 import click
 
+from ..units import human_bytes
+
 __all__ = ["emit_json", "human_bytes", "console", "progress", "layout_option"]
 
 
 def emit_json(obj: object) -> None:
     """Print ``obj`` as JSON on stdout (the whole machine-readable output of a command)."""
     click.echo(json.dumps(obj, indent=2, sort_keys=False))
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
 
 
 def console(stderr: bool = False):

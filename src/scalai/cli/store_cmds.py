@@ -8,35 +8,9 @@ import click
 
 from .main import cli
 from .output import console, emit_json, human_bytes, layout_option, progress
+from .params import COUNT, PORT, RATE, SIZE
 
 _STORES_HELP = "store URLs in host order, comma-separated (e.g. http://127.0.0.1:7070,http://127.0.0.1:7071)"
-
-
-def _size(text: str | None) -> int | None:
-    """``"8G"``, ``"512M"``, ``"1000000"`` -> bytes."""
-    if text is None:
-        return None
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size; write e.g. 512M or 8G") from None
-
-
-def _rate(text: str | None) -> float | None:
-    """``"1gbit"``, ``"400mbit"``, ``"50MB"`` (per second) -> bytes per second."""
-    if text is None:
-        return None
-    t = text.strip().lower().removesuffix("/s").removesuffix("ps")
-    for suffix, scale in (("gbit", 1e9 / 8), ("mbit", 1e6 / 8), ("kbit", 1e3 / 8), ("gb", 1e9), ("mb", 1e6),
-                          ("kb", 1e3), ("b", 1.0)):
-        if t.endswith(suffix):
-            try:
-                return float(t[: -len(suffix)]) * scale
-            except ValueError:
-                break
-    raise click.BadParameter(f"{text!r} is not a rate; write e.g. 1gbit, 400mbit or 50MB")
 
 
 def _token_option(f):
@@ -60,13 +34,13 @@ def store() -> None:
               help="directory for the shards, memory-backed (e.g. /dev/shm/scalai-store)")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to listen on (anything but loopback needs a token)")
-@click.option("--port", default=7070, show_default=True, type=int, help="port (0: any free one)")
+@click.option("--port", default=7070, show_default=True, type=PORT, help="port (0: any free one)")
 @click.option("--name", default=None, help="this host's name in placements (default: the machine's host name)")
 @_token_option
 @click.option("--spill", type=click.Path(file_okay=False), help="disk directory for what passes --memory-limit")
-@click.option("--memory-limit", default=None, help="bytes to hold in --root, e.g. 64G (default: no limit)")
-@click.option("--max-upload", default="16G", show_default=True, help="largest tensor upload accepted")
-@click.option("--link", "link_rate", default=None,
+@click.option("--memory-limit", default=None, type=SIZE, help="bytes to hold in --root, e.g. 64G (default: no limit)")
+@click.option("--max-upload", default="16G", show_default=True, type=SIZE, help="largest tensor upload accepted")
+@click.option("--link", "link_rate", default=None, type=RATE,
               help="simulate this host's link in the transport: bytes/s each way to other hosts, e.g. 1gbit")
 @click.option("--url-file", type=click.Path(dir_okay=False), help="write the store's URL here once listening")
 def serve(root, host, port, name, token_file, spill, memory_limit, max_upload, link_rate, url_file) -> None:
@@ -75,10 +49,9 @@ def serve(root, host, port, name, token_file, spill, memory_limit, max_upload, l
     from ..store.daemon import default_name, serve as run
     from ..store.server import StoreConfig
 
-    rate = _rate(link_rate)
     config = StoreConfig(root=root, name=name or default_name(), token=load_token(token_file), spill=spill,
-                         memory_limit=_size(memory_limit), max_upload=_size(max_upload),
-                         link_up=rate, link_down=rate)
+                         memory_limit=memory_limit, max_upload=max_upload,
+                         link_up=link_rate, link_down=link_rate)
     run(config, host, port, url_file, announce=click.echo)
 
 
@@ -86,7 +59,7 @@ def serve(root, host, port, name, token_file, spill, memory_limit, max_upload, l
 @click.argument("ckpt", type=click.Path())
 @click.option("--job", required=True, help="job name")
 @click.option("--stores", required=True, help=_STORES_HELP)
-@click.option("--gpus-per-host", "-g", required=True, type=int, help="ranks per host (rank r goes to host r // G)")
+@click.option("--gpus-per-host", "-g", required=True, type=COUNT, help="ranks per host (rank r goes to host r // G)")
 @click.option("--version", default=None, help="version name (default: the next v<n>)")
 @_token_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
@@ -117,7 +90,7 @@ def push(ckpt, job, stores, gpus_per_host, version, token_file, as_json) -> None
 @click.option("--job", required=True, help="job name")
 @layout_option("--to", "to_layout")
 @click.option("--stores", required=True, help=_STORES_HELP)
-@click.option("--gpus-per-host", "-g", type=int, default=None, help="ranks per host after (default: as before)")
+@click.option("--gpus-per-host", "-g", type=COUNT, default=None, help="ranks per host after (default: as before)")
 @click.option("--hosts", default=None,
               help="hosts of the new placement, comma-separated (default: all stores, in order); 'auto': "
                    "the hosts that make the busiest one receive the least")

@@ -10,6 +10,7 @@ import click
 from ..errors import ScalaiError
 from .main import cli
 from .output import console
+from .params import COUNT, NON_NEGATIVE, POSITIVE_NUMBER, SEED
 
 __all__ = ["TrainingFailed"]
 
@@ -20,18 +21,18 @@ class TrainingFailed(ScalaiError):
 
 @cli.command("train")
 @click.option("--layout", "-l", required=True, metavar="LAYOUT", help="parallel layout, e.g. tp=2,pp=2,dp=1[,zero=1]")
-@click.option("--steps", type=int, required=True, help="total optimizer steps of the job (a resumed run stops there too)")
+@click.option("--steps", type=COUNT, required=True, help="total optimizer steps of the job (a resumed run stops there too)")
 @click.option("--model", "-m", default="gpt-tiny", show_default=True, help="gpt-tiny, gpt-small or gpt-bench")
 @click.option("--save", type=click.Path(), default=None, help="checkpoint root: state saved to SAVE/step-NNNNNN at the end or when stopped")
-@click.option("--save-every", type=int, default=0, show_default=True, help="also save every N steps")
+@click.option("--save-every", type=NON_NEGATIVE, default=0, show_default=True, help="also save every N steps")
 @click.option("--resume", type=click.Path(), default=None, help="checkpoint (or root: its latest step) to resume from, any layout")
 @click.option("--metrics", type=click.Path(), default=None, help="append one JSON line per step to this file")
 @click.option("--plot", type=click.Path(), default=None, help="write the loss curve of --metrics to this PNG at the end")
 @click.option("--data", type=click.Path(), default=None, help="sample index (default: the stdlib corpus, built on first use)")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--global-batch", type=int, default=8, show_default=True, help="samples per step over all replicas")
-@click.option("--micro-batch", type=int, default=4, show_default=True, help="largest micro-batch (samples)")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="peak learning rate")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--global-batch", type=COUNT, default=8, show_default=True, help="samples per step over all replicas")
+@click.option("--micro-batch", type=COUNT, default=4, show_default=True, help="largest micro-batch (samples)")
+@click.option("--lr", type=POSITIVE_NUMBER, default=1e-3, show_default=True, help="peak learning rate")
 @click.option("--schedule", type=click.Choice(["1f1b", "gpipe"]), default="1f1b", show_default=True)
 @click.option("--stop-file", type=click.Path(), default=None, help="stop and save after the step at which this file exists")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)

@@ -137,21 +137,14 @@ def write_synthetic_checkpoint(model: str, out_dir, config, seed: int = 0, progr
         ValueError: unknown model or impossible layout; not enough free disk space.
         FileExistsError: ``out_dir`` exists.
     """
-    import os
-    import shutil
     from concurrent.futures import ThreadPoolExecutor
 
     from ..checkpoint import CheckpointWriter, default_workers
+    from ..checkpoint.staging import check_output
     from . import model_ptc
 
     ptc = model_ptc(model, config)
-    need = stored_nbytes(ptc)
-    parent = os.path.dirname(os.path.abspath(os.fspath(out_dir))) or "."
-    free = shutil.disk_usage(parent if os.path.isdir(parent) else ".").free
-    if need > 0.9 * free:
-        raise ValueError(f"{model} in {config} needs {need / 2**30:.1f} GiB but only "
-                         f"{free / 2**30:.1f} GiB are free under {parent}; choose a smaller model "
-                         f"or another output directory")
+    check_output(out_dir, stored_nbytes(ptc), f"{model} in {config}")
     state = synthetic_state(model, config, seed)
     with CheckpointWriter(out_dir, ptc, state) as writer:
         def fill(rank: int) -> None:
@@ -162,6 +155,9 @@ def write_synthetic_checkpoint(model: str, out_dir, config, seed: int = 0, progr
                 if progress:
                     progress(int(np.prod(shard.shape)) * raw_numpy(ptc.spec(name).dtype).itemsize)
 
-        with ThreadPoolExecutor(workers or default_workers()) as pool:
+        pool = ThreadPoolExecutor(workers or default_workers())
+        try:
             list(pool.map(fill, range(config.world_size)))
+        finally:  # on an interrupt, start no further rank: the abort comes sooner
+            pool.shutdown(wait=True, cancel_futures=True)
         writer.commit(workers)

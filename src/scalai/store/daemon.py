@@ -8,6 +8,7 @@ otherwise read and delete the job's state.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import os
@@ -19,7 +20,7 @@ from ..checkpoint.manifest import atomic_write
 from .http_util import Keys
 from .server import StoreConfig, make_app
 
-__all__ = ["serve", "is_loopback", "check_bind"]
+__all__ = ["serve", "listen", "is_loopback", "check_bind"]
 
 log = logging.getLogger("scalai.store")
 
@@ -49,22 +50,49 @@ def serve(config: StoreConfig, host: str = "127.0.0.1", port: int = 0, url_file:
     given, writes the URL to ``url_file`` (atomically: a script can wait for the file).
     """
     check_bind(host, config.token)
-    _raise_fd_limit()
-    logging.basicConfig(level=os.environ.get("SCALAI_STORE_LOG", "INFO"), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(_serve(config, host, port, url_file, announce))
+    sock = listen(host, port)  # before anything is created: a busy port leaves no trace
+    try:
+        _raise_fd_limit()
+        logging.basicConfig(level=os.environ.get("SCALAI_STORE_LOG", "INFO"), stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        asyncio.run(_serve(config, sock, url_file, announce))
+    finally:
+        sock.close()
 
 
-async def _serve(config: StoreConfig, host: str, port: int, url_file: str | None, announce) -> None:
+def listen(host: str, port: int, backlog: int = 256) -> socket.socket:
+    """A TCP socket listening on ``host:port`` (``port`` 0: any free one).
+
+    Raises:
+        ValueError: the port is out of range, the address is not this machine's, or the
+            port is in use (one line saying which and what to do).
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port {port!r} is not a TCP port; use 1..65535, or 0 for any free port")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=backlog)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot listen on {host}: {exc.strerror}; give an address of this machine "
+                         f"(127.0.0.1 by default)") from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ValueError(f"cannot listen on {host}:{port}: the port is in use (another store or "
+                             f"program); choose another --port, or --port 0 for any free one") from None
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}; give an address of this "
+                         f"machine and a port you may use (above 1023 without root)") from None
+
+
+async def _serve(config: StoreConfig, sock: socket.socket, url_file: str | None, announce) -> None:
     from aiohttp import web
 
     app = make_app(config)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            read_bufsize=int(os.environ.get("SCALAI_STORE_BUFSIZE", 4 << 20)))
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=256, reuse_address=True)
+    site = web.SockSite(runner, sock)
     await site.start()
-    bound = site._server.sockets[0].getsockname()  # the port chosen when 0 was asked for
+    bound = sock.getsockname()  # the port chosen when 0 was asked for
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     url = f"http://{shown}:{bound[1]}"
     stop = asyncio.Event()
