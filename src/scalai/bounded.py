@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_JSON_DEPTH", "open_regular", "read_regular", "loads", "read_json", "file_kind"]
+__all__ = ["MAX_JSON_DEPTH", "open_regular", "read_regular", "loads", "read_json", "file_kind",
+           "may_continue"]
 
 #: Deepest nesting of JSON arrays and objects accepted. scalai's own files nest about 6
 #: deep; this leaves room for a caller's state and stays far below Python's recursion
@@ -40,6 +41,8 @@ MAX_JSON_DEPTH = 100
 
 _ESCAPE = re.compile(rb"\\.", re.DOTALL)  # a backslash and the character it escapes
 _KEEP = b'[]{}"'
+_TAIL = re.compile(r'[^\s,:\[\]{}"]*$')  # the last token, if it is a number or literal
+_NUMBER_PREFIX = re.compile(r"-?(\d+(\.\d*)?([eE][+-]?\d*)?)?")
 _DROP = bytes(c for c in range(256) if c not in _KEEP)
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -54,7 +57,10 @@ def file_kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
-def open_regular(path: str | os.PathLike, what: str, error: type[Exception] = ValueError) -> int:
+_FIX = "; replace it with the file it should be"
+
+
+def open_regular(path: str | os.PathLike, what: str, error: type[Exception] = ValueError, hint: str = _FIX) -> int:
     """Open ``path`` read-only and return the descriptor, if it is a regular file.
 
     Opens without blocking (``O_NONBLOCK``: a FIFO with no writer would otherwise wait
@@ -64,7 +70,8 @@ def open_regular(path: str | os.PathLike, what: str, error: type[Exception] = Va
     Raises:
         FileNotFoundError: ``path`` does not exist (callers often have a better message).
         error: ``path`` is a directory, FIFO, device or socket, or cannot be opened
-            (permissions, a symbolic-link loop), naming ``what`` and ``path``.
+            (permissions, a symbolic-link loop), naming ``what`` and ``path``; ``hint``
+            (how to fix it) is appended.
     """
     path = os.fspath(path)
     try:
@@ -72,20 +79,20 @@ def open_regular(path: str | os.PathLike, what: str, error: type[Exception] = Va
     except FileNotFoundError:
         raise
     except OSError as exc:
-        raise error(f"{what} {path} cannot be opened: {exc.strerror or exc}") from None
+        raise error(f"{what} {path} cannot be opened: {exc.strerror or exc}{hint}") from None
     try:
         mode = os.fstat(fd).st_mode
     except OSError as exc:
         os.close(fd)
-        raise error(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+        raise error(f"{what} {path} cannot be read: {exc.strerror or exc}{hint}") from None
     if not stat.S_ISREG(mode):
         os.close(fd)
-        raise error(f"{what} {path} is {file_kind(mode)}, not a regular file; "
-                    f"replace it with the file it should be")
+        raise error(f"{what} {path} is {file_kind(mode)}, not a regular file{hint}")
     return fd
 
 
-def read_regular(path: str | os.PathLike, limit: int, what: str, error: type[Exception] = ValueError) -> bytes:
+def read_regular(path: str | os.PathLike, limit: int, what: str, error: type[Exception] = ValueError,
+                 hint: str = _FIX) -> bytes:
     """All bytes of the regular file ``path``, refused when it holds more than ``limit``.
 
     The size is checked before reading (and again while reading, should the file grow),
@@ -95,12 +102,11 @@ def read_regular(path: str | os.PathLike, limit: int, what: str, error: type[Exc
         FileNotFoundError: ``path`` does not exist.
         error: not a regular file, unreadable, or larger than ``limit`` bytes.
     """
-    fd = open_regular(path, what, error)
+    fd = open_regular(path, what, error, hint)
     try:
         size = os.fstat(fd).st_size
         if size > limit:
-            raise error(f"{what} {path} holds {size} bytes, more than the {limit} scalai reads; "
-                        f"it is not the file it should be")
+            raise error(f"{what} {path} holds {size} bytes, more than the {limit} scalai reads{hint}")
         chunks, total = [], 0
         while True:
             chunk = os.read(fd, min(limit + 1 - total, 1 << 24))
@@ -109,10 +115,10 @@ def read_regular(path: str | os.PathLike, limit: int, what: str, error: type[Exc
             chunks.append(chunk)
             total += len(chunk)
             if total > limit:
-                raise error(f"{what} {path} grew past the {limit} bytes scalai reads while being read")
+                raise error(f"{what} {path} grew past the {limit} bytes scalai reads while being read{hint}")
         return b"".join(chunks)
     except OSError as exc:
-        raise error(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+        raise error(f"{what} {path} cannot be read: {exc.strerror or exc}{hint}") from None
     finally:
         os.close(fd)
 
@@ -188,8 +194,34 @@ def loads(data: bytes | str, where: str, *, error: type[Exception] = ValueError,
         raise error(f"{where} is not valid JSON: {reason}{hint}") from None
 
 
+def may_continue(data: bytes) -> bool:
+    """Whether ``data``, not valid JSON itself, is the start of some valid JSON text that
+    more bytes could complete (a write arriving in pieces), rather than garbage already.
+
+    ``b'{"dp": 4'``, ``b'{"x": tr'`` and ``b'{"lr": 1e'`` may continue; ``b"garbage"``,
+    ``b'{"dp": }'`` and anything nested deeper than :data:`MAX_JSON_DEPTH` may not.
+    """
+    if _depth(data) > MAX_JSON_DEPTH:
+        return False
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:  # a multi-byte character cut at the end may continue
+        return exc.reason == "unexpected end of data" and may_continue(data[:exc.start])
+    in_string = re.sub(r"\\.", "", text).count('"') % 2 == 1
+    tail = "" if in_string else _TAIL.search(text).group()
+    if tail:  # a number or literal still being written: judge what precedes it
+        if not (_NUMBER_PREFIX.fullmatch(tail) or any(w.startswith(tail) for w in ("true", "false", "null"))):
+            return False
+        text = text[: len(text) - len(tail)] + "0"
+    try:
+        json.JSONDecoder().raw_decode(text)
+    except json.JSONDecodeError as exc:
+        return exc.pos >= len(text) or exc.msg.startswith("Unterminated string")
+    return bool(tail)  # complete only once the tail is: may continue; else trailing data
+
+
 def read_json(path: str | os.PathLike, limit: int, what: str, *, error: type[Exception] = ValueError,
               hint: str = "", max_depth: int = MAX_JSON_DEPTH) -> Any:
     """:func:`read_regular` then :func:`loads` (messages name ``what`` and ``path``)."""
-    data = read_regular(path, limit, what, error)
+    data = read_regular(path, limit, what, error, hint or _FIX)
     return loads(data, f"{what} {os.fspath(path)}", error=error, hint=hint, max_depth=max_depth)

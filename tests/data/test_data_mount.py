@@ -137,6 +137,57 @@ def test_mount_reads_source_bytes_before_and_after_a_dp_change(mounted, tmp_path
     assert "unmounted" in err and "Traceback" not in err
 
 
+def _write_state(mnt: Path, data: bytes) -> None:
+    """One write(2) to state.json, then close(2): an error of the write itself raises."""
+    fd = os.open(mnt / "state.json", os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("data", [
+    b'{"epoch": 99999999999999999}',           # a position past what 64 bits count
+    b'{"consumed": 9223372036854775807}',
+    b'{"epoch": 1, "consumed": 1e999}',        # not a JSON number
+    b"garbage",                                # can never become JSON: refused by write(), not close()
+    b'{"dp": }',
+    b"[" * 5000,                               # nested past the limit
+])
+def test_bad_state_json_writes_fail_at_write_and_change_nothing(mounted, data):
+    mount = mounted("--seed", "1", "--global-batch", "4", "--dp", "2")
+    mnt = mount.mountpoint
+    before = (mnt / "state.json").read_bytes(), (mnt / "rank-1" / "index.json").read_bytes()
+    fd = os.open(mnt / "state.json", os.O_WRONLY | os.O_TRUNC)
+    try:
+        with pytest.raises(OSError) as refused:
+            os.write(fd, data)  # the write itself fails, not only the close after it
+    finally:
+        os.close(fd)  # and the close after a refused write does not fail again
+    assert refused.value.errno == errno.EINVAL
+    # the view is unchanged and still reads
+    assert ((mnt / "state.json").read_bytes(), (mnt / "rank-1" / "index.json").read_bytes()) == before
+    _write_state(mnt, b'{"advance": 1}')  # and takes a good change afterwards
+    assert json.loads((mnt / "state.json").read_text())["consumed"] == 4
+    code, err = mount.stop(signal.SIGTERM)
+    assert code == 0 and "state.json not changed" in err and "Traceback" not in err, err
+
+
+@pytest.mark.fuse
+def test_a_change_written_in_pieces_is_applied_when_complete(mounted):
+    mount = mounted("--seed", "1", "--global-batch", "4", "--dp", "2")
+    fd = os.open(mount.mountpoint / "state.json", os.O_WRONLY | os.O_TRUNC)
+    try:
+        # cut inside a name, a literal and a number
+        for piece in (b'{"dp', b'": 4, "micro_batch_size": nu', b'll, "advance": 1', b"0}"):
+            os.write(fd, piece)
+    finally:
+        os.close(fd)
+    state = json.loads((mount.mountpoint / "state.json").read_text())
+    assert state["dp"] == 4 and state["consumed"] == 40 and state["micro_batch_size"] is None
+
+
 @pytest.mark.fuse
 def test_sigint_unmounts_cleanly(mounted):
     mount = mounted("--seed", "1", "--global-batch", "4", "--dp", "2")

@@ -240,7 +240,8 @@ def read_manifest(directory: str) -> Manifest:
         raise CheckpointError(f"checkpoint directory {directory} does not exist or is not a directory")
     path = os.path.join(directory, MANIFEST_NAME)
     try:
-        text = read_regular(path, MAX_MANIFEST_BYTES, "manifest", CheckpointError)
+        text = read_regular(path, MAX_MANIFEST_BYTES, "manifest", CheckpointError,
+                            "; the checkpoint is damaged: restore the file or use an earlier checkpoint")
     except FileNotFoundError:
         raise CheckpointError(f"{directory} has no {MANIFEST_NAME}: the save did not finish; "
                               f"use an earlier checkpoint") from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Callable
@@ -29,8 +28,8 @@ def _state_options(func: Callable) -> Callable:
                      help="samples consumed since the start of --epoch (may exceed one epoch)"),
         click.option("--order", "order_name", default="feistel", show_default=True,
                      type=click.Choice(["feistel", "sequential"]), help="order algorithm"),
-        click.option("--state", "state_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     help="JSON file with a data state, or a checkpoint manifest holding one under 'data'"),
+        click.option("--state", "state_file", type=click.Path(path_type=Path), default=None,
+                     help="JSON file with a data state, or a checkpoint (its directory or manifest.json)"),
     ]
     for option in reversed(options):
         func = option(func)
@@ -44,13 +43,7 @@ def _load_state(num_samples: int, seed: int | None, global_batch: int | None, ep
     if state_file is not None:
         if seed is not None or global_batch is not None or epoch or consumed:
             raise ValueError("give --state or --seed/--global-batch/--epoch/--consumed, not both")
-        try:
-            obj = json.loads(state_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{state_file} is not valid JSON ({exc}); pass a data state file") from None
-        if isinstance(obj, dict) and "data" in obj and isinstance(obj["data"], dict):
-            obj = obj["data"]
-        return DataState.from_json(obj, num_samples=num_samples)
+        return DataState.from_json(_state_json(state_file), num_samples=num_samples)
     missing = [name for name, value in (("--seed", seed), ("--global-batch", global_batch)) if value is None]
     if missing:
         raise ValueError(f"missing {' and '.join(missing)}; give them (or --state FILE)")
@@ -58,6 +51,29 @@ def _load_state(num_samples: int, seed: int | None, global_batch: int | None, ep
         raise ValueError(f"--epoch {epoch} and --consumed {consumed} must be >= 0")
     return DataState.at_position(epoch * num_samples + consumed, seed=seed, global_batch=global_batch,
                                  num_samples=num_samples, order=order_name)
+
+
+def _state_json(path: Path) -> dict:
+    """The data state in ``path``: a state file, or a checkpoint (directory or manifest),
+    which keeps it under ``state.data`` (older files: a top-level ``data``)."""
+    from ..bounded import read_json
+    from ..checkpoint.manifest import FORMAT, MANIFEST_NAME, MAX_MANIFEST_BYTES
+
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    try:
+        obj = read_json(path, MAX_MANIFEST_BYTES, "--state", hint="; pass a data state file or a checkpoint")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--state {path} does not exist; pass a data state file or a checkpoint") from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:  # a checkpoint's manifest
+        data = obj.get("state", {}).get("data") if isinstance(obj.get("state"), dict) else None
+        if not isinstance(data, dict):
+            raise ValueError(f"checkpoint {path} records no data position (no state.data); it was "
+                             f"saved without one: give --seed/--global-batch/--epoch/--consumed")
+        return data
+    if isinstance(obj, dict) and isinstance(obj.get("data"), dict):
+        return obj["data"]
+    return obj
 
 
 def _division(global_batch: int, dp: int, micro_batch_size: int | None, num_micro_batches: int | None):
@@ -164,8 +180,11 @@ def plan_cmd(index_path: Path, seed, global_batch, epoch, consumed, order_name, 
     index = SampleIndex.open(index_path)
     state = _load_state(index.num_samples, seed, global_batch, epoch, consumed, order_name, state_file)
     division = _division(state.global_batch, dp, micro_batch_size, num_micro_batches)
-    if steps < 1 or steps * state.global_batch > 10_000_000:
-        raise ValueError(f"--steps {steps} must be at least 1 and cover at most 10,000,000 samples")
+    from ..data.division import MAX_WINDOW
+
+    if steps * state.global_batch > MAX_WINDOW:
+        raise ValueError(f"--steps {steps} of {state.global_batch} samples are more than the {MAX_WINDOW:,} "
+                         f"samples a plan shows; show fewer steps")
     table = plan_table(state, division, steps)
     if as_json:
         emit_json(table)

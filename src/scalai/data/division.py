@@ -28,7 +28,11 @@ import numpy as np
 from .order import sample_ids
 from .state import DataState
 
-__all__ = ["Division", "RankPlan", "rank_plan", "step_ids", "plan_table", "dp_rank"]
+__all__ = ["Division", "RankPlan", "rank_plan", "step_ids", "plan_table", "dp_rank", "MAX_WINDOW"]
+
+#: Most samples (steps x global batch) a plan or a mounted view lists at once: its arrays
+#: are built in memory (about 40 bytes per sample).
+MAX_WINDOW = 10_000_000
 
 
 def _split(n: int, parts: int) -> np.ndarray:

@@ -35,14 +35,18 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..bounded import open_regular, read_json
 from ..errors import ScalaiError
-from .sources import SourceFile, discover, documents, fingerprint
+from ..validate import integer
+from .sources import TOKEN_DTYPES, SourceFile, discover, documents, fingerprint
 
-__all__ = ["SampleIndex", "build_index", "INDEX_FORMAT", "INDEX_VERSION", "PACKINGS"]
+__all__ = ["SampleIndex", "build_index", "INDEX_FORMAT", "INDEX_VERSION", "PACKINGS", "MAX_INDEX_JSON_BYTES"]
 
 INDEX_FORMAT = "scalai-data-index"
 INDEX_VERSION = 1
 PACKINGS = ("stream", "document")
+#: Largest index.json read (it lists the source files: some 200 bytes each).
+MAX_INDEX_JSON_BYTES = 256 << 20
 _CHUNK = 1 << 20  # samples per vectorized chunk: ~24 MiB of temporaries
 
 
@@ -80,10 +84,14 @@ class SampleIndex:
         if not 0 <= sample < self.num_samples:
             raise IndexError(f"sample {sample} is outside the index (0..{self.num_samples - 1})")
         f, offset, left = int(self.sample_file[sample]), int(self.sample_offset[sample]), self.sample_bytes
+        if f < len(self.sources) and offset > self.sources[f].size:
+            raise ScalaiError(f"sample {sample} starts at byte {offset} of {self.sources[f].path}, past its "
+                              f"end; the index {self.path} is corrupt: rebuild it")
         pieces = []
         while left > 0:
             if f >= len(self.sources):
-                raise ScalaiError(f"sample {sample} runs past the last source file; the index is corrupt")
+                raise ScalaiError(f"sample {sample} runs past the last source file; the index {self.path} "
+                                  f"is corrupt: rebuild it")
             take = min(left, self.sources[f].size - offset)
             if take > 0:
                 pieces.append((f, offset, take))
@@ -93,40 +101,78 @@ class SampleIndex:
 
     @classmethod
     def open(cls, path: str | os.PathLike, verify: bool = False) -> SampleIndex:
-        """Open an index directory; checks every source file's size (``verify``: fingerprint too)."""
+        """Open an index directory; checks every source file's size (``verify``: fingerprint too).
+
+        ``index.json`` is parsed strictly (bounded JSON, every field checked) and the arrays
+        must be 1-d ``uint32``/``uint64`` of ``num_samples`` entries; anything else is a
+        :class:`~scalai.errors.ScalaiError` naming the file and saying to rebuild.
+        """
         path = Path(path)
         meta_path = path / "index.json"
-        if not meta_path.is_file():
+        if not meta_path.exists():
             raise FileNotFoundError(f"{path} is not a scalai data index (no index.json); "
                                     f"build one with 'scalai data index INPUTS... {path} --seq-len N'")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ScalaiError(f"{meta_path} is not valid JSON ({exc}); rebuild the index") from None
-        if meta.get("format") != INDEX_FORMAT:
-            raise ScalaiError(f"{meta_path} is not a scalai data index (format={meta.get('format')!r})")
-        if not isinstance(meta.get("version"), int) or meta["version"] > INDEX_VERSION:
-            raise ScalaiError(f"{path} is index version {meta.get('version')}, newer than this "
-                              f"scalai reads ({INDEX_VERSION}); upgrade scalai")
-        sources = tuple(SourceFile.from_json(s) for s in meta["sources"])
+        meta = read_json(meta_path, MAX_INDEX_JSON_BYTES, "index file", error=ScalaiError,
+                         hint="; rebuild the index")
+        seq_len, dtype, packing, n, sources = _parse_meta(meta, meta_path)
         for s in sources:
             try:
                 size = os.stat(s.path).st_size
             except FileNotFoundError:
                 raise ScalaiError(f"source file {s.path} of index {path} is gone; restore it or "
                                   f"rebuild the index") from None
+            except OSError as exc:
+                raise ScalaiError(f"source file {s.path} of index {path} cannot be read ({exc.strerror}); "
+                                  f"restore it or rebuild the index") from None
             if size != s.size or (verify and fingerprint(s.path, size) != s.fingerprint):
                 raise ScalaiError(f"source file {s.path} changed since index {path} was built "
                                   f"({s.size} -> {size} bytes); rebuild the index")
-        sample_file = np.load(path / "sample_file.npy", mmap_mode="r")
-        sample_offset = np.load(path / "sample_offset.npy", mmap_mode="r")
-        n = int(meta["num_samples"])
-        if sample_file.shape != (n,) or sample_offset.shape != (n,):
-            raise ScalaiError(f"{path}: arrays hold {sample_file.shape[0]} and {sample_offset.shape[0]} "
-                              f"samples, index.json says {n}; rebuild the index")
-        return cls(path=path, seq_len=int(meta["seq_len"]), dtype=str(meta["dtype"]),
-                   packing=str(meta["packing"]), sources=sources, sample_file=sample_file,
-                   sample_offset=sample_offset)
+        sample_file = _load_array(path / "sample_file.npy", np.uint32, n)
+        sample_offset = _load_array(path / "sample_offset.npy", np.uint64, n)
+        return cls(path=path, seq_len=seq_len, dtype=dtype, packing=packing, sources=sources,
+                   sample_file=sample_file, sample_offset=sample_offset)
+
+
+def _parse_meta(meta: object, where: Path) -> tuple[int, str, str, int, tuple[SourceFile, ...]]:
+    """``(seq_len, dtype, packing, num_samples, sources)`` of a parsed ``index.json``."""
+    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ScalaiError(f"{where} is not a scalai data index (format={found!r:.40})")
+    version = meta.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ScalaiError(f"{where} has version {version!r:.40}, not a positive integer; rebuild the index")
+    if version > INDEX_VERSION:
+        raise ScalaiError(f"{where.parent} is index version {version}, newer than this "
+                          f"scalai reads ({INDEX_VERSION}); upgrade scalai")
+    try:
+        seq_len = integer("seq_len", meta.get("seq_len"), 1, hint=" (tokens per sample)")
+        n = integer("num_samples", meta.get("num_samples"), 1)
+        if meta.get("dtype") not in TOKEN_DTYPES or meta.get("packing") not in PACKINGS:
+            raise ValueError(f"dtype {meta.get('dtype')!r:.20} or packing {meta.get('packing')!r:.20} is "
+                             f"not known (dtypes: {', '.join(TOKEN_DTYPES)}; packings: {', '.join(PACKINGS)})")
+        if not isinstance(meta.get("sources"), list) or not meta["sources"]:
+            raise ValueError("sources is not a non-empty list")
+        sources = tuple(SourceFile.from_json(s) for s in meta["sources"])
+        if any(s.dtype != meta["dtype"] for s in sources):
+            raise ValueError(f"a source's dtype differs from the index's {meta['dtype']}")
+    except ValueError as exc:
+        raise ScalaiError(f"{where} is invalid: {exc}; rebuild the index") from None
+    return seq_len, meta["dtype"], meta["packing"], n, sources
+
+
+def _load_array(path: Path, dtype, n: int) -> np.ndarray:
+    """The memory-mapped 1-d ``dtype[n]`` array of an index, or a ScalaiError naming the file."""
+    try:
+        os.close(open_regular(path, "index array", ScalaiError, "; rebuild the index"))  # no FIFO hang
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise ScalaiError(f"{path} is missing; rebuild the index") from None
+    except (ValueError, OSError, EOFError) as exc:  # truncated, not .npy, object arrays
+        raise ScalaiError(f"{path} is not a readable .npy array ({exc}); rebuild the index") from None
+    if array.dtype != np.dtype(dtype) or array.shape != (n,):
+        raise ScalaiError(f"{path} holds {array.dtype}{list(array.shape)}, the index needs {np.dtype(dtype)}[{n}] "
+                          f"(index.json says {n} samples); rebuild the index")
+    return array
 
 
 def _stream_starts(sources: Sequence[SourceFile], seq_len: int) -> tuple[int, Callable]:

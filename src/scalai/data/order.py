@@ -25,8 +25,11 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["ORDERS", "permute", "sample_ids", "global_order", "epoch_order"]
+__all__ = ["ORDERS", "MAX_POSITION", "permute", "sample_ids", "global_order", "epoch_order"]
 
+#: Largest position in the global order: positions are int64, and a window of up to
+#: 2**62 more samples after the largest one still fits.
+MAX_POSITION = 2**62
 _M64 = (1 << 64) - 1
 _ROUNDS = 6
 
@@ -129,6 +132,9 @@ def global_order(start: int, count: int, n: int, seed: int, order: str = "feiste
     """Ids (int64[count]) at positions ``start, start+1, ..., start+count-1`` of the order."""
     if count < 0 or start < 0:
         raise ValueError(f"start={start} and count={count} must be >= 0")
+    if start > MAX_POSITION or count > MAX_POSITION:
+        raise ValueError(f"start={start} and count={count} must be at most {MAX_POSITION} (positions of "
+                         f"the global order are counted in 64 bits)")
     return sample_ids(np.arange(start, start + count, dtype=np.int64), n, seed, order)
 
 

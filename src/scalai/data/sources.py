@@ -25,12 +25,16 @@ from typing import Iterable
 
 import numpy as np
 
+from ..bounded import open_regular
+from ..validate import integer
+
 __all__ = ["SourceFile", "discover", "documents", "fingerprint", "TOKEN_DTYPES", "FORMATS"]
 
 #: Token dtypes accepted for token files and Megatron datasets (ids must be integers).
 TOKEN_DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")
 FORMATS = ("auto", "tokens", "megatron", "text")
 _MEGATRON_HEADER = b"MMIDIDX\x00\x00"
+_HEAD_BYTES = len(_MEGATRON_HEADER) + 8 + 1 + 8 + 8  # magic, version, dtype code, two counts
 _MEGATRON_DTYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64",
                     6: "float64", 7: "float32", 8: "uint16"}
 _FINGERPRINT_SPAN = 64 * 1024
@@ -69,8 +73,17 @@ class SourceFile:
 
     @classmethod
     def from_json(cls, obj: dict) -> SourceFile:
-        return cls(path=str(obj["path"]), kind=str(obj["kind"]), dtype=str(obj["dtype"]),
-                   size=int(obj["size"]), fingerprint=str(obj["fingerprint"]))
+        """Parse :meth:`to_json`'s object strictly; raises ValueError."""
+        if not isinstance(obj, dict) or set(obj) != {"path", "kind", "dtype", "size", "fingerprint"}:
+            raise ValueError(f"a source entry is not {{path, kind, dtype, size, fingerprint}}: {obj!r:.100}")
+        if not all(isinstance(obj[k], str) for k in ("path", "kind", "dtype", "fingerprint")):
+            raise ValueError(f"source entry {obj['path']!r:.100}: path, kind, dtype and fingerprint are strings")
+        if obj["kind"] not in ("tokens", "megatron", "text") or obj["dtype"] not in TOKEN_DTYPES:
+            raise ValueError(f"source {obj['path']!r:.100} has kind {obj['kind']!r:.20} and dtype "
+                             f"{obj['dtype']!r:.20}; known kinds: tokens, megatron, text; dtypes: "
+                             f"{', '.join(TOKEN_DTYPES)}")
+        return cls(path=obj["path"], kind=obj["kind"], dtype=obj["dtype"],
+                   size=integer(f"size of source {obj['path']!r:.100}", obj["size"], 0), fingerprint=obj["fingerprint"])
 
 
 def fingerprint(path: str | os.PathLike, size: int) -> str:
@@ -87,26 +100,48 @@ def fingerprint(path: str | os.PathLike, size: int) -> str:
 
 
 def _read_megatron_idx(idx: Path) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-    """(dtype, sizes int32[s], pointers int64[s], document_indices int64[d + 1]) of an .idx."""
-    with open(idx, "rb") as f:
-        head = f.read(len(_MEGATRON_HEADER) + 8 + 1 + 8 + 8)
-    if len(head) < 34 or head[:9] != _MEGATRON_HEADER:
+    """(dtype, sizes int32[s], pointers int64[s], document_indices int64[d]) of an .idx.
+
+    Every count is checked against the file's size before anything is mapped, and the
+    arrays against each other (sizes >= 0; document indices within ``[0, s]`` and in
+    order), so a damaged or hostile index fails here, naming the file.
+
+    Raises:
+        ValueError: not a Megatron index, truncated, or inconsistent.
+    """
+    fd = open_regular(idx, "Megatron index")
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, _HEAD_BYTES, 0)
+    finally:
+        os.close(fd)
+    if len(head) < _HEAD_BYTES or head[:9] != _MEGATRON_HEADER:
         raise ValueError(f"{idx} is not a Megatron index (its header is not MMIDIDX); "
                          f"pass the .bin of a Megatron dataset or use --format tokens")
-    version, code, sequences, docs = struct.unpack("<QBQQ", head[9:34])
+    version, code, sequences, docs = struct.unpack("<QBQQ", head[9:_HEAD_BYTES])
     if version != 1:
         raise ValueError(f"{idx} is Megatron index version {version}; scalai reads version 1")
     dtype = _MEGATRON_DTYPES.get(code)
     if dtype not in TOKEN_DTYPES:
         raise ValueError(f"{idx} stores tokens as {dtype or f'code {code}'}; token ids must be one of "
                          f"{', '.join(TOKEN_DTYPES)}")
+    expected = _HEAD_BYTES + 12 * sequences + 8 * docs  # sizes int32, pointers int64, documents int64
+    if size not in (expected, expected + sequences):  # (+ one int8 mode per sequence: multimodal)
+        raise ValueError(f"{idx} holds {size} bytes but its header describes {expected} bytes ({sequences} "
+                         f"sequences, {docs} document bounds): it is truncated or damaged; re-run "
+                         f"Megatron's preprocessing")
     mm = np.memmap(idx, mode="r", dtype=np.uint8)
-    at = 34
+    at = _HEAD_BYTES
     sizes = np.frombuffer(mm, dtype="<i4", count=sequences, offset=at)
     at += 4 * sequences
     pointers = np.frombuffer(mm, dtype="<i8", count=sequences, offset=at)
     at += 8 * sequences
     doc_idx = np.frombuffer(mm, dtype="<i8", count=docs, offset=at)
+    if sequences and int(sizes.min()) < 0:
+        raise ValueError(f"{idx} has a negative sequence length; it is damaged: re-run Megatron's preprocessing")
+    if docs and (int(doc_idx.min()) < 0 or int(doc_idx.max()) > sequences or bool(np.any(np.diff(doc_idx) < 0))):
+        raise ValueError(f"{idx} has document indices outside 0..{sequences} or out of order; it is damaged: "
+                         f"re-run Megatron's preprocessing")
     return dtype, sizes, pointers, doc_idx
 
 

@@ -10,7 +10,8 @@ the checkpoint manifest under the key ``"data"``::
 
 ``consumed`` counts samples of ``epoch`` already consumed (``0 <= consumed <
 num_samples``); the absolute position in the global order is ``epoch * num_samples +
-consumed``. ``num_samples`` is the size of the index the order runs over: a state loaded
+consumed``, at most :data:`MAX_POSITION` (2**62: positions are int64 in the order's arrays,
+with room for any window after them). ``num_samples`` is the size of the index the order runs over: a state loaded
 against an index of another size is refused, since its order would differ.
 """
 
@@ -19,9 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from .order import ORDERS
+from .order import MAX_POSITION, ORDERS
 
-__all__ = ["DataState", "STATE_VERSION"]
+__all__ = ["DataState", "STATE_VERSION", "MAX_POSITION"]
 
 STATE_VERSION = 1
 _KEYS = ("version", "seed", "epoch", "consumed", "global_batch", "num_samples", "order")
@@ -69,6 +70,10 @@ class DataState:
             )
         if self.order not in ORDERS:
             raise ValueError(f"order={self.order!r} is not known; use one of {sorted(ORDERS)}")
+        if self.position > MAX_POSITION:
+            raise ValueError(f"epoch={self.epoch} with consumed={self.consumed} is position {self.position} "
+                             f"of the global order, past the {MAX_POSITION} samples scalai counts; pass the "
+                             f"epoch and count the job really reached")
 
     # -- positions -------------------------------------------------------------------
     @classmethod
@@ -77,6 +82,9 @@ class DataState:
         """The state whose absolute position in the global order is ``position``."""
         _check_int("position", position, 0, "it counts samples consumed since epoch 0 began")
         _check_int("num_samples", num_samples, 1, "the index holds no sample; index more data")
+        if position > MAX_POSITION:
+            raise ValueError(f"position {position} of the global order is past the {MAX_POSITION} samples "
+                             f"scalai counts; pass the epoch and count the job really reached")
         return cls(seed=seed, global_batch=global_batch, num_samples=num_samples,
                    epoch=position // num_samples, consumed=position % num_samples, order=order)
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import errno
 import itertools
-import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ..bounded import loads, may_continue
 from ..errors import ScalaiError
 from .index import SampleIndex
 from .reader import SampleReader
@@ -35,6 +36,8 @@ from .vfs_tree import MountConfig, View
 
 __all__ = ["mount", "fuse_unavailable_reason", "FuseUnavailable", "is_mounted"]
 
+#: Largest change written to state.json (a handful of keys; anything longer is refused).
+MAX_STATE_WRITE = 64 << 10
 # Lines libfuse and fusermount3 print in normal operation that would only confuse a user.
 _NOISE = (b"Ignoring invalid max threads value", b"not mounted")
 
@@ -137,6 +140,22 @@ def _filtered_stderr() -> Iterator[None]:
         sink.close()
 
 
+@contextmanager
+def _default_signals(*signals: int) -> Iterator[None]:
+    """Default dispositions while libfuse runs: it installs its own handlers (a clean
+    unmount) only for signals left at their default, and the CLI handles SIGTERM itself."""
+    try:
+        saved = {sig: signal.signal(sig, signal.SIG_DFL) for sig in signals}
+    except ValueError:  # not the main thread: signals are not ours to change
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 class _Handle:
     """An open file: the view it was opened in, and for state.json the bytes written."""
 
@@ -213,12 +232,21 @@ def _operations(view_ref: list[View], on_ready: Callable[[], None] | None, log: 
             handle = self._handles[fh]
             if handle.buffer is None:
                 raise mfusepy.FuseOSError(errno.EBADF)
+            if offset + len(data) > MAX_STATE_WRITE:
+                handle.dirty, handle.buffer[:] = False, b""
+                log(f"state.json not changed: a change is at most {MAX_STATE_WRITE} bytes of JSON")
+                raise mfusepy.FuseOSError(errno.EFBIG)
             handle.buffer[offset: offset + len(data)] = data
             handle.dirty = True
+            text = bytes(handle.buffer)
             try:
-                changes = json.loads(bytes(handle.buffer).decode())
-            except (ValueError, UnicodeDecodeError):
-                return len(data)  # not a whole JSON document yet: wait for more, or for close()
+                changes = loads(text, "what was written")
+            except ValueError as exc:
+                if may_continue(text):
+                    return len(data)  # not a whole JSON document yet: wait for more, or for close()
+                handle.dirty, handle.buffer[:] = False, b""
+                log(f"state.json not changed: {exc}")
+                raise mfusepy.FuseOSError(errno.EINVAL) from None  # garbage fails the write itself
             self._apply(handle, changes)  # complete: apply now, so a bad one fails the write itself
             return len(data)
 
@@ -237,10 +265,10 @@ def _operations(view_ref: list[View], on_ready: Callable[[], None] | None, log: 
             if handle is None or not handle.dirty:
                 return 0
             try:
-                changes = json.loads(bytes(handle.buffer).decode())
-            except (ValueError, UnicodeDecodeError) as exc:
+                changes = loads(bytes(handle.buffer), "what was written")
+            except ValueError as exc:
                 handle.dirty, handle.buffer[:] = False, b""
-                log(f"state.json not changed: what was written is not JSON ({exc})")
+                log(f"state.json not changed: {exc}")
                 raise mfusepy.FuseOSError(errno.EINVAL) from None
             self._apply(handle, changes)
             return 0
@@ -297,7 +325,7 @@ def mount(index: SampleIndex | str | os.PathLike, mountpoint: str | os.PathLike,
     view_ref = [View(index, SampleReader(index), config)]
     say = log or (lambda message: print(f"scalai: {message}", file=sys.stderr, flush=True))
     operations = _operations(view_ref, on_ready, say)
-    with _filtered_stderr():
+    with _filtered_stderr(), _default_signals(signal.SIGTERM, signal.SIGHUP):
         try:
             mfusepy.FUSE(operations, str(mountpoint), foreground=True, debug=debug, auto_unmount=True,
                          fsname=f"scalai-data:{index.path.name}", subtype="scalai", max_threads=threads,

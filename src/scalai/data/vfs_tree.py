@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .division import Division, RankPlan, rank_plan
+from .division import MAX_WINDOW, Division, RankPlan, rank_plan
 from .index import SampleIndex
 from .reader import SampleReader
 from .state import DataState
@@ -50,6 +50,9 @@ class MountConfig:
                              f"state's {self.state.global_batch}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= 1_000_000:
             raise ValueError(f"steps={self.steps!r} must be an integer in 1..1000000 (steps shown per rank)")
+        if self.steps * self.state.global_batch > MAX_WINDOW:
+            raise ValueError(f"{self.steps} steps of {self.state.global_batch} samples are more than the "
+                             f"{MAX_WINDOW:,} samples a view shows; show fewer steps")
 
     def to_json(self) -> dict[str, Any]:
         d = self.division
