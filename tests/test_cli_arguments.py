@@ -189,3 +189,35 @@ def test_store_serve_on_a_busy_port_creates_nothing(tmp_path):
     assert proc.stderr.strip() == (f"scalai: error: cannot listen on 127.0.0.1:{port}: the port is in use "
                                    f"(another store or program); choose another --port, or --port 0 for any free one")
     assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["fifo", "zero", "dir"])
+@pytest.mark.parametrize("args", [
+    ["store", "ls", "--stores", "http://127.0.0.1:9", "--token-file", "{file}"],
+    ["run", "--steps", "4", "--out", "{out}", "--schedule", "{file}"],
+    ["plot", "{file}", "-o", "{out}.png"],
+    ["data", "plan", "--index", "{idx}", "--state", "{file}", "--dp", "1"],
+], ids=["token-file", "schedule", "metrics", "state"])
+def test_files_given_as_options_are_read_within_bounds(capsys, tmp_path, kind, args):
+    """A FIFO (would block forever), /dev/zero (would read without end) or a directory
+    where a file is expected: one line, nothing created."""
+    path = tmp_path / "input"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "zero":
+        os.symlink("/dev/zero", path)
+    else:
+        path.mkdir()
+    made = ["input"]
+    if "{idx}" in args:
+        from scalai.data import build_index
+
+        (tmp_path / "corpus.txt").write_bytes(b"scalai " * 100)
+        build_index([tmp_path / "corpus.txt"], tmp_path / "idx", 8)
+        made += ["corpus.txt", "idx"]
+    r = run(capsys, *[a.format(file=path, out=tmp_path / "out", idx=tmp_path / "idx") for a in args])
+    assert r.code == 2, r.err
+    assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err, r.err
+    assert str(path) in r.err or "Invalid value" in r.err, r.err
+    assert sorted(os.listdir(tmp_path)) == sorted(made)

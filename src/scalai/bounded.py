@@ -149,7 +149,7 @@ def _finite(text: str) -> float:
 
 
 def loads(data: bytes | str, where: str, *, error: type[Exception] = ValueError, hint: str = "",
-          max_bytes: int | None = None, max_depth: int = MAX_JSON_DEPTH) -> Any:
+          max_bytes: int | None = None, max_depth: int = MAX_JSON_DEPTH, allow_nan: bool = False) -> Any:
     """Parse JSON ``data`` strictly and within bounds.
 
     Args:
@@ -159,6 +159,8 @@ def loads(data: bytes | str, where: str, *, error: type[Exception] = ValueError,
         hint: appended to every message (how to fix it, e.g. ``"; rebuild the index"``).
         max_bytes: refuse longer data (``None``: no limit beyond the caller's read).
         max_depth: refuse deeper nesting of arrays and objects.
+        allow_nan: accept ``NaN`` and infinities (Python's own JSON dialect, e.g. the loss
+            of a diverged run in a metrics file); strict JSON otherwise.
 
     Raises:
         error: not UTF-8, longer than ``max_bytes``, nested deeper than ``max_depth``,
@@ -180,6 +182,8 @@ def loads(data: bytes | str, where: str, *, error: type[Exception] = ValueError,
     if depth > max_depth:
         raise error(f"{where} nests JSON {depth} levels deep, more than the {max_depth} accepted{hint}")
     try:
+        if allow_nan:
+            return json.loads(text)
         return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except json.JSONDecodeError as exc:
         raise error(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}{hint}") \

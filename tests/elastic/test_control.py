@@ -79,3 +79,23 @@ def test_a_busy_control_port_is_refused_in_one_line(server):
     port = int(s.url.rsplit(":", 1)[1])
     with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}.*choose another --control-port"):
         ControlServer(dict, lambda a, v: {}, port=port)
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (b"[" * 2000 + b"]" * 2000, "nests JSON 2000 levels deep"),
+    (b'{"devices": NaN}', "NaN is not a JSON number"),
+    (b'{"devices": 4', "not valid JSON"),
+])
+def test_a_hostile_body_is_a_400_with_one_line(server, body, fragment):
+    import urllib.error
+
+    s, asked = server()
+    req = urllib.request.Request(f"{s.url}/v1/scale", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=30)
+    assert refused.value.code == 400
+    error = json.loads(refused.value.read())["error"]
+    assert fragment in error and "\n" not in error
+    assert asked == []
+    assert send_scale(s.url, {"devices": 2})["accepted"]  # and it still answers

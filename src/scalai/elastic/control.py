@@ -25,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
+from ..bounded import loads, read_json
 from ..config import ParallelConfig
 from .events import write_json_atomic
 
@@ -117,9 +118,9 @@ class ControlServer:
                     self._send(413, {"error": f"body over {MAX_BODY} bytes"})
                     return
                 try:
-                    body = json.loads(self.rfile.read(length) or b"null")
+                    body = loads(self.rfile.read(length) or b"null", "the request body", max_bytes=MAX_BODY)
                     accepted = owner.scale(*parse_request(body))
-                except (ValueError, json.JSONDecodeError) as exc:
+                except ValueError as exc:
                     self._send(400, {"error": str(exc)})
                     return
                 self._send(202, {"accepted": accepted})
@@ -161,8 +162,8 @@ def find_endpoint(job: str) -> str:
     """
     path = registry_path(job)
     try:
-        return json.loads(path.read_text())["url"]
-    except (OSError, ValueError, KeyError):
+        return read_json(path, 1 << 20, "control registry")["url"]
+    except (OSError, ValueError, KeyError, TypeError):
         raise FileNotFoundError(f"no running job named {job!r} (no {path}); start one with 'scalai run "
                                 f"--job {job} ...', or give its endpoint with --url") from None
 

@@ -15,12 +15,12 @@ the fix when something is wrong.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..bounded import read_json
 from ..config import ParallelConfig
 
 __all__ = ["Event", "parse_schedule", "load_schedule", "ACTIONS"]
@@ -112,12 +112,9 @@ def parse_schedule(obj: Any) -> list[Event]:
 
 
 def load_schedule(path: str | os.PathLike) -> list[Event]:
-    """Read and validate a schedule file."""
+    """Read and validate a schedule file (a regular file of at most 16 MiB of JSON)."""
     try:
-        with open(path) as f:
-            obj = json.load(f)
+        obj = read_json(path, 16 << 20, "schedule file")
     except FileNotFoundError:
         raise FileNotFoundError(f"schedule file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"schedule file {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
     return parse_schedule(obj)

@@ -25,6 +25,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import numpy as np
 
+from ..bounded import read_regular
 from ..checkpoint.arrays import as_raw
 from ..dtypes import raw_numpy
 from ..planner.plan import Window
@@ -46,10 +47,9 @@ def load_token(token_file: str | os.PathLike | None = None, env: bool = True) ->
     """
     if token_file is not None:
         try:
-            with open(token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        except OSError as exc:
-            raise ValueError(f"cannot read token file {token_file}: {exc.strerror}") from None
+            token = read_regular(token_file, 64 << 10, "token file").decode("utf-8", "replace").strip()
+        except FileNotFoundError:
+            raise ValueError(f"cannot read token file {token_file}: it does not exist") from None
         where = f"token file {token_file}"
     elif env and os.environ.get(TOKEN_ENV):
         token, where = os.environ[TOKEN_ENV].strip(), f"${TOKEN_ENV}"

@@ -9,9 +9,10 @@ curve and shows the relative difference per step in a second panel.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable
+
+from ..bounded import loads, open_regular
 
 __all__ = ["read_metrics", "relative_differences", "plot_losses"]
 
@@ -26,15 +27,15 @@ def read_metrics(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list
         paths = [paths]
     by_step: dict[int, dict] = {}
     for path in paths:
-        with open(path) as f:
+        with os.fdopen(open_regular(path, "metrics file"), "rb") as f:  # a FIFO would hang
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    record = json.loads(line)
+                try:  # a diverged run logs NaN losses: Python's JSON dialect
+                    record = loads(line, f"{path}:{number}", allow_nan=True)
                     step, loss = record["step"], record["loss"]
                     ok = isinstance(step, int) and isinstance(loss, (int, float))
-                except (json.JSONDecodeError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError):
                     ok = False
                 if not ok:
                     raise ValueError(f"{path}:{number} is not a metrics line "
