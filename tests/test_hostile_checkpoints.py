@@ -128,6 +128,19 @@ def test_hostile_checkpoint_files_get_one_line(capsys, tmp_path, tiny, case, com
     assert after == before
 
 
+@pytest.mark.parametrize("entry", [
+    b'{"dtype": "U8", "shape": [false], "data_offsets": [0, 0]}',  # found by the fuzz test
+    b'{"dtype": "U8", "shape": [1.5], "data_offsets": [0, 1]}',
+    b'{"dtype": "U8", "shape": [1], "data_offsets": [true, 1]}',
+])
+def test_a_safetensors_header_entry_of_wrong_types(tmp_path, entry):
+    header = b'{"a": ' + entry + b"}"
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"x")
+    with pytest.raises(CheckpointError, match="f.safetensors is truncated or corrupt: bad header entry for 'a'"):
+        SafetensorsReader(path)
+
+
 def test_a_safetensors_header_nested_1e5_deep(tmp_path):
     header = b"[" * 100_000 + b"]" * 100_000
     path = tmp_path / "f.safetensors"

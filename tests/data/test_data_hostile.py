@@ -105,6 +105,14 @@ def _replace(name, make):
     return mutate
 
 
+def _edit_bytes(name, old, new):
+    def mutate(path):
+        data = (path / name).read_bytes()
+        assert old in data
+        (path / name).write_bytes(data.replace(old, new, 1))
+    return mutate
+
+
 def _truncate(name, keep):
     def mutate(path):
         data = (path / name).read_bytes()
@@ -132,6 +140,7 @@ def _truncate(name, keep):
     (_replace("sample_file.npy", lambda p: np.save(p, np.array([{}], dtype=object))),
      "sample_file.npy is not a readable .npy array"),
     (_replace("sample_offset.npy", os.mkdir), "sample_offset.npy is a directory"),
+    (_edit_bytes("sample_file.npy", b",), }", b",(, }"), "sample_file.npy is not a readable .npy array"),  # fuzz
 ])
 @pytest.mark.timeout(60)
 def test_a_damaged_sample_index_is_one_line(capsys, index, mutate, fragment):

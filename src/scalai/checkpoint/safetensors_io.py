@@ -283,7 +283,7 @@ class SafetensorsReader:
                 dtype = from_safetensors_code(info["dtype"])
                 shape = tuple(info["shape"])
                 begin, end = info["data_offsets"]
-                ok = all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end))
+                ok = all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, begin, end))
             except (TypeError, KeyError, ValueError):
                 ok = False
             if not ok or set(info) != {"dtype", "shape", "data_offsets"}:

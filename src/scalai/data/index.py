@@ -167,8 +167,11 @@ def _load_array(path: Path, dtype, n: int) -> np.ndarray:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise ScalaiError(f"{path} is missing; rebuild the index") from None
-    except (ValueError, OSError, EOFError) as exc:  # truncated, not .npy, object arrays
-        raise ScalaiError(f"{path} is not a readable .npy array ({exc}); rebuild the index") from None
+    except ScalaiError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy's header parser fails in many ways on damaged files
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ScalaiError(f"{path} is not a readable .npy array ({reason}); rebuild the index") from None
     if array.dtype != np.dtype(dtype) or array.shape != (n,):
         raise ScalaiError(f"{path} holds {array.dtype}{list(array.shape)}, the index needs {np.dtype(dtype)}[{n}] "
                           f"(index.json says {n} samples); rebuild the index")
