@@ -21,7 +21,7 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
-def parse_size(text: str, name: str = "size") -> int:
+def parse_size(text: str, name: str | None = None) -> int:
     """``"8G"``, ``"512M"``, ``"1.5T"``, ``"1000000"`` (bytes; K/M/G/T are powers of 1024,
     a trailing ``B`` or ``iB`` is allowed) -> a positive number of bytes.
 
@@ -36,11 +36,11 @@ def parse_size(text: str, name: str = "size") -> int:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value * scale < 1 or value * scale >= 2**63:
-        raise ValueError(f"{name} {text!r} is not a positive size; write e.g. 512M or 8G")
+        raise ValueError(f"{_named(name, text)} is not a positive size; write e.g. 512M or 8G")
     return int(value * scale)
 
 
-def parse_rate(text: str, name: str = "rate") -> float:
+def parse_rate(text: str, name: str | None = None) -> float:
     """``"1gbit"``, ``"400mbit"``, ``"50MB"`` (optionally ``/s`` or ``ps``) -> a positive,
     finite number of bytes per second.
 
@@ -57,4 +57,8 @@ def parse_rate(text: str, name: str = "rate") -> float:
             if math.isfinite(value) and value > 0:
                 return value
             break
-    raise ValueError(f"{name} {text!r} is not a positive rate; write e.g. 1gbit, 400mbit or 50MB")
+    raise ValueError(f"{_named(name, text)} is not a positive rate; write e.g. 1gbit, 400mbit or 50MB")
+
+
+def _named(name: str | None, text: str) -> str:
+    return f"{name} {text!r}" if name else repr(text)

@@ -43,10 +43,13 @@ class _Positive(click.ParamType):
 
     def convert(self, value, param, ctx):
         try:
-            return finite(None, float(value), 0.0, exclusive_minimum=True)
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{str(value)[:40]!r} is not a number", param, ctx)
+        try:
+            return finite(None, number, 0.0, exclusive_minimum=True)
         except ValueError as exc:
-            self.fail(str(exc) if "finite" in str(exc) or "range" in str(exc) else
-                      f"{str(value)[:40]!r} is not a number", param, ctx)
+            self.fail(str(exc), param, ctx)
 
 
 class _Parsed(click.ParamType):
@@ -59,9 +62,9 @@ class _Parsed(click.ParamType):
         if not isinstance(value, str):
             return value
         try:
-            return self._parse(value, "value")
+            return self._parse(value)
         except ValueError as exc:
-            self.fail(str(exc).removeprefix("value "), param, ctx)
+            self.fail(str(exc), param, ctx)
 
 
 #: Something counted from one: devices, hosts, ranks per host, threads, steps, samples.
