@@ -93,3 +93,16 @@ def test_read_json(tmp_path):
     path.write_text("[" * 200 + "]" * 200)
     with pytest.raises(ValueError, match=f"state file {path} nests JSON 200 levels deep"):
         read_json(path, 1000, "state file")
+
+
+@pytest.mark.parametrize("prefix, continues", [
+    (b'{"dp": 4', True), (b'{"dp', True), (b'{"d\\"p', True), (b'{"a": [1, 2', True), (b"", True),
+    (b'{"lr": 1e', True), (b'{"x": tr', True), (b'{"x": nul', True), (b'{"x": -', True),
+    (b'{"a": "\xc3', True),                       # a character cut between its bytes
+    (b"garbage", False), (b'{"dp": }', False), (b'{"dp": 4} x', False), (b'{"x": truex', False),
+    (b'{"x" 1', False), (b"\xff", False), (b"[" * 200, False), (b'{"x": 1}', False),
+])
+def test_may_continue_tells_a_prefix_from_garbage(prefix, continues):
+    from scalai.bounded import may_continue
+
+    assert may_continue(prefix) is continues
