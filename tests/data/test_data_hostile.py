@@ -134,13 +134,16 @@ def _truncate(name, keep):
      "index.json is not valid JSON: NaN"),
     (_replace("index.json", os.mkfifo), r"index.json is a FIFO \(named pipe\)"),
     (_truncate("sample_file.npy", lambda n: n - 5), "sample_file.npy is not a readable .npy array"),
-    (_truncate("sample_offset.npy", lambda n: 60), "sample_offset.npy is not a readable .npy array"),
+    (_truncate("sample_offset.npy", lambda n: 60), r"sample_offset.npy claims a 118-byte header in a 60-byte file"),
     (_replace("sample_file.npy", lambda p: np.save(p, np.zeros(3, np.int64))),
      r"sample_file.npy holds int64\[3\], the index needs uint32"),
     (_replace("sample_file.npy", lambda p: np.save(p, np.array([{}], dtype=object))),
      "sample_file.npy is not a readable .npy array"),
     (_replace("sample_offset.npy", os.mkdir), "sample_offset.npy is a directory"),
     (_edit_bytes("sample_file.npy", b",), }", b",(, }"), "sample_file.npy is not a readable .npy array"),  # fuzz
+    (_edit_bytes("sample_file.npy", b"NUMPY\x01", b"NUMPY\x03"),  # fuzz: a 662 MB header claimed
+     r"sample_file.npy claims a 6\d{8}-byte header in a \d+-byte file"),
+    (_edit_bytes("sample_file.npy", b"NUMPY", b"NUMPX"), "sample_file.npy is not a .npy array"),
 ])
 @pytest.mark.timeout(60)
 def test_a_damaged_sample_index_is_one_line(capsys, index, mutate, fragment):

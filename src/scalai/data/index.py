@@ -47,6 +47,7 @@ INDEX_VERSION = 1
 PACKINGS = ("stream", "document")
 #: Largest index.json read (it lists the source files: some 200 bytes each).
 MAX_INDEX_JSON_BYTES = 256 << 20
+_MAX_NPY_HEADER = 64 << 10  # numpy writes some 120 bytes
 _CHUNK = 1 << 20  # samples per vectorized chunk: ~24 MiB of temporaries
 
 
@@ -160,10 +161,27 @@ def _parse_meta(meta: object, where: Path) -> tuple[int, str, str, int, tuple[So
     return seq_len, meta["dtype"], meta["packing"], n, sources
 
 
+def _check_npy_head(path: Path, head: bytes, size: int) -> None:
+    """Refuse a .npy file whose magic, version or header length is not plausible, before
+    numpy reads (and allocates) a header of whatever length the file claims."""
+    if len(head) < 10 or head[:6] != b"\x93NUMPY" or head[6] not in (1, 2, 3):
+        raise ScalaiError(f"{path} is not a .npy array (no NUMPY magic and version); rebuild the index")
+    start, length = (10, int.from_bytes(head[8:10], "little")) if head[6] == 1 else \
+        (12, int.from_bytes(head[8:12], "little"))
+    if length > _MAX_NPY_HEADER or start + length > size:
+        raise ScalaiError(f"{path} claims a {length}-byte header in a {size}-byte file; it is damaged: "
+                          f"rebuild the index")
+
+
 def _load_array(path: Path, dtype, n: int) -> np.ndarray:
     """The memory-mapped 1-d ``dtype[n]`` array of an index, or a ScalaiError naming the file."""
     try:
-        os.close(open_regular(path, "index array", ScalaiError, "; rebuild the index"))  # no FIFO hang
+        fd = open_regular(path, "index array", ScalaiError, "; rebuild the index")  # no FIFO hang
+        try:
+            size, head = os.fstat(fd).st_size, os.pread(fd, 12, 0)
+        finally:
+            os.close(fd)
+        _check_npy_head(path, head, size)
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise ScalaiError(f"{path} is missing; rebuild the index") from None
