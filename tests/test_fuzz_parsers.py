@@ -32,7 +32,7 @@ from scalai.errors import CheckpointError, ScalaiError
 
 # CI runs a fixed set of examples (derandomized); SCALAI_FUZZ_EXAMPLES=5000 SCALAI_FUZZ_RANDOM=1
 # explores further.
-_SETTINGS = settings(max_examples=int(os.environ.get("SCALAI_FUZZ_EXAMPLES", 150)), deadline=None,
+_SETTINGS = settings(max_examples=int(os.environ.get("SCALAI_FUZZ_EXAMPLES", 60)), deadline=None,
                      derandomize=os.environ.get("SCALAI_FUZZ_RANDOM") != "1", database=None,
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                             HealthCheck.function_scoped_fixture])
