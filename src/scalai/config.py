@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+from .limits import LAYERS, RANKS
+
 __all__ = ["ParallelConfig", "RankCoords", "Placement", "Device"]
 
 
@@ -68,8 +70,10 @@ class ParallelConfig:
                     f"stages={_plus(stages)} lists {len(stages)} stages but pp={self.pp}; "
                     f"give exactly pp layer counts joined by '+'"
                 )
-            if any(not isinstance(n, int) or n < 0 for n in stages):
+            if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in stages):
                 raise ValueError(f"stages={_plus(stages)} has a negative or non-integer layer count")
+            LAYERS.check(sum(stages), f"stages={_plus(stages)}")
+        RANKS.check(self.tp * self.pp * self.dp, f"layout {self}")
 
     # -- text form -------------------------------------------------------------------
     @classmethod
@@ -152,7 +156,11 @@ class ParallelConfig:
 
         Raises:
             ValueError: the layers do not split as asked.
+            LimitError: more layers than :data:`scalai.limits.LAYERS`.
         """
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
+            raise ValueError(f"num_layers={num_layers!r} must be a non-negative integer")
+        LAYERS.check(num_layers, "the model")
         if self.layers_per_stage is not None:
             if sum(self.layers_per_stage) != num_layers:
                 raise ValueError(
@@ -162,7 +170,7 @@ class ParallelConfig:
             counts = list(self.layers_per_stage)
         else:
             if num_layers % self.pp:
-                options = [d for d in range(1, num_layers + 1) if num_layers % d == 0]
+                options = [d for d in range(1, min(num_layers, 4096) + 1) if num_layers % d == 0]
                 raise ValueError(
                     f"pp={self.pp} does not divide {num_layers} layers; use pp in "
                     f"{{{', '.join(map(str, options))}}} or give uneven stages, "

@@ -31,9 +31,11 @@ def synth(model: str, out: str, layout, seed: int, as_json: bool) -> None:
     Values depend only on the global position, so the same model synthesized in two layouts
     holds the same global tensors.
     """
+    from ..checkpoint.limits import reserve_descriptors
     from ..models import model_ptc
     from ..models.synth import stored_nbytes, write_synthetic_checkpoint
 
+    reserve_descriptors(layout.world_size, "a checkpoint")  # before building anything per rank
     ptc = model_ptc(model, layout)
     total = stored_nbytes(ptc)
     t0 = time.perf_counter()
@@ -213,10 +215,12 @@ def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool
     """
     from ..checkpoint import Checkpoint
     from ..checkpoint.staging import check_output
+    from ..checkpoint.limits import reserve_descriptors
     from ..executor import reshard_checkpoint
     from ..models.synth import stored_nbytes
 
     verify_seconds = 0.0
+    reserve_descriptors(to_layout.world_size, "the new checkpoint")
     with Checkpoint.open(ckpt) as c:
         old = c.ptc
         total = stored_nbytes(old.relayout(to_layout))

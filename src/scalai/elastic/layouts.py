@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import ParallelConfig
+from ..limits import RANKS
 from ..models.shapes import ModelShape
 
 __all__ = ["Hardware", "Workload", "LayoutEstimate", "rank_layouts"]
@@ -171,10 +172,11 @@ def rank_layouts(shape: ModelShape, devices: int, hw: Hardware | None = None,
     """Every layout of ``devices`` devices the model allows, fitting ones first, fastest first.
 
     Raises:
-        ValueError: ``devices`` < 1.
+        ValueError: ``devices`` < 1; LimitError: more than :data:`scalai.limits.RANKS`.
     """
     if devices < 1:
         raise ValueError(f"devices={devices} must be at least 1")
+    RANKS.check(devices, f"a job of {devices:,} devices")
     hw, work = hw or Hardware(), work or Workload(seq_len=min(2048, shape.max_seq_len))
     estimates = [estimate(shape, c, hw, work) for c in _candidates(shape, devices)]
     return sorted(estimates, key=lambda e: (not e.fits, round(e.step_seconds, 6), e.cross_host_gib_per_step,

@@ -25,6 +25,7 @@ from math import prod
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
 from ..config import ParallelConfig
+from ..limits import LOCAL_TENSORS, TENSORS
 from ..validate import integer
 from ..regions import Region, contiguous_boxes, disjoint, flat_runs, subtract
 from .spec import TensorSpec
@@ -63,11 +64,14 @@ class PTC:
     Raises:
         LayoutError: a tensor cannot be split under ``config`` (the message names the
             tensor, why, and which degrees would work).
+        LimitError: more tensors, layers or (rank, tensor) pairs than
+            :mod:`scalai.limits` allows (checked before anything per rank is built).
     """
 
     def __init__(self, config: ParallelConfig, specs: Iterable[TensorSpec], num_layers: int):
         self.config = config
         self.specs: tuple[TensorSpec, ...] = tuple(specs)
+        TENSORS.check(len(self.specs), "the job state")
         try:
             self.num_layers = integer("num_layers", num_layers, 0, hint=" (transformer layers of the model)")
         except ValueError as exc:
@@ -82,6 +86,8 @@ class PTC:
         except ValueError as exc:
             raise LayoutError(str(exc)) from None
         self.stage_of_layer = tuple(s for s, layers in enumerate(stage_layers) for _ in layers)
+        LOCAL_TENSORS.check(self._pairs_bound(), f"the job state under {config} "
+                                                 f"({len(self.specs):,} tensors, {config.world_size:,} ranks)")
         for spec in self.specs:
             problem = spec.split.check(spec.shape, config.tp, config.dp)
             if problem:
@@ -98,6 +104,19 @@ class PTC:
         self._owners: dict[Any, dict[str, dict[int, int]]] = {}  # replica group -> owner maps
         self._replicas_of: PTC | None = None  # set on a stored_replicas() view
         self._replica_group: Callable[[int], Hashable] | None = None  # ... kept once per group
+
+    def _pairs_bound(self) -> int:
+        """At most how many (rank, local tensor) pairs this layout has, from the specs alone:
+        a tensor is held by the ``tp x dp`` ranks of each stage it resides on."""
+        per_stage = self.config.tp * self.config.dp
+        total = 0
+        for spec in self.specs:
+            try:
+                stages = len(self.stages_of(spec))
+            except ValueError as exc:  # a layer the model does not have
+                raise LayoutError(f"{spec.name}: {exc}") from None
+            total += stages * per_stage
+        return total
 
     # -- lookup ----------------------------------------------------------------------
     @property

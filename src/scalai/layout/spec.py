@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 from ..dtypes import itemsize
+from ..limits import DIMS, ELEMENTS
 from ..validate import integer
 from .splits import Replicate, SplitRule, split_from_json
 
@@ -106,7 +107,9 @@ class TensorSpec:
         if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in sizes):
             raise ValueError(f"tensor {self.name}: shape {list(sizes)!r:.200} must hold non-negative "
                              f"integer sizes")
+        DIMS.check(len(sizes), f"tensor {self.name}")
         object.__setattr__(self, "shape", tuple(int(s) for s in sizes))
+        ELEMENTS.check(self.numel, f"tensor {self.name} (shape {list(self.shape)})")
         if not isinstance(self.dtype, str):
             raise ValueError(f"tensor {self.name}: dtype {self.dtype!r} is not a dtype name")
         itemsize(self.dtype)  # validates the dtype name

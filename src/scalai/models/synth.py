@@ -143,6 +143,10 @@ def write_synthetic_checkpoint(model: str, out_dir, config, seed: int = 0, progr
     from ..checkpoint.staging import check_output
     from . import model_ptc
 
+    from ..checkpoint.limits import reserve_descriptors
+    from ..config import ParallelConfig
+
+    reserve_descriptors(ParallelConfig.parse(config).world_size, "a checkpoint")
     ptc = model_ptc(model, config)
     check_output(out_dir, stored_nbytes(ptc), f"{model} in {config}")
     state = synthetic_state(model, config, seed)

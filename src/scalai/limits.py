@@ -1,0 +1,117 @@
+"""The sizes scalai accepts, in one place. Pure.
+
+Every input that could make scalai allocate or compute without bound (a layout, a model,
+a PTC read from a manifest or an HTTP body, a JSON document) is checked against these
+limits *before* anything is built from it, so that a typo such as ``dp=100000`` or a
+hostile manifest with ``num_layers: 10**12`` is refused in one line instead of
+allocating gigabytes or running for minutes.
+
+=================  ===================  =========  ===========================================
+limit              environment          default    what it bounds
+=================  ===================  =========  ===========================================
+``LAYERS``         SCALAI_MAX_LAYERS    16384      transformer layers of a model or PTC
+``RANKS``          SCALAI_MAX_RANKS     131072     ranks (devices) of one layout
+``TENSORS``        SCALAI_MAX_TENSORS   262144     tensors of one job state (PTC specs)
+``LOCAL_TENSORS``  SCALAI_MAX_LOCAL_    4194304    (rank, tensor) pairs of one layout: what
+                   TENSORS                         PTCs, plans and checkpoints scale with
+                                                   (planning costs about 1 KB and 1-5 us each)
+``DIMS``           SCALAI_MAX_DIMS      16         dimensions of one tensor
+``ELEMENTS``       SCALAI_MAX_ELEMENTS  2**48      elements of one tensor
+``JSON_DEPTH``     SCALAI_MAX_JSON_     64         nesting of a JSON document (manifests,
+                   DEPTH                           store request bodies)
+=================  ===================  =========  ===========================================
+
+The defaults are several times what the largest published jobs need (GPT-3 175B on
+4096 ranks: 96 layers, ~4,600 tensors, ~900,000 (rank, tensor) pairs); a larger job
+raises a limit through its environment variable, which every process that builds its
+layouts (CLI, workers, stores) must see. A refusal is a :class:`LimitError` (a
+``ValueError``: exit code 2 in the CLI, HTTP 422 from a store) naming the limit and the
+variable::
+
+    LimitError: layout tp=1,pp=1,dp=100000 has 100,000 ranks, more than scalai's limit of
+    131,072 ... (set SCALAI_MAX_RANKS to raise it)
+
+The process's own open-file limit, which checkpoints of many ranks run into, is handled
+in :mod:`scalai.checkpoint.limits`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Limit", "LimitError", "LAYERS", "RANKS", "TENSORS", "LOCAL_TENSORS", "DIMS", "ELEMENTS",
+           "JSON_DEPTH", "ALL", "check_json_depth"]
+
+
+class LimitError(ValueError):
+    """An input larger than a limit of :mod:`scalai.limits` (the message names the limit and
+    how to raise it)."""
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One limit: its default, the environment variable that overrides it, what it counts."""
+
+    name: str
+    env: str
+    default: int
+    unit: str
+
+    @property
+    def value(self) -> int:
+        """The limit in force: ``$env`` when set (a positive integer), else the default."""
+        text = os.environ.get(self.env)
+        if text is None or not text.strip():
+            return self.default
+        try:
+            value = int(text.strip().replace("_", ""))
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ValueError(f"{self.env}={text!r} is not a positive integer; unset it or give a "
+                             f"limit of {self.unit}, e.g. {self.env}={self.default}")
+        return value
+
+    def check(self, count: int, subject: str) -> int:
+        """Return ``count`` if within the limit, else raise :class:`LimitError` saying that
+        ``subject`` (e.g. ``"layout tp=1,pp=1,dp=100000"``) has too many."""
+        limit = self.value
+        if count > limit:
+            raise LimitError(f"{subject} has {count:,} {self.unit}, more than scalai's limit of {limit:,} "
+                             f"(set {self.env} to raise it if this is intended)")
+        return count
+
+
+LAYERS = Limit("LAYERS", "SCALAI_MAX_LAYERS", 16384, "layers")
+RANKS = Limit("RANKS", "SCALAI_MAX_RANKS", 1 << 17, "ranks")
+TENSORS = Limit("TENSORS", "SCALAI_MAX_TENSORS", 1 << 18, "tensors")
+LOCAL_TENSORS = Limit("LOCAL_TENSORS", "SCALAI_MAX_LOCAL_TENSORS", 1 << 22, "(rank, tensor) pairs")
+DIMS = Limit("DIMS", "SCALAI_MAX_DIMS", 16, "dimensions")
+ELEMENTS = Limit("ELEMENTS", "SCALAI_MAX_ELEMENTS", 1 << 48, "elements")
+JSON_DEPTH = Limit("JSON_DEPTH", "SCALAI_MAX_JSON_DEPTH", 64, "levels of nesting")
+
+#: Every limit, for documentation and ``--help`` texts.
+ALL = (LAYERS, RANKS, TENSORS, LOCAL_TENSORS, DIMS, ELEMENTS, JSON_DEPTH)
+
+
+def check_json_depth(obj: Any, subject: str) -> Any:
+    """Return ``obj`` (parsed JSON) if no list or object in it is nested deeper than
+    :data:`JSON_DEPTH`, else raise :class:`LimitError`. Iterative: no recursion limit to hit,
+    linear in the number of values."""
+    limit = JSON_DEPTH.value
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            raise LimitError(f"{subject} is nested more than {limit} levels deep, scalai's limit (set "
+                             f"{JSON_DEPTH.env} to raise it if this is intended)")
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return obj
