@@ -99,7 +99,8 @@ def test_traversal_and_bad_names_are_400(shared, path):
         status, body = raw(shared.url, method, p, body=b"\0" * 4 if method == "PUT" else None, headers=auth())
         assert status in (400, 405), (method, path, status, body)
         assert "error" in body
-    assert not any(p.name != "jobs" and not p.name.startswith(".") for p in shared.root.iterdir())
+    assert not any(p.name not in ("jobs", "uploads") and not p.name.startswith(".") for p in shared.root.iterdir())
+    assert not list((shared.root / "uploads").iterdir())
     assert sorted(p.name for p in (shared.root / "jobs").iterdir()) == ["j", "k"]
 
 
@@ -146,7 +147,8 @@ def test_upload_sizes_are_bounded(stores):  # its own store: a small --max-uploa
     status, body = raw(s.url, "PUT", TENSOR + "?dtype=float32&shape=2", b"\0" * 8, h)
     assert status == 201
     assert s.client().usage()["memory_bytes"] == 8  # refused uploads left nothing behind
-    assert not [p for p in (s.root / "jobs").rglob(".*tmp*")]
+    assert not [p for p in (s.root / "jobs").rglob(".*tmp*")] and not list((s.root / "uploads").iterdir())
+    assert s.client().usage()["uploading_bytes"] == 0
 
 
 def test_json_bodies_are_bounded_and_validated(shared):

@@ -30,7 +30,8 @@ from ..errors import PlanError
 from ..layout.ptc import PTC
 from ..planner import Deployment, make_plan
 
-__all__ = ["consistent_dumps", "merged_state", "replicas_cover", "commit_dump", "restore_from_disk"]
+__all__ = ["consistent_dumps", "merged_state", "replicas_cover", "commit_dump", "restore_from_disk",
+           "dump_owner"]
 
 
 def consistent_dumps(reports: Mapping[int, dict]) -> tuple[dict[int, dict], str]:
@@ -68,6 +69,12 @@ def replicas_cover(old_ptc: PTC, old_place: Placement, new_ptc: PTC, new_place: 
     return ""
 
 
+def dump_owner(version: str) -> str:
+    """The writer id the survivors dump into ``version`` with (the runner commits or drops
+    the dump as the same owner; see :mod:`scalai.store.lease`)."""
+    return f"dump-{version}"
+
+
 def commit_dump(cluster, job: str, version: str, ptc: PTC, placement: Placement, state: dict,
                 dead: Sequence[int], alive_hosts: Sequence[str]):
     """Commit the survivors' dump as a version with ``lost_ranks`` on the surviving hosts."""
@@ -76,7 +83,7 @@ def commit_dump(cluster, job: str, version: str, ptc: PTC, placement: Placement,
     _, seq = cluster.next_version(job)
     manifest = VersionManifest(job, version, seq, ptc, placement, state, lost_ranks=tuple(sorted(dead)))
     hosts = [h for h in placement.hosts_for(ptc.config.world_size) if h in alive_hosts]
-    cluster.commit(manifest, hosts)
+    cluster.commit(manifest, hosts, owner=dump_owner(version))
     return manifest
 
 

@@ -29,7 +29,7 @@ from .ahead import drop_successor
 from ..config import ParallelConfig
 from .allocation import apply_event
 from .events import read_generation, write_json_atomic
-from .recovery import commit_dump, consistent_dumps, merged_state, replicas_cover, restore_from_disk
+from .recovery import commit_dump, consistent_dumps, dump_owner, merged_state, replicas_cover, restore_from_disk
 from .spec import after_failure
 from .timeline import Reconfiguration
 from .worker import go_file, layout_file
@@ -170,6 +170,8 @@ def recover(runner: Runner, old: Generation, outcome: Outcome) -> Generation:
     committed version (stores, then disk), else a fresh start."""
     from .runner import _Pending, ptc_of
 
+    from ..store.lease import Lease
+
     runner.state = "recovering"
     t_allocate = time.time()
     if runner.persister is not None:
@@ -204,17 +206,20 @@ def recover(runner: Runner, old: Generation, outcome: Outcome) -> Generation:
     cluster = runner._cluster()
     dump_version = f"rescue-g{old.number:03d}"
     source, step, moved, cross = "", 0, 0, 0
+    alive = [h for h in runner.spec.host_names if h not in runner.pool.dead]
     if not why:
         step = next(iter(dumps.values()))["step"]
-        commit_dump(cluster, runner.spec.job, dump_version, old_ptc, old.alloc.placement, merged_state(dumps),
-                    unavailable, [h for h in runner.spec.host_names if h not in runner.pool.dead])
+        with Lease(cluster, runner.spec.job, dump_owner(dump_version)) as lease:
+            lease.hold(dump_version, alive)  # the survivors' dump stays until it is committed
+            commit_dump(cluster, runner.spec.job, dump_version, old_ptc, old.alloc.placement, merged_state(dumps),
+                        unavailable, alive)
         result, plan, transform = _transform(runner, alloc, dump_version, dead_hosts, target)
         version, recovered = result.target, "replicas"
         moved, cross = result.stats.total_bytes, result.cross_host_bytes
         source = f"dumps of {len(dumps)} surviving ranks at step {step}"
     else:
         runner.say(f"  no recovery from replicas: {why}")
-        cluster.drop(runner.spec.job, dump_version)
+        cluster.drop(runner.spec.job, dump_version, owner=dump_owner(dump_version))
         recovered = "checkpoint"
         alive = [c for c in runner.commits if not c["dropped"] and not set(c["hosts"]) & set(runner.pool.dead)]
         persisted = runner.persister.latest() if runner.persister else None

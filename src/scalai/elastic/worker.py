@@ -478,6 +478,7 @@ class ElasticWorker:
         from ..checkpoint.arrays import as_raw
         from ..store.client import StoreClient, load_token
         from ..training.nontensor import capture, rank_snapshot
+        from .recovery import dump_owner
 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         log = self.log or RankLog(self.run_dir, self.generation, job.rank, host=self.host)
@@ -488,7 +489,7 @@ class ElasticWorker:
             for name, tensor in job.local_tensors().items():
                 dtype = job.ptc.spec(name).dtype
                 total += client.put(self.job_name, self.dump_version, job.rank, name,
-                                    as_raw(tensor, dtype, name), dtype)["bytes"]
+                                    as_raw(tensor, dtype, name), dtype, owner=dump_owner(self.dump_version))["bytes"]
             state = capture(job, [rank_snapshot(job)])
             state["rng"]["ranks"] = {str(job.rank): state["rng"]["ranks"]["0"]}
             log.mark("dump_end", dump={"version": self.dump_version, "step": job.step, "bytes": total,

@@ -1,21 +1,32 @@
-"""What a store holds: jobs, versions, tensor files, their sizes; commit and delete.
+"""What a store holds: jobs, versions, tensor files, their sizes, who writes them; commit,
+delete and expiry.
 
 Directory layout under each root (the memory root, and the optional spill root)::
 
     <root>/.scalai-store                               marks a directory the store owns
+    <root>/uploads/upload-<random>                     uploads in progress (private files)
+    <root>/jobs/<job>/<version>/owner.json             who created the version, its lease (memory root)
     <root>/jobs/<job>/<version>/manifest.json          present = committed (memory root only)
     <root>/jobs/<job>/<version>/r00003/<tensor>        one file per stored tensor (files.py)
 
-A root must be new, empty or already marked: the store deletes leftovers under
-``jobs/`` at start-up and must never do that in a directory it does not own.
+A root must be new, empty or already marked: the store deletes leftovers under ``jobs/``
+and ``uploads/`` at start-up and must never do that in a directory it does not own.
 
-A new tensor file goes to the memory root unless that would pass ``memory_limit`` bytes,
-then to the spill root (a disk directory), else the write is refused (HTTP 507). The
-index lives in memory, rebuilt from the headers at start-up. Committed versions are
-immutable; deleting a version renames it away first, so it disappears at once.
+A new tensor file goes to the memory root unless that would pass ``memory_limit`` bytes
+(counting uploads in progress), then to the spill root (a disk directory), else the write
+is refused (HTTP 507). The index lives in memory, rebuilt from the headers at start-up.
 
-All methods are called from the server's event loop thread; the lock only guards against
-helper threads that :meth:`add` after writing a file.
+Ownership and leases: a version belongs to the writer that created it (its *owner*, an id
+the writer chose: every upload, commit, transformation and owner-scoped delete names it;
+writers that give none share the owner ``""``). While uncommitted it holds a *lease*:
+it expires ``lease_s`` seconds after its owner last created, renewed or wrote it, and
+the server deletes expired versions (:meth:`Catalog.expired`). Committed versions are
+immutable and hold no lease; an upload's file is renamed into its version only under the
+lock, after checking that the version is still the one it was opened for and still
+uncommitted, so a late upload can never replace a committed file.
+
+Every method may be called from the event loop or from helper threads: one lock guards
+the index.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import os
 import secrets
 import shutil
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -33,15 +45,16 @@ import numpy as np
 
 from ..checkpoint.manifest import atomic_write
 from ..errors import ScalaiError
-from .files import StoreFileError, TensorMeta, map_tensor, read_meta
-from .manifest import VersionManifest
+from .files import NewTensor, StoreFileError, TensorMeta, map_tensor, private_name, read_meta
 from .names import check_name, check_tensor_name
 
-__all__ = ["Catalog", "StoredTensor", "VersionEntry", "NotFound", "Conflict", "StorageFull", "remove_trees"]
+__all__ = ["Catalog", "StoredTensor", "VersionEntry", "Upload", "NotFound", "Conflict", "StorageFull"]
 
 log = logging.getLogger("scalai.store")
 MANIFEST = "manifest.json"
+OWNER = "owner.json"
 MARKER = ".scalai-store"
+UPLOADS = "uploads"
 
 
 def _own_root(path: str) -> str:
@@ -53,6 +66,9 @@ def _own_root(path: str) -> str:
             raise ValueError(f"{path} is not empty and is not a store root; give a new or empty "
                              f"directory (e.g. /dev/shm/scalai-store)")
         atomic_write(marker, b'{"format": "scalai-store-root", "version": 1}\n', sync=False)
+    uploads = os.path.join(path, UPLOADS)
+    shutil.rmtree(uploads, ignore_errors=True)  # uploads that were in progress when the store died
+    os.makedirs(uploads)
     jobs = os.path.join(path, "jobs")
     os.makedirs(jobs, exist_ok=True)
     return jobs
@@ -63,7 +79,8 @@ class NotFound(ScalaiError):
 
 
 class Conflict(ScalaiError):
-    """HTTP 409: the request contradicts the version's state (e.g. writing a committed one)."""
+    """HTTP 409: the request contradicts the version's state (e.g. writing a committed one,
+    or another owner's)."""
 
 
 class StorageFull(ScalaiError):
@@ -77,12 +94,18 @@ class StoredTensor:
     spilled: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class VersionEntry:
+    """One version in the index. Compared by identity: a version deleted and created again
+    under the same name is another entry."""
+
     job: str
     version: str
     tensors: dict[tuple[int, str], StoredTensor] = field(default_factory=dict)
     manifest: dict | None = None
+    owner: str = ""
+    lease_s: float = 60.0
+    expires: float = 0.0  # time.monotonic() after which an uncommitted version is deleted
 
     @property
     def committed(self) -> bool:
@@ -94,16 +117,36 @@ class VersionEntry:
 
     def summary(self) -> dict:
         m = self.manifest or {}
-        return {"version": self.version, "committed": self.committed, "sequence": m.get("sequence"),
-                "layout": (m.get("ptc") or {}).get("config"), "bytes": self.nbytes,
-                "tensors": len(self.tensors)}
+        out = {"version": self.version, "committed": self.committed, "sequence": m.get("sequence"),
+               "layout": (m.get("ptc") or {}).get("config"), "bytes": self.nbytes,
+               "tensors": len(self.tensors), "owner": self.owner}
+        if not self.committed:
+            out["expires_in_s"] = round(max(0.0, self.expires - time.monotonic()), 3)
+        return out
+
+
+@dataclass(eq=False)
+class Upload:
+    """An upload in progress: the private file it streams into and where it goes."""
+
+    entry: VersionEntry
+    rank: int
+    tensor: str
+    tmp: str
+    path: str
+    spilled: bool
+    nbytes: int
 
 
 class Catalog:
-    """The index of one store's roots (see the module docstring)."""
+    """The index of one store's roots (see the module docstring).
+
+    Args:
+        lease_s: the lease of versions whose writer asks for none (seconds).
+    """
 
     def __init__(self, root: str, spill: str | None = None, memory_limit: int | None = None,
-                 name: str = "store"):
+                 name: str = "store", lease_s: float = 60.0):
         self.root_dir = os.path.abspath(root)
         self.spill_dir = os.path.abspath(spill) if spill else None
         if self.spill_dir == self.root_dir:
@@ -112,9 +155,11 @@ class Catalog:
         self.spill = _own_root(self.spill_dir) if self.spill_dir else None
         self.memory_limit = memory_limit
         self.name = name
+        self.lease_s = lease_s
         self.jobs: dict[str, dict[str, VersionEntry]] = {}
         self.used = {"memory": 0, "spill": 0}
-        self._lock = threading.Lock()
+        self.reserved = 0  # memory bytes of uploads in progress
+        self._lock = threading.RLock()
         self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
         self._scan()
 
@@ -132,14 +177,27 @@ class Catalog:
                     if version.startswith("."):
                         shutil.rmtree(vdir, ignore_errors=True)  # an interrupted delete
                         continue
-                    entry = self._entry(job, version, create=True)
-                    self._scan_version(entry, vdir, spilled)
-                    mpath = os.path.join(vdir, MANIFEST)
-                    if not spilled and os.path.exists(mpath):
-                        with open(mpath, "rb") as f:
-                            entry.manifest = json.load(f)
+                    self._scan_version(self._entry(job, version, create=True), vdir, spilled)
+        for job, versions in self.jobs.items():
+            for version, entry in versions.items():
+                self._scan_owner(entry, os.path.join(self.root, job, version))
         log.info("%s: %d jobs, %d bytes in memory, %d spilled", self.name, len(self.jobs),
                  self.used["memory"], self.used["spill"])
+
+    def _scan_owner(self, entry: VersionEntry, vdir: str) -> None:
+        """Owner and lease from ``owner.json``, the manifest if committed; an uncommitted
+        version gets a fresh lease (its writer may come back after the restart)."""
+        try:
+            with open(os.path.join(vdir, OWNER), "rb") as f:
+                info = json.loads(f.read(4096))
+            entry.owner, entry.lease_s = str(info["owner"]), float(info["lease_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            entry.lease_s = self.lease_s
+        mpath = os.path.join(vdir, MANIFEST)
+        if os.path.exists(mpath):
+            with open(mpath, "rb") as f:
+                entry.manifest = json.load(f)
+        entry.expires = time.monotonic() + entry.lease_s
 
     def _scan_version(self, entry: VersionEntry, vdir: str, spilled: bool) -> None:
         for rdir in _listdir(vdir):
@@ -147,7 +205,7 @@ class Catalog:
                 continue
             for tensor in _listdir(os.path.join(vdir, rdir)):
                 path = os.path.join(vdir, rdir, tensor)
-                if tensor.startswith("."):  # an upload that never finished
+                if tensor.startswith("."):  # an upload of an earlier scalai that never finished
                     os.unlink(path)
                     continue
                 try:
@@ -174,10 +232,11 @@ class Catalog:
         return entry
 
     def version(self, job: str, version: str) -> VersionEntry:
-        return self._entry(job, version)
+        with self._lock:
+            return self._entry(job, version)
 
     def committed(self, job: str, version: str) -> VersionEntry:
-        entry = self._entry(job, version)
+        entry = self.version(job, version)
         if not entry.committed:
             raise Conflict(f"version {version!r} of job {job!r} is not committed in store "
                            f"{self.name}; it cannot be read until it is")
@@ -204,141 +263,321 @@ class Catalog:
                 self._maps.popitem(last=False)
         return arr
 
-    # -- writing ----------------------------------------------------------------------
-    def place(self, job: str, version: str, rank: int, tensor: str, nbytes: int) -> tuple[str, bool]:
-        """Path for a new tensor file of ``nbytes`` and whether it is spilled to disk.
-
-        Raises:
-            Conflict: the version is committed (immutable).
-            StorageFull: no room in memory and no spill directory.
-        """
-        check_name(job, "job"), check_name(version, "version"), check_tensor_name(tensor)
-        versions = self.jobs.get(job, {})
-        if version in versions and versions[version].committed:
-            raise Conflict(f"version {version!r} of job {job!r} is committed in store {self.name} "
-                           f"and cannot change; write a new version")
-        spilled = False
+    def job_names(self) -> list[str]:
         with self._lock:
-            old = versions.get(version).tensors.get((rank, tensor)) if version in versions else None
-            freed = old.meta.nbytes if old is not None and not old.spilled else 0
-            if self.memory_limit is not None and self.used["memory"] - freed + nbytes > self.memory_limit:
-                if self.spill is None:
-                    raise StorageFull(
-                        f"store {self.name} holds {self.used['memory']} bytes in memory and "
-                        f"{nbytes} more would pass its limit of {self.memory_limit}; delete old "
-                        f"versions, raise --memory-limit or give --spill DIR")
-                spilled = True
-        root = self.spill if spilled else self.root
-        return os.path.join(root, job, version, f"r{rank:05d}", tensor), spilled
+            return sorted(self.jobs)
 
-    def begin(self, job: str, version: str) -> VersionEntry:
-        """Create an empty, uncommitted version (for a transformation to fill).
+    def summaries(self, job: str) -> list[dict]:
+        """Every version of ``job`` (:meth:`VersionEntry.summary`), by name."""
+        with self._lock:
+            versions = self.jobs.get(job)
+            if versions is None:
+                raise NotFound(f"job {job!r} is not in store {self.name}")
+            return [e.summary() for _, e in sorted(versions.items())]
+
+    def listing(self, entry: VersionEntry) -> list[tuple[tuple[int, str], StoredTensor]]:
+        """The tensors of ``entry``, sorted by (rank, name)."""
+        with self._lock:
+            return sorted(entry.tensors.items())
+
+    def is_current(self, entry: VersionEntry) -> bool:
+        """Whether ``entry`` is still in the index (not deleted, not replaced)."""
+        with self._lock:
+            return self.jobs.get(entry.job, {}).get(entry.version) is entry
+
+    # -- ownership and leases ---------------------------------------------------------
+    def _writable(self, entry: VersionEntry, owner: str) -> None:
+        if entry.committed:
+            raise Conflict(f"version {entry.version!r} of job {entry.job!r} is committed in store "
+                           f"{self.name} and cannot change; write a new version")
+        if entry.owner != owner:
+            raise Conflict(f"version {entry.version!r} of job {entry.job!r} in store {self.name} belongs to "
+                           f"another writer ({_who(entry.owner)}), not {_who(owner)}; choose another version "
+                           f"name, or wait until its writer commits it or its lease expires")
+
+    def _open(self, job: str, version: str, owner: str, lease_s: float | None, create: bool) -> VersionEntry:
+        """The uncommitted version ``owner`` may write, created if absent (``create``);
+        its lease renewed. Call with the lock held."""
+        check_name(job, "job"), check_name(version, "version")
+        versions = self.jobs.get(job, {})
+        entry = versions.get(version)
+        if entry is None:
+            if not create:
+                raise NotFound(f"version {version!r} of job {job!r} is not in store {self.name}")
+            entry = self._entry(job, version, create=True)
+            entry.owner, entry.lease_s = owner, lease_s or self.lease_s
+            vdir = os.path.join(self.root, job, version)
+            os.makedirs(vdir, exist_ok=True)
+            atomic_write(os.path.join(vdir, OWNER),
+                         json.dumps({"owner": owner, "lease_s": entry.lease_s}).encode(), sync=False)
+        else:
+            self._writable(entry, owner)
+            if lease_s:
+                entry.lease_s = lease_s
+        entry.expires = time.monotonic() + entry.lease_s
+        return entry
+
+    def lease(self, job: str, version: str, owner: str, lease_s: float | None = None,
+              create: bool = False) -> tuple[VersionEntry, bool]:
+        """Renew ``owner``'s lease of an uncommitted version, or claim it (``create``: make
+        an empty version if there is none). Returns ``(entry, created)``; a committed
+        version needs no lease (returned as is, if the owner is the caller).
 
         Raises:
-            Conflict: the version exists already.
+            NotFound: no such version and not ``create``.
+            Conflict: the version belongs to another owner.
+        """
+        with self._lock:
+            existed = version in self.jobs.get(job, {})
+            if existed and self.jobs[job][version].committed and self.jobs[job][version].owner == owner:
+                return self.jobs[job][version], False
+            return self._open(job, version, owner, lease_s, create), not existed
+
+    def expired(self, now: float | None = None) -> list[VersionEntry]:
+        """Uncommitted versions whose lease has run out (the caller deletes them)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return [e for vs in self.jobs.values() for e in vs.values() if not e.committed and e.expires < now]
+
+    # -- writing ----------------------------------------------------------------------
+    def _room(self, nbytes: int, freed: int) -> bool:
+        """Whether ``nbytes`` more fit in memory (``freed``: bytes they replace). Lock held."""
+        if self.memory_limit is None:
+            return True
+        if self.used["memory"] + self.reserved - freed + nbytes <= self.memory_limit:
+            return True
+        if self.spill is None:
+            raise StorageFull(
+                f"store {self.name} holds {self.used['memory'] + self.reserved} bytes in memory and "
+                f"{nbytes} more would pass its limit of {self.memory_limit}; delete old "
+                f"versions, raise --memory-limit or give --spill DIR")
+        return False
+
+    def open_upload(self, job: str, version: str, rank: int, tensor: str, nbytes: int, owner: str = "",
+                    lease_s: float | None = None) -> Upload:
+        """Start an upload of ``nbytes``: the version is created if absent (owned by
+        ``owner``) or must be ``owner``'s and uncommitted; its lease is renewed; memory is
+        reserved. Write the bytes to ``Upload.tmp``, then :meth:`finish_upload` (or
+        :meth:`abort_upload`).
+
+        Raises:
+            Conflict: committed, or another owner's. StorageFull: no room.
+        """
+        check_tensor_name(tensor)
+        with self._lock:
+            entry = self._open(job, version, owner, lease_s, create=True)
+            old = entry.tensors.get((rank, tensor))
+            spilled = not self._room(nbytes, old.meta.nbytes if old is not None and not old.spilled else 0)
+            if not spilled:
+                self.reserved += nbytes
+        root = self.spill if spilled else self.root
+        path = os.path.join(root, job, version, f"r{rank:05d}", tensor)
+        return Upload(entry, rank, tensor, private_name(os.path.join(os.path.dirname(root), UPLOADS)), path,
+                      spilled, nbytes)
+
+    def finish_upload(self, up: Upload, meta: TensorMeta) -> None:
+        """Move a complete upload into its version, if that version is still the one it was
+        opened for and still uncommitted (checked under the lock, with the rename).
+
+        Raises:
+            NotFound: the version was deleted meanwhile (the upload is discarded).
+            Conflict: it was committed meanwhile (the committed files are untouched).
+        """
+        with self._lock:
+            self._release(up)
+            entry = up.entry
+            if self.jobs.get(entry.job, {}).get(entry.version) is not entry:
+                _unlink(up.tmp)
+                raise NotFound(f"version {entry.version!r} of job {entry.job!r} was deleted from store "
+                               f"{self.name} while {up.tensor} of rank {up.rank} was uploaded; nothing was kept")
+            if entry.committed:
+                _unlink(up.tmp)
+                raise Conflict(f"version {entry.version!r} of job {entry.job!r} was committed in store "
+                               f"{self.name} while {up.tensor} of rank {up.rank} was uploaded; the "
+                               f"committed tensor is unchanged")
+            os.makedirs(os.path.dirname(up.path), exist_ok=True)
+            os.rename(up.tmp, up.path)
+            self._record(entry, up.rank, up.tensor, up.path, meta, up.spilled)
+            entry.expires = time.monotonic() + entry.lease_s
+
+    def abort_upload(self, up: Upload) -> None:
+        with self._lock:
+            self._release(up)
+        _unlink(up.tmp)
+
+    def _release(self, up: Upload) -> None:
+        if not up.spilled and up.nbytes >= 0:
+            self.reserved -= up.nbytes
+            up.nbytes = -1  # released once
+
+    def _record(self, entry: VersionEntry, rank: int, tensor: str, path: str, meta: TensorMeta,
+                spilled: bool) -> None:
+        old = entry.tensors.get((rank, tensor))
+        if old is not None:
+            self.used["spill" if old.spilled else "memory"] -= old.meta.nbytes
+            if old.path != path:
+                _unlink(old.path)
+        entry.tensors[(rank, tensor)] = StoredTensor(path, meta, spilled)
+        self.used["spill" if spilled else "memory"] += meta.nbytes
+
+    def begin(self, job: str, version: str, owner: str = "", lease_s: float | None = None) -> VersionEntry:
+        """The empty, uncommitted version a transformation fills: new, or the caller's own
+        claim of it (:meth:`lease` with ``create``) that holds nothing yet.
+
+        Raises:
+            Conflict: the version exists otherwise.
         """
         check_name(job, "job"), check_name(version, "version")
         with self._lock:
-            if version in self.jobs.get(job, {}):
-                raise Conflict(f"version {version!r} of job {job!r} already exists in store {self.name}; "
+            entry = self.jobs.get(job, {}).get(version)
+            if entry is not None and (entry.committed or entry.owner != owner or entry.tensors):
+                raise Conflict(f"version {version!r} of job {job!r} already exists in store {self.name} "
+                               f"({'committed' if entry.committed else 'being written by ' + _who(entry.owner)}); "
                                f"delete it or choose another name")
-            return self._entry(job, version, create=True)
+            return self._open(job, version, owner, lease_s, create=True)
 
-    def add(self, job: str, version: str, rank: int, tensor: str, path: str, meta: TensorMeta,
-            spilled: bool, create: bool = True) -> None:
-        """Record a tensor file written at ``path`` (replacing an earlier one).
-
-        ``create=False``: the version must still exist (it may have been deleted while the
-        file was written; then the file is removed and NotFound raised)."""
-        with self._lock:
-            try:
-                entry = self._entry(job, version, create=create)
-            except NotFound:
-                _unlink(path)
-                raise
-            if entry.committed:
-                raise Conflict(f"version {version!r} of job {job!r} was committed meanwhile")
-            old = entry.tensors.get((rank, tensor))
-            if old is not None:
-                self.used["spill" if old.spilled else "memory"] -= old.meta.nbytes
-                if old.path != path:
-                    _unlink(old.path)
-            entry.tensors[(rank, tensor)] = StoredTensor(path, meta, spilled)
-            self.used["spill" if spilled else "memory"] += meta.nbytes
-
-    def commit(self, job: str, version: str, manifest: VersionManifest, raw: dict) -> VersionEntry:
-        """Check that this store holds exactly its ranks' tensors, then write the manifest.
-
-        Committing again with the same manifest succeeds (retries are safe).
+    def new_tensor(self, entry: VersionEntry, rank: int, tensor: str, meta: TensorMeta) -> NewTensor:
+        """Allocate a tensor file of a transformation's version ``entry`` and record it,
+        if ``entry`` is still current and uncommitted (else NotFound/Conflict: the
+        transformation was cancelled, its version deleted).
 
         Raises:
-            ValueError: the manifest names another job or version.
-            Conflict: tensors missing, extra or of the wrong dtype/shape; or already
-                committed with another manifest.
+            StorageFull: no room.
         """
-        if (manifest.job, manifest.version) != (job, version):
-            raise ValueError(f"manifest is for {manifest.job}/{manifest.version}, not {job}/{version}")
-        entry = self._entry(job, version, create=True)
-        if entry.committed:
-            if entry.manifest == raw:
-                return entry
-            raise Conflict(f"version {version!r} of job {job!r} is already committed in store "
-                           f"{self.name} with another manifest")
-        expected = manifest.expected(self.name)
-        missing = [k for k in expected if k not in entry.tensors]
-        extra = [k for k in entry.tensors if k not in expected]
-        wrong = [k for k, (dtype, shape) in expected.items() if k in entry.tensors
-                 and (entry.tensors[k].meta.dtype, entry.tensors[k].meta.shape) != (dtype, shape)]
-        for what, keys in (("missing", missing), ("not in the layout", extra), ("of the wrong dtype or shape", wrong)):
-            if keys:
-                shown = ", ".join(f"rank {r} {t}" for r, t in sorted(keys)[:3])
-                raise Conflict(f"cannot commit {job}/{version} in store {self.name}: {len(keys)} "
-                               f"tensors {what} (e.g. {shown}); upload exactly what ptc.rank_shards "
-                               f"gives the ranks placed on host {self.name}")
-        vdir = os.path.join(self.root, job, version)
-        os.makedirs(vdir, exist_ok=True)
-        atomic_write(os.path.join(vdir, MANIFEST), json.dumps(raw).encode(), sync=False)
-        entry.manifest = raw
-        return entry
+        check_tensor_name(tensor)
+        with self._lock:
+            if not self.is_current(entry):
+                raise NotFound(f"version {entry.version!r} of job {entry.job!r} was deleted from store "
+                               f"{self.name} while it was being written")
+            self._writable(entry, entry.owner)
+            spilled = not self._room(meta.nbytes, 0)
+            root = self.spill if spilled else self.root
+            path = os.path.join(root, entry.job, entry.version, f"r{rank:05d}", tensor)
+            out = NewTensor(path, meta)
+            self._record(entry, rank, tensor, path, meta, spilled)
+            return out
 
-    def delete(self, job: str, version: str | None = None) -> tuple[list[str], list[str]]:
+    def set_meta(self, entry: VersionEntry, key: tuple[int, str], meta: TensorMeta) -> None:
+        """Record a transformation's final meta (CRC-32) of a tensor it wrote."""
+        with self._lock:
+            if key in entry.tensors:
+                entry.tensors[key].meta = meta
+
+    def commit(self, job: str, version: str, raw: dict,
+               expected: dict[tuple[int, str], tuple[str, tuple[int, ...]]], owner: str = "") -> VersionEntry:
+        """Check that this store holds exactly the tensors ``expected`` (``{(rank, tensor):
+        (dtype, shape)}``, from :meth:`VersionManifest.expected`), then write the manifest
+        ``raw``. Committing again with the same manifest succeeds (retries are safe).
+
+        Raises:
+            Conflict: tensors missing, extra or of the wrong dtype/shape; another owner's
+                version; or already committed with another manifest.
+        """
+        with self._lock:
+            existed = version in self.jobs.get(job, {})
+            entry = self._entry(job, version, create=True)
+            if not existed:  # a store that holds no rank of the version: an empty commit
+                entry.owner, entry.lease_s = owner, self.lease_s
+            if entry.committed:
+                if entry.manifest == raw:
+                    return entry
+                raise Conflict(f"version {version!r} of job {job!r} is already committed in store "
+                               f"{self.name} with another manifest")
+            try:
+                self._writable(entry, owner)
+                missing = [k for k in expected if k not in entry.tensors]
+                extra = [k for k in entry.tensors if k not in expected]
+                wrong = [k for k, (dtype, shape) in expected.items() if k in entry.tensors
+                         and (entry.tensors[k].meta.dtype, entry.tensors[k].meta.shape) != (dtype, shape)]
+                for what, keys in (("missing", missing), ("not in the layout", extra),
+                                   ("of the wrong dtype or shape", wrong)):
+                    if keys:
+                        shown = ", ".join(f"rank {r} {t}" for r, t in sorted(keys)[:3])
+                        raise Conflict(f"cannot commit {job}/{version} in store {self.name}: {len(keys)} "
+                                       f"tensors {what} (e.g. {shown}); upload exactly what ptc.rank_shards "
+                                       f"gives the ranks placed on host {self.name}")
+            except Conflict:
+                if not existed:
+                    self._forget(job, version)
+                raise
+            vdir = os.path.join(self.root, job, version)
+            os.makedirs(vdir, exist_ok=True)
+            if not existed:
+                atomic_write(os.path.join(vdir, OWNER),
+                             json.dumps({"owner": owner, "lease_s": entry.lease_s}).encode(), sync=False)
+            atomic_write(os.path.join(vdir, MANIFEST), json.dumps(raw).encode(), sync=False)
+            entry.manifest = raw
+            return entry
+
+    def _forget(self, job: str, version: str) -> None:
+        versions = self.jobs.get(job, {})
+        versions.pop(version, None)
+        if not versions:
+            self.jobs.pop(job, None)
+
+    def delete(self, job: str, version: str | None = None, owner: str | None = None,
+               entry: VersionEntry | None = None) -> tuple[list[str], list[str]]:
         """Remove one version (or the whole job) from the index and rename its directories
         away (at once); returns the versions removed and the renamed directories, which
-        the caller deletes with :func:`remove_trees` (slow for many files; off the loop)."""
-        versions = self.jobs.get(job)
-        if versions is None or (version is not None and version not in versions):
-            raise NotFound(f"{job}/{version or ''} is not in store {self.name}".rstrip("/"))
-        names = [version] if version is not None else list(versions)
-        trash = []
-        for v in names:
-            entry = versions.pop(v)
-            with self._lock:
-                for t in entry.tensors.values():
+        the caller deletes with :meth:`purge` (slow for many files; off the loop).
+
+        ``owner``: delete only a version that owner created (Conflict otherwise), the way
+        a writer cleans up after itself; ``None``: any version (an operator's delete).
+        ``entry``: delete only if the version is still that entry (NotFound otherwise).
+        """
+        with self._lock:
+            versions = self.jobs.get(job)
+            if versions is None or (version is not None and version not in versions):
+                raise NotFound(f"{job}/{version or ''} is not in store {self.name}".rstrip("/"))
+            names = [version] if version is not None else list(versions)
+            if entry is not None and versions.get(version) is not entry:
+                raise NotFound(f"{job}/{version} was replaced in store {self.name}")
+            if owner is not None:
+                if version is None:
+                    raise ValueError("a whole job is deleted without an owner; give a version to delete "
+                                     "one that an owner created")
+                if versions[version].owner != owner:
+                    raise Conflict(f"version {version!r} of job {job!r} in store {self.name} belongs to "
+                                   f"another writer ({_who(versions[version].owner)}); it was not deleted")
+            trash = []
+            for v in names:
+                removed = versions.pop(v)
+                for t in removed.tensors.values():
                     self.used["spill" if t.spilled else "memory"] -= t.meta.nbytes
                     self._maps.pop(t.path, None)
-            for root in filter(None, (self.root, self.spill)):
-                vdir = os.path.join(root, job, v)
-                if os.path.isdir(vdir):
-                    trash.append(os.path.join(root, job, f".trash-{v}-{secrets.token_hex(4)}"))
-                    os.rename(vdir, trash[-1])
-        if not versions:
-            del self.jobs[job]
-        return names, trash
+                for root in filter(None, (self.root, self.spill)):
+                    vdir = os.path.join(root, job, v)
+                    if os.path.isdir(vdir):
+                        trash.append(os.path.join(root, job, f".trash-{v}-{secrets.token_hex(4)}"))
+                        os.rename(vdir, trash[-1])
+            if not versions:
+                del self.jobs[job]
+            return names, trash
+
+    def purge(self, trash: list[str]) -> None:
+        """Delete directories that :meth:`delete` renamed away (slow for many files: call it
+        off the event loop), then the job directories left empty."""
+        for path in trash:
+            shutil.rmtree(path, ignore_errors=True)
+        with self._lock:  # versions are created under the lock: no job directory vanishes under one
+            for path in trash:
+                job = os.path.basename(os.path.dirname(path))
+                if job not in self.jobs:
+                    try:
+                        os.rmdir(os.path.dirname(path))
+                    except OSError:
+                        pass
 
     def usage(self) -> dict:
-        return {"memory_bytes": self.used["memory"], "spill_bytes": self.used["spill"],
-                "memory_limit_bytes": self.memory_limit, "root": self.root_dir, "spill": self.spill_dir,
-                "jobs": {j: {v: e.nbytes for v, e in vs.items()} for j, vs in self.jobs.items()}}
+        with self._lock:
+            return {"memory_bytes": self.used["memory"], "spill_bytes": self.used["spill"],
+                    "uploading_bytes": self.reserved,
+                    "memory_limit_bytes": self.memory_limit, "root": self.root_dir, "spill": self.spill_dir,
+                    "jobs": {j: {v: e.nbytes for v, e in vs.items()} for j, vs in self.jobs.items()}}
 
 
-def remove_trees(paths: list[str]) -> None:
-    """Delete directories that :meth:`Catalog.delete` renamed away, then empty job dirs."""
-    for path in paths:
-        shutil.rmtree(path, ignore_errors=True)
-        try:
-            os.rmdir(os.path.dirname(path))  # the job directory, if now empty
-        except OSError:
-            pass
+def _who(owner: str) -> str:
+    return f"owner {owner!r}" if owner else "a writer that gave no owner"
 
 
 def _listdir(path: str) -> list[str]:

@@ -31,6 +31,7 @@ from ..dtypes import raw_numpy
 from ..planner.plan import Window
 from ..regions import Region
 from .errors import StoreRequestError, StoreUnavailable
+from .lease import LEASE_HEADER, OWNER_HEADER
 from .names import check_name, check_rank, check_tensor_name, format_shape, parse_shape, window_query
 
 __all__ = ["StoreClient", "load_token", "TOKEN_ENV"]
@@ -139,10 +140,20 @@ class StoreClient:
         return StoreRequestError(f"{where}: {method} {path}: {resp.status} {message}",
                                  host or self._name or self.url, resp.status, code)
 
-    def _json(self, method: str, path: str, obj: Any = None, **kw) -> Any:
+    def _json(self, method: str, path: str, obj: Any = None, headers: dict | None = None, **kw) -> Any:
         body = None if obj is None else json.dumps(obj).encode()
-        headers = {"Content-Type": "application/json"} if body is not None else None
+        headers = {**({"Content-Type": "application/json"} if body is not None else {}), **(headers or {})}
         return json.loads(self._request(method, path, body=body, headers=headers, **kw).data)
+
+    @staticmethod
+    def _writer(owner: str | None, lease: float | None = None) -> dict[str, str]:
+        """Headers naming the writer (see :mod:`scalai.store.lease`)."""
+        out = {}
+        if owner is not None:
+            out[OWNER_HEADER] = check_name(owner, "owner")
+        if lease is not None:
+            out[LEASE_HEADER] = f"{lease:g}"
+        return out
 
     @staticmethod
     def _tensor_path(job: str, version: str, rank: int, tensor: str) -> str:
@@ -181,15 +192,20 @@ class StoreClient:
         return self._json("GET", f"/v1/jobs/{check_name(job, 'job')}/versions/{check_name(version, 'version')}"
                                  f"/ranks/{int(rank)}/files")["files"]
 
-    def put(self, job: str, version: str, rank: int, tensor: str, array, dtype: str) -> dict:
+    def put(self, job: str, version: str, rank: int, tensor: str, array, dtype: str, owner: str | None = None,
+            lease: float | None = None) -> dict:
         """Upload ``array`` (numpy or torch, dtype ``dtype``, the local shape) as ``tensor``
-        of ``rank``; streamed from its memory, replaced if uploaded before (uncommitted)."""
+        of ``rank``; streamed from its memory, replaced if uploaded before (uncommitted).
+
+        ``owner``: the writer's id (the version is created for it, or must be its own);
+        ``lease``: seconds the version lives without renewal (see :mod:`scalai.store.lease`).
+        """
         raw = np.ascontiguousarray(as_raw(array, dtype, f"{tensor} of rank {rank}"))
         body = _Chunks(memoryview(raw.reshape(-1).view(np.uint8)) if raw.size else memoryview(b""))
         resp = self._request("PUT", self._tensor_path(job, version, rank, tensor), body=body,
                              query={"dtype": dtype, "shape": format_shape(raw.shape)},
                              headers={"Content-Type": "application/octet-stream",
-                                      "Content-Length": str(raw.nbytes)})
+                                      "Content-Length": str(raw.nbytes), **self._writer(owner, lease)})
         return json.loads(resp.data)
 
     def read(self, job: str, version: str, rank: int, tensor: str, window: Window | Region | None = None,
@@ -249,20 +265,28 @@ class StoreClient:
         with ThreadPoolExecutor(max(1, min(workers, len(items) or 1))) as pool:
             return list(pool.map(lambda it: self.read(*it), items))
 
-    def commit(self, job: str, version: str, manifest: dict) -> dict:
+    def commit(self, job: str, version: str, manifest: dict, owner: str | None = None) -> dict:
         return self._json("POST", f"/v1/jobs/{check_name(job, 'job')}/versions/{check_name(version, 'version')}/commit",
-                          {"manifest": manifest})
+                          {"manifest": manifest}, headers=self._writer(owner))
 
-    def delete(self, job: str, version: str | None = None) -> dict:
+    def delete(self, job: str, version: str | None = None, owner: str | None = None) -> dict:
+        """Delete a version (or the whole job); with ``owner``, only a version that owner
+        created (409 otherwise): a writer's cleanup never removes another's version."""
         path = f"/v1/jobs/{check_name(job, 'job')}"
         if version is not None:
             path += f"/versions/{check_name(version, 'version')}"
-        return self._json("DELETE", path)
+        return self._json("DELETE", path, headers=self._writer(owner))
 
-    def transform(self, job: str, request: dict) -> dict:
+    def lease(self, job: str, version: str, owner: str, seconds: float | None = None, create: bool = False) -> dict:
+        """Renew ``owner``'s lease of an uncommitted version, or claim it (``create``)."""
+        return self._json("POST", f"/v1/jobs/{check_name(job, 'job')}/versions/{check_name(version, 'version')}"
+                                  f"/lease", query={"create": "true" if create else "false"},
+                          headers=self._writer(owner, seconds))
+
+    def transform(self, job: str, request: dict, owner: str | None = None, lease: float | None = None) -> dict:
         """Run this store's part of a transformation (blocks until it is done)."""
         return self._json("POST", f"/v1/jobs/{check_name(job, 'job')}/transform", request,
-                          timeout=None, idempotent=False)
+                          timeout=None, idempotent=False, headers=self._writer(owner, lease))
 
     def close(self) -> None:
         self._pool.close()

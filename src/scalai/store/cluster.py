@@ -174,19 +174,23 @@ class StoreCluster:
         raise StoreError(f"job {job} has no {what} in the stores given (they hold: {held}); "
                          f"push one with 'scalai store push'")
 
-    def commit(self, manifest: VersionManifest, hosts: Sequence[str] | None = None) -> dict:
-        """Commit ``manifest`` on every store (or ``hosts``); each checks its own shards."""
+    def commit(self, manifest: VersionManifest, hosts: Sequence[str] | None = None, owner: str | None = None) -> dict:
+        """Commit ``manifest`` on every store (or ``hosts``); each checks its own shards
+        (and, with ``owner``, that the version is that writer's)."""
         raw = manifest.to_json()
         targets = [self.client(h) for h in (hosts or self.hosts)]
-        parallel(lambda c: c.commit(manifest.job, manifest.version, raw), targets)
+        parallel(lambda c: c.commit(manifest.job, manifest.version, raw, owner=owner), targets)
         return raw
 
-    def drop(self, job: str, version: str, hosts: Sequence[str] | None = None) -> list[str]:
+    def drop(self, job: str, version: str, hosts: Sequence[str] | None = None, owner: str | None = None) -> list[str]:
         """Delete ``version`` wherever it is; returns the hosts that had it. Unreachable
-        stores are skipped (they are reported by the error of the operation that failed)."""
+        stores are skipped (they are reported by the error of the operation that failed).
+
+        ``owner``: a writer's cleanup: only where that owner created the version (a store
+        where another writer has it keeps it, and so does its running transformation)."""
         def one(host: str) -> str | None:
             try:
-                self.client(host).delete(job, version)
+                self.client(host).delete(job, version, owner=owner)
                 return host
             except StoreError:
                 return None
@@ -202,12 +206,15 @@ class StoreCluster:
         Raises:
             ValueError: the layout does not fit the hosts (``gpus_per_host x stores``).
             ChecksumError: a shard's bytes do not match the checkpoint's manifest.
+            StoreRequestError: 409, another writer is writing a version of that name.
         """
         from ..checkpoint import Checkpoint
         from ..errors import ChecksumError
+        from .lease import Lease, new_owner
 
         placement = self.placement(gpus_per_host)
-        with Checkpoint.open(ckpt_dir) as ckpt:
+        owner = new_owner("push")
+        with Checkpoint.open(ckpt_dir) as ckpt, Lease(self, job, owner) as lease:
             ptc: PTC = ckpt.ptc
             name, seq = self.next_version(job) if version is None else (version, self.next_version(job)[1])
             manifest = VersionManifest(job, name, seq, ptc, placement, ckpt.state)
@@ -217,7 +224,8 @@ class StoreCluster:
             def upload(item: tuple[int, str]) -> None:
                 rank, tensor = item
                 out = self.client(placement.host(rank)).put(job, name, rank, tensor, ckpt.view(rank, tensor),
-                                                            ptc.spec(tensor).dtype)
+                                                            ptc.spec(tensor).dtype, owner=owner,
+                                                            lease=lease.seconds)
                 if int(out["crc32"], 16) != ckpt.checksum(rank, tensor):
                     raise ChecksumError(f"{tensor} of rank {rank} in {ckpt_dir} does not match its checksum "
                                         f"in the manifest; the checkpoint is corrupt (scalai inspect --verify)")
@@ -225,10 +233,11 @@ class StoreCluster:
                     progress(out["bytes"])
 
             try:
+                lease.claim(name, manifest.hosts)
                 parallel(upload, work, workers * len(manifest.hosts))
-                self.commit(manifest)
+                self.commit(manifest, owner=owner)
             except BaseException:
-                self.drop(job, name)
+                self.drop(job, name, owner=owner)
                 raise
         return StoredVersion(manifest, manifest.to_json())
 

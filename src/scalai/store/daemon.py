@@ -17,6 +17,7 @@ import socket
 import sys
 
 from ..checkpoint.manifest import atomic_write
+from .connections import GuardedSite
 from .http_util import Keys
 from .server import StoreConfig, make_app
 
@@ -52,7 +53,7 @@ def serve(config: StoreConfig, host: str = "127.0.0.1", port: int = 0, url_file:
     check_bind(host, config.token)
     sock = listen(host, port)  # before anything is created: a busy port leaves no trace
     try:
-        _raise_fd_limit()
+        _raise_fd_limit(config.max_connections)
         logging.basicConfig(level=os.environ.get("SCALAI_STORE_LOG", "INFO"), stream=sys.stderr,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
         asyncio.run(_serve(config, sock, url_file, announce))
@@ -87,10 +88,10 @@ async def _serve(config: StoreConfig, sock: socket.socket, url_file: str | None,
     from aiohttp import web
 
     app = make_app(config)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=config.idle_timeout,
                            read_bufsize=int(os.environ.get("SCALAI_STORE_BUFSIZE", 4 << 20)))
     await runner.setup()
-    site = web.SockSite(runner, sock)
+    site = GuardedSite(runner, sock, app[Keys.GUARD])
     await site.start()
     bound = sock.getsockname()  # the port chosen when 0 was asked for
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
@@ -111,14 +112,19 @@ async def _serve(config: StoreConfig, sock: socket.socket, url_file: str | None,
         await runner.cleanup()
 
 
-def _raise_fd_limit() -> None:
-    """Cached mappings and open connections each hold a descriptor: allow many."""
+def _raise_fd_limit(connections: int) -> None:
+    """Cached mappings (up to 512), transformations' files and open connections each hold a
+    descriptor: allow many, and refuse a connection limit the process cannot honour."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
     if soft != resource.RLIM_INFINITY and soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        soft = want
+    if soft != resource.RLIM_INFINITY and connections + 1024 > soft:
+        raise ValueError(f"--max-connections {connections} needs {connections + 1024} open files but this "
+                         f"process may open {soft} (ulimit -n); lower --max-connections")
 
 
 def default_name() -> str:

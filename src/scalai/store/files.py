@@ -2,10 +2,13 @@
 
 Header: ``b"SCALAIT1"``, then a JSON object ``{"dtype", "shape", "crc32"}`` padded with
 spaces to :data:`DATA_OFFSET` bytes. ``crc32`` is the CRC-32 of the data as 8 hex digits,
-or ``null`` while unknown. A file is written under a temporary name and renamed into place
-when complete (:class:`TensorUpload`), or, for the output of a transformation, allocated
-at full size and filled with ``pwrite`` or through a mapping (:class:`NewTensor`); either
-way, nothing reads a version before it is committed.
+or ``null`` while unknown. An upload is written to a private file outside every version
+(:class:`TensorUpload`), which the catalog renames into place only after checking, under
+its lock, that the version still exists and is not committed; the output of a
+transformation is allocated at full size and filled with ``pwrite`` or through a mapping
+(:class:`NewTensor`), always through the file it created (never another file that later
+takes its name). Either way, nothing reads a version before it is committed, and nothing
+writes one after.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ..errors import ScalaiError
 from .names import check_dtype
 
 __all__ = ["TensorMeta", "DATA_OFFSET", "MAGIC", "read_meta", "map_tensor", "TensorUpload",
-           "NewTensor", "StoreFileError"]
+           "NewTensor", "StoreFileError", "private_name"]
 
 MAGIC = b"SCALAIT1"
 DATA_OFFSET = 512
@@ -101,22 +104,22 @@ def map_tensor(path: str, meta: TensorMeta, writable: bool = False) -> np.ndarra
     return array
 
 
-def _tmp_name(path: str) -> str:
-    head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}.tmp-{secrets.token_hex(4)}")
+def private_name(directory: str) -> str:
+    """A new, unused file name in ``directory`` (for a file that is renamed into place)."""
+    return os.path.join(directory, f"upload-{secrets.token_hex(8)}")
 
 
 class TensorUpload:
-    """Write a tensor file from a stream of chunks; :meth:`finish` renames it into place.
+    """Write a tensor file at the private path ``tmp`` from a stream of chunks.
 
-    The CRC-32 is computed while the bytes pass. Leaving without :meth:`finish` (or on
-    :meth:`abort`) removes the temporary file; the previous file, if any, stays.
+    The CRC-32 is computed while the bytes pass. :meth:`finish` completes the file (the
+    caller then renames it into place, see :meth:`Catalog.finish_upload`); :meth:`abort`
+    removes it.
     """
 
-    def __init__(self, path: str, dtype: str, shape: tuple[int, ...]):
-        self.path, self.meta = path, TensorMeta(dtype, shape)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.tmp = _tmp_name(path)
+    def __init__(self, tmp: str, dtype: str, shape: tuple[int, ...]):
+        self.tmp, self.meta = tmp, TensorMeta(dtype, shape)
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
         self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.write(self._fd, _header(self.meta))
         self.received = 0
@@ -136,7 +139,7 @@ class TensorUpload:
         self.received += n
 
     def finish(self, sync: bool = False) -> TensorMeta:
-        """Check the length, record the CRC, rename into place; returns the meta."""
+        """Check the length, record the CRC in the header, close; returns the meta."""
         if self.received != self.meta.nbytes:
             raise ValueError(f"body has {self.received} bytes but dtype {self.meta.dtype} x shape "
                              f"{list(self.meta.shape)} needs {self.meta.nbytes}")
@@ -146,7 +149,6 @@ class TensorUpload:
             os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
-        os.rename(self.tmp, self.path)
         return meta
 
     def abort(self) -> None:
@@ -171,10 +173,12 @@ class NewTensor:
     def __init__(self, path: str, meta: TensorMeta):
         self.path, self.meta = path, meta
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, _header(meta))
             os.ftruncate(fd, DATA_OFFSET + meta.nbytes)
+            st = os.fstat(fd)
+            self._ident = (st.st_dev, st.st_ino)
         finally:
             os.close(fd)
         self._pieces: list[tuple[int, int, int]] = []
@@ -182,10 +186,23 @@ class NewTensor:
         self._declared: int | None = None
         self._map: np.ndarray | None = None
 
+    def _open(self, flags: int) -> int:
+        """Open this tensor's own file: the one it created, not a file that took its name
+        after its version was deleted (then StoreFileError: the writer stops)."""
+        try:
+            fd = os.open(self.path, flags)
+        except FileNotFoundError:
+            raise StoreFileError(f"{self.path} was deleted while being written") from None
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != self._ident:
+            os.close(fd)
+            raise StoreFileError(f"{self.path} was deleted while being written")
+        return fd
+
     def write(self, byte_offset: int, data, crc: int | None = None) -> None:
         """Write contiguous ``data`` at ``byte_offset`` of the tensor's bytes."""
         view = memoryview(data).cast("B")
-        fd = os.open(self.path, os.O_WRONLY)
+        fd = self._open(os.O_WRONLY)
         try:
             pos = 0
             while pos < view.nbytes:
@@ -201,12 +218,23 @@ class NewTensor:
         """The writable raw array (elements written through it are checksummed at the end)."""
         self._unknown = True
         if self._map is None:
-            self._map = map_tensor(self.path, self.meta, writable=True)
+            self._map = self._mapped(writable=True)
         return self._map
 
     def read(self) -> np.ndarray:
         """A read-only raw array of what was written so far."""
-        return map_tensor(self.path, self.meta)
+        return self._mapped(writable=False)
+
+    def _mapped(self, writable: bool) -> np.ndarray:
+        if self.meta.nbytes == 0:
+            return np.zeros(self.meta.shape, raw_numpy(self.meta.dtype))
+        fd = self._open(os.O_RDWR if writable else os.O_RDONLY)
+        try:
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        return np.frombuffer(mm, dtype=raw_numpy(self.meta.dtype), count=self.meta.numel,
+                             offset=DATA_OFFSET).reshape(self.meta.shape)
 
     def declare(self, crc: int) -> None:
         self._declared = crc
@@ -225,7 +253,7 @@ class NewTensor:
             data = self.read()
             crc = zlib.crc32(data.reshape(-1).view(np.uint8)) if data.size else 0
         self.meta = TensorMeta(self.meta.dtype, self.meta.shape, crc)
-        fd = os.open(self.path, os.O_WRONLY)
+        fd = self._open(os.O_WRONLY)
         try:
             os.pwrite(fd, _header(self.meta), 0)
         finally:

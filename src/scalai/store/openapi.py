@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+from .lease import LEASE_HEADER, MAX_LEASE_S, MIN_LEASE_S, OWNER_HEADER
 from .names import MAX_NAME, MAX_RANK, MAX_TENSOR_NAME
 
 __all__ = ["SPEC", "API_VERSION", "validate_body", "BodyError", "schema"]
@@ -42,6 +43,8 @@ SCHEMAS: dict[str, Any] = {
                               "limited": {"type": "boolean"}}},
     "Usage": {"type": "object", "required": ["memory_bytes", "spill_bytes", "jobs", "traffic"],
               "properties": {"memory_bytes": {"type": "integer"}, "spill_bytes": {"type": "integer"},
+                             "uploading_bytes": {"type": "integer",
+                                                 "description": "memory reserved by uploads in progress"},
                              "memory_limit_bytes": {"type": ["integer", "null"]},
                              "root": {"type": "string"}, "spill": {"type": ["string", "null"]},
                              "jobs": {"type": "object"},
@@ -51,7 +54,10 @@ SCHEMAS: dict[str, Any] = {
                        "properties": {"version": NAME, "committed": {"type": "boolean"},
                                       "sequence": {"type": ["integer", "null"]},
                                       "layout": {"type": ["string", "null"]},
-                                      "bytes": {"type": "integer"}, "tensors": {"type": "integer"}}},
+                                      "bytes": {"type": "integer"}, "tensors": {"type": "integer"},
+                                      "owner": {"type": "string", "description": "the writer that created it"},
+                                      "expires_in_s": {"type": "number", "description":
+                                                       "uncommitted: seconds until its lease runs out"}}},
     "Job": {"type": "object", "required": ["job", "versions"],
             "properties": {"job": NAME, "versions": {"type": "array",
                                                      "items": {"$ref": "#/components/schemas/VersionSummary"}}}},
@@ -95,6 +101,11 @@ SCHEMAS: dict[str, Any] = {
                      "properties": {"job": NAME, "version": NAME, "rank": {"type": "integer"},
                                     "tensor": TENSOR, "bytes": {"type": "integer"}, "crc32": CRC,
                                     "spilled": {"type": "boolean"}}},
+    "Lease": {"type": "object", "required": ["job", "version", "owner", "committed", "created", "lease_s"],
+              "properties": {"job": NAME, "version": NAME, "owner": {"type": "string"},
+                             "committed": {"type": "boolean", "description": "committed: nothing to renew"},
+                             "created": {"type": "boolean"}, "lease_s": {"type": "number"},
+                             "expires_in_s": {"type": "number"}}},
     "Deleted": {"type": "object", "required": ["job", "deleted"],
                 "properties": {"job": NAME, "deleted": {"type": "array", "items": NAME}}},
     "TransformRequest": {
@@ -140,6 +151,11 @@ _JOB = _p("job", NAME)
 _VERSION = _p("version", NAME)
 _RANK = _p("rank", {"type": "integer", "minimum": 0, "maximum": MAX_RANK - 1})
 _TENSOR = _p("tensor", TENSOR)
+_OWNER = _p(OWNER_HEADER, NAME, "header", False,
+            "the writer: a version belongs to the owner that created it; writing, committing or "
+            "(owner-scoped) deleting another owner's version is refused with 409")
+_LEASE = _p(LEASE_HEADER, {"type": "number", "minimum": MIN_LEASE_S, "maximum": MAX_LEASE_S}, "header", False,
+            "seconds the uncommitted version lives without renewal (default: the store's --lease)")
 
 
 def _json(ref: str, doc: str) -> dict:
@@ -150,8 +166,11 @@ _ERRORS = {code: _json("Error", why) for code, why in {
     "400": "bad input: a name, rank, region, query or body is invalid (the message says which)",
     "401": "missing or wrong token", "403": "not allowed from this client's address",
     "404": "no such job, version, tensor or route",
-    "409": "conflicts with the version's state (committed, incomplete, being written)",
+    "408": "the client stopped sending in the middle of its request (the store's idle timeout)",
+    "409": "conflicts with the version's state (committed, incomplete, being written, another owner's)",
     "413": "request body larger than the store accepts",
+    "422": "the request exceeds a limit of scalai.limits (layers, ranks, tensors, nesting); the "
+           "message names it and the environment variable that raises it",
     "502": "a peer store failed during a transformation (host names it)",
     "507": "no room in memory and no spill directory"}.items()}
 
@@ -189,19 +208,30 @@ SPEC: dict[str, Any] = {
         "/v1/jobs": {"get": _op("list jobs and their versions", "JobList", "jobs", [], errors=("401",))},
         "/v1/jobs/{job}": {
             "get": _op("one job's versions", "Job", "the job", [_JOB]),
-            "delete": _op("delete every version of a job", "Deleted", "deleted", [_JOB])},
+            "delete": _op("delete every version of a job (no owner: an operator's delete)", "Deleted", "deleted",
+                          [_JOB])},
         "/v1/jobs/{job}/versions/{version}": {
             "get": _op("a version: committed?, manifest, stored tensors", "Version", "the version",
                        [_JOB, _VERSION, _p("tensors", {"type": "boolean"}, "query", False,
                                            "list the stored tensors (default true)")]),
-            "delete": _op("delete a version (cancels a transformation writing it)", "Deleted", "deleted",
-                          [_JOB, _VERSION])},
+            "delete": _op("delete a version and cancel a transformation writing it; with X-Scalai-Owner, "
+                          "only if that owner created it (409 otherwise): a writer's cleanup", "Deleted",
+                          "deleted", [_JOB, _VERSION, _OWNER], errors=("400", "401", "404", "409"))},
         "/v1/jobs/{job}/versions/{version}/commit": {
-            "post": _op("commit a version atomically (checks that this store holds its ranks' tensors)",
-                        "Version", "committed", [_JOB, _VERSION],
+            "post": _op("commit a version atomically (checks that this store holds its ranks' tensors and, "
+                        "with X-Scalai-Owner, that the version is that owner's)",
+                        "Version", "committed", [_JOB, _VERSION, _OWNER],
                         body={"required": True, "content": {"application/json": {
                             "schema": {"$ref": "#/components/schemas/CommitRequest"}}}},
-                        errors=("400", "401", "404", "409", "413"))},
+                        errors=("400", "401", "404", "408", "409", "413", "422"))},
+        "/v1/jobs/{job}/versions/{version}/lease": {
+            "post": _op("renew the caller's lease of an uncommitted version, or claim it (create=true: an "
+                        "empty version owned by the caller); a version whose lease runs out is deleted and "
+                        "a transformation writing it cancelled",
+                        "Lease", "the lease", [_JOB, _VERSION, {**_OWNER, "required": True}, _LEASE,
+                                               _p("create", {"type": "boolean"}, "query", False,
+                                                  "create the version if absent (default false)")],
+                        errors=("400", "401", "404", "409"))},
         "/v1/jobs/{job}/versions/{version}/ranks/{rank}/files": {
             "get": _op("the files of a rank's committed tensors, to map on this machine (loopback "
                        "clients only; 403 elsewhere)", "RankFiles", "tensor name -> file", [_JOB, _VERSION, _RANK],
@@ -214,20 +244,24 @@ SPEC: dict[str, Any] = {
                                _p("sub", BOX, "query", False, "box of the view")],
                           errors=("400", "401", "404", "409")),
                     "responses": {"200": _TENSOR_BYTES, **{e: _ERRORS[e] for e in ("400", "401", "404", "409")}}},
-            "put": _op("upload a tensor (streamed; replaces an earlier upload of an uncommitted version)",
+            "put": _op("upload a tensor (streamed; replaces an earlier upload of an uncommitted version; "
+                       "creates the version, owned by X-Scalai-Owner, if absent)",
                        "UploadResult", "stored", [_JOB, _VERSION, _RANK, _TENSOR,
                                                   _p("dtype", {"type": "string"}, "query", True, "e.g. bfloat16"),
-                                                  _p("shape", SHAPE, "query", True, "local shape, e.g. 768,3072")],
-                       status="201", errors=("400", "401", "409", "413", "507"),
+                                                  _p("shape", SHAPE, "query", True, "local shape, e.g. 768,3072"),
+                                                  _OWNER, _LEASE],
+                       status="201", errors=("400", "401", "404", "408", "409", "413", "422", "507"),
                        body={"required": True, "content": {"application/octet-stream": {
                            "schema": {"type": "string", "format": "binary"}}}})},
         "/v1/jobs/{job}/transform": {
             "post": _op("run this host's part of a plan: build a new version from an old one, pulling "
-                        "local slices by memory copy and remote ones by ranged reads from peer stores",
-                        "TransformResult", "this host's part is written (uncommitted)", [_JOB],
+                        "local slices by memory copy and remote ones by ranged reads from peer stores; the "
+                        "new version belongs to X-Scalai-Owner (it may have claimed it first) and is cancelled "
+                        "and deleted if its lease runs out",
+                        "TransformResult", "this host's part is written (uncommitted)", [_JOB, _OWNER, _LEASE],
                         body={"required": True, "content": {"application/json": {
                             "schema": {"$ref": "#/components/schemas/TransformRequest"}}}},
-                        errors=("400", "401", "404", "409", "413", "502", "507"))},
+                        errors=("400", "401", "404", "408", "409", "413", "422", "502", "507"))},
     },
 }
 

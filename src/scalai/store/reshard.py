@@ -14,6 +14,13 @@ Either way the result is a new version, committed on every store only after ever
 finished; the old version is deleted after that (unless kept). When anything fails, the
 new version is deleted everywhere, the old one is untouched, and the error names the
 store that failed.
+
+The coordinator owns the new version (:mod:`scalai.store.lease`): it claims it on every
+destination store before any byte moves (so that of two coordinators aiming at the same
+version, one gets 409 before writing anything), names itself on every request, renews the
+lease while the stores work, and its cleanup deletes only what it created. A coordinator
+that dies stops renewing: the stores cancel its transformation and delete its version
+when the lease runs out.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from ..planner import Deployment, make_plan
 from ..planner.plan import PlanStats
 from .cluster import StoreCluster, StoredVersion, parallel
 from .errors import StoreError, StoreRequestError, StoreUnavailable
+from .lease import Lease, new_owner
 from .manifest import REPLICAS, VersionManifest, placement_to_json
 from .placement import choose_hosts
 
@@ -87,14 +95,30 @@ def _request(src_version: str, to_version: str, old: Deployment, new: Deployment
     return out
 
 
-def _run_parts(cluster: StoreCluster, job: str, hosts: Sequence[str], request: dict) -> dict[str, dict]:
-    results = parallel(lambda h: cluster.client(h).transform(job, request), list(hosts), workers=len(hosts))
+def _run_parts(cluster: StoreCluster, job: str, hosts: Sequence[str], request: dict, lease: Lease) -> dict[str, dict]:
+    results = parallel(lambda h: cluster.client(h).transform(job, request, owner=lease.owner, lease=lease.seconds),
+                       list(hosts), workers=len(hosts))
+    lease.check()
     return dict(zip(hosts, results))
 
 
-def _failure(exc: Exception, job: str, source: str, what: str) -> TransformError:
+def _failure(exc: Exception, cluster: StoreCluster, job: str, source: str, what: str,
+             lost: Sequence[str] = ()) -> TransformError:
     host = getattr(exc, "host", None)
     down = isinstance(exc, StoreUnavailable) or (isinstance(exc, StoreRequestError) and exc.status == 502)
+    if isinstance(exc, StoreRequestError) and exc.status == 409:
+        # another writer has the target version: say what the job's state now is, not what it was
+        try:
+            current = cluster.latest(job, lost=lost).name
+        except StoreError:
+            current = None
+        state = (f"this {what} changed nothing; version {source} is still the job's current state"
+                 if current == source else
+                 f"this {what} changed nothing; the job's current state is now version {current}, which "
+                 f"another writer committed" if current else f"this {what} changed nothing")
+        return TransformError(f"{what} of job {job} failed: {exc}. Another writer is working on the same "
+                              f"job; {state}. Wait for it to finish (scalai store ls), then run the "
+                              f"command again if it is still needed", host)
     hint = (f"restart the store of {host} (same --root keeps its data) and run the command again" if down
             else "fix the cause and run the command again")
     return TransformError(f"{what} of job {job} failed: {exc}. Version {source} is intact and still the "
@@ -169,46 +193,52 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str | PTC,
     t1 = time.perf_counter()
     phases = {"plan": t1 - t0}
     results: dict[str, dict] = {}
-    scratch = None
-    try:
-        if not central:
-            req = _request(src.name, target, old, new, cluster.peers, checksum, lost, lost_ranks,
-                           src.manifest.replicas)
-            results = _run_parts(cluster, job, dest_hosts, req)
-            phases["transform"] = time.perf_counter() - t1
-        else:
-            hub = dest_hosts[0]
-            scratch = f"{target}.consolidated"
-            one = ParallelConfig(tp=1, pp=1, dp=1)
-            hub_place = Placement(1, (hub,))
-            req = _request(src.name, scratch, old, Deployment(old.ptc.relayout(one), hub_place), cluster.peers,
-                           checksum, lost, lost_ranks, src.manifest.replicas)
-            results["consolidate"] = _run_parts(cluster, job, [hub], req)[hub]
-            cluster.commit(VersionManifest(job, scratch, src.manifest.sequence, old.ptc.relayout(one), hub_place,
-                                           {}, src.name, scratch=True), [hub])
-            t2 = time.perf_counter()
-            phases["consolidate"] = t2 - t1
-            mid = Deployment(old.ptc.relayout(one), hub_place)
-            req = _request(scratch, target, mid, new, cluster.peers, checksum)
-            results.update(_run_parts(cluster, job, dest_hosts, req))
-            phases["split"] = time.perf_counter() - t2
-    except Exception as exc:
-        cluster.drop(job, target)
-        if scratch:
-            cluster.drop(job, scratch)
-        raise _failure(exc, job, src.name, "transformation") from None
-    t3 = time.perf_counter()
-    state = carry_state(src.manifest.state, old.ptc.config, config)
-    manifest = VersionManifest(job, target, seq, new.ptc, new_place, state, src.name, replicas=replicas)
-    try:
-        cluster.commit(manifest)
-    except Exception as exc:
-        cluster.drop(job, target)
-        raise _failure(exc, job, src.name, "commit") from None
+    owner = new_owner("reshard")
+    scratch = f"{target}.consolidated" if central else None
+    with Lease(cluster, job, owner) as lease:
+        try:
+            lease.claim(target, dest_hosts)  # 409 here, before any byte moves, if another writer has it
+            if not central:
+                req = _request(src.name, target, old, new, cluster.peers, checksum, lost, lost_ranks,
+                               src.manifest.replicas)
+                results = _run_parts(cluster, job, dest_hosts, req, lease)
+                phases["transform"] = time.perf_counter() - t1
+            else:
+                hub = dest_hosts[0]
+                lease.claim(scratch, [hub])
+                one = ParallelConfig(tp=1, pp=1, dp=1)
+                hub_place = Placement(1, (hub,))
+                req = _request(src.name, scratch, old, Deployment(old.ptc.relayout(one), hub_place), cluster.peers,
+                               checksum, lost, lost_ranks, src.manifest.replicas)
+                results["consolidate"] = _run_parts(cluster, job, [hub], req, lease)[hub]
+                cluster.commit(VersionManifest(job, scratch, src.manifest.sequence, old.ptc.relayout(one),
+                                               hub_place, {}, src.name, scratch=True), [hub], owner=owner)
+                t2 = time.perf_counter()
+                phases["consolidate"] = t2 - t1
+                mid = Deployment(old.ptc.relayout(one), hub_place)
+                req = _request(scratch, target, mid, new, cluster.peers, checksum)
+                results.update(_run_parts(cluster, job, dest_hosts, req, lease))
+                phases["split"] = time.perf_counter() - t2
+        except Exception as exc:
+            cluster.drop(job, target, owner=owner)
+            if scratch:
+                cluster.drop(job, scratch, owner=owner)
+            raise _failure(exc, cluster, job, src.name, "transformation", lost) from None
+        t3 = time.perf_counter()
+        state = carry_state(src.manifest.state, old.ptc.config, config)
+        manifest = VersionManifest(job, target, seq, new.ptc, new_place, state, src.name, replicas=replicas)
+        try:
+            lease.check()
+            cluster.commit(manifest, owner=owner)
+        except Exception as exc:
+            cluster.drop(job, target, owner=owner)
+            if scratch:
+                cluster.drop(job, scratch, owner=owner)
+            raise _failure(exc, cluster, job, src.name, "commit", lost) from None
     t4 = time.perf_counter()
     phases["commit"] = t4 - t3
     if scratch:
-        cluster.drop(job, scratch, [dest_hosts[0]])
+        cluster.drop(job, scratch, [dest_hosts[0]], owner=owner)
     if not keep_old:
         cluster.drop(job, src.name)
     phases["drop"] = time.perf_counter() - t4

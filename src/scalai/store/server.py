@@ -3,10 +3,17 @@
 Routes are listed in :mod:`scalai.store.openapi` (and tested to match); errors and the
 token check are middlewares (:mod:`scalai.store.http_util`).
 
-Bodies: tensor uploads stream to a file as they arrive (never held whole) and are
-refused with 413 past ``max_upload`` bytes; JSON bodies are limited to ``max_json`` bytes
-and validated against the OpenAPI schemas. Reads stream the selected region block by
-block from the file mapping.
+Bodies: tensor uploads stream to a private file as they arrive (never held whole) and
+are refused with 413 past ``max_upload`` bytes; JSON bodies are limited to ``max_json``
+bytes, parsed and validated against the OpenAPI schemas on worker threads. Reads stream
+the selected region block by block from the file mapping. CPU-heavy work (PTCs, plans,
+manifests) runs on the worker threads, never on the event loop.
+
+Writers: a version belongs to the owner that created it (``X-Scalai-Owner``); uploads,
+commits, transformations and owner-scoped deletes of another owner's version get 409.
+Uncommitted versions expire when their lease is not renewed (``POST .../lease``): a
+background task deletes them and cancels a transformation writing them. Connections are
+bounded (:mod:`scalai.store.connections`).
 """
 
 from __future__ import annotations
@@ -25,9 +32,13 @@ from aiohttp import web
 
 from ..checkpoint.transfer import blocks
 from ..dtypes import itemsize
-from .catalog import Catalog, Conflict, NotFound, remove_trees
+from ..limits import ELEMENTS
+from .catalog import Catalog, Conflict, NotFound, VersionEntry
+from .connections import ConnectionGuard
 from .files import DATA_OFFSET, TensorUpload
-from .http_util import FROM_HEADER, Keys, auth, errors, json_body, limited, path_names, tensor_key
+from .http_util import (FROM_HEADER, Keys, auth, errors, in_pool, json_body, limited, path_names, read_chunks,
+                        tensor_key, writer)
+from .lease import DEFAULT_LEASE_S, MIN_LEASE_S
 from .manifest import VersionManifest
 from .names import NameError_, check_dtype, check_name, check_rank, format_shape, parse_shape, parse_window
 from .openapi import API_VERSION, SPEC
@@ -54,6 +65,9 @@ class StoreConfig:
     link_up: float | None = None
     link_down: float | None = None
     workers: int = 2
+    lease_s: float = DEFAULT_LEASE_S     # lease of versions whose writer names none
+    idle_timeout: float = 30.0           # seconds a connection (or a body) may send nothing
+    max_connections: int = 1024
 
 
 # -- handlers -------------------------------------------------------------------------
@@ -76,21 +90,14 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(SPEC)
 
 
-def _job_json(catalog: Catalog, job: str) -> dict:
-    versions = catalog.jobs.get(job)
-    if versions is None:
-        raise NotFound(f"job {job!r} is not in store {catalog.name}")
-    return {"job": job, "versions": [e.summary() for _, e in sorted(versions.items())]}
-
-
 async def list_jobs(request: web.Request) -> web.Response:
     catalog = request.app[Keys.CATALOG]
-    return web.json_response({"jobs": [_job_json(catalog, j) for j in sorted(catalog.jobs)]})
+    return web.json_response({"jobs": [{"job": j, "versions": catalog.summaries(j)} for j in catalog.job_names()]})
 
 
 async def get_job(request: web.Request) -> web.Response:
     (job,) = path_names(request)
-    return web.json_response(_job_json(request.app[Keys.CATALOG], job))
+    return web.json_response({"job": job, "versions": request.app[Keys.CATALOG].summaries(job)})
 
 
 async def get_version(request: web.Request) -> web.Response:
@@ -103,23 +110,34 @@ async def get_version(request: web.Request) -> web.Response:
            "manifest": entry.manifest}
     if flag == "true":
         ranks: dict[str, dict] = defaultdict(dict)
-        for (rank, name), t in sorted(entry.tensors.items()):
+        for (rank, name), t in request.app[Keys.CATALOG].listing(entry):
             ranks[str(rank)][name] = t.meta.to_json()
         out["ranks"] = ranks
     return web.json_response(out)
 
 
 async def delete(request: web.Request) -> web.Response:
+    """Delete a version (or a job) and cancel the transformations writing it. With an owner
+    (``X-Scalai-Owner``), only a version that owner created: a writer's cleanup."""
     names = path_names(request)
     job, version = names[0], (names[1] if len(names) > 1 else None)
+    owner, _ = writer(request)
     app = request.app
-    cancelled = [(v, task) for (j, v), task in list(app[Keys.TRANSFORMS].items())
-                 if j == job and version in (None, v)]
+    catalog: Catalog = app[Keys.CATALOG]
+    if owner is not None:
+        if version is None:
+            raise NameError_("a whole job is deleted without an owner; give a version to delete one that an "
+                             "owner created")
+        entry = catalog.version(job, version)  # 404 if absent
+        if entry.owner != owner:
+            catalog.delete(job, version, owner=owner)  # raises the Conflict that says whose it is
+    cancelled = [(v, task) for (j, v), (task, by) in list(app[Keys.TRANSFORMS].items())
+                 if j == job and version in (None, v) and owner in (None, by)]
     for _, task in cancelled:
         task.cancel()
     await asyncio.gather(*(t for _, t in cancelled), return_exceptions=True)
     try:
-        removed = await _drop(app, job, version)
+        removed = await _drop(app, job, version, owner=owner)
     except NotFound:
         if not cancelled:
             raise
@@ -127,31 +145,87 @@ async def delete(request: web.Request) -> web.Response:
     return web.json_response({"job": job, "deleted": sorted(set(removed) | {v for v, _ in cancelled})})
 
 
-async def _drop(app: web.Application, job: str, version: str | None) -> list[str]:
-    names, trash = app[Keys.CATALOG].delete(job, version)
-    await asyncio.get_running_loop().run_in_executor(app[Keys.POOL], remove_trees, trash)
+async def _drop(app: web.Application, job: str, version: str | None, owner: str | None = None,
+                entry: VersionEntry | None = None) -> list[str]:
+    catalog: Catalog = app[Keys.CATALOG]
+    names, trash = catalog.delete(job, version, owner=owner, entry=entry)
+    await asyncio.get_running_loop().run_in_executor(app[Keys.POOL], catalog.purge, trash)
     return names
+
+
+async def lease(request: web.Request) -> web.Response:
+    """Create (``?create=true``) or renew the caller's lease of an uncommitted version."""
+    job, version = path_names(request)
+    owner, seconds = writer(request)
+    if owner is None:
+        raise NameError_("give the writer's owner id in the X-Scalai-Owner header")
+    create = request.query.get("create", "false")
+    if create not in ("true", "false") or set(request.query) - {"create"}:
+        raise NameError_("the only query parameter is create=true|false")
+    entry, created = request.app[Keys.CATALOG].lease(job, version, owner, seconds, create == "true")
+    return web.json_response(_lease_json(entry, created))
+
+
+def _lease_json(entry: VersionEntry, created: bool = False) -> dict:
+    out = {"job": entry.job, "version": entry.version, "owner": entry.owner, "committed": entry.committed,
+           "created": created, "lease_s": entry.lease_s}
+    if not entry.committed:
+        out["expires_in_s"] = round(max(0.0, entry.expires - time.monotonic()), 3)
+    return out
+
+
+async def _expire(app: web.Application) -> None:
+    """Delete uncommitted versions whose lease ran out; cancel transformations writing them."""
+    catalog: Catalog = app[Keys.CATALOG]
+    while True:
+        await asyncio.sleep(MIN_LEASE_S / 2)
+        for entry in catalog.expired():
+            task = app[Keys.TRANSFORMS].get((entry.job, entry.version), (None, None))[0]
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            try:
+                await _drop(app, entry.job, entry.version, entry=entry)
+            except NotFound:
+                continue  # renewed, committed or deleted meanwhile
+            log.info("%s: deleted %s/%s of %s: its lease of %g s was not renewed%s", app[Keys.NAME], entry.job,
+                     entry.version, entry.owner or "an unnamed writer", entry.lease_s,
+                     " (its transformation was cancelled)" if task is not None else "")
 
 
 async def commit(request: web.Request) -> web.Response:
     job, version = path_names(request)
+    owner, _ = writer(request)
+    app = request.app
     body = await json_body(request, "CommitRequest")
-    if (job, version) in request.app[Keys.TRANSFORMS]:
+    if (job, version) in app[Keys.TRANSFORMS]:
         raise Conflict(f"version {version!r} of job {job!r} is still being written by a transformation")
-    manifest = VersionManifest.from_json(body["manifest"])
-    entry = request.app[Keys.CATALOG].commit(job, version, manifest, body["manifest"])
+    expected = await in_pool(request, _expected, body["manifest"], job, version, app[Keys.NAME])
+    if (job, version) in app[Keys.TRANSFORMS]:
+        raise Conflict(f"version {version!r} of job {job!r} is still being written by a transformation")
+    entry = app[Keys.CATALOG].commit(job, version, body["manifest"], expected, owner or "")
     return web.json_response({"job": job, "version": version, "committed": True, "bytes": entry.nbytes,
                               "manifest": entry.manifest})
+
+
+def _expected(raw: dict, job: str, version: str, host: str) -> dict:
+    """What this store must hold of a manifest (CPU-heavy for large PTCs: a worker thread)."""
+    manifest = VersionManifest.from_json(raw)
+    if (manifest.job, manifest.version) != (job, version):
+        raise ValueError(f"manifest is for {manifest.job}/{manifest.version}, not {job}/{version}")
+    return manifest.expected(host)
 
 
 async def put_tensor(request: web.Request) -> web.Response:
     job, version, rank, tensor = tensor_key(request)
     app, q = request.app, request.query
+    owner, seconds = writer(request)
     unknown = set(q) - {"dtype", "shape"}
     if unknown or "dtype" not in q or "shape" not in q:
         raise NameError_("give the query parameters dtype and shape (e.g. ?dtype=bfloat16&shape=768,3072), "
                          "and no others")
     dtype, shape = check_dtype(q["dtype"]), parse_shape(q["shape"])
+    ELEMENTS.check(prod(shape), f"tensor {tensor}")
     nbytes = prod(shape) * itemsize(dtype)
     limit = app[Keys.CONFIG].max_upload
     length = request.content_length
@@ -163,22 +237,27 @@ async def put_tensor(request: web.Request) -> web.Response:
         raise NameError_(f"body has {length} bytes but dtype {dtype} x shape {list(shape)} needs {nbytes}")
     if (job, version) in app[Keys.TRANSFORMS]:
         raise Conflict(f"version {version!r} of job {job!r} is being written by a transformation")
-    path, spilled = app[Keys.CATALOG].place(job, version, rank, tensor, nbytes)
-    upload = TensorUpload(path, dtype, shape)
+    catalog: Catalog = app[Keys.CATALOG]
+    up = catalog.open_upload(job, version, rank, tensor, nbytes, owner or "", seconds)
     link = app[Keys.LINK] if limited(request) else None
     try:
-        async for chunk in request.content.iter_chunked(CHUNK):
-            if link is not None:
-                await link.receive(len(chunk))
-            upload.write(chunk)
-        meta = upload.finish()
+        upload = TensorUpload(up.tmp, dtype, shape)
+        try:
+            async for chunk in read_chunks(request, CHUNK):
+                if link is not None:
+                    await link.receive(len(chunk))
+                upload.write(chunk)
+            meta = upload.finish()
+        except BaseException:
+            upload.abort()
+            raise
+        catalog.finish_upload(up, meta)  # 404/409 if deleted or committed meanwhile
     except BaseException:
-        upload.abort()
+        catalog.abort_upload(up)
         raise
-    app[Keys.CATALOG].add(job, version, rank, tensor, path, meta, spilled)
     app[Keys.TRAFFIC]["received"][request.headers.get(FROM_HEADER, "client")] += nbytes
     return web.json_response({"job": job, "version": version, "rank": rank, "tensor": tensor,
-                              "bytes": nbytes, "crc32": meta.to_json()["crc32"], "spilled": spilled},
+                              "bytes": nbytes, "crc32": meta.to_json()["crc32"], "spilled": up.spilled},
                              status=201)
 
 
@@ -207,10 +286,11 @@ async def get_tensor(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(status=200, headers=headers)
     await resp.prepare(request)
     link = app[Keys.LINK] if limited(request) else None
+    idle = app[Keys.CONFIG].idle_timeout
     for part in _parts(sel):
         if link is not None:
             await link.send(part.nbytes)
-        await resp.write(part)
+        await asyncio.wait_for(resp.write(part), idle)  # a client that stops reading is cut off
     app[Keys.TRAFFIC]["sent"][request.headers.get(FROM_HEADER, "client")] += sel.nbytes
     await resp.write_eof()
     return resp
@@ -240,25 +320,31 @@ def _loopback(address: str | None) -> bool:
 async def transform(request: web.Request) -> web.Response:
     (job,) = path_names(request)
     app = request.app
-    spec = TransformSpec.from_json(job, await json_body(request, "TransformRequest"))
+    owner, seconds = writer(request)
+    body = await json_body(request, "TransformRequest")
+    spec = await in_pool(request, TransformSpec.from_json, job, body)  # builds PTCs: off the loop
     key = (job, spec.to_version)
-    app[Keys.CATALOG].begin(job, spec.to_version)  # Conflict if it exists
+    catalog: Catalog = app[Keys.CATALOG]
+    entry = catalog.begin(job, spec.to_version, owner or "", seconds)  # Conflict if another's
     headers = {FROM_HEADER: app[Keys.NAME]}
     if app[Keys.CONFIG].token:
         headers["Authorization"] = f"Bearer {app[Keys.CONFIG].token}"
-    task = asyncio.ensure_future(run_host_part(app[Keys.CATALOG], spec, await _session(app), app[Keys.LINK],
+    task = asyncio.ensure_future(run_host_part(catalog, spec, entry, await _session(app), app[Keys.LINK],
                                                app[Keys.POOL], headers))
-    app[Keys.TRANSFORMS][key] = task
+    app[Keys.TRANSFORMS][key] = (task, owner)
     try:
         result = await task
     except BaseException:
         # a failed or cancelled part leaves nothing behind: the new version never existed here
-        entry = app[Keys.CATALOG].jobs.get(job, {}).get(spec.to_version)
-        if entry is not None and not entry.committed:
-            await asyncio.shield(_drop(app, job, spec.to_version))
+        if catalog.is_current(entry) and not entry.committed:
+            try:
+                await asyncio.shield(_drop(app, job, spec.to_version, entry=entry))
+            except NotFound:
+                pass
         raise
     finally:
-        app[Keys.TRANSFORMS].pop(key, None)
+        if app[Keys.TRANSFORMS].get(key, (None,))[0] is task:
+            del app[Keys.TRANSFORMS][key]
     for host, n in result["fetched_bytes"].items():
         app[Keys.TRAFFIC]["received"][host] += n
     log.info("%s: transformed %s/%s -> %s in %.2f s", app[Keys.NAME], job, spec.from_version,
@@ -277,10 +363,16 @@ async def _session(app: web.Application):
     return app[Keys.SESSION]
 
 
+async def _start(app: web.Application) -> None:
+    app[Keys.TASKS].extend([asyncio.ensure_future(_expire(app)), asyncio.ensure_future(app[Keys.GUARD].run())])
+
+
 async def _close(app: web.Application) -> None:
+    for task in app[Keys.TASKS]:
+        task.cancel()
     if app.get(Keys.SESSION) is not None:
         await app[Keys.SESSION].close()
-    for task in app[Keys.TRANSFORMS].values():
+    for task, _ in app[Keys.TRANSFORMS].values():
         task.cancel()
     app[Keys.POOL].shutdown(wait=False)
 
@@ -288,16 +380,21 @@ async def _close(app: web.Application) -> None:
 def make_app(config: StoreConfig) -> web.Application:
     """The store's application (serve it with :func:`aiohttp.web.run_app` or a runner)."""
     check_name(config.name, "store name")
-    app = web.Application(client_max_size=config.max_json, middlewares=[errors, auth(config.token)])
+    guard = ConnectionGuard(config.max_connections, config.idle_timeout)
+    app = web.Application(client_max_size=config.max_json,
+                          middlewares=[guard.middleware, errors, auth(config.token)])
     app[Keys.CONFIG] = config
     app[Keys.NAME] = config.name
-    app[Keys.CATALOG] = Catalog(config.root, config.spill, config.memory_limit, config.name)
+    app[Keys.GUARD] = guard
+    app[Keys.TASKS] = []
+    app[Keys.CATALOG] = Catalog(config.root, config.spill, config.memory_limit, config.name, config.lease_s)
     app[Keys.LINK] = Link(config.link_up, config.link_down)
     app[Keys.POOL] = ThreadPoolExecutor(config.workers, thread_name_prefix="store")
     app[Keys.TRANSFORMS] = {}
     app[Keys.TRAFFIC] = {"sent": defaultdict(int), "received": defaultdict(int)}
     app[Keys.STARTED] = time.monotonic()
     app[Keys.SESSION] = None
+    app.on_startup.append(_start)
     app.on_cleanup.append(_close)
     tensor = "/v1/jobs/{job}/versions/{version}/ranks/{rank}/tensors/{tensor}"
     app.router.add_get("/v1/health", health, allow_head=False)
@@ -309,6 +406,7 @@ def make_app(config: StoreConfig) -> web.Application:
     app.router.add_get("/v1/jobs/{job}/versions/{version}", get_version, allow_head=False)
     app.router.add_delete("/v1/jobs/{job}/versions/{version}", delete)
     app.router.add_post("/v1/jobs/{job}/versions/{version}/commit", commit)
+    app.router.add_post("/v1/jobs/{job}/versions/{version}/lease", lease)
     app.router.add_get("/v1/jobs/{job}/versions/{version}/ranks/{rank}/files", rank_files, allow_head=False)
     app.router.add_get(tensor, get_tensor, allow_head=False)
     app.router.add_put(tensor, put_tensor)

@@ -41,6 +41,7 @@ from ..layout.ptc import PTC
 from ..planner import Deployment, make_plan
 from ..planner.plan import Copy
 from .cluster import StoreCluster, parallel
+from .lease import Lease, new_owner
 from .manifest import VersionManifest
 from .transform import split_copy
 
@@ -55,12 +56,14 @@ def next_version(cluster: StoreCluster, job: str) -> tuple[str, int]:
 
 
 def save_rank(cluster: StoreCluster, job: str, version: str, rank: int, ptc: PTC, placement: Placement,
-              tensors: Mapping[str, Any], workers: int = 4) -> int:
+              tensors: Mapping[str, Any], workers: int = 4, owner: str | None = None) -> int:
     """Upload every local tensor of ``rank`` (``ptc.rank_shards(rank)``) to its host's store.
 
     Args:
         tensors: ``{name: tensor}`` (torch or numpy, the spec's dtype, the local shape;
             GPU tensors are copied to host memory one at a time).
+        owner: the writer id every rank of the save uploads with (see
+            :mod:`scalai.store.lease`; :class:`StoreWriter` makes and renews one).
 
     Returns:
         bytes uploaded.
@@ -82,21 +85,23 @@ def save_rank(cluster: StoreCluster, job: str, version: str, rank: int, ptc: PTC
         value = tensors[name]
         if hasattr(value, "device") and str(value.device) != "cpu":
             value = value.detach().cpu()
-        return client.put(job, version, rank, name, value, ptc.spec(name).dtype)["bytes"]
+        return client.put(job, version, rank, name, value, ptc.spec(name).dtype, owner=owner)["bytes"]
 
     return sum(parallel(one, shards, workers))
 
 
 def commit(cluster: StoreCluster, job: str, version: str, ptc: PTC, placement: Placement, state: dict,
-           sequence: int, parent: str | None = None, replicas: str = "all") -> VersionManifest:
+           sequence: int, parent: str | None = None, replicas: str = "all", owner: str | None = None
+           ) -> VersionManifest:
     """Commit a saved version on every store (call on one rank, after every rank saved).
-    ``replicas="per_host"``: the ranks saved ``ptc.stored_replicas(placement.host)``.
+    ``replicas="per_host"``: the ranks saved ``ptc.stored_replicas(placement.host)``;
+    ``owner``: the writer id the ranks uploaded with.
 
     Raises:
         StoreRequestError: a store lacks some of its ranks' tensors (409, naming them).
     """
     manifest = VersionManifest(job, version, sequence, ptc, placement, dict(state), parent, replicas=replicas)
-    cluster.commit(manifest)
+    cluster.commit(manifest, owner=owner)
     return manifest
 
 
@@ -151,9 +156,13 @@ def load_rank(cluster: StoreCluster, job: str, rank: int, ptc: PTC, placement: P
 class StoreWriter:
     """:class:`scalai.training.storage.StateWriter` over the stores: ``save(job, writer)``.
 
-    ``begin`` (rank 0) picks the next version name; ``write_rank`` uploads the rank's
-    tensors to the store of its own host (``placement.host(rank)``); ``commit`` (rank 0)
-    commits the version on every store; ``abort`` deletes it everywhere.
+    ``begin`` (rank 0) picks the next version name and claims it on every store for a new
+    owner id (:mod:`scalai.store.lease`), renewing its lease from rank 0's process until
+    ``commit`` or ``abort``; the token every rank receives is ``"<version>@<owner>"``.
+    ``write_rank`` uploads the rank's tensors to the store of its own host
+    (``placement.host(rank)``) as that owner; ``commit`` (rank 0) commits the version on
+    every store; ``abort`` deletes it everywhere (only where that owner created it). If
+    the job dies mid-save, the version expires with its lease.
 
     Args:
         urls: the stores in host order (every rank gives the same list), or a cluster.
@@ -167,22 +176,34 @@ class StoreWriter:
         self.placement = self.cluster.placement(gpus_per_host)
         self.last_version: str | None = None  # the version the last save wrote (every rank)
         self._stored: tuple[PTC, PTC] | None = None  # (ptc, its per-host view)
+        self._leases: dict[str, Lease] = {}  # rank 0: token -> the lease it renews
 
     def begin(self) -> str:
-        return self.cluster.next_version(self.job)[0]
+        version = self.cluster.next_version(self.job)[0]
+        lease = Lease(self.cluster, self.job, new_owner("save"))
+        try:
+            lease.claim(version, self.cluster.hosts)
+        except BaseException:
+            lease.close()
+            self.cluster.drop(self.job, version, owner=lease.owner)
+            raise
+        token = f"{version}@{lease.owner}"
+        self._leases[token] = lease
+        return token
 
     def write_rank(self, token: str, rank: int, ptc: PTC, arrays: Mapping[str, Any]):
         from ..checkpoint.manifest import RankRecord, TensorRecord
 
-        self.last_version = token
+        version, owner = token.split("@")
+        self.last_version = version
         client = self.cluster.client(self.placement.host(rank))
         records, total = {}, 0
         for name, shard in self.stored(ptc).rank_shards(rank):
             dtype = ptc.spec(name).dtype
-            out = client.put(self.job, token, rank, name, arrays[name], dtype)
+            out = client.put(self.job, version, rank, name, arrays[name], dtype, owner=owner)
             records[name] = TensorRecord(dtype, shard.shape, int(out["crc32"], 16))
             total += out["bytes"]
-        return RankRecord(rank, f"{client.url}/v1/jobs/{self.job}/versions/{token}/ranks/{rank}", total, records)
+        return RankRecord(rank, f"{client.url}/v1/jobs/{self.job}/versions/{version}/ranks/{rank}", total, records)
 
     def stored(self, ptc: PTC) -> PTC:
         """What the ranks upload of ``ptc``: a replica that ranks of one host share, once per
@@ -192,12 +213,23 @@ class StoreWriter:
         return self._stored[1]
 
     def commit(self, token: str, manifest) -> None:
-        sequence = int(token[1:]) if token[1:].isdigit() else self.cluster.next_version(self.job)[1]
-        commit(self.cluster, self.job, token, manifest.ptc, self.placement, manifest.state, sequence,
-               replicas="per_host")
+        version, owner = token.split("@")
+        sequence = int(version[1:]) if version[1:].isdigit() else self.cluster.next_version(self.job)[1]
+        try:
+            commit(self.cluster, self.job, version, manifest.ptc, self.placement, manifest.state, sequence,
+                   replicas="per_host", owner=owner)
+        finally:
+            self._end(token)
 
     def abort(self, token: str) -> None:
-        self.cluster.drop(self.job, token)
+        version, owner = token.split("@")
+        self._end(token)
+        self.cluster.drop(self.job, version, owner=owner)
+
+    def _end(self, token: str) -> None:
+        lease = self._leases.pop(token, None)
+        if lease is not None:
+            lease.close()
 
 
 class StoreReader:

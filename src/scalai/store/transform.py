@@ -15,6 +15,8 @@ and deterministic) and runs the copies whose destination is itself:
 
 A peer that is down is retried with backoff (connection errors only); then the whole
 part fails with :class:`PeerError` naming the peer, and the caller deletes the new version.
+A part that fails or is cancelled (its version deleted, its lease expired) stops its
+worker threads at the next copy; they never write into a file of another version.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ from ..layout.ptc import PTC
 from ..planner import Deployment, make_plan
 from ..planner.plan import Copy, Window
 from ..regions import Region
-from .catalog import Catalog
+from .catalog import Catalog, VersionEntry
 from .errors import PeerError
-from .files import NewTensor, TensorMeta
+from .files import StoreFileError, TensorMeta
 from .manifest import placement_from_json
 from .names import check_name, window_query
 from .ratelimit import Link
@@ -157,10 +159,11 @@ async def _run_all(coros) -> None:
 
 
 class _HostPart:
-    def __init__(self, catalog: Catalog, spec: TransformSpec, session, link: Link,
+    def __init__(self, catalog: Catalog, spec: TransformSpec, entry: VersionEntry, session, link: Link,
                  pool: Executor, headers: dict[str, str]):
-        self.catalog, self.spec, self.session, self.link = catalog, spec, session, link
+        self.catalog, self.spec, self.entry, self.session, self.link = catalog, spec, entry, session, link
         self.pool, self.headers = pool, headers
+        self.stopped = threading.Event()  # set when the part fails or is cancelled
         self.me = catalog.name
         self.dest: dict[tuple[int, str], np.ndarray] = {}
         self.fetched: dict[str, int] = defaultdict(int)
@@ -171,16 +174,20 @@ class _HostPart:
     async def _in_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
+    def _check(self) -> None:
+        """Stop a worker thread of a part that failed or was cancelled."""
+        if self.stopped.is_set():
+            raise StoreFileError(f"the transformation into {self.spec.to_version} was stopped")
+
     def _allocate(self) -> None:
         s, cat = self.spec, self.catalog
         for rank in range(s.new.ptc.config.world_size):
             if s.new.placement.host(rank) != self.me:
                 continue
             for name, shard in s.new.ptc.rank_shards(rank):
+                self._check()
                 meta = TensorMeta(s.new.ptc.spec(name).dtype, shard.shape)
-                path, spilled = cat.place(s.job, s.to_version, rank, name, meta.nbytes)
-                self.dest[(rank, name)] = NewTensor(path, meta)
-                cat.add(s.job, s.to_version, rank, name, path, meta, spilled, create=False)
+                self.dest[(rank, name)] = cat.new_tensor(self.entry, rank, name, meta)
 
     def _copy_local(self, copies: list[Copy], from_new: bool) -> None:
         """Memory copies into one destination tensor: ``pwrite`` streams (with CRCs) for
@@ -188,6 +195,7 @@ class _HostPart:
         s, filler = self.spec, self._filler()
         dest = self.dest[(copies[0].dst_rank, copies[0].tensor)]
         for c in copies:
+            self._check()
             if from_new:
                 src = self.dest[(c.src_rank, c.tensor)].read()
                 crc = None
@@ -259,6 +267,13 @@ class _HostPart:
             np.copyto(dst.select(dest.mapping()), np.frombuffer(buf, dtype).reshape(dst.shape))
 
     async def run(self) -> dict:
+        try:
+            return await self._run()
+        except BaseException:
+            self.stopped.set()  # worker threads still copying for this part stop at their next copy
+            raise
+
+    async def _run(self) -> dict:
         s, t0 = self.spec, time.perf_counter()
         if s.from_version == s.to_version:
             raise ValueError("from_version and to_version must differ")
@@ -296,9 +311,9 @@ class _HostPart:
 
     def _finish(self) -> None:
         """Record every new tensor's CRC-32 (combined from the pieces where possible)."""
-        entry = self.catalog.version(self.spec.job, self.spec.to_version)
         for key, dest in self.dest.items():
-            entry.tensors[key].meta = dest.finish(self.spec.checksum)
+            self._check()
+            self.catalog.set_meta(self.entry, key, dest.finish(self.spec.checksum))
 
 
 async def _reason(resp) -> str:
@@ -309,14 +324,14 @@ async def _reason(resp) -> str:
         return (await resp.text())[:200]
 
 
-async def run_host_part(catalog: Catalog, spec: TransformSpec, session, link: Link, pool: Executor,
-                        headers: dict[str, str]) -> dict:
+async def run_host_part(catalog: Catalog, spec: TransformSpec, entry: VersionEntry, session, link: Link,
+                        pool: Executor, headers: dict[str, str]) -> dict:
     """Run this store's part of ``spec`` (see the module docstring); returns its statistics.
 
-    The caller creates the (empty) new version first (:meth:`Catalog.begin`) and deletes
-    it if this fails.
+    The caller creates the (empty) new version ``entry`` first (:meth:`Catalog.begin`) and
+    deletes it if this fails.
 
     Raises:
         PeerError: a peer failed; NotFound/Conflict: the versions are not as required.
     """
-    return await _HostPart(catalog, spec, session, link, pool, headers).run()
+    return await _HostPart(catalog, spec, entry, session, link, pool, headers).run()

@@ -1,0 +1,187 @@
+"""Owners and leases of uncommitted versions (issue 11, items 1 and 3): what a writer may do
+to another's version, and what a killed push or coordinator leaves behind (nothing, once
+its lease has run out)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from scalai import PTC, ParallelConfig, Placement, TensorSpec
+from scalai.store import StoreCluster, StoreRequestError, VersionManifest, reshard
+from scalai.store.lease import Lease
+
+A = np.arange(1024, dtype=np.uint32)
+
+
+def _manifest(client, version="v0"):
+    ptc = PTC(ParallelConfig(), [TensorSpec("w", A.shape, "float32")], 0)
+    return VersionManifest("j", version, 0, ptc, Placement(1, (client.name,)), {}).to_json()
+
+
+def _status(call) -> int:
+    with pytest.raises(StoreRequestError) as err:
+        call()
+    return err.value.status
+
+
+def _until(predicate, what: str, timeout: float = 60.0):
+    """Poll ``predicate`` until true (a liveness bound, not a measurement)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = predicate()
+        if out:
+            return out
+        time.sleep(0.1)
+    raise AssertionError(f"never happened within {timeout:.0f} s: {what}")
+
+
+def _versions(client, job="j") -> dict[str, bool]:
+    try:
+        return {v["version"]: v["committed"] for v in client.job(job)["versions"]}
+    except StoreRequestError:
+        return {}
+
+
+def test_a_version_belongs_to_its_writer(store):
+    c = store.client()
+    c.put("j", "v0", 0, "w", A, "float32", owner="push-a")
+    assert _status(lambda: c.put("j", "v0", 0, "w", A + 1, "float32", owner="push-b")) == 409
+    assert _status(lambda: c.put("j", "v0", 0, "w", A + 1, "float32")) == 409  # nor a writer without an id
+    assert _status(lambda: c.commit("j", "v0", _manifest(c), owner="push-b")) == 409
+    assert _status(lambda: c.delete("j", "v0", owner="push-b")) == 409
+    assert _status(lambda: c.lease("j", "v0", "push-b", create=True)) == 409
+    assert _versions(c) == {"v0": False}
+    store.restart()  # ownership survives a restart of the store
+    c = store.client()
+    assert _status(lambda: c.put("j", "v0", 0, "w", A + 1, "float32", owner="push-b")) == 409
+    c.commit("j", "v0", _manifest(c), owner="push-a")
+    np.testing.assert_array_equal(c.read("j", "v0", 0, "w"), A)
+    assert c.lease("j", "v0", "push-a")["committed"] is True  # nothing left to renew
+    assert _status(lambda: c.delete("j", "v0", owner="push-b")) == 409
+    assert c.delete("j", "v0", owner="push-a")["deleted"] == ["v0"]  # its writer's cleanup
+    # an operator's delete (no owner) removes any version; a whole job needs no owner
+    c.put("j", "v1", 0, "w", A, "float32", owner="push-c")
+    assert c.delete("j")["deleted"] == ["v1"]
+
+
+def test_claims_are_exclusive_and_transformations_adopt_their_own(store):
+    c = store.client()
+    out = c.lease("j", "v3", "reshard-a", 30, create=True)
+    assert (out["created"], out["committed"], out["owner"]) == (True, False, "reshard-a")
+    assert 0 < out["expires_in_s"] <= 30
+    again = c.lease("j", "v3", "reshard-a", 30, create=True)  # the same writer: a renewal
+    assert again["created"] is False
+    assert _status(lambda: c.lease("j", "v3", "reshard-b", create=True)) == 409
+    assert _status(lambda: c.lease("j", "v9", "reshard-a")) == 404  # renewing what does not exist
+    for bad in ("0.1", "99999", "nan", "x"):
+        status, _ = _raw_lease(store.url, bad)
+        assert status == 400, bad
+
+
+def _raw_lease(url: str, seconds: str):
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.request("POST", "/v1/jobs/j/versions/v5/lease?create=true",
+                 headers={"X-Scalai-Owner": "w", "X-Scalai-Lease": seconds})
+    resp = conn.getresponse()
+    out = resp.status, resp.read()
+    conn.close()
+    return out
+
+
+def test_an_unrenewed_version_expires_and_a_renewed_one_stays(store):
+    c = store.client()
+    c.lease("j", "v1", "writer-1", 1, create=True)
+    c.put("j", "v1", 0, "w", A, "float32", owner="writer-1", lease=1)
+    cluster = StoreCluster([store.url])
+    with Lease(cluster, "j", "writer-2", seconds=2) as lease:
+        lease.claim("v2", cluster.hosts)
+        c.put("j", "v2", 0, "w", A, "float32", owner="writer-2")
+        _until(lambda: "v1" not in _versions(c), "v1 expired")
+        assert _versions(c) == {"v2": False}  # renewed all the while
+        c.commit("j", "v2", _manifest(c, "v2"), owner="writer-2")
+    assert c.usage()["memory_bytes"] == A.nbytes  # v1's bytes are gone
+    assert not [p for p in (store.root / "jobs" / "j").glob("v1*")]
+
+
+_PUSH = textwrap.dedent("""
+    import sys, time
+    from scalai.store import StoreCluster
+    cluster = StoreCluster(sys.argv[2].split(","))
+    cluster.push(sys.argv[1], "gpt", gpus_per_host=4, progress=lambda n: time.sleep(0.5), workers=1)
+""")
+
+
+def test_killed_push_leaves_nothing_after_its_lease(stores, tiny_ckpt):
+    procs = stores(2)
+    clients = [p.client() for p in procs]
+    env = {**os.environ, "SCALAI_STORE_LEASE": "2"}
+    push = subprocess.Popen([sys.executable, "-c", _PUSH, str(tiny_ckpt), ",".join(p.url for p in procs)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _until(lambda: any(c.usage()["memory_bytes"] for c in clients) or push.poll() is not None,
+               "the push uploads something")
+        assert push.poll() is None, push.stdout.read().decode()[-2000:]
+        push.send_signal(signal.SIGKILL)
+        push.wait(10)
+    finally:
+        if push.poll() is None:
+            push.kill()
+    assert any(_versions(c, "gpt") for c in clients)  # it left an uncommitted version ...
+    _until(lambda: not any(_versions(c, "gpt") for c in clients), "the killed push's version expires")
+    for p, c in zip(procs, clients):  # ... and, after its lease, nothing at all
+        assert c.usage()["memory_bytes"] == 0
+        assert not [f for f in (p.root / "jobs").rglob("*") if f.is_file()]
+        assert not list((p.root / "uploads").iterdir())
+
+
+def test_killed_coordinator_transformation_is_cancelled(stores, tiny_ckpt, tmp_path):
+    procs = stores(3, link="1.5MB")  # slow links: the transformation runs for seconds
+    cluster = StoreCluster([p.url for p in procs])
+    cluster.push(str(tiny_ckpt), "gpt", gpus_per_host=4)  # host0, host1
+    before = {h: c.usage()["memory_bytes"] for h, c in cluster.by_host.items()}
+    env = {**os.environ, "SCALAI_STORE_LEASE": "2"}
+    coordinator = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "scalai"), "store", "reshard", "--job", "gpt", "--to", "tp=2,pp=2,dp=2",
+         "-g", "4", "--hosts", "host1,host2", "--stores", ",".join(p.url for p in procs)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    host2 = cluster.by_host["host2"]
+    try:
+        _until(lambda: host2.usage()["memory_bytes"] > 0 or coordinator.poll() is not None,
+               "host2 writes the new version")
+        assert coordinator.poll() is None, coordinator.stdout.read().decode()[-2000:]
+        coordinator.send_signal(signal.SIGKILL)
+        coordinator.wait(10)
+    finally:
+        if coordinator.poll() is None:
+            coordinator.kill()
+    assert "v1" in _versions(host2, "gpt")  # the orphan, while its lease lasts
+    _until(lambda: all(_versions(c, "gpt") == {"v0": True} for c in cluster.clients),
+           "the orphaned transformation is cancelled and its version deleted")
+    assert {h: c.usage()["memory_bytes"] for h, c in cluster.by_host.items()} == before
+    assert not [f for f in (procs[2].root / "jobs").rglob("*") if f.is_file() and f.name != "owner.json"
+                and f.name != "manifest.json"]  # host2 holds no rank of v0: its (empty) commit only
+    result = reshard(cluster, "gpt", "tp=2,pp=2,dp=2", gpus_per_host=4, hosts=["host1", "host2"])
+    assert result.source == "v0"
+
+
+def test_renewals_keep_a_transformation_longer_than_its_lease_alive(stores, tiny_ckpt, tmp_path, monkeypatch):
+    procs = stores(3, link="0.5MB")
+    cluster = StoreCluster([p.url for p in procs])
+    cluster.push(str(tiny_ckpt), "gpt", gpus_per_host=4)
+    monkeypatch.setenv("SCALAI_STORE_LEASE", "1")
+    result = reshard(cluster, "gpt", "tp=2,pp=2,dp=2", gpus_per_host=4, hosts=["host1", "host2"])
+    assert result.target == "v1" and cluster.latest("gpt").name == "v1"
+    # what host2 pulled through its 0.5 MB/s link (64 KiB of burst) took longer than two leases
+    assert (sum(result.hosts["host2"]["fetched_bytes"].values()) - 65536) / 0.5e6 > 2 * 1
