@@ -17,7 +17,7 @@ limit              environment          default    what it bounds
                                                    (planning costs about 1 KB and 1-5 us each)
 ``DIMS``           SCALAI_MAX_DIMS      16         dimensions of one tensor
 ``ELEMENTS``       SCALAI_MAX_ELEMENTS  2**48      elements of one tensor
-``JSON_DEPTH``     SCALAI_MAX_JSON_     64         nesting of a JSON document (manifests,
+``JSON_DEPTH``     SCALAI_MAX_JSON_     100        nesting of a JSON document (manifests,
                    DEPTH                           store request bodies)
 =================  ===================  =========  ===========================================
 
@@ -90,7 +90,7 @@ TENSORS = Limit("TENSORS", "SCALAI_MAX_TENSORS", 1 << 18, "tensors")
 LOCAL_TENSORS = Limit("LOCAL_TENSORS", "SCALAI_MAX_LOCAL_TENSORS", 1 << 22, "(rank, tensor) pairs")
 DIMS = Limit("DIMS", "SCALAI_MAX_DIMS", 16, "dimensions")
 ELEMENTS = Limit("ELEMENTS", "SCALAI_MAX_ELEMENTS", 1 << 48, "elements")
-JSON_DEPTH = Limit("JSON_DEPTH", "SCALAI_MAX_JSON_DEPTH", 64, "levels of nesting")
+JSON_DEPTH = Limit("JSON_DEPTH", "SCALAI_MAX_JSON_DEPTH", 100, "levels of nesting")
 
 #: Every limit, for documentation and ``--help`` texts.
 ALL = (LAYERS, RANKS, TENSORS, LOCAL_TENSORS, DIMS, ELEMENTS, JSON_DEPTH)

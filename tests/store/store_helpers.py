@@ -42,8 +42,9 @@ class StoreProc:
     """One store process. ``port=0`` picks a free port the first time; restarts keep it."""
 
     def __init__(self, root: Path, name: str, token: str | None = None, link: str | None = None,
-                 extra: tuple[str, ...] = ()):
+                 extra: tuple[str, ...] = (), log_level: str = "WARNING"):
         self.root, self.name, self.token, self.link, self.extra = Path(root), name, token, link, extra
+        self.log_level = log_level
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.url = ""
@@ -55,7 +56,7 @@ class StoreProc:
         url_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "scalai.store", "serve", "--root", str(self.root), "--name", self.name,
                "--port", str(self.port), "--url-file", str(url_file), *self.extra]
-        env = {**os.environ, "SCALAI_STORE_LOG": "WARNING"}
+        env = {**os.environ, "SCALAI_STORE_LOG": self.log_level}
         env.pop("SCALAI_TOKEN", None)
         if self.token:
             token_file = self.root.parent / f"{self.name}.token"

@@ -8,7 +8,7 @@ import click
 
 from .main import cli
 from .output import console, emit_json, human_bytes, layout_option, progress
-from .params import COUNT, PORT, RATE, SIZE
+from .params import COUNT, PORT, POSITIVE_NUMBER, RATE, SIZE
 
 _STORES_HELP = "store URLs in host order, comma-separated (e.g. http://127.0.0.1:7070,http://127.0.0.1:7071)"
 
@@ -43,15 +43,25 @@ def store() -> None:
 @click.option("--link", "link_rate", default=None, type=RATE,
               help="simulate this host's link in the transport: bytes/s each way to other hosts, e.g. 1gbit")
 @click.option("--url-file", type=click.Path(dir_okay=False), help="write the store's URL here once listening")
-def serve(root, host, port, name, token_file, spill, memory_limit, max_upload, link_rate, url_file) -> None:
+@click.option("--lease", "lease_s", default=None,
+              help="seconds an uncommitted version lives without renewal when its writer names no lease "
+                   "[default: $SCALAI_STORE_LEASE or 60]")
+@click.option("--idle-timeout", default=30.0, show_default=True, type=POSITIVE_NUMBER,
+              help="seconds a connection may stay open without a request, or send nothing mid-request")
+@click.option("--max-connections", default=1024, show_default=True, type=COUNT,
+              help="most connections open at once (the quietest idle one is closed for a new one)")
+def serve(root, host, port, name, token_file, spill, memory_limit, max_upload, link_rate, url_file, lease_s,
+          idle_timeout, max_connections) -> None:
     """Run a store on this host until SIGTERM or Ctrl-C (the shards stay in --root)."""
     from ..store.client import load_token
     from ..store.daemon import default_name, serve as run
+    from ..store.lease import lease_seconds
     from ..store.server import StoreConfig
 
     config = StoreConfig(root=root, name=name or default_name(), token=load_token(token_file), spill=spill,
                          memory_limit=memory_limit, max_upload=max_upload,
-                         link_up=link_rate, link_down=link_rate)
+                         link_up=link_rate, link_down=link_rate, lease_s=lease_seconds(lease_s, "--lease"),
+                         idle_timeout=idle_timeout, max_connections=max_connections)
     run(config, host, port, url_file, announce=click.echo)
 
 

@@ -25,7 +25,7 @@ from math import prod
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
 from ..config import ParallelConfig
-from ..limits import LOCAL_TENSORS, TENSORS
+from ..limits import LOCAL_TENSORS, TENSORS, LimitError
 from ..validate import integer
 from ..regions import Region, contiguous_boxes, disjoint, flat_runs, subtract
 from .spec import TensorSpec
@@ -83,6 +83,8 @@ class PTC:
             raise LayoutError(f"tensor {dup!r} is specified twice")
         try:
             stage_layers = config.stage_layers(self.num_layers)
+        except LimitError:
+            raise
         except ValueError as exc:
             raise LayoutError(str(exc)) from None
         self.stage_of_layer = tuple(s for s, layers in enumerate(stage_layers) for _ in layers)

@@ -77,10 +77,10 @@ async def errors(request: web.Request, handler):
         return _error(408, "request_timeout", f"store {request.app[Keys.NAME]}: the client sent nothing for "
                                               f"{request.app[Keys.CONFIG].idle_timeout:g} s in the middle of "
                                               f"its request; the request was dropped")
-    except ConnectionError as exc:  # the client went away: nothing to answer, nothing to trace
+    except ConnectionError as exc:  # the client went away: one line, no traceback, nothing to answer
         log.info("%s %s: the client disconnected (%s)", request.method, request.path,
-                 exc.strerror or type(exc).__name__)
-        raise
+                 exc.strerror or str(exc) or type(exc).__name__)
+        return web.Response(status=400)  # never sent: the server drops it quietly
     except OSError as exc:
         if exc.errno == 28:  # ENOSPC
             return _error(507, "storage_full", f"no space left in store {request.app[Keys.NAME]}")

@@ -33,9 +33,11 @@ from typing import Any
 
 from ..config import Placement
 from ..layout.ptc import PTC
+from ..limits import LimitError
 from .names import check_name
 
-__all__ = ["VersionManifest", "FORMAT", "FORMAT_VERSION", "placement_to_json", "placement_from_json"]
+__all__ = ["VersionManifest", "FORMAT", "FORMAT_VERSION", "placement_to_json", "placement_from_json", "parse_ptc",
+           "untrusted_layout"]
 
 FORMAT = "scalai-store-version"
 FORMAT_VERSION = 1
@@ -54,6 +56,30 @@ def placement_from_json(obj: Any) -> Placement:
             or not isinstance(obj["hosts"], list) or not obj["hosts"]:
         raise ValueError("placement must be {gpus_per_host: int, hosts: [name, ...]}")
     return Placement(obj["gpus_per_host"], tuple(check_name(h, "host") for h in obj["hosts"]))
+
+
+def parse_ptc(obj: Any, what: str) -> PTC:
+    """A PTC a client sent: any malformed shape of it is bad input (ValueError naming
+    ``what``), never a crash; sizes past :mod:`scalai.limits` stay a LimitError (HTTP 422)."""
+    try:
+        return PTC.from_json(obj)
+    except LimitError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any malformed JSON shape is bad input
+        raise ValueError(f"{what} does not parse ({type(exc).__name__}: {exc})") from None
+
+
+def untrusted_layout(fn, *args, what: str = "the request's layout"):
+    """``fn(*args)`` over a layout a client sent (shards, plans): a failure that is not
+    scalai's own (a split rule whose arithmetic fails) is that layout's fault, a ValueError."""
+    from ..errors import ScalaiError
+
+    try:
+        return fn(*args)
+    except (ScalaiError, ValueError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - bad input, never a crash
+        raise ValueError(f"{what} cannot be laid out ({type(exc).__name__}: {exc})") from None
 
 
 @dataclass(frozen=True)
@@ -140,10 +166,7 @@ class VersionManifest:
             raise ValueError("manifest lost_ranks must be a list of ranks")
         if not isinstance(obj["state"], dict):
             raise ValueError("manifest state must be a JSON object")
-        try:
-            ptc = PTC.from_json(obj["ptc"])
-        except Exception as exc:  # any malformed JSON shape is bad input, never a crash
-            raise ValueError(f"manifest ptc does not parse ({exc})") from None
+        ptc = parse_ptc(obj["ptc"], "manifest ptc")
         return cls(obj["job"], obj["version"], obj["sequence"], ptc,
                    placement_from_json(obj["placement"]), obj["state"], obj["parent"],
                    str(obj["created_by"]), bool(obj["scratch"]), tuple(lost), obj.get("replicas", "all"))

@@ -39,7 +39,7 @@ from .files import DATA_OFFSET, TensorUpload
 from .http_util import (FROM_HEADER, Keys, auth, errors, in_pool, json_body, limited, path_names, read_chunks,
                         tensor_key, writer)
 from .lease import DEFAULT_LEASE_S, MIN_LEASE_S
-from .manifest import VersionManifest
+from .manifest import VersionManifest, untrusted_layout
 from .names import NameError_, check_dtype, check_name, check_rank, format_shape, parse_shape, parse_window
 from .openapi import API_VERSION, SPEC
 from .ratelimit import Link
@@ -200,7 +200,7 @@ async def commit(request: web.Request) -> web.Response:
     body = await json_body(request, "CommitRequest")
     if (job, version) in app[Keys.TRANSFORMS]:
         raise Conflict(f"version {version!r} of job {job!r} is still being written by a transformation")
-    expected = await in_pool(request, _expected, body["manifest"], job, version, app[Keys.NAME])
+    expected = await in_pool(request, untrusted_layout, _expected, body["manifest"], job, version, app[Keys.NAME])
     if (job, version) in app[Keys.TRANSFORMS]:
         raise Conflict(f"version {version!r} of job {job!r} is still being written by a transformation")
     entry = app[Keys.CATALOG].commit(job, version, body["manifest"], expected, owner or "")

@@ -37,14 +37,13 @@ from ..checkpoint.pages import populate
 from ..checkpoint.transfer import TensorFiller, blocks, window_span
 from ..config import ParallelConfig
 from ..dtypes import raw_numpy
-from ..layout.ptc import PTC
 from ..planner import Deployment, make_plan
 from ..planner.plan import Copy, Window
 from ..regions import Region
 from .catalog import Catalog, VersionEntry
 from .errors import PeerError
 from .files import StoreFileError, TensorMeta
-from .manifest import placement_from_json
+from .manifest import parse_ptc, placement_from_json, untrusted_layout
 from .names import check_name, window_query
 from .ratelimit import Link
 
@@ -79,17 +78,11 @@ class TransformSpec:
     @classmethod
     def from_json(cls, job: str, obj: dict) -> TransformSpec:
         """Parse a request already checked against its schema; raises ValueError."""
-        try:
-            old_ptc = PTC.from_json(obj["old"]["ptc"])
-        except Exception as exc:  # malformed layouts are bad input, never a crash
-            raise ValueError(f"old.ptc does not parse ({exc})") from None
+        old_ptc = parse_ptc(obj["old"]["ptc"], "old.ptc")
         config = ParallelConfig.parse(obj["new"]["layout"])
         new_ptc = old_ptc.relayout(config)
         if "ptc" in obj["new"]:  # the job's own description of its tensors under the new layout
-            try:
-                new_ptc = PTC.from_json(obj["new"]["ptc"])
-            except Exception as exc:  # noqa: BLE001 - bad input, never a crash
-                raise ValueError(f"new.ptc does not parse ({exc})") from None
+            new_ptc = parse_ptc(obj["new"]["ptc"], "new.ptc")
             if new_ptc.config != config:
                 raise ValueError(f"new.ptc is laid out as {new_ptc.config}, new.layout says {config}; "
                                  f"send the PTC of the new layout")
@@ -279,7 +272,8 @@ class _HostPart:
             raise ValueError("from_version and to_version must differ")
         if self.me in s.old.placement.hosts:
             self.catalog.committed(s.job, s.from_version)  # 404/409 early if it is not there
-        plan = await self._in_pool(partial(make_plan, s.old, s.new, unavailable=s.unavailable))
+        plan = await self._in_pool(partial(untrusted_layout, partial(make_plan, s.old, s.new, unavailable=s.unavailable),
+                                           what="the layouts of the request"))
         mine = [c for c in plan.copies if c.dst_host == self.me and c.dst.volume]
         t1 = time.perf_counter()
         await self._in_pool(self._allocate)
