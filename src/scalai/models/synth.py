@@ -146,7 +146,8 @@ def write_synthetic_checkpoint(model: str, out_dir, config, seed: int = 0, progr
     from ..checkpoint.limits import reserve_descriptors
     from ..config import ParallelConfig
 
-    reserve_descriptors(ParallelConfig.parse(config).world_size, "a checkpoint")
+    config = ParallelConfig.parse(config)
+    reserve_descriptors(config.world_size, "a checkpoint")
     ptc = model_ptc(model, config)
     check_output(out_dir, stored_nbytes(ptc), f"{model} in {config}")
     state = synthetic_state(model, config, seed)

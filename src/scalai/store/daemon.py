@@ -56,6 +56,7 @@ def serve(config: StoreConfig, host: str = "127.0.0.1", port: int = 0, url_file:
         _raise_fd_limit(config.max_connections)
         logging.basicConfig(level=os.environ.get("SCALAI_STORE_LOG", "INFO"), stream=sys.stderr,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.getLogger("aiohttp.server").addFilter(_one_line_bad_http)
         asyncio.run(_serve(config, sock, url_file, announce))
     finally:
         sock.close()
@@ -110,6 +111,21 @@ async def _serve(config: StoreConfig, sock: socket.socket, url_file: str | None,
         await stop.wait()
     finally:
         await runner.cleanup()
+
+
+def _one_line_bad_http(record: logging.LogRecord) -> bool:
+    """A request that is not valid HTTP (a bad header character, a malformed request line)
+    is answered 400 by the HTTP layer; log it as one INFO line, not an ERROR traceback."""
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError):
+        record.msg, record.args = "%s: not a valid HTTP request: %s", (record.getMessage(),
+                                                                       " ".join(str(exc.message).split())[:200])
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return logging.getLogger("aiohttp.server").isEnabledFor(logging.INFO)
+    return True
 
 
 def _raise_fd_limit(connections: int) -> None:

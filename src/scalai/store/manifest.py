@@ -34,7 +34,7 @@ from typing import Any
 from ..config import Placement
 from ..layout.ptc import PTC
 from ..limits import LimitError
-from .names import check_name
+from .names import check_name, check_tensor_name
 
 __all__ = ["VersionManifest", "FORMAT", "FORMAT_VERSION", "placement_to_json", "placement_from_json", "parse_ptc",
            "untrusted_layout"]
@@ -62,11 +62,14 @@ def parse_ptc(obj: Any, what: str) -> PTC:
     """A PTC a client sent: any malformed shape of it is bad input (ValueError naming
     ``what``), never a crash; sizes past :mod:`scalai.limits` stay a LimitError (HTTP 422)."""
     try:
-        return PTC.from_json(obj)
+        ptc = PTC.from_json(obj)
     except LimitError:
         raise
     except Exception as exc:  # noqa: BLE001 - any malformed JSON shape is bad input
         raise ValueError(f"{what} does not parse ({type(exc).__name__}: {exc})") from None
+    for name in ptc.names:  # tensor names become file names in the stores
+        check_tensor_name(name)
+    return ptc
 
 
 def untrusted_layout(fn, *args, what: str = "the request's layout"):
