@@ -1,20 +1,9 @@
 """What a store holds: jobs, versions, tensor files, their sizes, who writes them; commit,
-delete and expiry.
-
-Directory layout under each root (the memory root, and the optional spill root)::
-
-    <root>/.scalai-store                               marks a directory the store owns
-    <root>/uploads/upload-<random>                     uploads in progress (private files)
-    <root>/jobs/<job>/<version>/owner.json             who created the version, its lease (memory root)
-    <root>/jobs/<job>/<version>/manifest.json          present = committed (memory root only)
-    <root>/jobs/<job>/<version>/r00003/<tensor>        one file per stored tensor (files.py)
-
-A root must be new, empty or already marked: the store deletes leftovers under ``jobs/``
-and ``uploads/`` at start-up and must never do that in a directory it does not own.
+delete and expiry. (Its directories on disk: :mod:`scalai.store.roots`.)
 
 A new tensor file goes to the memory root unless that would pass ``memory_limit`` bytes
 (counting uploads in progress), then to the spill root (a disk directory), else the write
-is refused (HTTP 507). The index lives in memory, rebuilt from the headers at start-up.
+is refused (HTTP 507). The index lives in memory, rebuilt from the files at start-up.
 
 Ownership and leases: a version belongs to the writer that created it (its *owner*, an id
 the writer chose: every upload, commit, transformation and owner-scoped delete names it;
@@ -45,33 +34,13 @@ import numpy as np
 
 from ..checkpoint.manifest import atomic_write
 from ..errors import ScalaiError
-from .files import NewTensor, StoreFileError, TensorMeta, map_tensor, private_name, read_meta
+from .files import NewTensor, TensorMeta, map_tensor, private_name
 from .names import check_name, check_tensor_name
+from .roots import MANIFEST, UPLOADS, own_root, read_version, scan_tensors, write_owner
 
 __all__ = ["Catalog", "StoredTensor", "VersionEntry", "Upload", "NotFound", "Conflict", "StorageFull"]
 
 log = logging.getLogger("scalai.store")
-MANIFEST = "manifest.json"
-OWNER = "owner.json"
-MARKER = ".scalai-store"
-UPLOADS = "uploads"
-
-
-def _own_root(path: str) -> str:
-    """Create or adopt ``path`` as a store root; returns its ``jobs`` directory."""
-    os.makedirs(path, exist_ok=True)
-    marker = os.path.join(path, MARKER)
-    if not os.path.exists(marker):
-        if os.listdir(path):
-            raise ValueError(f"{path} is not empty and is not a store root; give a new or empty "
-                             f"directory (e.g. /dev/shm/scalai-store)")
-        atomic_write(marker, b'{"format": "scalai-store-root", "version": 1}\n', sync=False)
-    uploads = os.path.join(path, UPLOADS)
-    shutil.rmtree(uploads, ignore_errors=True)  # uploads that were in progress when the store died
-    os.makedirs(uploads)
-    jobs = os.path.join(path, "jobs")
-    os.makedirs(jobs, exist_ok=True)
-    return jobs
 
 
 class NotFound(ScalaiError):
@@ -151,8 +120,8 @@ class Catalog:
         self.spill_dir = os.path.abspath(spill) if spill else None
         if self.spill_dir == self.root_dir:
             raise ValueError("the spill directory must differ from the root")
-        self.root = _own_root(self.root_dir)
-        self.spill = _own_root(self.spill_dir) if self.spill_dir else None
+        self.root = own_root(self.root_dir)
+        self.spill = own_root(self.spill_dir) if self.spill_dir else None
         self.memory_limit = memory_limit
         self.name = name
         self.lease_s = lease_s
@@ -166,56 +135,19 @@ class Catalog:
     # -- start-up ---------------------------------------------------------------------
     def _scan(self) -> None:
         for root, spilled in ((self.root, False), (self.spill, True)):
-            if root is None:
-                continue
-            for job in _listdir(root):
-                if job.startswith("."):
-                    shutil.rmtree(os.path.join(root, job), ignore_errors=True)
-                    continue
-                for version in _listdir(os.path.join(root, job)):
-                    vdir = os.path.join(root, job, version)
-                    if version.startswith("."):
-                        shutil.rmtree(vdir, ignore_errors=True)  # an interrupted delete
-                        continue
-                    self._scan_version(self._entry(job, version, create=True), vdir, spilled)
+            for job, version, rank, tensor, path, meta in scan_tensors(root) if root else ():
+                entry = self._entry(job, version, create=True)
+                if meta is not None:
+                    entry.tensors[(rank, tensor)] = StoredTensor(path, meta, spilled)
+                    self.used["spill" if spilled else "memory"] += meta.nbytes
         for job, versions in self.jobs.items():
             for version, entry in versions.items():
-                self._scan_owner(entry, os.path.join(self.root, job, version))
+                # an uncommitted version gets a fresh lease: its writer may come back
+                owner, lease_s, entry.manifest = read_version(os.path.join(self.root, job, version))
+                entry.owner, entry.lease_s = owner or "", lease_s or self.lease_s
+                entry.expires = time.monotonic() + entry.lease_s
         log.info("%s: %d jobs, %d bytes in memory, %d spilled", self.name, len(self.jobs),
                  self.used["memory"], self.used["spill"])
-
-    def _scan_owner(self, entry: VersionEntry, vdir: str) -> None:
-        """Owner and lease from ``owner.json``, the manifest if committed; an uncommitted
-        version gets a fresh lease (its writer may come back after the restart)."""
-        try:
-            with open(os.path.join(vdir, OWNER), "rb") as f:
-                info = json.loads(f.read(4096))
-            entry.owner, entry.lease_s = str(info["owner"]), float(info["lease_s"])
-        except (OSError, ValueError, KeyError, TypeError):
-            entry.lease_s = self.lease_s
-        mpath = os.path.join(vdir, MANIFEST)
-        if os.path.exists(mpath):
-            with open(mpath, "rb") as f:
-                entry.manifest = json.load(f)
-        entry.expires = time.monotonic() + entry.lease_s
-
-    def _scan_version(self, entry: VersionEntry, vdir: str, spilled: bool) -> None:
-        for rdir in _listdir(vdir):
-            if not (rdir.startswith("r") and rdir[1:].isdigit()):
-                continue
-            for tensor in _listdir(os.path.join(vdir, rdir)):
-                path = os.path.join(vdir, rdir, tensor)
-                if tensor.startswith("."):  # an upload of an earlier scalai that never finished
-                    os.unlink(path)
-                    continue
-                try:
-                    meta = read_meta(path)
-                except StoreFileError as exc:
-                    log.warning("dropping %s", exc)
-                    os.unlink(path)
-                    continue
-                entry.tensors[(int(rdir[1:]), tensor)] = StoredTensor(path, meta, spilled)
-                self.used["spill" if spilled else "memory"] += meta.nbytes
 
     # -- lookup -----------------------------------------------------------------------
     def _entry(self, job: str, version: str, create: bool = False) -> VersionEntry:
@@ -306,10 +238,7 @@ class Catalog:
                 raise NotFound(f"version {version!r} of job {job!r} is not in store {self.name}")
             entry = self._entry(job, version, create=True)
             entry.owner, entry.lease_s = owner, lease_s or self.lease_s
-            vdir = os.path.join(self.root, job, version)
-            os.makedirs(vdir, exist_ok=True)
-            atomic_write(os.path.join(vdir, OWNER),
-                         json.dumps({"owner": owner, "lease_s": entry.lease_s}).encode(), sync=False)
+            write_owner(os.path.join(self.root, job, version), owner, entry.lease_s)
         else:
             self._writable(entry, owner)
             if lease_s:
@@ -501,10 +430,9 @@ class Catalog:
                     self._forget(job, version)
                 raise
             vdir = os.path.join(self.root, job, version)
-            os.makedirs(vdir, exist_ok=True)
             if not existed:
-                atomic_write(os.path.join(vdir, OWNER),
-                             json.dumps({"owner": owner, "lease_s": entry.lease_s}).encode(), sync=False)
+                write_owner(vdir, owner, entry.lease_s)
+            os.makedirs(vdir, exist_ok=True)
             atomic_write(os.path.join(vdir, MANIFEST), json.dumps(raw).encode(), sync=False)
             entry.manifest = raw
             return entry
@@ -578,13 +506,6 @@ class Catalog:
 
 def _who(owner: str) -> str:
     return f"owner {owner!r}" if owner else "a writer that gave no owner"
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return sorted(os.listdir(path))
-    except FileNotFoundError:
-        return []
 
 
 def _unlink(path: str) -> None:
