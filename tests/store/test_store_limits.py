@@ -8,7 +8,6 @@ import http.client
 import json
 import os
 import socket
-import time
 from urllib.parse import urlsplit
 
 import numpy as np

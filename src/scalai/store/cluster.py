@@ -174,6 +174,29 @@ class StoreCluster:
         raise StoreError(f"job {job} has no {what} in the stores given (they hold: {held}); "
                          f"push one with 'scalai store push'")
 
+    def drop_incomplete(self, job: str) -> list[str]:
+        """Delete the fragments of interrupted commits: versions committed on some stores of
+        their placement but absent from another one that answers (its writer died between
+        two commits, and the uncommitted rest expired). They can never become the job's
+        state. Safe against a commit in progress: its writer claimed the version on every
+        store before committing any, so until it finishes the version is present on all.
+        Returns the versions deleted."""
+        per_host = self._job_versions(job)
+        committed: dict[str, list[str]] = {}
+        for host, versions in per_host.items():
+            for v in versions:
+                if v["committed"]:
+                    committed.setdefault(v["version"], []).append(host)
+        dropped = []
+        for name, holders in sorted(committed.items()):
+            m = VersionManifest.from_json(self.client(holders[0]).version(job, name, tensors=False)["manifest"])
+            absent = [h for h in m.hosts if h in per_host and all(v["version"] != name for v in per_host[h])
+                      and any(r not in m.lost_ranks for r in m.ranks_on(h))]
+            if absent:
+                self.drop(job, name, holders)
+                dropped.append(name)
+        return dropped
+
     def commit(self, manifest: VersionManifest, hosts: Sequence[str] | None = None, owner: str | None = None) -> dict:
         """Commit ``manifest`` on every store (or ``hosts``); each checks its own shards
         (and, with ``owner``, that the version is that writer's)."""
@@ -214,6 +237,7 @@ class StoreCluster:
 
         placement = self.placement(gpus_per_host)
         owner = new_owner("push")
+        self.drop_incomplete(job)
         with Checkpoint.open(ckpt_dir) as ckpt, Lease(self, job, owner) as lease:
             ptc: PTC = ckpt.ptc
             name, seq = self.next_version(job) if version is None else (version, self.next_version(job)[1])

@@ -106,8 +106,9 @@ def _failure(exc: Exception, cluster: StoreCluster, job: str, source: str, what:
              lost: Sequence[str] = ()) -> TransformError:
     host = getattr(exc, "host", None)
     down = isinstance(exc, StoreUnavailable) or (isinstance(exc, StoreRequestError) and exc.status == 502)
-    if isinstance(exc, StoreRequestError) and exc.status == 409:
-        # another writer has the target version: say what the job's state now is, not what it was
+    if isinstance(exc, StoreRequestError) and exc.status in (404, 409):
+        # another writer has the target version, or dropped the source: say what the job's
+        # state now is, not what it was
         try:
             current = cluster.latest(job, lost=lost).name
         except StoreError:
@@ -163,6 +164,7 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str | PTC,
     given = layout if isinstance(layout, PTC) else None
     config = given.config if given is not None else \
         ParallelConfig.parse(layout) if isinstance(layout, str) else layout
+    cluster.drop_incomplete(job)  # fragments of commits that a killed coordinator interrupted
     src: StoredVersion = cluster.latest(job, version, lost)
     old = Deployment(src.manifest.ptc, src.manifest.placement)
     new_ptc = given if given is not None else old.ptc.relayout(config)

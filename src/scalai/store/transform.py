@@ -40,7 +40,7 @@ from ..dtypes import raw_numpy
 from ..planner import Deployment, make_plan
 from ..planner.plan import Copy, Window
 from ..regions import Region
-from .catalog import Catalog, VersionEntry
+from .catalog import Catalog, NotFound, VersionEntry
 from .errors import PeerError
 from .files import StoreFileError, TensorMeta
 from .manifest import parse_ptc, placement_from_json, untrusted_layout
@@ -231,6 +231,9 @@ class _HostPart:
             try:
                 async with sem:
                     async with self.session.get(path, params=window_query(src), headers=self.headers) as resp:
+                        if resp.status in (404, 409):  # another writer dropped the source meanwhile
+                            raise NotFound(f"store {c.src_host} ({url}) no longer holds the source: "
+                                           f"{await _reason(resp)}")
                         if resp.status != 200:
                             raise PeerError(c.src_host, f"store {c.src_host} ({url}) answered "
                                                         f"{resp.status}: {await _reason(resp)}")
