@@ -68,7 +68,8 @@ def test_list_usage_and_crc(store):
     _version(c, tensors={"w": a})
     assert [v["version"] for v in c.job("j")["versions"]] == ["v0"]
     assert c.jobs()[0]["versions"][0] == {"version": "v0", "committed": True, "sequence": 0,
-                                          "layout": "tp=1,pp=1,dp=1", "bytes": 400, "tensors": 1, "owner": ""}
+                                          "layout": "tp=1,pp=1,dp=1", "bytes": 400, "tensors": 1, "owner": "",
+                                          "hosts": [c.name]}
     assert c.usage()["memory_bytes"] == 400
     assert c.version("j", "v0", tensors=False).get("ranks") is None
 

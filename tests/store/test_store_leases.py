@@ -185,3 +185,23 @@ def test_renewals_keep_a_transformation_longer_than_its_lease_alive(stores, tiny
     assert result.target == "v1" and cluster.latest("gpt").name == "v1"
     # what host2 pulled through its 0.5 MB/s link (64 KiB of burst) took longer than two leases
     assert (sum(result.hosts["host2"]["fetched_bytes"].values()) - 65536) / 0.5e6 > 2 * 1
+
+
+def test_fragments_of_an_interrupted_commit_are_dropped_by_the_next_writer(stores):
+    """A writer killed between its commits leaves the version committed on some stores; once
+    the uncommitted rest is gone (its lease ran out) it can never be the job's state, and the
+    next push or reshard deletes it. While a commit is in progress, nothing is touched."""
+    procs = stores(2)
+    cluster = StoreCluster([p.url for p in procs])
+    ptc = PTC(ParallelConfig(dp=2), [TensorSpec("w", A.shape, "float32")], 0)
+    place = Placement(1, tuple(cluster.hosts))
+    for version, seq in (("v0", 0), ("v1", 1)):
+        for rank, host in enumerate(cluster.hosts):
+            cluster.client(host).put("j", version, rank, "w", A, "float32", owner=f"writer-{version}")
+        manifest = VersionManifest("j", version, seq, ptc, place, {})
+        cluster.commit(manifest, [cluster.hosts[0]] if version == "v1" else None, owner=f"writer-{version}")
+    assert cluster.drop_incomplete("j") == []  # v1 is still uncommitted on host1: a commit in progress
+    assert cluster.latest("j").name == "v0"
+    cluster.client(cluster.hosts[1]).delete("j", "v1")  # what the expiry of its lease does
+    assert cluster.drop_incomplete("j") == ["v1"]
+    assert [_versions(c) for c in cluster.clients] == [{"v0": True}, {"v0": True}]

@@ -89,9 +89,22 @@ class VersionEntry:
         out = {"version": self.version, "committed": self.committed, "sequence": m.get("sequence"),
                "layout": (m.get("ptc") or {}).get("config"), "bytes": self.nbytes,
                "tensors": len(self.tensors), "owner": self.owner}
-        if not self.committed:
+        if self.committed:
+            out["hosts"] = _holding_hosts(m)
+        else:
             out["expires_in_s"] = round(max(0.0, self.expires - time.monotonic()), 3)
         return out
+
+
+def _holding_hosts(manifest: dict) -> list[str]:
+    """The hosts of a committed manifest's placement that hold at least one rank that is not
+    lost (cheap: the layout's degrees, not its PTC)."""
+    from ..config import ParallelConfig
+
+    world = ParallelConfig.parse(manifest["ptc"]["config"]).world_size
+    place, lost = manifest["placement"], set(manifest.get("lost_ranks", ()))
+    g = place["gpus_per_host"]
+    return [h for i, h in enumerate(place["hosts"]) if any(r not in lost for r in range(i * g, min(world, (i + 1) * g)))]
 
 
 @dataclass(eq=False)

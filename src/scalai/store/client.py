@@ -277,11 +277,14 @@ class StoreClient:
             path += f"/versions/{check_name(version, 'version')}"
         return self._json("DELETE", path, headers=self._writer(owner))
 
-    def lease(self, job: str, version: str, owner: str, seconds: float | None = None, create: bool = False) -> dict:
-        """Renew ``owner``'s lease of an uncommitted version, or claim it (``create``)."""
+    def lease(self, job: str, version: str, owner: str, seconds: float | None = None, create: bool = False,
+              timeout: float | None = None) -> dict:
+        """Renew ``owner``'s lease of an uncommitted version, or claim it (``create``);
+        ``timeout``: seconds to wait for the answer (default: the client's)."""
+        kw = {} if timeout is None else {"timeout": timeout}
         return self._json("POST", f"/v1/jobs/{check_name(job, 'job')}/versions/{check_name(version, 'version')}"
                                   f"/lease", query={"create": "true" if create else "false"},
-                          headers=self._writer(owner, seconds))
+                          headers=self._writer(owner, seconds), **kw)
 
     def transform(self, job: str, request: dict, owner: str | None = None, lease: float | None = None) -> dict:
         """Run this store's part of a transformation (blocks until it is done)."""

@@ -182,17 +182,14 @@ class StoreCluster:
         store before committing any, so until it finishes the version is present on all.
         Returns the versions deleted."""
         per_host = self._job_versions(job)
-        committed: dict[str, list[str]] = {}
+        committed: dict[str, tuple[list[str], list[str]]] = {}  # version -> (stores holding it, its hosts)
         for host, versions in per_host.items():
             for v in versions:
                 if v["committed"]:
-                    committed.setdefault(v["version"], []).append(host)
+                    committed.setdefault(v["version"], ([], v.get("hosts", [])))[0].append(host)
         dropped = []
-        for name, holders in sorted(committed.items()):
-            m = VersionManifest.from_json(self.client(holders[0]).version(job, name, tensors=False)["manifest"])
-            absent = [h for h in m.hosts if h in per_host and all(v["version"] != name for v in per_host[h])
-                      and any(r not in m.lost_ranks for r in m.ranks_on(h))]
-            if absent:
+        for name, (holders, hosts) in sorted(committed.items()):
+            if any(h in per_host and all(v["version"] != name for v in per_host[h]) for h in hosts):
                 self.drop(job, name, holders)
                 dropped.append(name)
         return dropped

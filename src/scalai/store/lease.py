@@ -138,8 +138,9 @@ class Lease:
         with self._lock:
             held = list(self._held.items())
         for (version, host), claimed in held:
-            try:
-                out = self.cluster.client(host).lease(self.job, version, self.owner, self.seconds)
+            try:  # an answer later than a quarter of the lease is of no use: the next round retries
+                out = self.cluster.client(host).lease(self.job, version, self.owner, self.seconds,
+                                                      timeout=self.seconds / 4)
             except StoreRequestError as exc:
                 if exc.status == 404 and not claimed:
                     continue  # not created yet
@@ -158,7 +159,7 @@ class Lease:
         """Stop renewing (the versions expire unless committed)."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(timeout=self.seconds / 4)  # a renewal in flight may still land: harmless
 
     def __enter__(self) -> Lease:
         return self

@@ -56,6 +56,8 @@ SCHEMAS: dict[str, Any] = {
                                       "layout": {"type": ["string", "null"]},
                                       "bytes": {"type": "integer"}, "tensors": {"type": "integer"},
                                       "owner": {"type": "string", "description": "the writer that created it"},
+                                      "hosts": {"type": "array", "items": NAME, "description":
+                                                "committed: the hosts of its placement that hold ranks"},
                                       "expires_in_s": {"type": "number", "description":
                                                        "uncommitted: seconds until its lease runs out"}}},
     "Job": {"type": "object", "required": ["job", "versions"],
