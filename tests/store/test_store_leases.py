@@ -72,11 +72,15 @@ def test_a_version_belongs_to_its_writer(store):
     assert c.delete("j")["deleted"] == ["v1"]
 
 
-def test_claims_are_exclusive_and_transformations_adopt_their_own(store):
+def test_claims_are_exclusive_renewable_and_listed(store, capsys):
+    from store_helpers import run_cli
+
     c = store.client()
     out = c.lease("j", "v3", "reshard-a", 30, create=True)
     assert (out["created"], out["committed"], out["owner"]) == (True, False, "reshard-a")
     assert 0 < out["expires_in_s"] <= 30
+    listing = run_cli(capsys, "store", "ls", "--stores", store.url)
+    assert "j/v3: ? uncommitted (writer reshard-a, lease ends in" in listing.out, listing.out
     again = c.lease("j", "v3", "reshard-a", 30, create=True)  # the same writer: a renewal
     assert again["created"] is False
     assert _status(lambda: c.lease("j", "v3", "reshard-b", create=True)) == 409

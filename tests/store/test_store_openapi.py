@@ -33,10 +33,10 @@ def live(tmp_path_factory):
 
 
 def call(url: str, method: str, path: str, query: dict | None = None, body: bytes | None = None,
-         token: str | None = TOKEN, content_type: str = "application/json"):
+         token: str | None = TOKEN, content_type: str = "application/json", headers: dict | None = None):
     u = urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
-    headers = {"Content-Type": content_type}
+    headers = {"Content-Type": content_type, **(headers or {})}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     conn.request(method, path + ("?" + urlencode(query) if query else ""), body=body, headers=headers)
@@ -87,6 +87,7 @@ def test_answers_match_the_document(live):
     """A session through every operation; each answer checked against its schema."""
     url = live.url
     t = "/v1/jobs/{job}/versions/{version}/ranks/{rank}/tensors/{tensor}"
+    lease = "/v1/jobs/{job}/versions/{version}/lease"
     a = np.arange(12, dtype=np.uint32).reshape(3, 4)
     steps = [
         ("/v1/health", "GET", "/v1/health", None, None),
@@ -111,16 +112,26 @@ def test_answers_match_the_document(live):
             "peers": {"host0": url}}).encode()),
         ("/v1/jobs/{job}/versions/{version}", "DELETE", "/v1/jobs/d/versions/v1", None, None),
         ("/v1/jobs/{job}/versions/{version}", "DELETE", "/v1/jobs/d/versions/v1", None, None),
-        ("/v1/jobs/{job}", "DELETE", "/v1/jobs/d", None, None),
-        ("/v1/jobs/{job}", "GET", "/v1/jobs/d", None, None),
+        (lease, "POST", "/v1/jobs/d/versions/v5/lease", {"create": "true"}, None),
+        (lease, "POST", "/v1/jobs/d/versions/v5/lease", None, None),
+        (lease, "POST", "/v1/jobs/d/versions/v6/lease", None, None),
+        (lease, "POST", "/v1/jobs/d/versions/v0/lease", None, None),
+        ("/v1/jobs/{job}/versions/{version}", "DELETE", "/v1/jobs/d/versions/v5", None, None),
+    ]
+    writer = {"X-Scalai-Owner": "doc-writer", "X-Scalai-Lease": "30"}
+    steps = [(*step, writer) for step in steps] + [
+        (lease, "POST", "/v1/jobs/d/versions/v0/lease", None, None, {"X-Scalai-Owner": "another"}),
+        ("/v1/jobs/{job}", "DELETE", "/v1/jobs/d", None, None, {}),
+        ("/v1/jobs/{job}", "GET", "/v1/jobs/d", None, None, {}),
     ]
     statuses = []
-    for template, method, path, query, body in steps:
+    for template, method, path, query, body, headers in steps:
         ctype = "application/octet-stream" if method == "PUT" else "application/json"
-        status, got_type, data = call(url, method, path, query, body, content_type=ctype)
+        status, got_type, data = call(url, method, path, query, body, content_type=ctype, headers=headers)
         check_response(template, method, status, got_type, data)
         statuses.append(status)
-    assert statuses == [200, 200, 201, 200, 200, 200, 400, 200, 200, 200, 200, 200, 404, 200, 404]
+    assert statuses == [200, 200, 201, 200, 200, 200, 400, 200, 200, 200, 200, 200, 404,
+                        200, 200, 404, 200, 200, 409, 200, 404]
 
 
 # -- fuzzing ----------------------------------------------------------------------------

@@ -181,7 +181,8 @@ def ls_cmd(stores, token_file, as_json) -> None:
                    f"{human_bytes(i['usage']['spill_bytes'])} spilled")
         for j in i["jobs"]:
             for v in j["versions"]:
-                state = "committed" if v["committed"] else "uncommitted"
+                state = "committed" if v["committed"] else \
+                    f"uncommitted (writer {v.get('owner') or '?'}, lease ends in {v.get('expires_in_s', 0):.0f} s)"
                 click.echo(f"  {j['job']}/{v['version']}: {v['layout'] or '?'} {state}, "
                            f"{v['tensors']} tensors, {human_bytes(v['bytes'])}")
 
