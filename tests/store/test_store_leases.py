@@ -209,3 +209,42 @@ def test_fragments_of_an_interrupted_commit_are_dropped_by_the_next_writer(store
     cluster.client(cluster.hosts[1]).delete("j", "v1")  # what the expiry of its lease does
     assert cluster.drop_incomplete("j") == ["v1"]
     assert [_versions(c) for c in cluster.clients] == [{"v0": True}, {"v0": True}]
+
+
+def test_a_failed_upload_leaves_no_version_it_created(store):
+    import http.client
+    from urllib.parse import urlsplit
+
+    def too_long(version: str, owner: str) -> None:
+        u = urlsplit(store.url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        body = iter([b"\0" * 4096, b"\0" * 4096])  # chunked, twice what the shape says
+        conn.request("PUT", f"/v1/jobs/j/versions/{version}/ranks/0/tensors/w?dtype=float32&shape=1024",
+                     body=body, headers={"X-Scalai-Owner": owner}, encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.status == 400 and b"longer" in resp.read()
+        conn.close()
+
+    c = store.client()
+    too_long("v0", "push-x")
+    assert _versions(c) == {}  # not even an empty one waiting for its lease
+    assert c.usage()["uploading_bytes"] == 0 and not list((store.root / "uploads").iterdir())
+    c.lease("j", "v1", "push-y", create=True)
+    too_long("v1", "push-y")
+    assert _versions(c) == {"v1": False}  # a claimed version stays: the upload did not create it
+
+
+def test_a_transformation_of_a_lost_claim_is_refused(store, tiny_ckpt):
+    cluster = StoreCluster([store.url])
+    cluster.push(str(tiny_ckpt), "gpt", gpus_per_host=8)
+    c = store.client()
+    m = c.version("gpt", "v0", tensors=False)["manifest"]
+    request = {"from_version": "v0", "to_version": "v1", "old": {"ptc": m["ptc"], "placement": m["placement"]},
+               "new": {"layout": "tp=1,pp=2,dp=4,zero=1", "placement": m["placement"]},
+               "peers": {"host0": store.url}, "claimed": True}
+    c.lease("gpt", "v1", "reshard-a", create=True)
+    c.delete("gpt", "v1")  # an operator's delete (or the lease running out) before the work starts
+    assert _status(lambda: c.transform("gpt", request, owner="reshard-a")) == 404
+    assert _versions(c, "gpt") == {"v0": True}
+    c.lease("gpt", "v1", "reshard-a", create=True)  # with the claim in place, it runs
+    assert c.transform("gpt", request, owner="reshard-a")["tensors"] > 0

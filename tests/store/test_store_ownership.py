@@ -178,3 +178,29 @@ def test_upload_finishing_after_delete_gets_404_and_leaves_nothing(store):
     assert c.usage()["memory_bytes"] == 0
     jobs = store.root / "jobs"
     assert not [p for p in jobs.rglob("*") if p.is_file()]
+
+
+def test_a_coordinator_hears_why_its_transformation_was_cancelled(stores, tiny_ckpt):
+    procs = stores(3, link="1.5MB")
+    cluster = StoreCluster([p.url for p in procs])
+    cluster.push(str(tiny_ckpt), "gpt", gpus_per_host=4)
+    box: dict = {}
+
+    def run():
+        try:
+            reshard(cluster, "gpt", "tp=2,pp=2,dp=2", gpus_per_host=4, hosts=["host1", "host2"])
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            box["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not cluster.client("host2").usage()["memory_bytes"] and time.monotonic() < deadline:
+        time.sleep(0.05)  # until host2's transformation writes v1
+    cluster.client("host2").delete("gpt", "v1")  # an operator deletes the version being written
+    thread.join(120)
+    err = box.get("error")
+    assert isinstance(err, TransformError), box
+    assert "was deleted from store host2 while this transformation wrote it" in str(err)
+    assert "v0 is still the job's current state" in str(err)
+    assert _versions(cluster, "gpt") == {"host0": ["v0"], "host1": ["v0"], "host2": ["v0"]}

@@ -75,6 +75,7 @@ class VersionEntry:
     owner: str = ""
     lease_s: float = 60.0
     expires: float = 0.0  # time.monotonic() after which an uncommitted version is deleted
+    uploading: int = 0    # uploads in progress
 
     @property
     def committed(self) -> bool:
@@ -118,6 +119,7 @@ class Upload:
     path: str
     spilled: bool
     nbytes: int
+    created: bool = False  # this upload created the version (it was not claimed first)
 
 
 class Catalog:
@@ -276,10 +278,19 @@ class Catalog:
             return self._open(job, version, owner, lease_s, create), not existed
 
     def expired(self, now: float | None = None) -> list[VersionEntry]:
-        """Uncommitted versions whose lease has run out (the caller deletes them)."""
+        """Uncommitted versions whose lease has run out (delete each with :meth:`expire`)."""
         now = time.monotonic() if now is None else now
         with self._lock:
             return [e for vs in self.jobs.values() for e in vs.values() if not e.committed and e.expires < now]
+
+    def expire(self, entry: VersionEntry) -> list[str] | None:
+        """Delete ``entry`` if its lease has still run out (not renewed, committed or deleted
+        meanwhile): checked and done under the lock. Returns the directories to
+        :meth:`purge`, or None when it was spared."""
+        with self._lock:
+            if not self.is_current(entry) or entry.committed or entry.expires >= time.monotonic():
+                return None
+            return self.delete(entry.job, entry.version, entry=entry)[1]
 
     # -- writing ----------------------------------------------------------------------
     def _room(self, nbytes: int, freed: int) -> bool:
@@ -307,15 +318,22 @@ class Catalog:
         """
         check_tensor_name(tensor)
         with self._lock:
+            created = version not in self.jobs.get(job, {})
             entry = self._open(job, version, owner, lease_s, create=True)
             old = entry.tensors.get((rank, tensor))
-            spilled = not self._room(nbytes, old.meta.nbytes if old is not None and not old.spilled else 0)
+            try:
+                spilled = not self._room(nbytes, old.meta.nbytes if old is not None and not old.spilled else 0)
+            except StorageFull:
+                if created:
+                    self._forget(job, version)
+                raise
             if not spilled:
                 self.reserved += nbytes
+            entry.uploading += 1
         root = self.spill if spilled else self.root
         path = os.path.join(root, job, version, f"r{rank:05d}", tensor)
         return Upload(entry, rank, tensor, private_name(os.path.join(os.path.dirname(root), UPLOADS)), path,
-                      spilled, nbytes)
+                      spilled, nbytes, created)
 
     def finish_upload(self, up: Upload, meta: TensorMeta) -> None:
         """Move a complete upload into its version, if that version is still the one it was
@@ -343,13 +361,22 @@ class Catalog:
             entry.expires = time.monotonic() + entry.lease_s
 
     def abort_upload(self, up: Upload) -> None:
+        """Discard a failed upload; a version it created that holds nothing goes with it."""
+        trash: list[str] = []
         with self._lock:
             self._release(up)
+            entry = up.entry
+            if (up.created and self.is_current(entry) and not entry.committed and not entry.tensors
+                    and not entry.uploading):
+                trash = self.delete(entry.job, entry.version, entry=entry)[1]
         _unlink(up.tmp)
+        self.purge(trash)
 
     def _release(self, up: Upload) -> None:
-        if not up.spilled and up.nbytes >= 0:
-            self.reserved -= up.nbytes
+        if up.nbytes >= 0:
+            if not up.spilled:
+                self.reserved -= up.nbytes
+            up.entry.uploading -= 1
             up.nbytes = -1  # released once
 
     def _record(self, entry: VersionEntry, rank: int, tensor: str, path: str, meta: TensorMeta,
@@ -362,9 +389,11 @@ class Catalog:
         entry.tensors[(rank, tensor)] = StoredTensor(path, meta, spilled)
         self.used["spill" if spilled else "memory"] += meta.nbytes
 
-    def begin(self, job: str, version: str, owner: str = "", lease_s: float | None = None) -> VersionEntry:
+    def begin(self, job: str, version: str, owner: str = "", lease_s: float | None = None,
+              claimed: bool = False) -> VersionEntry:
         """The empty, uncommitted version a transformation fills: new, or the caller's own
-        claim of it (:meth:`lease` with ``create``) that holds nothing yet.
+        claim of it (:meth:`lease` with ``create``) that holds nothing yet; ``claimed``: only
+        that claim (NotFound if it is gone: expired, or deleted by someone else).
 
         Raises:
             Conflict: the version exists otherwise.
@@ -372,6 +401,9 @@ class Catalog:
         check_name(job, "job"), check_name(version, "version")
         with self._lock:
             entry = self.jobs.get(job, {}).get(version)
+            if entry is None and claimed:
+                raise NotFound(f"version {version!r} of job {job!r} is no longer in store {self.name}: the claim "
+                               f"of {_who(owner)} ran out or the version was deleted")
             if entry is not None and (entry.committed or entry.owner != owner or entry.tensors):
                 raise Conflict(f"version {version!r} of job {job!r} already exists in store {self.name} "
                                f"({'committed' if entry.committed else 'being written by ' + _who(entry.owner)}); "

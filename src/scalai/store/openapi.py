@@ -135,7 +135,10 @@ SCHEMAS: dict[str, Any] = {
                            "items": {"type": "integer", "minimum": 0, "maximum": MAX_RANK},
                            "description": "old ranks whose shards are gone (besides those of lost "
                                           "hosts): read their bytes from surviving replicas"},
-            "concurrency": {"type": "integer", "minimum": 1, "maximum": 64, "default": 8}}},
+            "concurrency": {"type": "integer", "minimum": 1, "maximum": 64, "default": 8},
+            "claimed": {"type": "boolean", "default": False,
+                        "description": "the coordinator claimed to_version first (lease create=true): "
+                                       "404 if that claim is gone instead of creating the version"}}},
     "TransformResult": {
         "type": "object", "required": ["host", "copies", "local_bytes", "fetched_bytes", "seconds"],
         "properties": {"host": NAME, "copies": {"type": "integer"}, "local_bytes": {"type": "integer"},

@@ -85,7 +85,7 @@ def _request(src_version: str, to_version: str, old: Deployment, new: Deployment
            "old": {"ptc": old.ptc.to_json(), "placement": placement_to_json(old.placement),
                    "replicas": replicas},
            "new": {"layout": str(new.ptc.config), "placement": placement_to_json(new.placement)},
-           "peers": peers, "checksum": checksum, "lost_hosts": list(lost)}
+           "peers": peers, "checksum": checksum, "lost_hosts": list(lost), "claimed": True}
     if lost_ranks:
         out["lost_ranks"] = sorted(lost_ranks)
     if new.ptc.specs != old.ptc.specs:  # the job described its new layout itself

@@ -180,14 +180,14 @@ async def _expire(app: web.Application) -> None:
     while True:
         await asyncio.sleep(MIN_LEASE_S / 2)
         for entry in catalog.expired():
+            trash = catalog.expire(entry)
+            if trash is None:
+                continue  # renewed, committed or deleted meanwhile
             task = app[Keys.TRANSFORMS].get((entry.job, entry.version), (None, None))[0]
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-            try:
-                await _drop(app, entry.job, entry.version, entry=entry)
-            except NotFound:
-                continue  # renewed, committed or deleted meanwhile
+            await asyncio.get_running_loop().run_in_executor(app[Keys.POOL], catalog.purge, trash)
             log.info("%s: deleted %s/%s of %s: its lease of %g s was not renewed%s", app[Keys.NAME], entry.job,
                      entry.version, entry.owner or "an unnamed writer", entry.lease_s,
                      " (its transformation was cancelled)" if task is not None else "")
@@ -325,7 +325,7 @@ async def transform(request: web.Request) -> web.Response:
     spec = await in_pool(request, TransformSpec.from_json, job, body)  # builds PTCs: off the loop
     key = (job, spec.to_version)
     catalog: Catalog = app[Keys.CATALOG]
-    entry = catalog.begin(job, spec.to_version, owner or "", seconds)  # Conflict if another's
+    entry = catalog.begin(job, spec.to_version, owner or "", seconds, body.get("claimed", False))
     headers = {FROM_HEADER: app[Keys.NAME]}
     if app[Keys.CONFIG].token:
         headers["Authorization"] = f"Bearer {app[Keys.CONFIG].token}"
@@ -334,13 +334,19 @@ async def transform(request: web.Request) -> web.Response:
     app[Keys.TRANSFORMS][key] = (task, owner)
     try:
         result = await task
-    except BaseException:
+    except BaseException as exc:
+        # stopped by a delete or by its lease running out, not by the server shutting down
+        stopped = isinstance(exc, asyncio.CancelledError) and task.cancelled() and not _cancelling()
         # a failed or cancelled part leaves nothing behind: the new version never existed here
         if catalog.is_current(entry) and not entry.committed:
             try:
                 await asyncio.shield(_drop(app, job, spec.to_version, entry=entry))
             except NotFound:
                 pass
+        if stopped:
+            raise NotFound(f"version {spec.to_version!r} of job {job!r} was deleted from store {app[Keys.NAME]} "
+                           f"while this transformation wrote it (its lease ran out, or it was deleted); the "
+                           f"transformation was cancelled") from None
         raise
     finally:
         if app[Keys.TRANSFORMS].get(key, (None,))[0] is task:
@@ -350,6 +356,12 @@ async def transform(request: web.Request) -> web.Response:
     log.info("%s: transformed %s/%s -> %s in %.2f s", app[Keys.NAME], job, spec.from_version,
              spec.to_version, result["seconds"]["total"])
     return web.json_response(result)
+
+
+def _cancelling() -> bool:
+    """Whether the running task itself is being cancelled (Python 3.11+ can tell)."""
+    task = asyncio.current_task()
+    return bool(task is not None and getattr(task, "cancelling", lambda: 0)())
 
 
 async def _session(app: web.Application):
