@@ -127,21 +127,25 @@ _PUSH = textwrap.dedent("""
 """)
 
 
+def _kill_when(argv: list[str], env: dict, predicate, what: str) -> None:
+    """Run ``argv`` and SIGKILL it as soon as ``predicate()`` holds (it must not end before)."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _until(lambda: predicate() or proc.poll() is not None, what)
+        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_killed_push_leaves_nothing_after_its_lease(stores, tiny_ckpt):
     procs = stores(2)
     clients = [p.client() for p in procs]
     env = {**os.environ, "SCALAI_STORE_LEASE": "2"}
-    push = subprocess.Popen([sys.executable, "-c", _PUSH, str(tiny_ckpt), ",".join(p.url for p in procs)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        _until(lambda: any(c.usage()["memory_bytes"] for c in clients) or push.poll() is not None,
-               "the push uploads something")
-        assert push.poll() is None, push.stdout.read().decode()[-2000:]
-        push.send_signal(signal.SIGKILL)
-        push.wait(10)
-    finally:
-        if push.poll() is None:
-            push.kill()
+    _kill_when([sys.executable, "-c", _PUSH, str(tiny_ckpt), ",".join(p.url for p in procs)], env,
+               lambda: any(c.usage()["memory_bytes"] for c in clients), "the push uploads something")
     assert any(_versions(c, "gpt") for c in clients)  # it left an uncommitted version ...
     _until(lambda: not any(_versions(c, "gpt") for c in clients), "the killed push's version expires")
     for p, c in zip(procs, clients):  # ... and, after its lease, nothing at all
@@ -156,20 +160,11 @@ def test_killed_coordinator_transformation_is_cancelled(stores, tiny_ckpt, tmp_p
     cluster.push(str(tiny_ckpt), "gpt", gpus_per_host=4)  # host0, host1
     before = {h: c.usage()["memory_bytes"] for h, c in cluster.by_host.items()}
     env = {**os.environ, "SCALAI_STORE_LEASE": "2"}
-    coordinator = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "scalai"), "store", "reshard", "--job", "gpt", "--to", "tp=2,pp=2,dp=2",
-         "-g", "4", "--hosts", "host1,host2", "--stores", ",".join(p.url for p in procs)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     host2 = cluster.by_host["host2"]
-    try:
-        _until(lambda: host2.usage()["memory_bytes"] > 0 or coordinator.poll() is not None,
-               "host2 writes the new version")
-        assert coordinator.poll() is None, coordinator.stdout.read().decode()[-2000:]
-        coordinator.send_signal(signal.SIGKILL)
-        coordinator.wait(10)
-    finally:
-        if coordinator.poll() is None:
-            coordinator.kill()
+    _kill_when([os.path.join(os.path.dirname(sys.executable), "scalai"), "store", "reshard", "--job", "gpt",
+                "--to", "tp=2,pp=2,dp=2", "-g", "4", "--hosts", "host1,host2",
+                "--stores", ",".join(p.url for p in procs)], env,
+               lambda: host2.usage()["memory_bytes"] > 0, "host2 writes the new version")
     assert "v1" in _versions(host2, "gpt")  # the orphan, while its lease lasts
     _until(lambda: all(_versions(c, "gpt") == {"v0": True} for c in cluster.clients),
            "the orphaned transformation is cancelled and its version deleted")

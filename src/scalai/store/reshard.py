@@ -197,6 +197,13 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str | PTC,
     results: dict[str, dict] = {}
     owner = new_owner("reshard")
     scratch = f"{target}.consolidated" if central else None
+
+    def abandon(exc: Exception, what: str) -> TransformError:
+        """Delete what this coordinator created (only that), and say why it failed."""
+        for v in filter(None, (target, scratch)):
+            cluster.drop(job, v, owner=owner)
+        return _failure(exc, cluster, job, src.name, what, lost)
+
     with Lease(cluster, job, owner) as lease:
         try:
             lease.claim(target, dest_hosts)  # 409 here, before any byte moves, if another writer has it
@@ -222,10 +229,7 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str | PTC,
                 results.update(_run_parts(cluster, job, dest_hosts, req, lease))
                 phases["split"] = time.perf_counter() - t2
         except Exception as exc:
-            cluster.drop(job, target, owner=owner)
-            if scratch:
-                cluster.drop(job, scratch, owner=owner)
-            raise _failure(exc, cluster, job, src.name, "transformation", lost) from None
+            raise abandon(exc, "transformation") from None
         t3 = time.perf_counter()
         state = carry_state(src.manifest.state, old.ptc.config, config)
         manifest = VersionManifest(job, target, seq, new.ptc, new_place, state, src.name, replicas=replicas)
@@ -233,10 +237,7 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str | PTC,
             lease.check()
             cluster.commit(manifest, owner=owner)
         except Exception as exc:
-            cluster.drop(job, target, owner=owner)
-            if scratch:
-                cluster.drop(job, scratch, owner=owner)
-            raise _failure(exc, cluster, job, src.name, "commit", lost) from None
+            raise abandon(exc, "commit") from None
     t4 = time.perf_counter()
     phases["commit"] = t4 - t3
     if scratch:
