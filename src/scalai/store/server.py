@@ -180,14 +180,18 @@ async def _expire(app: web.Application) -> None:
     while True:
         await asyncio.sleep(MIN_LEASE_S / 2)
         for entry in catalog.expired():
-            trash = catalog.expire(entry)
-            if trash is None:
-                continue  # renewed, committed or deleted meanwhile
-            task = app[Keys.TRANSFORMS].get((entry.job, entry.version), (None, None))[0]
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            await asyncio.get_running_loop().run_in_executor(app[Keys.POOL], catalog.purge, trash)
+            try:
+                trash = catalog.expire(entry)
+                if trash is None:
+                    continue  # renewed, committed or deleted meanwhile
+                task = app[Keys.TRANSFORMS].get((entry.job, entry.version), (None, None))[0]
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                await asyncio.get_running_loop().run_in_executor(app[Keys.POOL], catalog.purge, trash)
+            except Exception:  # noqa: BLE001 - one bad version must not stop every later expiry
+                log.exception("%s: expiring %s/%s failed", app[Keys.NAME], entry.job, entry.version)
+                continue
             log.info("%s: deleted %s/%s of %s: its lease of %g s was not renewed%s", app[Keys.NAME], entry.job,
                      entry.version, entry.owner or "an unnamed writer", entry.lease_s,
                      " (its transformation was cancelled)" if task is not None else "")
@@ -325,12 +329,15 @@ async def transform(request: web.Request) -> web.Response:
     spec = await in_pool(request, TransformSpec.from_json, job, body)  # builds PTCs: off the loop
     key = (job, spec.to_version)
     catalog: Catalog = app[Keys.CATALOG]
-    entry = catalog.begin(job, spec.to_version, owner or "", seconds, body.get("claimed", False))
     headers = {FROM_HEADER: app[Keys.NAME]}
     if app[Keys.CONFIG].token:
         headers["Authorization"] = f"Bearer {app[Keys.CONFIG].token}"
-    task = asyncio.ensure_future(run_host_part(catalog, spec, entry, await _session(app), app[Keys.LINK],
-                                               app[Keys.POOL], headers))
+    session = await _session(app)
+    # no await between creating the version and registering its transformation: uploads and
+    # commits of it are refused from the first moment
+    entry = catalog.begin(job, spec.to_version, owner or "", seconds, body.get("claimed", False))
+    task = asyncio.ensure_future(run_host_part(catalog, spec, entry, session, app[Keys.LINK], app[Keys.POOL],
+                                               headers))
     app[Keys.TRANSFORMS][key] = (task, owner)
     try:
         result = await task
