@@ -144,8 +144,6 @@ def test_torture_concurrent_writers_killed_at_random(stores, tiny_ckpt, tmp_path
         s.thread.join(STORM_S + 120)
     report = "; ".join(s.summary() for s in storms)
     print(report)
-    for s in storms:
-        print(s.role, s.failed)
     for s in storms:  # refusals are one line from scalai, never a traceback
         assert not any("Traceback" in line for line in s.failed), (s.role, s.failed)
     assert sum(len(s.ok) for s in storms if s.role.startswith("reshard")) > 0, report
@@ -199,4 +197,6 @@ def test_torture_concurrent_writers_killed_at_random(stores, tiny_ckpt, tmp_path
         assert not _files(p.root), _files(p.root)[:5]
         assert p.client().usage()["memory_bytes"] == 0
         grown = _rss(p.proc.pid) - base_rss[p.name]
-        assert grown < 256 << 20, f"{p.name}'s resident memory grew by {grown / 2**20:.0f} MiB"
+        print(f"{p.name}: resident memory {base_rss[p.name] / 2**20:.0f} MiB at the start, "
+              f"{grown / 2**20:+.0f} MiB at the end")
+        assert grown < 96 << 20, f"{p.name}'s resident memory grew by {grown / 2**20:.0f} MiB"
