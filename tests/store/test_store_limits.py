@@ -179,3 +179,15 @@ def test_a_client_that_disconnects_costs_one_log_line(tmp_path):
     log = proc.log.read_text()
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
     assert 1 <= log.count("the client disconnected") <= 5, log[-3000:]
+
+
+@pytest.mark.parametrize("option,value,words", [("--lease", "0.5", "--lease='0.5' is not a lease"),
+                                                ("--lease", "nan", "is not a lease"),
+                                                ("--idle-timeout", "0", "--idle-timeout"),
+                                                ("--max-connections", "0", "--max-connections")])
+def test_serve_refuses_bad_limits_before_creating_anything(capsys, tmp_path, option, value, words):
+    from store_helpers import run_cli
+
+    r = run_cli(capsys, "store", "serve", "--root", tmp_path / "root", "--port", "0", option, value)
+    assert r.code == 2 and words in r.err and r.err.count("\n") == 1, r.err
+    assert not (tmp_path / "root").exists()
