@@ -204,3 +204,26 @@ def test_a_coordinator_hears_why_its_transformation_was_cancelled(stores, tiny_c
     assert "was deleted from store host2 while this transformation wrote it" in str(err)
     assert "v0 is still the job's current state" in str(err)
     assert _versions(cluster, "gpt") == {"host0": ["v0"], "host1": ["v0"], "host2": ["v0"]}
+
+
+def test_pull_of_a_version_replaced_while_it_is_read_takes_the_new_one(stores, tiny_ckpt, tmp_path):
+    procs = stores(2)
+    cluster = StoreCluster([p.url for p in procs])
+    cluster.push(str(tiny_ckpt), "gpt", gpus_per_host=4)
+    other = StoreCluster([p.url for p in procs])
+    fired = threading.Event()
+
+    def progress(n):  # the first bytes of v0 arrived: another writer replaces v0 by v1 now
+        if not fired.is_set():
+            fired.set()
+            reshard(other, "gpt", LAYOUT)  # drops v0 once v1 is committed
+
+    got = cluster.pull("gpt", str(tmp_path / "pulled"), progress=progress, workers=1)
+    assert fired.is_set() and got.name == "v1"
+    from scalai.executor import reshard_checkpoint
+
+    reshard_checkpoint(tiny_ckpt, tmp_path / "local", LAYOUT, sync=False)
+    with Checkpoint.open(tmp_path / "local") as a, Checkpoint.open(tmp_path / "pulled") as b:
+        assert str(b.ptc.config) == LAYOUT and compare_checkpoints(a, b) is None
+        b.verify()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the abandoned attempt left nothing

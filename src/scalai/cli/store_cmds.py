@@ -149,13 +149,14 @@ def pull(out, job, stores, version, token_file, as_json) -> None:
     if os.path.lexists(out):
         raise FileExistsError(f"output {out} already exists; choose another directory or remove it first")
     cluster = _cluster(stores, token_file)
-    src = cluster.latest(job, version)
-    m = src.manifest
+    m = cluster.latest(job, version).manifest  # for the progress bar: the current version may change
     total = sum(m.ptc.rank_nbytes(r) for r in range(m.ptc.config.world_size))
     t0 = time.perf_counter()
     with progress("pull", total, enabled=not as_json) as advance:
-        cluster.pull(job, out, src.name, progress=advance)
+        src = cluster.pull(job, out, version, progress=advance)
     seconds = time.perf_counter() - t0
+    m = src.manifest
+    total = sum(m.ptc.rank_nbytes(r) for r in range(m.ptc.config.world_size))
     if as_json:
         emit_json({"checkpoint": os.path.abspath(out), "job": job, "version": src.name,
                    "layout": str(m.ptc.config), "bytes": total, "seconds": round(seconds, 3)})

@@ -263,16 +263,29 @@ class StoreCluster:
         return StoredVersion(manifest, manifest.to_json())
 
     def pull(self, job: str, out_dir: str, version: str | None = None,
-             progress: Callable[[int], None] | None = None, workers: int = 2) -> StoredVersion:
+             progress: Callable[[int], None] | None = None, workers: int = 2, attempts: int = 3) -> StoredVersion:
         """Write a committed version (default: the latest) as a checkpoint directory.
 
         Every tensor streams from the store of its rank's host into the new rank files;
-        its CRC-32 is checked against the one the store recorded.
+        its CRC-32 is checked against the one the store recorded. Without ``version``, a
+        current version that another writer replaces (and deletes) while it is read is
+        given up for the new current one, up to ``attempts`` times; nothing of the first
+        is left behind.
         """
+        for attempt in range(attempts):
+            src = self.latest(job, version)
+            try:
+                self._pull(job, src, out_dir, progress, workers)
+                return src
+            except StoreRequestError as exc:
+                if version is not None or exc.status != 404 or attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _pull(self, job: str, src: StoredVersion, out_dir: str, progress, workers: int) -> None:
         from ..checkpoint import CheckpointWriter
         from ..errors import ChecksumError
 
-        src = self.latest(job, version)
         m = src.manifest
         full = m.ptc.full  # the checkpoint's layout; the stores may hold a replica once per host
         source = _stored_sources(m)
@@ -304,4 +317,3 @@ class StoreCluster:
                                          for n, _ in full.rank_shards(r) if writer.stores(r, n)]),
                      workers * len(m.hosts))
             writer.commit()
-        return src
