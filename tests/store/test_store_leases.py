@@ -243,3 +243,24 @@ def test_a_transformation_of_a_lost_claim_is_refused(store, tiny_ckpt):
     assert _versions(c, "gpt") == {"v0": True}
     c.lease("gpt", "v1", "reshard-a", create=True)  # with the claim in place, it runs
     assert c.transform("gpt", request, owner="reshard-a")["tensors"] > 0
+
+
+def test_an_upload_in_progress_keeps_its_version_alive(store):
+    import http.client
+    from urllib.parse import urlsplit
+
+    def slow():  # longer than two leases of 1 s between its halves
+        yield A.tobytes()[:2048]
+        time.sleep(2.5)
+        yield A.tobytes()[2048:]
+
+    u = urlsplit(store.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.request("PUT", "/v1/jobs/j/versions/v0/ranks/0/tensors/w?dtype=float32&shape=1024", body=slow(),
+                 headers={"X-Scalai-Owner": "push-s", "X-Scalai-Lease": "1", "Content-Length": str(A.nbytes)})
+    resp = conn.getresponse()
+    assert resp.status == 201, resp.read()
+    conn.close()
+    c = store.client()
+    c.commit("j", "v0", _manifest(c), owner="push-s")
+    np.testing.assert_array_equal(c.read("j", "v0", 0, "w"), A)

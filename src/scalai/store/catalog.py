@@ -278,17 +278,21 @@ class Catalog:
             return self._open(job, version, owner, lease_s, create), not existed
 
     def expired(self, now: float | None = None) -> list[VersionEntry]:
-        """Uncommitted versions whose lease has run out (delete each with :meth:`expire`)."""
+        """Uncommitted versions whose lease has run out (delete each with :meth:`expire`).
+        An upload in progress keeps its version alive: its writer is there, streaming (a
+        stalled one is cut off by the server's idle timeout)."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            return [e for vs in self.jobs.values() for e in vs.values() if not e.committed and e.expires < now]
+            return [e for vs in self.jobs.values() for e in vs.values()
+                    if not e.committed and not e.uploading and e.expires < now]
 
     def expire(self, entry: VersionEntry) -> list[str] | None:
-        """Delete ``entry`` if its lease has still run out (not renewed, committed or deleted
-        meanwhile): checked and done under the lock. Returns the directories to
+        """Delete ``entry`` if its lease has still run out (not renewed, written, committed or
+        deleted meanwhile): checked and done under the lock. Returns the directories to
         :meth:`purge`, or None when it was spared."""
         with self._lock:
-            if not self.is_current(entry) or entry.committed or entry.expires >= time.monotonic():
+            if (not self.is_current(entry) or entry.committed or entry.uploading
+                    or entry.expires >= time.monotonic()):
                 return None
             return self.delete(entry.job, entry.version, entry=entry)[1]
 
