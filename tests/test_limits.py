@@ -12,7 +12,7 @@ from cli_helpers import run
 from scalai import PTC, ParallelConfig, TensorSpec
 from scalai.checkpoint.limits import reserve_descriptors
 from scalai.elastic.layouts import rank_layouts
-from scalai.limits import JSON_DEPTH, LOCAL_TENSORS, RANKS, LimitError, check_json_depth
+from scalai.limits import LOCAL_TENSORS, RANKS, LimitError
 from scalai.models import get_model_shape
 
 
@@ -56,24 +56,6 @@ def test_tensor_shapes_are_bounded():
         TensorSpec("w", (2**30, 2**30), "float32")
     with pytest.raises(ValueError, match="negative"):
         TensorSpec("w", (4, -1), "float32")
-
-
-def test_json_depth_is_checked_without_recursion():
-    deep: list = []
-    node = deep
-    for _ in range(100_000):  # built iteratively: deeper than Python's recursion limit
-        node.append([])
-        node = node[0]
-    with pytest.raises(LimitError, match="nested more than 100 levels"):
-        check_json_depth(deep, "the body")
-    ok = {"a": [[{"b": 1}]]}
-    assert check_json_depth(ok, "x") is ok
-    nested = 1
-    for _ in range(JSON_DEPTH.default - 1):
-        nested = [nested]
-    check_json_depth(nested, "x")
-    with pytest.raises(LimitError):
-        check_json_depth([[nested]], "x")
 
 
 def test_layouts_refuses_absurd_device_counts():

@@ -1,10 +1,10 @@
 """The sizes scalai accepts, in one place. Pure.
 
 Every input that could make scalai allocate or compute without bound (a layout, a model,
-a PTC read from a manifest or an HTTP body, a JSON document) is checked against these
-limits *before* anything is built from it, so that a typo such as ``dp=100000`` or a
-hostile manifest with ``num_layers: 10**12`` is refused in one line instead of
-allocating gigabytes or running for minutes.
+a PTC read from a manifest or an HTTP body) is checked against these limits *before*
+anything is built from it, so that a typo such as ``dp=100000`` or a hostile manifest with
+``num_layers: 10**12`` is refused in one line instead of allocating gigabytes or running
+for minutes.
 
 =================  ===================  =========  ===========================================
 limit              environment          default    what it bounds
@@ -17,8 +17,6 @@ limit              environment          default    what it bounds
                                                    (planning costs about 1 KB and 1-5 us each)
 ``DIMS``           SCALAI_MAX_DIMS      16         dimensions of one tensor
 ``ELEMENTS``       SCALAI_MAX_ELEMENTS  2**48      elements of one tensor
-``JSON_DEPTH``     SCALAI_MAX_JSON_     100        nesting of a JSON document (manifests,
-                   DEPTH                           store request bodies)
 =================  ===================  =========  ===========================================
 
 The defaults are several times what the largest published jobs need (GPT-3 175B on
@@ -28,21 +26,20 @@ layouts (CLI, workers, stores) must see. A refusal is a :class:`LimitError` (a
 ``ValueError``: exit code 2 in the CLI, HTTP 422 from a store) naming the limit and the
 variable::
 
-    LimitError: layout tp=1,pp=1,dp=100000 has 100,000 ranks, more than scalai's limit of
-    131,072 ... (set SCALAI_MAX_RANKS to raise it)
+    LimitError: layout tp=8,pp=16,dp=100000 has 12,800,000 ranks, more than scalai's limit
+    of 131,072 (set SCALAI_MAX_RANKS to raise it if this is intended)
 
-The process's own open-file limit, which checkpoints of many ranks run into, is handled
-in :mod:`scalai.checkpoint.limits`.
+The nesting of JSON documents (manifests, request bodies) is bounded where they are read,
+by :mod:`scalai.bounded` (``MAX_JSON_DEPTH``, 100 levels); the process's own open-file
+limit, which checkpoints of many ranks run into, by :mod:`scalai.checkpoint.limits`.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
-__all__ = ["Limit", "LimitError", "LAYERS", "RANKS", "TENSORS", "LOCAL_TENSORS", "DIMS", "ELEMENTS",
-           "JSON_DEPTH", "ALL", "check_json_depth"]
+__all__ = ["Limit", "LimitError", "LAYERS", "RANKS", "TENSORS", "LOCAL_TENSORS", "DIMS", "ELEMENTS", "ALL"]
 
 
 class LimitError(ValueError):
@@ -90,28 +87,6 @@ TENSORS = Limit("TENSORS", "SCALAI_MAX_TENSORS", 1 << 18, "tensors")
 LOCAL_TENSORS = Limit("LOCAL_TENSORS", "SCALAI_MAX_LOCAL_TENSORS", 1 << 22, "(rank, tensor) pairs")
 DIMS = Limit("DIMS", "SCALAI_MAX_DIMS", 16, "dimensions")
 ELEMENTS = Limit("ELEMENTS", "SCALAI_MAX_ELEMENTS", 1 << 48, "elements")
-JSON_DEPTH = Limit("JSON_DEPTH", "SCALAI_MAX_JSON_DEPTH", 100, "levels of nesting")
 
 #: Every limit, for documentation and ``--help`` texts.
-ALL = (LAYERS, RANKS, TENSORS, LOCAL_TENSORS, DIMS, ELEMENTS, JSON_DEPTH)
-
-
-def check_json_depth(obj: Any, subject: str) -> Any:
-    """Return ``obj`` (parsed JSON) if no list or object in it is nested deeper than
-    :data:`JSON_DEPTH`, else raise :class:`LimitError`. Iterative: no recursion limit to hit,
-    linear in the number of values."""
-    limit = JSON_DEPTH.value
-    stack = [(obj, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            children = node.values()
-        elif isinstance(node, list):
-            children = node
-        else:
-            continue
-        if depth > limit:
-            raise LimitError(f"{subject} is nested more than {limit} levels deep, scalai's limit (set "
-                             f"{JSON_DEPTH.env} to raise it if this is intended)")
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return obj
+ALL = (LAYERS, RANKS, TENSORS, LOCAL_TENSORS, DIMS, ELEMENTS)

@@ -67,8 +67,8 @@ def _vocab_splits(manifest: dict) -> list[dict]:
 CASES = {  # name: (expected status, words of the message)
     "num_layers 10**12": (422, "SCALAI_MAX_LAYERS"),
     "a million ranks": (422, "SCALAI_MAX_RANKS"),
-    "JSON 10**5 deep": (422, "nested"),
-    "state 200 deep": (422, "SCALAI_MAX_JSON_DEPTH"),
+    "JSON 10**5 deep": (400, "nests JSON 100000 levels deep"),
+    "state 200 deep": (400, "nests JSON 203 levels deep"),
     "vocab multiple 0": (400, "multiple"),
     "vocab dim 7": (400, "dim"),
 }

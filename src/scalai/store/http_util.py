@@ -6,20 +6,21 @@ a traceback) and :func:`auth` (when the store has a token, ``Authorization: Bear
 <token>`` is compared in constant time on every request, health included).
 
 Bodies are read with a size cap and a timeout per read (a client that stops sending is
-cut off with 408); JSON bodies are parsed, checked for depth (:mod:`scalai.limits`) and
-validated against their schema on a worker thread, never on the event loop.
+cut off with 408); JSON bodies are parsed (:func:`scalai.bounded.loads`: depth checked
+before parsing, no NaN) and validated against their schema on a worker thread, never on
+the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 
 from aiohttp import web
 
-from ..limits import LimitError, check_json_depth
+from ..bounded import loads
+from ..limits import LimitError
 from .catalog import Conflict, NotFound, StorageFull
 from .errors import PeerError
 from .lease import LEASE_HEADER, OWNER_HEADER, lease_seconds
@@ -161,20 +162,14 @@ async def read_chunks(request: web.Request, size: int = 1 << 20):
 
 
 def _parse(data: bytes, schema: str) -> dict:
-    try:
-        obj = json.loads(data)
-    except RecursionError:
-        raise LimitError("the JSON body is nested too deeply to parse") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BodyError(f"body is not valid JSON ({exc})") from None
-    check_json_depth(obj, "the JSON body")
+    obj = loads(data, "the JSON body", error=BodyError)  # depth checked before parsing
     validate_body(obj, schema)
     return obj
 
 
 async def json_body(request: web.Request, schema: str) -> dict:
-    """The request's JSON body, at most ``max_json`` bytes (413), nested at most
-    :data:`scalai.limits.JSON_DEPTH` levels (422), valid against ``schema`` (400)."""
+    """The request's JSON body: at most ``max_json`` bytes (413), strict JSON nested at most
+    :data:`scalai.bounded.MAX_JSON_DEPTH` levels and valid against ``schema`` (400)."""
     limit = request.app[Keys.CONFIG].max_json
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length,
