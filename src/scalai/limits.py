@@ -39,6 +39,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .validate import integer
+
 __all__ = ["Limit", "LimitError", "LAYERS", "RANKS", "TENSORS", "LOCAL_TENSORS", "DIMS", "ELEMENTS", "ALL"]
 
 
@@ -62,14 +64,12 @@ class Limit:
         text = os.environ.get(self.env)
         if text is None or not text.strip():
             return self.default
+        hint = f"; unset it or give a limit of {self.unit}, e.g. {self.env}={self.default}"
         try:
             value = int(text.strip().replace("_", ""))
         except ValueError:
-            value = 0
-        if value < 1:
-            raise ValueError(f"{self.env}={text!r} is not a positive integer; unset it or give a "
-                             f"limit of {self.unit}, e.g. {self.env}={self.default}")
-        return value
+            raise ValueError(f"{self.env}={text[:40]!r} is not an integer{hint}") from None
+        return integer(self.env, value, 1, hint=hint)
 
     def check(self, count: int, subject: str) -> int:
         """Return ``count`` if within the limit, else raise :class:`LimitError` saying that

@@ -44,16 +44,16 @@ def lease_seconds(value: float | str | None = None, what: str = LEASE_ENV) -> fl
     Raises:
         ValueError: not a number in range (the message names where it came from).
     """
+    from ..validate import finite
+
     if value is None:
         value = os.environ.get(LEASE_ENV) or DEFAULT_LEASE_S
+    hint = f" (the lease, in seconds; e.g. {what}={DEFAULT_LEASE_S:g})"
     try:
         seconds = float(value)
     except (TypeError, ValueError):
-        seconds = float("nan")
-    if not MIN_LEASE_S <= seconds <= MAX_LEASE_S:  # also refuses NaN
-        raise ValueError(f"{what}={value!r} is not a lease in seconds between {MIN_LEASE_S:g} and "
-                         f"{MAX_LEASE_S:g}; e.g. {what}={DEFAULT_LEASE_S:g}")
-    return seconds
+        raise ValueError(f"{what}={str(value)[:40]!r} is not a number{hint}") from None
+    return finite(what, seconds, MIN_LEASE_S, MAX_LEASE_S, hint=hint)
 
 
 def new_owner(kind: str) -> str:
