@@ -44,6 +44,29 @@ def test_lead_steps_cover_the_start_up():
     assert lead_steps([4.0, 6.0, 30.0], [0.0, 1.0, 2.0, 3.0]) == 7
 
 
+@pytest.mark.parametrize("trigger", ["schedule", "request"])
+@pytest.mark.parametrize("ahead", [True, False])
+def test_the_next_generation_starts_ahead_only_if_asked(tmp_path, trigger, ahead):
+    """A scheduled change near (step 3 of 4) or a request starts the successor at once;
+    with ``start_ahead`` off nothing starts before the old workers have saved."""
+    from scalai.elastic.ahead import maybe_prelaunch
+    from scalai.elastic.runner import Generation
+
+    events = parse_schedule([{"step": 4, "devices": 4}] if trigger == "schedule" else [])
+    r = Runner(RunSpec(tuple(events), 10, str(tmp_path / "out"), hosts=2, gpus_per_host=2, devices=2,
+                       start_ahead=ahead))
+    launched = []
+    r._gens = []
+    r.launch = lambda alloc, start, **kw: launched.append((alloc.devices, start, kw["activate"])) or "next"
+    gen = Generation(0, r.alloc, 4 if trigger == "schedule" else 10, 0, [], 0.0, first_row={"step": 1})
+    r.rows = [{"step": s, "time": float(s)} for s in (1, 2, 3)]
+    if trigger == "request":
+        r.request("devices", 4)
+    maybe_prelaunch(r, gen, stopping=trigger == "request")
+    assert launched == ([(4, 4 if trigger == "schedule" else 3, False)] if ahead else [])
+    assert gen.successor == ("next" if ahead else None)
+
+
 def test_persister_holds_copies_during_a_reconfiguration(tmp_path):
     import threading
     import time

@@ -72,6 +72,9 @@ def layouts(model, devices, device_memory, gpus_per_host, global_batch, seq_len,
 @click.option("--job", default="job", show_default=True, help="the job's name (stores, scalai scale)")
 @click.option("--commit-every", default=10, show_default=True, type=NON_NEGATIVE,
               help="commit the state to the stores every N steps, copied to disk in the background (0: only at changes)")
+@click.option("--start-ahead/--no-start-ahead", default=True, show_default=True,
+              help="start the next generation's workers before a change (scheduled: a few steps ahead; a "
+                   "request: at once); off: once the old workers have saved")
 @click.option("--link", default=None, help="simulated link between hosts' stores, e.g. 1gbit [default: unlimited]")
 @click.option("--global-batch", default=8, show_default=True, type=COUNT)
 @click.option("--micro-batch", default=4, show_default=True, type=COUNT)
@@ -87,8 +90,8 @@ def layouts(model, devices, device_memory, gpus_per_host, global_batch, seq_len,
 @click.option("--control-port", default=0, show_default=True, type=PORT, help="port of the control endpoint (0: any)")
 @click.option("--control-token-file", type=click.Path(dir_okay=False), default=None,
               help="token required by the control endpoint (needed off loopback)")
-def run_cmd(schedule_file, steps, out, model, hosts, gpus_per_host, layout, devices, job, commit_every, link,
-            global_batch, micro_batch, lr, seed, data, device_memory, module, compare, control_host, control_port,
+def run_cmd(schedule_file, steps, out, model, hosts, gpus_per_host, layout, devices, job, commit_every, start_ahead,
+            link, global_batch, micro_batch, lr, seed, data, device_memory, module, compare, control_host, control_port,
             control_token_file) -> None:
     """Train under a changing device allocation: grow, shrink, move, survive failures.
 
@@ -105,9 +108,9 @@ def run_cmd(schedule_file, steps, out, model, hosts, gpus_per_host, layout, devi
 
     run_from_cli(schedule_file=schedule_file, steps=steps, out=out, model=model, hosts=hosts,
                  gpus_per_host=gpus_per_host, layout=layout, devices=devices, job=job, commit_every=commit_every,
-                 link=link, global_batch=global_batch, micro_batch=micro_batch, lr=lr, seed=seed, data=data,
-                 device_memory=device_memory, module=module, compare=compare, control_host=control_host,
-                 control_port=control_port, control_token_file=control_token_file)
+                 start_ahead=start_ahead, link=link, global_batch=global_batch, micro_batch=micro_batch, lr=lr,
+                 seed=seed, data=data, device_memory=device_memory, module=module, compare=compare,
+                 control_host=control_host, control_port=control_port, control_token_file=control_token_file)
 
 
 @cli.command("scale")

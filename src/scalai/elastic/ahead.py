@@ -8,6 +8,9 @@ group. None of that needs the devices, so the runner starts the next generation 
   over the current step time);
 - for a requested change (``scalai scale``, a time event), at once.
 
+With ``RunSpec.start_ahead`` off (``scalai run --no-start-ahead``) it does neither: the next
+generation starts once the old workers have saved.
+
 Its workers then wait for the devices (:meth:`ElasticWorker.wait_devices`), which the runner
 frees once the old workers have exited. If something else happens first (a failure, another
 request), the early generation is killed (:func:`drop_successor`) and a new one started.
@@ -48,7 +51,7 @@ def startup_seconds(runner: Runner) -> list[float]:
 
 def maybe_prelaunch(runner: Runner, gen: Generation, stopping: bool) -> None:
     """Start ``gen``'s successor if a change is near (see the module docstring)."""
-    if gen.successor is not None or gen.killed or gen.first_row is None:
+    if not runner.spec.start_ahead or gen.successor is not None or gen.killed or gen.first_row is None:
         return  # (not before its first step: two generations starting at once help neither)
     step = runner.rows[-1]["step"]
     with runner._lock:

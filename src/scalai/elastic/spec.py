@@ -37,6 +37,10 @@ class RunSpec:
         commit_every: commit the state to the stores every N steps (0: only at changes);
             the last commit is where a failure without replicas restarts from.
         persist: copy every commit to ``out/checkpoints`` in the background.
+        start_ahead: start the next generation's workers before a change (a scheduled one:
+            a few steps ahead; a request: at once), so that their start-up overlaps
+            training and the save (see :mod:`scalai.elastic.ahead`); off, they start once
+            the old workers have saved (two generations' processes never coexist before it).
         link: the simulated link between hosts' stores (e.g. ``"1gbit"``), or None.
         module: the workers' module (``python -m MODULE``), the reference trainer by
             default; it takes the reference trainer's arguments
@@ -55,6 +59,7 @@ class RunSpec:
     job: str = "job"
     commit_every: int = 10
     persist: bool = True
+    start_ahead: bool = True
     link: str | None = None
     global_batch: int = 8
     micro_batch: int = 4
