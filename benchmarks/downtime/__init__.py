@@ -1,0 +1,16 @@
+"""The downtime benchmark's parts (``benchmarks/reconfigure.py`` is its command line).
+
+- :mod:`.harness`: what a case (a change of layout), a scenario (what triggers the change,
+  when the new processes may start) and one side's measured run are; the plumbing both
+  sides' drivers share (launching, polling, the mid-step request, the start-ahead rule);
+- :mod:`.scalai_side`: ``scalai run`` (one function per trigger);
+- :mod:`.dcp_side` and :mod:`.dcp_worker`: the PyTorch recipe (DCP save, a new torchrun,
+  DCP load with resharding), its driver and its workers;
+- :mod:`.report`: the tables (the README's form and the phases per side), each side's
+  tricks, the notes and the plot.
+
+A new side is a module with ``NAME``, ``PHASES``, ``run(settings, case, scenario, work)``
+returning a :class:`~.harness.Outcome` and ``tricks(settings, scenario)``; a new trigger
+(a killed machine, say) is one more :class:`~.harness.Scenario` and one more function per
+side, dispatched from the side's ``run``.
+"""

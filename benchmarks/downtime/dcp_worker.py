@@ -1,0 +1,212 @@
+"""One rank of the PyTorch baseline, under torchrun (started by :mod:`.dcp_side`).
+
+What a careful PyTorch user's training script does, on the reference trainer's model and
+training step (so that both sides follow the same trajectory):
+
+- ``--role old`` at layout A: train; every K steps (``--commit-every``) an asynchronous
+  checkpoint, ``dcp.async_save`` of ``get_state_dict(model, optimizer)`` plus the
+  non-tensor state (step, data position, LR schedule) to ``DIR/periodic/step-N``
+  (``FileSystemWriter(sync_files=True)``, on its own gloo group, waiting for the previous
+  one first, as torchtitan does); stop after step S (scheduled) or after the step during
+  which ``DIR/stop`` appeared (checked every step with one all-reduce, as
+  :class:`scalai.training.StopFlag` does); then ``dcp.save`` of the same state to
+  ``DIR/change`` and leave.
+- ``--role new`` at layout B: import torch, join the process group (the rendezvous), then
+  wait for ``DIR/free`` (the old workers have exited: on GPUs their memory is free)
+  before building the model and its optimizer state, ``dcp.load`` (resharding) +
+  ``set_state_dict``, and train to the job's last step.
+
+Rank 0 appends one JSON line per step to ``DIR/rows.jsonl`` (``step``, ``loss``, ``time``:
+after the step's loss all-reduce and optimizer step, as the reference trainer logs) and
+writes the marks of each role (``old-pids.json``, ``saved.json``, ``new.json``); a mark
+is the slowest rank's unless said otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+
+_PROCESS_START = time.time()  # before anything else is imported
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def _options(args, layout: str):
+    from scalai.examples.gpt.options import TrainOptions
+
+    return TrainOptions(layout=layout, steps=args.steps, model=args.model, data=args.data, seed=args.seed,
+                        global_batch=args.global_batch, micro_batch=args.micro_batch, lr=args.lr)
+
+
+def _state(run) -> dict:
+    """What goes through DCP: model and optimizer (``get_state_dict``; it creates Adam's
+    moments if the optimizer has none yet) and the non-tensor state a job needs to continue
+    its trajectory (DCP stores those values pickled)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(run.stage.module, run.optimizer)
+    extra = {"step": run.job.step, "data": dataclasses.asdict(run.job.data),
+             "scheduler": run.scheduler.state_dict()}
+    return {"model": model_sd, "optim": optim_sd, "extra": extra}
+
+
+def _reduce(marks: dict[str, float], op: str = "max") -> dict[str, float]:
+    """Each mark's latest (or earliest) value over the ranks."""
+    import torch
+    import torch.distributed as dist
+
+    box = torch.tensor(list(marks.values()), dtype=torch.float64)
+    if op == "min":
+        box = -box
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return dict(zip(marks, (-box if op == "min" else box).tolist()))
+
+
+def _write(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _row(args, step: int, loss: float, when: float, layout: str) -> None:
+    with open(Path(args.dir) / "rows.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "loss": loss, "time": when, "layout": layout}) + "\n")
+
+
+def _stop_requested(path: Path) -> bool:
+    """Whether any rank sees the stop file (the same answer everywhere: one all-reduce)."""
+    import torch
+    import torch.distributed as dist
+
+    box = torch.tensor([int(path.exists())], dtype=torch.int32)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
+
+
+def _writer(path: Path, args, sync: bool):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    return FileSystemWriter(str(path), sync_files=sync, thread_count=args.threads)
+
+
+def old(args) -> None:
+    """Layout A: train, checkpoint asynchronously every K steps, save at the change, leave."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from scalai.data import TokenDataset
+    from scalai.examples.gpt.train import build, step
+
+    folder, rank = Path(args.dir), dist.get_rank()
+    run = build(_options(args, args.layout))
+    dataset = TokenDataset(run.index)
+    pids = [None] * dist.get_world_size()
+    dist.all_gather_object(pids, os.getpid())
+    if rank == 0:
+        _write(folder / "old-pids.json", pids)
+    group = dist.new_group(backend="gloo") if args.commit_every else None  # async saves off the training group
+    last = args.at_step if args.trigger == "schedule" else args.steps
+    pending, periodic = None, []
+    while run.job.step < last:
+        loss = step(run, dataset)
+        if rank == 0:
+            _row(args, run.job.step, loss, time.time(), args.layout)
+        n = run.job.step
+        if args.commit_every and n % args.commit_every == 0 and n < last:
+            t0 = time.time()
+            if pending is not None:
+                pending.result()
+            pending = dcp.async_save(_state(run), storage_writer=_writer(folder / "periodic" / f"step-{n:06d}",
+                                                                         args, True), process_group=group)
+            periodic.append({"step": n, "blocked": time.time() - t0})
+        if args.trigger == "request" and _stop_requested(folder / "stop"):
+            break
+    start = time.time()
+    if pending is not None:
+        pending.result()
+    waited = time.time()
+    dcp.save(_state(run), storage_writer=_writer(folder / "change", args, args.change_fsync))
+    dist.barrier()
+    marks = {**_reduce({"save_start": start}, "min"), **_reduce({"async_waited": waited, "save_end": time.time()})}
+    if rank == 0:
+        _write(folder / "saved.json", {"step": run.job.step, "marks": marks, "periodic": periodic})
+
+
+def new(args, joined: float) -> None:
+    """Layout B: wait for the devices, build, load the checkpoint (resharding), train on."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from scalai.data import DataState, TokenDataset
+    from scalai.examples.gpt.train import build, step
+
+    folder = Path(args.dir)
+    waiting = time.time()
+    while not (folder / "free").exists():
+        time.sleep(0.02)
+    devices = time.time()
+    run = build(_options(args, args.layout))
+    state = _state(run)  # placeholders (Adam's moments allocated here), replaced by the saved values
+    built = time.time()
+    dcp.load(state, storage_reader=FileSystemReader(str(folder / "change")))
+    set_state_dict(run.stage.module, run.optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    extra = state["extra"]
+    run.job.step, run.job.data = extra["step"], DataState(**extra["data"])
+    run.scheduler.load_state_dict(extra["scheduler"])
+    loaded = time.time()
+    dataset, first = TokenDataset(run.index), None
+    while first is None or run.job.step < args.steps:  # to the job's last step, as scalai's workers do
+        loss = step(run, dataset)
+        first = first or time.time()
+        if dist.get_rank() == 0:
+            _row(args, run.job.step, loss, time.time(), args.layout)
+    marks = _reduce({"start": _PROCESS_START, "joined": joined, "waiting": waiting, "devices": devices,
+                     "built": built, "loaded": loaded})
+    if dist.get_rank() == 0:
+        _write(folder / "new.json", {"step": run.job.step, "marks": marks, "first": first})
+
+
+def main() -> None:
+    import gc
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    parser = argparse.ArgumentParser(description="one rank of the DCP + torchrun baseline")
+    parser.add_argument("--role", choices=["old", "new"], required=True)
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--layout", required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--at-step", type=int, required=True)
+    parser.add_argument("--trigger", choices=["schedule", "request"], required=True)
+    parser.add_argument("--commit-every", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--change-fsync", action="store_true")
+    for name, kind in (("model", str), ("data", str), ("global-batch", int), ("micro-batch", int), ("lr", float),
+                       ("seed", int)):
+        parser.add_argument(f"--{name}", type=kind, required=True)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    joined = time.time()
+    try:
+        if args.role == "old":
+            old(args)
+        else:
+            new(args, joined)
+    finally:
+        gc.collect()  # free gloo work objects held in cycles while the interpreter is alive
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

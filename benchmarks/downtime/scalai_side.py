@@ -1,0 +1,166 @@
+"""scalai's side of the downtime benchmark: ``scalai run``, as a user runs it.
+
+- a scheduled change: ``scalai run --layout A --schedule '[{"step": S, "layout": "B"}]'
+  --steps S+1 --commit-every K`` (``--no-start-ahead`` for the ``cold`` scenario);
+- a request: ``scalai run --layout A --steps S+2 --commit-every K``, and in the middle of
+  step S the driver posts ``{"layout": "B"}`` to the run's control endpoint (what
+  ``scalai scale JOB --layout B`` sends).
+
+Both on ``--hosts 2 --gpus-per-host 2`` (a store per simulated host, in memory). The
+figures are the run's own: the phases from ``timeline.json``, the losses and step ends
+from ``metrics.jsonl``, when the new workers started from their reports
+(``events/g001``), the periodic commits from rank 0's report (``events/g000``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from .harness import (Case, Outcome, Processes, RunFailed, Scenario, Settings, env_for_runs, mid_step_time,
+                      poll_until, read_rows)
+
+__all__ = ["NAME", "phases", "run", "scheduled", "requested", "tricks"]
+
+NAME = "scalai"
+
+
+def phases() -> tuple[str, ...]:
+    """The timeline's phases, in its own order."""
+    from scalai.elastic.timeline import PHASES
+
+    return tuple(PHASES)
+
+
+def run(settings: Settings, case: Case, scenario: Scenario, work: Path) -> Outcome:
+    """One measured run of ``case`` under ``scenario`` in the scratch directory ``work``."""
+    return {"schedule": scheduled, "request": requested}[scenario.trigger](settings, case, scenario, work)
+
+
+def _command(settings: Settings, case: Case, scenario: Scenario, out: Path, *extra: str) -> list[str]:
+    ahead = [] if scenario.launch in ("ahead", "at_request") else ["--no-start-ahead"]
+    return [sys.executable, "-c", "import sys; from scalai.cli.main import main; sys.exit(main())", "run",
+            "--layout", case.old, "--steps", str(settings.steps(scenario)), "--hosts", str(settings.hosts),
+            "--gpus-per-host", str(settings.gpus_per_host), "--commit-every", str(settings.commit_every),
+            *ahead, "--out", str(out), *settings.trainer_flags(), *extra]
+
+
+def scheduled(settings: Settings, case: Case, scenario: Scenario, work: Path) -> Outcome:
+    """A change after step S, from the schedule."""
+    out, schedule = work / "run", work / "schedule.json"
+    schedule.write_text(json.dumps([{"step": settings.at_step, "layout": case.new}]))
+    procs = Processes(env_for_runs(work))
+    try:
+        procs.start(_command(settings, case, scenario, out, "--schedule", str(schedule)), work / "scalai.log",
+                    "scalai run")
+        poll_until(procs.all_done, procs, settings.timeout, "scalai run", interval=0.1)
+        procs.check()
+    finally:
+        procs.stop()
+    return _outcome(out, None)
+
+
+def requested(settings: Settings, case: Case, scenario: Scenario, work: Path) -> Outcome:
+    """A ``scalai scale`` request in the middle of step S."""
+    from scalai.elastic.control import send_scale
+
+    out = work / "run"
+    procs = Processes(env_for_runs(work))
+    sent: list[float] = []
+
+    def tick() -> None:
+        if sent:
+            return
+        at = mid_step_time(read_rows(out / "metrics.jsonl"), settings.at_step - 1)
+        if at is not None and time.time() >= at:
+            url = json.loads((out / "control.json").read_text())["url"]
+            sent.append(time.time())
+            send_scale(url, {"layout": case.new})
+
+    try:
+        procs.start(_command(settings, case, scenario, out), work / "scalai.log", "scalai run")
+        poll_until(procs.all_done, procs, settings.timeout, "scalai run", tick)
+        procs.check()
+    finally:
+        procs.stop()
+    if not sent:
+        raise RunFailed(f"scalai run ended before the request was sent (see {work / 'scalai.log'})")
+    return _outcome(out, sent[0])
+
+
+def _outcome(out: Path, sent: float | None) -> Outcome:
+    """The measured change of the run in ``out``; ``sent``: when a request was sent."""
+    changes = json.loads((out / "timeline.json").read_text())
+    if len(changes) != 1:
+        raise RunFailed(f"scalai run recorded {len(changes)} reconfigurations, expected 1 ({out})")
+    change = changes[0]
+    rows = [r for r in read_rows(out / "metrics.jsonl") if not r.get("lost")]
+    stop = change["at_step"]
+    end_of = {r["step"]: r["time"] for r in rows}
+    phases, starts, notes = dict(change["phases"]), dict(change["starts"]), []
+    if sent is None:
+        request, downtime = end_of[stop], change["downtime"]
+    else:
+        # The runner times from when it received the request; the downtime counts from
+        # when it was sent (the delivery, milliseconds, is added to "stop").
+        request, downtime = sent, end_of[stop + 1] - sent
+        delivery = downtime - change["downtime"]
+        starts = {k: v + delivery for k, v in starts.items()}
+        phases["stop"], starts["stop"] = phases.get("stop", 0.0) + delivery, 0.0
+        notes.append(f"request delivered in {1000 * delivery:.0f} ms")
+    counted = {"saved": change.get("saved_bytes", 0), "moved": change.get("bytes_moved", 0),
+               "cross_host": change.get("cross_host_bytes", 0), "persisted": _persisted_bytes(out)}
+    return Outcome(downtime, phases, starts, {r["step"]: r["loss"] for r in rows}, stop,
+                   _new_worker_marks(out, request), counted, _commits(out), notes)
+
+
+def _new_worker_marks(out: Path, request: float) -> dict[str, float]:
+    """When the new generation's workers started, joined, waited for the devices, got them
+    and were ready (the slowest rank), seconds after ``request``; empty without reports."""
+    names = {"process_start": "start", "joined": "joined", "waiting": "waiting", "devices": "devices",
+             "ready": "built"}
+    marks: dict[str, float] = {}
+    for path in sorted((out / "events" / "g001").glob("rank-*.json")):
+        times = json.loads(path.read_text()).get("times", {})
+        for key, name in names.items():
+            if key in times:
+                marks[name] = max(marks.get(name, float("-inf")), times[key] - request)
+    return marks
+
+
+def _commits(out: Path) -> list[dict]:
+    """The periodic commits of the first generation: step, and seconds the step waited."""
+    path = out / "events" / "g000" / "rank-00000.json"
+    report = json.loads(path.read_text()) if path.exists() else {}
+    return [{"step": c["step"], "blocked": c.get("seconds")} for c in report.get("commits", [])]
+
+
+def _persisted_bytes(out: Path) -> int:
+    """Bytes of one persistent copy on disk (the newest: the runner keeps two), 0 if none."""
+    copies = sorted((out / "checkpoints").glob("step-*"))
+    return sum(f.stat().st_size for f in copies[-1].rglob("*") if f.is_file()) if copies else 0
+
+
+def tricks(settings: Settings, scenario: Scenario) -> list[str]:
+    """What this side does, for the report."""
+    k = settings.commit_every
+    start = {"ahead": "a few steps before the change (the runner's rule: its start-up estimate over the step "
+                      "time), up to waiting for the devices (torch imported, rendezvous, job described on the meta "
+                      "device)",
+             "at_request": "at the request, while the old workers finish their step and save",
+             "after_save": "once the old workers have saved (--no-start-ahead)"}[scenario.launch]
+    return [
+        f"new processes: 2 torchrun agents (one per simulated host) start {start}; they build the model "
+        "once the old workers have exited",
+        (f"persisted: every {k} steps a commit into the stores (a memory copy; the step waits for it), "
+         "copied to disk (OUT/checkpoints, fsynced, atomic) by a background thread of the runner" if k else
+         "persisted: nothing before the change (--commit-every 0)")
+        + "; at the change: every rank saves its shards into its host's store (memory, /dev/shm; a "
+          "replica once per host), copied to disk only after the first step in the new layout",
+        "pre-allocated: the stores' files are memory-backed; the new workers allocate the model and Adam "
+        "state (zeros) when they build, before the load, which maps the stores' files and checks CRC-32s",
+        "bytes counted: saved = what the old workers wrote into the stores, moved = what the transform wrote "
+        "into the new layout (of which cross-host), persisted = one periodic copy on disk",
+    ]
