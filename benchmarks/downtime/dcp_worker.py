@@ -11,8 +11,8 @@ training step (so that both sides follow the same trajectory):
   which ``DIR/stop`` appeared (checked every step with one all-reduce, as
   :class:`scalai.training.StopFlag` does); then ``dcp.save`` of the same state to
   ``DIR/change`` and leave.
-- ``--role new`` at layout B: import torch, join the process group (the rendezvous), then
-  wait for ``DIR/free`` (the old workers have exited: on GPUs their memory is free)
+- ``--role new`` at layout B: import torch and the parallelism modules it uses, join the
+  process group (the rendezvous), then wait for ``DIR/free`` (the old workers have exited: on GPUs their memory is free)
   before building the model and its optimizer state, ``dcp.load`` (resharding) +
   ``set_state_dict``, and train to the job's last step.
 
@@ -143,10 +143,13 @@ def new(args, joined: float) -> None:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
+    from scalai.config import ParallelConfig
     from scalai.data import DataState, TokenDataset
+    from scalai.examples.gpt.parallel import preload
     from scalai.examples.gpt.train import build, step
 
     folder = Path(args.dir)
+    preload(ParallelConfig.parse(args.layout))  # the parallelism modules, imported while waiting (as scalai's)
     waiting = time.time()
     while not (folder / "free").exists():
         time.sleep(0.02)

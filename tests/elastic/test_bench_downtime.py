@@ -1,0 +1,43 @@
+"""The downtime benchmark's decisions (``benchmarks/downtime/harness.py``), without processes:
+both sides start their new processes by the runner's own rule, a request lands in the
+middle of a step, and the sides must continue the same trajectory."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from scalai.elastic.ahead import lead_steps
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from downtime.harness import SCENARIOS, Case, ahead_due, mid_step_time, trajectory_difference  # noqa: E402
+
+
+def test_a_request_lands_half_a_step_after_the_previous_one():
+    rows = [{"step": s, "time": t} for s, t in enumerate((12.0, 14.0, 19.0, 21.0, 23.0, 25.0), start=1)]
+    assert mid_step_time(rows[:5], 6) is None  # step 6 is not logged yet
+    assert mid_step_time(rows, 6) == 26.0  # the median step (2 s; step 3 waited for a save) halved
+    assert mid_step_time(rows[:1], 1) is None  # one step's end says nothing about the step time
+
+
+def test_both_sides_start_ahead_by_the_runners_rule():
+    rows = [{"step": s, "time": float(s)} for s in (1, 2, 3)]
+    lead = lead_steps([], [1.0, 2.0, 3.0])  # what the runner computes for a run of one change
+    assert lead == 11
+    assert ahead_due(rows, 3 + lead) and not ahead_due(rows, 4 + lead)
+    assert not ahead_due([], 1)  # never before the first step, as the runner
+
+
+def test_the_sides_must_continue_the_same_trajectory():
+    a = {1: 5.0, 2: 4.0, 3: 3.0}
+    assert trajectory_difference({"x": a, "y": dict(a)}, {"x": 3, "y": 3}) == 0.0
+    assert trajectory_difference({"x": a, "y": {**a, 3: 3.3}}, {"x": 3, "y": 3}) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match=r"x's first step in the new layout \(4\)"):
+        trajectory_difference({"x": {**a, 4: 2.0}, "y": a}, {"x": 4, "y": 3})
+
+
+def test_cases_and_scenarios_describe_themselves():
+    assert Case("tp=1,pp=1,dp=2", "tp=1,pp=1,dp=4").describe() == "grow 2 -> 4 (dp)"
+    assert Case("tp=2,pp=2,dp=1", "tp=1,pp=1,dp=2").describe() == "shrink 4 -> 2 (tp, pp, dp)"
+    assert Case("tp=1,pp=1,dp=4", "tp=2,pp=1,dp=2").describe() == "4 devices (tp, dp)"
+    assert {s.launch for s in SCENARIOS.values()} == {"ahead", "after_save", "at_request"}
