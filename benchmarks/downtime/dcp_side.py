@@ -30,6 +30,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from .harness import (Case, Outcome, Processes, RunFailed, Scenario, Settings, ahead_due, env_for_runs,
                       mid_step_time, poll_until, read_rows)
@@ -50,13 +51,22 @@ def run(settings: Settings, case: Case, scenario: Scenario, work: Path) -> Outco
 
 
 def scheduled(settings: Settings, case: Case, scenario: Scenario, work: Path) -> Outcome:
-    """A change after step S, known to the old job from the start."""
-    return _drive(settings, case, scenario, work)
+    """A change after step S, known to the old job from the start (it stops there)."""
+    return _drive(settings, case, scenario, work, None)
 
 
 def requested(settings: Settings, case: Case, scenario: Scenario, work: Path) -> Outcome:
-    """A request in the middle of step S: the stop file, which the old job checks every step."""
-    return _drive(settings, case, scenario, work)
+    """A request in the middle of step S: the stop file, which the old job checks after
+    every step; the new job starts at once if the scenario says so."""
+    def trigger(rows: list[dict], at: dict[str, float], start_new: Callable[[], None]) -> None:
+        due = mid_step_time(rows, settings.at_step - 1)
+        if "request" not in at and due is not None and time.time() >= due:
+            (work / "stop").touch()
+            at["request"] = time.time()
+            if scenario.launch == "at_request":
+                start_new()
+
+    return _drive(settings, case, scenario, work, trigger)
 
 
 def _agents(settings: Settings, scenario: Scenario, layout: str, role: str, work: Path,
@@ -77,9 +87,10 @@ def _agents(settings: Settings, scenario: Scenario, layout: str, role: str, work
              "--max-restarts", "0", "--monitor-interval", "0.1", *args] for slot in range(hosts)]
 
 
-def _drive(settings: Settings, case: Case, scenario: Scenario, work: Path) -> Outcome:
+def _drive(settings: Settings, case: Case, scenario: Scenario, work: Path, trigger: Callable | None) -> Outcome:
     """Run the old job, start the new one when the scenario allows, free its devices once
-    the old workers are gone; returns the measured outcome."""
+    the old workers are gone; returns the measured outcome. ``trigger(rows, at, start_new)``
+    is called on every poll: it causes the change (and records ``at["request"]``)."""
     from scalai.elastic.launch import Rendezvous, process_gone
 
     procs = Processes(env_for_runs(work))
@@ -97,13 +108,8 @@ def _drive(settings: Settings, case: Case, scenario: Scenario, work: Path) -> Ou
 
     def tick() -> None:
         rows = read_rows(rows_path)
-        if scenario.trigger == "request" and "request" not in at:
-            due = mid_step_time(rows, settings.at_step - 1)
-            if due is not None and time.time() >= due:
-                (work / "stop").touch()
-                at["request"] = time.time()
-                if scenario.launch == "at_request":
-                    start_new()
+        if trigger is not None:
+            trigger(rows, at, start_new)
         if scenario.launch == "ahead" and ahead_due(rows, settings.at_step):
             start_new()
         if saved.exists():
@@ -139,7 +145,7 @@ def _outcome(work: Path, at: dict[str, float]) -> Outcome:
               "first_step": (n["loaded"], new["first"])}
     phases = {k: max(0.0, b - a) for k, (a, b) in bounds.items()}
     starts = {k: max(0.0, a - request) for k, (a, _) in bounds.items()}  # a rank may start saving before rank 0 logs
-    marks = {k: n[k] - request for k in ("start", "joined", "waiting", "devices", "built")}
+    marks = {k: n[k] - request for k in ("start", "joined", "waiting", "devices", "model", "built")}
     marks.update({k: at[k] - request for k in ("launched", "freed", "old_exit") if k in at})
     notes = []
     if s["async_waited"] - s["save_start"] > 0.005:

@@ -155,6 +155,7 @@ def new(args, joined: float) -> None:
         time.sleep(0.02)
     devices = time.time()
     run = build(_options(args, args.layout))
+    model = time.time()
     state = _state(run)  # placeholders (Adam's moments allocated here), replaced by the saved values
     built = time.time()
     dcp.load(state, storage_reader=FileSystemReader(str(folder / "change")))
@@ -171,7 +172,7 @@ def new(args, joined: float) -> None:
         if dist.get_rank() == 0:
             _row(args, run.job.step, loss, time.time(), args.layout)
     marks = _reduce({"start": _PROCESS_START, "joined": joined, "waiting": waiting, "devices": devices,
-                     "built": built, "loaded": loaded})
+                     "model": model, "built": built, "loaded": loaded})
     if dist.get_rank() == 0:
         _write(folder / "new.json", {"step": run.job.step, "marks": marks, "first": first})
 

@@ -92,7 +92,8 @@ def phase_rows(cases: Sequence[Case], scenario: Scenario, results: Results, side
 
 #: What the marks of :attr:`Outcome.marks` stand for, in the notes.
 _MARKS = {"launched": "new torchrun launched", "start": "new workers started", "joined": "joined their group",
-          "waiting": "waiting for the devices", "devices": "got them", "built": "built",
+          "waiting": "waiting for the devices", "devices": "got them", "model": "model built",
+          "built": "built (with the optimizer state)",
           "freed": "old workers gone", "old_exit": "old torchrun exited"}
 
 
@@ -120,20 +121,23 @@ def case_notes(case: Case, scenario: Scenario, runs: dict[str, list[Outcome]]) -
     return lines
 
 
-_COLORS = {"stop": "#8c8c8c", "save": "#4c72b0", "plan": "#c9b037", "transform": "#dd8452",
-           "relaunch": "#55a868", "load": "#8172b3", "first_step": "#64b5cd"}
+_COLORS = {"stop": "#8c8c8c", "save": "#4c72b0", "allocate": "#937860", "announce": "#da8bc3", "plan": "#c9b037",
+           "transform": "#dd8452", "relaunch": "#55a868", "load": "#8172b3", "first_step": "#64b5cd"}
+#: scalai's phases that the runner times while its new workers start (drawn above relaunch).
+_BESIDE_RELAUNCH = ("allocate", "announce", "plan", "transform")
 
 
 def plot(path: str, cases: Sequence[Case], scenarios: Sequence[Scenario], results: Results,
          sides: Sequence[str], phases: Sequence[str]) -> None:
     """One panel per scenario; per case and side a bar of phases (medians) at their median
-    starts; scalai's relaunch in the lower half of its row, plan and transform above it."""
+    starts; scalai's relaunch in the lower half of its row, the phases the runner times
+    meanwhile (plan, transform, ...) above it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    extra = iter(("#937860", "#da8bc3", "#8c613c", "#dc7ec0"))
+    extra = iter(("#8c613c", "#dc7ec0", "#797979", "#d5bb67"))
     colors = {p: _COLORS.get(p) or next(extra, "#cccccc") for p in phases}
     height = 1.0 + (1.3 + 0.9 * len(sides)) * len(cases) * len(scenarios)
     fig, axes = plt.subplots(len(scenarios), 1, figsize=(11, height), squeeze=False)
@@ -147,8 +151,9 @@ def plot(path: str, cases: Sequence[Case], scenarios: Sequence[Scenario], result
                     start = median(outs, lambda o, p=p: o.starts.get(p))
                     if width is None or start is None:
                         continue
-                    low, high = (y - 0.35, 0.35) if p == "relaunch" and "plan" in outs[0].phases else \
-                        (y, 0.35) if p in ("plan", "transform") else (y - 0.35, 0.7)
+                    beside = any(q in outs[0].phases for q in _BESIDE_RELAUNCH)
+                    low, high = (y - 0.35, 0.35) if p == "relaunch" and beside else \
+                        (y, 0.35) if p in _BESIDE_RELAUNCH else (y - 0.35, 0.7)
                     ax.broken_barh([(start, width)], (low, high), color=colors[p], label=p.replace("_", " "))
                 down = median(outs, lambda o: o.downtime)
                 longest = max(longest, down)

@@ -77,7 +77,10 @@ def requested(settings: Settings, case: Case, scenario: Scenario, work: Path) ->
         if at is not None and time.time() >= at:
             url = json.loads((out / "control.json").read_text())["url"]
             sent.append(time.time())
-            send_scale(url, {"layout": case.new})
+            try:
+                send_scale(url, {"layout": case.new})
+            except (ValueError, ConnectionError) as exc:
+                raise RunFailed(f"the request to scalai run failed: {exc} (see {work / 'scalai.log'})") from None
 
     try:
         procs.start(_command(settings, case, scenario, out), work / "scalai.log", "scalai run")
