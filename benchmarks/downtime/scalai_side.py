@@ -155,11 +155,11 @@ def tricks(settings: Settings, scenario: Scenario) -> list[str]:
              "at_request": "at the request, while the old workers finish their step and save",
              "after_save": "once the old workers have saved (--no-start-ahead)"}[scenario.launch]
     return [
-        f"new processes: 2 torchrun agents (one per simulated host) start {start}; they build the model "
-        "once the old workers have exited",
-        (f"persisted: every {k} steps a commit into the stores (a memory copy; the step waits for it), "
-         "copied to disk (OUT/checkpoints, fsynced, atomic) by a background thread of the runner" if k else
-         "persisted: nothing before the change (--commit-every 0)")
+        f"new processes: one torchrun agent per simulated host the layout uses (c10d rendezvous on the runner) "
+        f"start {start}; their workers build the model once the old workers have exited",
+        (f"persisted: every {k} steps a commit: every rank uploads its shards over loopback into its host's "
+         "store (memory; the step waits for it), copied to disk (OUT/checkpoints, fsynced, atomic) by a "
+         "background thread of the runner" if k else "persisted: nothing before the change (--commit-every 0)")
         + "; at the change: every rank saves its shards into its host's store (memory, /dev/shm; a "
           "replica once per host), copied to disk only after the first step in the new layout",
         "pre-allocated: the stores' files are memory-backed; the new workers allocate the model and Adam "
