@@ -155,7 +155,6 @@ def measure(settings: Settings, cases, scenarios, rounds: int, work: Path) -> tu
 
 def main() -> None:
     args = _parser().parse_args()
-    cases, scenarios = validate(args)
     from scalai.examples.gpt.corpus import ensure_index
     from scalai.examples.gpt.model import preset
 
@@ -163,6 +162,7 @@ def main() -> None:
         cfg = preset(args.model)
     except ValueError as exc:
         raise SystemExit(f"--model: {exc}") from None
+    cases, scenarios = validate(args)
     settings = Settings(args.model, str(ensure_index(cfg.seq_len).path), args.at_step, args.commit_every,
                         args.global_batch, args.micro_batch, args.lr, args.seed, dcp_threads=args.dcp_threads,
                         dcp_change_fsync=args.dcp_change_fsync)
