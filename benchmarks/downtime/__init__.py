@@ -9,8 +9,10 @@
 - :mod:`.report`: the tables (the README's form and the phases per side), each side's
   tricks, the notes and the plot.
 
-A new side is a module with ``NAME``, ``PHASES``, ``run(settings, case, scenario, work)``
-returning a :class:`~.harness.Outcome` and ``tricks(settings, scenario)``; a new trigger
-(a killed machine, say) is one more :class:`~.harness.Scenario` and one more function per
-side, dispatched from the side's ``run``.
+A side is a module with ``NAME``, ``phases()`` (its phases in order), ``run(settings, case,
+scenario, work)`` returning a :class:`~.harness.Outcome`, and ``tricks(settings, scenario)``
+(what it does, for the report); ``reconfigure.py`` lists the sides in ``SIDES``. A new
+trigger (a killed machine, say) is one more :class:`~.harness.Scenario` and one more
+function per side, dispatched from the side's ``run``; simulated machines with limited
+links would go into :class:`~.harness.Settings` and both sides' launch functions.
 """
