@@ -49,7 +49,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -163,6 +165,7 @@ def main() -> None:
     except ValueError as exc:
         raise SystemExit(f"--model: {exc}") from None
     cases, scenarios = validate(args)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the runs and remove the scratch directory
     settings = Settings(args.model, str(ensure_index(cfg.seq_len).path), args.at_step, args.commit_every,
                         args.global_batch, args.micro_batch, args.lr, args.seed, dcp_threads=args.dcp_threads,
                         dcp_change_fsync=args.dcp_change_fsync)
@@ -171,7 +174,7 @@ def main() -> None:
     log(f"{args.model}: {cfg.num_params() / 1e6:.1f} M parameters, {state / 2**20:.0f} MiB of state; change after "
         f"step {args.at_step}, persisted every {args.commit_every} steps; scratch (DCP files, scalai's disk "
         f"copies) in {where}")
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     try:
         results, worst = measure(settings, cases, scenarios, args.rounds, Path(work))
     except RunFailed as exc:
@@ -209,7 +212,8 @@ def main() -> None:
     machine = machine_description()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}; torch {machine.get('torch')}; "
           f"{machine['date']}; scalai: 2 simulated hosts x 2 devices, stores in memory (/dev/shm); disk copies on "
-          f"{where}; {minutes:.1f} min")
+          f"{where}; {minutes:.1f} min; load average (1 min) at the start {load_before:.1f}, at the end "
+          f"{os.getloadavg()[0]:.1f}")
     if args.plot:
         report.plot(args.plot, cases, scenarios, results, names, phases)
         print(f"wrote {args.plot}")

@@ -164,7 +164,8 @@ def tricks(settings: Settings, scenario: Scenario) -> list[str]:
     """What this side does, for the report."""
     k, fsync = settings.commit_every, settings.dcp_change_fsync
     start = {"ahead": "ahead of the change by the same rule as scalai's runner (its start-up estimate over "
-                      "the step time), up to waiting for the devices (torch imported, rendezvous done)",
+                      "the step time), up to waiting for the devices (torch imported, rendezvous done, the model "
+                      "parallelized on the meta device)",
              "at_request": "at the request, while the old workers finish their step and save",
              "after_save": "once the old job's checkpoint is written"}[scenario.launch]
     return [

@@ -12,7 +12,8 @@ training step (so that both sides follow the same trajectory):
   :class:`scalai.training.StopFlag` does); then ``dcp.save`` of the same state to
   ``DIR/change`` and leave.
 - ``--role new`` at layout B: import torch and the parallelism modules it uses, join the
-  process group (the rendezvous), then wait for ``DIR/free`` (the old workers have exited: on GPUs their memory is free)
+  process group (the rendezvous), build the model parallelized on the meta device (as
+  torchtitan does before materializing it), then wait for ``DIR/free`` (the old workers have exited: on GPUs their memory is free)
   before building the model and its optimizer state, ``dcp.load`` (resharding) +
   ``set_state_dict``, and train to the job's last step.
 
@@ -146,11 +147,17 @@ def new(args, joined: float) -> None:
 
     from scalai.config import ParallelConfig
     from scalai.data import DataState, TokenDataset
-    from scalai.examples.gpt.parallel import preload
+    from scalai.examples.gpt.model import preset
+    from scalai.examples.gpt.parallel import meta_stage, preload
     from scalai.examples.gpt.train import build, step
 
-    folder = Path(args.dir)
-    preload(ParallelConfig.parse(args.layout))  # the parallelism modules, imported while waiting (as scalai's)
+    folder, layout = Path(args.dir), ParallelConfig.parse(args.layout)
+    preload(layout)  # the parallelism modules, imported while waiting (as scalai's workers do)
+    # The model parallelized on the meta device while waiting, as torchtitan builds it
+    # before materializing it: the one-time set-up of these code paths is paid here, as
+    # scalai's workers pay it describing the new layout. (The reference trainer then
+    # builds on the device from scratch; the values come from the checkpoint anyway.)
+    meta_stage(preset(args.model), layout)
     waiting = time.time()
     while not (folder / "free").exists():
         time.sleep(0.02)

@@ -92,6 +92,7 @@ def phase_rows(cases: Sequence[Case], scenario: Scenario, results: Results, side
 
 #: What the marks of :attr:`Outcome.marks` stand for, in the notes.
 _MARKS = {"launched": "new torchrun launched", "start": "new workers started", "joined": "joined their group",
+          "announced": "announced the new layout",
           "waiting": "waiting for the devices", "devices": "got them", "model": "model built",
           "built": "built (with the optimizer state)",
           "freed": "old workers gone", "old_exit": "old torchrun exited"}

@@ -120,10 +120,11 @@ def _outcome(out: Path, sent: float | None) -> Outcome:
 
 
 def _new_worker_marks(out: Path, request: float) -> dict[str, float]:
-    """When the new generation's workers started, joined, waited for the devices, got them
-    and were ready (the slowest rank), seconds after ``request``; empty without reports."""
-    names = {"process_start": "start", "joined": "joined", "waiting": "waiting", "devices": "devices",
-             "ready": "built"}
+    """When the new generation's workers started, joined, announced the new layout's PTC (if
+    the run did not know it), waited for the devices, got them and were ready (the slowest
+    rank), seconds after ``request``; empty without reports."""
+    names = {"process_start": "start", "joined": "joined", "announced": "announced", "waiting": "waiting",
+             "devices": "devices", "ready": "built"}
     marks: dict[str, float] = {}
     for path in sorted((out / "events" / "g001").glob("rank-*.json")):
         times = json.loads(path.read_text()).get("times", {})
