@@ -15,7 +15,7 @@ new one by every method below. What each side does:
 - **scalai load, files → RAM**: what a resuming job does (``scalai.training.load``): the
   source's CRC-32s checked (its default; ``--no-verify`` line: skipped), a plan, and the
   new layout's arrays filled from the memory-mapped files. **scalai, RAM → RAM**: the same
-  planner and executor between arrays in memory (old shards read into RAM untimed): the
+  planner and plan runner between arrays in memory (old shards read into RAM untimed): the
   copy engine without storage. Destination arrays of both are allocated and every page
   written before the clock starts (a resuming job's tensors exist), as for DCP below.
 - **(a) PyTorch DCP** (``reshard_dcp.py``): the state ``dcp.save``d in the old layout
@@ -89,10 +89,10 @@ from scalai.checkpoint import Checkpoint, default_workers  # noqa: E402
 from scalai.compare import compare_checkpoints  # noqa: E402
 from scalai.config import ParallelConfig, Placement  # noqa: E402
 from scalai.dtypes import raw_numpy  # noqa: E402
-from scalai.executor import execute  # noqa: E402
 from scalai.models import model_ptc  # noqa: E402
 from scalai.models.synth import write_synthetic_checkpoint  # noqa: E402
 from scalai.planner import Deployment, make_plan  # noqa: E402
+from scalai.storage import ArraysSink, ArraysSource, run_plan  # noqa: E402
 
 DEFAULT_TRANSITIONS = (
     "tp=2,pp=1,dp=1:tp=1,pp=1,dp=1",  # TP 2 -> 1
@@ -166,7 +166,7 @@ def scalai_cli(case: Case, verify: bool = True) -> Callable[[], dict[str, float]
 
 
 def scalai_load(case: Case, verify: bool = True, from_files: bool = True) -> Callable[[], dict[str, float]]:
-    """The new layout's arrays filled by scalai's planner and executor, from the checkpoint's
+    """The new layout's arrays filled by scalai's planner and plan runner, from the checkpoint's
     files (``from_files``, with the source's CRC-32s checked first if ``verify``) or from
     the old local tensors read into RAM (untimed). Destinations pre-faulted, untimed."""
     with Checkpoint.open(case.src) as ckpt:
@@ -189,7 +189,8 @@ def scalai_load(case: Case, verify: bool = True, from_files: bool = True) -> Cal
             both = Placement(gpus_per_host=max(old_ptc.config.world_size, case.new.world_size))
             plan = make_plan(Deployment(old_ptc, both), Deployment(new_ptc, both))
             t2 = time.perf_counter()
-            execute(plan, ckpt if ckpt is not None else source, dest, workers=case.workers)
+            run_plan(plan, ckpt if ckpt is not None else ArraysSource(old_ptc, source), ArraysSink(new_ptc, dest),
+                     workers=case.workers)
         finally:
             if ckpt is not None:
                 ckpt.close()

@@ -14,7 +14,7 @@ the way a careful implementation would be, with what scalai's own writer has:
   scalai's), each replica stored once; every piece of a new local tensor is written with
   ``CheckpointWriter.write`` in blocks of at most 4 MiB with the block's CRC-32 computed
   while it is in cache (as scalai's executor does: no read-back at commit), writeback of
-  every finished tensor started at once (``tensor_complete``, as scalai does), fsync and
+  every finished tensor started at once (``complete``, as scalai does), fsync and
   renames at commit.
 
 (c) :class:`MemoryCopy`: ``np.copyto`` of a byte count between two pre-faulted buffers,
@@ -157,7 +157,7 @@ def _split(writer: CheckpointWriter, scratch: str, rank: int, name: str, shard, 
             raise NotImplementedError(f"{name} on rank {rank}: a piece that is not one run of the local "
                                       f"tensor; this baseline writes contiguous pieces only")
         _write_blocks(write, full[p.global_region.to_slices()], start * raw.itemsize, staging)
-    writer.tensor_complete(rank, name)
+    writer.complete(rank, name)
 
 
 def consolidate_then_split(src: str, scratch: str, out: str, new: ParallelConfig,

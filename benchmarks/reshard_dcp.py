@@ -34,7 +34,7 @@ from math import prod
 import numpy as np
 
 from scalai.checkpoint import Checkpoint
-from scalai.checkpoint.arrays import as_raw, to_torch
+from scalai.storage.arrays import as_raw, to_torch
 from scalai.config import ParallelConfig
 from scalai.models import model_ptc
 from scalai.models.synth import synth_region

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from scalai.checkpoint import (Checkpoint, CheckpointWriter, SafetensorsReader, SafetensorsWriter,
                                rank_file_name, save_arrays, verify)
-from scalai.checkpoint.checksum import crc32_combine, crc32_of_pieces, crc32_zeros
+from scalai.storage.checksum import crc32_combine, crc32_of_pieces, crc32_zeros
 from scalai.checkpoint.manifest import VERSION
 from scalai.config import ParallelConfig
 from scalai.dtypes import raw_numpy
@@ -171,7 +171,7 @@ def test_writer_views_fill_in_place_and_padding_reads_zero(tmp_path):
     with CheckpointWriter(tmp_path / "c", ptc, {"a": [1, 2]}) as w:
         for r in range(4):
             for name, shard in ptc.rank_shards(r):
-                view = w.view(r, name)
+                view = w.array(r, name)
                 for p in shard.pieces:  # write only the real elements
                     view[p.local_region.to_slices()] = 1
         w.commit()
@@ -356,7 +356,7 @@ def test_bad_arrays_are_rejected_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"has shape \[8, 8\].*local shape .* is \[16, 8\]"):
         save_arrays(tmp_path / "b", ptc, bad)
     del bad[0]["layers.1.fc"]
-    with pytest.raises(ValueError, match="no array for tensor layers.1.fc of rank 0"):
+    with pytest.raises(ValueError, match="no .*array for tensor layers.1.fc of rank 0"):
         save_arrays(tmp_path / "c", ptc, bad)
     with pytest.raises(ValueError, match="JSON-serializable"):
         save_arrays(tmp_path / "d", ptc, arrays, {"rng": b"\x00"})
@@ -389,7 +389,7 @@ def test_exception_mid_save_leaves_nothing(tmp_path):
     ptc = make_ptc("tp=2,pp=1,dp=1")
     with pytest.raises(RuntimeError, match="boom"):
         with CheckpointWriter(tmp_path / "c", ptc) as w:
-            w.view(0, "embed")[:] = 1
+            w.array(0, "embed")[:] = 1
             raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
 
@@ -411,7 +411,7 @@ def test_failure_at_the_final_rename_leaves_no_checkpoint(tmp_path, monkeypatch)
 
 def test_forgetting_commit_leaves_nothing(tmp_path):
     with CheckpointWriter(tmp_path / "c", make_ptc("tp=1,pp=1,dp=1")) as w:
-        w.view(0, "embed")[:] = 3
+        w.array(0, "embed")[:] = 3
     assert os.listdir(tmp_path) == []
 
 
@@ -425,7 +425,7 @@ _KILLED_WRITER = textwrap.dedent("""
     for r in range(4):
         for name, _ in ptc.rank_shards(r):
             if w.stores(r, name):
-                w.view(r, name)[...] = 1
+                w.array(r, name)[...] = 1
     print("filled", flush=True)
     time.sleep(60)
 """)
@@ -442,7 +442,7 @@ def test_killed_writer_leaves_no_directory_that_looks_complete(tmp_path):
         proc.wait()
     assert not out.exists()
     left = os.listdir(tmp_path)
-    assert left == [f".c.partial-{proc.pid}"]
+    assert len(left) == 1 and left[0].startswith(".c.partial-")
     assert "manifest.json" not in os.listdir(tmp_path / left[0])
     with pytest.raises(CheckpointError):
         Checkpoint.open(out)
@@ -465,7 +465,7 @@ def _dp_checkpoint(tmp_path, dedup: bool):
         with Checkpoint.open(tmp_path / "dedup") as src, CheckpointWriter(out, ptc, src.state, dedup=False) as w:
             for r in range(ptc.config.world_size):
                 for n, _ in ptc.rank_shards(r):
-                    w.view(r, n)[...] = src.view(r, n)
+                    w.array(r, n)[...] = src.view(r, n)
             w.commit()
     return out
 

@@ -51,7 +51,7 @@ def test_manifest_lost_ranks_round_trip_and_validation():
 def test_a_dump_without_a_dead_rank_is_transformed_from_its_replica(tmp_path):
     from scalai.checkpoint import Checkpoint
     from scalai.compare import compare_checkpoints
-    from scalai.executor import reshard_checkpoint
+    from scalai.reshard import reshard_checkpoint
     from scalai.models.synth import write_synthetic_checkpoint
     from scalai.store import StoreCluster, reshard
     from scalai.planner import Deployment

@@ -1,6 +1,6 @@
 """The training-side hooks: ranks save their shards to their host's store, one commits,
-and ranks of another layout load exactly their slices through a plan; the executor reads
-a stored version through StoreSource. Ranks are simulated in one process."""
+and ranks of another layout load exactly their slices through a plan; the plan runner
+reads a stored version through StoreReader. Ranks are simulated in one process."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from scalai.checkpoint.arrays import to_torch
+from scalai.storage.arrays import to_torch
 from scalai.config import Placement
 from scalai.dtypes import raw_numpy
 from scalai.models import model_ptc
@@ -16,7 +16,7 @@ from scalai.models.synth import fill_local
 from scalai.planner import Deployment, make_plan
 from scalai.errors import ChecksumError
 from scalai.store import StoreCluster, StoreRequestError
-from scalai.store.training import StoreSource, commit, load_rank, next_version, save_rank
+from scalai.store.training import StoreReader, commit, load_rank, next_version, save_rank
 
 
 def _rank_tensors(ptc, rank: int, seed: int = 5, torch_tensors: bool = True) -> dict:
@@ -92,8 +92,8 @@ def test_save_checks_shapes_and_commit_checks_completeness(cluster):
         commit(cluster, "job", "v0", ptc, place, {}, 0)
 
 
-def test_executor_reads_a_stored_version(cluster):
-    from scalai.executor import execute
+def test_run_plan_reads_a_stored_version(cluster):
+    from scalai.storage import ArraysSink, RangeSource, run_plan
 
     old = model_ptc("gpt-tiny", "tp=2,pp=2,dp=1")
     place = cluster.placement(2)
@@ -105,7 +105,9 @@ def test_executor_reads_a_stored_version(cluster):
     plan = make_plan(Deployment(old, one), Deployment(new, one))
     dest = {r: {n: np.zeros(s.shape, raw_numpy(new.spec(n).dtype)) for n, s in new.rank_shards(r)}
             for r in range(new.config.world_size)}
-    execute(plan, StoreSource(cluster, "job"), dest)
+    reader = StoreReader(cluster, "job")
+    assert all(isinstance(reader.part(r), RangeSource) for r in range(4))  # no local host: HTTP reads
+    run_plan(plan, reader, ArraysSink(new, dest))
     for rank in range(new.config.world_size):
         for name, expected in _rank_tensors(new, rank, torch_tensors=False).items():
             np.testing.assert_array_equal(dest[rank][name], expected)
@@ -115,8 +117,10 @@ def test_writer_and_reader_for_the_training_api(cluster):
     from scalai.checkpoint.manifest import Manifest
     from scalai.planner.plan import Window
     from scalai.regions import Region
-    from scalai.store.training import StoreReader, StoreWriter
-    from scalai.training.storage import StateReader, StateWriter
+    from scalai.store.training import StoreWriter
+    from scalai.storage import ArraySource, RangeSource, TensorSource
+    from scalai.storage.verify import verify_source
+    from scalai.training.storage import StateWriter
 
     ptc = model_ptc("gpt-tiny", "tp=2,pp=1,dp=2,zero=1")
     writer = StoreWriter(cluster, "job", gpus_per_host=2)
@@ -126,27 +130,25 @@ def test_writer_and_reader_for_the_training_api(cluster):
     assert records[3].tensors and all(t.checksum for t in records[3].tensors.values())
     writer.commit(token, Manifest(ptc, tuple(records), {"step": 3}))
     reader = StoreReader([c.url for c in cluster.clients], "job")
-    assert isinstance(reader, StateReader) and reader.state == {"step": 3} and str(reader.ptc.config) == str(ptc.config)
-    reader.verify(range(4))
+    assert isinstance(reader, TensorSource) and reader.state == {"step": 3} and str(reader.ptc.config) == str(ptc.config)
+    verify_source(reader, range(4))
     expected = _rank_tensors(ptc, 3, torch_tensors=False)
     name, shard = next((n, s) for n, s in ptc.rank_shards(3) if len(s.shape) == 2)
-    np.testing.assert_array_equal(reader.view(3, name), expected[name])
-    box = Region((1, 2), (3, 4))
-    np.testing.assert_array_equal(reader.view(3, name, box), expected[name][1:4, 2:6])
+    np.testing.assert_array_equal(reader.read(3, name), expected[name])
+    box = Window(Region((1, 2), (3, 4)))
+    np.testing.assert_array_equal(reader.read(3, name, box), expected[name][1:4, 2:6])
     flat = next(n for n, s in ptc.rank_shards(3) if len(s.shape) == 1 and s.shape[0] >= 12)
     w = Window(Region((0,), (12,)), (3, 4), Region((1, 1), (2, 2)))
-    np.testing.assert_array_equal(reader.read_window(3, flat, w), w.select(expected[flat]))
+    np.testing.assert_array_equal(reader.read(3, flat, w), w.select(expected[flat]))
     reader.close()
     # a reader on rank 3's host maps that store's files (no bytes over HTTP): same results
     host = cluster.hosts[3 // 2]
     local = StoreReader([c.url for c in cluster.clients], "job", local_host=host)
-    assert local._mapped(3, name) is not None and local._mapped(0, name) is None  # rank 0 lives elsewhere
-    local.verify(range(4))
-    np.testing.assert_array_equal(local.view(3, name), expected[name])
-    np.testing.assert_array_equal(local.view(3, name, box), expected[name][1:4, 2:6])
-    out = np.zeros((2, 2), expected[flat].dtype)
-    assert local.read_window(3, flat, w, out=out) is out
-    np.testing.assert_array_equal(out, w.select(expected[flat]))
+    assert isinstance(local.part(3), ArraySource) and isinstance(local.part(0), RangeSource)  # rank 0 lives elsewhere
+    verify_source(local, range(4))
+    np.testing.assert_array_equal(local.read(3, name), expected[name])
+    np.testing.assert_array_equal(local.read(3, name, box), expected[name][1:4, 2:6])
+    np.testing.assert_array_equal(local.read(3, flat, w), w.select(expected[flat]))
     # a damaged byte in the store's memory is caught by the checksum pass
     path = cluster.client(host).files("job", "v0", 3)[name]["path"]
     with open(path, "r+b") as f:
@@ -155,8 +157,8 @@ def test_writer_and_reader_for_the_training_api(cluster):
         f.seek(600)
         f.write(bytes([byte[0] ^ 0xFF]))
     local.close()
-    with pytest.raises(ChecksumError, match=f"{name} of rank 3"):
-        StoreReader([c.url for c in cluster.clients], "job", local_host=host).verify([3])
+    with pytest.raises(ChecksumError, match=f"rank 3, tensor {name}"):
+        verify_source(StoreReader([c.url for c in cluster.clients], "job", local_host=host), [3])
     # an aborted save leaves nothing
     token = writer.begin()
     writer.write_rank(token, 0, ptc, _rank_tensors(ptc, 0, torch_tensors=False))
@@ -169,7 +171,7 @@ def test_writer_stores_replicas_once_per_host_and_they_transform(cluster, tmp_pa
     two ranks, not one per rank), and a transformation reads them like any version."""
     from scalai.checkpoint.manifest import Manifest
     from scalai.store import reshard
-    from scalai.store.training import StoreReader, StoreWriter
+    from scalai.store.training import StoreWriter
 
     ptc = model_ptc("gpt-tiny", "tp=1,pp=1,dp=4")
     writer = StoreWriter(cluster, "rep", gpus_per_host=2)
@@ -197,4 +199,4 @@ def test_writer_stores_replicas_once_per_host_and_they_transform(cluster, tmp_pa
     reader = StoreReader([c.url for c in cluster.clients], "rep")
     for r in range(4):
         for name, want in _rank_tensors(new.ptc, r, torch_tensors=False).items():
-            np.testing.assert_array_equal(reader.view(r, name), want, err_msg=f"{name} of rank {r}")
+            np.testing.assert_array_equal(reader.read(r, name), want, err_msg=f"{name} of rank {r}")

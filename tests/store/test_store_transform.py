@@ -11,7 +11,7 @@ import pytest
 
 from scalai.checkpoint import Checkpoint
 from scalai.compare import compare_checkpoints
-from scalai.executor import reshard_checkpoint
+from scalai.reshard import reshard_checkpoint
 from scalai.store import StoreCluster, TransformError, reshard
 from store_helpers import assert_pulled_the_lower_bound, deployment
 

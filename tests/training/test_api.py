@@ -236,26 +236,37 @@ def test_plot_reads_resumed_metrics_and_writes_a_png(tmp_path):
         read_metrics(tmp_path / "bad.jsonl")
 
 
-def test_load_reads_only_windows_from_a_backend_that_offers_them(tmp_path):
-    """A reader with ``read_window`` (a store) is asked for exactly the planned windows."""
-    from scalai.training import DirectoryReader
+def test_load_reads_only_the_planned_windows_from_a_ranged_source(tmp_path):
+    """A ranged source (a store) is asked for exactly the planned windows, never a whole
+    tensor for a part of it; the bytes it sends are the bytes the rank needs."""
+    import numpy as np
+
+    from scalai.storage import RangeSource
 
     save(make_job(), tmp_path / "ckpt")
+    ckpt = Checkpoint.open(tmp_path / "ckpt")
 
-    class WindowReader(DirectoryReader):
-        windows = 0
+    class Ranged(RangeSource):
+        block_bytes = 1 << 30  # one read per planned window
 
-        def view(self, rank, tensor, region=None):
-            raise AssertionError("load must use read_window when the backend has it")
+        def __init__(self):
+            self.ptc, self.state, self.reads = ckpt.ptc, ckpt.state, []
 
-        def read_window(self, rank, tensor, window):
-            WindowReader.windows += 1
-            return window.select(self.checkpoint.view(rank, tensor)).copy()
+        def checksum(self, rank, tensor):
+            return ckpt.checksum(rank, tensor)
+
+        def read_into(self, rank, tensor, window, out):
+            self.reads.append((rank, tensor, window))
+            np.copyto(out, window.select(ckpt.view(rank, tensor)))
 
     job = make_job(seed=1, steps=0)
-    reader = WindowReader.open(tmp_path / "ckpt")
-    report = load(job, reader)
-    assert WindowReader.windows == report.copies > 0
+    reader = Ranged()
+    report = load(job, reader, verify=False)
+    plan = load_module.plan_load(ckpt.ptc, job.ptc)
+    assert sorted(reader.reads, key=repr) == sorted(((c.src_rank, c.tensor, c.src) for c in plan.copies), key=repr)
+    assert report.copies == len(reader.reads) > 0
+    assert report.rank_bytes == sum(w.volume * ckpt.view(r, t).itemsize for r, t, w in reader.reads)
     expected = make_job()
     for name, tensor in expected.local_tensors().items():
         assert torch.equal(job.local_tensors()[name], tensor), name
+    ckpt.close()

@@ -38,7 +38,7 @@ from typing import Any
 from ..bounded import loads, read_regular
 from ..errors import CheckpointError
 from ..layout.ptc import PTC
-from .checksum import ALGORITHM
+from ..storage.checksum import ALGORITHM
 
 __all__ = ["FORMAT", "VERSION", "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "TensorRecord", "RankRecord",
            "Manifest", "rank_file_name", "read_manifest", "parse_manifest", "write_manifest", "atomic_write"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -20,18 +19,20 @@ from ..dtypes import raw_numpy
 from ..errors import CheckpointError, ChecksumError
 from ..layout.ptc import PTC
 from ..regions import Region
-from .arrays import to_torch
-from .checksum import checksums
+from ..storage.arrays import to_torch
+from ..storage.base import ArraySource
+from ..storage.verify import verify_source
 from .manifest import Manifest, read_manifest
 from .limits import reserve_descriptors
 from .safetensors_io import SafetensorsReader
-from .writer import default_workers
 
 __all__ = ["Checkpoint", "verify"]
 
 
-class Checkpoint:
-    """An opened checkpoint directory (use :meth:`open`).
+class Checkpoint(ArraySource):
+    """An opened checkpoint directory (use :meth:`open`): the
+    :class:`~scalai.storage.TensorSource` of checkpoint directories (reads are views of
+    the memory-mapped rank files).
 
     Attributes:
         directory: the checkpoint directory.
@@ -115,9 +116,20 @@ class Checkpoint:
         """Read-only raw array (local shape) of ``tensor`` on ``rank``, or a region of it."""
         return self.file(self.stored_in(rank, tensor)).view(tensor, region)
 
+    def array(self, rank: int, tensor: str) -> np.ndarray:
+        """:meth:`view` of the whole local tensor (the source interface)."""
+        return self.file(self.stored_in(rank, tensor)).view(tensor)
+
     def checksum(self, rank: int, tensor: str) -> int:
         """The CRC-32 that the manifest records for ``tensor`` on ``rank`` (or its replica)."""
         return self.manifest.ranks[self.stored_in(rank, tensor)].tensors[tensor].checksum
+
+    def where(self, rank: int) -> str:
+        return os.path.join(self.directory, self.manifest.ranks[rank].file)
+
+    def stored(self, rank: int) -> list[str]:
+        """The tensors ``rank``'s file holds (replicas stored elsewhere excluded)."""
+        return [n for n, t in self.manifest.ranks[rank].tensors.items() if t.stored_in is None]
 
     def read(self, rank: int, tensor: str, region: Region | None = None):
         """A torch tensor (a copy, in the stored dtype) of a local tensor or a region of it."""
@@ -148,28 +160,12 @@ class Checkpoint:
                 do not match the manifest.
             CheckpointError: a rank file is missing, truncated or unreadable.
         """
-        jobs = [((r.rank, n), self.view(r.rank, n)) for r in self.manifest.ranks
-                for n, t in r.tensors.items() if t.stored_in is None]
-        with ThreadPoolExecutor(workers or default_workers()) as pool:
-            crcs = checksums(jobs, pool)
-        for record in self.manifest.ranks:
-            for name, t in record.tensors.items():
-                if t.stored_in is None and crcs[(record.rank, name)] != t.checksum:
-                    raise ChecksumError(
-                        f"checksum mismatch in {os.path.join(self.directory, record.file)}, tensor "
-                        f"{name}: stored {t.checksum:08x}, computed {crcs[(record.rank, name)]:08x}; "
-                        f"the data is corrupt: use an earlier checkpoint")
+        verify_source(self, None, workers)
 
     def close(self) -> None:
         for f in self._files.values():
             f.close()
         self._files.clear()
-
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def verify(directory: str | os.PathLike, workers: int | None = None) -> None:

@@ -1,11 +1,26 @@
 """Writing a checkpoint directory: rank files first, manifest last, directory renamed in place.
 
-Everything is written into a staging directory ``.NAME.partial-<pid>`` next to the output;
-:meth:`CheckpointWriter.commit` checksums and fsyncs the rank files, writes
-``manifest.json`` atomically, then renames the staging directory to ``NAME``. A crash at
-any point leaves at most a hidden ``.partial`` directory, never a directory that looks like
-a checkpoint; the next writer into the same parent directory removes it once its writer
-is provably gone (see :mod:`scalai.checkpoint.staging`).
+The one writer of the format. Everything is written into a staging directory
+``.NAME.partial-<pid>`` next to the output; :meth:`CheckpointWriter.commit` checksums and
+fsyncs the rank files, writes ``manifest.json`` atomically, then renames the staging
+directory to ``NAME``. A crash at any point leaves at most a hidden ``.partial`` directory,
+never a directory that looks like a checkpoint; the next writer into the same parent
+directory removes it once its writer is provably gone (see :mod:`scalai.checkpoint.staging`).
+
+One process writes every rank (a reshard, a synthetic checkpoint)::
+
+    with CheckpointWriter(out, ptc, state) as writer:
+        run_plan(plan, source, writer)
+        writer.commit()
+
+or the ranks of a job write their own files into one staging directory (a training save
+on a filesystem the ranks share)::
+
+    token = CheckpointWriter.begin(out)                             # rank 0, shared
+    with CheckpointWriter(out, ptc, staging=token) as writer:        # every rank
+        run_plan(identity_plan(ptc, [rank]), live_tensors, writer)
+        record, = writer.finish([rank])                             # durable; gathered
+    CheckpointWriter.publish(out, token, Manifest(ptc, records, state))   # rank 0
 """
 
 from __future__ import annotations
@@ -15,28 +30,23 @@ import os
 import shutil
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from ..bounded import loads
 from ..layout.ptc import PTC
-from .arrays import as_raw
-from .checksum import checksums, crc32_of_pieces
-from .manifest import Manifest, RankRecord, TensorRecord, rank_file_name, write_manifest
-from . import staging
+from ..storage.base import ArraySink
+from ..storage.checksum import ChecksumLedger, checksums
+from ..storage.run import default_workers
 from .limits import reserve_descriptors
+from .staging import create as create_staging, release as release_staging
+from .manifest import Manifest, RankRecord, TensorRecord, rank_file_name, write_manifest
 from .safetensors_io import SafetensorsWriter, TensorEntry
 
 __all__ = ["CheckpointWriter", "save_arrays", "default_workers"]
-
-
-def default_workers() -> int:
-    """Threads for copies and checksums: one per core, at most 8 (memory-bound beyond)."""
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _created_by() -> str:
@@ -54,14 +64,28 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-class CheckpointWriter:
-    """Write the checkpoint of ``ptc`` into ``out_dir`` (which must not exist yet).
+def _staging_path(out_dir: str, token: str) -> str:
+    if not token or os.sep in token or not token.startswith(f".{os.path.basename(out_dir)}.partial-"):
+        raise ValueError(f"bad staging token {token!r} for {out_dir}")
+    return os.path.join(os.path.dirname(out_dir), token)
 
-    Rank files are created on first use with their full size reserved and zero-filled, so
-    padding that nobody writes reads as zeros (:attr:`zero_filled`). Fill tensors through
-    :meth:`view` (a writable raw memory-mapped array of the local shape) or :meth:`write`
-    (``pwrite`` of contiguous bytes), from any number of threads on disjoint regions, then
-    call :meth:`commit`. Leaving a ``with`` block without :meth:`commit` deletes everything.
+
+def _refuse_existing(out_dir: str) -> None:
+    if os.path.lexists(out_dir):
+        raise FileExistsError(f"output {out_dir} already exists; choose another output directory "
+                              f"or remove it first")
+
+
+class CheckpointWriter(ArraySink):
+    """Write the checkpoint of ``ptc`` into ``out_dir`` (which must not exist yet): the
+    :class:`~scalai.storage.TensorSink` of checkpoint directories.
+
+    Rank files are created on first use (or by :meth:`prepare`) with their full size
+    reserved and zero-filled, so padding that nobody writes reads as zeros. Fill tensors
+    through :meth:`write` (``pwrite`` of contiguous bytes) or :meth:`array` (a writable
+    memory-mapped raw array of the local shape), from any number of threads on disjoint
+    regions, then call :meth:`commit`. Leaving a ``with`` block without :meth:`commit`
+    deletes everything this writer wrote.
 
     Args:
         out_dir: the checkpoint directory to create.
@@ -70,16 +94,21 @@ class CheckpointWriter:
         sync: fsync files and directories on commit (turn off only for scratch data).
         dedup: store each replica once, in the file of one rank holding it (see
             :meth:`stores`); the other holders' manifest entries point there.
+        staging: join the staging directory another process began (:meth:`begin`'s token):
+            this writer writes rank files only, :meth:`finish` returns their records, and
+            whoever began it commits with :meth:`publish`.
 
     Raises:
         FileExistsError: ``out_dir`` exists (nothing is touched).
         ValueError: ``state`` is not JSON-serializable.
+        CheckpointError: the joined staging directory is not visible here.
     """
 
     zero_filled = True
+    records_checksums = True
 
     def __init__(self, out_dir: str | os.PathLike, ptc: PTC, state: Mapping[str, Any] | None = None,
-                 sync: bool = True, dedup: bool = True):
+                 sync: bool = True, dedup: bool = True, staging: str | None = None):
         self.out_dir = os.path.abspath(os.fspath(out_dir))
         self.ptc = ptc
         self.sync = sync
@@ -89,19 +118,36 @@ class CheckpointWriter:
         except (TypeError, ValueError, RecursionError) as exc:
             raise ValueError(f"checkpoint state must be JSON-serializable ({exc}); store "
                              f"tensors as tensors and encode bytes (e.g. base64)") from None
-        if os.path.lexists(self.out_dir):
-            raise FileExistsError(f"output {self.out_dir} already exists; choose another "
-                                  f"output directory or remove it first")
-        self.staging = staging.create(self.out_dir)
-        reserve_descriptors(ptc.config.world_size)
+        self.joined = staging is not None
+        if self.joined:
+            self.staging = _staging_path(self.out_dir, staging)
+            if not os.path.isdir(self.staging):
+                from ..errors import CheckpointError
+
+                raise CheckpointError(f"staging directory {self.staging} is not visible from this process; "
+                                      f"a checkpoint written by several ranks needs a filesystem they share")
+        else:
+            self.staging = _staging_path(self.out_dir, self.begin(self.out_dir))
         self._files: dict[int, SafetensorsWriter] = {}
-        self._pieces: dict[tuple[int, str], list[tuple[int, int, int]]] = {}
-        self._mapped: set[tuple[int, str]] = set()
-        self._declared: dict[tuple[int, str], int] = {}
+        self._finished: dict[int, RankRecord] = {}
+        self._ledger = ChecksumLedger()
         self._lock = threading.Lock()
         self._rank_locks: dict[int, threading.Lock] = {}
+        self._shapes: dict[int, list] = {}
         self.committed = False
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float] = {"checksum": 0.0, "sync": 0.0}
+
+    @staticmethod
+    def begin(out_dir: str | os.PathLike) -> str:
+        """Create the hidden staging directory of ``out_dir``; returns its name (a token
+        that :class:`CheckpointWriter` joins with ``staging=`` and :meth:`publish` commits).
+
+        Raises:
+            FileExistsError: ``out_dir`` exists.
+        """
+        out_dir = os.path.abspath(os.fspath(out_dir))
+        _refuse_existing(out_dir)
+        return os.path.basename(create_staging(out_dir))
 
     # -- filling ------------------------------------------------------------------------
     def file(self, rank: int) -> SafetensorsWriter:
@@ -112,6 +158,8 @@ class CheckpointWriter:
                 raise ValueError(f"rank {rank} is outside layout {self.ptc.config}")
             with self._lock:
                 rank_lock = self._rank_locks.setdefault(rank, threading.Lock())
+                if not self._files:
+                    reserve_descriptors(self.ptc.config.world_size)
             with rank_lock:  # one file at a time per rank; other ranks' files in parallel
                 f = self._files.get(rank)
                 if f is None:
@@ -122,6 +170,15 @@ class CheckpointWriter:
                         os.path.join(self.staging, rank_file_name(rank)), entries, meta)
         return f
 
+    def prepare(self, ranks: Iterable[int]) -> None:
+        """Create the given ranks' files now (space reserved), several at a time."""
+        ranks = [r for r in ranks if r not in self._files]
+        if len(ranks) > 1:
+            with ThreadPoolExecutor(min(len(ranks), default_workers())) as pool:
+                list(pool.map(self.file, ranks))
+        for r in ranks:
+            self.file(r)
+
     def stores(self, rank: int, tensor: str) -> bool:
         """Whether ``rank``'s file holds ``tensor`` (with ``dedup``, one rank of identical
         replicas does, ``PTC.replica_owner``; writing the others would repeat its bytes)."""
@@ -131,36 +188,28 @@ class CheckpointWriter:
         """Dtype name, local shape and position of ``tensor`` in ``rank``'s file."""
         return self.file(rank).entry(tensor)
 
-    def view(self, rank: int, tensor: str) -> np.ndarray:
-        """Writable raw array (local shape) of ``tensor`` in ``rank``'s file.
-
-        The tensor will be checksummed by reading it back at :meth:`commit`.
-        """
-        self._mapped.add((rank, tensor))
+    def array(self, rank: int, tensor: str) -> np.ndarray:
+        """Writable raw array (local shape) of ``tensor`` in ``rank``'s file, memory-mapped.
+        The tensor will be checksummed by reading it back at :meth:`commit`."""
+        self._ledger.unknown((rank, tensor))
         return self.file(rank).view(tensor)
 
-    def read_view(self, rank: int, tensor: str) -> np.ndarray:
-        """The same array as :meth:`view`, for reading what was written (no checksum cost);
+    def written(self, rank: int, tensor: str) -> np.ndarray:
+        """The same array as :meth:`array`, for reading what was written (no checksum cost);
         a replica that ``rank`` does not store reads from the rank that does."""
         if not self.stores(rank, tensor):
             rank = self.ptc.replica_owner(tensor, rank)
         return self.file(rank).view(tensor)
 
     def write(self, rank: int, tensor: str, byte_offset: int, data, crc: int | None = None) -> None:
-        """Write contiguous ``data`` at ``byte_offset`` of ``tensor`` in ``rank``'s file.
-
-        ``crc``: ``zlib.crc32(data)`` if the caller has it; when the pieces written with a
-        CRC tile the tensor (gaps are zeros), :meth:`commit` combines them instead of
-        reading the tensor back.
-        """
+        """Write contiguous ``data`` at ``byte_offset`` of ``tensor`` in ``rank``'s file
+        (``pwrite``). ``crc``: the CRC-32 of ``data`` if the caller has it; when the pieces
+        written with a CRC tile the tensor (gaps are zeros), :meth:`commit` combines them
+        instead of reading the tensor back."""
         self.file(rank).write(tensor, byte_offset, data)
-        key = (rank, tensor)
-        if crc is None:
-            self._mapped.add(key)
-        else:
-            self._pieces.setdefault(key, []).append((byte_offset, memoryview(data).nbytes, crc))
+        self._ledger.piece((rank, tensor), byte_offset, memoryview(data).nbytes, crc)
 
-    def tensor_complete(self, rank: int, tensor: str) -> None:
+    def complete(self, rank: int, tensor: str) -> None:
         """``tensor`` of ``rank`` is fully written: start writing it back to disk now, so
         that the fsync of :meth:`commit` overlaps with filling the other tensors."""
         if self.sync:
@@ -170,65 +219,91 @@ class CheckpointWriter:
         """State the CRC-32 that the whole tensor will have once written (e.g. a tensor
         copied unchanged from a checkpoint that records it); :meth:`commit` then records it
         without reading the tensor. A wrong claim is caught by :meth:`Checkpoint.verify`."""
-        self._declared[(rank, tensor)] = crc
+        self._ledger.declare((rank, tensor), crc)
 
     # -- finishing ----------------------------------------------------------------------
-    def commit(self, workers: int | None = None) -> None:
-        """Checksum, fsync and rename everything into place; afterwards ``out_dir`` is complete.
+    def finish(self, ranks: Iterable[int] | None = None, workers: int | None = None) -> list[RankRecord]:
+        """Checksum, fsync and rename the given ranks' files (default: every rank) into the
+        staging directory; returns their manifest records (in the order given).
 
         Times go to :attr:`timings` (seconds): ``checksum`` and ``sync`` (fsync + renames).
         """
-        if self.committed:
-            return
-        ranks = range(self.ptc.config.world_size)
-        files = [self.file(r) for r in ranks]
+        ranks = list(range(self.ptc.config.world_size) if ranks is None else ranks)
+        todo = [r for r in ranks if r not in self._finished]
+        files = {r: self.file(r) for r in todo}
         with ThreadPoolExecutor(workers or default_workers()) as pool:
             t0 = time.perf_counter()
             crcs, unknown = {}, []
-            for r in ranks:
+            for r in todo:
                 for n, e in files[r].entries.items():
-                    crc = self._declared.get((r, n))
-                    if crc is None and (r, n) not in self._mapped:
-                        crc = crc32_of_pieces(self._pieces.get((r, n), []), e.nbytes)
+                    crc = self._ledger.known((r, n), e.nbytes)
                     if crc is None:
                         unknown.append(((r, n), files[r].view(n)))
                     else:
                         crcs[(r, n)] = crc
             crcs.update(checksums(unknown, pool))
             t1 = time.perf_counter()
-            list(pool.map(lambda f: f.finalize(self.sync), files))
-        records = tuple(
-            RankRecord(r, rank_file_name(r), files[r].size, {
+            list(pool.map(lambda f: f.finalize(self.sync), files.values()))
+        for r in todo:
+            self._finished[r] = RankRecord(r, rank_file_name(r), files[r].size, {
                 n: (TensorRecord(self.ptc.spec(n).dtype, s.shape, crcs[(r, n)]) if self.stores(r, n) else
                     TensorRecord(self.ptc.spec(n).dtype, s.shape, None, self.ptc.replica_owner(n, r)))
                 for n, s in self.ptc.rank_shards(r)})
-            for r in ranks)
-        write_manifest(self.staging, Manifest(self.ptc, records, self.state, _created_by()), self.sync)
-        staging.release(self.staging)
-        if self.sync:
-            _fsync_dir(self.staging)
-        if os.path.lexists(self.out_dir):
-            raise FileExistsError(f"output {self.out_dir} appeared while writing; the new "
-                                  f"checkpoint is left in {self.staging}")
-        os.rename(self.staging, self.out_dir)
-        if self.sync:
-            _fsync_dir(os.path.dirname(self.out_dir))
+        self.timings["checksum"] += t1 - t0
+        self.timings["sync"] += time.perf_counter() - t1
+        return [self._finished[r] for r in ranks]
+
+    def commit(self, workers: int | None = None) -> None:
+        """Finish every rank, write the manifest and rename the directory into place;
+        afterwards ``out_dir`` is complete (a writer that joined a staging directory
+        cannot commit: whoever began it calls :meth:`publish`)."""
+        if self.committed:
+            return
+        if self.joined:
+            raise RuntimeError("this writer joined a staging directory begun elsewhere; call finish() "
+                               "here and CheckpointWriter.publish() where it began")
+        records = tuple(self.finish(None, workers))
+        t0 = time.perf_counter()
+        self.publish(self.out_dir, os.path.basename(self.staging),
+                     Manifest(self.ptc, records, self.state, _created_by()), self.sync)
         self.committed = True
-        self.timings.update(checksum=t1 - t0, sync=time.perf_counter() - t1)
+        self.timings["sync"] += time.perf_counter() - t0
+
+    @staticmethod
+    def publish(out_dir: str | os.PathLike, token: str, manifest: Manifest, sync: bool = True) -> None:
+        """Write ``manifest`` into the staging directory ``token`` and rename it to
+        ``out_dir``: the checkpoint appears complete, atomically.
+
+        Raises:
+            FileExistsError: ``out_dir`` appeared meanwhile (the staging directory is left).
+        """
+        out_dir = os.path.abspath(os.fspath(out_dir))
+        staging = _staging_path(out_dir, token)
+        write_manifest(staging, manifest, sync)
+        release_staging(staging)
+        if sync:
+            _fsync_dir(staging)
+        if os.path.lexists(out_dir):
+            raise FileExistsError(f"output {out_dir} appeared while writing; the new checkpoint is left "
+                                  f"in {staging}")
+        os.rename(staging, out_dir)
+        if sync:
+            _fsync_dir(os.path.dirname(out_dir))
+
+    @staticmethod
+    def discard(out_dir: str | os.PathLike, token: str) -> None:
+        """Delete the staging directory ``token`` of ``out_dir`` and everything in it."""
+        shutil.rmtree(_staging_path(os.path.abspath(os.fspath(out_dir)), token), ignore_errors=True)
 
     def abort(self) -> None:
-        """Delete the staging directory (no effect after :meth:`commit`)."""
+        """Delete what this writer left unfinished, and the staging directory if it began
+        it (no effect after :meth:`commit`; a joined writer's finished files stay for the
+        commit, or for :meth:`discard` where the staging directory began)."""
         for f in self._files.values():
             f.abort()
         self._files.clear()
-        if not self.committed:
+        if not self.committed and not self.joined:
             shutil.rmtree(self.staging, ignore_errors=True)
-
-    def __enter__(self) -> CheckpointWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.abort()
 
 
 def save_arrays(out_dir: str | os.PathLike, ptc: PTC, arrays: Mapping[int, Mapping[str, Any]],
@@ -243,19 +318,11 @@ def save_arrays(out_dir: str | os.PathLike, ptc: PTC, arrays: Mapping[int, Mappi
     Raises:
         ValueError: a rank or tensor is missing, or has the wrong shape or dtype.
     """
+    from ..planner.identity import identity_plan
+    from ..storage.live import ArraysSource
+    from ..storage.run import run_plan
+
     with CheckpointWriter(out_dir, ptc, state, sync) as writer:
-        for rank in range(ptc.config.world_size):
-            given = arrays.get(rank, {})
-            for name, shard in ptc.rank_shards(rank):
-                if not writer.stores(rank, name):
-                    continue
-                if name not in given:
-                    raise ValueError(f"no array for tensor {name} of rank {rank}; give every "
-                                     f"tensor of ptc.rank_shards({rank})")
-                raw = as_raw(given[name], ptc.spec(name).dtype, f"{name} of rank {rank}")
-                if raw.shape != shard.shape:
-                    raise ValueError(f"{name} of rank {rank} has shape {list(raw.shape)}, its "
-                                     f"local shape under {ptc.config} is {list(shard.shape)}")
-                raw = np.ascontiguousarray(raw)
-                writer.write(rank, name, 0, raw, zlib.crc32(raw) if raw.size else 0)
+        plan = identity_plan(ptc, range(ptc.config.world_size), stored=writer.stores)
+        run_plan(plan, ArraysSource(ptc, arrays), writer)
         writer.commit()

@@ -216,7 +216,7 @@ def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool
     from ..checkpoint import Checkpoint
     from ..checkpoint.staging import check_output
     from ..checkpoint.limits import reserve_descriptors
-    from ..executor import reshard_checkpoint
+    from ..reshard import reshard_checkpoint
     from ..models.synth import stored_nbytes
 
     verify_seconds = 0.0

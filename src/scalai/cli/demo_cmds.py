@@ -30,7 +30,7 @@ def demo_reshard(model, from_layout, to_layout, gpus_per_host, out) -> None:
     from ..checkpoint import Checkpoint
     from ..compare import compare_checkpoints
     from ..config import ParallelConfig, Placement
-    from ..executor import reshard_checkpoint
+    from ..reshard import reshard_checkpoint
     from ..models.synth import write_synthetic_checkpoint
     from .ckpt_cmds import _hosts_table, _stats_table
 

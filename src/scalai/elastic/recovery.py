@@ -90,7 +90,7 @@ def commit_dump(cluster, job: str, version: str, ptc: PTC, placement: Placement,
 def restore_from_disk(ckpt_dir: str, layout, cluster, job: str, gpus_per_host: int) -> tuple[str, int]:
     """Put a persistent copy back into the stores of ``cluster`` (its hosts, in slot order)
     in ``layout``: reshard it on disk, then push it. Returns ``(version, bytes)``."""
-    from ..executor import reshard_checkpoint
+    from ..reshard import reshard_checkpoint
 
     scratch = tempfile.mkdtemp(prefix="scalai-restore-", dir=None)
     out = f"{scratch}/ckpt"

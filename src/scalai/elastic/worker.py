@@ -475,7 +475,7 @@ class ElasticWorker:
         ignored from now on: the process leaves through :meth:`exit`.
         """
         self.dumped = True
-        from ..checkpoint.arrays import as_raw
+        from ..storage.arrays import as_raw
         from ..store.client import StoreClient, load_token
         from ..training.nontensor import capture, rank_snapshot
         from .recovery import dump_owner

@@ -156,7 +156,7 @@ def write_synthetic_checkpoint(model: str, out_dir, config, seed: int = 0, progr
             for name, shard in ptc.rank_shards(rank):
                 if not writer.stores(rank, name):
                     continue  # a replica stored once, by a lower rank
-                fill_local(ptc.spec(name), shard, writer.view(rank, name), seed)
+                fill_local(ptc.spec(name), shard, writer.array(rank, name), seed)
                 if progress:
                     progress(int(np.prod(shard.shape)) * raw_numpy(ptc.spec(name).dtype).itemsize)
 

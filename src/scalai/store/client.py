@@ -8,9 +8,9 @@ errors with exponential backoff; when the store stays unreachable the error name
     StoreUnavailable: store host2 (http://10.0.0.3:7070) is unreachable after 4 attempts
     (connection refused); is 'scalai store serve' running there?
 
-Arrays cross the API as raw bits (:func:`scalai.checkpoint.arrays.as_raw`): uploads take
+Arrays cross the API as raw bits (:func:`scalai.storage.arrays.as_raw`): uploads take
 numpy arrays or torch tensors of the declared dtype; reads return the dtype's unsigned
-integer type of the same width (use :func:`scalai.checkpoint.arrays.to_torch` to get a
+integer type of the same width (use :func:`scalai.storage.arrays.to_torch` to get a
 typed tensor).
 """
 
@@ -26,7 +26,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import numpy as np
 
 from ..bounded import read_regular
-from ..checkpoint.arrays import as_raw
+from ..storage.arrays import as_raw
 from ..dtypes import raw_numpy
 from ..planner.plan import Window
 from ..regions import Region

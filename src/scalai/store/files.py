@@ -246,7 +246,7 @@ class NewTensor:
             return self.meta
         crc = self._declared
         if crc is None and not self._unknown:
-            from ..checkpoint.checksum import crc32_of_pieces
+            from ..storage.checksum import crc32_of_pieces
 
             crc = crc32_of_pieces(self._pieces, self.meta.nbytes)
         if crc is None:

@@ -30,7 +30,7 @@ from math import prod
 import numpy as np
 from aiohttp import web
 
-from ..checkpoint.transfer import blocks
+from ..storage.blocks import blocks
 from ..dtypes import itemsize
 from ..limits import ELEMENTS
 from .catalog import Catalog, Conflict, NotFound, VersionEntry

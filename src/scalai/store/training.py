@@ -17,8 +17,8 @@ version the stores hold, in whatever layout it was saved::
     stored = load_rank(cluster, job, rank, ptc, placement, local_tensors)   # fills in place
     state = stored.state
 
-With the training API (``scalai.training.save/load``), :class:`StoreWriter` and
-:class:`StoreReader` are its ``StateWriter``/``StateReader`` over the stores::
+With the training API (``scalai.training.save/load``), :class:`StoreWriter` is its
+``StateWriter`` over the stores and :class:`StoreReader` a ``TensorSource`` of them::
 
     save(job, StoreWriter(urls, "gpt", gpus_per_host=4))
     load(job, StoreReader(urls, "gpt"))
@@ -31,23 +31,26 @@ from whichever stores hold them (ranks load independently, so the plan has no ho
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Mapping
 
 import numpy as np
 
-from ..checkpoint.arrays import as_raw
 from ..config import Placement
 from ..layout.ptc import PTC
 from ..planner import Deployment, make_plan
-from ..planner.plan import Copy
+from ..planner.plan import Plan
+from ..storage.base import ArraySource, RangeSource, TensorSource
+from ..storage.live import ArraysSink
+from ..storage.run import run_plan
 from .cluster import StoreCluster, parallel
 from .lease import Lease, new_owner
 from .manifest import VersionManifest
-from .transform import split_copy
 
-__all__ = ["save_rank", "commit", "next_version", "load_rank", "StoreSource", "StoreWriter", "StoreReader"]
+__all__ = ["save_rank", "commit", "next_version", "load_rank", "StoreWriter", "StoreReader"]
 
-LOAD_BLOCK = 8 << 20  # bytes per ranged read while loading (more blocks = more parallel reads)
+#: Bytes per ranged read while loading (more blocks = more parallel reads).
+LOAD_BLOCK = 8 << 20
 
 
 def next_version(cluster: StoreCluster, job: str) -> tuple[str, int]:
@@ -107,49 +110,25 @@ def commit(cluster: StoreCluster, job: str, version: str, ptc: PTC, placement: P
 
 def load_rank(cluster: StoreCluster, job: str, rank: int, ptc: PTC, placement: Placement,
               out: Mapping[str, Any], version: str | None = None, workers: int = 8) -> VersionManifest:
-    """Fill ``rank``'s local tensors ``out`` (writable, the local shapes of ``ptc``) from the
-    job's current version (or ``version``) in the stores, whatever its layout.
+    """Fill ``rank``'s local tensors ``out`` (writable, the local shapes of ``ptc``; torch
+    on any device, or numpy) from the job's current version (or ``version``) in the
+    stores, whatever its layout: a plan run from a :class:`StoreReader` into ``out``.
 
     Every element is written exactly once (the plan is checked); padding is zeroed.
 
     Returns:
         the stored version's manifest (its ``state`` holds step, RNG, data position).
     """
-    stored = cluster.latest(job, version).manifest
-    plan = make_plan(Deployment(stored.ptc, stored.placement), Deployment(ptc, placement), fanout=False)
-    raw: dict[str, np.ndarray] = {}
-    staged: dict[str, Any] = {}
-    for name, shard in ptc.rank_shards(rank):
-        if name not in out:
-            raise ValueError(f"out has no tensor {name}; give every tensor of ptc.rank_shards({rank})")
-        target = out[name]
-        if hasattr(target, "device") and str(target.device) != "cpu":
-            staged[name] = target
-            target = target.detach().cpu()
-        raw[name] = as_raw(target, ptc.spec(name).dtype, f"{name} of rank {rank}")
-        if raw[name].shape != shard.shape:
-            raise ValueError(f"{name} of rank {rank} has shape {list(raw[name].shape)}, expected {list(shard.shape)}")
-        if shard.covered != raw[name].size:
-            raw[name][...] = 0
-    work: list[tuple[Copy, Any, Any]] = []
-    for c in plan.copies_into(rank):
-        size = raw[c.tensor].itemsize
-        work.extend((c, src, dst) for src, dst in split_copy(c, size, LOAD_BLOCK))
-
-    def one(item) -> None:
-        c, src, dst = item
-        target = dst.select(raw[c.tensor])
-        client = cluster.client(c.src_host)
-        if target.flags.c_contiguous:
-            client.read(job, stored.version, c.src_rank, c.tensor, src, out=target)
-        else:
-            np.copyto(target, client.read(job, stored.version, c.src_rank, c.tensor, src))
-
-    parallel(one, work, workers)
-    for name, device_tensor in staged.items():
-        import torch
-
-        device_tensor.copy_(torch.from_numpy(raw[name]).view(device_tensor.dtype))
+    with StoreReader(cluster, job, version) as reader:
+        stored = reader.manifest
+        for name, _ in ptc.rank_shards(rank):
+            if name not in out:
+                raise ValueError(f"out has no tensor {name}; give every tensor of ptc.rank_shards({rank})")
+        plan = make_plan(Deployment(stored.ptc, stored.placement), Deployment(ptc, placement), fanout=False)
+        mine = Plan(plan.old, plan.new, tuple(plan.copies_into(rank)), plan.stats)
+        sink = ArraysSink(ptc, {rank: out})
+        run_plan(mine, reader, sink, workers=workers)
+        sink.commit()
     return stored
 
 
@@ -232,97 +211,97 @@ class StoreWriter:
             lease.close()
 
 
-class StoreReader:
-    """:class:`scalai.training.storage.StateReader` over the stores: ``load(job, reader)``.
+class StoreReader(TensorSource):
+    """A committed version in the stores as a :class:`~scalai.storage.TensorSource`
+    (``load(job, reader)``, :func:`load_rank`, ``run_plan``).
 
-    ``view(rank, tensor, region)`` reads from the store of the saved rank's host, only the
-    region when one is given (the whole tensor otherwise; the last few are cached, since
-    a loader may select several windows of one tensor). :meth:`read_window` reads exactly
-    a plan's window (flat ZeRO views included), sliced on the store.
+    Ranks of ``local_host`` (this machine's store) are an :class:`ArraySource` part: their
+    files are mapped, no byte crosses HTTP. The others are a :class:`RangeSource` part:
+    each plan window is a ranged read of the rank's store, sliced on the store (flat ZeRO
+    views included), in blocks of :data:`LOAD_BLOCK`, several in flight.
+
+    Args:
+        urls: the stores in host order, or a cluster.
+        job: the job's name in the stores.
+        version: the version to read (default: the job's current one).
+        local_host: the host this process runs on, to map its store's files.
     """
 
-    def __init__(self, urls, job: str, version: str | None = None, token: str | None = None, cache: int = 4,
+    def __init__(self, urls, job: str, version: str | None = None, token: str | None = None,
                  local_host: str | None = None):
-        self.cluster = urls if isinstance(urls, StoreCluster) else StoreCluster(urls, token)
+        self._own_cluster = not isinstance(urls, StoreCluster)
+        self.cluster = StoreCluster(urls, token) if self._own_cluster else urls
         self.job = job
         self.manifest = self.cluster.latest(job, version).manifest
         self.ptc: PTC = self.manifest.ptc
         self.placement: Placement = self.manifest.placement
         self.state: dict = self.manifest.state
-        self._cache: dict[tuple[int, str], np.ndarray] = {}
-        self._cache_size = cache
         self.local_host = local_host
-        self._local: dict[int, dict[str, np.ndarray] | None] = {}
+        self._remote = _RemoteRanks(self)
+        self._local: dict[int, _MappedRank | None] = {}
+        self._crcs: dict[str, dict[tuple[int, str], int]] = {}
+        self._lock = threading.Lock()
 
-    def _client(self, rank: int):
+    def client(self, rank: int):
         return self.cluster.client(self.placement.host(rank))
 
-    def _mapped(self, rank: int, tensor: str) -> np.ndarray | None:
-        """The saved rank's tensor mapped from its store's file, when the rank lives on
-        ``local_host`` (this machine's store) and the store gives its files; else None."""
+    def part(self, rank: int) -> TensorSource:
+        """The rank's mapped files when it lives on ``local_host`` and its store gives them
+        (same machine), else ranged reads of its store."""
         if self.local_host is None or self.placement.host(rank) != self.local_host:
-            return None
-        if rank not in self._local:
-            self._local[rank] = _map_rank(self._client(rank), self.job, self.manifest.version, rank)
-        arrays = self._local[rank]
-        return None if arrays is None else arrays.get(tensor)
+            return self._remote
+        with self._lock:
+            if rank not in self._local:
+                arrays = _map_rank(self.client(rank), self.job, self.manifest.version, rank)
+                self._local[rank] = None if arrays is None else _MappedRank(self, arrays)
+        return self._local[rank] or self._remote
 
-    def view(self, rank: int, tensor: str, region=None) -> np.ndarray:
-        mapped = self._mapped(rank, tensor)
-        if mapped is not None:
-            return mapped if region is None else mapped[region.to_slices() + (...,)]
-        if region is not None:
-            return self._client(rank).read(self.job, self.manifest.version, rank, tensor, region)
-        key = (rank, tensor)
-        if key not in self._cache:
-            while len(self._cache) >= self._cache_size:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = self._client(rank).read(self.job, self.manifest.version, rank, tensor)
-            self._cache[key].flags.writeable = False
-        return self._cache[key]
+    def checksum(self, rank: int, tensor: str) -> int | None:
+        """The CRC-32 the rank's store recorded when the tensor was stored."""
+        host = self.placement.host(rank)
+        with self._lock:
+            crcs = self._crcs.get(host)
+        if crcs is None:
+            listing = self.cluster.client(host).version(self.job, self.manifest.version)["ranks"]
+            crcs = {(int(r), n): int(t["crc32"], 16) for r, ts in listing.items() for n, t in ts.items()
+                    if t.get("crc32") is not None}
+            with self._lock:
+                self._crcs[host] = crcs
+        return crcs.get((rank, tensor))
 
-    def read_window(self, rank: int, tensor: str, window, out: np.ndarray | None = None) -> np.ndarray:
-        """The elements a plan's ``Window`` selects from the saved rank's tensor."""
-        mapped = self._mapped(rank, tensor)
-        if mapped is not None:
-            sel = window.select(mapped)
-            if out is None:
-                return np.array(sel)
-            np.copyto(out, sel.reshape(out.shape))
-            return out
-        return self._client(rank).read(self.job, self.manifest.version, rank, tensor, window, out=out)
-
-    def verify(self, ranks) -> None:
-        """Stream the given saved ranks' tensors and check each against the CRC-32 its
-        store recorded (the bytes cross the network once; pass ``verify=False`` to skip).
-
-        Raises:
-            ChecksumError: naming the store, rank and tensor.
-        """
-        import zlib
-
-        from ..errors import ChecksumError
-
-        for rank in ranks:
-            client = self._client(rank)
-            listing = client.version(self.job, self.manifest.version)["ranks"].get(str(rank), {})
-            for name, _ in self.ptc.rank_shards(rank):
-                crc = 0
-                mapped = self._mapped(rank, name)
-                chunks = client.stream(self.job, self.manifest.version, rank, name) if mapped is None \
-                    else _byte_blocks(mapped)
-                for chunk in chunks:
-                    crc = zlib.crc32(chunk, crc)
-                want = listing.get(name, {}).get("crc32")
-                if want is not None and int(want, 16) != crc:
-                    raise ChecksumError(f"{name} of rank {rank} in store {client.label} does not match the "
-                                        f"CRC-32 recorded when it was stored; the store's memory is damaged")
+    def where(self, rank: int) -> str:
+        return f"store {self.client(rank).label}, rank {rank}"
 
     def close(self) -> None:
-        self._cache.clear()
+        """Unmap local files; close the connections of a cluster this reader made."""
         self._local.clear()
-        for c in self.cluster.clients:
-            c.close()
+        if self._own_cluster:
+            for c in self.cluster.clients:
+                c.close()
+
+
+class _RemoteRanks(RangeSource):
+    """Ranged reads of the stores (what a plan window selects, sliced on the store)."""
+
+    block_bytes = LOAD_BLOCK
+    concurrency = 8
+
+    def __init__(self, reader: StoreReader):
+        self.reader, self.ptc, self.state = reader, reader.ptc, reader.state
+
+    def read_into(self, rank: int, tensor: str, window, out: np.ndarray) -> None:
+        r = self.reader
+        r.client(rank).read(r.job, r.manifest.version, rank, tensor, window, out=out)
+
+
+class _MappedRank(ArraySource):
+    """A rank's committed tensors mapped read-only from its store's files (same machine)."""
+
+    def __init__(self, reader: StoreReader, arrays: dict[str, np.ndarray]):
+        self.ptc, self.state, self._arrays = reader.ptc, reader.state, arrays
+
+    def array(self, rank: int, tensor: str) -> np.ndarray:
+        return self._arrays[tensor]
 
 
 def _map_rank(client, job: str, version: str, rank: int) -> dict[str, np.ndarray] | None:
@@ -342,48 +321,3 @@ def _map_rank(client, job: str, version: str, rank: int) -> dict[str, np.ndarray
         return out
     except (StoreError, StoreFileError, OSError, KeyError, ValueError):
         return None
-
-
-def _byte_blocks(array: np.ndarray, block: int = 4 << 20):
-    flat = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
-    for lo in range(0, flat.nbytes, block):
-        yield flat[lo:lo + block]
-
-
-class _RemoteTensor:
-    """A stored tensor as a lazy array: slicing it reads only that box from the store."""
-
-    def __init__(self, cluster: StoreCluster, job: str, version: str, host: str, rank: int, name: str,
-                 shape: tuple[int, ...], dtype: np.dtype):
-        self._args = (job, version, rank, name)
-        self._client = cluster.client(host)
-        self.shape, self.dtype = shape, dtype
-
-    def __getitem__(self, index) -> np.ndarray:
-        from ..regions import Region
-
-        index = index if isinstance(index, tuple) else (index,)
-        if index and index[-1] is Ellipsis:
-            index = index[:-1]
-        if len(index) != len(self.shape) or not all(isinstance(i, slice) and i.step in (None, 1) for i in index):
-            raise TypeError("a stored tensor supports box slicing only, e.g. t[0:4, 8:16]")
-        box = Region(tuple(i.start or 0 for i in index),
-                     tuple((n if i.stop is None else i.stop) - (i.start or 0) for i, n in zip(index, self.shape)))
-        return self._client.read(*self._args, box)
-
-
-class StoreSource:
-    """A stored version as the source of :func:`scalai.executor.execute`: ``view(rank,
-    tensor)`` is a lazy array whose box slices are ranged reads from the rank's store."""
-
-    def __init__(self, cluster: StoreCluster, job: str, version: str | None = None):
-        from ..dtypes import raw_numpy
-
-        self.version = cluster.latest(job, version).manifest
-        self._cluster, self._job, self._raw_numpy = cluster, job, raw_numpy
-
-    def view(self, rank: int, tensor: str) -> _RemoteTensor:
-        m = self.version
-        shard = dict(m.ptc.rank_shards(rank))[tensor]
-        return _RemoteTensor(self._cluster, self._job, m.version, m.placement.host(rank), rank, tensor,
-                             shard.shape, self._raw_numpy(m.ptc.spec(tensor).dtype))

@@ -33,8 +33,9 @@ from urllib.parse import quote
 
 import numpy as np
 
-from ..checkpoint.pages import populate
-from ..checkpoint.transfer import TensorFiller, blocks, window_span
+from ..storage.pages import populate
+from ..storage.blocks import blocks, window_span
+from ..storage.filler import Clock, Filler
 from ..config import ParallelConfig
 from ..dtypes import raw_numpy
 from ..planner import Deployment, make_plan
@@ -204,15 +205,15 @@ class _HostPart:
             span = window_span(dest.meta.shape, c.dst)
             sel = c.src.select(src)
             if span is not None:
-                filler.stream(sel, dest.write, span * sel.itemsize)
+                filler.stream(sel, dest.write, span * sel.itemsize, True)
             else:
                 populate(sel)
                 np.copyto(c.dst.select(dest.mapping()), sel)
 
-    def _filler(self) -> TensorFiller:
+    def _filler(self) -> Filler:
         filler = getattr(self._local, "filler", None)
         if filler is None:
-            filler = self._local.filler = TensorFiller(lambda n: None)
+            filler = self._local.filler = Filler(lambda n: None, Clock())
         return filler
 
     async def _fetch(self, c: Copy, src: Window, dst: Window, sem: asyncio.Semaphore) -> None:

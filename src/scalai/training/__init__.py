@@ -23,11 +23,11 @@ from .job import ADAM_STATES, JobState, describe
 from .load import FillError, LoadReport, load, plan_load
 from .save import SaveReport, save
 from .stop import StopFlag
-from .storage import DirectoryReader, DirectoryWriter, StateReader, StateWriter
+from .storage import DirectoryWriter, StateWriter
 
 __all__ = [
     "JobState", "describe", "save", "load", "StopFlag", "SaveReport", "LoadReport",
-    "StateWriter", "StateReader", "DirectoryWriter", "DirectoryReader", "plan_load",
+    "StateWriter", "DirectoryWriter", "plan_load",
     "CollectiveError", "RankFailure", "FillError", "agree", "ADAM_STATES",
     "step_dir", "find_checkpoint", "list_checkpoints", "FedSamples", "gather_fed",
 ]

@@ -7,18 +7,19 @@ Collective (every rank calls it). Every rank, independently and identically:
    checked by live rank ``s mod world``: one pass over the checkpoint, in parallel);
 3. plans: ``make_plan(saved PTC, live PTC)`` (pure; the same plan on every rank) and
    keeps the copies into itself;
-4. copies each planned window of a saved local tensor straight into the window of its
-   live local tensor (memory-mapped reads touch only the bytes needed), counting how
-   often every live element is written;
+4. checks that its copies write every element of every live local tensor that holds
+   part of a global tensor exactly once (padding never), then runs them with
+   :func:`~scalai.storage.run_plan`: the saved source into the live tensors as a sink
+   (:class:`~scalai.storage.ArraysSink`; memory-mapped reads touch only the bytes
+   needed, a store reads only the windows);
 5. restores step, optimizer counters and hyperparameters, LR scheduler, data position
    and RNG (see :mod:`scalai.training.nontensor`).
 
-Step 4 ends with the exactly-once check: every element of every live local tensor that
-holds part of the global tensor must have been written exactly once (padding never).
 A checkpoint that lacks a tensor (say, the optimizer state), holds other shapes, or a
-plan that would leave anything unfilled or fill it twice, raises; a job can never
-silently continue from freshly initialized values. Each step is agreed across ranks, so
-a failure on one rank raises the same error on every rank, and none hangs.
+plan that would leave anything unfilled or fill it twice, raises before any live tensor
+is touched; a job can never silently continue from freshly initialized values. Each step
+is agreed across ranks, so a failure on one rank raises the same error on every rank, and
+none hangs.
 """
 
 from __future__ import annotations
@@ -30,16 +31,19 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint.arrays import as_raw
 from ..config import Placement
 from ..errors import PlanError, ScalaiError
 from ..layout.ptc import PTC
 from ..planner import Deployment, make_plan
 from ..planner.plan import Copy, Plan
+from ..storage.base import TensorSource
+from ..storage.live import ArraysSink
+from ..storage.run import run_plan
+from ..storage.verify import verify_source
 from .collective import agree
 from .job import JobState
 from .nontensor import restore
-from .storage import StateReader, as_reader
+from .storage import as_source
 
 __all__ = ["load", "LoadReport", "FillError", "plan_load"]
 
@@ -98,57 +102,53 @@ def _expected_cover(shard) -> np.ndarray:
     return out
 
 
-def _select(window, array: np.ndarray) -> np.ndarray:
-    out = window.select(array)
-    assert out.size == 0 or np.may_share_memory(out, array), "window selection must be a view"
-    return out
+def check_exactly_once(job: JobState, copies: list[Copy]) -> None:
+    """Every element of this rank's live tensors that holds global state is written by
+    exactly one of ``copies`` (padding by none), and every copy reads a saved tensor.
 
-
-def _fill(job: JobState, reader: StateReader, copies: list[Copy]) -> int:
-    """Copy the planned windows into this rank's live tensors; check exactly-once. Bytes copied."""
-    import torch
-
+    Raises:
+        FillError: naming the first tensor that would be left unfilled or filled twice.
+        PlanError: a copy reads another live rank's memory (a host fan-out).
+    """
     by_tensor: dict[str, list[Copy]] = defaultdict(list)
     for c in copies:
         if c.from_new:
             raise PlanError(f"copy of {c.tensor} reads another live rank's memory; in-job load "
                             f"reads saved files only (plan with every rank on one host)")
         by_tensor[c.tensor].append(c)
-    live = job.local_tensors()
     shards = dict(job.ptc.rank_shards(job.rank))
-    unknown = set(by_tensor) - set(live)
+    unknown = set(by_tensor) - set(shards)
     if unknown:
         raise FillError(f"the plan writes {sorted(unknown)[:3]} which rank {job.rank} does not hold")
-    read_window = getattr(reader, "read_window", None)
-    copied = 0
+    for name, shard in shards.items():
+        count = np.zeros(shard.shape, np.uint8)
+        for c in by_tensor.get(name, ()):
+            c.dst.select(count)[...] += 1
+        expected = _expected_cover(shard)
+        if not np.array_equal(count, expected):
+            unfilled = int(np.count_nonzero((count == 0) & (expected == 1)))
+            twice = int(np.count_nonzero(count > expected))
+            raise FillError(f"{name} on rank {job.rank}: {unfilled} of {int(expected.sum())} "
+                            f"elements not filled, {twice} filled more than once; the saved "
+                            f"state does not cover this tensor exactly once")
+
+
+def _fill(job: JobState, source: TensorSource, plan: Plan) -> int:
+    """Run the plan's copies into this rank's live tensors; bytes copied."""
+    import torch
+
+    copies = plan.copies_into(job.rank)
+    check_exactly_once(job, copies)
+    mine = Plan(plan.old, plan.new, tuple(copies), plan.stats)
     with torch.no_grad():
-        for name, local in live.items():
-            dtype = job.ptc.spec(name).dtype
-            buffer = local if local.device.type == "cpu" else torch.empty(local.shape, dtype=local.dtype)
-            raw = as_raw(buffer, dtype, name)
-            count = np.zeros(raw.shape, np.uint8)
-            for c in by_tensor.get(name, ()):
-                target = _select(c.dst, raw)
-                if read_window is not None:  # the backend reads just the window (a store)
-                    np.copyto(target, np.asarray(read_window(c.src_rank, name, c.src)).reshape(target.shape))
-                else:
-                    np.copyto(target, _select(c.src, reader.view(c.src_rank, name)))
-                _select(c.dst, count)[...] += 1
-                copied += c.nbytes
-            expected = _expected_cover(shards[name])
-            if not np.array_equal(count, expected):
-                unfilled = int(np.count_nonzero((count == 0) & (expected == 1)))
-                twice = int(np.count_nonzero(count > expected))
-                raise FillError(f"{name} on rank {job.rank}: {unfilled} of {int(expected.sum())} "
-                                f"elements not filled, {twice} filled more than once; the saved "
-                                f"state does not cover this tensor exactly once")
-            if buffer is not local:
-                local.copy_(buffer)
-    return copied
+        sink = ArraysSink(job.ptc, {job.rank: job.local_tensors()})
+        report = run_plan(mine, source, sink)
+        sink.commit()
+    return report.bytes
 
 
 def load(job: JobState, source: Any, *, verify: bool = True, placement: Placement | None = None) -> LoadReport:
-    """Fill ``job`` in place from ``source`` (a checkpoint directory or a ``StateReader``).
+    """Fill ``job`` in place from ``source`` (a checkpoint location or any ``TensorSource``).
 
     Args:
         job: the live job (from :func:`~scalai.training.describe`), in any layout.
@@ -170,10 +170,10 @@ def load(job: JobState, source: Any, *, verify: bool = True, placement: Placemen
     """
     t0 = time.perf_counter()
     rank, size = job.rank, job.config.world_size
-    opened: list[StateReader] = []
+    opened: list[TensorSource] = []
 
-    def open_source() -> StateReader:
-        reader = as_reader(source)
+    def open_source() -> TensorSource:
+        reader = as_source(source)
         if reader is not source:
             opened.append(reader)
         return reader
@@ -183,13 +183,13 @@ def load(job: JobState, source: Any, *, verify: bool = True, placement: Placemen
         t1 = time.perf_counter()
         if verify:
             saved_ranks = range(rank, reader.ptc.config.world_size, size)
-            agree("load: verify checksums", lambda: reader.verify(saved_ranks), job.group)
+            agree("load: verify checksums", lambda: verify_source(reader, saved_ranks), job.group)
         t2 = time.perf_counter()
-        saved_place = getattr(reader, "placement", None) if placement is not None else None
+        saved_place = reader.placement if placement is not None else None
         plan = agree("load: plan", lambda: plan_load(reader.ptc, job.ptc, saved_place, placement), job.group)
         copies = plan.copies_into(rank)
         t3 = time.perf_counter()
-        copied = agree("load: copy into the live tensors", lambda: _fill(job, reader, copies), job.group)
+        copied = agree("load: copy into the live tensors", lambda: _fill(job, reader, plan), job.group)
         t4 = time.perf_counter()
         action = agree("load: restore step, optimizer, scheduler, data and RNG",
                        lambda: restore(job, reader.state), job.group)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from ..checkpoint.arrays import as_raw
+from ..storage.arrays import as_raw
 from ..checkpoint.manifest import Manifest
 from .collective import CollectiveError, agree
 from .job import JobState

@@ -1,4 +1,4 @@
-"""The local reshard executor: hand-made plans, make_plan plans, files and in-memory targets."""
+"""The plan runner: hand-made plans, make_plan plans, files and in-memory sources and sinks."""
 
 import os
 
@@ -9,18 +9,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import scalai.checkpoint.writer as writer_module
-import scalai.executor as executor_module
-from scalai.checkpoint import Checkpoint, CheckpointWriter, save_arrays, transfer, verify
+from scalai.checkpoint import Checkpoint, CheckpointWriter, save_arrays, verify
 from scalai.config import ParallelConfig, Placement
 from scalai.dtypes import raw_numpy
 from scalai.errors import PlanError
-from scalai.executor import ReshardTime, execute, reshard_checkpoint
+from scalai.reshard import ReshardTime, reshard_checkpoint
 from scalai.layout.ptc import PTC
 from scalai.layout.spec import TensorSpec, with_optimizer_state
 from scalai.layout.splits import Replicate, Split
 from scalai.models import model_ptc
 from scalai.planner import Copy, Deployment, Plan, PlanStats, Window, make_plan
 from scalai.regions import Region, flat_runs
+from scalai.storage import ArraysSink, ArraysSource, run_plan
+from scalai.storage import blocks as transfer
+from scalai.storage.filler import Filler
 from test_checkpoint import _snapshot, global_raw, local_raw, make_ptc
 
 ONE_HOST = Placement(gpus_per_host=64)
@@ -84,7 +86,7 @@ def test_hand_made_replicate_to_split_plan_into_files(tmp_path, layout):
     assert plan.copies[0].from_new  # listed first, must still run after the copies it reads
     seen = []
     with Checkpoint.open(tmp_path / "a") as src, CheckpointWriter(tmp_path / "b", new, dedup=False) as dst:
-        moved = execute(plan, src, dst, workers=3, progress=seen.append)
+        moved = run_plan(plan, src, dst, workers=3, progress=seen.append).bytes
         dst.commit()
     assert moved == sum(seen) == plan.stats.total_bytes
     with Checkpoint.open(tmp_path / "b") as ck:
@@ -102,7 +104,7 @@ def test_hand_made_plan_in_memory_torch_and_numpy():
                  if a.dtype == np.uint16 else a for n, a in source[0].items()}  # bf16/fp16 as torch
     dest = {r: {n: np.full(a.shape, 7, a.dtype) for n, a in t.items()}
             for r, t in local_raw(new, glob).items()}
-    execute(plan, source, dest, workers=2)
+    run_plan(plan, ArraysSource(old, source), ArraysSink(new, dest), workers=2)
     _assert_ranks_equal(lambda r, n: dest[r][n], local_raw(new, glob, pad=0))
 
 
@@ -139,7 +141,7 @@ def test_flat_zero_windows_with_sub_boxes(tmp_path, cut):
     plan = _plan(old, new, copies)
     save_arrays(tmp_path / "a", old, local_raw(old, glob))
     with Checkpoint.open(tmp_path / "a") as src, CheckpointWriter(tmp_path / "b", new, dedup=False) as dst:
-        execute(plan, src, dst)
+        run_plan(plan, src, dst)
         dst.commit()
     verify(tmp_path / "b")
     with Checkpoint.open(tmp_path / "b") as ck:
@@ -153,11 +155,12 @@ def test_plan_that_does_not_fit_is_rejected_before_writing():
     bad = _copy("layers.1.fc", 0, 1, Window(Region((0, 0), (9, 8))), Window(Region((0, 0), (9, 8))), 2)
     dest = {r: {n: np.full(a.shape, 7, a.dtype) for n, a in t.items()} for r, t in local_raw(new, glob).items()}
     with pytest.raises(PlanError, match="destination window .* does not fit rank 1"):
-        execute(_plan(old, new, good.copies + (bad,)), local_raw(old, glob), dest)
+        run_plan(_plan(old, new, good.copies + (bad,)), ArraysSource(old, local_raw(old, glob)),
+                 ArraysSink(new, dest))
     assert all((a == 7).all() for t in dest.values() for a in t.values())
     mismatch = _copy("embed", 0, 0, Window(Region((0, 0), (2, 8))), Window(Region((0, 0), (8, 2))), 2)
     with pytest.raises(PlanError, match="source shape"):
-        execute(_plan(old, new, (mismatch,)), local_raw(old, glob), dest)
+        run_plan(_plan(old, new, (mismatch,)), ArraysSource(old, local_raw(old, glob)), ArraysSink(new, dest))
 
 
 def test_wrong_layout_or_shape_is_a_clear_error(tmp_path):
@@ -167,11 +170,11 @@ def test_wrong_layout_or_shape_is_a_clear_error(tmp_path):
     source = local_raw(old, glob)
     source[0]["layers.1.fc"] = source[0]["layers.1.fc"][:8]
     with pytest.raises(ValueError, match=r"source layers.1.fc of rank 0 has shape \[8, 8\].* is \[16, 8\]"):
-        execute(plan, source, local_raw(new, glob))
+        run_plan(plan, ArraysSource(old, source), ArraysSink(new, local_raw(new, glob)))
     save_arrays(tmp_path / "a", old, local_raw(old, glob))
     with Checkpoint.open(tmp_path / "a") as src, CheckpointWriter(tmp_path / "b", old, dedup=False) as dst:
         with pytest.raises(ValueError, match="destination holds layout tp=1,pp=1,dp=1 .* plan was made for tp=2"):
-            execute(plan, src, dst)
+            run_plan(plan, src, dst)
 
 
 def test_missing_source_array_is_a_clear_error():
@@ -181,7 +184,7 @@ def test_missing_source_array_is_a_clear_error():
     del source[0]["embed"]
     dest = local_raw(new, glob)
     with pytest.raises(ValueError, match="no source array for tensor embed of rank 0"):
-        execute(_replicate_to_split_plan(old, new), source, dest, workers=1)
+        run_plan(_replicate_to_split_plan(old, new), ArraysSource(old, source), ArraysSink(new, dest), workers=1)
 
 
 # -- make_plan plans over checkpoints ---------------------------------------------------------
@@ -228,7 +231,7 @@ def test_fan_out_plan_across_hosts(tmp_path):
     glob = global_raw(old, seed=9)
     save_arrays(tmp_path / "a", old, local_raw(old, glob, pad=GARBAGE))
     with Checkpoint.open(tmp_path / "a") as src, CheckpointWriter(tmp_path / "b", new, dedup=False) as dst:
-        execute(plan, src, dst, workers=3)
+        run_plan(plan, src, dst, workers=3)
         dst.commit()
     with Checkpoint.open(tmp_path / "b") as ck:
         ck.verify()
@@ -240,16 +243,15 @@ def test_small_blocks_and_the_paths_taken(tmp_path, monkeypatch):
     merging tp=2 into tp=1 assembles split-along-dim-1 tensors and never writes through
     the mapping, so no tensor of the new checkpoint is read back to checksum it."""
     monkeypatch.setattr(transfer, "CHUNK_BYTES", 1024)
-    calls = {"assemble": 0, "stream": 0, "mapped": 0}
-    for name, owner in (("assemble", transfer.TensorFiller), ("stream", transfer.TensorFiller),
-                        ("mapped", executor_module._Worker)):
-        original = getattr(owner, name if name != "mapped" else "_mapped")
+    calls = {"assemble": 0, "stream": 0, "strided": 0, "staged": 0}
+    for name in calls:
+        original = getattr(Filler, name)
 
         def spy(self, *args, _original=original, _name=name, **kw):
             calls[_name] += 1
             return _original(self, *args, **kw)
 
-        monkeypatch.setattr(owner, name if name != "mapped" else "_mapped", spy)
+        monkeypatch.setattr(Filler, name, spy)
     readback = []
     original_checksums = writer_module.checksums
 
@@ -264,7 +266,7 @@ def test_small_blocks_and_the_paths_taken(tmp_path, monkeypatch):
     save_arrays(tmp_path / "a", old, local_raw(old, glob, pad=GARBAGE))
     readback.clear()
     reshard_checkpoint(tmp_path / "a", tmp_path / "b", "tp=1,pp=1,dp=1", workers=2)
-    assert calls["assemble"] > 0 and calls["stream"] > 0 and calls["mapped"] == 0
+    assert calls["assemble"] > 0 and calls["stream"] > 0 and calls["strided"] == calls["staged"] == 0
     assert readback == []
     with Checkpoint.open(tmp_path / "b") as ck:
         ck.verify()
@@ -345,7 +347,7 @@ def test_reshard_memory_stays_bounded(tmp_path, a, b):
     with CheckpointWriter(tmp_path / "a", old) as w:
         rng = np.random.default_rng(0)
         for r in range(old.config.world_size):
-            view = w.view(r, "w")
+            view = w.array(r, "w")
             for lo in range(0, view.shape[0], 256):
                 view[lo:lo + 256] = rng.integers(0, 2**32, size=view[lo:lo + 256].shape, dtype=np.uint32)
         w.commit()
@@ -388,9 +390,9 @@ def test_plans_into_a_deduplicating_checkpoint_fill_each_replica_once(tmp_path):
     with Checkpoint.open(tmp_path / "a") as src:
         with CheckpointWriter(tmp_path / "refused", new) as dst:
             with pytest.raises(PlanError, match="stored_replicas"):
-                execute(full, src, dst)
+                run_plan(full, src, dst)
         with CheckpointWriter(tmp_path / "b", new) as dst:
-            assert execute(stored, src, dst) == stored.stats.total_bytes
+            assert run_plan(stored, src, dst).bytes == stored.stats.total_bytes
             dst.commit()
     with Checkpoint.open(tmp_path / "b") as ck:
         ck.verify()

@@ -1,0 +1,105 @@
+"""Resharding a checkpoint: plan from its layout to a new one, run the plan, commit.
+
+``reshard_checkpoint(src, out, layout)`` reads the checkpoint at ``src`` (a directory or
+``memory://NAME``, see :mod:`scalai.locations`), plans with
+:func:`~scalai.planner.make_plan`, runs the plan with :func:`~scalai.storage.run_plan`
+into a new checkpoint at ``out`` and commits it. No global tensor is ever built; a tensor
+that moves unchanged keeps the CRC its source records, every other block is checksummed
+while it is written, so the new checkpoint's checksums cost no second read.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+from .checkpoint.staging import check_output
+from .config import ParallelConfig, Placement
+from .locations import create_sink, exists, is_memory, open_source
+from .models.synth import stored_nbytes
+from .planner.plan import Deployment, Plan
+from .state import carry_state
+from .storage.run import RunReport, run_plan
+
+__all__ = ["reshard_checkpoint", "ReshardTime"]
+
+
+class ReshardTime(float):
+    """Total seconds of a reshard, with its parts as attributes (seconds): ``plan``,
+    ``copy`` (running the plan), ``checksum`` (reading back what has no CRC yet) and
+    ``sync`` (fsync + renames). ``run`` is the runner's report: where ``copy`` went
+    (read, copy, checksum, write, ... summed over its threads)."""
+
+    __slots__ = ("run", "__dict__")  # the parts, and only they, are in __dict__
+
+    plan: float
+    copy: float
+    checksum: float
+    sync: float
+
+    def __new__(cls, plan: float, copy: float, checksum: float, sync: float,
+                run: RunReport | None = None) -> ReshardTime:
+        obj = super().__new__(cls, plan + copy + checksum + sync)
+        obj.__dict__.update(plan=plan, copy=copy, checksum=checksum, sync=sync)
+        obj.run = run
+        return obj
+
+    def __repr__(self) -> str:
+        return (f"ReshardTime({float(self):.3f}s: plan={self.plan:.3f}, copy={self.copy:.3f}, "
+                f"checksum={self.checksum:.3f}, sync={self.sync:.3f})")
+
+
+def reshard_checkpoint(src: str | os.PathLike, out: str | os.PathLike, new_config: ParallelConfig | str,
+                       placement: Placement | None = None, workers: int | None = None,
+                       progress: Callable[[int], None] | None = None,
+                       sync: bool = True) -> tuple[Plan, ReshardTime]:
+    """Rewrite the checkpoint ``src`` in layout ``new_config`` as ``out``.
+
+    The non-tensor state goes through :func:`scalai.state.carry_state`. The source's
+    checksums are not re-verified here (``Checkpoint.verify`` does that): bytes move as
+    they are, and tensors that move unchanged keep their recorded CRC, so a damaged source
+    stays detectable.
+
+    Args:
+        src, out: checkpoint locations (directories, ``memory://NAME``).
+        placement: where old and new ranks run (the same hosts); default: one host holding
+            every rank, so that every copy is a local one.
+        workers: threads of the runner.
+        sync: fsync the new checkpoint (``ReshardTime.sync`` reports what that cost).
+
+    Returns:
+        the plan and the time it took (a float of seconds, with a breakdown).
+
+    Raises:
+        ValueError: ``new_config`` is not valid for the checkpoint's tensors; a directory
+            ``out`` lies inside ``src`` or its filesystem cannot take the new checkpoint.
+        FileExistsError: ``out`` exists (nothing is touched).
+        CheckpointError: the source is incomplete or damaged. The source is never modified.
+    """
+    from .planner import make_plan
+
+    t0 = time.perf_counter()
+    new_config = ParallelConfig.parse(new_config)
+    if exists(out):
+        raise FileExistsError(f"output {out} already exists; choose another output directory "
+                              f"or remove it first")
+    with open_source(src) as source:
+        old_ptc = source.ptc
+        new_ptc = old_ptc.relayout(new_config)
+        if not is_memory(out):
+            check_output(os.fspath(out), stored_nbytes(new_ptc), f"the reshard to {new_config}",
+                         inputs=[] if is_memory(src) else [os.fspath(src)])
+        if placement is None:
+            placement = Placement(gpus_per_host=max(old_ptc.config.world_size, new_config.world_size))
+        # Into what the new checkpoint stores: each replica once.
+        plan = make_plan(Deployment(old_ptc, placement), Deployment(new_ptc.stored_replicas(), placement))
+        state = carry_state(source.state, old_ptc.config, new_config)  # step, RNG rule, data
+        t1 = time.perf_counter()
+        with create_sink(out, new_ptc, state, sync=sync) as sink:
+            report = run_plan(plan, source, sink, workers=workers, progress=progress)
+            t2 = time.perf_counter()
+            sink.commit()
+            t3 = time.perf_counter()
+    checksum = sink.timings.get("checksum", 0.0)
+    return plan, ReshardTime(plan=t1 - t0, copy=t2 - t1, checksum=checksum, sync=t3 - t2 - checksum, run=report)
