@@ -20,7 +20,11 @@ from scalai.layout.splits import Replicate, Split
 from scalai.models import model_ptc
 from scalai.planner import Copy, Deployment, Plan, PlanStats, Window, make_plan
 from scalai.regions import Region, flat_runs
+from scalai.locations import create_sink, open_source
+from scalai.planner import identity_plan
 from scalai.storage import ArraysSink, ArraysSource, run_plan
+from scalai.storage.memory import delete_memory_checkpoint, memory_checkpoints
+from scalai.storage.verify import verify_source
 from scalai.storage import blocks as transfer
 from scalai.storage.filler import Filler
 from test_checkpoint import _snapshot, global_raw, local_raw, make_ptc
@@ -201,24 +205,71 @@ TRANSITIONS = [
 ]
 
 
+@pytest.fixture
+def memory_names():
+    """Drops the memory:// checkpoints a test commits (they live as long as the process)."""
+    before = set(memory_checkpoints())
+    yield
+    for name in set(memory_checkpoints()) - before:
+        delete_memory_checkpoint(name)
+
+
+def _location(tmp_path, backend: str, name: str) -> str:
+    return str(tmp_path / name) if backend == "dir" else f"memory://{tmp_path.name}-{name}"
+
+
+def _save(location: str, ptc: PTC, arrays, state=None) -> None:
+    """Any backend's sink, filled by the identity plan from arrays in memory."""
+    with create_sink(location, ptc, state) as sink:
+        plan = identity_plan(ptc, range(ptc.config.world_size), stored=sink.stores)
+        run_plan(plan, ArraysSource(ptc, arrays), sink)
+        sink.commit()
+
+
+def _contents(location: str):
+    with open_source(location) as src:
+        return src.state, {(r, n): src.read_window(r, n) for r in range(src.ptc.config.world_size)
+                           for n, _ in src.ptc.rank_shards(r)}
+
+
+@pytest.mark.parametrize("backend", ["dir", "memory"])
 @pytest.mark.parametrize("model, a, b", TRANSITIONS)
-def test_reshard_round_trip_through_files(tmp_path, model, a, b):
+def test_reshard_round_trip_on_every_backend(tmp_path, memory_names, backend, model, a, b):
+    """The same planner and runner, checkpoints as directories or memory://: A -> B -> A."""
     old, new = model_ptc(model, a), model_ptc(model, b)
     glob = global_raw(old, seed=len(a) + len(b))
-    save_arrays(tmp_path / "a", old, local_raw(old, glob, pad=GARBAGE), {"step": 11})
-    before = _snapshot(tmp_path / "a")
-    plan, seconds = reshard_checkpoint(tmp_path / "a", tmp_path / "b", b, workers=2)
+    at = lambda name: _location(tmp_path, backend, name)  # noqa: E731
+    _save(at("a"), old, local_raw(old, glob, pad=GARBAGE), {"step": 11})
+    before = _contents(at("a"))
+    plan, seconds = reshard_checkpoint(at("a"), at("b"), b, workers=2)
     assert isinstance(seconds, ReshardTime) and float(seconds) == pytest.approx(
         seconds.plan + seconds.copy + seconds.checksum + seconds.sync)
-    assert _snapshot(tmp_path / "a") == before
-    with Checkpoint.open(tmp_path / "b") as ck:
-        ck.verify()
-        assert str(ck.config) == str(ParallelConfig.parse(b)) and ck.state["step"] == 11
-        _assert_ranks_equal(ck.view, local_raw(new, glob, pad=0))
-    reshard_checkpoint(tmp_path / "b", tmp_path / "c", a, workers=1)
-    with Checkpoint.open(tmp_path / "c") as ck:
-        ck.verify()
-        _assert_ranks_equal(ck.view, local_raw(old, glob, pad=0))
+    assert seconds.run.bytes == plan.stats.total_bytes
+    state, after = _contents(at("a"))
+    assert state == before[0] and after.keys() == before[1].keys()
+    assert all(np.array_equal(after[k], v) for k, v in before[1].items()), "the source changed"
+    with open_source(at("b")) as ck:
+        verify_source(ck)
+        assert str(ck.ptc.config) == str(ParallelConfig.parse(b)) and ck.state["step"] == 11
+        _assert_ranks_equal(ck.read_window, local_raw(new, glob, pad=0))
+    reshard_checkpoint(at("b"), at("c"), a, workers=1)
+    with open_source(at("c")) as ck:
+        verify_source(ck)
+        _assert_ranks_equal(ck.read_window, local_raw(old, glob, pad=0))
+
+
+def test_reshard_between_backends(tmp_path, memory_names):
+    old = model_ptc("llama-tiny", "tp=2,pp=1,dp=2,zero=1")
+    glob = global_raw(old, seed=3)
+    _save(str(tmp_path / "a"), old, local_raw(old, glob, pad=GARBAGE), {"step": 5})
+    reshard_checkpoint(tmp_path / "a", f"memory://{tmp_path.name}-b", "tp=1,pp=2,dp=1")
+    reshard_checkpoint(f"memory://{tmp_path.name}-b", tmp_path / "c", "tp=2,pp=1,dp=2,zero=1")
+    with Checkpoint.open(tmp_path / "a") as a, Checkpoint.open(tmp_path / "c") as c:
+        c.verify()
+        assert c.state["step"] == 5
+        _assert_ranks_equal(c.view, local_raw(old, glob, pad=0))
+    with pytest.raises(FileExistsError, match="already exists"):
+        reshard_checkpoint(tmp_path / "a", f"memory://{tmp_path.name}-b", "tp=1,pp=1,dp=1")
 
 
 def test_fan_out_plan_across_hosts(tmp_path):

@@ -134,21 +134,21 @@ def test_writer_and_reader_for_the_training_api(cluster):
     verify_source(reader, range(4))
     expected = _rank_tensors(ptc, 3, torch_tensors=False)
     name, shard = next((n, s) for n, s in ptc.rank_shards(3) if len(s.shape) == 2)
-    np.testing.assert_array_equal(reader.read(3, name), expected[name])
+    np.testing.assert_array_equal(reader.read_window(3, name), expected[name])
     box = Window(Region((1, 2), (3, 4)))
-    np.testing.assert_array_equal(reader.read(3, name, box), expected[name][1:4, 2:6])
+    np.testing.assert_array_equal(reader.read_window(3, name, box), expected[name][1:4, 2:6])
     flat = next(n for n, s in ptc.rank_shards(3) if len(s.shape) == 1 and s.shape[0] >= 12)
     w = Window(Region((0,), (12,)), (3, 4), Region((1, 1), (2, 2)))
-    np.testing.assert_array_equal(reader.read(3, flat, w), w.select(expected[flat]))
+    np.testing.assert_array_equal(reader.read_window(3, flat, w), w.select(expected[flat]))
     reader.close()
     # a reader on rank 3's host maps that store's files (no bytes over HTTP): same results
     host = cluster.hosts[3 // 2]
     local = StoreReader([c.url for c in cluster.clients], "job", local_host=host)
     assert isinstance(local.part(3), ArraySource) and isinstance(local.part(0), RangeSource)  # rank 0 lives elsewhere
     verify_source(local, range(4))
-    np.testing.assert_array_equal(local.read(3, name), expected[name])
-    np.testing.assert_array_equal(local.read(3, name, box), expected[name][1:4, 2:6])
-    np.testing.assert_array_equal(local.read(3, flat, w), w.select(expected[flat]))
+    np.testing.assert_array_equal(local.read_window(3, name), expected[name])
+    np.testing.assert_array_equal(local.read_window(3, name, box), expected[name][1:4, 2:6])
+    np.testing.assert_array_equal(local.read_window(3, flat, w), w.select(expected[flat]))
     # a damaged byte in the store's memory is caught by the checksum pass
     path = cluster.client(host).files("job", "v0", 3)[name]["path"]
     with open(path, "r+b") as f:
@@ -199,4 +199,4 @@ def test_writer_stores_replicas_once_per_host_and_they_transform(cluster, tmp_pa
     reader = StoreReader([c.url for c in cluster.clients], "rep")
     for r in range(4):
         for name, want in _rank_tensors(new.ptc, r, torch_tensors=False).items():
-            np.testing.assert_array_equal(reader.read(r, name), want, err_msg=f"{name} of rank {r}")
+            np.testing.assert_array_equal(reader.read_window(r, name), want, err_msg=f"{name} of rank {r}")

@@ -88,8 +88,8 @@ class TensorSource(ABC):
         several media (a store cluster), the one holding that rank."""
         return self
 
-    def read(self, rank: int, tensor: str, window: Window | None = None) -> np.ndarray:
-        """A copy of the elements ``window`` selects from ``rank``'s ``tensor`` (default: the
+    def read_window(self, rank: int, tensor: str, window: Window | None = None) -> np.ndarray:
+        """A raw copy of the elements ``window`` selects from ``rank``'s ``tensor`` (default: the
         whole local tensor), whatever the medium (for inspection and tests; plans go
         through :func:`~scalai.storage.run_plan`)."""
         if window is None:

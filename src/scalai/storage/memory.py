@@ -99,6 +99,9 @@ class MemorySource(ArraySource):
     def stored(self, rank: int) -> list[str]:
         return [n for n, _ in self.ptc.rank_shards(rank) if self._owner(rank, n) == rank]
 
+    def where(self, rank: int) -> str:
+        return f"{SCHEME}{self.checkpoint.name}, rank {rank}"
+
 
 class MemorySink(ArraySink):
     """A new in-memory checkpoint ``memory://name`` of layout ``ptc`` (each replica once).

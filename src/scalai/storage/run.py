@@ -133,7 +133,7 @@ class _Dest:
     shape: tuple[int, ...]
     dtype: np.dtype
     pending: int = 0
-    mixed: bool = False  # written in both phases: never assembled (that zeroes what is not its own)
+    mixed: bool = False  # written by several tasks: never assembled (that zeroes what is not its own)
 
 
 @dataclass
@@ -201,7 +201,7 @@ class _Run:
             for c in copies:
                 (fanout if c.from_new else local if isinstance(self.parts[c.src_rank], ArraySource)
                  else ranged).append(c)
-            dest.mixed = bool(fanout) and len(fanout) < len(copies)
+            dest.mixed = sum(map(bool, (fanout, local, ranged))) > 1
             if not self.arrays and not self._rows_only(dest, local, ranged):
                 phases[0].append(_Task("staged", rank, tensor, copies, sum(c.nbytes for c in copies)))
                 continue
@@ -231,6 +231,7 @@ class _Run:
         self._local = threading.local()
         self._fillers: list[Filler] = []
         self._read_seconds = 0.0  # awaited reads (summed over concurrent reads)
+        self._sems: dict[int, asyncio.Semaphore] = {}  # per asynchronous part: reads in flight
 
     @staticmethod
     def _rows_only(dest: _Dest, local: list[Copy], ranged: list[Copy]) -> bool:
@@ -287,10 +288,11 @@ class _Run:
 
     # -- tasks --------------------------------------------------------------------------
     def run_task(self, task: _Task) -> None:
+        if task.kind == "staged":
+            self._staged(task)  # calls done() itself
+            return
         if task.kind == "block":
             self._ranged(task)
-        elif task.kind == "staged":
-            self._staged(task)
         else:
             self._arrays(task)
         self.done((task.rank, task.tensor))
@@ -331,6 +333,8 @@ class _Run:
                 filler.strided(select(c.dst, target), s)
 
     def _read(self, part: TensorSource, c: Copy, window: Window, out: np.ndarray) -> None:
+        """A blocking read on a worker thread (never an asynchronous part's: a worker that
+        waited for the event loop could starve the reads that the loop waits to store)."""
         clock = self.filler().clock
         t0 = time.perf_counter()
         part.read_into(c.src_rank, c.tensor, window, out)
@@ -369,19 +373,48 @@ class _Run:
     def _staged(self, task: _Task) -> None:
         """A tensor of a sink without arrays whose windows are too strided to write by
         rows: assembled whole in a buffer (uncovered elements zero), written once."""
-        dest, filler = self.dests[(task.rank, task.tensor)], self.filler()
-        whole = np.zeros(dest.shape, dest.dtype)
-        size = dest.dtype.itemsize
+        whole = self._whole(task)
+        for c in task.copies:
+            self._stage(c, whole)
+        self._put_whole(task, whole)
+
+    def _whole(self, task: _Task) -> np.ndarray:
+        dest = self.dests[(task.rank, task.tensor)]
+        return np.zeros(dest.shape, dest.dtype)
+
+    def _stage(self, c: Copy, whole: np.ndarray) -> None:
+        """One copy into a staged tensor, from an addressable or a blocking ranged part."""
+        filler, part = self.filler(), self.parts[c.src_rank]
+        if isinstance(part, ArraySource):
+            filler.strided(select(c.dst, whole), select(c.src, part.array(c.src_rank, c.tensor)))
+            return
+        for sw, dw in split_window(c.src, c.dst, whole.itemsize, part.block_bytes):
+            buf = filler.buffer(dw.volume * whole.itemsize, whole.dtype, dw.shape)
+            self._read(part, c, sw, buf)
+            filler.strided(select(dw, whole), buf)
+
+    def _put_whole(self, task: _Task, whole: np.ndarray) -> None:
+        self.filler().put(partial(self.sink.write, task.rank, task.tensor), 0, whole, self.checksum, copied=0)
+        self.done((task.rank, task.tensor))
+
+    async def _staged_async(self, task: _Task, pool: Executor) -> None:
+        """:meth:`_staged` with asynchronous parts: their reads are awaited here, the rest
+        runs on the pool."""
+        loop = asyncio.get_running_loop()
+        whole = self._whole(task)
         for c in task.copies:
             part = self.parts[c.src_rank]
-            if isinstance(part, ArraySource):
-                filler.strided(select(c.dst, whole), select(c.src, part.array(c.src_rank, c.tensor)))
+            if not isinstance(part, AsyncRangeSource):
+                await loop.run_in_executor(pool, self._stage, c, whole)
                 continue
-            for sw, dw in split_window(c.src, c.dst, size, part.block_bytes):
-                buf = filler.buffer(dw.volume * size, dest.dtype, dw.shape)
-                self._read(part, c, sw, buf)
-                filler.strided(select(dw, whole), buf)
-        filler.put(partial(self.sink.write, task.rank, task.tensor), 0, whole, self.checksum, copied=0)
+            for sw, dw in split_window(c.src, c.dst, whole.itemsize, part.block_bytes):
+                buf = np.empty(dw.shape, whole.dtype)
+                async with self._sems[id(part)]:
+                    t0 = time.perf_counter()
+                    await part.read_into(c.src_rank, c.tensor, sw, buf)
+                    self._read_seconds += time.perf_counter() - t0
+                np.copyto(select(dw, whole), buf)
+        await loop.run_in_executor(pool, self._put_whole, task, whole)
 
     # -- drivers ------------------------------------------------------------------------
     def run_threads(self, pool: Executor) -> None:
@@ -398,13 +431,18 @@ class _Run:
 
     async def run_async(self, pool: Executor) -> None:
         loop = asyncio.get_running_loop()
-        sems: dict[int, asyncio.Semaphore] = {}
+        sems = self._sems = {id(p): asyncio.Semaphore(p.concurrency) for p in self.parts.values()
+                             if isinstance(p, AsyncRangeSource)}
 
         async def one(task: _Task) -> None:
+            if task.kind == "staged" and any(isinstance(self.parts[c.src_rank], AsyncRangeSource)
+                                             for c in task.copies):
+                await self._staged_async(task, pool)
+                return
             if task.kind != "block" or not isinstance(task.part, AsyncRangeSource):
                 await loop.run_in_executor(pool, self.run_task, task)
                 return
-            sem = sems.setdefault(id(task.part), asyncio.Semaphore(task.part.concurrency))
+            sem = sems[id(task.part)]
             src_w, dst_w = task.block
             c = task.copies[0]
             async with sem:  # held until the block is stored: at most `concurrency` buffers

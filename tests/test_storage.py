@@ -1,0 +1,277 @@
+"""Sources and sinks of every declared kind through the one plan runner, and the
+memory:// backend's guarantees. Expected values come from tests' own slicing of random
+global tensors (test_checkpoint.global_raw/local_raw), never from the runner."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+from scalai.config import Placement
+from scalai.dtypes import raw_numpy
+from scalai.errors import CheckpointError, ChecksumError, PlanError
+from scalai.models import model_ptc
+from scalai.planner import Deployment, identity_plan, make_plan
+from scalai.storage import (ArraySource, ArraysSink, ArraysSource, AsyncRangeSource, MemorySink, MemorySource,
+                            RangeSource, TensorSink, run_plan)
+from scalai.storage.checksum import ChecksumLedger
+from scalai.storage.memory import delete_memory_checkpoint, memory_checkpoints
+from scalai.storage.verify import verify_source
+from test_checkpoint import global_raw, local_raw
+
+GARBAGE = 0x5A
+
+# Transitions whose plans hold every kind of window: contiguous spans, dim-1 splits
+# (assembled by rows), flat ZeRO views (strided), vocabulary padding.
+CASES = [("llama-tiny", "tp=2,pp=1,dp=1", "tp=1,pp=1,dp=1"),
+         ("gpt-tiny", "tp=1,pp=2,dp=2,zero=1", "tp=2,pp=1,dp=2,zero=1"),
+         ("llama-tiny", "tp=4,pp=1,dp=1", "tp=2,pp=2,dp=1")]
+
+
+def _plan(old, new, hosts: int = 64, fanout: bool = True):
+    place = Placement(hosts)
+    return make_plan(Deployment(old, place), Deployment(new, place), fanout=fanout)
+
+
+class Ranged(RangeSource):
+    """Arrays in memory read as a ranged medium would be: copies out, small blocks."""
+
+    block_bytes = 1000  # many blocks per copy, most not aligned to rows
+    concurrency = 3
+
+    def __init__(self, ptc, arrays, fail_after: int | None = None):
+        self.ptc, self.state, self._src = ptc, {}, ArraysSource(ptc, arrays)
+        self.reads, self.fail_after = 0, fail_after
+
+    def read_into(self, rank, tensor, window, out):
+        self.reads += 1
+        if self.fail_after is not None:
+            if self.reads == self.fail_after:
+                raise OSError("connection reset by peer")
+            time.sleep(0.001)  # a slow medium: reads queued behind the failure must not start
+        np.copyto(out, window.select(self._src.array(rank, tensor)))
+
+
+class AsyncRanged(AsyncRangeSource):
+    block_bytes = 1500
+    concurrency = 2
+
+    def __init__(self, ptc, arrays):
+        self.ptc, self.state, self._src = ptc, {}, ArraysSource(ptc, arrays)
+        self.in_flight = self.most = 0
+
+    async def read_into(self, rank, tensor, window, out):
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        await asyncio.sleep(0)
+        np.copyto(out, window.select(self._src.array(rank, tensor)))
+        self.in_flight -= 1
+
+
+class Split(ArraySource):
+    """Ranks 0..k-1 addressable, the others ranged: one source over two media."""
+
+    def __init__(self, ptc, arrays, k):
+        self.ptc, self.state, self.k = ptc, {}, k
+        self._arrays, self._ranged = ArraysSource(ptc, arrays), Ranged(ptc, arrays)
+
+    def array(self, rank, tensor):
+        return self._arrays.array(rank, tensor)
+
+    def part(self, rank):
+        return self if rank < self.k else self._ranged
+
+
+class BytesSink(TensorSink):
+    """A sink without arrays (as an upload would be): contiguous writes only."""
+
+    def __init__(self, ptc):
+        self.ptc, self.data, self.crcs, self.completed = ptc, {}, {}, []
+        self.sizes = {(r, n): int(np.prod(s.shape)) * raw_numpy(ptc.spec(n).dtype).itemsize
+                      for r in range(ptc.config.world_size) for n, s in ptc.rank_shards(r)}
+
+    def write(self, rank, tensor, byte_offset, data, crc=None):
+        buf = self.data.setdefault((rank, tensor), bytearray(self.sizes[(rank, tensor)]))
+        raw = memoryview(data).cast("B")
+        assert crc is None or crc == zlib.crc32(raw)
+        buf[byte_offset:byte_offset + raw.nbytes] = raw
+
+    def complete(self, rank, tensor):
+        self.completed.append((rank, tensor))
+
+    def commit(self):
+        pass
+
+    def abort(self):
+        self.data.clear()
+
+    def array_of(self, rank, tensor, dtype):
+        shape = dict(self.ptc.rank_shards(rank))[tensor].shape
+        buf = self.data.get((rank, tensor), bytearray(self.sizes[(rank, tensor)]))
+        return np.frombuffer(bytes(buf), dtype).reshape(shape)
+
+
+def _expect_equal(got, expected):
+    for r, tensors in expected.items():
+        for name, want in tensors.items():
+            have = got(r, name, want.dtype)
+            assert have.shape == want.shape and np.array_equal(have, want), f"rank {r} tensor {name}"
+
+
+@pytest.mark.parametrize("model, a, b", CASES)
+@pytest.mark.parametrize("source_kind", ["arrays", "ranged", "async", "split"])
+@pytest.mark.parametrize("sink_kind", ["arrays", "bytes"])
+def test_every_source_kind_into_every_sink_kind(model, a, b, source_kind, sink_kind):
+    old, new = model_ptc(model, a), model_ptc(model, b)
+    glob = global_raw(old, seed=7)
+    arrays = local_raw(old, glob, pad=GARBAGE)
+    source = {"arrays": lambda: ArraysSource(old, arrays), "ranged": lambda: Ranged(old, arrays),
+              "async": lambda: AsyncRanged(old, arrays), "split": lambda: Split(old, arrays, 1)}[source_kind]()
+    expected = local_raw(new, glob, pad=0)
+    plan = _plan(old, new, fanout=sink_kind == "arrays")
+    if sink_kind == "arrays":
+        dest = {r: {n: np.full(x.shape, 7, x.dtype) for n, x in t.items()} for r, t in expected.items()}
+        report = run_plan(plan, source, ArraysSink(new, dest), workers=2)
+        _expect_equal(lambda r, n, _: dest[r][n], expected)
+    else:
+        sink = BytesSink(new)
+        report = run_plan(plan, source, sink, workers=2)
+        _expect_equal(sink.array_of, expected)
+        written = {(c.dst_rank, c.tensor) for c in plan.copies if c.dst.volume}
+        assert sorted(sink.completed) == sorted(written), "each tensor completed exactly once"
+    assert report.bytes == plan.stats.total_bytes
+    if source_kind == "async":
+        assert 1 <= source.most <= AsyncRanged.concurrency
+
+
+def test_host_fan_out_needs_a_sink_that_can_be_read_back():
+    old, new = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1"), model_ptc("gpt-tiny", "tp=1,pp=1,dp=4")
+    plan = _plan(old, new, hosts=2)
+    assert any(c.from_new for c in plan.copies)
+    sink = BytesSink(new)
+    with pytest.raises(PlanError, match="host fan-out.*fanout=False"):
+        run_plan(plan, ArraysSource(old, local_raw(old, global_raw(old))), sink)
+    assert sink.data == {}, "nothing is written when the plan does not fit the sink"
+
+
+def test_a_failing_read_stops_the_run_and_propagates():
+    old, new = model_ptc("llama-tiny", "tp=2,pp=1,dp=1"), model_ptc("llama-tiny", "tp=1,pp=1,dp=1")
+    arrays = local_raw(old, global_raw(old))
+    source = Ranged(old, arrays, fail_after=5)
+    sink = BytesSink(new)
+    with pytest.raises(OSError, match="connection reset"):
+        run_plan(_plan(old, new), source, sink, workers=2)
+    blocks = sum(-(-c.nbytes // Ranged.block_bytes) for c in _plan(old, new).copies)
+    assert blocks > 1000 and source.reads < blocks // 4, "the blocks queued after the failure did not start"
+
+
+def test_tensors_that_move_unchanged_keep_the_sources_crc_and_others_get_theirs():
+    """The rule lives in run_plan: a whole tensor copied into a whole tensor of a sink that
+    records checksums is declared with the source's CRC (here a deliberately wrong one, so
+    the declaration is visible); everything else is checksummed from its bytes."""
+    old = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1")
+    new = model_ptc("gpt-tiny", "tp=1,pp=1,dp=1")
+    arrays = local_raw(old, global_raw(old, seed=3))
+    fake = {(r, n): 0x1234 for r in range(2) for n, _ in old.rank_shards(r)}
+    name = "memory://test-unchanged-crc"
+    sink = MemorySink(name, new)
+    plan = make_plan(Deployment(old, Placement(8)), Deployment(new.stored_replicas(), Placement(8)))
+    run_plan(plan, ArraysSource(old, arrays, checksums=fake), sink)
+    sink.commit()
+    try:
+        src = MemorySource(name)
+        unchanged = {c.tensor for c in plan.copies if c.src.region.sizes == tuple(
+            dict(new.rank_shards(0))[c.tensor].shape) and c.src.view is None and c.dst.view is None
+            and sum(d.tensor == c.tensor for d in plan.copies) == 1}
+        assert unchanged and len(unchanged) < len(new.names)
+        for n in new.names:
+            raw = np.ascontiguousarray(src.array(0, n)).reshape(-1).view(np.uint8)
+            want = 0x1234 if n in unchanged else zlib.crc32(raw)
+            assert src.checksum(0, n) == want, n
+        with pytest.raises(ChecksumError, match="memory://test-unchanged-crc, rank 0, tensor"):
+            verify_source(src)
+    finally:
+        delete_memory_checkpoint(name)
+
+
+def test_memory_checkpoints_commit_atomically_and_never_change():
+    ptc = model_ptc("gpt-tiny", "tp=2,pp=1,dp=2")
+    arrays = local_raw(ptc, global_raw(ptc, seed=1))
+    name = "memory://test-commit"
+    with pytest.raises(CheckpointError, match="no checkpoint memory://test-commit"):
+        MemorySource(name)
+    sink = MemorySink(name, ptc, {"step": 3})
+    run_plan(identity_plan(ptc, range(4), stored=sink.stores), ArraysSource(ptc, arrays), sink)
+    assert name[len("memory://"):] not in memory_checkpoints(), "invisible before the commit"
+    sink.commit()
+    try:
+        with pytest.raises(FileExistsError, match="already exists"):
+            MemorySink(name, ptc)
+        src = MemorySource(name)
+        assert src.state == {"step": 3}
+        verify_source(src)
+        for r in (0, 1):  # dp replicas (ranks r and r + 2) stored once, by one of them
+            held = [n for n, _ in ptc.rank_shards(r)]
+            assert sorted(src.stored(r) + src.stored(r + 2)) == sorted(held)
+        for r in range(4):
+            for n, _ in ptc.rank_shards(r):
+                assert np.array_equal(src.read_window(r, n), arrays[r][n])
+        with pytest.raises(ValueError, match="read-only"):
+            src.array(0, ptc.names[0])[...] = 0
+        aborted = MemorySink("memory://test-aborted", ptc)
+        with aborted:
+            aborted.prepare([0])
+        assert "test-aborted" not in memory_checkpoints()
+    finally:
+        delete_memory_checkpoint(name)
+    with pytest.raises(ValueError, match="empty or has spaces"):
+        MemorySink("memory://a b", ptc)
+
+
+def test_checksum_ledger():
+    ledger = ChecksumLedger()
+    data = np.arange(100, dtype=np.uint8)
+    ledger.piece("a", 0, 60, zlib.crc32(data[:60]))
+    ledger.piece("a", 60, 40, zlib.crc32(data[60:]))
+    assert ledger.known("a", 100) == zlib.crc32(data)
+    assert ledger.known("a", 120) == zlib.crc32(np.concatenate([data, np.zeros(20, np.uint8)]))
+    ledger.piece("b", 0, 10, None)
+    assert ledger.known("b", 10) is None
+    ledger.declare("b", 7)
+    assert ledger.known("b", 10) == 7
+    ledger.piece("c", 0, 10, 1)
+    ledger.unknown("c")
+    assert ledger.known("c", 10) is None
+
+
+def test_verify_streams_a_ranged_source_and_names_the_damage():
+    ptc = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1")
+    arrays = local_raw(ptc, global_raw(ptc, seed=2))
+    crcs = {(r, n): zlib.crc32(np.ascontiguousarray(a)) for r, t in arrays.items() for n, a in t.items()}
+
+    class Recorded(Ranged):
+        def checksum(self, rank, tensor):
+            return crcs[(rank, tensor)]
+
+    verify_source(Recorded(ptc, arrays))
+    victim = ptc.names[3]
+    arrays[1][victim].reshape(-1)[-1] ^= 1
+    with pytest.raises(ChecksumError, match=f"rank 1, tensor {victim}: stored"):
+        verify_source(Recorded(ptc, arrays))
+
+
+def test_sources_and_sinks_must_be_declared():
+    old = model_ptc("gpt-tiny", "tp=1,pp=1,dp=1")
+    plan = identity_plan(old, [0])
+    arrays = local_raw(old, global_raw(old))
+    with pytest.raises(TypeError, match="not a TensorSource"):
+        run_plan(plan, arrays, ArraysSink(old, arrays))
+    with pytest.raises(TypeError, match="not a TensorSink"):
+        run_plan(plan, ArraysSource(old, arrays), arrays)
+    other = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1")
+    with pytest.raises(ValueError, match="plan was made for tp=1"):
+        run_plan(plan, ArraysSource(other, arrays), ArraysSink(old, arrays))
