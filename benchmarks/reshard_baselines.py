@@ -13,7 +13,7 @@ the way a careful implementation would be, with what scalai's own writer has:
   :class:`~scalai.checkpoint.CheckpointWriter` (same format, so the result is compared like
   scalai's), each replica stored once; every piece of a new local tensor is written with
   ``CheckpointWriter.write`` in blocks of at most 4 MiB with the block's CRC-32 computed
-  while it is in cache (as scalai's executor does: no read-back at commit), writeback of
+  while it is in cache (as scalai's plan runner does: no read-back at commit), writeback of
   every finished tensor started at once (``complete``, as scalai does), fsync and
   renames at commit.
 
@@ -47,7 +47,7 @@ from scalai.state import carry_state
 
 __all__ = ["consolidate_then_split", "MemoryCopy", "file_copy", "BLOCK_BYTES"]
 
-#: The most one staged block or one write moves (scalai's executor uses the same).
+#: The most one staged block or one write moves (scalai's plan runner uses the same).
 BLOCK_BYTES = 4 << 20
 _MEMCPY_BUFFER = 512 << 20
 _COPY_CHUNK = 64 << 20

@@ -16,6 +16,7 @@ from scalai.dtypes import raw_numpy
 from scalai.errors import CheckpointError, ChecksumError, PlanError
 from scalai.models import model_ptc
 from scalai.planner import Deployment, identity_plan, make_plan
+from scalai.regions import flat_runs
 from scalai.storage import (ArraySource, ArraysSink, ArraysSource, AsyncRangeSource, MemorySink, MemorySource,
                             RangeSource, TensorSink, run_plan)
 from scalai.storage.checksum import ChecksumLedger
@@ -169,33 +170,46 @@ def test_a_failing_read_stops_the_run_and_propagates():
     assert blocks > 1000 and source.reads < blocks // 4, "the blocks queued after the failure did not start"
 
 
-def test_tensors_that_move_unchanged_keep_the_sources_crc_and_others_get_theirs():
-    """The rule lives in run_plan: a whole tensor copied into a whole tensor of a sink that
-    records checksums is declared with the source's CRC (here a deliberately wrong one, so
-    the declaration is visible); everything else is checksummed from its bytes."""
-    old = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1")
-    new = model_ptc("gpt-tiny", "tp=1,pp=1,dp=1")
+@pytest.mark.parametrize("model, a, b", [("gpt-tiny", "tp=2,pp=1,dp=1", "tp=1,pp=1,dp=1"),
+                                         ("llama-tiny", "tp=1,pp=2,dp=2", "tp=2,pp=1,dp=1")])
+def test_whole_source_tensors_carry_their_crc_into_the_sink(model, a, b):
+    """The rule lives in run_plan: the bytes of a copy that reads a whole source tensor keep
+    the CRC the source records for it (combined when several fill one tensor); other bytes
+    are checksummed from what is written. Recorded CRCs that are right give right CRCs;
+    deliberately wrong ones show exactly which tensors were not checksummed again."""
+    old, new = model_ptc(model, a), model_ptc(model, b)
     arrays = local_raw(old, global_raw(old, seed=3))
-    fake = {(r, n): 0x1234 for r in range(2) for n, _ in old.rank_shards(r)}
-    name = "memory://test-unchanged-crc"
-    sink = MemorySink(name, new)
-    plan = make_plan(Deployment(old, Placement(8)), Deployment(new.stored_replicas(), Placement(8)))
-    run_plan(plan, ArraysSource(old, arrays, checksums=fake), sink)
-    sink.commit()
-    try:
-        src = MemorySource(name)
-        unchanged = {c.tensor for c in plan.copies if c.src.region.sizes == tuple(
-            dict(new.rank_shards(0))[c.tensor].shape) and c.src.view is None and c.dst.view is None
-            and sum(d.tensor == c.tensor for d in plan.copies) == 1}
-        assert unchanged and len(unchanged) < len(new.names)
-        for n in new.names:
-            raw = np.ascontiguousarray(src.array(0, n)).reshape(-1).view(np.uint8)
-            want = 0x1234 if n in unchanged else zlib.crc32(raw)
-            assert src.checksum(0, n) == want, n
-        with pytest.raises(ChecksumError, match="memory://test-unchanged-crc, rank 0, tensor"):
-            verify_source(src)
-    finally:
-        delete_memory_checkpoint(name)
+    true = {(r, n): zlib.crc32(np.ascontiguousarray(x)) for r, t in arrays.items() for n, x in t.items()}
+    fake = {k: (v ^ 0x5A5A5A5A) for k, v in true.items()}
+    place = Placement(64)
+    plan = make_plan(Deployment(old, place), Deployment(new.stored_replicas(), place))
+    old_shapes = {(r, n): s.shape for r in range(old.config.world_size) for n, s in old.rank_shards(r)}
+    new_shapes = {(r, n): s.shape for r in range(new.config.world_size) for n, s in new.rank_shards(r)}
+    runs, wholes = {}, {}
+    for c in plan.copies:  # a whole source tensor into one contiguous run of the destination
+        whole = c.src.view is None and c.src.region.sizes == old_shapes[(c.src_rank, c.tensor)]
+        one_run = c.dst.view is None and len(flat_runs(new_shapes[(c.dst_rank, c.tensor)], c.dst.region)) == 1
+        key = (c.dst_rank, c.tensor)
+        runs[key] = runs.get(key, True) and one_run
+        wholes[key] = wholes.get(key, False) or (whole and one_run)
+    # a tensor written in contiguous runs only, one of them a whole source tensor: not re-read
+    reused = {key: runs[key] and wholes[key] for key in runs}
+    assert any(reused.values()) and not all(reused.values())
+    for recorded, label in ((true, "right"), (fake, "wrong")):
+        name = f"memory://test-crc-rule-{label}"
+        sink = MemorySink(name, new)
+        run_plan(plan, ArraysSource(old, arrays, checksums=recorded), sink)
+        sink.commit()
+        try:
+            src = MemorySource(name)
+            for (r, n), whole_copies in reused.items():
+                actual = zlib.crc32(np.ascontiguousarray(src.array(r, n)))
+                if label == "right" or not whole_copies:
+                    assert src.checksum(r, n) == actual, (label, r, n)
+                else:
+                    assert src.checksum(r, n) != actual, (label, r, n)
+        finally:
+            delete_memory_checkpoint(name)
 
 
 def test_memory_checkpoints_commit_atomically_and_never_change():

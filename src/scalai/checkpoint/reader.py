@@ -20,7 +20,7 @@ from ..errors import CheckpointError, ChecksumError
 from ..layout.ptc import PTC
 from ..regions import Region
 from ..storage.arrays import to_torch
-from ..storage.base import ArraySource
+from ..storage.base import FileSource
 from ..storage.verify import verify_source
 from .manifest import Manifest, read_manifest
 from .limits import reserve_descriptors
@@ -29,7 +29,7 @@ from .safetensors_io import SafetensorsReader
 __all__ = ["Checkpoint", "verify"]
 
 
-class Checkpoint(ArraySource):
+class Checkpoint(FileSource):
     """An opened checkpoint directory (use :meth:`open`): the
     :class:`~scalai.storage.TensorSource` of checkpoint directories (reads are views of
     the memory-mapped rank files).
@@ -119,6 +119,11 @@ class Checkpoint(ArraySource):
     def array(self, rank: int, tensor: str) -> np.ndarray:
         """:meth:`view` of the whole local tensor (the source interface)."""
         return self.file(self.stored_in(rank, tensor)).view(tensor)
+
+    def file_range(self, rank: int, tensor: str) -> tuple[int, int]:
+        """``(descriptor, byte offset)`` of ``tensor`` on ``rank`` in the file that holds it."""
+        f = self.file(self.stored_in(rank, tensor))
+        return f.fileno(), f.entry(tensor).start
 
     def checksum(self, rank: int, tensor: str) -> int:
         """The CRC-32 that the manifest records for ``tensor`` on ``rank`` (or its replica)."""

@@ -15,6 +15,7 @@ Files written here load with the official ``safetensors`` library.
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -98,6 +99,9 @@ def _load_sync_file_range():
 
 
 _SYNC_FILE_RANGE = _load_sync_file_range()
+_COPY_FILE_RANGE = hasattr(os, "copy_file_range")  # Linux, Python >= 3.8
+# copy_file_range refused: across filesystems, unsupported here, or not a regular file
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -140,6 +144,7 @@ class SafetensorsWriter:
         self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         self._map: mmap.mmap | None = None
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self.finalized = False
         try:
             try:
@@ -174,7 +179,10 @@ class SafetensorsWriter:
         return _array(self._map, self.entry(name))
 
     def write(self, name: str, byte_offset: int, data) -> None:
-        """Write the bytes of ``data`` (a contiguous buffer) at ``byte_offset`` of tensor ``name``."""
+        """Write the bytes of ``data`` (a contiguous buffer) at ``byte_offset`` of tensor ``name``.
+
+        Writes into one file run one at a time: the kernel serializes them on the file
+        anyway, and a thread that waits here sleeps instead of spinning in the kernel."""
         entry = self.entry(name)
         mv = memoryview(data)
         if byte_offset < 0 or byte_offset + mv.nbytes > entry.nbytes:
@@ -184,9 +192,35 @@ class SafetensorsWriter:
             return
         mv = mv.cast("B")
         pos = entry.start + byte_offset
-        while mv.nbytes:
-            done = os.pwrite(self._fd, mv, pos)
-            mv, pos = mv[done:], pos + done
+        with self._write_lock:
+            while mv.nbytes:
+                done = os.pwrite(self._fd, mv, pos)
+                mv, pos = mv[done:], pos + done
+
+    def copy_from(self, name: str, byte_offset: int, fd: int, offset: int, nbytes: int) -> bool:
+        """Copy ``nbytes`` bytes of file ``fd`` at ``offset`` to ``byte_offset`` of tensor
+        ``name`` inside the kernel (``copy_file_range``). ``False``, with nothing written,
+        where the kernel cannot (another filesystem, an old kernel, no such call)."""
+        entry = self.entry(name)
+        if byte_offset < 0 or byte_offset + nbytes > entry.nbytes:
+            raise ValueError(f"copy of {nbytes} bytes at {byte_offset} falls outside "
+                             f"{name} ({entry.nbytes} bytes)")
+        if not _COPY_FILE_RANGE:
+            return False
+        pos, done = entry.start + byte_offset, 0
+        with self._write_lock:
+            while done < nbytes:
+                try:
+                    n = os.copy_file_range(fd, self._fd, nbytes - done, offset + done, pos + done)
+                except OSError as exc:
+                    if done == 0 and exc.errno in _NO_KERNEL_COPY:
+                        return False
+                    raise
+                if n == 0:
+                    raise CheckpointError(f"copying into {self.path}: the source file ended "
+                                          f"{nbytes - done} bytes early")
+                done += n
+        return True
 
     def start_writeback(self, name: str) -> None:
         """Ask the kernel to start writing tensor ``name``'s bytes to disk, without waiting,

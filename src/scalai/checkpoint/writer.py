@@ -38,7 +38,7 @@ import numpy as np
 
 from ..bounded import loads
 from ..layout.ptc import PTC
-from ..storage.base import ArraySink
+from ..storage.base import FileSink
 from ..storage.checksum import ChecksumLedger, checksums
 from ..storage.run import default_workers
 from .limits import reserve_descriptors
@@ -76,7 +76,7 @@ def _refuse_existing(out_dir: str) -> None:
                               f"or remove it first")
 
 
-class CheckpointWriter(ArraySink):
+class CheckpointWriter(FileSink):
     """Write the checkpoint of ``ptc`` into ``out_dir`` (which must not exist yet): the
     :class:`~scalai.storage.TensorSink` of checkpoint directories.
 
@@ -208,6 +208,15 @@ class CheckpointWriter(ArraySink):
         instead of reading the tensor back."""
         self.file(rank).write(tensor, byte_offset, data)
         self._ledger.piece((rank, tensor), byte_offset, memoryview(data).nbytes, crc)
+
+    def copy_from(self, rank: int, tensor: str, byte_offset: int, fd: int, offset: int, nbytes: int,
+                  crc: int | None) -> bool:
+        """Copy ``nbytes`` of file ``fd`` at ``offset`` into ``tensor`` of ``rank``'s file at
+        ``byte_offset``, inside the kernel (``copy_file_range``); ``False`` where it cannot."""
+        if not self.file(rank).copy_from(tensor, byte_offset, fd, offset, nbytes):
+            return False
+        self._ledger.piece((rank, tensor), byte_offset, nbytes, crc)
+        return True
 
     def complete(self, rank: int, tensor: str) -> None:
         """``tensor`` of ``rank`` is fully written: start writing it back to disk now, so

@@ -8,6 +8,7 @@ Sources (the old layout's tensors):
 
 - :class:`ArraySource`: every local tensor is an addressable array (RAM, or a file
   mapping). Reads are views: no byte is copied before it reaches the sink.
+  :class:`FileSource`: moreover each tensor is a byte range of a file.
 - :class:`RangeSource`: reads copy a window's elements out of a medium that cannot be
   addressed (an HTTP store, an object store), one blocking call per block of at most
   ``block_bytes``, from up to ``concurrency`` worker threads.
@@ -23,6 +24,8 @@ Sinks (the new layout's tensors):
   (``pwrite`` into a file, an upload part); strided windows are assembled in a buffer first.
 - :class:`ArraySink`: its tensors are also writable arrays, so strided windows are copied
   in place, and what a plan wrote can be read back (a host fan-out reads it).
+  :class:`FileSink`: moreover each tensor is a byte range of a file, so a whole tensor of a
+  :class:`FileSource` is copied file to file inside the kernel.
 
 A sink declares ``zero_filled`` (elements no copy writes read as zero: fresh files, fresh
 RAM) and ``records_checksums`` (it keeps a CRC-32 per tensor: the runner hands it the CRC
@@ -52,8 +55,8 @@ from ..layout.ptc import PTC
 from ..planner.plan import Window
 from ..regions import Region
 
-__all__ = ["TensorSource", "ArraySource", "RangeSource", "AsyncRangeSource", "TensorSink", "ArraySink",
-           "copy_bytes", "same_tensors"]
+__all__ = ["TensorSource", "ArraySource", "FileSource", "RangeSource", "AsyncRangeSource", "TensorSink",
+           "ArraySink", "FileSink", "copy_bytes", "same_tensors"]
 
 
 class TensorSource(ABC):
@@ -120,6 +123,16 @@ class ArraySource(TensorSource):
     @abstractmethod
     def array(self, rank: int, tensor: str) -> np.ndarray:
         """Read-only raw array (the dtype's unsigned bits, local shape) of ``tensor`` on ``rank``."""
+
+
+class FileSource(ArraySource):
+    """An :class:`ArraySource` whose local tensors are contiguous byte ranges of files (a
+    checkpoint directory): whole tensors can be copied file to file inside the kernel."""
+
+    @abstractmethod
+    def file_range(self, rank: int, tensor: str) -> tuple[int, int]:
+        """``(file descriptor, byte offset)`` where ``rank``'s ``tensor`` starts (row-major,
+        ``nbytes`` contiguous bytes); the descriptor stays open until :meth:`close`."""
 
 
 class RangeSource(TensorSource):
@@ -214,6 +227,19 @@ class ArraySink(TensorSink):
     def written(self, rank: int, tensor: str) -> np.ndarray:
         """The array for reading back what was written (a host fan-out's source)."""
         return self.array(rank, tensor)
+
+
+class FileSink(ArraySink):
+    """An :class:`ArraySink` whose tensors are contiguous byte ranges of files: the runner
+    hands it whole source tensors to copy file to file inside the kernel."""
+
+    @abstractmethod
+    def copy_from(self, rank: int, tensor: str, byte_offset: int, fd: int, offset: int, nbytes: int,
+                  crc: int | None) -> bool:
+        """Copy ``nbytes`` bytes of file ``fd`` from ``offset`` to ``byte_offset`` of
+        ``rank``'s ``tensor`` (``crc``: their CRC-32, when known). Returns ``False``, having
+        written nothing, when the kernel cannot copy between these files (then the runner
+        writes the bytes with :meth:`write`)."""
 
 
 def copy_bytes(array: np.ndarray, byte_offset: int, data, what: str = "tensor") -> None:

@@ -82,16 +82,27 @@ class Filler:
         """One ``write`` of contiguous ``data`` at byte ``offset``, with its CRC if ``checksum``."""
         clock = self.clock
         t0 = _now()
-        crc = crc32(data) if checksum else None
+        crc = crc32(data) if checksum is True else None
         t1 = _now()
         write(offset, data, crc)
         clock.checksum += t1 - t0
         clock.write += _now() - t1
         self.progress(data.nbytes if copied is None else copied)
 
-    def stream(self, src: np.ndarray, write: Write, offset: int, checksum: bool) -> None:
-        """Write the selection ``src`` (any strides) as the contiguous bytes at ``offset``."""
+    def stream(self, src: np.ndarray, write: Write, offset: int, checksum: bool | int) -> None:
+        """Write the selection ``src`` (any strides) as the contiguous bytes at ``offset``.
+
+        ``checksum``: ``True``: pass the CRC-32 of every block; ``False``: none; an int:
+        the CRC-32 of all of ``src``, known already (then one ``write`` when contiguous)."""
         step_bytes = _blocks.CHUNK_BYTES
+        if checksum is not True and checksum is not False:
+            if src.flags.c_contiguous:
+                t0 = _now()
+                write(offset, src.reshape(-1), checksum)
+                self.clock.write += _now() - t0
+                self.progress(src.nbytes)
+                return
+            checksum = True  # gathered block by block: each block's own CRC
         if src.flags.c_contiguous:
             flat = src.reshape(-1)
             step = max(1, step_bytes // src.itemsize)

@@ -14,10 +14,14 @@ How:
    :mod:`scalai.storage.filler`), one per block of at most ``block_bytes`` for copies
    from ranged sources. Tasks run on a thread pool, largest first (so the last ones to
    finish are small ones), ``from_new`` copies (a host fan-out) after all others.
-3. The rule for a tensor that moves unchanged lives here: one copy of a whole source
-   tensor whose source records its CRC-32 into a whole destination tensor of a sink that
-   records checksums: the CRC is declared, not computed. Every other block written to
-   such a sink carries its CRC, computed while the block is in cache.
+3. The rule for bytes that move unchanged lives here (``_whole_source_crc``): a copy of a
+   whole source tensor whose source records its CRC-32, into a contiguous range of a sink
+   that records checksums, hands the sink that CRC instead of computing one (a tensor
+   that moves whole keeps its CRC; one merged from whole tensors gets theirs combined).
+   When both sides are files (:class:`FileSource`, :class:`FileSink`) such a copy runs
+   inside the kernel (``copy_file_range``: no page mapped, no byte through user space).
+   Every other block written to such a sink carries its CRC, computed while the block is
+   in cache.
 4. When a destination tensor's last task is done, ``sink.complete`` is called (write-back
    starts, a device copy is made) while other tensors are still being filled.
 
@@ -50,7 +54,8 @@ from ..errors import PlanError
 from ..planner.plan import Copy, Plan, Window
 from ..regions import Region
 from . import blocks as _blocks
-from .base import ArraySink, ArraySource, AsyncRangeSource, RangeSource, TensorSink, TensorSource, same_tensors
+from .base import (ArraySink, ArraySource, AsyncRangeSource, FileSink, FileSource, RangeSource, TensorSink,
+                   TensorSource, same_tensors)
 from .blocks import select, split_window, window_span
 from .filler import PARTS, Clock, Filler
 
@@ -170,6 +175,7 @@ class _Run:
         self.plan, self.source, self.sink = plan, source, sink
         self.checksum = sink.records_checksums
         self.arrays = isinstance(sink, ArraySink)
+        self.files = isinstance(sink, FileSink)  # kernel copies file to file (until one is refused)
         if not sink.zero_filled and not self.arrays:
             raise TypeError(f"{type(sink).__name__} is neither zero_filled nor an ArraySink; the runner "
                             f"cannot zero the elements no copy writes")
@@ -307,30 +313,56 @@ class _Run:
             if local.dtype.itemsize != dest.dtype.itemsize:
                 raise PlanError(f"{tensor}: source and destination element sizes differ")
             selected.append((c, select(c.src, local), local.shape))
+        if self.arrays and not self.checksum:  # memory to memory: one copy per window, no blocks
+            target = sink.array(rank, tensor)
+            for c, s, _ in selected:
+                filler.strided(select(c.dst, target), s)
+            return
         write = partial(sink.write, rank, tensor)
-        if self.checksum and len(selected) == 1 and not copies[0].from_new:
-            c, s, src_shape = selected[0]
-            whole = Region.full(dest.shape)
-            if src_shape == dest.shape and c.src.view is None and c.dst.view is None \
-                    and c.src.region == whole == c.dst.region:
-                crc = self.parts[c.src_rank].checksum(c.src_rank, tensor)
-                if crc is not None:  # the tensor moves unchanged: its CRC is the one its source records
-                    sink.declare_checksum(rank, tensor, crc)
-                    filler.stream(s, write, 0, checksum=False)
-                    return
         spans = [window_span(dest.shape, c.dst) for c, _, _ in selected]
         if None in spans and not dest.mixed and all(c.dst.view is None for c, _, _ in selected) \
                 and prod(dest.shape[1:]) * dest.dtype.itemsize <= _blocks.CHUNK_BYTES:
             filler.assemble(dest.shape, dest.dtype, [(c.dst.region, s) for c, s, _ in selected], write, self.checksum)
             return
         target = None
-        for (c, s, _), span in zip(selected, spans):
-            if span is not None:
-                filler.stream(s, write, span * dest.dtype.itemsize, self.checksum)
-            else:
+        for (c, s, src_shape), span in zip(selected, spans):
+            if span is None:
                 if target is None:
                     target = sink.array(rank, tensor)
                 filler.strided(select(c.dst, target), s)
+                continue
+            offset = span * dest.dtype.itemsize
+            crc = self._whole_source_crc(c, src_shape)
+            if crc is None:
+                filler.stream(s, write, offset, self.checksum)
+            elif not self._kernel_copy(c, rank, tensor, offset, s.nbytes, crc):
+                filler.stream(s, write, offset, crc)
+
+    def _whole_source_crc(self, c: Copy, src_shape: tuple[int, ...]) -> int | None:
+        """The rule for bytes that move unchanged, in one place: a copy that reads a whole
+        source tensor (no view) carries the CRC-32 its source records to the sink, for the
+        contiguous bytes it writes; they are not checksummed again. A tensor filled by one
+        such copy keeps its source's CRC; one filled by several gets theirs combined."""
+        if not self.checksum or c.from_new or c.src.view is not None or c.src.region.sizes != src_shape:
+            return None
+        return self.parts[c.src_rank].checksum(c.src_rank, c.tensor)
+
+    def _kernel_copy(self, c: Copy, rank: int, tensor: str, offset: int, nbytes: int, crc: int) -> bool:
+        """Copy a whole source tensor file to file inside the kernel (no page of either file
+        mapped here, no byte through user space) when both sides are files; False if not."""
+        part = self.parts[c.src_rank]
+        if not (self.files and isinstance(part, FileSource)) or not nbytes:
+            return False
+        fd, start = part.file_range(c.src_rank, c.tensor)
+        clock = self.filler().clock
+        t0 = time.perf_counter()
+        done = self.sink.copy_from(rank, tensor, offset, fd, start, nbytes, crc)
+        clock.write += time.perf_counter() - t0
+        if not done:
+            self.files = False  # e.g. across filesystems: the runner writes from mappings instead
+            return False
+        self.tick(nbytes)
+        return True
 
     def _read(self, part: TensorSource, c: Copy, window: Window, out: np.ndarray) -> None:
         """A blocking read on a worker thread (never an asynchronous part's: a worker that
