@@ -200,3 +200,34 @@ def test_writer_stores_replicas_once_per_host_and_they_transform(cluster, tmp_pa
     for r in range(4):
         for name, want in _rank_tensors(new.ptc, r, torch_tensors=False).items():
             np.testing.assert_array_equal(reader.read_window(r, name), want, err_msg=f"{name} of rank {r}")
+
+
+def test_pull_refuses_bytes_that_do_not_match_the_stores_record(cluster, tmp_path):
+    """pull reads through the plan runner and checks every tensor's CRC-32, computed on the
+    way, against the store's record before committing: a damaged byte leaves no checkpoint."""
+    import os
+
+    ptc = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1")
+    place = cluster.placement(1)
+    for rank in range(2):
+        save_rank(cluster, "job", "v0", rank, ptc, place, _rank_tensors(ptc, rank, torch_tensors=False))
+    commit(cluster, "job", "v0", ptc, place, {"step": 1}, 0)
+    cluster.pull("job", str(tmp_path / "good"))
+    from scalai.checkpoint import Checkpoint
+
+    with Checkpoint.open(tmp_path / "good") as ckpt:
+        ckpt.verify()
+        for name, want in _rank_tensors(ptc, 1, torch_tensors=False).items():
+            np.testing.assert_array_equal(np.asarray(ckpt.view(1, name)), want)
+    host = place.host(1)
+    name = next(n for n, s in ptc.rank_shards(1) if int(np.prod(s.shape)) > 300)
+    path = cluster.client(host).files("job", "v0", 1)[name]["path"]
+    with open(path, "r+b") as f:
+        f.seek(600)
+        byte = f.read(1)
+        f.seek(600)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ChecksumError, match=f"{name} of rank 1 from store {host}"):
+        cluster.pull("job", str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".bad")], \
+        "nothing is left of the refused pull"

@@ -18,7 +18,8 @@ __all__ = ["identity_plan"]
 
 
 def identity_plan(ptc: PTC, ranks: Iterable[int], stored: Callable[[int, str], bool] | None = None,
-                  source_rank: Callable[[int, str], int] | None = None) -> Plan:
+                  source_rank: Callable[[int, str], int] | None = None,
+                  placement: Placement | None = None) -> Plan:
     """Copies of every local tensor of ``ranks`` from ``ptc`` into ``ptc``, each whole.
 
     Args:
@@ -27,9 +28,9 @@ def identity_plan(ptc: PTC, ranks: Iterable[int], stored: Callable[[int, str], b
             (a sink that keeps each replica once); default: all.
         source_rank: ``(rank, tensor) -> rank`` that holds the bytes in the source (a
             replica stored once); default: the same rank.
+        placement: where the ranks' bytes are (copies name the hosts); default: one host.
     """
-    place = Placement(ptc.config.world_size)
-    host = place.host(0)
+    place = placement or Placement(ptc.config.world_size)
     copies = []
     for rank in ranks:
         for name, shard in ptc.rank_shards(rank):
@@ -38,8 +39,9 @@ def identity_plan(ptc: PTC, ranks: Iterable[int], stored: Callable[[int, str], b
             src = rank if source_rank is None else source_rank(rank, name)
             window = Window(Region.full(shard.shape))
             copies.append(Copy(name, src, rank, window, window, window.volume * itemsize(ptc.spec(name).dtype),
-                               host, host))
+                               place.host(src), place.host(rank)))
     total = sum(c.nbytes for c in copies)
     same_device = sum(c.nbytes for c in copies if c.src_rank == c.dst_rank)
+    same_host = sum(c.nbytes for c in copies if not c.crosses_hosts)
     return Plan(Deployment(ptc, place), Deployment(ptc, place), tuple(copies),
-                PlanStats(total, same_device, total, 0, 0, copies=len(copies)))
+                PlanStats(total, same_device, same_host, total - same_host, 0, copies=len(copies)))

@@ -155,6 +155,7 @@ class _Task:
     nbytes: int
     block: tuple[Window, Window] | None = None
     part: TensorSource | None = None
+    turn: int = 0  # a block's place among the blocks read from its source host
 
 
 class _Run:
@@ -221,9 +222,13 @@ class _Run:
             if fanout:
                 phases[1].append(_Task("arrays", rank, tensor, fanout, sum(c.nbytes for c in fanout)))
         for phase in phases:
+            turns: dict[str, int] = defaultdict(int)
             for t in phase:
                 self.dests[(t.rank, t.tensor)].pending += 1
-            phase.sort(key=lambda t: -t.nbytes)  # largest first: the pool ends on small tasks
+                if t.kind == "block":  # blocks of equal size: every source host's turn in turn
+                    t.turn = turns[t.copies[0].src_host]
+                    turns[t.copies[0].src_host] += 1
+            phase.sort(key=lambda t: (-t.nbytes, t.turn))  # largest first: the pool ends on small tasks
         self.phases = phases
         self.copies = sum(len(c) for c in by_dest.values())
         self.bytes = sum(c.nbytes for copies in by_dest.values() for c in copies)

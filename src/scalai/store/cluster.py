@@ -10,7 +10,6 @@ committed version with the highest sequence that every store of its placement ho
 from __future__ import annotations
 
 import re
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -266,11 +265,21 @@ class StoreCluster:
              progress: Callable[[int], None] | None = None, workers: int = 2, attempts: int = 3) -> StoredVersion:
         """Write a committed version (default: the latest) as a checkpoint directory.
 
-        Every tensor streams from the store of its rank's host into the new rank files;
-        its CRC-32 is checked against the one the store recorded. Without ``version``, a
+    def pull(self, job: str, out_dir: str, version: str | None = None,
+             progress: Callable[[int], None] | None = None, workers: int = 2, attempts: int = 3) -> StoredVersion:
+        """Write a committed version (default: the latest) as a checkpoint directory.
+
+        The identity plan from the stores into a :class:`~scalai.checkpoint.CheckpointWriter`,
+        run by :func:`~scalai.storage.run_plan`: every tensor the checkpoint stores is read
+        in ranged blocks from the store of the rank that holds it (``workers`` reads per
+        store in flight), and its CRC-32, computed on the way, is checked against the one
+        the store recorded before the checkpoint is committed. Without ``version``, a
         current version that another writer replaces (and deletes) while it is read is
         given up for the new current one, up to ``attempts`` times; nothing of the first
         is left behind.
+
+        Raises:
+            ChecksumError: a tensor's bytes do not match the store's record (nothing is written).
         """
         for attempt in range(attempts):
             src = self.latest(job, version)
@@ -285,35 +294,55 @@ class StoreCluster:
     def _pull(self, job: str, src: StoredVersion, out_dir: str, progress, workers: int) -> None:
         from ..checkpoint import CheckpointWriter
         from ..errors import ChecksumError
+        from ..planner.identity import identity_plan
+        from ..storage.run import run_plan
+        from .training import StoreReader
 
         m = src.manifest
         full = m.ptc.full  # the checkpoint's layout; the stores may hold a replica once per host
         source = _stored_sources(m)
-        recorded = {}
-        for host in m.hosts:
-            ranks = self.client(host).version(job, m.version)["ranks"]
-            for rank, tensors in ranks.items():
-                for tensor, info in tensors.items():
-                    recorded[(int(rank), tensor)] = info["crc32"]
-        with CheckpointWriter(out_dir, full, m.state) as writer:
-            def fetch(item: tuple[int, str]) -> None:
-                rank, tensor = item
-                stored = source[(rank, tensor)]
-                client = self.client(m.placement.host(stored))
-                offset, crc = 0, 0
-                for chunk in client.stream(job, m.version, stored, tensor):
-                    piece_crc = zlib.crc32(chunk)
-                    writer.write(rank, tensor, offset, chunk, piece_crc)
-                    crc = zlib.crc32(chunk, crc)
-                    offset += len(chunk)
-                    if progress is not None:
-                        progress(len(chunk))
-                want = recorded.get((stored, tensor))
-                if want is not None and int(want, 16) != crc:
-                    raise ChecksumError(f"{tensor} of rank {rank} from store {client.label} does not match "
-                                        f"the checksum the store recorded; its memory may be damaged")
+        with StoreReader(self, job, m.version) as reader, CheckpointWriter(out_dir, full, m.state) as writer:
+            plan = identity_plan(full, range(full.config.world_size), stored=writer.stores,
+                                 source_rank=lambda r, n: source[(r, n)], placement=m.placement)
+            run_plan(plan, reader, writer, workers=workers * len(m.hosts), progress=progress)
+            for record in writer.finish():
+                for tensor, t in record.tensors.items():
+                    stored = source[(record.rank, tensor)]
+                    want = reader.checksum(stored, tensor)
+                    if t.checksum is not None and want is not None and want != t.checksum:
+                        raise ChecksumError(f"{tensor} of rank {stored} from {reader.where(stored)} does not "
+                                            f"match the checksum the store recorded; its memory may be damaged")
+            writer.commit()
+        """
+        for attempt in range(attempts):
+            src = self.latest(job, version)
+            try:
+                self._pull(job, src, out_dir, progress, workers)
+                return src
+            except StoreRequestError as exc:
+                if version is not None or exc.status != 404 or attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
 
-            parallel(fetch, _interleave([(m.placement.host(source[(r, n)]), (r, n)) for r in range(full.config.world_size)
-                                         for n, _ in full.rank_shards(r) if writer.stores(r, n)]),
-                     workers * len(m.hosts))
+    def _pull(self, job: str, src: StoredVersion, out_dir: str, progress, workers: int) -> None:
+        from ..checkpoint import CheckpointWriter
+        from ..errors import ChecksumError
+        from ..planner.identity import identity_plan
+        from ..storage.run import run_plan
+        from .training import StoreReader
+
+        m = src.manifest
+        full = m.ptc.full  # the checkpoint's layout; the stores may hold a replica once per host
+        source = _stored_sources(m)
+        with StoreReader(self, job, m.version) as reader, CheckpointWriter(out_dir, full, m.state) as writer:
+            plan = identity_plan(full, range(full.config.world_size), stored=writer.stores,
+                                 source_rank=lambda r, n: source[(r, n)], placement=m.placement)
+            run_plan(plan, reader, writer, workers=workers * len(m.hosts), progress=progress)
+            for record in writer.finish():
+                for tensor, t in record.tensors.items():
+                    stored = source[(record.rank, tensor)]
+                    want = reader.checksum(stored, tensor)
+                    if t.checksum is not None and want is not None and want != t.checksum:
+                        raise ChecksumError(f"{tensor} of rank {stored} from {reader.where(stored)} does not "
+                                            f"match the checksum the store recorded; its memory may be damaged")
             writer.commit()
