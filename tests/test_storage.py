@@ -289,3 +289,39 @@ def test_sources_and_sinks_must_be_declared():
     other = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1")
     with pytest.raises(ValueError, match="plan was made for tp=1"):
         run_plan(plan, ArraysSource(other, arrays), ArraysSink(old, arrays))
+
+
+class FakeDeviceTensor:
+    """Stands for a tensor on an accelerator (no GPU here): what ArraysSink needs of one is
+    its shape, dtype, device, and ``copy_`` from a host tensor."""
+
+    def __init__(self, shape, dtype):
+        import torch
+
+        self.shape, self.dtype, self.device = torch.Size(shape), dtype, "cuda:0"
+        self.value, self.copies = None, 0
+
+    def copy_(self, host):
+        self.value, self.copies = host.clone(), self.copies + 1
+
+
+def test_device_tensors_fill_through_one_host_buffer_each():
+    """A sink over tensors on a device stages each in host memory, copies it to the device
+    once when the runner completes it, and frees the buffer; padding reads zero."""
+    import torch
+
+    from scalai.dtypes import torch_dtype
+
+    old, new = model_ptc("llama-tiny", "tp=2,pp=1,dp=1"), model_ptc("llama-tiny", "tp=4,pp=1,dp=1")
+    glob = global_raw(old, seed=11)
+    live = {r: {n: FakeDeviceTensor(s.shape, torch_dtype(new.spec(n).dtype)) for n, s in new.rank_shards(r)}
+            for r in range(4)}
+    sink = ArraysSink(new, live)
+    run_plan(_plan(old, new, fanout=False), ArraysSource(old, local_raw(old, glob, pad=GARBAGE)), sink, workers=2)
+    sink.commit()  # refuses when a staged tensor was never completed
+    expected = local_raw(new, glob, pad=0)
+    for r, tensors in live.items():
+        for n, t in tensors.items():
+            assert t.copies == 1, (r, n)
+            raw = t.value.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.value.element_size()])
+            assert np.array_equal(raw.numpy().view(expected[r][n].dtype), expected[r][n]), (r, n)
