@@ -29,6 +29,15 @@ def _rank_tensors(ptc, rank: int, seed: int = 5, torch_tensors: bool = True) -> 
     return out
 
 
+def _damage(path: str, offset: int = 600) -> None:
+    """Flip the bits of one byte of a store's tensor file (past its 512-byte header)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
 def _empty(ptc, rank: int) -> dict:
     return {n: torch.full(s.shape, 7, dtype=getattr(torch, ptc.spec(n).dtype)) for n, s in ptc.rank_shards(rank)}
 
@@ -150,12 +159,7 @@ def test_writer_and_reader_for_the_training_api(cluster):
     np.testing.assert_array_equal(local.read_window(3, name, box), expected[name][1:4, 2:6])
     np.testing.assert_array_equal(local.read_window(3, flat, w), w.select(expected[flat]))
     # a damaged byte in the store's memory is caught by the checksum pass
-    path = cluster.client(host).files("job", "v0", 3)[name]["path"]
-    with open(path, "r+b") as f:
-        f.seek(600)
-        byte = f.read(1)
-        f.seek(600)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    _damage(cluster.client(host).files("job", "v0", 3)[name]["path"])
     local.close()
     with pytest.raises(ChecksumError, match=f"rank 3, tensor {name}"):
         verify_source(StoreReader([c.url for c in cluster.clients], "job", local_host=host), [3])
@@ -221,12 +225,7 @@ def test_pull_refuses_bytes_that_do_not_match_the_stores_record(cluster, tmp_pat
             np.testing.assert_array_equal(np.asarray(ckpt.view(1, name)), want)
     host = place.host(1)
     name = next(n for n, s in ptc.rank_shards(1) if int(np.prod(s.shape)) > 300)
-    path = cluster.client(host).files("job", "v0", 1)[name]["path"]
-    with open(path, "r+b") as f:
-        f.seek(600)
-        byte = f.read(1)
-        f.seek(600)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    _damage(cluster.client(host).files("job", "v0", 1)[name]["path"])
     with pytest.raises(ChecksumError, match=f"{name} of rank 1 from store {host}"):
         cluster.pull("job", str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".bad")], \
