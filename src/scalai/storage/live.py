@@ -30,6 +30,7 @@ class _Arrays:
     def __init__(self, ptc: PTC, arrays: Mapping[int, Mapping[str, Any]], side: str):
         self.ptc, self._arrays, self._side = ptc, arrays, side
         self._shapes: dict[int, dict[str, tuple[int, ...]]] = {}
+        self._raw: dict[tuple[int, str], np.ndarray] = {}
 
     def given(self, rank: int, tensor: str) -> Any:
         try:
@@ -47,9 +48,15 @@ class _Arrays:
                              f"shape under {self.ptc.config} is {list(shapes.get(tensor, ()))}")
 
     def raw(self, rank: int, tensor: str) -> np.ndarray:
+        """The raw view (checked once; a device tensor is copied to host memory each time)."""
+        raw = self._raw.get((rank, tensor))
+        if raw is not None:
+            return raw
         array = self.given(rank, tensor)
         raw = as_raw(array, self.ptc.spec(tensor).dtype, f"{self._side} {tensor} of rank {rank}")
         self.check_shape(rank, tensor, raw.shape)
+        if not _on_device(array):
+            self._raw[(rank, tensor)] = raw
         return raw
 
 

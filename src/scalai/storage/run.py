@@ -41,7 +41,7 @@ import asyncio
 import threading
 import time
 from collections import defaultdict
-from concurrent.futures import FIRST_EXCEPTION, Executor, ThreadPoolExecutor, wait
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from math import prod
@@ -52,14 +52,14 @@ import numpy as np
 from ..dtypes import raw_numpy
 from ..errors import PlanError
 from ..planner.plan import Copy, Plan, Window
-from ..regions import Region
+from ..regions import Region, subtract
 from . import blocks as _blocks
 from .base import (ArraySink, ArraySource, AsyncRangeSource, FileSink, FileSource, RangeSource, TensorSink,
                    TensorSource, same_tensors)
 from .blocks import select, split_window, window_span
 from .filler import PARTS, Clock, Filler
 
-__all__ = ["run_plan", "run_plan_async", "RunReport", "default_workers", "check_plan"]
+__all__ = ["run_plan", "run_plan_async", "RunReport", "default_workers", "check_plan", "uncovered"]
 
 
 def default_workers() -> int:
@@ -94,41 +94,62 @@ class RunReport:
         return " · ".join(f"{p} {self.seconds[p]:.2f}" for p in PARTS if self.seconds.get(p))
 
 
-def check_plan(plan: Plan) -> dict[tuple[int, str], int]:
-    """Validate every copy against the plan's layouts; the covered volume per destination.
+def _fits(region: Region, shape: tuple[int, ...]) -> bool:
+    offsets, sizes = region.offsets, region.sizes
+    if len(offsets) != len(shape):
+        return False
+    for o, s, n in zip(offsets, sizes, shape):
+        if o + s > n:
+            return False
+    return True
+
+
+def check_plan(plan: Plan) -> dict[tuple[int, str], list[Window]]:
+    """Validate every copy against the plan's layouts; the destination windows per
+    destination (rank, tensor).
 
     Raises:
         PlanError: naming the first copy whose window does not fit its rank's local tensor,
             or whose source and destination shapes differ.
     """
     old_ptc, new_ptc = plan.old.ptc, plan.new.ptc
-    shards: dict[tuple[bool, int], dict] = {}
+    shapes: dict[tuple[bool, int], dict[str, tuple[int, ...]]] = {}
 
-    def shard_of(new: bool, rank: int, tensor: str):
-        key = (new, rank)
-        if key not in shards:
+    def shape_of(new: bool, rank: int, tensor: str) -> tuple[int, ...] | None:
+        table = shapes.get((new, rank))
+        if table is None:
             ptc = new_ptc if new else old_ptc
-            shards[key] = dict(ptc.rank_shards(rank)) if 0 <= rank < ptc.config.world_size else {}
-        return shards[key].get(tensor)
+            table = shapes[(new, rank)] = ({n: s.shape for n, s in ptc.rank_shards(rank)}
+                                           if 0 <= rank < ptc.config.world_size else {})
+        return table.get(tensor)
 
-    covered: dict[tuple[int, str], int] = defaultdict(int)
+    windows: dict[tuple[int, str], list[Window]] = defaultdict(list)
     for c in plan.copies:
         for window, new, rank, side in ((c.src, c.from_new, c.src_rank, "source"),
                                         (c.dst, True, c.dst_rank, "destination")):
-            shard = shard_of(new, rank, c.tensor)
-            region = window.region
-            ok = shard is not None and region.ndim == len(shard.shape) and all(
-                o + s <= n for o, s, n in zip(region.offsets, region.sizes, shard.shape))
+            shape = shape_of(new, rank, c.tensor)
+            ok = shape is not None and _fits(window.region, shape)
             if ok and window.view is not None:
-                ok = (prod(window.view) == region.volume and window.sub is not None
-                      and all(o + s <= n for o, s, n in zip(window.sub.offsets, window.sub.sizes, window.view)))
+                ok = (prod(window.view) == window.region.volume and window.sub is not None
+                      and _fits(window.sub, window.view))
             if not ok:
                 raise PlanError(f"copy of {c.tensor}: {side} window {window} does not fit rank "
-                                f"{rank}'s local tensor ({shard.shape if shard else 'absent'})")
+                                f"{rank}'s local tensor ({shape if shape is not None else 'absent'})")
         if c.src.shape != c.dst.shape:
             raise PlanError(f"copy of {c.tensor}: source shape {c.src.shape} != destination {c.dst.shape}")
-        covered[(c.dst_rank, c.tensor)] += c.dst.volume
-    return covered
+        windows[(c.dst_rank, c.tensor)].append(c.dst)
+    return windows
+
+
+def uncovered(shape: tuple[int, ...], windows: list[Window], limit: int = 64) -> list[Region] | None:
+    """The boxes of a tensor of ``shape`` that no window writes (its padding), or ``None``
+    when that is not worth computing (windows of flat views, or very many windows)."""
+    if len(windows) > limit or any(w.view is not None for w in windows):
+        return None
+    left = [Region.full(shape)]
+    for w in windows:
+        left = [piece for box in left for piece in subtract(box, w.region)]
+    return [box for box in left if box.volume]
 
 
 @dataclass
@@ -167,7 +188,7 @@ class _Run:
         if not isinstance(sink, TensorSink):
             raise TypeError(f"sink {sink!r} is not a TensorSink; wrap arrays in ArraysSink, write "
                             f"checkpoints with CheckpointWriter")
-        self.covered = check_plan(plan)
+        self.windows = check_plan(plan)
         for obj, ptc, side in ((source, plan.old.ptc, "source"), (sink, plan.new.ptc, "destination")):
             if not same_tensors(obj.ptc, ptc):
                 raise ValueError(f"the {side} holds layout {obj.ptc.config} of its tensors, the plan was "
@@ -199,11 +220,15 @@ class _Run:
         self.dests: dict[tuple[int, str], _Dest] = {}
         phases: tuple[list[_Task], list[_Task]] = ([], [])
         shapes: dict[int, dict] = {}
+        dtypes: dict[str, np.dtype] = {}
         for (rank, tensor), copies in by_dest.items():
             copies.sort(key=lambda c: c.dst.region.offsets)
             if rank not in shapes:
                 shapes[rank] = {n: s.shape for n, s in plan.new.ptc.rank_shards(rank)}
-            dest = self.dests[(rank, tensor)] = _Dest(shapes[rank][tensor], raw_numpy(plan.new.ptc.spec(tensor).dtype))
+            dtype = dtypes.get(tensor)
+            if dtype is None:
+                dtype = dtypes[tensor] = raw_numpy(plan.new.ptc.spec(tensor).dtype)
+            dest = self.dests[(rank, tensor)] = _Dest(shapes[rank][tensor], dtype)
             fanout, local, ranged = [], [], []
             for c in copies:
                 (fanout if c.from_new else local if isinstance(self.parts[c.src_rank], ArraySource)
@@ -280,15 +305,21 @@ class _Run:
             clock.complete += time.perf_counter() - t0
 
     def start(self) -> None:
-        """Prepare the sink; zero what no copy fully covers (sinks that are not zero-filled)."""
-        self.sink.prepare(sorted({rank for rank, _ in self.covered}))
-        if not self.sink.zero_filled:
-            for key, volume in self.covered.items():
-                local = self.sink.array(*key)
-                if volume < local.size:
-                    local[...] = 0
-                    if key not in self.dests:  # nothing else will write it
-                        self.sink.complete(*key)
+        """Prepare the sink; in a sink that is not zero-filled, zero what no copy writes."""
+        self.sink.prepare(sorted({rank for rank, _ in self.windows}))
+        if self.sink.zero_filled:
+            return
+        for key, windows in self.windows.items():
+            local = self.sink.array(*key)
+            if sum(w.volume for w in windows) >= local.size:
+                continue
+            padding = uncovered(local.shape, windows)
+            if padding is None:
+                local[...] = 0
+            for box in padding or ():
+                local[box.to_slices() + (...,)] = 0
+            if key not in self.dests:  # nothing else will write it
+                self.sink.complete(*key)
 
     def report(self, total: float) -> RunReport:
         seconds = {"total": total}
@@ -455,16 +486,25 @@ class _Run:
 
     # -- drivers ------------------------------------------------------------------------
     def run_threads(self, pool: Executor) -> None:
+        """Every task on the pool's threads, each thread taking the next task in order; after
+        a failure no task starts, the running ones end, and the first error is raised."""
         for phase in self.phases:  # from_new copies read what the first phase wrote
-            futures = [pool.submit(self.run_task, t) for t in phase]
-            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            if pending:  # a task failed: start no other, let the running ones end, raise
-                for f in pending:
-                    f.cancel()
-                wait(pending)
-            for f in futures:
-                if not f.cancelled() and f.exception() is not None:
-                    raise f.exception()
+            tasks, lock, failed = iter(phase), threading.Lock(), []
+
+            def worker() -> None:
+                while not failed:
+                    with lock:
+                        task = next(tasks, None)
+                    if task is None:
+                        return
+                    try:
+                        self.run_task(task)
+                    except BaseException as exc:  # noqa: BLE001 - raised below, in the caller
+                        failed.append(exc)
+
+            wait([pool.submit(worker) for _ in range(min(self.workers, len(phase)))])
+            if failed:
+                raise failed[0]
 
     async def run_async(self, pool: Executor) -> None:
         loop = asyncio.get_running_loop()
