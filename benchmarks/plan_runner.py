@@ -72,7 +72,7 @@ def _timed(fn) -> dict[str, float]:
 
 def scalai_files(src: str, out: str, new: ParallelConfig, workers: int) -> dict[str, float]:
     _, t = reshard_checkpoint(src, out, new, workers=workers, sync=True)
-    return {"plan": t.plan, "run": t.copy, "commit": t.checksum + t.sync,
+    return {"plan": t.plan, "run": t.copy, "commit": t.checksum + t.sync, "prepare": t.run.seconds["prepare"],
             **{p: t.run.seconds[p] for p in PARTS}}
 
 
@@ -123,7 +123,8 @@ class InMemory:
         t1 = time.perf_counter()
         report = run_plan(plan, ArraysSource(self.old, self.arrays), ArraysSink(self.new, self.dest), workers=workers)
         self.nbytes = report.bytes
-        return {"plan": t1 - t0, "run": report.seconds["total"], **{p: report.seconds[p] for p in PARTS}}
+        return {"plan": t1 - t0, "run": report.seconds["total"], "prepare": report.seconds["prepare"],
+                **{p: report.seconds[p] for p in PARTS}}
 
 
 class MemoryCopy:
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
                 st = Stats.of([x["total"] for x in samples[m]])
                 parts = ""
                 if m.startswith("scalai"):
-                    parts = " · ".join(f"{k} {med[m][k]:.2f}" for k in ("plan", "run", "commit", *PARTS)
+                    parts = " · ".join(f"{k} {med[m][k]:.2f}" for k in ("plan", "run", "prepare", "commit", *PARTS)
                                        if med[m].get(k))
                 ratio = cpu_ratio = ""
                 if floor:

@@ -46,7 +46,10 @@ from .staging import create as create_staging, release as release_staging
 from .manifest import Manifest, RankRecord, TensorRecord, rank_file_name, write_manifest
 from .safetensors_io import SafetensorsWriter, TensorEntry
 
-__all__ = ["CheckpointWriter", "save_arrays", "default_workers"]
+__all__ = ["CheckpointWriter", "save_arrays", "default_workers", "WRITEBACK_BYTES"]
+
+#: Tensors at least this large start their write-back as soon as they are complete.
+WRITEBACK_BYTES = 1 << 20
 
 
 def _created_by() -> str:
@@ -220,9 +223,12 @@ class CheckpointWriter(FileSink):
 
     def complete(self, rank: int, tensor: str) -> None:
         """``tensor`` of ``rank`` is fully written: start writing it back to disk now, so
-        that the fsync of :meth:`commit` overlaps with filling the other tensors."""
+        that the fsync of :meth:`commit` overlaps with filling the other tensors (tensors
+        under :data:`WRITEBACK_BYTES` go with the file's fsync: a call each costs more)."""
         if self.sync:
-            self.file(rank).start_writeback(tensor)
+            f = self.file(rank)
+            if f.entry(tensor).nbytes >= WRITEBACK_BYTES:
+                f.start_writeback(tensor)
 
     def declare_checksum(self, rank: int, tensor: str, crc: int) -> None:
         """State the CRC-32 that the whole tensor will have once written (e.g. a tensor

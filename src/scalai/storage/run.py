@@ -78,9 +78,10 @@ class RunReport:
         copies: copies run.
         tensors: destination tensors written.
         workers: threads used.
-        seconds: ``total`` (wall time of the run) and each of
-            :data:`~scalai.storage.filler.PARTS` (seconds summed over the worker threads:
-            with ``workers`` threads they add up to at most ``workers x total``).
+        seconds: ``total`` (wall time of the run), ``prepare`` (its first part, before any
+            copy: checking and grouping the plan, the sink's ``prepare``, zeroing padding)
+            and each of :data:`~scalai.storage.filler.PARTS` (seconds summed over the worker
+            threads: with ``workers`` threads they add up to at most ``workers x total``).
     """
 
     bytes: int
@@ -267,6 +268,7 @@ class _Run:
         self._local = threading.local()
         self._fillers: list[Filler] = []
         self._read_seconds = 0.0  # awaited reads (summed over concurrent reads)
+        self.prepare_seconds = 0.0  # checking the plan, grouping it, preparing the sink
         self._sems: dict[int, asyncio.Semaphore] = {}  # per asynchronous part: reads in flight
 
     @staticmethod
@@ -322,7 +324,7 @@ class _Run:
                 self.sink.complete(*key)
 
     def report(self, total: float) -> RunReport:
-        seconds = {"total": total}
+        seconds = {"total": total, "prepare": self.prepare_seconds}
         for p in PARTS:
             seconds[p] = sum(getattr(f.clock, p) for f in self._fillers)
         seconds["read"] += self._read_seconds
@@ -578,6 +580,7 @@ def run_plan(plan: Plan, source: TensorSource, sink: TensorSink, *, workers: int
     t0 = time.perf_counter()
     run = _Run(plan, source, sink, workers, progress)
     run.start()
+    run.prepare_seconds = time.perf_counter() - t0
     with ThreadPoolExecutor(run.workers, thread_name_prefix="scalai-run") as pool:
         if run.is_async:
             asyncio.run(run.run_async(pool))
@@ -595,5 +598,6 @@ async def run_plan_async(plan: Plan, source: TensorSource, sink: TensorSink, *, 
     loop = asyncio.get_running_loop()
     run = await loop.run_in_executor(pool, lambda: _Run(plan, source, sink, None, progress))
     await loop.run_in_executor(pool, run.start)
+    run.prepare_seconds = time.perf_counter() - t0
     await run.run_async(pool)
     return run.report(time.perf_counter() - t0)
