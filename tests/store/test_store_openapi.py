@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from store_helpers import TOKEN, StoreProc
 from scalai import PTC, ParallelConfig, Placement, TensorSpec
+from scalai.planner import Deployment, make_plan
+from scalai.planner.serial import copies_to_json
 from scalai.store import VersionManifest
 from scalai.store.openapi import SCHEMAS, SPEC, schema
 
@@ -97,6 +99,8 @@ def test_answers_match_the_document(live):
     ]
     ptc = PTC(ParallelConfig(), [TensorSpec("w", (3, 4), "float32")], 0)
     manifest = VersionManifest("d", "v0", 0, ptc, Placement(1, ("host0",)), {"step": 1}).to_json()
+    deployment = Deployment(ptc, Placement(1, ("host0",)))
+    plan = make_plan(deployment, deployment)  # the coordinator's; the store gets its part
     steps += [
         ("/v1/jobs/{job}/versions/{version}/commit", "POST", "/v1/jobs/d/versions/v0/commit", None,
          json.dumps({"manifest": manifest}).encode()),
@@ -109,7 +113,7 @@ def test_answers_match_the_document(live):
             "from_version": "v0", "to_version": "v1", "old": {"ptc": manifest["ptc"],
                                                               "placement": manifest["placement"]},
             "new": {"layout": "tp=1,pp=1,dp=1", "placement": manifest["placement"]},
-            "peers": {"host0": url}}).encode()),
+            "peers": {"host0": url}, "plan": copies_to_json(plan, "host0")}).encode()),
         ("/v1/jobs/{job}/versions/{version}", "DELETE", "/v1/jobs/d/versions/v1", None, None),
         ("/v1/jobs/{job}/versions/{version}", "DELETE", "/v1/jobs/d/versions/v1", None, None),
         (lease, "POST", "/v1/jobs/d/versions/v5/lease", {"create": "true"}, None),

@@ -243,3 +243,41 @@ def reshard_plan_bytes(old, new) -> int:
 
     return make_plan(Deployment(old, Placement(4, ("host0", "host1"))),
                      Deployment(new, Placement(2, ("host0", "host1")))).stats.total_bytes
+
+
+def test_a_store_runs_the_part_of_the_plan_it_is_sent(stores, tmp_path):
+    """The coordinator plans once; a store runs exactly the copies it receives. Here every
+    copy is sent to read host1's replica (make_plan spreads them over both replicas): host2
+    fetches from host1 alone, and the result is still the state, bit for bit. A request
+    without its part of the plan, or with a malformed one, is refused before anything runs."""
+    from dataclasses import replace
+
+    from scalai.config import ParallelConfig, Placement
+    from scalai.models.synth import write_synthetic_checkpoint
+    from scalai.planner import Deployment, make_plan
+    from scalai.planner.plan import Plan
+    from scalai.planner.serial import copies_to_json
+    from scalai.store import StoreRequestError, VersionManifest
+    from scalai.store.reshard import _request
+
+    write_synthetic_checkpoint("gpt-tiny", tmp_path / "a", ParallelConfig.parse("tp=1,pp=1,dp=2"), seed=4)
+    cluster = StoreCluster([p.url for p in stores(3)])
+    cluster.push(str(tmp_path / "a"), "gpt", gpus_per_host=1)  # rank 0 on host0, its replica on host1
+    src = cluster.latest("gpt").manifest
+    old = Deployment(src.ptc, src.placement)
+    new = Deployment(src.ptc.relayout(ParallelConfig.parse("tp=1,pp=1,dp=1")), Placement(1, ("host2",)))
+    plan = make_plan(old, new)
+    assert {c.src_host for c in plan.copies} == {"host0", "host1"}, "the planner spreads the load"
+    from_host1 = tuple(replace(c, src_rank=1, src_host="host1") for c in plan.copies)
+    request = _request(src.version, "v1", old, new, cluster.peers, True)
+    client = cluster.client("host2")
+    for bad in ({}, {"plan": {"tensors": [], "copies": [[0, 0, 0, [[0], [1]], [[0], [1]], False]]}}):
+        with pytest.raises(StoreRequestError, match="400"):
+            client.transform("gpt", {**request, **bad})
+    result = client.transform("gpt", {**request, "plan": copies_to_json(Plan(old, new, from_host1, plan.stats),
+                                                                           "host2")})
+    assert result["fetched_bytes"] == {"host1": plan.stats.total_bytes}
+    cluster.commit(VersionManifest("gpt", "v1", 1, new.ptc, new.placement, src.state, src.version), ["host2"])
+    cluster.pull("gpt", str(tmp_path / "pulled"), version="v1")
+    reshard_checkpoint(tmp_path / "a", tmp_path / "local", "tp=1,pp=1,dp=1", sync=False)
+    _same(tmp_path / "local", tmp_path / "pulled")

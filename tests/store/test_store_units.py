@@ -22,7 +22,7 @@ from scalai.store.names import (NameError_, check_name, check_rank, check_tensor
                                 parse_window, window_query)
 from scalai.store.placement import choose_hosts
 from scalai.store.ratelimit import TokenBucket
-from scalai.store.transform import split_copy
+from scalai.storage.blocks import split_window
 from simulate import cross_host_received, host_lower_bounds  # tests/ is on the path (store_helpers)
 
 
@@ -75,13 +75,13 @@ def _copy(src: Window, dst: Window, itemsize: int) -> Copy:
 @pytest.mark.parametrize("shape,src_box,dst_off", [((64, 300), ((3, 10), (50, 280)), (0, 5)),
                                                     ((5000,), ((100,), (4000,)), (7,)),
                                                     ((4, 3, 700), ((1, 0, 50), (3, 3, 600)), (0, 0, 0))])
-def test_split_copy_reassembles(shape, src_box, dst_off):
+def test_split_window_reassembles(shape, src_box, dst_off):
     rng = np.random.default_rng(0)
     src = rng.integers(0, 1 << 31, shape, dtype=np.uint32)
     box = Region(*src_box)
     dst = np.zeros(tuple(o + s for o, s in zip(dst_off, box.sizes)), np.uint32)
     c = _copy(Window(box), Window(Region(dst_off, box.sizes)), 4)
-    parts = split_copy(c, 4, max_bytes=4096)
+    parts = split_window(c.src, c.dst, 4, max_bytes=4096)
     assert len(parts) > 1 and all(sw.volume * 4 <= 4096 and sw.shape == dw.shape for sw, dw in parts)
     for sw, dw in parts:
         dw.select(dst)[...] = sw.select(src)
@@ -89,12 +89,12 @@ def test_split_copy_reassembles(shape, src_box, dst_off):
     assert sum(sw.volume for sw, _ in parts) == box.volume
 
 
-def test_split_copy_of_flat_views():
+def test_split_window_of_flat_views():
     flat = np.arange(1000, dtype=np.uint32)
     w = Window(Region((100,), (600,)), (20, 30), Region((2, 5), (15, 20)))
     out = np.zeros((15, 20), np.uint32)
     c = _copy(w, Window(Region((0, 0), (15, 20))), 4)
-    for sw, dw in split_copy(c, 4, max_bytes=200):
+    for sw, dw in split_window(c.src, c.dst, 4, max_bytes=200):
         dw.select(out)[...] = sw.select(flat)
     np.testing.assert_array_equal(out, w.select(flat))
 

@@ -15,7 +15,6 @@ Files written here load with the official ``safetensors`` library.
 
 from __future__ import annotations
 
-import errno
 import json
 import mmap
 import os
@@ -31,6 +30,7 @@ from ..bounded import loads, open_regular
 from ..dtypes import from_safetensors_code, itemsize, raw_numpy, safetensors_code
 from ..errors import CheckpointError
 from ..regions import Region
+from ..storage.kernel import kernel_copy
 
 __all__ = ["TensorEntry", "SafetensorsWriter", "SafetensorsReader", "MAX_HEADER_BYTES"]
 
@@ -99,9 +99,6 @@ def _load_sync_file_range():
 
 
 _SYNC_FILE_RANGE = _load_sync_file_range()
-_COPY_FILE_RANGE = hasattr(os, "copy_file_range")  # Linux, Python >= 3.8
-# copy_file_range refused: across filesystems, unsupported here, or not a regular file
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -205,22 +202,8 @@ class SafetensorsWriter:
         if byte_offset < 0 or byte_offset + nbytes > entry.nbytes:
             raise ValueError(f"copy of {nbytes} bytes at {byte_offset} falls outside "
                              f"{name} ({entry.nbytes} bytes)")
-        if not _COPY_FILE_RANGE:
-            return False
-        pos, done = entry.start + byte_offset, 0
         with self._write_lock:
-            while done < nbytes:
-                try:
-                    n = os.copy_file_range(fd, self._fd, nbytes - done, offset + done, pos + done)
-                except OSError as exc:
-                    if done == 0 and exc.errno in _NO_KERNEL_COPY:
-                        return False
-                    raise
-                if n == 0:
-                    raise CheckpointError(f"copying into {self.path}: the source file ended "
-                                          f"{nbytes - done} bytes early")
-                done += n
-        return True
+            return kernel_copy(fd, offset, self._fd, entry.start + byte_offset, nbytes)
 
     def start_writeback(self, name: str) -> None:
         """Ask the kernel to start writing tensor ``name``'s bytes to disk, without waiting,

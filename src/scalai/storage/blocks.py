@@ -14,10 +14,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..planner.plan import Copy, Window
+from ..planner.plan import Window
 from ..regions import Region
 
-__all__ = ["CHUNK_BYTES", "window_span", "blocks", "split_window", "split_copy", "select"]
+__all__ = ["CHUNK_BYTES", "window_span", "blocks", "split_window", "select"]
 
 #: Bytes of each worker's buffer: the most one block or one ``write`` moves.
 CHUNK_BYTES = 4 << 20
@@ -93,11 +93,6 @@ def split_window(src: Window, dst: Window, itemsize: int, max_bytes: int) -> lis
         box = Region(tuple(offsets) + (0,) * (len(shape) - k), tuple(sizes) + tuple(shape[k:]))
         out.append((_sub(src, box), _sub(dst, box)))
     return out
-
-
-def split_copy(c: Copy, itemsize: int, max_bytes: int = CHUNK_BYTES) -> list[tuple[Window, Window]]:
-    """:func:`split_window` of a copy's windows."""
-    return split_window(c.src, c.dst, itemsize, max_bytes)
 
 
 def select(window: Window, local: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ import json
 import mmap
 import os
 import secrets
-import zlib
+import threading
 from dataclasses import dataclass
 from math import prod
 
@@ -25,6 +25,8 @@ import numpy as np
 
 from ..dtypes import itemsize, raw_numpy
 from ..errors import ScalaiError
+from ..storage.checksum import ChecksumLedger, crc32
+from ..storage.kernel import kernel_copy
 from .names import check_dtype
 
 __all__ = ["TensorMeta", "DATA_OFFSET", "MAGIC", "read_meta", "map_tensor", "TensorUpload",
@@ -135,7 +137,7 @@ class TensorUpload:
         while view.nbytes:
             written = os.write(self._fd, view)
             view = view[written:]
-        self._crc = zlib.crc32(chunk, self._crc)
+        self._crc = crc32(chunk, self._crc)
         self.received += n
 
     def finish(self, sync: bool = False) -> TensorMeta:
@@ -181,10 +183,9 @@ class NewTensor:
             self._ident = (st.st_dev, st.st_ino)
         finally:
             os.close(fd)
-        self._pieces: list[tuple[int, int, int]] = []
-        self._unknown = False
-        self._declared: int | None = None
+        self._ledger = ChecksumLedger()
         self._map: np.ndarray | None = None
+        self._lock = threading.Lock()
 
     def _open(self, flags: int) -> int:
         """Open this tensor's own file: the one it created, not a file that took its name
@@ -209,16 +210,26 @@ class NewTensor:
                 pos += os.pwrite(fd, view[pos:], DATA_OFFSET + byte_offset + pos)
         finally:
             os.close(fd)
-        if crc is None:
-            self._unknown = True
-        else:
-            self._pieces.append((byte_offset, view.nbytes, crc))
+        self._ledger.piece(None, byte_offset, view.nbytes, crc)
+
+    def copy_from(self, byte_offset: int, src_fd: int, offset: int, nbytes: int, crc: int | None) -> bool:
+        """Copy ``nbytes`` of file ``src_fd`` at ``offset`` to ``byte_offset`` of the tensor
+        inside the kernel (``copy_file_range``); ``False``, nothing written, where it cannot."""
+        fd = self._open(os.O_WRONLY)
+        try:
+            if not kernel_copy(src_fd, offset, fd, DATA_OFFSET + byte_offset, nbytes):
+                return False
+        finally:
+            os.close(fd)
+        self._ledger.piece(None, byte_offset, nbytes, crc)
+        return True
 
     def mapping(self) -> np.ndarray:
         """The writable raw array (elements written through it are checksummed at the end)."""
-        self._unknown = True
-        if self._map is None:
-            self._map = self._mapped(writable=True)
+        self._ledger.unknown(None)
+        with self._lock:
+            if self._map is None:
+                self._map = self._mapped(writable=True)
         return self._map
 
     def read(self) -> np.ndarray:
@@ -237,21 +248,20 @@ class NewTensor:
                              offset=DATA_OFFSET).reshape(self.meta.shape)
 
     def declare(self, crc: int) -> None:
-        self._declared = crc
+        """The whole tensor will have CRC-32 ``crc`` (it moves unchanged)."""
+        self._ledger.declare(None, crc)
 
     def finish(self, checksum: bool = True) -> TensorMeta:
-        """Record the CRC-32 in the header (when ``checksum``); returns the final meta."""
+        """Record the CRC-32 in the header (when ``checksum``); returns the final meta.
+        The CRC comes from what the writes said (pieces, a declaration), else from reading
+        the tensor back."""
         self._map = None
         if not checksum:
             return self.meta
-        crc = self._declared
-        if crc is None and not self._unknown:
-            from ..storage.checksum import crc32_of_pieces
-
-            crc = crc32_of_pieces(self._pieces, self.meta.nbytes)
+        crc = self._ledger.known(None, self.meta.nbytes)
         if crc is None:
             data = self.read()
-            crc = zlib.crc32(data.reshape(-1).view(np.uint8)) if data.size else 0
+            crc = crc32(data.reshape(-1).view(np.uint8)) if data.size else 0
         self.meta = TensorMeta(self.meta.dtype, self.meta.shape, crc)
         fd = self._open(os.O_WRONLY)
         try:

@@ -112,7 +112,7 @@ SCHEMAS: dict[str, Any] = {
                 "properties": {"job": NAME, "deleted": {"type": "array", "items": NAME}}},
     "TransformRequest": {
         "type": "object", "additionalProperties": False,
-        "required": ["from_version", "to_version", "old", "new", "peers"],
+        "required": ["from_version", "to_version", "old", "new", "peers", "plan"],
         "properties": {
             "from_version": NAME, "to_version": NAME,
             "old": {"type": "object", "required": ["ptc", "placement"], "additionalProperties": False,
@@ -127,15 +127,19 @@ SCHEMAS: dict[str, Any] = {
                                            "(default: the old PTC's split rules at the new degrees)"}}},
             "peers": {"type": "object", "maxProperties": 65536,
                       "additionalProperties": {"type": "string", "pattern": "^https?://[^\\s]+$"}},
+            "plan": {"type": "object", "required": ["tensors", "copies"], "additionalProperties": False,
+                     "description": "this host's part of the plan, made once by the coordinator: the "
+                                    "copies into its ranks (scalai.planner.serial)",
+                     "properties": {
+                         "tensors": {"type": "array", "maxItems": 1 << 20,
+                                     "items": {"type": "string", "maxLength": 255}},
+                         "copies": {"type": "array", "maxItems": 1 << 24,
+                                    "items": {"type": "array", "minItems": 6, "maxItems": 6,
+                                              "description": "[tensor index, src rank, dst rank, src "
+                                                             "window, dst window, from_new]"}}}},
             "checksum": {"type": "boolean", "default": True},
-            "lost_hosts": {"type": "array", "items": NAME, "maxItems": 65536,
-                           "description": "hosts of the old placement that are gone: read their "
-                                          "bytes from surviving replicas"},
-            "lost_ranks": {"type": "array", "maxItems": 65536,
-                           "items": {"type": "integer", "minimum": 0, "maximum": MAX_RANK},
-                           "description": "old ranks whose shards are gone (besides those of lost "
-                                          "hosts): read their bytes from surviving replicas"},
-            "concurrency": {"type": "integer", "minimum": 1, "maximum": 64, "default": 8},
+            "concurrency": {"type": "integer", "minimum": 1, "maximum": 64, "default": 8,
+                            "description": "ranged reads of peers in flight"},
             "claimed": {"type": "boolean", "default": False,
                         "description": "the coordinator claimed to_version first (lease create=true): "
                                        "404 if that claim is gone instead of creating the version"}}},
@@ -144,6 +148,8 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"host": NAME, "copies": {"type": "integer"}, "local_bytes": {"type": "integer"},
                        "fetched_bytes": COUNTS, "requests": {"type": "integer"},
                        "seconds": {"type": "object", "additionalProperties": {"type": "number"}},
+                       "parts": {"type": "object", "additionalProperties": {"type": "number"},
+                                 "description": "the plan runner's parts (seconds summed over its threads)"},
                        "tensors": {"type": "integer"}, "bytes": {"type": "integer"}}},
 }
 

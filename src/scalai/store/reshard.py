@@ -1,9 +1,10 @@
 """Transforming a job's state in its stores from one layout to another.
 
-Distributed (the default): every destination host's store runs its part of the plan at
-the same time (see :mod:`scalai.store.transform`), pulling each slice from the store that
-the planner chose: its own (memory copy) or a peer (ranged read). Cross-host bytes are
-the plan's, which equal the lower bound.
+Distributed (the default): the plan is made once, here, and every destination host's
+store receives its part of it (the copies into its ranks) and runs them at the same time
+(see :mod:`scalai.store.transform`), pulling each slice from the store that the planner
+chose: its own (memory copy) or a peer (ranged read). Cross-host bytes are the plan's,
+which equal the lower bound.
 
 Central (the baseline, the way consolidate-then-split tools work): the first destination
 host first pulls the whole state into one consolidated copy (``tp=1,pp=1,dp=1`` on that
@@ -32,7 +33,8 @@ from typing import Sequence
 from ..config import ParallelConfig, Placement
 from ..layout.ptc import PTC
 from ..planner import Deployment, make_plan
-from ..planner.plan import PlanStats
+from ..planner.plan import Plan, PlanStats
+from ..planner.serial import copies_to_json
 from .cluster import StoreCluster, StoredVersion, parallel
 from .errors import StoreError, StoreRequestError, StoreUnavailable
 from .lease import Lease, new_owner
@@ -79,25 +81,28 @@ class ReshardResult:
 
 
 def _request(src_version: str, to_version: str, old: Deployment, new: Deployment, peers: dict[str, str],
-             checksum: bool, lost: Sequence[str] = (), lost_ranks: Sequence[int] = (),
-             replicas: str = "all") -> dict:
+             checksum: bool, replicas: str = "all") -> dict:
+    """The request every destination host gets, less its part of the plan."""
     out = {"from_version": src_version, "to_version": to_version,
-           "old": {"ptc": old.ptc.to_json(), "placement": placement_to_json(old.placement),
+           "old": {"ptc": old.ptc.full.to_json(), "placement": placement_to_json(old.placement),
                    "replicas": replicas},
            "new": {"layout": str(new.ptc.config), "placement": placement_to_json(new.placement)},
-           "peers": peers, "checksum": checksum, "lost_hosts": list(lost), "claimed": True}
-    if lost_ranks:
-        out["lost_ranks"] = sorted(lost_ranks)
-    if new.ptc.specs != old.ptc.specs:  # the job described its new layout itself
-        out["new"]["ptc"] = new.ptc.to_json()
+           "peers": peers, "checksum": checksum, "claimed": True}
+    if new.ptc.full.specs != old.ptc.full.specs:  # the job described its new layout itself
+        out["new"]["ptc"] = new.ptc.full.to_json()
     if new.ptc is not new.ptc.full:
         out["new"]["replicas"] = "per_host"
     return out
 
 
-def _run_parts(cluster: StoreCluster, job: str, hosts: Sequence[str], request: dict, lease: Lease) -> dict[str, dict]:
-    results = parallel(lambda h: cluster.client(h).transform(job, request, owner=lease.owner, lease=lease.seconds),
-                       list(hosts), workers=len(hosts))
+def _run_parts(cluster: StoreCluster, job: str, hosts: Sequence[str], request: dict, plan: Plan,
+               lease: Lease) -> dict[str, dict]:
+    """Send every destination host the request with its own part of ``plan``; their reports."""
+    def one(host: str) -> dict:
+        return cluster.client(host).transform(job, {**request, "plan": copies_to_json(plan, host)},
+                                              owner=lease.owner, lease=lease.seconds)
+
+    results = parallel(one, list(hosts), workers=len(hosts))
     lease.check()
     return dict(zip(hosts, results))
 
@@ -208,25 +213,23 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str | PTC,
         try:
             lease.claim(target, dest_hosts)  # 409 here, before any byte moves, if another writer has it
             if not central:
-                req = _request(src.name, target, old, new, cluster.peers, checksum, lost, lost_ranks,
-                               src.manifest.replicas)
-                results = _run_parts(cluster, job, dest_hosts, req, lease)
+                req = _request(src.name, target, old, new, cluster.peers, checksum, src.manifest.replicas)
+                results = _run_parts(cluster, job, dest_hosts, req, plan, lease)
                 phases["transform"] = time.perf_counter() - t1
             else:
                 hub = dest_hosts[0]
                 lease.claim(scratch, [hub])
                 one = ParallelConfig(tp=1, pp=1, dp=1)
-                hub_place = Placement(1, (hub,))
-                req = _request(src.name, scratch, old, Deployment(old.ptc.relayout(one), hub_place), cluster.peers,
-                               checksum, lost, lost_ranks, src.manifest.replicas)
-                results["consolidate"] = _run_parts(cluster, job, [hub], req, lease)[hub]
-                cluster.commit(VersionManifest(job, scratch, src.manifest.sequence, old.ptc.relayout(one),
-                                               hub_place, {}, src.name, scratch=True), [hub], owner=owner)
+                mid = Deployment(old.ptc.relayout(one), Placement(1, (hub,)))
+                req = _request(src.name, scratch, old, mid, cluster.peers, checksum, src.manifest.replicas)
+                results["consolidate"] = _run_parts(cluster, job, [hub], req,
+                                                    make_plan(old, mid, unavailable=unavailable), lease)[hub]
+                cluster.commit(VersionManifest(job, scratch, src.manifest.sequence, mid.ptc, mid.placement,
+                                               {}, src.name, scratch=True), [hub], owner=owner)
                 t2 = time.perf_counter()
                 phases["consolidate"] = t2 - t1
-                mid = Deployment(old.ptc.relayout(one), hub_place)
                 req = _request(scratch, target, mid, new, cluster.peers, checksum)
-                results.update(_run_parts(cluster, job, dest_hosts, req, lease))
+                results.update(_run_parts(cluster, job, dest_hosts, req, make_plan(mid, new), lease))
                 phases["split"] = time.perf_counter() - t2
         except Exception as exc:
             raise abandon(exc, "transformation") from None

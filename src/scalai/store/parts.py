@@ -1,0 +1,245 @@
+"""A store's part of a transformation as a source and a sink of the one plan runner.
+
+- :class:`LocalVersion` (a :class:`~scalai.storage.FileSource`): the old version's tensors
+  that this store holds, mapped from its files (whole tensors move file to file in the
+  kernel; their recorded CRC-32s travel with them).
+- :class:`PeerVersion` (an :class:`~scalai.storage.AsyncRangeSource`): a peer store's
+  tensors, read with ranged HTTP GETs of exactly each window, sliced on the peer, in
+  blocks of :data:`BLOCK_BYTES`, a few in flight; connection errors are retried with
+  backoff, then the part fails with :class:`PeerError` naming the peer.
+- :class:`HostSources`: the old version as a whole, each rank routed to the store that
+  holds it (its own files, or its peer).
+- :class:`NewVersion` (a :class:`~scalai.storage.FileSink`): this store's tensors of the
+  new version, files allocated at full size (zeros) and filled in place; its ``commit``
+  records every tensor's CRC-32 in the catalog (the version itself is committed by the
+  coordinator, on every store, once every host succeeded); stopped, it refuses every
+  write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from urllib.parse import quote
+
+import numpy as np
+
+from ..layout.ptc import PTC
+from ..planner.plan import Deployment, Window
+from ..storage.base import AsyncRangeSource, FileSink, FileSource, TensorSource
+from .catalog import Catalog, NotFound, VersionEntry
+from .errors import PeerError
+from .files import DATA_OFFSET, NewTensor, StoreFileError, TensorMeta
+from .names import window_query
+from .ratelimit import Link
+
+__all__ = ["LocalVersion", "PeerVersion", "HostSources", "NewVersion", "BLOCK_BYTES", "RETRIES", "BACKOFF_S"]
+
+BLOCK_BYTES = 4 << 20  # most bytes one ranged read asks for
+RETRIES = 4            # attempts per read on connection errors
+BACKOFF_S = 0.25       # first wait between attempts (doubles each time)
+
+
+class LocalVersion(FileSource):
+    """The committed version ``version`` of ``job`` in this store (the ranks it holds)."""
+
+    def __init__(self, catalog: Catalog, job: str, version: str, ptc: PTC):
+        self.catalog, self.job, self.version = catalog, job, version
+        self.ptc, self.state = ptc, {}
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _stored(self, rank: int, tensor: str):
+        return self.catalog.tensor(self.job, self.version, rank, tensor)
+
+    def array(self, rank: int, tensor: str) -> np.ndarray:
+        return self.catalog.array(self._stored(rank, tensor))
+
+    def checksum(self, rank: int, tensor: str) -> int | None:
+        return self._stored(rank, tensor).meta.crc32
+
+    def file_range(self, rank: int, tensor: str) -> tuple[int, int]:
+        path = self._stored(rank, tensor).path
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd, DATA_OFFSET
+
+    def where(self, rank: int) -> str:
+        return f"store {self.catalog.name}, rank {rank}"
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class PeerVersion(AsyncRangeSource):
+    """The committed version ``version`` of ``job`` in the store of ``host``, read with
+    ranged GETs from inside this store's event loop (``session``: its aiohttp client)."""
+
+    block_bytes = BLOCK_BYTES
+
+    def __init__(self, host: str, url: str, job: str, version: str, ptc: PTC, session, link: Link,
+                 headers: dict[str, str], concurrency: int = 8):
+        self.host, self.url, self.job, self.version = host, url, job, version
+        self.ptc, self.state = ptc, {}
+        self.session, self.link, self.headers = session, link, headers
+        self.concurrency = concurrency
+        self.fetched = 0   # payload bytes received
+        self.requests = 0
+
+    def where(self, rank: int) -> str:
+        return f"store {self.host} ({self.url}), rank {rank}"
+
+    async def read_into(self, rank: int, tensor: str, window: Window, out: np.ndarray) -> None:
+        import aiohttp
+
+        path = f"{self.url}/v1/jobs/{self.job}/versions/{self.version}/ranks/{rank}/tensors/{quote(tensor)}"
+        target = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+        nbytes = target.nbytes
+        for attempt in range(RETRIES):
+            try:
+                async with self.session.get(path, params=window_query(window), headers=self.headers) as resp:
+                    if resp.status in (404, 409):  # another writer dropped the source meanwhile
+                        raise NotFound(f"store {self.host} ({self.url}) no longer holds the source: "
+                                       f"{await _reason(resp)}")
+                    if resp.status != 200:
+                        raise PeerError(self.host, f"store {self.host} ({self.url}) answered "
+                                                   f"{resp.status}: {await _reason(resp)}")
+                    pos = 0
+                    async for chunk in resp.content.iter_chunked(1 << 18):
+                        if pos + len(chunk) > nbytes:
+                            raise PeerError(self.host, f"store {self.host} sent too many bytes")
+                        await self.link.receive(len(chunk))
+                        target[pos:pos + len(chunk)] = chunk
+                        pos += len(chunk)
+                    if pos != nbytes:
+                        raise aiohttp.ClientPayloadError(f"short body: {pos} of {nbytes} bytes")
+                break
+            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+                if attempt == RETRIES - 1:
+                    raise PeerError(self.host, f"store {self.host} ({self.url}) is unreachable after "
+                                               f"{RETRIES} attempts: {exc or type(exc).__name__}") from None
+                await asyncio.sleep(BACKOFF_S * 2 ** attempt)
+        self.requests += 1
+        self.fetched += nbytes
+
+
+async def _reason(resp) -> str:
+    try:
+        body = await resp.json(content_type=None)
+        return str(body["error"]["message"])
+    except Exception:  # noqa: BLE001 - any body: quote its start
+        return (await resp.text())[:200]
+
+
+class HostSources(TensorSource):
+    """The old version across its hosts: this store's ranks are ``local``, every other
+    rank reads from its host's :class:`PeerVersion` in ``peers``."""
+
+    def __init__(self, old: Deployment, me: str, local: LocalVersion | None, peers: dict[str, PeerVersion]):
+        self.ptc, self.state, self.placement = old.ptc, {}, old.placement
+        self.me, self.local, self.peers = me, local, peers
+
+    def part(self, rank: int) -> TensorSource:
+        host = self.placement.host(rank)
+        if host == self.me and self.local is not None:
+            return self.local
+        peer = self.peers.get(host)
+        if peer is None:
+            raise PeerError(host, f"the plan reads from host {host}, which is not among the peers given "
+                                  f"({', '.join(sorted(self.peers))})")
+        return peer
+
+    def fetched(self) -> dict[str, int]:
+        """Payload bytes received from each peer."""
+        return {h: p.fetched for h, p in self.peers.items() if p.fetched}
+
+    def close(self) -> None:
+        if self.local is not None:
+            self.local.close()
+
+
+class NewVersion(FileSink):
+    """This store's tensors of the uncommitted version ``entry`` (a transformation's): the
+    ranks of ``new`` placed on this host, each tensor one file allocated at full size.
+
+    After :meth:`stop` (the part failed or was cancelled: its version deleted, its lease
+    expired) every write refuses, so that a worker thread still copying stops at its next
+    block; files are opened as the very files this sink created, never a file that took
+    their name after the version was deleted.
+
+    Args:
+        checksum: record every tensor's CRC-32 at :meth:`commit` (from what the runner
+            handed over, else by reading the tensor back).
+    """
+
+    zero_filled = True
+
+    def __init__(self, catalog: Catalog, entry: VersionEntry, new: Deployment, checksum: bool = True):
+        self.catalog, self.entry = catalog, entry
+        self.ptc, self.records_checksums = new.ptc, checksum
+        self.ranks = [r for r in range(new.ptc.config.world_size) if new.placement.host(r) == catalog.name]
+        self._mine = set(self.ranks)
+        self.tensors: dict[tuple[int, str], NewTensor] = {}
+        self.timings = {"checksum": 0.0, "sync": 0.0}
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """Refuse every further write (the part is over)."""
+        self._stopped.set()
+
+    def _tensor(self, rank: int, tensor: str) -> NewTensor:
+        if self._stopped.is_set():
+            raise StoreFileError(f"the transformation into {self.entry.version} was stopped")
+        return self.tensors[(rank, tensor)]
+
+    def stores(self, rank: int, tensor: str) -> bool:
+        return rank in self._mine
+
+    def prepare(self, ranks) -> None:
+        """Allocate every tensor of this host's new ranks (also those no copy writes: all
+        padding), whatever ranks the plan names.
+
+        Raises:
+            NotFound: the version was deleted meanwhile; StorageFull: no room.
+        """
+        for rank in self.ranks:
+            for name, shard in self.ptc.rank_shards(rank):
+                if (rank, name) not in self.tensors:
+                    if self._stopped.is_set():
+                        raise StoreFileError(f"the transformation into {self.entry.version} was stopped")
+                    meta = TensorMeta(self.ptc.spec(name).dtype, shard.shape)
+                    self.tensors[(rank, name)] = self.catalog.new_tensor(self.entry, rank, name, meta)
+
+    def write(self, rank: int, tensor: str, byte_offset: int, data, crc: int | None = None) -> None:
+        self._tensor(rank, tensor).write(byte_offset, data, crc)
+
+    def copy_from(self, rank: int, tensor: str, byte_offset: int, fd: int, offset: int, nbytes: int,
+                  crc: int | None) -> bool:
+        return self._tensor(rank, tensor).copy_from(byte_offset, fd, offset, nbytes, crc)
+
+    def array(self, rank: int, tensor: str) -> np.ndarray:
+        return self._tensor(rank, tensor).mapping()
+
+    def written(self, rank: int, tensor: str) -> np.ndarray:
+        return self._tensor(rank, tensor).read()
+
+    def declare_checksum(self, rank: int, tensor: str, crc: int) -> None:
+        self._tensor(rank, tensor).declare(crc)
+
+    def commit(self) -> None:
+        """Record every new tensor's CRC-32 (and final meta) in this store's catalog."""
+        t0 = time.perf_counter()
+        for key in self.tensors:
+            self.catalog.set_meta(self.entry, key, self._tensor(*key).finish(self.records_checksums))
+        self.timings["checksum"] = time.perf_counter() - t0
+
+    def abort(self) -> None:
+        """Stop writing; the caller deletes the uncommitted version with its files."""
+        self.stop()
