@@ -7,10 +7,11 @@ number of bytes without any layout logic, in interleaved rounds:
 1. **scalai, file -> file**: ``scalai.reshard.reshard_checkpoint`` from a checkpoint
    directory into a new one (plan, ``run_plan``, commit: the CLI's ``scalai reshard
    --no-verify``), fsynced. Its bytes are the new layout's stored bytes (replicas once).
-2. **file copy** (the floor on the same storage): the old rank files' bytes copied with
-   ``os.sendfile`` into one new file per new rank (as many bytes as scalai writes into
-   each), the files copied in parallel (threads = scalai's, at most one per file), each
-   fsynced: the kernel's own file-to-file copy, no layout logic, no checksums.
+2. **file copy** (the floor on the same storage, ``benchmarks/reshard.py``'s): the old rank
+   files' bytes copied with ``os.sendfile`` into one new file per new rank (as many bytes
+   as scalai writes into each: replicas once), the files copied in parallel (scalai's
+   thread count), each fsynced: the kernel's own file-to-file copy, no layout logic, no
+   checksums.
 3. **scalai, RAM -> RAM**: the same planner and ``run_plan`` from arrays in RAM (the old
    layout read in untimed) into pre-allocated, pre-faulted arrays of the new layout (every
    replica: what live tensors hold); timed: plan + run.
@@ -44,6 +45,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import Stats, choose_workdir, log, machine_description, print_table  # noqa: E402
+from reshard import run_file_copy  # noqa: E402  (the file-copy floor of benchmarks/reshard.py)
 
 from scalai.checkpoint import Checkpoint  # noqa: E402
 from scalai.config import ParallelConfig, Placement  # noqa: E402
@@ -74,34 +76,6 @@ def scalai_files(src: str, out: str, new: ParallelConfig, workers: int) -> dict[
     _, t = reshard_checkpoint(src, out, new, workers=workers, sync=True)
     return {"plan": t.plan, "run": t.copy, "commit": t.checksum + t.sync, "prepare": t.run.seconds["prepare"],
             **{p: t.run.seconds[p] for p in PARTS}}
-
-
-def file_copy(src: str, out: str, sizes: list[int], workers: int) -> None:
-    """One new file per new rank, ``sizes[r]`` bytes each, sendfile'd from the old rank
-    files (taken in turn), fsynced; files in parallel."""
-    files = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
-    lengths = [os.path.getsize(os.path.join(src, f)) for f in files]
-    os.makedirs(out)
-
-    def copy(rank: int) -> None:
-        fd_out = os.open(os.path.join(out, f"rank-{rank:05d}.bin"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            left, k, offset = sizes[rank], rank % len(files), 0
-            while left:
-                fd_in = os.open(os.path.join(src, files[k]), os.O_RDONLY)
-                try:
-                    while left and offset < lengths[k]:
-                        n = os.sendfile(fd_out, fd_in, offset, min(left, lengths[k] - offset))
-                        offset, left = offset + n, left - n
-                finally:
-                    os.close(fd_in)
-                k, offset = (k + 1) % len(files), 0
-            os.fsync(fd_out)
-        finally:
-            os.close(fd_out)
-
-    with ThreadPoolExecutor(max(1, min(workers, len(sizes)))) as pool:
-        list(pool.map(copy, range(len(sizes))))
 
 
 class InMemory:
@@ -180,8 +154,8 @@ def main(argv=None) -> int:
             methods = {
                 "scalai files": lambda: _timed(lambda: scalai_files(src, os.path.join(workdir, "out"), new,
                                                                     args.workers)),
-                "file copy": lambda: _timed(lambda: file_copy(src, os.path.join(workdir, "out"), sizes,
-                                                              args.workers)),
+                "file copy": lambda: _timed(lambda: run_file_copy(src, os.path.join(workdir, "out"), sizes,
+                                                                  args.workers) and None),
                 "scalai RAM": lambda: _timed(lambda: mem.run(args.workers)),
             }
             for r in range(args.repeats):
