@@ -15,6 +15,7 @@ Files written here load with the official ``safetensors`` library.
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -119,12 +120,15 @@ def _close_map(buf: mmap.mmap | None) -> None:
 class SafetensorsWriter:
     """Write one safetensors file in place: header first, data filled by the caller.
 
-    The file is created under a temporary name next to ``path`` with its final size
-    reserved (``posix_fallocate``: space errors surface now, and unwritten blocks read as
-    zeros, so regions nobody writes stay zero). :meth:`view` hands out writable
-    memory-mapped arrays; :meth:`write` is ``pwrite`` at a byte offset of a tensor (faster
-    for large contiguous runs: no page faults). Both may be used from several threads on
-    disjoint regions. :meth:`finalize` flushes, fsyncs and renames the file into place.
+    The file is created under a temporary name next to ``path`` at its final size, sparse:
+    unwritten blocks read as zeros, so regions nobody writes stay zero, and blocks are
+    allocated as they are written (on tmpfs, reserving all of them first was a serial pass
+    over every page before any copy could start). :meth:`write` is ``pwrite`` at a byte
+    offset of a tensor and :meth:`copy_from` a kernel copy (a full disk is an ``OSError``
+    there); :meth:`view` hands out writable memory-mapped arrays, and reserves the tensor's
+    blocks first (``posix_fallocate``: a full disk is an error now, not a ``SIGBUS`` on a
+    store through the mapping). All may be used from several threads on disjoint regions.
+    :meth:`finalize` flushes, fsyncs and renames the file into place.
 
     Args:
         path: final file name.
@@ -143,13 +147,9 @@ class SafetensorsWriter:
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self.finalized = False
+        self._reserved: set[str] = set()
         try:
-            try:
-                os.posix_fallocate(self._fd, 0, self.size)
-            except OSError as exc:
-                if exc.errno not in (95, 22):  # EOPNOTSUPP / EINVAL: no fallocate here
-                    raise
-                os.ftruncate(self._fd, self.size)
+            os.ftruncate(self._fd, self.size)
             os.pwrite(self._fd, header, 0)
         except OSError as exc:  # name the file: a full disk says where it was full
             self.abort()
@@ -168,12 +168,25 @@ class SafetensorsWriter:
             raise KeyError(f"tensor {name!r} is not in {self.path}") from None
 
     def view(self, name: str) -> np.ndarray:
-        """Writable raw array of tensor ``name`` (local shape), backed by the file."""
+        """Writable raw array of tensor ``name`` (local shape), backed by the file; its
+        blocks are reserved first.
+
+        Raises:
+            OSError: no space left for the tensor.
+        """
+        entry = self.entry(name)
+        if name not in self._reserved:
+            try:
+                os.posix_fallocate(self._fd, entry.start, max(entry.nbytes, 1))
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # no fallocate here: faults allocate
+                    raise
+            self._reserved.add(name)
         if self._map is None:
             with self._lock:
                 if self._map is None:
                     self._map = mmap.mmap(self._fd, self.size)
-        return _array(self._map, self.entry(name))
+        return _array(self._map, entry)
 
     def write(self, name: str, byte_offset: int, data) -> None:
         """Write the bytes of ``data`` (a contiguous buffer) at ``byte_offset`` of tensor ``name``.
