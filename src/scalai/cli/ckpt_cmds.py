@@ -239,6 +239,7 @@ def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool
                    "seconds": round(float(seconds), 3),
                    "phases": {"verify": round(verify_seconds, 3),
                               **{k: round(v, 3) for k, v in seconds.__dict__.items()}},
+                   "runner": {k: round(v, 3) for k, v in seconds.run.seconds.items() if k != "total"},
                    "throughput_bytes_per_s": moved / float(seconds), **result.stats.to_json()})
         return
     out_c = console()
