@@ -126,20 +126,34 @@ def test_too_little_space_names_both_sizes(capsys, tmp_path, ckpt, monkeypatch):
 
 
 @pytest.mark.parametrize("code, fragment", [
-    (errno.ENOSPC, r"No space left on device while reserving \d+ bytes \(/.*/rank-00000.safetensors\); "
-                   r"the disk is full: free some space or write elsewhere"),
+    (errno.ENOSPC, r"No space left on device while (creating a file of \d+ bytes|writing [\w.]+) "
+                   r"\(/.*/rank-00000.safetensors\); the disk is full: free some space or write elsewhere"),
     (errno.EROFS, r"Read-only file system .*; the filesystem is read-only: write elsewhere"),
     (errno.EIO, r"Input/output error .*; an I/O error: check the disk"),
 ])
+@pytest.mark.parametrize("when", ["creating", "writing"])
 def test_filesystem_errors_mid_write_are_one_line_and_leave_nothing(capsys, tmp_path, ckpt, monkeypatch,
-                                                                    code, fragment):
-    """Space that runs out (or a disk that fails) after the checks passed: the error of
-    the first rank file reaches the user as one line; the staging directory is gone."""
-    def fail(fd, offset, length):
+                                                                    code, fragment, when):
+    """Space that runs out (or a disk that fails) after the checks passed, as a rank file is
+    created or as tensors are written into it (files are sparse: blocks are allocated as
+    they are written): the error reaches the user as one line naming the file; the staging
+    directory is gone."""
+    real_pwrite, calls = os.pwrite, []
+
+    def fail(*args):
         raise OSError(code, os.strerror(code))
 
+    def pwrite(fd, data, offset):
+        calls.append(offset)
+        if when == "writing" and len(calls) == 1:  # the header
+            return real_pwrite(fd, data, offset)
+        return fail()
+
+    if when == "creating":
+        monkeypatch.setattr(os, "ftruncate", fail)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "copy_file_range", fail)
     monkeypatch.setattr(os, "posix_fallocate", fail)
-    monkeypatch.setattr(os, "ftruncate", fail)
     r = run(capsys, "reshard", ckpt, tmp_path / "out", "--to", "tp=1,pp=1,dp=1")
     assert r.code == 1, r.err
     assert len(r.err.strip().splitlines()) == 1 and re.search(fragment, r.err), r.err

@@ -153,7 +153,8 @@ class SafetensorsWriter:
             os.pwrite(self._fd, header, 0)
         except OSError as exc:  # name the file: a full disk says where it was full
             self.abort()
-            raise OSError(exc.errno, f"{exc.strerror} while reserving {self.size} bytes", self.path) from None
+            raise OSError(exc.errno, f"{exc.strerror} while creating a file of {self.size} bytes",
+                          self.path) from None
         except BaseException:
             self.abort()
             raise
@@ -180,7 +181,8 @@ class SafetensorsWriter:
                 os.posix_fallocate(self._fd, entry.start, max(entry.nbytes, 1))
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # no fallocate here: faults allocate
-                    raise
+                    raise OSError(exc.errno, f"{exc.strerror} while reserving {entry.nbytes} bytes for {name}",
+                                  self.path) from None
             self._reserved.add(name)
         if self._map is None:
             with self._lock:
@@ -202,10 +204,13 @@ class SafetensorsWriter:
             return
         mv = mv.cast("B")
         pos = entry.start + byte_offset
-        with self._write_lock:
-            while mv.nbytes:
-                done = os.pwrite(self._fd, mv, pos)
-                mv, pos = mv[done:], pos + done
+        try:
+            with self._write_lock:
+                while mv.nbytes:
+                    done = os.pwrite(self._fd, mv, pos)
+                    mv, pos = mv[done:], pos + done
+        except OSError as exc:  # name the file: a full disk says where it was full
+            raise OSError(exc.errno, f"{exc.strerror} while writing {name}", self.path) from None
 
     def copy_from(self, name: str, byte_offset: int, fd: int, offset: int, nbytes: int) -> bool:
         """Copy ``nbytes`` bytes of file ``fd`` at ``offset`` to ``byte_offset`` of tensor
@@ -215,8 +220,11 @@ class SafetensorsWriter:
         if byte_offset < 0 or byte_offset + nbytes > entry.nbytes:
             raise ValueError(f"copy of {nbytes} bytes at {byte_offset} falls outside "
                              f"{name} ({entry.nbytes} bytes)")
-        with self._write_lock:
-            return kernel_copy(fd, offset, self._fd, entry.start + byte_offset, nbytes)
+        try:
+            with self._write_lock:
+                return kernel_copy(fd, offset, self._fd, entry.start + byte_offset, nbytes)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{exc.strerror} while writing {name}", self.path) from None
 
     def start_writeback(self, name: str) -> None:
         """Ask the kernel to start writing tensor ``name``'s bytes to disk, without waiting,
