@@ -83,8 +83,8 @@ class CheckpointWriter(FileSink):
     """Write the checkpoint of ``ptc`` into ``out_dir`` (which must not exist yet): the
     :class:`~scalai.storage.TensorSink` of checkpoint directories.
 
-    Rank files are created on first use (or by :meth:`prepare`) with their full size
-    reserved and zero-filled, so padding that nobody writes reads as zeros. Fill tensors
+    Rank files are created on first use (or by :meth:`prepare`) at their full size, sparse,
+    so padding that nobody writes reads as zeros. Fill tensors
     through :meth:`write` (``pwrite`` of contiguous bytes) or :meth:`array` (a writable
     memory-mapped raw array of the local shape), from any number of threads on disjoint
     regions, then call :meth:`commit`. Leaving a ``with`` block without :meth:`commit`
