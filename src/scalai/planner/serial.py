@@ -5,7 +5,7 @@ receives the copies into its own ranks (``copies_to_json(plan, host)``) and rebu
 against the two deployments it is told (``copies_from_json``). The encoding is compact
 (one short list per copy, tensor names listed once) and parsed strictly: a malformed slice
 is a ``ValueError`` naming what is wrong, never a crash; whether windows fit the layouts is
-checked by the runner (:func:`scalai.storage.run.check_plan`) before any byte moves.
+checked by the runner (:func:`scalai.storage.tasks.check_plan`) before any byte moves.
 
 Layout::
 

@@ -9,11 +9,12 @@ How:
 1. The plan is checked against both layouts (every window fits its local tensor; sources
    and destinations are the plan's) and against the sink (it stores every destination; a
    host fan-out needs a sink it can read back). Nothing is written when that fails.
-2. Copies are grouped into tasks: one per destination tensor for copies from addressable
-   sources (its copies are written together: streamed, assembled or copied in place, see
-   :mod:`scalai.storage.filler`), one per block of at most ``block_bytes`` for copies
-   from ranged sources. Tasks run on a thread pool, largest first (so the last ones to
-   finish are small ones), ``from_new`` copies (a host fan-out) after all others.
+2. Copies are grouped into tasks (:mod:`scalai.storage.tasks`): one per destination tensor
+   for copies from addressable sources (its copies are written together: streamed,
+   assembled or copied in place, see :mod:`scalai.storage.filler`), one per block of at
+   most ``block_bytes`` for copies from ranged sources. Tasks run on a thread pool,
+   largest first (so the last ones to finish are small ones), ``from_new`` copies (a host
+   fan-out) after all others.
 3. The rule for bytes that move unchanged lives here (``_whole_source_crc``): a copy of a
    whole source tensor whose source records its CRC-32, into a contiguous range of a sink
    that records checksums, hands the sink that CRC instead of computing one (a tensor
@@ -40,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import defaultdict
 from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
@@ -49,17 +49,16 @@ from typing import Callable
 
 import numpy as np
 
-from ..dtypes import raw_numpy
 from ..errors import PlanError
 from ..planner.plan import Copy, Plan, Window
-from ..regions import Region, subtract
 from . import blocks as _blocks
-from .base import (ArraySink, ArraySource, AsyncRangeSource, FileSink, FileSource, RangeSource, TensorSink,
-                   TensorSource, same_tensors)
+from .base import (ArraySink, ArraySource, AsyncRangeSource, FileSink, FileSource, TensorSink, TensorSource,
+                   same_tensors)
 from .blocks import select, split_window, window_span
 from .filler import PARTS, Clock, Filler
+from .tasks import Task, group, uncovered
 
-__all__ = ["run_plan", "run_plan_async", "RunReport", "default_workers", "check_plan", "uncovered"]
+__all__ = ["run_plan", "run_plan_async", "RunReport", "default_workers"]
 
 
 def default_workers() -> int:
@@ -95,91 +94,6 @@ class RunReport:
         return " · ".join(f"{p} {self.seconds[p]:.2f}" for p in PARTS if self.seconds.get(p))
 
 
-def _fits(region: Region, shape: tuple[int, ...]) -> bool:
-    offsets, sizes = region.offsets, region.sizes
-    if len(offsets) != len(shape):
-        return False
-    for o, s, n in zip(offsets, sizes, shape):
-        if o + s > n:
-            return False
-    return True
-
-
-def check_plan(plan: Plan) -> dict[tuple[int, str], list[Window]]:
-    """Validate every copy against the plan's layouts; the destination windows per
-    destination (rank, tensor).
-
-    Raises:
-        PlanError: naming the first copy whose window does not fit its rank's local tensor,
-            or whose source and destination shapes differ.
-    """
-    old_ptc, new_ptc = plan.old.ptc, plan.new.ptc
-    shapes: dict[tuple[bool, int], dict[str, tuple[int, ...]]] = {}
-
-    def shape_of(new: bool, rank: int, tensor: str) -> tuple[int, ...] | None:
-        table = shapes.get((new, rank))
-        if table is None:
-            ptc = new_ptc if new else old_ptc
-            table = shapes[(new, rank)] = ({n: s.shape for n, s in ptc.rank_shards(rank)}
-                                           if 0 <= rank < ptc.config.world_size else {})
-        return table.get(tensor)
-
-    windows: dict[tuple[int, str], list[Window]] = defaultdict(list)
-    for c in plan.copies:
-        for window, new, rank, side in ((c.src, c.from_new, c.src_rank, "source"),
-                                        (c.dst, True, c.dst_rank, "destination")):
-            shape = shape_of(new, rank, c.tensor)
-            ok = shape is not None and _fits(window.region, shape)
-            if ok and window.view is not None:
-                ok = (prod(window.view) == window.region.volume and window.sub is not None
-                      and _fits(window.sub, window.view))
-            if not ok:
-                raise PlanError(f"copy of {c.tensor}: {side} window {window} does not fit rank "
-                                f"{rank}'s local tensor ({shape if shape is not None else 'absent'})")
-        if c.src.shape != c.dst.shape:
-            raise PlanError(f"copy of {c.tensor}: source shape {c.src.shape} != destination {c.dst.shape}")
-        windows[(c.dst_rank, c.tensor)].append(c.dst)
-    return windows
-
-
-def uncovered(shape: tuple[int, ...], windows: list[Window], limit: int = 64) -> list[Region] | None:
-    """The boxes of a tensor of ``shape`` that no window writes (its padding), or ``None``
-    when that is not worth computing (windows of flat views, or very many windows)."""
-    if len(windows) > limit or any(w.view is not None for w in windows):
-        return None
-    left = [Region.full(shape)]
-    for w in windows:
-        left = [piece for box in left for piece in subtract(box, w.region)]
-    return [box for box in left if box.volume]
-
-
-@dataclass
-class _Dest:
-    """A destination tensor: local shape, raw dtype, tasks still to run."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    pending: int = 0
-    mixed: bool = False  # written by several tasks: never assembled (that zeroes what is not its own)
-
-
-@dataclass
-class _Task:
-    """One unit of work: ``kind`` is ``arrays`` (every copy into one tensor from addressable
-    arrays: a source's, or the sink's for ``from_new``), ``block`` (one block of one copy
-    from a ranged source) or ``staged`` (a whole tensor assembled in a buffer, for a sink
-    without arrays whose windows cannot be written by rows)."""
-
-    kind: str
-    rank: int
-    tensor: str
-    copies: list[Copy]
-    nbytes: int
-    block: tuple[Window, Window] | None = None
-    part: TensorSource | None = None
-    turn: int = 0  # a block's place among the blocks read from its source host
-
-
 class _Run:
     def __init__(self, plan: Plan, source: TensorSource, sink: TensorSink, workers: int | None,
                  progress: Callable[[int], None] | None):
@@ -189,7 +103,6 @@ class _Run:
         if not isinstance(sink, TensorSink):
             raise TypeError(f"sink {sink!r} is not a TensorSink; wrap arrays in ArraysSink, write "
                             f"checkpoints with CheckpointWriter")
-        self.windows = check_plan(plan)
         for obj, ptc, side in ((source, plan.old.ptc, "source"), (sink, plan.new.ptc, "destination")):
             if not same_tensors(obj.ptc, ptc):
                 raise ValueError(f"the {side} holds layout {obj.ptc.config} of its tensors, the plan was "
@@ -202,62 +115,10 @@ class _Run:
         if not sink.zero_filled and not self.arrays:
             raise TypeError(f"{type(sink).__name__} is neither zero_filled nor an ArraySink; the runner "
                             f"cannot zero the elements no copy writes")
-        self.parts: dict[int, TensorSource] = {}
-        by_dest: dict[tuple[int, str], list[Copy]] = defaultdict(list)
-        for c in plan.copies:
-            if not sink.stores(c.dst_rank, c.tensor):
-                raise PlanError(f"the plan copies {c.tensor} into rank {c.dst_rank}, whose replica the "
-                                f"destination stores elsewhere; plan into ptc.stored_replicas()")
-            if c.from_new and not self.arrays:
-                raise PlanError(f"the plan copies {c.tensor} from new rank {c.src_rank} (a host fan-out), "
-                                f"but {type(sink).__name__} cannot be read back; plan with fanout=False")
-            if not c.from_new and c.src_rank not in self.parts:
-                part = self.parts[c.src_rank] = source.part(c.src_rank)
-                if not isinstance(part, (ArraySource, RangeSource, AsyncRangeSource)):
-                    raise TypeError(f"source part {type(part).__name__} of rank {c.src_rank} declares no way "
-                                    f"to read (ArraySource, RangeSource or AsyncRangeSource)")
-            if c.dst.volume:
-                by_dest[(c.dst_rank, c.tensor)].append(c)
-        self.dests: dict[tuple[int, str], _Dest] = {}
-        phases: tuple[list[_Task], list[_Task]] = ([], [])
-        shapes: dict[int, dict] = {}
-        dtypes: dict[str, np.dtype] = {}
-        for (rank, tensor), copies in by_dest.items():
-            copies.sort(key=lambda c: c.dst.region.offsets)
-            if rank not in shapes:
-                shapes[rank] = {n: s.shape for n, s in plan.new.ptc.rank_shards(rank)}
-            dtype = dtypes.get(tensor)
-            if dtype is None:
-                dtype = dtypes[tensor] = raw_numpy(plan.new.ptc.spec(tensor).dtype)
-            dest = self.dests[(rank, tensor)] = _Dest(shapes[rank][tensor], dtype)
-            fanout, local, ranged = [], [], []
-            for c in copies:
-                (fanout if c.from_new else local if isinstance(self.parts[c.src_rank], ArraySource)
-                 else ranged).append(c)
-            dest.mixed = sum(map(bool, (fanout, local, ranged))) > 1
-            if not self.arrays and not self._rows_only(dest, local, ranged):
-                phases[0].append(_Task("staged", rank, tensor, copies, sum(c.nbytes for c in copies)))
-                continue
-            if local:
-                phases[0].append(_Task("arrays", rank, tensor, local, sum(c.nbytes for c in local)))
-            size = dest.dtype.itemsize
-            for c in ranged:
-                part = self.parts[c.src_rank]
-                for sw, dw in split_window(c.src, c.dst, size, part.block_bytes):
-                    phases[0].append(_Task("block", rank, tensor, [c], dw.volume * size, (sw, dw), part))
-            if fanout:
-                phases[1].append(_Task("arrays", rank, tensor, fanout, sum(c.nbytes for c in fanout)))
-        for phase in phases:
-            turns: dict[str, int] = defaultdict(int)
-            for t in phase:
-                self.dests[(t.rank, t.tensor)].pending += 1
-                if t.kind == "block":  # blocks of equal size: every source host's turn in turn
-                    t.turn = turns[t.copies[0].src_host]
-                    turns[t.copies[0].src_host] += 1
-            phase.sort(key=lambda t: (-t.nbytes, t.turn))  # largest first: the pool ends on small tasks
-        self.phases = phases
-        self.copies = sum(len(c) for c in by_dest.values())
-        self.bytes = sum(c.nbytes for copies in by_dest.values() for c in copies)
+        grouping = group(plan, source, sink)
+        self.windows, self.dests, self.phases, self.parts = (grouping.windows, grouping.dests, grouping.phases,
+                                                             grouping.parts)
+        self.copies, self.bytes = grouping.copies, grouping.bytes
         self.workers = workers or default_workers()
         ranged_parts = [p for p in self.parts.values() if not isinstance(p, ArraySource)]
         if ranged_parts:
@@ -270,16 +131,6 @@ class _Run:
         self._read_seconds = 0.0  # awaited reads (summed over concurrent reads)
         self.prepare_seconds = 0.0  # checking the plan, grouping it, preparing the sink
         self._sems: dict[int, asyncio.Semaphore] = {}  # per asynchronous part: reads in flight
-
-    @staticmethod
-    def _rows_only(dest: _Dest, local: list[Copy], ranged: list[Copy]) -> bool:
-        """Whether a sink without arrays can take this tensor's copies as contiguous writes:
-        every destination window contiguous, or (addressable sources only) assembled by rows."""
-        spans = [window_span(dest.shape, c.dst) for c in local + ranged]
-        if None not in spans:
-            return True
-        return not ranged and all(c.dst.view is None for c in local) and \
-            prod(dest.shape[1:]) * dest.dtype.itemsize <= _blocks.CHUNK_BYTES
 
     # -- bookkeeping --------------------------------------------------------------------
     def tick(self, nbytes: int) -> None:
@@ -331,7 +182,7 @@ class _Run:
         return RunReport(self.bytes, self.copies, len(self.dests), self.workers, seconds)
 
     # -- tasks --------------------------------------------------------------------------
-    def run_task(self, task: _Task) -> None:
+    def run_task(self, task: Task) -> None:
         if task.kind == "staged":
             self._staged(task)  # calls done() itself
             return
@@ -341,7 +192,7 @@ class _Run:
             self._arrays(task)
         self.done((task.rank, task.tensor))
 
-    def _arrays(self, task: _Task) -> None:
+    def _arrays(self, task: Task) -> None:
         """Every copy into one tensor, from addressable arrays (a source, or the sink)."""
         rank, tensor, copies = task.rank, task.tensor, task.copies
         dest, sink, filler = self.dests[(rank, tensor)], self.sink, self.filler()
@@ -410,7 +261,7 @@ class _Run:
         part.read_into(c.src_rank, c.tensor, window, out)
         clock.read += time.perf_counter() - t0
 
-    def _ranged(self, task: _Task) -> None:
+    def _ranged(self, task: Task) -> None:
         """One block of a copy from a ranged source (blocking reads, on a worker thread)."""
         src_w, dst_w = task.block
         dest, filler = self.dests[(task.rank, task.tensor)], self.filler()
@@ -423,7 +274,7 @@ class _Run:
         self._read(task.part, task.copies[0], src_w, buf)
         self._store_block(task, dst_w, buf)
 
-    def _direct(self, task: _Task, dst_w: Window) -> np.ndarray | None:
+    def _direct(self, task: Task, dst_w: Window) -> np.ndarray | None:
         """The sink's own memory for a block, when a ranged read can land there directly
         (an array sink that keeps no checksums, a contiguous selection); else None."""
         if not self.arrays or self.checksum:
@@ -431,7 +282,7 @@ class _Run:
         target = select(dst_w, self.sink.array(task.rank, task.tensor))
         return target if target.flags.c_contiguous else None
 
-    def _store_block(self, task: _Task, dst_w: Window, buf: np.ndarray) -> None:
+    def _store_block(self, task: Task, dst_w: Window, buf: np.ndarray) -> None:
         dest, filler = self.dests[(task.rank, task.tensor)], self.filler()
         span = window_span(dest.shape, dst_w)
         if span is not None:
@@ -440,7 +291,7 @@ class _Run:
         else:
             filler.strided(select(dst_w, self.sink.array(task.rank, task.tensor)), buf)
 
-    def _staged(self, task: _Task) -> None:
+    def _staged(self, task: Task) -> None:
         """A tensor of a sink without arrays whose windows are too strided to write by
         rows: assembled whole in a buffer (uncovered elements zero), written once."""
         whole = self._whole(task)
@@ -448,7 +299,7 @@ class _Run:
             self._stage(c, whole)
         self._put_whole(task, whole)
 
-    def _whole(self, task: _Task) -> np.ndarray:
+    def _whole(self, task: Task) -> np.ndarray:
         dest = self.dests[(task.rank, task.tensor)]
         return np.zeros(dest.shape, dest.dtype)
 
@@ -463,11 +314,11 @@ class _Run:
             self._read(part, c, sw, buf)
             filler.strided(select(dw, whole), buf)
 
-    def _put_whole(self, task: _Task, whole: np.ndarray) -> None:
+    def _put_whole(self, task: Task, whole: np.ndarray) -> None:
         self.filler().put(partial(self.sink.write, task.rank, task.tensor), 0, whole, self.checksum, copied=0)
         self.done((task.rank, task.tensor))
 
-    async def _staged_async(self, task: _Task, pool: Executor) -> None:
+    async def _staged_async(self, task: Task, pool: Executor) -> None:
         """:meth:`_staged` with asynchronous parts: their reads are awaited here, the rest
         runs on the pool."""
         loop = asyncio.get_running_loop()
@@ -513,7 +364,7 @@ class _Run:
         sems = self._sems = {id(p): asyncio.Semaphore(p.concurrency) for p in self.parts.values()
                              if isinstance(p, AsyncRangeSource)}
 
-        async def one(task: _Task) -> None:
+        async def one(task: Task) -> None:
             if task.kind == "staged" and any(isinstance(self.parts[c.src_rank], AsyncRangeSource)
                                              for c in task.copies):
                 await self._staged_async(task, pool)
@@ -534,7 +385,7 @@ class _Run:
         for phase in self.phases:
             await _gather_or_cancel([one(t) for t in phase])
 
-    def _finish_block(self, task: _Task, dst_w: Window, buf: np.ndarray) -> None:
+    def _finish_block(self, task: Task, dst_w: Window, buf: np.ndarray) -> None:
         self._store_block(task, dst_w, buf)
         self.done((task.rank, task.tensor))
 

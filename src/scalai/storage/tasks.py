@@ -1,0 +1,216 @@
+"""Grouping a plan into the plan runner's tasks, and the checks before any byte moves. Pure.
+
+:func:`check_plan` validates every copy's windows against both layouts; :func:`group`
+turns a checked plan into tasks for :mod:`scalai.storage.run`, deciding per destination
+tensor how its copies run from what the source's parts and the sink declare:
+
+- ``arrays``: every copy into one tensor from addressable arrays (a source's, or the sink's
+  for a host fan-out's ``from_new`` copies) in one task, so that they can be streamed,
+  assembled by rows or copied in place together;
+- ``block``: one block of at most ``block_bytes`` of one copy from a ranged source;
+- ``staged``: a whole tensor assembled in a buffer, for a sink without arrays whose windows
+  cannot be written as contiguous runs.
+
+Tasks come in two phases (``from_new`` copies read what the first one wrote), each ordered
+largest first, blocks of equal size taking every source host's turn in turn.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from math import prod
+
+import numpy as np
+
+from ..dtypes import raw_numpy
+from ..errors import PlanError
+from ..planner.plan import Copy, Plan, Window
+from ..regions import Region, subtract
+from . import blocks as _blocks
+from .base import ArraySink, ArraySource, AsyncRangeSource, RangeSource, TensorSink, TensorSource
+from .blocks import split_window, window_span
+
+__all__ = ["check_plan", "uncovered", "Dest", "Task", "Grouping", "group"]
+
+
+def _fits(region: Region, shape: tuple[int, ...]) -> bool:
+    offsets, sizes = region.offsets, region.sizes
+    if len(offsets) != len(shape):
+        return False
+    for o, s, n in zip(offsets, sizes, shape):
+        if o + s > n:
+            return False
+    return True
+
+
+def check_plan(plan: Plan) -> dict[tuple[int, str], list[Window]]:
+    """Validate every copy against the plan's layouts; the destination windows per
+    destination (rank, tensor).
+
+    Raises:
+        PlanError: naming the first copy whose window does not fit its rank's local tensor,
+            or whose source and destination shapes differ.
+    """
+    old_ptc, new_ptc = plan.old.ptc, plan.new.ptc
+    shapes: dict[tuple[bool, int], dict[str, tuple[int, ...]]] = {}
+
+    def shape_of(new: bool, rank: int, tensor: str) -> tuple[int, ...] | None:
+        table = shapes.get((new, rank))
+        if table is None:
+            ptc = new_ptc if new else old_ptc
+            table = shapes[(new, rank)] = ({n: s.shape for n, s in ptc.rank_shards(rank)}
+                                           if 0 <= rank < ptc.config.world_size else {})
+        return table.get(tensor)
+
+    windows: dict[tuple[int, str], list[Window]] = defaultdict(list)
+    for c in plan.copies:
+        for window, new, rank, side in ((c.src, c.from_new, c.src_rank, "source"),
+                                        (c.dst, True, c.dst_rank, "destination")):
+            shape = shape_of(new, rank, c.tensor)
+            ok = shape is not None and _fits(window.region, shape)
+            if ok and window.view is not None:
+                ok = (prod(window.view) == window.region.volume and window.sub is not None
+                      and _fits(window.sub, window.view))
+            if not ok:
+                raise PlanError(f"copy of {c.tensor}: {side} window {window} does not fit rank "
+                                f"{rank}'s local tensor ({shape if shape is not None else 'absent'})")
+        if c.src.shape != c.dst.shape:
+            raise PlanError(f"copy of {c.tensor}: source shape {c.src.shape} != destination {c.dst.shape}")
+        windows[(c.dst_rank, c.tensor)].append(c.dst)
+    return windows
+
+
+def uncovered(shape: tuple[int, ...], windows: list[Window], limit: int = 64) -> list[Region] | None:
+    """The boxes of a tensor of ``shape`` that no window writes (its padding), or ``None``
+    when that is not worth computing (windows of flat views, or very many windows)."""
+    if len(windows) > limit or any(w.view is not None for w in windows):
+        return None
+    left = [Region.full(shape)]
+    for w in windows:
+        left = [piece for box in left for piece in subtract(box, w.region)]
+    return [box for box in left if box.volume]
+
+
+@dataclass
+class Dest:
+    """A destination tensor: local shape, raw dtype, tasks still to run."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    pending: int = 0
+    mixed: bool = False  # written by several tasks: never assembled (that zeroes what is not its own)
+
+
+@dataclass
+class Task:
+    """One unit of work: ``kind`` is ``arrays`` (every copy into one tensor from addressable
+    arrays: a source's, or the sink's for ``from_new``), ``block`` (one block of one copy
+    from a ranged source) or ``staged`` (a whole tensor assembled in a buffer, for a sink
+    without arrays whose windows cannot be written by rows)."""
+
+    kind: str
+    rank: int
+    tensor: str
+    copies: list[Copy]
+    nbytes: int
+    block: tuple[Window, Window] | None = None
+    part: TensorSource | None = None
+    turn: int = 0  # a block's place among the blocks read from its source host
+
+
+@dataclass
+class Grouping:
+    """A plan grouped for the runner.
+
+    Attributes:
+        windows: destination windows per (rank, tensor) (every copy, empty ones included).
+        dests: the destination tensors written, by (rank, tensor).
+        phases: the tasks of the two phases, in the order to start them.
+        parts: the source part that reads each old rank read.
+        copies, bytes: copies with elements, and their bytes.
+    """
+
+    windows: dict[tuple[int, str], list[Window]]
+    dests: dict[tuple[int, str], Dest]
+    phases: tuple[list[Task], list[Task]]
+    parts: dict[int, TensorSource]
+    copies: int
+    bytes: int
+
+
+def _rows_only(dest: Dest, local: list[Copy], ranged: list[Copy]) -> bool:
+    """Whether a sink without arrays can take this tensor's copies as contiguous writes:
+    every destination window contiguous, or (addressable sources only) assembled by rows."""
+    spans = [window_span(dest.shape, c.dst) for c in local + ranged]
+    if None not in spans:
+        return True
+    return not ranged and all(c.dst.view is None for c in local) and \
+        prod(dest.shape[1:]) * dest.dtype.itemsize <= _blocks.CHUNK_BYTES
+
+
+def group(plan: Plan, source: TensorSource, sink: TensorSink) -> Grouping:
+    """Check ``plan`` against its layouts and the sink, and group it into tasks.
+
+    Raises:
+        PlanError: a window does not fit; the sink does not store a destination; a host
+            fan-out into a sink that cannot be read back.
+        TypeError: a source part declares no way to read.
+    """
+    windows = check_plan(plan)
+    arrays = isinstance(sink, ArraySink)
+    parts: dict[int, TensorSource] = {}
+    by_dest: dict[tuple[int, str], list[Copy]] = defaultdict(list)
+    for c in plan.copies:
+        if not sink.stores(c.dst_rank, c.tensor):
+            raise PlanError(f"the plan copies {c.tensor} into rank {c.dst_rank}, whose replica the "
+                            f"destination stores elsewhere; plan into ptc.stored_replicas()")
+        if c.from_new and not arrays:
+            raise PlanError(f"the plan copies {c.tensor} from new rank {c.src_rank} (a host fan-out), "
+                            f"but {type(sink).__name__} cannot be read back; plan with fanout=False")
+        if not c.from_new and c.src_rank not in parts:
+            part = parts[c.src_rank] = source.part(c.src_rank)
+            if not isinstance(part, (ArraySource, RangeSource, AsyncRangeSource)):
+                raise TypeError(f"source part {type(part).__name__} of rank {c.src_rank} declares no way "
+                                f"to read (ArraySource, RangeSource or AsyncRangeSource)")
+        if c.dst.volume:
+            by_dest[(c.dst_rank, c.tensor)].append(c)
+    dests: dict[tuple[int, str], Dest] = {}
+    phases: tuple[list[Task], list[Task]] = ([], [])
+    shapes: dict[int, dict] = {}
+    dtypes: dict[str, np.dtype] = {}
+    for (rank, tensor), copies in by_dest.items():
+        copies.sort(key=lambda c: c.dst.region.offsets)
+        if rank not in shapes:
+            shapes[rank] = {n: s.shape for n, s in plan.new.ptc.rank_shards(rank)}
+        dtype = dtypes.get(tensor)
+        if dtype is None:
+            dtype = dtypes[tensor] = raw_numpy(plan.new.ptc.spec(tensor).dtype)
+        dest = dests[(rank, tensor)] = Dest(shapes[rank][tensor], dtype)
+        fanout, local, ranged = [], [], []
+        for c in copies:
+            (fanout if c.from_new else local if isinstance(parts[c.src_rank], ArraySource)
+             else ranged).append(c)
+        dest.mixed = sum(map(bool, (fanout, local, ranged))) > 1
+        if not arrays and not _rows_only(dest, local, ranged):
+            phases[0].append(Task("staged", rank, tensor, copies, sum(c.nbytes for c in copies)))
+            continue
+        if local:
+            phases[0].append(Task("arrays", rank, tensor, local, sum(c.nbytes for c in local)))
+        size = dest.dtype.itemsize
+        for c in ranged:
+            part = parts[c.src_rank]
+            for sw, dw in split_window(c.src, c.dst, size, part.block_bytes):
+                phases[0].append(Task("block", rank, tensor, [c], dw.volume * size, (sw, dw), part))
+        if fanout:
+            phases[1].append(Task("arrays", rank, tensor, fanout, sum(c.nbytes for c in fanout)))
+    for phase in phases:
+        turns: dict[str, int] = defaultdict(int)
+        for t in phase:
+            dests[(t.rank, t.tensor)].pending += 1
+            if t.kind == "block":  # blocks of equal size: every source host's turn in turn
+                t.turn = turns[t.copies[0].src_host]
+                turns[t.copies[0].src_host] += 1
+        phase.sort(key=lambda t: (-t.nbytes, t.turn))  # largest first: the pool ends on small tasks
+    return Grouping(windows, dests, phases, parts, sum(len(c) for c in by_dest.values()),
+                    sum(c.nbytes for copies in by_dest.values() for c in copies))
