@@ -325,3 +325,21 @@ def test_device_tensors_fill_through_one_host_buffer_each():
             assert t.copies == 1, (r, n)
             raw = t.value.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.value.element_size()])
             assert np.array_equal(raw.numpy().view(expected[r][n].dtype), expected[r][n]), (r, n)
+
+
+@pytest.mark.parametrize("source_kind", ["arrays", "ranged"])
+def test_live_tensors_that_are_strided_views_are_filled_in_place(source_kind):
+    """Live tensors need not be contiguous (a transposed parameter, a slice of a bigger
+    buffer): a sink over them copies into their strides, whatever the source."""
+    old, new = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1"), model_ptc("gpt-tiny", "tp=1,pp=1,dp=1")
+    glob = global_raw(old, seed=12)
+    arrays = local_raw(old, glob)
+    expected = local_raw(new, glob)
+    backing = {n: np.full((2,) + a.shape[::-1], 9, a.dtype) for n, a in expected[0].items()}
+    live = {0: {n: b[1].T for n, b in backing.items()}}  # views with reversed strides
+    assert not all(v.flags.c_contiguous for v in live[0].values() if v.ndim > 1)
+    source = ArraysSource(old, arrays) if source_kind == "arrays" else Ranged(old, arrays)
+    run_plan(_plan(old, new, fanout=False), source, ArraysSink(new, live), workers=2)
+    for n, want in expected[0].items():
+        assert np.array_equal(live[0][n], want), n
+        assert (backing[n][0] == 9).all(), f"{n}: written outside the view"

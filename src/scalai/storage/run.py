@@ -283,9 +283,12 @@ class _Run:
         return target if target.flags.c_contiguous else None
 
     def _store_block(self, task: Task, dst_w: Window, buf: np.ndarray) -> None:
+        """A block read from a ranged source into the sink: one write with its CRC where its
+        window is a contiguous run (a sink that keeps checksums, or one without arrays),
+        else a copy into the sink's array (any strides: live tensors may be views)."""
         dest, filler = self.dests[(task.rank, task.tensor)], self.filler()
         span = window_span(dest.shape, dst_w)
-        if span is not None:
+        if span is not None and (self.checksum or not self.arrays):
             filler.put(partial(self.sink.write, task.rank, task.tensor), span * dest.dtype.itemsize,
                        buf, self.checksum)
         else:
