@@ -40,15 +40,21 @@ def live(tmp_path_factory):
 
 
 def _templates(url: str) -> dict[str, dict]:
+    from scalai.planner import Deployment, make_plan
+    from scalai.planner.serial import copies_to_json
+
     ptc = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1")  # the layout of j/v0
     manifest = VersionManifest("j", "v1", 1, ptc, Placement(2, ("host0",)), {"step": 3, "data": {"epoch": 0}})
     m = manifest.to_json()
+    place = Placement(2, ("host0",))
+    plan = make_plan(Deployment(ptc, place), Deployment(ptc.relayout(ptc.config.with_(tp=1, pp=2)), place))
     return {
         "commit": {"manifest": m},
         "transform": {"from_version": "v0", "to_version": "v2",
                       "old": {"ptc": m["ptc"], "placement": m["placement"], "replicas": "all"},
                       "new": {"layout": "tp=1,pp=2,dp=1", "placement": m["placement"]},
-                      "peers": {"host0": url}, "checksum": True, "concurrency": 2},
+                      "peers": {"host0": url}, "plan": copies_to_json(plan, "host0"), "checksum": True,
+                      "concurrency": 2},
     }
 
 

@@ -220,7 +220,7 @@ def test_pull_of_a_version_replaced_while_it_is_read_takes_the_new_one(stores, t
 
     got = cluster.pull("gpt", str(tmp_path / "pulled"), progress=progress, workers=1)
     assert fired.is_set() and got.name == "v1"
-    from scalai.executor import reshard_checkpoint
+    from scalai.reshard import reshard_checkpoint
 
     reshard_checkpoint(tiny_ckpt, tmp_path / "local", LAYOUT, sync=False)
     with Checkpoint.open(tmp_path / "local") as a, Checkpoint.open(tmp_path / "pulled") as b:

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from scalai.checkpoint import Checkpoint
-from scalai.executor import reshard_checkpoint
+from scalai.reshard import reshard_checkpoint
 from scalai.store import StoreCluster, StoreRequestError
 
 pytestmark = pytest.mark.slow
