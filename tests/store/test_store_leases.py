@@ -16,7 +16,10 @@ import pytest
 
 from scalai import PTC, ParallelConfig, Placement, TensorSpec
 from scalai.store import StoreCluster, StoreRequestError, VersionManifest, reshard
+from scalai.planner import Deployment, make_plan
+from scalai.planner.serial import copies_to_json
 from scalai.store.lease import Lease
+from scalai.store.manifest import placement_from_json
 
 A = np.arange(1024, dtype=np.uint32)
 
@@ -237,6 +240,9 @@ def test_a_transformation_of_a_lost_claim_is_refused(store, tiny_ckpt):
     request = {"from_version": "v0", "to_version": "v1", "old": {"ptc": m["ptc"], "placement": m["placement"]},
                "new": {"layout": "tp=1,pp=2,dp=4,zero=1", "placement": m["placement"]},
                "peers": {"host0": store.url}, "claimed": True}
+    old = Deployment(PTC.from_json(m["ptc"]), placement_from_json(m["placement"]))
+    new = Deployment(old.ptc.relayout(ParallelConfig.parse("tp=1,pp=2,dp=4,zero=1")), old.placement)
+    request["plan"] = copies_to_json(make_plan(old, new), "host0")  # the coordinator's plan, this host's part
     c.lease("gpt", "v1", "reshard-a", create=True)
     c.delete("gpt", "v1")  # an operator's delete (or the lease running out) before the work starts
     assert _status(lambda: c.transform("gpt", request, owner="reshard-a")) == 404

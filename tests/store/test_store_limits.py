@@ -109,7 +109,8 @@ def test_commit_bodies_that_exceed_or_do_not_lay_out(live, name):
 def test_transform_to_an_absurd_layout_is_refused_at_once(live):
     m = _manifest("v0", [TensorSpec("w", W.shape, "float32")], 0)
     req = {"from_version": "v0", "to_version": "v2", "old": {"ptc": m["ptc"], "placement": m["placement"]},
-           "new": {"layout": "tp=1,pp=1,dp=1000000", "placement": m["placement"]}, "peers": {"host0": live.url}}
+           "new": {"layout": "tp=1,pp=1,dp=1000000", "placement": m["placement"]}, "peers": {"host0": live.url},
+           "plan": {"tensors": [], "copies": []}}  # refused for its layout before its plan is read
     status, answer = post(live.url, "/v1/jobs/j/transform", json.dumps(req).encode())
     assert status == 422 and "SCALAI_MAX_RANKS" in _one_line(answer)
     assert "v2" not in [v["version"] for v in live.client().job("j")["versions"]]

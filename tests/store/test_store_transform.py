@@ -4,6 +4,7 @@ store and leave the old version intact, restart and retry."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -271,13 +272,20 @@ def test_a_store_runs_the_part_of_the_plan_it_is_sent(stores, tmp_path):
     from_host1 = tuple(replace(c, src_rank=1, src_host="host1") for c in plan.copies)
     request = _request(src.version, "v1", old, new, cluster.peers, True)
     client = cluster.client("host2")
-    for bad in ({}, {"plan": {"tensors": [], "copies": [[0, 0, 0, [[0], [1]], [[0], [1]], False]]}}):
+    part = copies_to_json(Plan(old, new, from_host1, plan.stats), "host2")
+    too_wide = json.loads(json.dumps(part))
+    too_wide["copies"][0][3][1][0] = too_wide["copies"][0][4][1][0] = 1 << 20  # longer than any tensor here
+    for bad in ({}, {"plan": {"tensors": [], "copies": [[0, 0, 0, [[0], [1]], [[0], [1]], False]]}},
+                {"plan": too_wide}):
         with pytest.raises(StoreRequestError, match="400"):
-            client.transform("gpt", {**request, **bad})
-    result = client.transform("gpt", {**request, "plan": copies_to_json(Plan(old, new, from_host1, plan.stats),
-                                                                           "host2")})
+            client.transform("gpt", {**request, **bad}, owner="reshard-a")
+    with pytest.raises(StoreRequestError, match="404"):  # a refused request created no version
+        client.version("gpt", "v1", tensors=False)
+    client.lease("gpt", "v1", "reshard-a", create=True)  # the coordinator's claim (request: claimed)
+    result = client.transform("gpt", {**request, "plan": part}, owner="reshard-a")
     assert result["fetched_bytes"] == {"host1": plan.stats.total_bytes}
-    cluster.commit(VersionManifest("gpt", "v1", 1, new.ptc, new.placement, src.state, src.version), ["host2"])
+    cluster.commit(VersionManifest("gpt", "v1", 1, new.ptc, new.placement, src.state, src.version), ["host2"],
+                   owner="reshard-a")
     cluster.pull("gpt", str(tmp_path / "pulled"), version="v1")
     reshard_checkpoint(tmp_path / "a", tmp_path / "local", "tp=1,pp=1,dp=1", sync=False)
     _same(tmp_path / "local", tmp_path / "pulled")

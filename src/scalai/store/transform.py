@@ -31,11 +31,13 @@ from dataclasses import dataclass
 from functools import partial
 
 from ..config import ParallelConfig
+from ..errors import PlanError
 from ..layout.ptc import PTC
 from ..planner import Deployment
-from ..planner.plan import Copy
+from ..planner.plan import Plan
 from ..planner.serial import copies_from_json, plan_slice
 from ..storage.run import run_plan_async
+from ..storage.tasks import check_plan
 from .catalog import Catalog, VersionEntry
 from .errors import PeerError
 from .manifest import parse_ptc, placement_from_json, untrusted_layout
@@ -56,7 +58,7 @@ class TransformSpec:
     old: Deployment
     new: Deployment
     peers: dict[str, str]
-    copies: tuple[Copy, ...]
+    plan: Plan  # this host's part: the copies into its ranks, checked against both layouts
     checksum: bool = True
     concurrency: int = 8
 
@@ -86,13 +88,24 @@ class TransformSpec:
                                  f"ranks, layout {dep.ptc.config} has {world}")
         peers = {check_name(h, "host"): url.rstrip("/") for h, url in obj["peers"].items()}
         copies = untrusted_layout(copies_from_json, obj["plan"], old, new, what="the plan of the request")
-        return cls(check_name(job, "job"), obj["from_version"], obj["to_version"], old, new, peers, copies,
+        plan = plan_slice(old, new, copies)
+        untrusted_layout(_check_plan, plan, what="the plan of the request")
+        return cls(check_name(job, "job"), obj["from_version"], obj["to_version"], old, new, peers, plan,
                    obj.get("checksum", True), obj.get("concurrency", 8))
+
+
+def _check_plan(plan: Plan) -> None:
+    """Every window of a plan a client sent fits both layouts, before any version is created."""
+    try:
+        check_plan(plan)
+    except PlanError as exc:
+        raise ValueError(f"the plan of the request does not fit its layouts: {exc}; send this host "
+                         f"the part of the plan made for these layouts") from None
 
 
 def _lay_out(s: TransformSpec) -> None:
     """Every local shard the part reads or writes (cached in the PTCs for the runner)."""
-    for r in {c.src_rank for c in s.copies if not c.from_new}:
+    for r in {c.src_rank for c in s.plan.copies if not c.from_new}:
         s.old.ptc.rank_shards(r)
     s.new.ptc.rank_shards(0)
 
@@ -112,19 +125,19 @@ async def run_host_part(catalog: Catalog, spec: TransformSpec, entry: VersionEnt
     s, me, t0 = spec, catalog.name, time.perf_counter()
     if s.from_version == s.to_version:
         raise ValueError("from_version and to_version must differ")
-    if any(c.dst_host != me for c in s.copies):
+    if any(c.dst_host != me for c in s.plan.copies):
         raise ValueError(f"the plan sent to store {me} copies into other hosts; send each host its own part")
     local = None
     if me in s.old.placement.hosts:
         catalog.committed(s.job, s.from_version)  # 404/409 early if it is not there
         local = LocalVersion(catalog, s.job, s.from_version, s.old.ptc)
-    sources = {c.src_host for c in s.copies if not c.from_new and c.src_host != me}
+    sources = {c.src_host for c in s.plan.copies if not c.from_new and c.src_host != me}
     per_peer = max(1, -(-s.concurrency // max(1, len(sources))))  # `concurrency` reads in flight in all
     peers = {h: PeerVersion(h, url, s.job, s.from_version, s.old.ptc, session, link, headers, per_peer)
              for h, url in s.peers.items() if h in sources}
     source = HostSources(s.old, me, local, peers)
     sink = NewVersion(catalog, entry, s.new, s.checksum)
-    plan = plan_slice(s.old, s.new, s.copies)
+    plan = s.plan
     loop = asyncio.get_running_loop()
     # the layouts the client sent, laid out here first: a split rule whose arithmetic fails is its fault
     await loop.run_in_executor(pool, partial(untrusted_layout, _lay_out, s, what="the layouts of the request"))
