@@ -488,14 +488,14 @@ def test_replicas_are_stored_once_and_read_through_their_owner(tmp_path):
         assert a.checksum(7, "decoder.final_layernorm.weight") == b.checksum(7, "decoder.final_layernorm.weight")
         a.verify()
         assert compare_checkpoints(a, b) is None
-    assert '"version": 2' in (dedup / "manifest.json").read_text()
+    assert f'"version": {VERSION}' in (dedup / "manifest.json").read_text()
 
 
 def test_version_1_manifests_without_replica_pointers_still_read(tmp_path):
     _dp_checkpoint(tmp_path, True)
     full = _dp_checkpoint(tmp_path, False)
     path = full / "manifest.json"
-    path.write_text(path.read_text().replace('"version": 2', '"version": 1'))
+    path.write_text(path.read_text().replace(f'"version": {VERSION}', '"version": 1'))
     with Checkpoint.open(full) as c:
         c.verify()
 
@@ -519,3 +519,41 @@ def test_a_replica_pointer_to_a_rank_without_that_replica_is_refused(tmp_path, w
     path.write_text(json.dumps(obj))
     with pytest.raises(CheckpointError, match="does not store an identical replica"):
         Checkpoint.open(out)
+
+
+# -- ranks whose shard is all padding (format 3) ----------------------------------------------
+
+def test_a_rank_whose_vocabulary_rows_are_all_padding_stores_its_zero_shard_and_old_formats_still_read(tmp_path):
+    from scalai.compare import compare_checkpoints
+    from scalai.executor import reshard_checkpoint as reshard
+    from scalai.models.synth import write_synthetic_checkpoint
+
+    new = tmp_path / "new"
+    write_synthetic_checkpoint("gpt-tiny", new, ParallelConfig.parse("tp=4,pp=2,dp=1"), seed=3)
+    name = "embedding.word_embeddings.weight"
+    with Checkpoint.open(new) as c:
+        # tp rank 3 of both stages (ranks 3 and 7: the tied copy) holds its 384 padded rows
+        for rank in (3, 7):
+            assert c.manifest.ranks[rank].tensors[name].shape == (384, 64)
+        owner = c.stored_in(3, name)
+        assert not c.view(owner, name).any()  # zeros: Megatron's padding
+        # the same state in format 2: no entry for the all-padding shards
+        old_ptc = PTC(c.ptc.config, c.ptc.specs, c.ptc.num_layers, padding_shards=False)
+        old = tmp_path / "old"
+        with CheckpointWriter(old, old_ptc, c.state) as w:
+            for r in range(old_ptc.config.world_size):
+                for n, _ in old_ptc.rank_shards(r):
+                    if w.stores(r, n):
+                        w.view(r, n)[...] = c.view(r, n)
+            w.commit()
+    _edit_manifest(old, lambda m: m.update(version=2))
+    assert name not in json.load(open(old / "manifest.json"))["ranks"][3]["tensors"]
+    with Checkpoint.open(old) as a, Checkpoint.open(new) as b:
+        a.verify()
+        assert compare_checkpoints(a, b) is None and compare_checkpoints(b, a) is None
+    # an old checkpoint reshards into the new format, equal to the new one's reshard
+    reshard(old, tmp_path / "old1", ParallelConfig.parse("tp=1,pp=1,dp=2"))
+    reshard(new, tmp_path / "new1", ParallelConfig.parse("tp=1,pp=1,dp=2"))
+    with Checkpoint.open(tmp_path / "old1") as a, Checkpoint.open(tmp_path / "new1") as b:
+        assert compare_checkpoints(a, b) is None
+        assert all(np.array_equal(a.view(r, n), b.view(r, n)) for r in range(2) for n, _ in a.ptc.rank_shards(r))

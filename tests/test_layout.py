@@ -92,6 +92,62 @@ def test_tied_embedding_is_held_by_first_and_last_stage():
     assert ranks == [0, 1, 6, 7]
 
 
+def _megatron_rank_params(shape, config, rank) -> list[tuple[str, tuple]]:
+    """What Megatron-LM gives a rank: every parameter of its stage, each split locally
+    (vocabulary rows padded to ``vocab_multiple * tp`` and cut in ``tp`` equal parts),
+    computed here from the model's sizes alone."""
+    c = config.coords(rank)
+    per_stage = shape.num_layers // config.pp
+    layers = range(c.pp * per_stage, (c.pp + 1) * per_stage)
+    first, last = c.pp == 0, c.pp == config.pp - 1
+    rows = -(-shape.vocab_size // (shape.vocab_multiple * config.tp)) * shape.vocab_multiple
+    out = []
+    if first or (last and shape.tied_embeddings):
+        out.append(("embedding.word_embeddings.weight", (rows, shape.hidden)))
+    out += [(s.name, None) for s in model_specs(shape, optimizer=False)
+            if s.residence.kind == "layer" and s.residence.layer in layers]
+    if first and shape.family == "gpt":
+        out.append(("embedding.position_embeddings.weight", None))
+    if last:
+        out += [(s.name, None) for s in model_specs(shape, optimizer=False)
+                if s.name.startswith("decoder.final_layernorm")]
+        if not shape.tied_embeddings:
+            out.append(("output_layer.weight", (rows, shape.hidden)))
+    return out
+
+
+@pytest.mark.parametrize("model,layout,padded_rank", [
+    ("gpt-tiny", "tp=4,pp=2,dp=1", 3),       # 1100 rows in 4 x 384: rank 3 is all padding
+    ("llama-tiny", "tp=4,pp=1,dp=2", 3),
+    ("gpt3-175b", "tp=32,pp=2,dp=1", 31),    # 50257 rows in 32 x 1664: rank 31 is all padding
+])
+def test_every_tensor_parallel_rank_holds_its_vocabulary_shard_even_when_all_padding(model, layout, padded_rank):
+    shape = get_model_shape(model)
+    ptc = model_ptc(model, layout, optimizer=False)
+    cfg = ptc.config
+    for rank in range(cfg.world_size):
+        got = dict((n, s) for n, s in ptc.rank_shards(rank))
+        want = _megatron_rank_params(shape, cfg, rank)
+        assert sorted(got) == sorted(n for n, _ in want)  # per-rank tensor lists equal Megatron's
+        for name, local in want:
+            if local is not None:
+                assert got[name].shape == local
+    emb = dict(ptc.rank_shards(padded_rank))["embedding.word_embeddings.weight"]
+    assert emb.pieces == () and emb.covered == 0  # zeros only: nothing of the global tensor
+    ptc.validate()
+
+
+def test_zero1_parts_of_padding_rows_are_held_too():
+    # tp=4, dp=2: stage 0's tp rank 3 has 384 padding rows (24576 elements) first in its buffer
+    ptc = model_ptc("gpt-tiny", "tp=4,pp=2,dp=2,zero=1")
+    held = [dict(ptc.rank_shards(ptc.config.rank(3, d, 0))).get("optimizer.exp_avg.embedding.word_embeddings.weight")
+            for d in range(2)]
+    assert held[0] is not None and held[0].pieces == () and held[0].shape == (384 * 64,)
+    old = PTC(ptc.config, ptc.specs, ptc.num_layers, padding_shards=False)  # formats 1 and 2
+    assert "optimizer.exp_avg.embedding.word_embeddings.weight" not in \
+        dict(old.rank_shards(ptc.config.rank(3, 0, 0)))
+
+
 def test_zero1_splits_flat_buffer_in_dp_contiguous_parts():
     ptc = model_ptc("gpt-tiny", "tp=1,pp=1,dp=3,zero=1")
     # every optimizer tensor's local shards on dp ranks are 1-d and together exactly cover it

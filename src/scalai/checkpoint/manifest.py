@@ -1,11 +1,11 @@
 """The manifest of a checkpoint directory: what is stored where, with checksums.
 
 ``manifest.json`` is written last and atomically; its presence is what makes a directory
-a checkpoint. Layout (version 2)::
+a checkpoint. Layout (version 3)::
 
     {
       "format": "scalai-checkpoint",
-      "version": 2,
+      "version": 3,
       "created_by": "scalai 0.1.0",
       "checksum_algorithm": "crc32",
       "ptc": {"config": "tp=2,pp=1,dp=1", "num_layers": 2, "tensors": [...]},
@@ -23,7 +23,10 @@ a checkpoint. Layout (version 2)::
 tensor's raw bytes as 8 hex digits. A replica (the same shard held by several
 data-parallel ranks, or a tied embedding's two copies) is stored once, in the file of one
 rank holding it (``PTC.replica_owner``: chosen to balance bytes across files); the others
-record ``"stored_in": <that rank>`` instead of a checksum (version 2; version 1 stored every replica); ``state`` is the caller's JSON (step, schedulers, RNG,
+record ``"stored_in": <that rank>`` instead of a checksum (version 2; version 1 stored every
+replica). A rank whose local shard is all padding (a padded vocabulary's last
+tensor-parallel ranks) lists it, zero-filled, as Megatron-LM does (version 3; versions 1 and
+2 left it out, and are read with a PTC that does the same); ``state`` is the caller's JSON (step, schedulers, RNG,
 data position). The parser is strict: unknown keys, wrong types or a layout that
 disagrees with the tensors listed make the manifest invalid; a newer version is refused.
 """
@@ -44,7 +47,7 @@ __all__ = ["FORMAT", "VERSION", "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "TensorRe
            "Manifest", "rank_file_name", "read_manifest", "parse_manifest", "write_manifest", "atomic_write"]
 
 FORMAT = "scalai-checkpoint"
-VERSION = 2
+VERSION = 3
 MANIFEST_NAME = "manifest.json"
 #: Largest manifest read: about 40 KB per rank of GPT-3 175B, so some 25,000 ranks.
 MAX_MANIFEST_BYTES = 1 << 30
@@ -132,7 +135,7 @@ class Manifest:
         if not isinstance(obj["state"].get("data", {}), dict):
             raise bad("state.data (the data position) is not a JSON object")
         try:
-            ptc = PTC.from_json(obj["ptc"])
+            ptc = PTC.from_json(obj["ptc"], padding_shards=version >= 3)
         except (ValueError, KeyError, TypeError) as exc:
             raise bad(f"the layout does not parse ({exc})") from None
         ranks = obj["ranks"]

@@ -14,6 +14,13 @@ cut into ``dp`` contiguous parts. Data-parallel rank ``d`` keeps part ``d`` of e
 optimizer state (fp32 master, Adam moments). A rank's local tensor for one optimizer state
 of one parameter is therefore 1-d: the part of the parameter's flat range that falls in
 the rank's part of the buffer.
+
+Padding (``padding_shards``): a rank whose local shard holds no global element, only
+padding (the last tensor-parallel ranks of a padded vocabulary, e.g. gpt-tiny at tp=4 or
+gpt3-175b at tp=32; a ZeRO part that covers only such rows), still holds it, zero-filled,
+as Megatron-LM gives every rank its padded rows: per-rank tensor lists equal Megatron's.
+Checkpoints of format 1 and 2 were written without them and are read with
+``padding_shards=False``.
 """
 
 from __future__ import annotations
@@ -60,6 +67,8 @@ class PTC:
         config: the parallel configuration.
         specs: every tensor of the job (parameters and optimizer state).
         num_layers: transformer layers of the model (to place ``layer`` residences).
+        padding_shards: ranks whose local shard is all padding hold it (see the module
+            docstring); ``False`` only to read layouts written before they did.
 
     Raises:
         LayoutError: a tensor cannot be split under ``config`` (the message names the
@@ -68,8 +77,10 @@ class PTC:
             :mod:`scalai.limits` allows (checked before anything per rank is built).
     """
 
-    def __init__(self, config: ParallelConfig, specs: Iterable[TensorSpec], num_layers: int):
+    def __init__(self, config: ParallelConfig, specs: Iterable[TensorSpec], num_layers: int,
+                 *, padding_shards: bool = True):
         self.config = config
+        self.padding_shards = bool(padding_shards)
         self.specs: tuple[TensorSpec, ...] = tuple(specs)
         TENSORS.check(len(self.specs), "the job state")
         try:
@@ -167,7 +178,7 @@ class PTC:
                         shard = spec.split.shard(spec.shape, cfg.tp, t, cfg.dp, d)
                         key = ("mesh", spec.shape, shard)  # equal shards group as replicas
                         ranks = [cfg.rank(t, d, stage)]
-                    if not shard.pieces:
+                    if not shard.pieces and not (self.padding_shards and prod(shard.shape)):
                         continue
                     entry = groups.setdefault(key, (shard, []))
                     entry[1].extend(ranks)
@@ -202,7 +213,7 @@ class PTC:
                     if hi <= lo:
                         continue
                     shard = _zero_shard(spec.split, spec.shape, cfg.tp, t, lo - start, hi - start)
-                    if shard.pieces:
+                    if shard.pieces or self.padding_shards:
                         key = ("zero", spec.split, spec.shape, cfg.tp, t, lo - start, hi - start)
                         out.append(Holding(spec.name, shard, (cfg.rank(t, d, stage),), key))
         return out
@@ -245,7 +256,7 @@ class PTC:
         instead, the holder with the fewest bytes so far among the group's holders: what
         per-host stores keep, so that a host which held a replica still holds it and no
         byte has to cross hosts that did not have to before."""
-        view = PTC(self.config, self.specs, self.num_layers)
+        view = PTC(self.config, self.specs, self.num_layers, padding_shards=self.padding_shards)
         view._replicas_of = self.full
         view._replica_group = group
         return view
@@ -311,13 +322,15 @@ class PTC:
         return out
 
     @classmethod
-    def from_json(cls, obj: dict) -> PTC:
+    def from_json(cls, obj: dict, padding_shards: bool = True) -> PTC:
         """Parse :meth:`to_json`'s object; raises ValueError (``LayoutError``), KeyError or
-        TypeError for anything else."""
+        TypeError for anything else. ``padding_shards=False`` reads a layout of checkpoint
+        formats 1 and 2 (see :class:`PTC`)."""
         if not isinstance(obj, dict) or not isinstance(obj.get("tensors"), list):
             raise ValueError("a PTC is a JSON object with config, num_layers and a list of tensors")
         return cls(ParallelConfig.parse(obj["config"]),
-                   [TensorSpec.from_json(t) for t in obj["tensors"]], obj["num_layers"])
+                   [TensorSpec.from_json(t) for t in obj["tensors"]], obj["num_layers"],
+                   padding_shards=padding_shards)
 
     def relayout(self, config: ParallelConfig) -> PTC:
         """The same tensors under another configuration."""
