@@ -4,7 +4,10 @@ These modules exist so that layouts can be derived from a real model (built on t
 device, no memory) plus a name-pattern rule table, exactly as for a user's model. They
 also run: the fused QKV weight holds ``[Q; K; V]`` in that order (all query heads, then
 key heads, then value heads) and the fused SwiGLU ``linear_fc1`` holds ``[gate; up]``,
-the global order the split rules assume.
+the global order the split rules assume. They compute what their Hugging Face
+counterparts compute (:func:`scalai.interop.hf_models.hf_config`): rotary embeddings on
+pairs ``(i, i + head_dim/2)`` (Megatron-core's default), GELU with the tanh approximation
+(GPT-2's ``gelu_new``), norms with epsilon 1e-5.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class _MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate="tanh")
         return self.linear_fc2(h)
 
 
@@ -126,10 +129,11 @@ def _rotary(seq: int, dim: int, device):
     angles = torch.outer(torch.arange(seq, device=device, dtype=torch.float32), inv)
     cos, sin = angles.cos(), angles.sin()
 
-    def apply(x):
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-        return out.flatten(-2).to(x.dtype)
+    cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+
+    def apply(x):  # rotate_half: pairs (i, i + dim/2), Megatron-core's and Hugging Face's default
+        x1, x2 = x[..., : dim // 2], x[..., dim // 2:]
+        return (x * cos + torch.cat((-x2, x1), -1) * sin).to(x.dtype)
 
     return apply
 
