@@ -198,6 +198,10 @@ class Rules:
             if PARAM not in template:
                 raise ValueError(f"optimizer template {template!r} for {state} has no {PARAM}")
 
+    def rule_for(self, key: str) -> TensorRule | None:
+        """The rule that reads foreign ``key`` (``None``: no rule does)."""
+        return next((r for r in self.tensors if any(_pattern(s.key).fullmatch(key) for s in r.sources)), None)
+
     def to_json(self) -> dict:
         out: dict[str, Any] = {"format": FORMAT, "version": VERSION, "model": self.model.to_json(),
                                "tensors": [t.to_json() for t in self.tensors]}
