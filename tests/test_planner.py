@@ -195,3 +195,17 @@ def test_plans_refuse_different_models():
     fewer = Deployment(model_ptc("gpt-tiny", "tp=1,pp=1,dp=1", optimizer=False), Placement(8))
     with pytest.raises(PlanError, match="both sides must describe the same model"):
         make_plan(old, fewer)
+
+
+def test_a_subset_plan_reads_only_the_tensors_the_new_layout_holds():
+    """An export of the weights: the new layout leaves the optimizer state out, on purpose."""
+    old_ptc = model_ptc("gpt-tiny", "tp=2,pp=2,dp=2,zero=1")
+    new_ptc = model_ptc("gpt-tiny", "tp=1,pp=1,dp=1", optimizer=False)
+    old, new = Deployment(old_ptc, Placement(8)), Deployment(new_ptc, Placement(8))
+    with pytest.raises(PlanError, match="drops"):
+        make_plan(old, new)
+    plan = make_plan(old, new, subset=True)
+    assert {c.tensor for c in plan.copies} == set(new_ptc.names)
+    glob = global_arrays(old_ptc)
+    got = gather(new_ptc, execute(plan, scatter(old_ptc, glob)))
+    assert all(np.array_equal(got[n], glob[n]) for n in new_ptc.names)

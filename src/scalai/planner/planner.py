@@ -35,7 +35,7 @@ __all__ = ["make_plan", "check_coverage"]
 
 
 def make_plan(old: Deployment, new: Deployment, validate: bool = True, fanout: bool = True,
-              unavailable: frozenset[int] | set[int] = frozenset()) -> Plan:
+              unavailable: frozenset[int] | set[int] = frozenset(), subset: bool = False) -> Plan:
     """Plan the copies from ``old`` to ``new`` (same tensors, any configurations/placements).
 
     Args:
@@ -48,12 +48,15 @@ def make_plan(old: Deployment, new: Deployment, validate: bool = True, fanout: b
             the lower bound.
         unavailable: old ranks that cannot be read (their host is lost); their bytes come
             from surviving replicas.
+        subset: the new layout may hold only some of the old tensors (an export of the
+            weights without the optimizer state); the others are not read. Off by
+            default: a reshard or a load must never drop state silently.
 
     Raises:
         PlanError: the two deployments do not describe the same tensors, or (with
             ``validate``) the plan would not cover the destination exactly once.
     """
-    _check_same_tensors(old, new)
+    _check_same_tensors(old, new, subset)
     builder = _Builder(old, new, fanout=fanout, unavailable=frozenset(unavailable))
     for spec in new.ptc.specs:
         builder.add_tensor(spec.name, itemsize(spec.dtype))
@@ -63,7 +66,7 @@ def make_plan(old: Deployment, new: Deployment, validate: bool = True, fanout: b
     return plan
 
 
-def _check_same_tensors(old: Deployment, new: Deployment) -> None:
+def _check_same_tensors(old: Deployment, new: Deployment, subset: bool = False) -> None:
     old_specs = {s.name: s for s in old.ptc.specs}
     for spec in new.ptc.specs:
         src = old_specs.get(spec.name)
@@ -74,7 +77,7 @@ def _check_same_tensors(old: Deployment, new: Deployment) -> None:
             raise PlanError(f"tensor {spec.name} is {src.dtype}{list(src.shape)} in the old state "
                             f"but {spec.dtype}{list(spec.shape)} in the new layout")
     extra = set(old_specs) - {s.name for s in new.ptc.specs}
-    if extra:
+    if extra and not subset:
         raise PlanError(f"the old state has {len(extra)} tensors that the new layout drops "
                         f"(e.g. {sorted(extra)[0]}); both sides must describe the same model")
 
