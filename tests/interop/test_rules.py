@@ -224,3 +224,30 @@ def test_load_rules_errors_are_one_line(tmp_path):
     (tmp_path / "other.json").write_text("[]")
     with pytest.raises(ValueError, match="other.json: not a rules file"):
         load_rules(tmp_path / "other.json")
+
+
+def test_hf_directory_reads_boxes_of_single_and_sharded_saves_and_bare_models(tmp_path):
+    import numpy as np
+
+    from scalai.interop.hf_files import HFDirectory, parse_size
+
+    hf = hf_helpers.llama()
+    state = hf.state_dict()
+    for shard, sub in ((None, "one"), ("60KB", "many")):
+        path = hf_helpers.save(hf, tmp_path / sub, shard)
+        with HFDirectory(path, "model.") as d:
+            assert d.tensors == _table(hf)
+            name = "model.layers.1.mlp.up_proj.weight"  # [192, 64]
+            for box in (Region((5, 0), (7, 64)), Region((3, 10), (50, 13)), Region((0, 0), (192, 64))):
+                out = np.zeros(box.sizes, np.uint32)
+                d.read(name, box, out)
+                assert np.array_equal(out, state[name][box.to_slices()].numpy().view(np.uint32))
+            t = np.zeros((64, 7), np.uint32)  # into a transposed (strided) destination
+            d.read(name, Region((5, 0), (7, 64)), t.T)
+            assert np.array_equal(t.T, state[name][5:12].numpy().view(np.uint32))
+    hf.model.save_pretrained(str(tmp_path / "bare"))  # LlamaModel alone: no "model." prefix
+    with HFDirectory(tmp_path / "bare", "model.") as d:
+        assert "model.layers.0.self_attn.q_proj.weight" in d.tensors
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2**31 and parse_size("100KB") == 100_000
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("lots")
