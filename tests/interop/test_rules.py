@@ -139,9 +139,9 @@ def test_base_model_layout_checked_against_rules_and_the_ignored_keys():
     assert set(mapping.ignored) == {"transformer.h.0.attn.masked_bias", "lm_head.weight"}
 
 
-def _tiny_rules(**model) -> dict:
-    return {"format": "scalai-rules", "version": 1,
-            "model": {"num_heads": 2, "num_kv_heads": 1, "head_dim": 2, **model},
+def _tiny_rules(**dims) -> dict:
+    return {"format": "scalai-rules/1",
+            "dims": {"num_heads": 2, "num_kv_heads": 1, "head_dim": 2, **dims},
             "tensors": [
                 {"name": "emb", "split": "vocab", "where": "embedding", "from": ["tok.weight"]},
                 {"name": "l.{layer}.qkv", "split": "qkv",
@@ -193,16 +193,18 @@ def test_a_generic_rules_file_maps_names_fused_parts_transposes_padding_and_opti
     (lambda r: r.update(extra=1), None, r"unknown \['extra'\]"),
     (lambda r: r["tensors"][1].update(name="l.qkv", where="all"), None, "must appear in the name and in every key"),
     (lambda r: r["tensors"][0].pop("where"), None, "has no {layer} and no where"),
-    (lambda r: r["model"].update(num_heads=0), None, "model.num_heads=0 is not a positive integer"),
-    (lambda r: r["model"].pop("head_dim"), None, "needs model.head_dim"),
-    (lambda r: r.update(version=2), None, "version 2 is not 1"),
+    (lambda r: r["dims"].update(num_heads=0), None, "dims.num_heads=0 is not a positive integer"),
+    (lambda r: r["dims"].pop("head_dim"), None, "needs dims.head_dim"),
+    (lambda r: r.update(format="scalai-rules/2"), None, "needs \"format\": \"scalai-rules/1\" .it has"),
+    (lambda r: r["tensors"][1].pop("split"), None, r"\(l.\{layer\}.qkv\) has no split; say how tp splits it"),
+    (lambda r: r.update(model="gpt-huge"), None, "unknown model 'gpt-huge'"),
     (lambda r: r["tensors"][2].update(**{"from": ["a{x}.{layer}"]}), None, "placeholder other than {layer}"),
     (None, lambda t: t.pop("layers.1.wk"), "has layers.1.wq but not 'layers.1.wk'"),
     (None, lambda t: t.update({"layers.1.extra": Foreign((1,), "float32")}), "no rule uses layers.1.extra"),
     (None, lambda t: t.update({"layers.1.wv": Foreign((2, 4), "bfloat16")}), "parts of l.1.qkv disagree"),
     (None, lambda t: t.pop("optim.layers.1.wo.m"), "exp_avg for emb but not for layers.1.wo"),
-    (None, lambda t: t.update({"tok.weight": Foreign((5, 4), "float32")}), "fewer than model.vocab_size=7"),
-    (lambda r: r["model"].update(num_layers=3), None, "stop short or run over at layer 2"),
+    (None, lambda t: t.update({"tok.weight": Foreign((5, 4), "float32")}), "fewer than dims.vocab_size=7"),
+    (lambda r: r["dims"].update(num_layers=3), None, "stop short or run over at layer 2"),
 ])
 def test_bad_rules_and_tables_are_refused_with_what_and_how(edit, table_edit, message):
     obj = _tiny_rules(vocab_size=7)
@@ -251,3 +253,38 @@ def test_hf_directory_reads_boxes_of_single_and_sharded_saves_and_bare_models(tm
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2**31 and parse_size("100KB") == 100_000
     with pytest.raises(ValueError, match="not a size"):
         parse_size("lots")
+
+
+def test_a_named_model_gives_dims_splits_and_residence(tmp_path):
+    """torchtitan's Llama names onto llama-tiny: each entry names its scalai tensor and its
+    sources, nothing else."""
+    shape = get_model_shape("llama-tiny")
+    L = "layers.{layer}."
+    obj = {"format": "scalai-rules/1", "model": "llama-tiny", "tensors": [
+        {"name": "embedding.word_embeddings.weight", "from": ["tok_embeddings.weight"]},
+        {"name": "decoder.layers.{layer}.input_layernorm.weight", "from": [L + "attention_norm.weight"]},
+        {"name": "decoder.layers.{layer}.self_attention.linear_qkv.weight",
+         "from": [L + "attention.wq.weight", L + "attention.wk.weight", L + "attention.wv.weight"]},
+        {"name": "decoder.layers.{layer}.self_attention.linear_proj.weight", "from": [L + "attention.wo.weight"]},
+        {"name": "decoder.layers.{layer}.pre_mlp_layernorm.weight", "from": [L + "ffn_norm.weight"]},
+        {"name": "decoder.layers.{layer}.mlp.linear_fc1.weight",
+         "from": [L + "feed_forward.w1.weight", L + "feed_forward.w3.weight"]},
+        {"name": "decoder.layers.{layer}.mlp.linear_fc2.weight", "from": [L + "feed_forward.w2.weight"]},
+        {"name": "decoder.final_layernorm.weight", "from": ["norm.weight"]},
+        {"name": "output_layer.weight", "from": ["output.weight"]}]}
+    rules = Rules.from_json(obj)
+    assert rules.dims.num_kv_heads == 4 and rules.dims.vocab_size == 1100
+    expected = model_specs(shape, optimizer=False)
+    table = {}  # the torchtitan tensors, cut from llama-tiny's own shapes
+    for rule in rules.tensors:
+        for layer in (range(4) if rule.layered else (None,)):
+            name = rule.name.replace("{layer}", str(layer))
+            spec = next(s for s in expected if s.name == name)
+            rows = [spec.shape[0]] if len(rule.sources) == 1 else (
+                [64, 32, 32] if "qkv" in name else [192, 192])
+            for src, r in zip(rule.sources, rows):
+                table[src.key.replace("{layer}", str(layer))] = Foreign((r, *spec.shape[1:]), "bfloat16")
+    mapping = resolve(rules, table)
+    assert [(s.name, s.shape, s.split, s.residence) for s in mapping.specs] == \
+        [(s.name, s.shape, s.split, s.residence) for s in expected]
+    assert Rules.from_json(rules.to_json()) == rules

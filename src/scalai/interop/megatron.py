@@ -299,14 +299,13 @@ def open_megatron(path: str | os.PathLike, vocab_size: int | None = None, weight
     if rules is None:
         rules = legacy_rules(dims, swiglu)
     else:
-        given = {k: v for k, v in rules.model.to_json().items()}
-        rules = replace(rules, model=replace(dims, **given))
+        rules = replace(rules, dims=replace(dims, **rules.dims.to_json()))
     counts = [len(s.layers()) for s in stages]
     if any(s.layers() != list(range(n)) for s, n in zip(stages, counts)):
         raise ValueError(f"the layers of {tree.directory} are not numbered 0..n-1 on every stage")
     offsets = [sum(counts[:p]) for p in range(tree.pp)]
-    if sum(counts) != rules.model.num_layers:
-        raise ValueError(f"the stages hold {sum(counts)} layers, the args say {rules.model.num_layers}")
+    if sum(counts) != rules.dims.num_layers:
+        raise ValueError(f"the stages hold {sum(counts)} layers, the args say {rules.dims.num_layers}")
     config = ParallelConfig(tree.tp, tree.pp, 1,
                             layers_per_stage=None if len(set(counts)) == 1 else tuple(counts))
     optimizer = not weights_only and isinstance(first.get("optimizer"), ABCMapping)

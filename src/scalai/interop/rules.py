@@ -13,10 +13,11 @@ foreign tensors (:class:`Part`) it is made of. Pure: no file is read here.
 The format (``.json``; unknown keys are refused)::
 
     {
-      "format": "scalai-rules", "version": 1,
-      "model": {"num_layers": 32, "num_heads": 32, "num_kv_heads": 8, "head_dim": 128,
-                "ffn_hidden": 14336, "vocab_size": 128256, "vocab_multiple": 128,
-                "tied_embeddings": false},
+      "format": "scalai-rules/1",
+      "model": "llama-tiny",
+      "dims": {"num_layers": 32, "num_heads": 32, "num_kv_heads": 8, "head_dim": 128,
+               "ffn_hidden": 14336, "vocab_size": 128256, "vocab_multiple": 128,
+               "tied_embeddings": false},
       "tensors": [
         {"name": "embedding.word_embeddings.weight", "split": "vocab", "where": "embedding",
          "from": ["tok_embeddings.weight"]},
@@ -33,31 +34,37 @@ The format (``.json``; unknown keys are refused)::
                     "exp_avg_sq": "optimizer.state.{param}.exp_avg_sq"}
     }
 
-- ``name``: the scalai tensor (default: the foreign key, when there is one). ``{layer}`` is
-  the global transformer-layer index; a rule with it matches every layer.
-- ``split``: how tensor-parallel ranks split it, as in :class:`scalai.layout.rules.Rule`:
-  ``replicate``, ``column`` (dim 0), ``row`` (dim 1), ``vocab`` (dim 0, padded to a multiple
-  of ``vocab_multiple * tp`` rows), ``qkv`` (fused Q, K, V, cut by key/value head group),
-  ``gate_up`` (fused SwiGLU gate and up).
-- ``where``: which pipeline stage holds it: ``layer`` (implied by ``{layer}``), ``first``,
-  ``last``, ``embedding`` (first; first and last when ``tied_embeddings``) or ``all``.
-- ``from``: the foreign tensors, concatenated along dim 0 in this order, that make the
-  tensor (Q, K, V; gate, up). Each is a key or ``{"key": ..., "transpose": true}`` for a
-  2-d tensor stored transposed (GPT-2's ``Conv1D`` keeps ``[in, out]``).
-- ``optional``: the whole rule may be absent (biases that some models of a family have).
-- Padding: a ``vocab`` tensor stored with more rows than ``model.vocab_size`` (padded,
-  as Megatron-LM stores it) gives its first ``vocab_size`` rows; exports write exactly
+- ``model`` (optional): a scalai model (``scalai synth``'s names) the tensors belong to:
+  its dimensions are the defaults of ``dims``, and an entry whose ``name`` is one of its
+  parameters may leave out ``split`` and ``where`` (the model's own are used).
+- ``dims``: what split rules need: ``num_heads``, ``num_kv_heads``, ``head_dim`` (``qkv``
+  rules), ``ffn_hidden`` (``gate_up``), ``vocab_size``, ``vocab_multiple`` (Megatron's
+  ``make_vocab_size_divisible_by``, default 128), ``tied_embeddings``; ``num_layers`` and
+  ``vocab_size`` are read from the tensors when left out.
+- ``tensors``, one entry per scalai tensor (per layer with ``{layer}``):
+
+  - ``name``: the scalai tensor (default: the foreign key, when there is one). ``{layer}``
+    is the global transformer-layer index; an entry with it matches every layer.
+  - ``split``: how tensor-parallel ranks split it, as in :class:`scalai.layout.rules.Rule`:
+    ``replicate``, ``column`` (dim 0), ``row`` (dim 1), ``vocab`` (dim 0, padded to a
+    multiple of ``vocab_multiple * tp`` rows), ``qkv`` (fused Q, K, V, cut by key/value
+    head group), ``gate_up`` (fused SwiGLU gate and up).
+  - ``where``: which pipeline stage holds it: ``layer`` (implied by ``{layer}``), ``first``,
+    ``last``, ``embedding`` (first; first and last when ``tied_embeddings``) or ``all``.
+  - ``from``: the foreign tensors, concatenated along dim 0 in this order, that make the
+    tensor (Q, K, V; gate, up). Each is a key or ``{"key": ..., "transpose": true}`` for a
+    2-d tensor stored transposed (GPT-2's ``Conv1D`` keeps ``[in, out]``).
+  - ``optional``: the whole entry may be absent (biases that some models of a family have).
+
+- Padding: a ``vocab`` tensor stored with more rows than ``dims.vocab_size`` (padded, as
+  Megatron-LM stores it) gives its first ``vocab_size`` rows; exports write exactly
   ``vocab_size`` rows. Padding inside scalai is the layout's business, never a rule's.
 - ``ignore``: foreign keys that hold nothing to keep (buffers, a tied head's copy). Any
-  other foreign key that no rule uses is an error.
+  other foreign key that no entry uses is an error: nothing is dropped or renamed silently.
 - ``optimizer``: where the foreign checkpoint keeps each optimizer state (``master``,
   ``exp_avg``, ``exp_avg_sq``) of a parameter: ``{param}`` stands for the parameter's
   foreign key (each part of a fused tensor on its own). A state found for no parameter is
   left out; one found for some parameters only is an error.
-
-``model`` fields may be left out when no rule needs them: ``num_layers`` and
-``vocab_size`` are then read from the tensors, the head counts are needed by ``qkv`` rules
-and ``ffn_hidden`` by ``gate_up`` rules.
 """
 
 from __future__ import annotations
@@ -66,17 +73,16 @@ import json
 import os
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping as TMapping, NamedTuple
+from typing import Any, Iterable, Mapping as TMapping, NamedTuple, Sequence
 
 from ..layout.rules import AttentionDims, Rule
 from ..layout.spec import OPTIMIZER_STATES, Residence, TensorSpec, optimizer_tensor_name
 from ..regions import Region
 
-__all__ = ["FORMAT", "VERSION", "Foreign", "Source", "TensorRule", "ModelDims", "Rules", "Part",
-           "Mapped", "Mapping", "resolve", "load_rules"]
+__all__ = ["FORMAT", "Foreign", "Source", "TensorRule", "ModelDims", "Rules", "Part",
+           "Mapped", "Mapping", "resolve", "foreign_tensors", "load_rules"]
 
-FORMAT = "scalai-rules"
-VERSION = 1
+FORMAT = "scalai-rules/1"
 LAYER = "{layer}"
 PARAM = "{param}"
 SPLITS = ("replicate", "column", "row", "vocab", "qkv", "gate_up")
@@ -160,19 +166,19 @@ class ModelDims:
                      "vocab_multiple"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "num_layers" else 1)):
-                raise ValueError(f"model.{name}={v!r} is not a positive integer")
+                raise ValueError(f"dims.{name}={v!r} is not a positive integer")
         if not isinstance(self.tied_embeddings, bool):
-            raise ValueError(f"model.tied_embeddings={self.tied_embeddings!r} must be true or false")
+            raise ValueError(f"dims.tied_embeddings={self.tied_embeddings!r} must be true or false")
         if self.num_heads and self.num_kv_heads and self.num_heads % self.num_kv_heads:
-            raise ValueError(f"model.num_heads={self.num_heads} is not a multiple of "
+            raise ValueError(f"dims.num_heads={self.num_heads} is not a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
 
     def attention(self, rule: TensorRule) -> AttentionDims:
         need = {"qkv": ("num_heads", "num_kv_heads", "head_dim"), "gate_up": ("ffn_hidden",)}.get(rule.split, ())
         missing = [n for n in need if getattr(self, n) is None]
         if missing:
-            raise ValueError(f"rule for {rule.name!r} (split {rule.split}) needs model.{', model.'.join(missing)}; "
-                             f"add them to the rules file's model section")
+            raise ValueError(f"rule for {rule.name!r} (split {rule.split}) needs dims.{', dims.'.join(missing)}; "
+                             f"add them to the rules file's dims (or name its model)")
         return AttentionDims(self.num_heads or 1, self.num_kv_heads or 1, self.head_dim or 1,
                              self.ffn_hidden or 1, self.vocab_multiple, self.tied_embeddings)
 
@@ -182,12 +188,14 @@ class ModelDims:
 
 @dataclass(frozen=True)
 class Rules:
-    """A whole rules file: model dimensions, tensor rules, ignored keys, optimizer keys."""
+    """A whole rules file: model dimensions, tensor rules, ignored keys, optimizer keys,
+    and the scalai model they describe (if one is named)."""
 
-    model: ModelDims
+    dims: ModelDims
     tensors: tuple[TensorRule, ...]
     ignore: tuple[str, ...] = ()
     optimizer: tuple[tuple[str, str], ...] = ()
+    model: str | None = None
 
     def __post_init__(self) -> None:
         for t in self.ignore:
@@ -203,8 +211,11 @@ class Rules:
         return next((r for r in self.tensors if any(_pattern(s.key).fullmatch(key) for s in r.sources)), None)
 
     def to_json(self) -> dict:
-        out: dict[str, Any] = {"format": FORMAT, "version": VERSION, "model": self.model.to_json(),
-                               "tensors": [t.to_json() for t in self.tensors]}
+        out: dict[str, Any] = {"format": FORMAT}
+        if self.model is not None:
+            out["model"] = self.model
+        out["dims"] = self.dims.to_json()
+        out["tensors"] = [t.to_json() for t in self.tensors]
         if self.ignore:
             out["ignore"] = list(self.ignore)
         if self.optimizer:
@@ -239,21 +250,27 @@ def load_rules(path: str | os.PathLike) -> Rules:
 
 def _parse(obj: Any) -> Rules:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ValueError(f"not a rules file: it needs \"format\": \"{FORMAT}\"")
-    if obj.get("version") != VERSION:
-        raise ValueError(f"version {obj.get('version')!r} is not {VERSION}, the one this scalai reads")
-    _keys(obj, {"format", "version", "model", "tensors"}, {"ignore", "optimizer"}, "the file")
-    model = obj["model"]
-    if not isinstance(model, dict):
-        raise ValueError("model is not an object")
-    _keys(model, set(), set(ModelDims.__dataclass_fields__), "model")
+        got = obj.get("format") if isinstance(obj, dict) else None
+        raise ValueError(f"not a rules file of this scalai: it needs \"format\": \"{FORMAT}\""
+                         + (f" (it has {got!r})" if got else ""))
+    _keys(obj, {"format", "tensors"}, {"model", "dims", "ignore", "optimizer"}, "the file")
+    model, defaults = obj.get("model"), {}
+    if model is not None:
+        if not isinstance(model, str):
+            raise ValueError("model is not the name of a scalai model")
+        defaults = _model_defaults(model)
+    dims = obj.get("dims", {})
+    if not isinstance(dims, dict):
+        raise ValueError("dims is not an object")
+    _keys(dims, set(), set(ModelDims.__dataclass_fields__), "dims")
+    dims = {**defaults.get("dims", {}), **dims}
     if not isinstance(obj["tensors"], list) or not obj["tensors"]:
         raise ValueError("tensors is not a non-empty list")
     tensors = []
     for i, t in enumerate(obj["tensors"]):
         if not isinstance(t, dict):
             raise ValueError(f"tensors[{i}] is not an object")
-        _keys(t, {"split", "from"}, {"name", "where", "optional"}, f"tensors[{i}]")
+        _keys(t, {"from"}, {"name", "split", "where", "optional"}, f"tensors[{i}]")
         sources = t["from"] if isinstance(t["from"], list) else None
         if not sources:
             raise ValueError(f"tensors[{i}].from is not a non-empty list")
@@ -271,20 +288,48 @@ def _parse(obj: Any) -> Rules:
         if "name" not in t and len(parsed) != 1:
             raise ValueError(f"tensors[{i}] has several foreign tensors and no name")
         name = t.get("name", parsed[0].key)
-        where = t.get("where", "layer" if LAYER in name else None)
+        if not isinstance(name, str):
+            raise ValueError(f"tensors[{i}].name is not a string")
+        known = defaults.get("tensors", {}).get(name.replace(LAYER, "0"), {})
+        split, where = t.get("split", known.get("split")), t.get("where", known.get("where"))
+        if split is None:
+            raise ValueError(f"tensors[{i}] ({name}) has no split" +
+                             (f", and {model} has no such parameter" if model else "; say how tp splits it"))
+        where = where or ("layer" if LAYER in name else None)
         if where is None:
             raise ValueError(f"tensors[{i}] ({name}) has no {LAYER} and no where; say where it lives "
                              f"(first, last, embedding or all)")
-        if not all(isinstance(x, str) for x in (name, where, t["split"])) or not isinstance(t.get("optional", False), bool):
+        if not isinstance(split, str) or not isinstance(where, str) or not isinstance(t.get("optional", False), bool):
             raise ValueError(f"tensors[{i}] has a field of the wrong type")
-        tensors.append(TensorRule(name, t["split"], tuple(parsed), where, t.get("optional", False)))
+        tensors.append(TensorRule(name, split, tuple(parsed), where, t.get("optional", False)))
     ignore = obj.get("ignore", [])
     optimizer = obj.get("optimizer", {})
     if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
         raise ValueError("ignore is not a list of keys")
     if not isinstance(optimizer, dict) or not all(isinstance(v, str) for v in optimizer.values()):
         raise ValueError("optimizer is not an object of key templates")
-    return Rules(ModelDims(**model), tuple(tensors), tuple(ignore), tuple(optimizer.items()))
+    return Rules(ModelDims(**dims), tuple(tensors), tuple(ignore), tuple(optimizer.items()), model)
+
+
+def _model_defaults(model: str) -> dict:
+    """A named scalai model's dimensions, and each parameter's split and where (layer 0
+    standing for every layer)."""
+    from ..layout.splits import Fused, Replicate, Split, VocabSplit
+    from ..models import get_model_shape, model_specs
+
+    shape = get_model_shape(model)
+    dims = {"num_layers": shape.num_layers, "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads,
+            "head_dim": shape.head_dim, "ffn_hidden": shape.ffn_hidden, "vocab_size": shape.vocab_size,
+            "vocab_multiple": shape.vocab_multiple, "tied_embeddings": shape.tied_embeddings}
+    tensors = {}
+    for spec in model_specs(shape, optimizer=False):
+        split = spec.split
+        kind = ("replicate" if isinstance(split, Replicate) else "vocab" if isinstance(split, VocabSplit)
+                else ("qkv" if split.groups else "gate_up") if isinstance(split, Fused)
+                else ("column" if split.dim == 0 else "row") if isinstance(split, Split) else None)
+        where = {"tied": "embedding"}.get(spec.residence.kind, spec.residence.kind)
+        tensors[spec.name] = {"split": kind, "where": where}
+    return {"dims": dims, "tensors": tensors}
 
 
 def _keys(obj: dict, required: set[str], optional: set[str], what: str) -> None:
@@ -396,7 +441,7 @@ def resolve(rules: Rules, foreign: TMapping[str, Foreign], states: Iterable[str]
     """
     found = [_match(rule, foreign) for rule in rules.tensors]
     layers = {layer for f in found for layer in f if layer is not None}
-    num_layers = rules.model.num_layers if rules.model.num_layers is not None else (max(layers) + 1 if layers else 0)
+    num_layers = rules.dims.num_layers if rules.dims.num_layers is not None else (max(layers) + 1 if layers else 0)
     built: list[tuple[int, int, Mapped]] = []  # (phase, order) sort keys
     for index, (rule, matches) in enumerate(zip(rules.tensors, found)):
         if not matches:
@@ -410,9 +455,9 @@ def resolve(rules: Rules, foreign: TMapping[str, Foreign], states: Iterable[str]
             extra = sorted(set(matches) - set(want))
             what = (f"layer {missing[0]}" if missing else f"layer {extra[0]}, beyond the model's {num_layers}")
             raise ValueError(f"rule for {rule.name}: the checkpoint's tensors stop short or run over at {what}; "
-                             f"check model.num_layers and that the checkpoint is complete")
+                             f"check dims.num_layers and that the checkpoint is complete")
         for layer in want:
-            mapped = _build(rule, layer, matches[layer], foreign, rules.model)
+            mapped = _build(rule, layer, matches[layer], foreign, rules.dims)
             phase = 1 if rule.layered else (0 if rule.where in ("first", "embedding") else 2)
             built.append(((phase, layer or 0, index), mapped))
     built.sort(key=lambda x: x[0])
@@ -465,7 +510,7 @@ def _match(rule: TensorRule, foreign: TMapping[str, Foreign]) -> dict[int | None
 
 
 def _build(rule: TensorRule, layer: int | None, keys: tuple[str, ...], foreign: TMapping[str, Foreign],
-           model: ModelDims) -> Mapped:
+           dims: ModelDims) -> Mapped:
     name = rule.name.replace(LAYER, str(layer)) if layer is not None else rule.name
     parts, start, trailing, dtype = [], 0, None, None
     for source, key in zip(rule.sources, keys):
@@ -478,10 +523,10 @@ def _build(rule: TensorRule, layer: int | None, keys: tuple[str, ...], foreign: 
         if not logical:
             raise ValueError(f"{key} is a scalar; rules map tensors of at least one dimension")
         rows = logical[0]
-        if rule.split == "vocab" and model.vocab_size is not None:
-            if rows < model.vocab_size:
-                raise ValueError(f"{key} has {rows} rows, fewer than model.vocab_size={model.vocab_size}")
-            rows = model.vocab_size
+        if rule.split == "vocab" and dims.vocab_size is not None:
+            if rows < dims.vocab_size:
+                raise ValueError(f"{key} has {rows} rows, fewer than dims.vocab_size={dims.vocab_size}")
+            rows = dims.vocab_size
         if trailing is not None and (logical[1:] != trailing or dt != dtype):
             raise ValueError(f"the parts of {name} disagree: {keys[0]} is {dtype}{list(trailing)} after dim 0, "
                              f"{key} is {dt}{list(logical[1:])}")
@@ -489,7 +534,7 @@ def _build(rule: TensorRule, layer: int | None, keys: tuple[str, ...], foreign: 
         parts.append(Part(key, start, rows, source.transpose, shape))
         start += rows
     shape = (start, *trailing)  # type: ignore[misc]
-    split = Rule("", rule.split, "first").split_rule(model.attention(rule))
+    split = Rule("", rule.split, "first").split_rule(dims.attention(rule))
     segments = getattr(split, "segments", ())
     if len(parts) > 1 and tuple(p.rows for p in parts) != tuple(segments):
         raise ValueError(f"{name}: its parts have {[p.rows for p in parts]} rows, the model's dimensions give "
@@ -498,7 +543,7 @@ def _build(rule: TensorRule, layer: int | None, keys: tuple[str, ...], foreign: 
     if rule.where == "layer":
         residence = Residence.of_layer(layer)  # type: ignore[arg-type]
     elif rule.where == "embedding":
-        residence = Residence("tied" if model.tied_embeddings else "first")
+        residence = Residence("tied" if dims.tied_embeddings else "first")
     else:
         residence = Residence(rule.where)
     return Mapped(TensorSpec(name, shape, dtype, split, residence), tuple(parts))  # type: ignore[arg-type]
@@ -530,4 +575,39 @@ def _optimizer(state: str, template: str, params: list[Mapped], foreign: TMappin
     if out and missing:
         raise ValueError(f"the checkpoint holds {state} for {out[0].spec.param} but not for {missing[0]}; "
                          f"it is incomplete")
+    return out
+
+
+def foreign_tensors(rules: Rules, specs: Sequence[TensorSpec], num_layers: int) -> dict[str, Foreign]:
+    """The foreign tensors ``rules`` make of scalai's ``specs`` (parameters): what an export
+    writes, the inverse of :func:`resolve` (``resolve(rules, foreign_tensors(...))`` maps
+    them back). Fused tensors are cut by the model's dimensions; vocabularies keep their
+    real rows.
+
+    Raises:
+        ValueError: a tensor a rule needs is missing, or a fused tensor does not cut into
+            its parts.
+    """
+    by_name = {s.name: s for s in specs if not s.is_optimizer_state}
+    out: dict[str, Foreign] = {}
+    for rule in rules.tensors:
+        for layer in (range(num_layers) if rule.layered else (None,)):
+            name = rule.name.replace(LAYER, str(layer)) if layer is not None else rule.name
+            spec = by_name.get(name)
+            if spec is None:
+                if rule.optional:
+                    continue
+                raise ValueError(f"the checkpoint has no {name}, which the rules need; is it a model of this family?")
+            if len(rule.sources) == 1:
+                rows = [spec.shape[0]]
+            else:
+                rows = list(getattr(Rule("", rule.split, "first").split_rule(rules.dims.attention(rule)),
+                                    "segments", ()))
+                if len(rows) != len(rule.sources) or sum(rows) != spec.shape[0]:
+                    raise ValueError(f"{name} ({list(spec.shape)}) does not cut into the {len(rule.sources)} parts "
+                                     f"of rows {rows} that the model's dimensions give")
+            for source, r in zip(rule.sources, rows):
+                shape = (r, *spec.shape[1:])
+                key = source.key.replace(LAYER, str(layer)) if layer is not None else source.key
+                out[key] = Foreign(shape[::-1] if source.transpose else shape, spec.dtype)
     return out
