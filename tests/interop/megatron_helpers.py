@@ -161,10 +161,13 @@ def _params_in_order(model: dict, prefix: str = "") -> list[tuple[str, torch.Ten
     return out
 
 
-def _optimizer(model: dict, c: dict, seed: int, style: str) -> tuple[dict, dict]:
+def _optimizer(model: dict, names: dict, c: dict, seed: int, rank: int, style: str) -> tuple[dict, dict]:
     """Torch's optimizer state dict over the file's parameters (Megatron's two groups) and
-    the state by (legacy) parameter name, for the test's expectations."""
-    g = torch.Generator().manual_seed(seed)
+    the state by (legacy) parameter name, for the test's expectations. Each parameter's
+    state depends on its scalai tensor and tp rank only: the two copies of a tied embedding
+    hold the same state, as their all-reduced gradients make them hold in Megatron."""
+    import zlib
+
     params = _params_in_order(model)
     decay = [(n, t) for n, t in params if t.ndim > 1]
     no_decay = [(n, t) for n, t in params if t.ndim <= 1]
@@ -180,6 +183,7 @@ def _optimizer(model: dict, c: dict, seed: int, style: str) -> tuple[dict, dict]
         group_masters = []
         for name, t in members:
             group["params"].append(index)
+            g = torch.Generator().manual_seed(seed + zlib.crc32(f"{names[name]}/{rank}".encode()))
             m, v = torch.randn(t.shape, generator=g), torch.rand(t.shape, generator=g)
             state[index] = {"step": torch.tensor(float(ITERATION)), "exp_avg": m, "exp_avg_sq": v}
             master = torch.randn(t.shape, generator=g)
@@ -215,7 +219,7 @@ def write_tree(root, family: str, tp: int = 2, pp: int = 2, seed: int = 0) -> tu
     for stage in range(pp):
         for rank in range(tp):
             model, names = _stage_state(glob, c, rank, stage, tp, pp)
-            opt, by_name = _optimizer(model, c, seed * 100 + stage * tp + rank, "new" if stage else "old")
+            opt, by_name = _optimizer(model, names, c, seed, rank, "new" if stage else "old")
             states[(rank, stage)] = {names[n]: v for n, v in by_name.items()}
             d = os.path.join(it, f"mp_rank_{rank:02d}" + (f"_{stage:03d}" if pp > 1 else ""))
             os.makedirs(d)

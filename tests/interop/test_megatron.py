@@ -116,3 +116,36 @@ def test_find_tree_reads_release_and_unstaged_names(tmp_path):
     assert (tree.tp, tree.pp) == (2, 1) and tree.directory.endswith(f"iter_{mh.ITERATION:07d}")
     with pytest.raises(ValueError, match="not a directory"):
         find_tree(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_a_megatron_tree_imports_into_any_layout_and_equals_its_source(tmp_path, family):
+    from scalai.checkpoint import Checkpoint
+    from scalai.compare import compare_checkpoints
+    from scalai.interop.convert import import_megatron
+    from scalai.storage.arrays import to_torch
+
+    glob, states = mh.write_tree(tmp_path / "tree", family)
+    c = mh.config(family)
+    import_megatron(tmp_path / "tree", str(tmp_path / "same"), "tp=2,pp=2,dp=1", vocab_size=c["vocab"])
+    import_megatron(tmp_path / "tree", str(tmp_path / "other"), "tp=1,pp=1,dp=2,zero=1", vocab_size=c["vocab"])
+    with Checkpoint.open(tmp_path / "same") as a, Checkpoint.open(tmp_path / "other") as b:
+        a.verify()
+        b.verify()
+        assert a.state["step"] == b.state["step"] == mh.ITERATION
+        dtype = "bfloat16" if c["dtype"] == torch.bfloat16 else "float32"
+        for name, expected in glob.items():  # weights: the real rows of every global tensor
+            rows = (c["vocab"],) if name in ("embedding.word_embeddings.weight", "output_layer.weight") else ()
+            got = to_torch(a.read_global(name), dtype)
+            assert torch.equal(got, expected[:rows[0]] if rows else expected), name
+        for rank in range(4):  # optimizer state, rank by rank in Megatron's own layout
+            coords = a.ptc.config.coords(rank)
+            for name, shard in a.ptc.rank_shards(rank):
+                spec = a.ptc.spec(name)
+                if not spec.is_optimizer_state:
+                    continue
+                local = to_torch(a.view(a.stored_in(rank, name), name), "float32")
+                want = states[(coords.tp, coords.pp)][spec.param][spec.state]
+                for p in shard.pieces:  # padding rows stay zero in scalai
+                    assert torch.equal(local[p.local_region.to_slices()], want[p.local_region.to_slices()])
+        assert compare_checkpoints(a, b) is None  # any layout: the same global state

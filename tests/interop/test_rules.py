@@ -237,7 +237,7 @@ def test_hf_directory_reads_boxes_of_single_and_sharded_saves_and_bare_models(tm
     state = hf.state_dict()
     for shard, sub in ((None, "one"), ("60KB", "many")):
         path = hf_helpers.save(hf, tmp_path / sub, shard)
-        with HFDirectory(path, "model.") as d:
+        with HFDirectory(path) as d:
             assert d.tensors == _table(hf)
             name = "model.layers.1.mlp.up_proj.weight"  # [192, 64]
             for box in (Region((5, 0), (7, 64)), Region((3, 10), (50, 13)), Region((0, 0), (192, 64))):
@@ -248,7 +248,7 @@ def test_hf_directory_reads_boxes_of_single_and_sharded_saves_and_bare_models(tm
             d.read(name, Region((5, 0), (7, 64)), t.T)
             assert np.array_equal(t.T, state[name][5:12].numpy().view(np.uint32))
     hf.model.save_pretrained(str(tmp_path / "bare"))  # LlamaModel alone: no "model." prefix
-    with HFDirectory(tmp_path / "bare", "model.") as d:
+    with HFDirectory(tmp_path / "bare") as d:
         assert "model.layers.0.self_attn.q_proj.weight" in d.tensors
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2**31 and parse_size("100KB") == 100_000
     with pytest.raises(ValueError, match="not a size"):

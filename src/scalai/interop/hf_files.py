@@ -27,7 +27,7 @@ from ..errors import CheckpointError
 from ..regions import Region
 from .rules import Foreign
 
-__all__ = ["HFDirectory", "read_box", "shard_files", "file_names", "index_json", "parse_size", "INDEX", "SINGLE",
+__all__ = ["HFDirectory", "read_config", "read_box", "shard_files", "file_names", "index_json", "parse_size", "INDEX", "SINGLE",
            "CONFIG"]
 
 CONFIG = "config.json"
@@ -46,6 +46,19 @@ def _json(path: str, what: str) -> Any:
         raise CheckpointError(f"{path} is not readable JSON ({exc})") from None
 
 
+def read_config(path: str | os.PathLike) -> dict:
+    """A ``config.json`` (a JSON object).
+
+    Raises:
+        ValueError: the file is missing or not a JSON object.
+    """
+    path = os.fspath(path)
+    config = _json(path, CONFIG)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a JSON object; give a Hugging Face config.json")
+    return config
+
+
 @dataclass(frozen=True)
 class _Stored:
     reader: SafetensorsReader
@@ -55,11 +68,15 @@ class _Stored:
 class HFDirectory:
     """A Hugging Face model directory opened for reading (use as a context manager).
 
-    Attributes:
+    Args:
         path: the directory.
+        prefix: the base model's key prefix in the causal-LM class (default: the built-in
+            family's, e.g. ``model.``); keys of a bare model (none starts with it) get it.
+
+    Attributes:
         config: ``config.json`` as a dict.
         tensors: ``{name: Foreign(shape, dtype)}`` of every stored tensor, under the
-            causal-LM class's names (a bare model's keys get its prefix, e.g. ``model.``).
+            causal-LM class's names.
 
     Raises:
         ValueError: no ``config.json``, no weights, or an index naming files outside the
@@ -73,9 +90,12 @@ class HFDirectory:
         if not os.path.isdir(self.path):
             raise ValueError(f"{self.path} is not a directory; give a Hugging Face model directory "
                              f"(config.json and safetensors files)")
-        self.config = _json(os.path.join(self.path, CONFIG), CONFIG)
-        if not isinstance(self.config, dict):
-            raise CheckpointError(f"{os.path.join(self.path, CONFIG)} is not a JSON object")
+        self.config = read_config(os.path.join(self.path, CONFIG))
+        if prefix is None:
+            from .hf_models import FAMILIES, base_prefix
+
+            if self.config.get("model_type") in FAMILIES:
+                prefix = base_prefix(self.config["model_type"])
         self._readers: list[SafetensorsReader] = []
         self._stored: dict[str, _Stored] = {}
         try:

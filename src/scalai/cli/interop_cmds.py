@@ -1,0 +1,118 @@
+"""Checkpoints in and out: ``scalai import hf|megatron`` and ``scalai export hf``."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from .main import cli
+from .output import emit_json, human_bytes, layout_option
+
+__all__ = ["import_group", "export_group"]
+
+
+@cli.group("import")
+def import_group() -> None:
+    """Write a checkpoint of another framework as a scalai checkpoint in any layout."""
+
+
+@cli.group("export")
+def export_group() -> None:
+    """Write a scalai checkpoint (any layout) in another framework's format."""
+
+
+def _rules(path: str | None):
+    from ..interop.rules import load_rules
+
+    return load_rules(path) if path else None
+
+
+def _report(conv, what: str, as_json: bool) -> None:
+    if as_json:
+        emit_json(conv.to_json())
+        return
+    where = "a Hugging Face directory" if conv.layout == "hf" else conv.layout
+    click.echo(f"{what}: wrote {conv.output} ({where}): {conv.tensors} tensors, {human_bytes(conv.bytes)} "
+               f"in {conv.seconds['total']:.2f} s")
+
+
+_rules_option = click.option("--rules", "rules_path", type=click.Path(dir_okay=False),
+                             help="rules file: how the foreign tensor names map onto scalai's (docs/interop.md)")
+
+
+@import_group.command("hf")
+@click.argument("model_dir", type=click.Path())
+@click.argument("out", type=click.Path())
+@layout_option("--layout", "-l")
+@_rules_option
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="copy threads (default: one per core, <= 8)")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
+def import_hf_cmd(model_dir: str, out: str, layout, rules_path: str | None, workers: int | None,
+                  as_json: bool) -> None:
+    """Import the Hugging Face model in MODEL_DIR (config.json and safetensors, single or
+    sharded) as checkpoint OUT in LAYOUT.
+
+    Llama-style (llama) and GPT-2-style (gpt2) models are built in; other models need
+    --rules. Separate q/k/v and gate/up become scalai's fused tensors, the vocabulary is
+    padded as LAYOUT needs, tied embeddings stay tied. Tensors stream through a few
+    buffers: the whole model is never in memory.
+    """
+    from ..interop.convert import import_hf
+
+    conv = import_hf(model_dir, out, layout, rules=_rules(rules_path), workers=workers)
+    _report(conv, f"imported {os.path.basename(os.path.abspath(model_dir))}", as_json)
+
+
+@import_group.command("megatron")
+@click.argument("path", type=click.Path())
+@click.argument("out", type=click.Path())
+@layout_option("--layout", "-l")
+@click.option("--vocab-size", type=click.IntRange(1), default=None,
+              help="the tokenizer's vocabulary (Megatron saves only the padded one, used otherwise)")
+@click.option("--weights-only", is_flag=True, help="leave the optimizer state out")
+@_rules_option
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="copy threads (default: one per core, <= 8)")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
+def import_megatron_cmd(path: str, out: str, layout, vocab_size: int | None, weights_only: bool,
+                        rules_path: str | None, workers: int | None, as_json: bool) -> None:
+    """Import the legacy Megatron-LM checkpoint under PATH (mp_rank_XX[_YYY]/model_optim_rng.pt;
+    a save directory, or one iter_* directory of it) as checkpoint OUT in LAYOUT: weights,
+    fp32 masters and Adam state, and the iteration as the step.
+
+    Files are read without running code from them: anything beyond tensors and plain data
+    is refused.
+    """
+    from ..interop.convert import import_megatron
+
+    conv = import_megatron(path, out, layout, vocab_size=vocab_size, weights_only=weights_only,
+                           rules=_rules(rules_path), workers=workers)
+    _report(conv, f"imported {os.path.basename(os.path.abspath(path))}", as_json)
+
+
+@export_group.command("hf")
+@click.argument("ckpt", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="largest safetensors file (e.g. 500MB, 2GiB), as save_pretrained's max_shard_size")
+@_rules_option
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="config.json to write (default: the imported model's, or the HF counterpart of the scalai model)")
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="copy threads (default: one per core, <= 8)")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
+def export_hf_cmd(ckpt: str, out: str, max_shard_size: str, rules_path: str | None, config_path: str | None,
+                  workers: int | None, as_json: bool) -> None:
+    """Export the weights of checkpoint CKPT (any layout) as Hugging Face directory OUT, which
+    transformers' from_pretrained loads: un-fused, un-padded tensors in safetensors files
+    (with an index when there are several) and config.json. The optimizer state stays behind.
+    """
+    from ..interop.convert import export_hf
+    from ..interop.hf_files import parse_size, read_config
+
+    try:
+        shard = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-shard-size") from None
+    config = read_config(config_path) if config_path else None
+    conv = export_hf(ckpt, out, rules=_rules(rules_path), config=config, max_shard_bytes=shard, workers=workers)
+    _report(conv, f"exported {os.path.basename(os.path.abspath(ckpt))}", as_json)
