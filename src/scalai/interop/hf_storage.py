@@ -8,7 +8,9 @@ a :class:`~scalai.interop.rules.Mapping` turns each box into boxes of the foreig
 
 - :class:`HFSource` is a :class:`~scalai.storage.RangeSource`: each read ``pread`` s
   exactly the rows of the foreign tensors a window needs into the runner's block buffer,
-  so an import holds the runner's few blocks, never a whole model.
+  so an import holds the runner's few blocks, never a whole model. A transposed tensor
+  whose windows are a few of its columns each (a head of GPT-2's ``c_attn``) is read
+  whole once per worker instead of once per window.
 - :class:`HFSink` writes ``save_pretrained``'s layout: safetensors files of at most
   ``max_shard_bytes`` (the index when there are several) and ``config.json``. Contiguous
   writes go to the files as they come (``pwrite``); a transposed tensor (GPT-2's
@@ -62,6 +64,7 @@ class HFSource(RangeSource):
         self.directory, self.mapping = directory, mapping
         self.ptc = whole_layout(mapping)
         self.state = dict(state or {})
+        self._last = threading.local()  # per worker: the last transposed tensor read whole
 
     def where(self, rank: int) -> str:
         return self.directory.path
@@ -76,7 +79,23 @@ class HFSource(RangeSource):
                 continue
             src, inside = hit
             target = out[inside.to_slices()]
-            self.directory.read(part.key, src, target.T if part.transpose else target)
+            if not part.transpose:
+                self.directory.read(part.key, src, target)
+            elif src.sizes[1] == part.shape[1]:  # whole rows of the stored tensor
+                self.directory.read(part.key, src, target.T)
+            else:  # a few columns of every stored row (a head of GPT-2's c_attn): read it once
+                target.T[...] = self._whole(part)[src.to_slices()]
+
+    def _whole(self, part) -> np.ndarray:
+        """The stored tensor of a transposed part, read whole once per worker: the windows
+        of one tensor come one after another, each a few of its columns."""
+        last = getattr(self._last, "value", None)
+        if last is None or last[0] != part.key:
+            dtype = raw_numpy(self.directory.tensors[part.key].dtype)
+            whole = np.empty(part.shape, dtype)
+            self.directory.read(part.key, Region.full(part.shape), whole)
+            last = self._last.value = (part.key, whole)
+        return last[1]
 
     def close(self) -> None:
         self.directory.close()
