@@ -113,7 +113,6 @@ def scalai_hf_import(args: dict) -> Callable[[], int]:
 
 def peers_hf_import(args: dict) -> Callable[[], int]:
     """from_pretrained, then every rank's tensors cut by hand and saved with safetensors."""
-    import torch  # noqa: F401
     from safetensors.torch import save_file
     from transformers import GPT2LMHeadModel
 

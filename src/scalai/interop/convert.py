@@ -25,7 +25,8 @@ from ..config import ParallelConfig, Placement
 from ..layout.ptc import PTC
 from ..planner import Deployment, make_plan
 from ..storage.run import run_plan
-from .rules import Rules, foreign_tensors, resolve
+from .mapping import foreign_tensors, resolve
+from .rules import Rules
 
 __all__ = ["Conversion", "import_hf", "export_hf", "import_megatron", "hf_export_config"]
 

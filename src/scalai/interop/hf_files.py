@@ -25,7 +25,7 @@ from ..checkpoint.safetensors_io import SafetensorsReader, TensorEntry
 from ..dtypes import itemsize
 from ..errors import CheckpointError
 from ..regions import Region
-from .rules import Foreign
+from .mapping import Foreign
 
 __all__ = ["HFDirectory", "read_config", "read_box", "shard_files", "file_names", "index_json", "parse_size", "INDEX", "SINGLE",
            "CONFIG"]

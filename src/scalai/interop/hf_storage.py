@@ -38,7 +38,7 @@ from ..planner.plan import Window
 from ..regions import Region
 from ..storage.base import RangeSource, TensorSink
 from .hf_files import CONFIG, INDEX, HFDirectory, file_names, index_json, shard_files
-from .rules import Mapping
+from .mapping import Mapping
 
 __all__ = ["whole_layout", "HFSource", "HFSink"]
 

@@ -28,10 +28,8 @@ exactly as scalai lays it out (:mod:`scalai.layout.splits`): QKV per query group
 each file's tensors are the local tensors of one rank of ``tp=XX,pp=YYY,dp=1``; the source
 checks that, tensor by tensor, before anything is copied.
 
-Optimizer state is by parameter index: torch's ``Optimizer.state_dict`` numbers a rank's
-parameters group after group, each group in model order; Megatron puts biases and other
-1-d parameters (norms) in the group without weight decay. Masters (``fp32_from_fp16_params``)
-are listed per group in the same order. Each index is checked against its parameter's shape.
+Optimizer state is by parameter index (:mod:`scalai.interop.megatron_optim`); the tree's
+files and names are found by :mod:`scalai.interop.megatron_tree`.
 
 Files are read by :func:`~scalai.interop.unpickle.load_pt` (no code from the file runs)
 and memory-mapped: a tensor's bytes are read when it is copied.
@@ -40,140 +38,21 @@ and memory-mapped: a tensor's bytes are read when it is copied.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping as ABCMapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
 
 from ..config import ParallelConfig
 from ..errors import CheckpointError
 from ..layout.ptc import PTC
-from ..layout.spec import optimizer_tensor_name, with_optimizer_state
-from .rules import Foreign, ModelDims, Rules, Source, TensorRule, resolve
+from ..layout.spec import with_optimizer_state
+from .mapping import Foreign, resolve
+from .megatron_optim import adam_state
+from .megatron_tree import LAYER_INDEX, MegatronTree, canonical, find_tree, flatten, legacy_rules
+from .rules import ModelDims, Rules, TensorRule
 from .unpickle import load_pt
 
 __all__ = ["MegatronTree", "find_tree", "MegatronCheckpoint", "open_megatron", "legacy_rules"]
-
-_RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")
-_LAYER = re.compile(r"(?<=\.layers\.)(\d+)(?=\.)")
-FILE = "model_optim_rng.pt"
-
-
-@dataclass(frozen=True)
-class MegatronTree:
-    """The files of one saved iteration: ``files[(tp_rank, pp_rank)]``."""
-
-    directory: str
-    tp: int
-    pp: int
-    files: dict[tuple[int, int], str] = field(compare=False)
-    distributed_optimizer: bool = False
-
-
-def find_tree(path: str | os.PathLike) -> MegatronTree:
-    """The checkpoint under ``path``: a Megatron save root (its latest iteration), an
-    ``iter_XXXXXXX`` or ``release`` directory, or any directory holding ``mp_rank_*``.
-
-    Raises:
-        ValueError: no tree there, or one whose ranks are incomplete (the message says which).
-    """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise ValueError(f"{path} is not a directory; give a Megatron-LM save directory "
-                         f"(with latest_checkpointed_iteration.txt) or one of its iter_* directories")
-    latest = os.path.join(path, "latest_checkpointed_iteration.txt")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            text = f.read().strip()
-        sub = "release" if text == "release" else (f"iter_{int(text):07d}" if text.isdigit() else None)
-        if sub is None or not os.path.isdir(os.path.join(path, sub)):
-            raise ValueError(f"{latest} names iteration {text!r}, which has no directory here; "
-                             f"give the iter_* directory to import")
-        path = os.path.join(path, sub)
-    ranks = {}
-    for name in sorted(os.listdir(path)):
-        m = _RANK_DIR.match(name)
-        if m and os.path.isdir(os.path.join(path, name)):
-            ranks[(int(m.group(1)), int(m.group(2) or 0))] = (os.path.join(path, name), m.group(2) is not None)
-    if not ranks:
-        raise ValueError(f"{path} holds no mp_rank_XX or mp_rank_XX_YYY directories; it is not a "
-                         f"Megatron-LM checkpoint")
-    tp = 1 + max(t for t, _ in ranks)
-    pp = 1 + max(p for _, p in ranks)
-    if len({staged for _, staged in ranks.values()}) != 1:
-        raise ValueError(f"{path} mixes mp_rank_XX and mp_rank_XX_YYY directories; keep one save per directory")
-    missing = [(t, p) for t in range(tp) for p in range(pp) if (t, p) not in ranks]
-    if missing:
-        t, p = missing[0]
-        raise ValueError(f"{path} has no mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") +
-                         f" of a tp={tp}, pp={pp} save; the checkpoint is incomplete")
-    files, distributed = {}, False
-    for key, (d, _) in ranks.items():
-        f = os.path.join(d, FILE)
-        if not os.path.isfile(f):
-            raise ValueError(f"{d} has no {FILE}; the checkpoint is incomplete")
-        files[key] = f
-        distributed |= os.path.isfile(os.path.join(d, "distrib_optim.pt"))
-    return MegatronTree(path, tp, pp, files, distributed)
-
-
-# -- names -----------------------------------------------------------------------------------
-
-def _flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """``("a.b.c", tensor)`` for every tensor of a nested dict, in insertion order."""
-    import torch
-
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, ABCMapping):
-            yield from _flatten(value, name + ".")
-        elif isinstance(value, torch.Tensor):
-            yield name, value
-        elif value is not None and not name.endswith("_extra_state"):
-            raise CheckpointError(f"model entry {name} holds a {type(value).__name__}, not a tensor")
-
-
-_ALIASES = ((".transformer.", ".encoder."), (".input_layernorm.", ".input_norm."),
-            (".post_attention_layernorm.", ".post_attention_norm."), (".final_layernorm.", ".final_norm."))
-
-
-def _canonical(name: str) -> str:
-    """Legacy names of every Megatron-LM version as the newest spells them."""
-    if name.startswith("language_model."):
-        for old, new in _ALIASES:
-            name = name.replace(old, new)
-    return name
-
-
-def legacy_rules(dims: ModelDims, swiglu: bool, tied_head_key: bool = True) -> Rules:
-    """The rules of legacy Megatron-LM GPT models (``language_model.*`` names)."""
-    L, D = "language_model.encoder.layers.{layer}.", "decoder.layers.{layer}."
-
-    def t(name, split, key, where="layer", optional=False):
-        return TensorRule(name, split, (Source(key),), where, optional)
-
-    rules = [
-        t("embedding.word_embeddings.weight", "vocab", "language_model.embedding.word_embeddings.weight",
-          "embedding"),
-        t("embedding.position_embeddings.weight", "replicate",
-          "language_model.embedding.position_embeddings.weight", "first", True),
-    ]
-    layer = (("input_layernorm", "input_norm", "replicate", "replicate"),
-             ("self_attention.linear_qkv", "self_attention.query_key_value", "qkv", "qkv"),
-             ("self_attention.linear_proj", "self_attention.dense", "row", "replicate"),
-             ("pre_mlp_layernorm", "post_attention_norm", "replicate", "replicate"),
-             ("mlp.linear_fc1", "mlp.dense_h_to_4h", "gate_up" if swiglu else "column",
-              "gate_up" if swiglu else "column"),
-             ("mlp.linear_fc2", "mlp.dense_4h_to_h", "row", "replicate"))
-    for ours, theirs, weight_split, bias_split in layer:  # weight, then bias: model order
-        rules.append(t(D + f"{ours}.weight", weight_split, L + f"{theirs}.weight"))
-        rules.append(t(D + f"{ours}.bias", bias_split, L + f"{theirs}.bias", optional=True))
-    rules.append(t("decoder.final_layernorm.weight", "replicate", "language_model.encoder.final_norm.weight", "last"))
-    rules.append(t("decoder.final_layernorm.bias", "replicate", "language_model.encoder.final_norm.bias", "last",
-                   True))
-    if not dims.tied_embeddings:
-        rules.append(t("output_layer.weight", "vocab", "language_model.output_layer.weight", "last"))
-    return Rules(dims, tuple(rules), ("word_embeddings_for_head.weight",) if tied_head_key else ())
 
 
 def _dims(args: Any, tree: MegatronTree, vocab_size: int | None, where: str) -> tuple[ModelDims, bool]:
@@ -245,11 +124,11 @@ class _RankFile:
         if not isinstance(version, (int, float)) or version < 2:
             raise ValueError(f"{path} has checkpoint_version {version!r}: before 2.0 Megatron-LM kept QKV in "
                              f"another order; convert it with Megatron-LM's own tools first")
-        params = [(_canonical(n), t) for n, t in _flatten(model)]
+        params = [(canonical(n), t) for n, t in flatten(model)]
         return cls(path, obj, params)
 
     def layers(self) -> list[int]:
-        return sorted({int(m.group(1)) for n, _ in self.params for m in [_LAYER.search(n)] if m})
+        return sorted({int(m.group(1)) for n, _ in self.params for m in [LAYER_INDEX.search(n)] if m})
 
 
 @dataclass
@@ -337,7 +216,7 @@ def open_megatron(path: str | os.PathLike, vocab_size: int | None = None, weight
 
 
 def _global_name(name: str, offset: int) -> str:
-    return _LAYER.sub(lambda m: str(int(m.group(1)) + offset), name, count=1)
+    return LAYER_INDEX.sub(lambda m: str(int(m.group(1)) + offset), name, count=1)
 
 
 def _global_shape(shape: tuple[int, ...], rule: TensorRule | None, tp: int) -> tuple[int, ...]:
@@ -395,7 +274,10 @@ class _Arrays(ABCMapping):
             order.append((ours, tensor))
         self._check(rank, f.path, out)
         if self.optimizer:
-            out.update(self._optimizer_state(f, order))
+            state, hyper = adam_state(f.path, f.obj["optimizer"], order,
+                                      lambda name: self.ptc.spec(name).dtype != "float32")
+            out.update(state)
+            self.hyperparameters = self.hyperparameters or hyper
         return out
 
     def _check(self, rank: int, path: str, got: dict[str, Any]) -> None:
@@ -409,89 +291,3 @@ class _Arrays(ABCMapping):
                 raise ValueError(f"{path}: {name} has shape {list(tensor.shape)}, scalai's layout "
                                  f"{self.ptc.config} gives it {list(want[name])}; the file is not laid out "
                                  f"as Megatron-LM lays out this model")
-
-    def _optimizer_state(self, f: _RankFile, order: list[tuple[str, Any]]) -> dict[str, Any]:
-        """The rank's Adam state and masters by parameter index, under scalai's names."""
-        opt = f.obj["optimizer"]
-        inner = opt.get("optimizer", opt)  # Float16Optimizer wraps torch's; FP32Optimizer is torch's
-        if not isinstance(inner, ABCMapping) or "state" not in inner or "param_groups" not in inner:
-            raise ValueError(f"{f.path}: 'optimizer' is not a torch optimizer state dict; pass --weights-only "
-                             f"to import the weights")
-        groups = inner["param_groups"]
-        masters = opt.get("fp32_from_fp16_params")
-        members = _assign_groups(order, groups, inner["state"], f.path)
-        if not self.hyperparameters:
-            self.hyperparameters = _hyperparameters(inner)
-        out = {}
-        for g, (group, names) in enumerate(zip(groups, members)):
-            for pos, (index, (name, param)) in enumerate(zip(group["params"], names)):
-                s = inner["state"].get(index)
-                if s is None or "exp_avg" not in s or "exp_avg_sq" not in s:
-                    raise ValueError(f"{f.path}: no Adam state for parameter {index} ({name}); pass "
-                                     f"--weights-only to import the weights")
-                for state in ("exp_avg", "exp_avg_sq"):
-                    out[optimizer_tensor_name(state, name)] = self._fp32(s[state], param, f.path, name)
-                if self.ptc.spec(name).dtype != "float32":
-                    if masters is None:
-                        raise ValueError(f"{f.path}: {name} is {self.ptc.spec(name).dtype} but the file holds no "
-                                         f"fp32_from_fp16_params (masters); pass --weights-only")
-                    out[optimizer_tensor_name("master", name)] = self._fp32(masters[g][pos], param, f.path, name)
-        return out
-
-    @staticmethod
-    def _fp32(tensor, param, path: str, name: str):
-        import torch
-
-        if tuple(tensor.shape) != tuple(param.shape) or tensor.dtype != torch.float32:
-            raise ValueError(f"{path}: optimizer state of {name} is {tensor.dtype}{list(tensor.shape)}, expected "
-                             f"float32{list(param.shape)}; the optimizer's parameter order is not Megatron's")
-        return tensor
-
-
-def _hyperparameters(inner: ABCMapping) -> dict:
-    """Adam's step and each group's hyperparameters (what JSON holds), as scalai's training
-    state keeps them."""
-    steps = [s["step"] for s in inner["state"].values() if "step" in s]
-    step = steps[0] if steps else inner["param_groups"][0].get("step", 0)
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()
-               if k != "params" and isinstance(v, (int, float, str, bool, tuple, list))}
-              for g in inner["param_groups"]]
-    return {"step": int(step), "param_groups": groups}
-
-
-def _assign_groups(order, groups, state, path: str) -> list[list[tuple[str, Any]]]:
-    """The parameters of each optimizer group, in model order: Megatron's groups are
-    weight-decayed (2-d and larger, not biases) and not (biases, norms: 1-d); which group
-    is which comes from ``wd_mult`` or ``weight_decay`` where they tell, else from the
-    shapes of the state saved for each index."""
-    decay = [(n, t) for n, t in order if t.ndim > 1 and not n.endswith(".bias")]
-    no_decay = [(n, t) for n, t in order if not (t.ndim > 1 and not n.endswith(".bias"))]
-    if len(groups) == 1:
-        candidates = [[order]]
-    elif len(groups) == 2:
-        candidates = [[decay, no_decay], [no_decay, decay]]
-        hints = [g.get("wd_mult", None) for g in groups]
-        if None in hints:
-            hints = [g.get("weight_decay", None) for g in groups]
-        if None not in hints and hints[0] != hints[1]:
-            candidates = [candidates[0] if hints[0] > hints[1] else candidates[1]]
-    else:
-        raise ValueError(f"{path}: the optimizer has {len(groups)} parameter groups; scalai reads Megatron's "
-                         f"two (weight decay and none), or pass --weights-only")
-
-    def fits(assignment) -> bool:
-        for group, members in zip(groups, assignment):
-            if len(group["params"]) != len(members):
-                return False
-            for index, (_, tensor) in zip(group["params"], members):
-                s = state.get(index, {})
-                if "exp_avg" in s and tuple(s["exp_avg"].shape) != tuple(tensor.shape):
-                    return False
-        return True
-
-    fitting = [a for a in candidates if fits(a)]
-    if not fitting:
-        sizes = [len(g["params"]) for g in groups]
-        raise ValueError(f"{path}: the optimizer's groups ({sizes} parameters) do not match the model's "
-                         f"{len(order)} parameters in Megatron's order; pass --weights-only to import the weights")
-    return fitting[0]
