@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hf_helpers  # noqa: E402
 from scalai.interop.hf_models import hf_config, hf_rules, shape_from_specs  # noqa: E402
-from scalai.interop.rules import Foreign, Rules, load_rules, resolve  # noqa: E402
+from scalai.interop.mapping import Foreign, resolve  # noqa: E402
+from scalai.interop.rules import Rules, load_rules  # noqa: E402
 from scalai.config import ParallelConfig  # noqa: E402
 from scalai.layout.ptc import PTC  # noqa: E402
 from scalai.models import get_model_shape, model_specs  # noqa: E402
@@ -288,3 +289,14 @@ def test_a_named_model_gives_dims_splits_and_residence(tmp_path):
     assert [(s.name, s.shape, s.split, s.residence) for s in mapping.specs] == \
         [(s.name, s.shape, s.split, s.residence) for s in expected]
     assert Rules.from_json(rules.to_json()) == rules
+
+
+def test_a_named_model_without_tensors_maps_its_own_names():
+    rules = Rules.from_json({"format": "scalai-rules/1", "model": "gpt-tiny"})
+    expected = model_specs(get_model_shape("gpt-tiny"), optimizer=False)
+    table = {s.name: Foreign(s.shape, s.dtype) for s in expected}
+    mapping = resolve(rules, table)
+    assert [(s.name, s.shape, s.split, s.residence) for s in mapping.specs] == \
+        [(s.name, s.shape, s.split, s.residence) for s in expected]
+    with pytest.raises(ValueError, match="has no tensors; list them, or name the scalai model"):
+        Rules.from_json({"format": "scalai-rules/1"})

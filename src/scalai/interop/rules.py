@@ -35,7 +35,8 @@ The format (``.json``; unknown keys are refused)::
 
 - ``model`` (optional): a scalai model (``scalai synth``'s names) the tensors belong to:
   its dimensions are the defaults of ``dims``, and an entry whose ``name`` is one of its
-  parameters may leave out ``split`` and ``where`` (the model's own are used).
+  parameters may leave out ``split`` and ``where`` (the model's own are used). Without
+  ``tensors``, the checkpoint holds the model's parameters under their own names.
 - ``dims``: what split rules need: ``num_heads``, ``num_kv_heads``, ``head_dim`` (``qkv``
   rules), ``ffn_hidden`` (``gate_up``), ``vocab_size``, ``vocab_multiple`` (Megatron's
   ``make_vocab_size_divisible_by``, default 128), ``tied_embeddings``; ``num_layers`` and
@@ -82,6 +83,7 @@ __all__ = ["FORMAT", "Source", "TensorRule", "ModelDims", "Rules", "load_rules",
 FORMAT = "scalai-rules/1"
 LAYER = "{layer}"
 PARAM = "{param}"
+_LAYER_NAME = re.compile(r"\.layers\.\d+\.")
 SPLITS = ("replicate", "column", "row", "vocab", "qkv", "gate_up")
 WHERE = ("layer", "first", "last", "embedding", "all")
 
@@ -243,7 +245,7 @@ def _parse(obj: Any) -> Rules:
         got = obj.get("format") if isinstance(obj, dict) else None
         raise ValueError(f"not a rules file of this scalai: it needs \"format\": \"{FORMAT}\""
                          + (f" (it has {got!r})" if got else ""))
-    _keys(obj, {"format", "tensors"}, {"model", "dims", "ignore", "optimizer"}, "the file")
+    _keys(obj, {"format"}, {"tensors", "model", "dims", "ignore", "optimizer"}, "the file")
     model, defaults = obj.get("model"), {}
     if model is not None:
         if not isinstance(model, str):
@@ -254,10 +256,17 @@ def _parse(obj: Any) -> Rules:
         raise ValueError("dims is not an object")
     _keys(dims, set(), set(ModelDims.__dataclass_fields__), "dims")
     dims = {**defaults.get("dims", {}), **dims}
-    if not isinstance(obj["tensors"], list) or not obj["tensors"]:
+    if "tensors" not in obj:
+        if model is None:
+            raise ValueError("the file has no tensors; list them, or name the scalai model whose tensors "
+                             "the checkpoint holds under their own names (\"model\": ...)")
+        entries = [{"from": [n]} for n in defaults["tensors"]]  # the model's names, {layer} templates
+    else:
+        entries = obj["tensors"]
+    if not isinstance(entries, list) or not entries:
         raise ValueError("tensors is not a non-empty list")
     tensors = []
-    for i, t in enumerate(obj["tensors"]):
+    for i, t in enumerate(entries):
         if not isinstance(t, dict):
             raise ValueError(f"tensors[{i}] is not an object")
         _keys(t, {"from"}, {"name", "split", "where", "optional"}, f"tensors[{i}]")
@@ -280,7 +289,7 @@ def _parse(obj: Any) -> Rules:
         name = t.get("name", parsed[0].key)
         if not isinstance(name, str):
             raise ValueError(f"tensors[{i}].name is not a string")
-        known = defaults.get("tensors", {}).get(name.replace(LAYER, "0"), {})
+        known = defaults.get("tensors", {}).get(name, {})
         split, where = t.get("split", known.get("split")), t.get("where", known.get("where"))
         if split is None:
             raise ValueError(f"tensors[{i}] ({name}) has no split" +
@@ -318,7 +327,7 @@ def _model_defaults(model: str) -> dict:
                 else ("qkv" if split.groups else "gate_up") if isinstance(split, Fused)
                 else ("column" if split.dim == 0 else "row") if isinstance(split, Split) else None)
         where = {"tied": "embedding"}.get(spec.residence.kind, spec.residence.kind)
-        tensors[spec.name] = {"split": kind, "where": where}
+        tensors[_LAYER_NAME.sub(f".layers.{LAYER}.", spec.name)] = {"split": kind, "where": where}
     return {"dims": dims, "tensors": tensors}
 
 
