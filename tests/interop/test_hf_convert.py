@@ -27,12 +27,15 @@ def _load(path, family):
     return cls.from_pretrained(str(path)).eval()
 
 
-@pytest.mark.parametrize("family,first,second", [
-    ("llama", "tp=2,pp=2,dp=2,zero=1", "tp=4,pp=1,dp=1"),
-    ("gpt2", "tp=2,pp=2,dp=1", "tp=4,pp=2,dp=1,stages=1+3"),  # tp=4: a rank of vocabulary padding only
+@pytest.mark.parametrize("family,first,second,changes", [
+    ("llama", "tp=2,pp=2,dp=2,zero=1", "tp=4,pp=1,dp=1", {}),
+    ("gpt2", "tp=2,pp=2,dp=1", "tp=4,pp=2,dp=1,stages=1+3", {}),  # tp=4: a rank of vocabulary padding only
+    ("llama", "tp=2,pp=2,dp=1", "tp=1,pp=1,dp=2", {"tie_word_embeddings": True, "attention_bias": True,
+                                                   "mlp_bias": True}),
 ])
-def test_import_reshard_export_gives_back_every_weight_and_the_logits_bit_for_bit(tmp_path, family, first, second):
-    hf = hf_helpers.llama() if family == "llama" else hf_helpers.gpt2()
+def test_import_reshard_export_gives_back_every_weight_and_the_logits_bit_for_bit(tmp_path, family, first, second,
+                                                                                  changes):
+    hf = hf_helpers.llama(**changes) if family == "llama" else hf_helpers.gpt2(**changes)
     src = hf_helpers.save(hf, tmp_path / "hf", shard="60KB")  # sharded, with an index
     import_hf(src, str(tmp_path / "a"), first)
     reshard_checkpoint(tmp_path / "a", tmp_path / "b", second)
