@@ -35,7 +35,7 @@ def test_import_then_export_from_the_command_line(tmp_path, capsys, llama_dir):
     assert info["layout"] == "tp=2,pp=2,dp=1" and info["tensors"] > 0
     r = run(capsys, "inspect", tmp_path / "c", "--verify")
     assert r.code == 0, r.err
-    r = run(capsys, "export", "hf", tmp_path / "c", tmp_path / "out", "--max-shard-size", "100KB")
+    r = run(capsys, "export", "hf", tmp_path / "c", tmp_path / "out", "--max-shard-size", "100K")
     assert r.code == 0 and "wrote" in r.out and "Hugging Face" in r.out, r.err
     assert tree_digest(llama_dir) == before  # the input is never modified
     back = LlamaForCausalLM.from_pretrained(str(tmp_path / "out"))
@@ -90,7 +90,7 @@ def test_bad_exports_get_one_line(tmp_path, capsys, llama_dir):
     assert r.code != 0 and ("no manifest.json" in r.err or "does not exist" in r.err), r.err
     run(capsys, "import", "hf", llama_dir, tmp_path / "c", "--layout", "tp=1,pp=1,dp=1")
     r = run(capsys, "export", "hf", tmp_path / "c", tmp_path / "out", "--max-shard-size", "lots")
-    assert r.code == 2 and "not a size" in r.err, r.err
+    assert r.code == 2 and "not a positive size" in r.err, r.err
     (tmp_path / "taken").mkdir()
     r = run(capsys, "export", "hf", tmp_path / "c", tmp_path / "taken")
     assert r.code == 2 and "already exists" in r.err, r.err
@@ -119,3 +119,10 @@ def test_megatron_import_from_the_command_line_and_a_refused_pickle(tmp_path, ca
     assert r.code == 1 and "never runs code" in r.err and len(r.err.strip().splitlines()) == 1, r.err
     assert not (tmp_path / "ran").exists() and not (tmp_path / "d").exists()
     assert tree_digest(tmp_path / "tree") == before
+
+
+def test_an_output_inside_the_input_is_refused(tmp_path, capsys, llama_dir):
+    before = tree_digest(llama_dir)
+    r = run(capsys, "import", "hf", llama_dir, Path(llama_dir) / "ckpt", "--layout", "tp=1,pp=1,dp=1")
+    assert r.code == 2 and "lies inside the input" in r.err, r.err
+    assert tree_digest(llama_dir) == before

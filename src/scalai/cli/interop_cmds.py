@@ -8,6 +8,7 @@ import click
 
 from .main import cli
 from .output import emit_json, human_bytes, layout_option
+from .params import COUNT, SIZE
 
 __all__ = ["import_group", "export_group"]
 
@@ -46,7 +47,7 @@ _rules_option = click.option("--rules", "rules_path", type=click.Path(dir_okay=F
 @click.argument("out", type=click.Path())
 @layout_option("--layout", "-l")
 @_rules_option
-@click.option("--workers", type=click.IntRange(1, 64), default=None, help="copy threads (default: one per core, <= 8)")
+@click.option("--workers", "-j", type=COUNT, default=None, help="copy threads (default: one per core, <= 8)")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
 def import_hf_cmd(model_dir: str, out: str, layout, rules_path: str | None, workers: int | None,
                   as_json: bool) -> None:
@@ -68,11 +69,11 @@ def import_hf_cmd(model_dir: str, out: str, layout, rules_path: str | None, work
 @click.argument("path", type=click.Path())
 @click.argument("out", type=click.Path())
 @layout_option("--layout", "-l")
-@click.option("--vocab-size", type=click.IntRange(1), default=None,
+@click.option("--vocab-size", type=COUNT, default=None,
               help="the tokenizer's vocabulary (Megatron saves only the padded one, used otherwise)")
 @click.option("--weights-only", is_flag=True, help="leave the optimizer state out")
 @_rules_option
-@click.option("--workers", type=click.IntRange(1, 64), default=None, help="copy threads (default: one per core, <= 8)")
+@click.option("--workers", "-j", type=COUNT, default=None, help="copy threads (default: one per core, <= 8)")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
 def import_megatron_cmd(path: str, out: str, layout, vocab_size: int | None, weights_only: bool,
                         rules_path: str | None, workers: int | None, as_json: bool) -> None:
@@ -93,26 +94,23 @@ def import_megatron_cmd(path: str, out: str, layout, vocab_size: int | None, wei
 @export_group.command("hf")
 @click.argument("ckpt", type=click.Path())
 @click.argument("out", type=click.Path())
-@click.option("--max-shard-size", default="5GB", show_default=True,
-              help="largest safetensors file (e.g. 500MB, 2GiB), as save_pretrained's max_shard_size")
+@click.option("--max-shard-size", "max_shard_bytes", default="5G", show_default=True, type=SIZE,
+              help="largest safetensors file (e.g. 500M, 2G: powers of 1024), as save_pretrained's max_shard_size")
 @_rules_option
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="config.json to write (default: the imported model's, or the HF counterpart of the scalai model)")
-@click.option("--workers", type=click.IntRange(1, 64), default=None, help="copy threads (default: one per core, <= 8)")
+@click.option("--workers", "-j", type=COUNT, default=None, help="copy threads (default: one per core, <= 8)")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
-def export_hf_cmd(ckpt: str, out: str, max_shard_size: str, rules_path: str | None, config_path: str | None,
+def export_hf_cmd(ckpt: str, out: str, max_shard_bytes: int, rules_path: str | None, config_path: str | None,
                   workers: int | None, as_json: bool) -> None:
     """Export the weights of checkpoint CKPT (any layout) as Hugging Face directory OUT, which
     transformers' from_pretrained loads: un-fused, un-padded tensors in safetensors files
     (with an index when there are several) and config.json. The optimizer state stays behind.
     """
     from ..interop.convert import export_hf
-    from ..interop.hf_files import parse_size, read_config
+    from ..interop.hf_files import read_config
 
-    try:
-        shard = parse_size(max_shard_size)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--max-shard-size") from None
     config = read_config(config_path) if config_path else None
-    conv = export_hf(ckpt, out, rules=_rules(rules_path), config=config, max_shard_bytes=shard, workers=workers)
+    conv = export_hf(ckpt, out, rules=_rules(rules_path), config=config, max_shard_bytes=max_shard_bytes,
+                     workers=workers)
     _report(conv, f"exported {os.path.basename(os.path.abspath(ckpt))}", as_json)

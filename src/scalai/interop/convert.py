@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from ..config import ParallelConfig, Placement
 from ..layout.ptc import PTC
+from ..models.synth import stored_nbytes
 from ..planner import Deployment, make_plan
 from ..storage.run import run_plan
 from .mapping import foreign_tensors, resolve
@@ -47,11 +48,18 @@ class Conversion:
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
 
-def _refuse_existing(out) -> None:
-    from ..locations import exists
+def _check_output(out, need: int, what: str, source) -> None:
+    """Refuse an output that exists, lies inside the input, or does not fit (the checks of
+    every command that writes; a ``memory://`` output only needs to be new)."""
+    from ..checkpoint.staging import check_output
+    from ..locations import exists, is_memory
 
-    if exists(os.fspath(out)):
-        raise FileExistsError(f"output {out} already exists; choose another directory or remove it first")
+    out = os.fspath(out)
+    if is_memory(out):
+        if exists(out):
+            raise FileExistsError(f"output {out} already exists; choose another name")
+        return
+    check_output(out, need, what, inputs=[os.fspath(source)])
 
 
 def _one_host(*ptcs: PTC) -> Placement:
@@ -88,6 +96,9 @@ def import_hf(model_dir: str | os.PathLike, out_dir: str, layout: ParallelConfig
             explain, or a layout the model cannot be split into (the message says which).
         FileExistsError: ``out_dir`` exists.
         CheckpointError: a damaged file.
+
+    Like every command that writes, an output inside the input or one its filesystem cannot
+    take is refused before anything is written (:func:`~scalai.checkpoint.staging.check_output`).
     """
     from ..locations import create_sink
     from .hf_files import HFDirectory
@@ -95,11 +106,11 @@ def import_hf(model_dir: str | os.PathLike, out_dir: str, layout: ParallelConfig
     from .hf_storage import HFSource
 
     layout = ParallelConfig.parse(layout)
-    _refuse_existing(out_dir)
     with HFDirectory(model_dir) as directory:
         rules = rules or hf_rules(directory.config, os.path.join(directory.path, "config.json"))
         mapping = resolve(rules, directory.tensors, states=())
         new_ptc = PTC(layout, mapping.specs, mapping.num_layers)
+        _check_output(out_dir, stored_nbytes(new_ptc), f"the import into {layout}", model_dir)
         state = {"step": 0, "imported": {"from": "huggingface", "directory": os.path.abspath(directory.path),
                                          "config": directory.config}}
         source = HFSource(directory, mapping, state)
@@ -130,7 +141,7 @@ def hf_export_config(state: dict, params: list, num_layers: int) -> dict[str, An
 
 
 def export_hf(ckpt: str | os.PathLike, out_dir: str, *, rules: Rules | None = None,
-              config: dict | None = None, max_shard_bytes: int = 5 * 10**9, workers: int | None = None,
+              config: dict | None = None, max_shard_bytes: int = 5 << 30, workers: int | None = None,
               progress: Callable[[int], None] | None = None, sync: bool = True) -> Conversion:
     """Write the weights of checkpoint ``ckpt`` (any layout) as a Hugging Face directory.
 
@@ -148,7 +159,8 @@ def export_hf(ckpt: str | os.PathLike, out_dir: str, *, rules: Rules | None = No
     from .hf_models import hf_rules
     from .hf_storage import HFSink, whole_layout
 
-    _refuse_existing(out_dir)
+    if os.path.lexists(os.fspath(out_dir)):  # before reading anything
+        raise FileExistsError(f"output {out_dir} already exists; choose another directory or remove it first")
     with open_source(os.fspath(ckpt)) as source:
         params = [s for s in source.ptc.specs if not s.is_optimizer_state]
         if config is None:
@@ -164,6 +176,7 @@ def export_hf(ckpt: str | os.PathLike, out_dir: str, *, rules: Rules | None = No
             if (ours[s.name].shape, ours[s.name].dtype) != (s.shape, s.dtype):
                 raise ValueError(f"{s.name} is {ours[s.name].dtype}{list(ours[s.name].shape)} in the checkpoint, "
                                  f"{s.dtype}{list(s.shape)} for the rules")
+        _check_output(out_dir, sum(s.nbytes for s in mapping.specs), "the export", ckpt)
         return _run(source, whole_layout(mapping), lambda: HFSink(out_dir, mapping, config, max_shard_bytes, sync),
                     True, workers, progress, os.fspath(out_dir), "hf")
 
@@ -181,9 +194,11 @@ def import_megatron(path: str | os.PathLike, out_dir: str, layout: ParallelConfi
     from .megatron import open_megatron
 
     layout = ParallelConfig.parse(layout)
-    _refuse_existing(out_dir)
+    if os.path.lexists(os.fspath(out_dir)):  # before reading anything
+        raise FileExistsError(f"output {out_dir} already exists; choose another directory or remove it first")
     m = open_megatron(path, vocab_size=vocab_size, weights_only=weights_only, rules=rules)
     new_ptc = m.ptc.relayout(layout)
+    _check_output(out_dir, stored_nbytes(new_ptc), f"the import into {layout}", path)
     with ArraysSource(m.ptc, m.arrays, m.state) as source:
         return _run(source, new_ptc.stored_replicas(), lambda: create_sink(out_dir, new_ptc, m.state, sync),
                     False, workers, progress, os.fspath(out_dir), str(layout))

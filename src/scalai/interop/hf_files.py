@@ -27,7 +27,7 @@ from ..errors import CheckpointError
 from ..regions import Region
 from .mapping import Foreign
 
-__all__ = ["HFDirectory", "read_config", "read_box", "shard_files", "file_names", "index_json", "parse_size", "INDEX", "SINGLE",
+__all__ = ["HFDirectory", "read_config", "read_box", "shard_files", "file_names", "index_json", "INDEX", "SINGLE",
            "CONFIG"]
 
 CONFIG = "config.json"
@@ -183,23 +183,6 @@ def _pread_into(fd: int, offset: int, view: memoryview) -> None:
         if n <= 0:
             raise CheckpointError("a safetensors file ended early (it was truncated while being read)")
         view, offset = view[n:], offset + n
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes in ``"5GB"``, ``"500MB"``, ``"100KB"``, ``"2GiB"`` or a plain integer."""
-    if isinstance(text, int):
-        return text
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    t = str(text).strip().upper()
-    number = t.rstrip("KMGTIB")
-    try:
-        value = float(number) * units[t[len(number):]]
-    except (KeyError, ValueError):
-        raise ValueError(f"size {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB") from None
-    if value < 1:
-        raise ValueError(f"size {text!r} must be at least one byte")
-    return int(value)
 
 
 def shard_files(tensors: Sequence[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int) -> list[list[str]]:

@@ -15,8 +15,10 @@ a :class:`~scalai.interop.rules.Mapping` turns each box into boxes of the foreig
   ``max_shard_bytes`` (the index when there are several) and ``config.json``. Contiguous
   writes go to the files as they come (``pwrite``); a transposed tensor (GPT-2's
   ``Conv1D``) is assembled in memory, one tensor at a time per worker, and written when
-  complete. Files are written into a hidden staging directory renamed into place on
-  :meth:`~HFSink.commit`: a directory that appears is complete.
+  complete. Files are written into a hidden staging directory
+  (:mod:`scalai.checkpoint.staging`: removed on an error or a signal, and by the next run
+  after a kill) renamed into place on :meth:`~HFSink.commit`: a directory that appears is
+  complete.
 """
 
 from __future__ import annotations
@@ -120,8 +122,8 @@ class HFSink(TensorSink):
     records_checksums = False
 
     def __init__(self, out_dir: str | os.PathLike, mapping: Mapping, config: dict[str, Any],
-                 max_shard_bytes: int = 5 * 10**9, sync: bool = True):
-        from ..checkpoint import CheckpointWriter
+                 max_shard_bytes: int = 5 << 30, sync: bool = True):
+        from ..checkpoint import staging
         from ..checkpoint.safetensors_io import SafetensorsWriter
 
         self.out_dir = os.path.abspath(os.fspath(out_dir))
@@ -137,7 +139,9 @@ class HFSink(TensorSink):
         self.total_bytes = sum(itemsize(d) * int(np.prod(s)) for _, d, s in foreign)
         self._index = index_json(groups, self.names, self.total_bytes)
         entries = {k: (k, d, s) for k, d, s in foreign}
-        self.staging = os.path.join(os.path.dirname(self.out_dir), CheckpointWriter.begin(self.out_dir))
+        if os.path.lexists(self.out_dir):
+            raise FileExistsError(f"output {out_dir} already exists; choose another directory or remove it first")
+        self.staging = staging.create(self.out_dir)
         self._files: dict[str, SafetensorsWriter] = {}
         self._writers: list[SafetensorsWriter] = []
         self._staged: dict[tuple[str, str], np.ndarray] = {}
@@ -191,6 +195,7 @@ class HFSink(TensorSink):
 
     def commit(self) -> None:
         """Finish every file, write ``config.json`` (and the index), rename into place."""
+        from ..checkpoint import staging
         from ..checkpoint.manifest import atomic_write
 
         if self.committed:
@@ -207,6 +212,7 @@ class HFSink(TensorSink):
         if os.path.lexists(self.out_dir):
             raise FileExistsError(f"output {self.out_dir} appeared while writing; the export is left in "
                                   f"{self.staging}")
+        staging.release(self.staging)
         os.rename(self.staging, self.out_dir)
         if self.sync:
             fd = os.open(os.path.dirname(self.out_dir), os.O_RDONLY)
