@@ -525,7 +525,7 @@ def test_a_replica_pointer_to_a_rank_without_that_replica_is_refused(tmp_path, w
 
 def test_a_rank_whose_vocabulary_rows_are_all_padding_stores_its_zero_shard_and_old_formats_still_read(tmp_path):
     from scalai.compare import compare_checkpoints
-    from scalai.executor import reshard_checkpoint as reshard
+    from scalai.reshard import reshard_checkpoint as reshard
     from scalai.models.synth import write_synthetic_checkpoint
 
     new = tmp_path / "new"
@@ -544,7 +544,7 @@ def test_a_rank_whose_vocabulary_rows_are_all_padding_stores_its_zero_shard_and_
             for r in range(old_ptc.config.world_size):
                 for n, _ in old_ptc.rank_shards(r):
                     if w.stores(r, n):
-                        w.view(r, n)[...] = c.view(r, n)
+                        w.array(r, n)[...] = c.view(r, n)
             w.commit()
     _edit_manifest(old, lambda m: m.update(version=2))
     assert name not in json.load(open(old / "manifest.json"))["ranks"][3]["tensors"]

@@ -158,10 +158,18 @@ class _Run:
             clock.complete += time.perf_counter() - t0
 
     def start(self) -> None:
-        """Prepare the sink; in a sink that is not zero-filled, zero what no copy writes."""
-        self.sink.prepare(sorted({rank for rank, _ in self.windows}))
+        """Prepare the sink; in a sink that is not zero-filled, zero what no copy writes
+        (padding inside copied tensors, and tensors that are all padding: a tensor-parallel
+        rank's shard of padded vocabulary rows, which no copy touches)."""
+        ranks = sorted({rank for rank, _ in self.windows})
+        self.sink.prepare(ranks)
         if self.sink.zero_filled:
             return
+        for rank in ranks:
+            for name, shard in self.plan.new.ptc.rank_shards(rank):
+                if not shard.pieces and (rank, name) not in self.windows and self.sink.stores(rank, name):
+                    self.sink.array(rank, name)[...] = 0
+                    self.sink.complete(rank, name)
         for key, windows in self.windows.items():
             local = self.sink.array(*key)
             if sum(w.volume for w in windows) >= local.size:
