@@ -34,17 +34,21 @@ __all__ = ["Conversion", "import_hf", "export_hf", "import_megatron", "hf_export
 
 @dataclass(frozen=True)
 class Conversion:
-    """What a conversion did: the output, its layout (``"hf"`` for an export), the tensors
-    and bytes copied, and the seconds it took (``plan``, ``copy``, ``commit``, ``total``)."""
+    """What a conversion did: the output, its layout (``"hf"`` for an export), the scalai
+    tensors copied (``tensors``: one per name, a fused Q/K/V counting once; ``local_tensors``:
+    per rank, as the layout holds them), the bytes copied, and the seconds it took (``plan``,
+    ``copy``, ``commit``, ``total``)."""
 
     output: str
     layout: str
     tensors: int
+    local_tensors: int
     bytes: int
     seconds: dict[str, float]
 
     def to_json(self) -> dict[str, Any]:
-        return {"output": self.output, "layout": self.layout, "tensors": self.tensors, "bytes": self.bytes,
+        return {"output": self.output, "layout": self.layout, "tensors": self.tensors,
+                "local_tensors": self.local_tensors, "bytes": self.bytes,
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
 
@@ -78,7 +82,7 @@ def _run(source, new_ptc: PTC, sink_factory: Callable, subset: bool, workers: in
         t2 = time.perf_counter()
         sink.commit()
     t3 = time.perf_counter()
-    return Conversion(output, layout, report.tensors, report.bytes,
+    return Conversion(output, layout, len({c.tensor for c in plan.copies}), report.tensors, report.bytes,
                       {"plan": t1 - t0, "copy": t2 - t1, "commit": t3 - t2, "total": t3 - t0})
 
 
