@@ -99,6 +99,9 @@ def test_bad_exports_get_one_line(tmp_path, capsys, llama_dir):
     assert r.code == 2 and "already exists" in r.err, r.err
     r = run(capsys, "export", "hf", tmp_path / "c", tmp_path / "out", "--config", tmp_path / "none.json")
     assert r.code == 2 and "does not exist" in r.err, r.err
+    r = run(capsys, "export", "hf", llama_dir, tmp_path / "out")  # the foreign directory itself
+    assert r.code == 2 and "is a Hugging Face model directory" in r.err and "scalai import hf" in r.err, r.err
+    assert not (tmp_path / "out").exists()
 
 
 def test_megatron_import_from_the_command_line_and_a_refused_pickle(tmp_path, capsys):

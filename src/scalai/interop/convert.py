@@ -165,7 +165,11 @@ def export_hf(ckpt: str | os.PathLike, out_dir: str, *, rules: Rules | None = No
 
     if os.path.lexists(os.fspath(out_dir)):  # before reading anything
         raise FileExistsError(f"output {out_dir} already exists; choose another directory or remove it first")
-    with open_source(os.fspath(ckpt)) as source:
+    src = os.fspath(ckpt)
+    if os.path.isfile(os.path.join(src, "config.json")) and not os.path.lexists(os.path.join(src, "manifest.json")):
+        raise ValueError(f"{src} is a Hugging Face model directory, not a scalai checkpoint; export takes a "
+                         f"scalai checkpoint (bring this one in with: scalai import hf {src} OUT --layout L)")
+    with open_source(src) as source:
         params = [s for s in source.ptc.specs if not s.is_optimizer_state]
         if config is None:
             config = hf_export_config(source.state, params, source.ptc.num_layers)
