@@ -53,7 +53,7 @@ def test_a_dump_without_a_dead_rank_is_transformed_from_its_replica(tmp_path):
     from scalai.compare import compare_checkpoints
     from scalai.reshard import reshard_checkpoint
     from scalai.models.synth import write_synthetic_checkpoint
-    from scalai.store import StoreCluster, reshard
+    from scalai.store import StoreCluster, pull, reshard
     from scalai.planner import Deployment
     from scalai.store.simnet import SimulatedHosts
     from simulate import host_lower_bounds
@@ -77,7 +77,7 @@ def test_a_dump_without_a_dead_rank_is_transformed_from_its_replica(tmp_path):
         assert expected == {"host2": sum(s.nbytes for s in ckpt.ptc.specs)}
         assert {h: sum(r["fetched_bytes"].values()) for h, r in result.hosts.items()} == expected
         assert set(result.hosts["host2"]["fetched_bytes"]) == {"host0"}
-        cluster.pull("job", str(tmp_path / "out"), result.target)
+        pull(cluster, "job", str(tmp_path / "out"), result.target)
     reshard_checkpoint(src, tmp_path / "expected", "tp=1,pp=1,dp=1")
     with Checkpoint.open(tmp_path / "out") as a, Checkpoint.open(tmp_path / "expected") as b:
         assert compare_checkpoints(a, b) is None

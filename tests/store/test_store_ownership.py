@@ -15,7 +15,7 @@ import pytest
 from scalai import PTC, ParallelConfig, Placement, TensorSpec
 from scalai.checkpoint import Checkpoint
 from scalai.compare import compare_checkpoints
-from scalai.store import StoreCluster, StoreRequestError, TransformError, VersionManifest, reshard
+from scalai.store import StoreCluster, StoreRequestError, TransformError, VersionManifest, pull, reshard
 
 LAYOUT = "tp=1,pp=2,dp=4,zero=1"
 
@@ -32,7 +32,7 @@ def _versions(cluster: StoreCluster, job: str) -> dict[str, list[str]]:
 
 
 def _pull_equals_source(cluster, job, source, tmp_path, name) -> None:
-    cluster.pull(job, str(tmp_path / name))
+    pull(cluster, job, str(tmp_path / name))
     with Checkpoint.open(source) as a, Checkpoint.open(tmp_path / name) as b:
         assert compare_checkpoints(a, b) is None
         b.verify()
@@ -218,7 +218,7 @@ def test_pull_of_a_version_replaced_while_it_is_read_takes_the_new_one(stores, t
             fired.set()
             reshard(other, "gpt", LAYOUT)  # drops v0 once v1 is committed
 
-    got = cluster.pull("gpt", str(tmp_path / "pulled"), progress=progress, workers=1)
+    got = pull(cluster, "gpt", str(tmp_path / "pulled"), progress=progress, workers=1)
     assert fired.is_set() and got.name == "v1"
     from scalai.reshard import reshard_checkpoint
 

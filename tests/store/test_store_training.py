@@ -15,7 +15,7 @@ from scalai.models import model_ptc
 from scalai.models.synth import fill_local
 from scalai.planner import Deployment, make_plan
 from scalai.errors import ChecksumError
-from scalai.store import StoreCluster, StoreRequestError
+from scalai.store import StoreCluster, StoreRequestError, pull
 from scalai.store.training import StoreReader, commit, load_rank, next_version, save_rank
 
 
@@ -190,7 +190,7 @@ def test_writer_stores_replicas_once_per_host_and_they_transform(cluster, tmp_pa
     # pulled to disk, it is an ordinary checkpoint of every rank's tensors
     from scalai.checkpoint import Checkpoint
 
-    cluster.pull("rep", str(tmp_path / "pulled"))
+    pull(cluster, "rep", str(tmp_path / "pulled"))
     with Checkpoint.open(tmp_path / "pulled") as ckpt:
         ckpt.verify()
         for r in range(4):
@@ -216,7 +216,7 @@ def test_pull_refuses_bytes_that_do_not_match_the_stores_record(cluster, tmp_pat
     for rank in range(2):
         save_rank(cluster, "job", "v0", rank, ptc, place, _rank_tensors(ptc, rank, torch_tensors=False))
     commit(cluster, "job", "v0", ptc, place, {"step": 1}, 0)
-    cluster.pull("job", str(tmp_path / "good"))
+    pull(cluster, "job", str(tmp_path / "good"))
     from scalai.checkpoint import Checkpoint
 
     with Checkpoint.open(tmp_path / "good") as ckpt:
@@ -227,6 +227,6 @@ def test_pull_refuses_bytes_that_do_not_match_the_stores_record(cluster, tmp_pat
     name = next(n for n, s in ptc.rank_shards(1) if int(np.prod(s.shape)) > 300)
     _damage(cluster.client(host).files("job", "v0", 1)[name]["path"])
     with pytest.raises(ChecksumError, match=f"{name} of rank 1 from store {host}"):
-        cluster.pull("job", str(tmp_path / "bad"))
+        pull(cluster, "job", str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".bad")], \
         "nothing is left of the refused pull"

@@ -13,7 +13,7 @@ import pytest
 from scalai.checkpoint import Checkpoint
 from scalai.compare import compare_checkpoints
 from scalai.reshard import reshard_checkpoint
-from scalai.store import StoreCluster, TransformError, reshard
+from scalai.store import StoreCluster, TransformError, pull, reshard
 from store_helpers import assert_pulled_the_lower_bound, deployment
 
 
@@ -46,13 +46,13 @@ def test_distributed_equals_local_reshard_and_counts_lower_bound(stores, tiny_ck
     assert_pulled_the_lower_bound(result.to_json(), old, new)
     assert result.cross_host_bytes > 0 or layout.startswith("tp=2,pp=1")
     assert _holdings(cluster, "gpt") == {h: ["v1"] for h in cluster.hosts}  # old version dropped
-    cluster.pull("gpt", str(tmp_path / "pulled"))
+    pull(cluster, "gpt", str(tmp_path / "pulled"))
     reshard_checkpoint(tiny_ckpt, tmp_path / "local", layout, sync=False)
     _same(tmp_path / "local", tmp_path / "pulled")
     # and back: A -> B -> A is the original bit for bit
     back = reshard(cluster, "gpt", "tp=2,pp=2,dp=2", gpus_per_host=4)
     assert_pulled_the_lower_bound(back.to_json(), new, deployment("tp=2,pp=2,dp=2", 4, cluster.hosts))
-    cluster.pull("gpt", str(tmp_path / "back"))
+    pull(cluster, "gpt", str(tmp_path / "back"))
     _same(tiny_ckpt, tmp_path / "back")
     with Checkpoint.open(tiny_ckpt) as a, Checkpoint.open(tmp_path / "back") as b:
         assert [r.tensors for r in a.manifest.ranks] == [r.tensors for r in b.manifest.ranks]  # same CRCs
@@ -64,7 +64,7 @@ def test_central_mode_same_result_more_traffic(stores, tiny_ckpt, tmp_path):
     cluster.push(str(tiny_ckpt), "gpt", gpus_per_host=3)  # 8 ranks on 3 hosts
     layout = "tp=1,pp=2,dp=2,zero=1"
     dist = reshard(cluster, "gpt", layout, gpus_per_host=2, keep_old=True)
-    cluster.pull("gpt", str(tmp_path / "dist"))
+    pull(cluster, "gpt", str(tmp_path / "dist"))
     cluster.drop("gpt", dist.target)
     central = reshard(cluster, "gpt", layout, gpus_per_host=2, central=True)
     assert central.mode == "central" and set(central.phases) >= {"consolidate", "split"}
@@ -72,7 +72,7 @@ def test_central_mode_same_result_more_traffic(stores, tiny_ckpt, tmp_path):
     assert_pulled_the_lower_bound(dist.to_json(), deployment("tp=2,pp=2,dp=2", 3, cluster.hosts),
                                   deployment(layout, 2, cluster.hosts))
     assert not any("consolidated" in v for vs in _holdings(cluster, "gpt").values() for v in vs)
-    cluster.pull("gpt", str(tmp_path / "central"))
+    pull(cluster, "gpt", str(tmp_path / "central"))
     _same(tmp_path / "dist", tmp_path / "central")
 
 
@@ -88,7 +88,7 @@ def test_redeployment_to_other_hosts(stores, tiny_ckpt, tmp_path):
     assert s.same_device_bytes == 0 and s.cross_host_bytes + s.same_host_bytes == s.total_bytes
     assert s.same_host_bytes > 0
     assert {h: v for h, v in _holdings(cluster, "gpt").items()} == {h: ["v1"] for h in cluster.hosts}
-    cluster.pull("gpt", str(tmp_path / "moved"))
+    pull(cluster, "gpt", str(tmp_path / "moved"))
     _same(tiny_ckpt, tmp_path / "moved")
 
 
@@ -132,14 +132,14 @@ def test_store_killed_mid_transfer(stores, tiny_ckpt, tmp_path, victim):
     dead.restart()  # same root: its shards are still there
     cluster = StoreCluster([p.url for p in procs])
     assert cluster.latest("gpt").name == "v0"
-    cluster.pull("gpt", str(tmp_path / "old"))
+    pull(cluster, "gpt", str(tmp_path / "old"))
     _same(tiny_ckpt, tmp_path / "old")
     # retry succeeds
     result = reshard(cluster, "gpt", "tp=2,pp=2,dp=2", gpus_per_host=4, hosts=["host1", "host2"])
     assert result.source == "v0"
     assert_pulled_the_lower_bound(result.to_json(), deployment("tp=2,pp=2,dp=2", 4, ["host0", "host1"]),
                                   deployment("tp=2,pp=2,dp=2", 4, ["host1", "host2"]))
-    cluster.pull("gpt", str(tmp_path / "new"))
+    pull(cluster, "gpt", str(tmp_path / "new"))
     _same(tiny_ckpt, tmp_path / "new")
 
 
@@ -200,7 +200,7 @@ def test_recovery_from_replicas_after_a_host_is_lost(stores, tmp_path):
                                   deployment("tp=2,pp=1,dp=2", 2, ["host0", "host2"]), unavailable={2, 3})
     assert result.cross_host_bytes > 0
     assert set(result.hosts["host2"]["fetched_bytes"]) == {"host0"}  # the surviving replica
-    survivors.pull("gpt", str(tmp_path / "recovered"))
+    pull(survivors, "gpt", str(tmp_path / "recovered"))
     _same(plain, tmp_path / "recovered")
     # with ZeRO-1 the optimizer state has no replica: refused, nothing changed
     with pytest.raises(PlanError, match="no replica survives"):
@@ -229,7 +229,7 @@ def test_transform_into_a_given_ptc(stores, tiny_ckpt, tmp_path):
                                   for s in guessed.specs], guessed.num_layers)
     result = reshard(cluster, "gpt", target, gpus_per_host=2)
     assert result.stats.total_bytes < reshard_plan_bytes(old, guessed)
-    cluster.pull("gpt", str(tmp_path / "pulled"))
+    pull(cluster, "gpt", str(tmp_path / "pulled"))
     with Checkpoint.open(tmp_path / "pulled") as c:
         assert c.manifest.ptc.spec(norm.name).split == Split(0)
         assert dict(c.manifest.ptc.rank_shards(0))[norm.name].shape == (norm.shape[0] // 2,)
@@ -286,6 +286,6 @@ def test_a_store_runs_the_part_of_the_plan_it_is_sent(stores, tmp_path):
     assert result["fetched_bytes"] == {"host1": plan.stats.total_bytes}
     cluster.commit(VersionManifest("gpt", "v1", 1, new.ptc, new.placement, src.state, src.version), ["host2"],
                    owner="reshard-a")
-    cluster.pull("gpt", str(tmp_path / "pulled"), version="v1")
+    pull(cluster, "gpt", str(tmp_path / "pulled"), version="v1")
     reshard_checkpoint(tmp_path / "a", tmp_path / "local", "tp=1,pp=1,dp=1", sync=False)
     _same(tmp_path / "local", tmp_path / "pulled")

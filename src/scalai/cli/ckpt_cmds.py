@@ -7,8 +7,8 @@ import time
 
 import click
 
-from .main import cli
-from .output import console, emit_json, human_bytes, layout_option, progress
+from .group import cli
+from .output import console, emit_json, hosts_table, human_bytes, layout_option, progress, stats_table
 from .params import COUNT, SEED
 
 
@@ -115,42 +115,6 @@ def inspect(ckpt: str, verify: bool, show_tensors: bool, as_json: bool) -> None:
         out.print(table)
 
 
-def _stats_table(stats, seconds: float | None = None, title: str = "plan"):
-    from rich.table import Table
-
-    s = stats
-    table = Table(title=title, box=None, show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    table.add_column(justify="right", style="dim")
-
-    def row(name, value, share=True):
-        pct = f"{100 * value / s.total_bytes:.1f} %" if share and s.total_bytes else ""
-        table.add_row(name, human_bytes(value), pct)
-
-    row("total bytes", s.total_bytes, share=False)
-    row("same device", s.same_device_bytes)
-    row("stay on host", s.same_host_bytes)
-    row("cross hosts", s.cross_host_bytes)
-    row("cross-host lower bound", s.cross_host_lower_bound_bytes)
-    table.add_row("copies", f"{s.copies:,}", "")
-    if seconds is not None:
-        table.add_row("plan time", f"{seconds:.2f} s", "")
-    return table
-
-
-def _hosts_table(stats, limit: int = 16):
-    from rich.table import Table
-
-    hosts = stats.to_json()["hosts"]
-    table = Table("host", "sends", "receives", box=None, title="cross-host load per host")
-    for name, load in list(hosts.items())[:limit]:
-        table.add_row(name, human_bytes(load["sent_bytes"]), human_bytes(load["received_bytes"]))
-    if len(hosts) > limit:
-        table.add_row(f"... {len(hosts) - limit} more", "", "")
-    return table
-
-
 @cli.command()
 @click.argument("ckpt", required=False, type=click.Path())
 @click.option("--model", "-m", help="plan for a named model's shapes instead of a checkpoint")
@@ -192,9 +156,9 @@ def plan(ckpt, model, from_layout, to_layout, gpus_per_host: int, as_json: bool)
     out = console()
     out.print(f"{old_ptc.config} -> {new_ptc.config}, {gpus_per_host} GPUs per host "
               f"({old_ptc.config.world_size} -> {new_ptc.config.world_size} ranks)")
-    out.print(_stats_table(result.stats, seconds))
+    out.print(stats_table(result.stats, seconds))
     if result.stats.cross_host_bytes:
-        out.print(_hosts_table(result.stats))
+        out.print(hosts_table(result.stats))
 
 
 @cli.command()
@@ -244,7 +208,7 @@ def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool
         return
     out_c = console()
     out_c.print(f"{old.config} -> {to_layout}: wrote {out}")
-    out_c.print(_stats_table(result.stats, title="plan"))
+    out_c.print(stats_table(result.stats, title="plan"))
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in seconds.__dict__.items())
     if verify:
         phases = f"source verified in {verify_seconds:.2f} s; " + phases

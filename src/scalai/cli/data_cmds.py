@@ -8,7 +8,7 @@ from typing import Callable
 
 import click
 
-from .main import cli
+from .group import cli
 from .output import console, emit_json, human_bytes, progress
 from .params import COUNT, NON_NEGATIVE, SEED
 

@@ -8,7 +8,7 @@ import time
 
 import click
 
-from .main import cli
+from .group import cli
 from .output import console, human_bytes, layout_option
 from .params import COUNT
 
@@ -32,7 +32,7 @@ def demo_reshard(model, from_layout, to_layout, gpus_per_host, out) -> None:
     from ..config import ParallelConfig, Placement
     from ..reshard import reshard_checkpoint
     from ..models.synth import write_synthetic_checkpoint
-    from .ckpt_cmds import _hosts_table, _stats_table
+    from .output import hosts_table, stats_table
 
     src = from_layout or ParallelConfig.parse("tp=2,pp=2,dp=2")
     dst = to_layout or ParallelConfig.parse("tp=4,pp=1,dp=2,zero=1")
@@ -55,9 +55,9 @@ def demo_reshard(model, from_layout, to_layout, gpus_per_host, out) -> None:
 
     step(2, f"reshard {src} -> {dst}")
     plan, seconds = reshard_checkpoint(path["before"], path["after"], dst, placement=place)
-    say(_stats_table(plan.stats, seconds.plan))
+    say(stats_table(plan.stats, seconds.plan))
     if plan.stats.cross_host_bytes:
-        say(_hosts_table(plan.stats))
+        say(hosts_table(plan.stats))
     say(f"   wrote {path['after']} in {float(seconds):.2f} s "
         f"(plan {seconds.plan:.2f} s, copy {seconds.copy:.2f} s, checksum {seconds.checksum:.2f} s, "
         f"fsync {seconds.sync:.2f} s); cross-host bytes "

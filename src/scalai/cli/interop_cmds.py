@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .main import cli
+from .group import cli
 from .output import emit_json, human_bytes, layout_option
 from .params import COUNT, SIZE
 

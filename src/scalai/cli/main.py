@@ -20,6 +20,7 @@ import sys
 import click
 
 from ..errors import ScalaiError
+from .group import cli
 
 __all__ = ["cli", "main", "Terminated"]
 
@@ -65,12 +66,6 @@ def _os_error(exc: OSError) -> str:
     where = f" ({exc.filename})" if exc.filename else ""
     hint = _OS_HINTS.get(exc.errno or 0, "")
     return f"{exc.strerror or exc}{where}" + (f"; {hint}" if hint else "")
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="scalai")
-def cli() -> None:
-    """scalai: elastic state management for TP x PP x DP training jobs."""
 
 
 def _register() -> None:

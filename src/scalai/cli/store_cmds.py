@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .main import cli
+from .group import cli
 from .output import console, emit_json, human_bytes, layout_option, progress
 from .params import COUNT, PORT, POSITIVE_NUMBER, RATE, SIZE
 
@@ -146,6 +146,8 @@ def pull(out, job, stores, version, token_file, as_json) -> None:
     """Write the job's current version (or --version) from the stores as checkpoint OUT."""
     import time
 
+    from ..store.pull import pull as pull_version
+
     if os.path.lexists(out):
         raise FileExistsError(f"output {out} already exists; choose another directory or remove it first")
     cluster = _cluster(stores, token_file)
@@ -153,7 +155,7 @@ def pull(out, job, stores, version, token_file, as_json) -> None:
     total = sum(m.ptc.rank_nbytes(r) for r in range(m.ptc.config.world_size))
     t0 = time.perf_counter()
     with progress("pull", total, enabled=not as_json) as advance:
-        src = cluster.pull(job, out, version, progress=advance)
+        src = pull_version(cluster, job, out, version, progress=advance)
     seconds = time.perf_counter() - t0
     m = src.manifest
     total = sum(m.ptc.rank_nbytes(r) for r in range(m.ptc.config.world_size))

@@ -8,7 +8,7 @@ import signal
 import click
 
 from ..errors import ScalaiError
-from .main import cli
+from .group import cli
 from .output import console
 from .params import COUNT, NON_NEGATIVE, POSITIVE_NUMBER, SEED
 

@@ -93,7 +93,7 @@ class Persister:
     def _loop(self) -> None:
         import time
 
-        from ..store import StoreCluster
+        from ..store import StoreCluster, pull
 
         while True:
             with self._cv:
@@ -108,7 +108,7 @@ class Persister:
                 if out.exists():
                     shutil.rmtree(out)
                 cluster = StoreCluster(list(self.urls()), self.token)
-                cluster.pull(self.job, str(out), version)
+                pull(cluster, self.job, str(out), version)
                 nbytes = sum(f.stat().st_size for f in out.iterdir())
                 record = Persisted(version, step, out, time.perf_counter() - t0, nbytes)
             except Exception as exc:  # noqa: BLE001 - reported; the stores still hold the version

@@ -7,7 +7,8 @@ server, atomic commits, and its part of a distributed transformation. See docs/s
 Client side:
 
 - :class:`StoreClient`: one store (connection reuse, parallel range reads, retries).
-- :class:`StoreCluster`: the stores of a job's hosts: versions, push/pull of checkpoints.
+- :class:`StoreCluster`: the stores of a job's hosts: versions, push of checkpoints.
+- :func:`pull`: a committed version out of the stores into a checkpoint directory.
 - :func:`reshard`: transform a job's state into another layout inside the stores,
   distributed (default) or central (the baseline).
 - :mod:`scalai.store.training`: what a training job calls to save a rank's shards to its
@@ -18,7 +19,8 @@ from .client import StoreClient, load_token
 from .cluster import StoreCluster, StoredVersion
 from .errors import PeerError, StoreError, StoreRequestError, StoreUnavailable
 from .manifest import VersionManifest
+from .pull import pull
 from .reshard import ReshardResult, TransformError, reshard
 
-__all__ = ["StoreClient", "StoreCluster", "StoredVersion", "VersionManifest", "reshard", "ReshardResult",
+__all__ = ["StoreClient", "StoreCluster", "StoredVersion", "VersionManifest", "pull", "reshard", "ReshardResult",
            "load_token", "StoreError", "StoreUnavailable", "StoreRequestError", "PeerError", "TransformError"]

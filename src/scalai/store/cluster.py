@@ -39,19 +39,6 @@ def parallel(fn: Callable, items: Sequence, workers: int = 8) -> list:
     return [f.result() for f in futures]
 
 
-def _stored_sources(m: VersionManifest) -> dict[tuple[int, str], int]:
-    """``{(rank, tensor): the rank whose store entry holds it}`` for every local tensor of
-    the version's layout: the rank itself, or (replicas kept once per host) the holder of
-    the same replica on its host, else on another host."""
-    full, out = m.ptc.full, {}
-    for name in full.names:
-        for every, stored in zip(full.holdings(name), m.ptc.holdings(name)):
-            for r in every.ranks:
-                same_host = [o for o in stored.ranks if m.placement.host(o) == m.placement.host(r)]
-                out[(r, name)] = r if r in stored.ranks else (same_host or list(stored.ranks))[0]
-    return out
-
-
 def _interleave(items: Sequence[tuple[str, object]]) -> list:
     """Items grouped by host, dealt round-robin: every host's link is busy from the start."""
     by_host: dict[str, list] = {}
@@ -260,52 +247,3 @@ class StoreCluster:
                 self.drop(job, name, owner=owner)
                 raise
         return StoredVersion(manifest, manifest.to_json())
-
-    def pull(self, job: str, out_dir: str, version: str | None = None,
-             progress: Callable[[int], None] | None = None, workers: int = 2, attempts: int = 3) -> StoredVersion:
-        """Write a committed version (default: the latest) as a checkpoint directory.
-
-        The identity plan from the stores into a :class:`~scalai.checkpoint.CheckpointWriter`,
-        run by :func:`~scalai.storage.run_plan`: every tensor the checkpoint stores is read
-        in ranged blocks from the store of the rank that holds it (``workers`` reads per
-        store in flight), and its CRC-32, computed on the way, is checked against the one
-        the store recorded before the checkpoint is committed. Without ``version``, a
-        current version that another writer replaces (and deletes) while it is read is
-        given up for the new current one, up to ``attempts`` times; nothing of the first
-        is left behind.
-
-        Raises:
-            ChecksumError: a tensor's bytes do not match the store's record (nothing is written).
-        """
-        for attempt in range(attempts):
-            src = self.latest(job, version)
-            try:
-                self._pull(job, src, out_dir, progress, workers)
-                return src
-            except StoreRequestError as exc:
-                if version is not None or exc.status != 404 or attempt == attempts - 1:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _pull(self, job: str, src: StoredVersion, out_dir: str, progress, workers: int) -> None:
-        from ..checkpoint import CheckpointWriter
-        from ..errors import ChecksumError
-        from ..planner.identity import identity_plan
-        from ..storage.run import run_plan
-        from .training import StoreReader
-
-        m = src.manifest
-        full = m.ptc.full  # the checkpoint's layout; the stores may hold a replica once per host
-        source = _stored_sources(m)
-        with StoreReader(self, job, m.version) as reader, CheckpointWriter(out_dir, full, m.state) as writer:
-            plan = identity_plan(full, range(full.config.world_size), stored=writer.stores,
-                                 source_rank=lambda r, n: source[(r, n)], placement=m.placement)
-            run_plan(plan, reader, writer, workers=workers * len(m.hosts), progress=progress)
-            for record in writer.finish():
-                for tensor, t in record.tensors.items():
-                    stored = source[(record.rank, tensor)]
-                    want = reader.checksum(stored, tensor)
-                    if t.checksum is not None and want is not None and want != t.checksum:
-                        raise ChecksumError(f"{tensor} of rank {stored} from {reader.where(stored)} does not "
-                                            f"match the checksum the store recorded; its memory may be damaged")
-            writer.commit()
