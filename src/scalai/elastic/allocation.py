@@ -40,12 +40,15 @@ class Pool:
         gpus_per_host: device slots per host.
         failed: ``{host: failed devices}``.
         dead: hosts that are gone (their store too).
+        leaving: hosts whose agent asked to leave: no new work goes there, but their store
+            still answers until the job's state is elsewhere.
     """
 
     hosts: tuple[str, ...]
     gpus_per_host: int
     failed: dict[str, int] = field(default_factory=dict)
     dead: frozenset[str] = frozenset()
+    leaving: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.hosts or len(set(self.hosts)) != len(self.hosts):
@@ -55,7 +58,7 @@ class Pool:
 
     def capacity(self, host: str) -> int:
         """Healthy devices of ``host``."""
-        if host in self.dead:
+        if host in self.dead or host in self.leaving:
             return 0
         return max(0, self.gpus_per_host - self.failed.get(host, 0))
 
@@ -69,7 +72,23 @@ class Pool:
         return replace(self, failed=failed)
 
     def fail_host(self, host: str) -> Pool:
-        return replace(self, dead=self.dead | {host})
+        return replace(self, dead=self.dead | {host}, leaving=self.leaving - {host})
+
+    def leave(self, host: str) -> Pool:
+        """``host`` takes no new work (its agent asked to leave)."""
+        return replace(self, leaving=self.leaving | {host})
+
+    def join(self, host: str) -> Pool:
+        """``host`` (re)joined: a new machine, or one declared dead that registered again
+        (its store was emptied: it starts afresh, every device healthy)."""
+        failed = {h: n for h, n in self.failed.items() if h != host}
+        hosts = self.hosts if host in self.hosts else self.hosts + (host,)
+        return replace(self, hosts=hosts, failed=failed, dead=self.dead - {host}, leaving=self.leaving - {host})
+
+    @property
+    def alive(self) -> tuple[str, ...]:
+        """Hosts whose store answers (not dead; leaving ones included)."""
+        return tuple(h for h in self.hosts if h not in self.dead)
 
 
 @dataclass(frozen=True)
