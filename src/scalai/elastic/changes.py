@@ -285,6 +285,14 @@ def begin_restart(p: Policy, s: JobState, e: Resume, out: list) -> None:
             out.append(Say(f"event {ev.index} ({ev.describe()}) skipped: {exc}"))
     s.last_logged = step
     lost = max(0, e.last_step - step)
+    if found is not None and step >= p.steps:  # the workers finished the job while no coordinator ran
+        out.append(Say(f"coordinator restarted with {len(e.agents)} agents: the job reached its last step "
+                       f"({source})"))
+        s.phase = "done"
+        if p.persist:
+            out.append(Persist(found.version, step))
+        out.append(Finish(step, found.version))
+        return
     out.append(Say(f"coordinator restarted with {len(e.agents)} agents: continuing from {source}; {lost} steps lost"))
     new = launch(p, s, alloc, step, resume=True, free=True, now=e.now, out=out)
     reason = "; ".join(["coordinator restarted"] + reasons)
@@ -332,8 +340,8 @@ def advance_change(p: Policy, s: JobState, now: float, out: list) -> None:
     if c.phase == "go":
         out.append(Signal(new.number, "go", c.version))
         c.go, c.phase = now, "load"
-    if c.phase == "load" and new.first_step is not None:
-        _complete(p, s, c, new, out)
+    if c.phase == "load" and (new.first_step is not None or new.saved is not None):
+        _complete(p, s, c, new, out)  # (saved without a step: it had none to take)
 
 
 def _recover_from(p: Policy, s: JobState, c: Change, target, now: float, out: list) -> None:

@@ -18,7 +18,7 @@ from .timeline import format_table, plot_loss, plot_timeline, write_timeline
 if TYPE_CHECKING:
     from .runner import RunResult, Runner
 
-__all__ = ["finish"]
+__all__ = ["finish", "write_outputs"]
 
 
 def finish(runner: Runner, outcome) -> RunResult:
@@ -32,24 +32,35 @@ def finish(runner: Runner, outcome) -> RunResult:
     if runner.persister is not None:
         runner.persister.wait_idle(120)
     latest = runner.persister.latest() if runner.persister else None
-    rows = mark_lost(runner.rows)
     runner.metrics_out.close()
-    atomic_write(str(runner.dir / "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows).encode(), sync=False)
-    write_timeline(runner.dir / "timeline.json", runner.changes)
-    plot_timeline(runner.changes, runner.dir / "timeline.png", f"{runner.spec.job}: reconfigurations")
-    plot_loss({"elastic run": rows}, runner.dir / "loss.png", runner.changes,
-              f"{runner.spec.job}: training loss")
-    lost = sum(c.steps_lost for c in runner.changes)
-    summary = {"job": runner.spec.job, "steps": outcome.step, "final_layout": str(runner.alloc.layout),
-               "final_version": outcome.version, "checkpoint": str(latest.path) if latest else None,
-               "reconfigurations": len(runner.changes), "downtime_s": sum(c.downtime for c in runner.changes),
-               "steps_lost": lost, "wall_s": time.time() - runner._t0}
-    write_json_atomic(runner.dir / "summary.json", summary)
-    runner.say(f"\nstep {outcome.step}/{runner.spec.steps} reached in {summary['wall_s']:.0f} s; "
-               f"{len(runner.changes)} reconfigurations, {summary['downtime_s']:.1f} s down, {lost} steps lost")
-    if runner.report:
-        runner.say("\n" + format_table(runner.changes))
-    runner.say(f"\nwrote {runner.dir}/metrics.jsonl, timeline.json, timeline.png, loss.png"
-               + (f"; final state persisted in {latest.path}" if latest else ""))
+    rows = write_outputs(runner.dir, runner.spec.job, runner.rows, runner.changes, outcome.step, outcome.version,
+                         str(latest.path) if latest else None, time.time() - runner._t0, runner.alloc, runner.say,
+                         runner.report)
     return RunResult(runner.dir, rows, runner.changes, outcome.step, outcome.version,
                      str(latest.path) if latest else None)
+
+
+def write_outputs(out, job: str, rows, changes, step: int, version, checkpoint, wall_s: float, alloc, say,
+                  table: bool = True) -> list[dict]:
+    """``metrics.jsonl`` (rewritten with the lost steps marked), ``timeline.json``, the
+    plots and ``summary.json`` in ``out``; the summary lines through ``say``. Returns the rows."""
+    from pathlib import Path
+
+    out = Path(out)
+    rows = mark_lost(rows)
+    atomic_write(str(out / "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows).encode(), sync=False)
+    write_timeline(out / "timeline.json", changes)
+    plot_timeline(changes, out / "timeline.png", f"{job}: reconfigurations")
+    plot_loss({"elastic run": rows}, out / "loss.png", changes, f"{job}: training loss")
+    lost = sum(c.steps_lost for c in changes)
+    summary = {"job": job, "steps": step, "final_layout": str(alloc.layout), "final_version": version,
+               "checkpoint": checkpoint, "reconfigurations": len(changes),
+               "downtime_s": sum(c.downtime for c in changes), "steps_lost": lost, "wall_s": wall_s}
+    write_json_atomic(out / "summary.json", summary)
+    say(f"\nstep {step} reached in {wall_s:.0f} s; {len(changes)} reconfigurations, "
+        f"{summary['downtime_s']:.1f} s down, {lost} steps lost")
+    if table:
+        say("\n" + format_table(changes))
+    say(f"\nwrote {out}/metrics.jsonl, timeline.json, timeline.png, loss.png"
+        + (f"; final state persisted in {checkpoint}" if checkpoint else ""))
+    return rows

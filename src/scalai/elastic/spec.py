@@ -46,6 +46,15 @@ class RunSpec:
             default; it takes the reference trainer's arguments
             (:func:`scalai.examples.gpt.options.parse_args`) and follows the worker
             protocol of :mod:`scalai.elastic.worker`.
+        args: a script's own arguments (``scalai run --module M -- ARGS``).
+        listen / agents: the coordinator's address (``HOST:PORT``) and how many agents
+            started elsewhere to wait for; without them the run starts ``hosts`` agents
+            on this machine.
+        token: the run's token (agents, stores, ``scalai scale``); required off loopback.
+        resume: a coordinator started again: continue the job from its agents' stores.
+        grow / max_devices: grow into agents that join during the run (up to that many devices).
+        dead_after: seconds without a heartbeat after which a machine counts as dead.
+        standby: started workers each agent keeps (default: one per device).
     """
 
     schedule: tuple[Event, ...]
@@ -74,6 +83,16 @@ class RunSpec:
     worker_timeout: int = 120
     extra_hosts: Sequence[str] = field(default=())
     module: str = "scalai.examples.gpt"
+    args: tuple[str, ...] = ()
+    listen: str | None = None
+    agents: int | None = None
+    token: str | None = None
+    resume: bool = False
+    grow: bool = True
+    max_devices: int | None = None
+    dead_after: float = 5.0
+    standby: int | None = None
+    quorum_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         from ..store.names import check_name
@@ -92,12 +111,32 @@ class RunSpec:
         from .control import check_listen
 
         check_listen(self.control_host, self.control_token)
+        if (self.listen is None) != (self.agents is None):
+            raise ValueError("--listen ADDR:PORT and --agents N go together (agents started elsewhere join there)")
+        if self.listen is not None:
+            from .wire import check_listen as check_coordinator, split_address
+
+            host, _ = split_address(self.listen, "--listen")
+            check_coordinator(host, self.token)
+            if self.agents < 1:
+                raise ValueError(f"--agents {self.agents} must be at least 1")
+        if not 1.0 <= self.dead_after <= 600:
+            raise ValueError(f"--dead-after {self.dead_after:g}: give 1 to 600 seconds")
+        if self.max_devices is not None and self.max_devices < 1:
+            raise ValueError(f"--max-devices {self.max_devices} must be at least 1")
+        if self.standby is not None and self.standby < 0:
+            raise ValueError(f"--standby {self.standby} must be 0 or more")
         for e in self.schedule:
             if e.step is not None and e.step >= self.steps:
                 raise ValueError(f"schedule event {e.index} ({e.describe()}) never fires: the run ends at "
                                  f"step {self.steps}; use a step below {self.steps}")
-        self.trainer_options(self.initial().layout)  # the starting layout must be trainable
-        dry_run(self)
+        if self.agents is None:  # the machines are known: check the schedule against them now
+            self.trainer_options(self.initial().layout)  # the starting layout must be trainable
+            dry_run(self)
+        elif self.layout is not None:
+            why = self.trainer.why_not(ParallelConfig.parse(self.layout))
+            if why:
+                raise ValueError(f"--layout {self.layout}: {why}")
 
     # -- derived ----------------------------------------------------------------------
     @property
@@ -147,6 +186,61 @@ class RunSpec:
         if not self.accepts(layout):
             self.trainer_options(layout)  # raises with the trainer's reason
         return Allocation(layout, pick_hosts(pool, layout.world_size), self.gpus_per_host)
+
+
+    # -- the agent-based run --------------------------------------------------------------
+    @cached_property
+    def trainer(self):
+        """What the workers run (:mod:`.trainer`): the reference trainer's plug-in (with
+        this run's options), or the user's script with its own arguments."""
+        from .trainer import REFERENCE_MODULE, REFERENCE_PLUGIN, ScriptTrainer, load_trainer
+
+        if self.module == REFERENCE_MODULE:
+            options = {"model": self.model, "seed": self.seed, "global_batch": self.global_batch,
+                       "micro_batch": self.micro_batch, "lr": self.lr, "schedule": self.pipeline_schedule}
+            if self.data:
+                options["data"] = self.data
+            made = load_trainer({"module": self.module, "plugin": REFERENCE_PLUGIN, "options": options})
+            made.validate()
+            return made
+        return ScriptTrainer(self.module, None, tuple(self.args))
+
+    def policy(self, gpus_per_host: int):
+        """The controller's :class:`~.jobstate.Policy` for machines of ``gpus_per_host`` devices."""
+        from .jobstate import Policy
+
+        trainer = self.trainer
+        shape = trainer.cost_shape()
+        if shape is not None:
+            hw = Hardware(device_memory_gib=self.device_memory, gpus_per_host=gpus_per_host)
+            work = Workload(global_batch=self.global_batch, seq_len=shape.max_seq_len,
+                            micro_batch=min(self.micro_batch, self.global_batch))
+            chooser = LayoutChooser(shape, hw, work, trainer.accepts)
+        else:
+            chooser = _data_parallel
+        return Policy(self.job, self.steps, self.schedule, gpus_per_host, chooser, trainer.accepts,
+                      layout=ParallelConfig.parse(self.layout) if self.layout else None, devices=self.devices,
+                      grow=self.grow, max_devices=self.max_devices, persist=self.persist)
+
+    def machines(self):
+        """The agents: started here (``hosts`` of ``gpus_per_host`` devices) or joining."""
+        from .machines import LocalMachines, RemoteMachines
+
+        if self.agents is not None:
+            return RemoteMachines(self.agents, self.token)
+        return LocalMachines(self.hosts, self.gpus_per_host, self.link, standby=self.standby)
+
+    def welcome(self) -> dict:
+        """What a joining agent is told: the job, the trainer, the data every machine needs."""
+        return {"job": self.job, "trainer": self.trainer.to_json(), "data": self.trainer.data_spec()}
+
+    def worker_env(self) -> dict[str, str]:
+        return {"SCALAI_COMMIT_EVERY": str(self.commit_every), "SCALAI_TIMEOUT": str(self.worker_timeout)}
+
+
+def _data_parallel(devices: int) -> ParallelConfig:
+    """A script's layout for ``devices`` before it described its model: data parallel."""
+    return ParallelConfig(tp=1, pp=1, dp=devices)
 
 
 def _check_module(name: str) -> None:

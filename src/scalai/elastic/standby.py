@@ -1,0 +1,84 @@
+"""A standby worker: a started Python with torch imported, waiting for its assignment.
+
+Starting a worker costs seconds before it does anything useful (the interpreter, torch,
+the trainer's modules: 3-9 s here, more with CUDA). An agent therefore keeps one started
+process per device (:class:`~.machine.StandbyPool`), each running this module::
+
+    python -m scalai.elastic.standby TRAINER_JSON
+
+It imports torch, ``torch.distributed`` and what the trainer plug-in warms
+(:meth:`~.trainer.Trainer.warm`: the reference trainer imports its model, training loop
+and every parallelism module), says ``ready`` on stdout (a pipe to the agent), then
+blocks reading one line from stdin: the assignment
+``{"module", "argv", "env", "cwd", "log"}``. It then becomes that worker: output to
+``log``, the environment updated (``RANK``, ``MASTER_ADDR``, ``SCALAI_*``...: read by
+torch and the script only from here on), ``python -m module argv`` run as ``__main__``. A
+used standby is replaced by the agent in the background. A user's module itself is not
+imported ahead (a script without an ``if __name__ == "__main__"`` guard would run), only
+torch and its distributed package.
+
+The standby dies with its agent (Linux parent-death signal), assigned or not; end of
+input (the agent closed the pipe) ends it quietly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+import time
+
+__all__ = ["main", "assignment"]
+
+
+def assignment(module: str, argv, env: dict, cwd: str, log: str) -> bytes:
+    """The line an agent writes to a standby's stdin (pure)."""
+    return (json.dumps({"module": module, "argv": list(argv), "env": dict(env), "cwd": cwd, "log": log}) + "\n").encode()
+
+
+def main(argv=None) -> int:
+    from .worker import die_with_parent
+
+    die_with_parent()
+    args = sys.argv[1:] if argv is None else argv
+    spec = json.loads(args[0]) if args else {}
+    import torch  # noqa: F401 - the point of a standby
+    import torch.distributed  # noqa: F401
+
+    if spec:
+        try:
+            from .trainer import load_trainer
+
+            load_trainer(spec).warm()
+        except Exception as exc:  # noqa: BLE001 - a warm-up is an optimization; the worker will say what fails
+            print(f"scalai standby: warming {spec.get('module')} failed ({exc}); continuing", file=sys.stderr)
+    try:
+        sys.stdout.write("ready\n")  # to the agent (a pipe until the assignment)
+        sys.stdout.flush()
+    except OSError:
+        pass  # the agent took this standby before it was warm, and stopped listening
+    line = sys.stdin.buffer.readline()
+    if not line.strip():
+        return 0
+    task = json.loads(line)
+    fd = os.open(task["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush(), sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.environ.update(task["env"])
+    os.environ["SCALAI_ASSIGNED_AT"] = repr(time.time())
+    os.chdir(task["cwd"])
+    sys.argv = [task["module"], *task["argv"]]
+    runpy.run_module(task["module"], run_name="__main__", alter_sys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)

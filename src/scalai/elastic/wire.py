@@ -1,0 +1,282 @@
+"""JSON over HTTP between the coordinator, the agents and ``scalai scale``: one server, one client.
+
+Every HTTP endpoint of the elastic runner is a :class:`JsonServer` and every caller a
+:class:`JsonClient`, so that transport settings live here only: the token check
+(``Authorization: Bearer TOKEN``, compared in constant time; a token never appears in a
+URL, a log line or an error message), body limits, strict JSON, and the place where TLS
+is switched on (:class:`Tls`: the server wraps its socket, the client verifies the
+server against a CA).
+
+Handlers are plain functions ``handler(request) -> (status, object)`` on a thread of their
+own (long polls may block); they raise :class:`HttpError` to answer 4xx with a message,
+and ``ValueError`` for a bad body (400).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import re
+import ssl
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
+
+__all__ = ["Tls", "Request", "HttpError", "JsonServer", "JsonClient", "WireError", "is_loopback",
+           "check_listen", "split_address"]
+
+MAX_BODY = 64 << 20  # bytes; PTCs of big models are the largest bodies
+
+
+@dataclass(frozen=True)
+class Tls:
+    """TLS for a server (``cert`` and ``key``) or a client (``ca``: the CA bundle to verify
+    the server with). Files in PEM."""
+
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, self.key)
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.ca)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen(host: str, token: str | None, what: str = "listen", flag: str = "--token-file") -> None:
+    """Raise ``ValueError`` unless ``host`` is loopback or a token is given."""
+    if not is_loopback(host) and not token:
+        raise ValueError(f"refusing to {what} on {host} without a token; give {flag} FILE "
+                         f"(python -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE)")
+
+
+def split_address(text: str, what: str = "address") -> tuple[str, int]:
+    """``"HOST:PORT"`` (``[v6]:PORT`` too) -> ``(host, port)``.
+
+    Raises:
+        ValueError: not of that form, or the port is not 0-65535.
+    """
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", text.strip())
+    if not m:
+        raise ValueError(f"{what} {text!r} must look like HOST:PORT, e.g. 10.0.0.1:7000")
+    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    if not 0 <= int(port) < 65536:
+        raise ValueError(f"{what} {text!r}: the port must be 0-65535")
+    return host, int(port)
+
+
+class HttpError(Exception):
+    """Raised by a handler: answer ``status`` with ``message``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class Request:
+    """What a handler sees: the path parameters, the query (one value per key) and the
+    JSON body (``None`` for a GET)."""
+
+    method: str
+    path: str
+    params: dict[str, str]
+    query: dict[str, str]
+    body: Any = None
+    client: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[[Request], tuple[int, Any]]
+
+
+class JsonServer:
+    """An HTTP server on a thread of its own, one thread per request.
+
+    Args:
+        routes: ``{(method, pattern): (handler, needs_token)}``; a pattern is a path with
+            ``{name}`` parameters (one path segment each).
+        host / port: where to listen (``port`` 0: any free port).
+        token: the bearer token routes with ``needs_token`` require; checked only when set.
+        tls: serve HTTPS.
+        name: for error messages.
+
+    Raises:
+        ValueError: the address cannot be bound (in use, not an address of this machine).
+    """
+
+    def __init__(self, routes: dict[tuple[str, str], tuple[Handler, bool]], host: str = "127.0.0.1", port: int = 0,
+                 token: str | None = None, tls: Tls | None = None, name: str = "server"):
+        compiled = []
+        for (method, pattern), (handler, needs_token) in routes.items():
+            regex = "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$"
+            compiled.append((method, re.compile(regex), handler, needs_token))
+        owner = self
+        expected = f"Bearer {token}".encode() if token else None
+
+        class _Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # quiet: the owner prints what matters
+                pass
+
+            def _send(self, code: int, obj: Any) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _dispatch(self, method: str) -> None:
+                parts = urlsplit(self.path)
+                allowed = []
+                for m, regex, handler, needs_token in compiled:
+                    match = regex.match(parts.path)
+                    if not match:
+                        continue
+                    allowed.append(m)
+                    if m != method:
+                        continue
+                    if needs_token and expected is not None:
+                        given = self.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+                        if not hmac.compare_digest(given, expected):
+                            self._send(401, {"error": "missing or wrong token (Authorization: Bearer ...)"})
+                            return
+                    self._run(method, parts, match.groupdict(), handler)
+                    return
+                if allowed:
+                    self._send(405, {"error": f"{method} {parts.path}: use {', '.join(sorted(set(allowed)))}"})
+                else:
+                    self._send(404, {"error": f"no route {parts.path} on the {owner.name}"})
+
+            def _run(self, method: str, parts, params: dict, handler: Handler) -> None:
+                body = None
+                if method == "POST":
+                    try:
+                        length = int(self.headers.get("Content-Length") or 0)
+                    except ValueError:
+                        length = -1
+                    if not 0 <= length <= MAX_BODY:
+                        self._send(413, {"error": f"body must be 0-{MAX_BODY} bytes"})
+                        self.close_connection = True
+                        return
+                    try:
+                        body = json.loads(self.rfile.read(length) or b"null")
+                    except (ValueError, UnicodeDecodeError):
+                        self._send(400, {"error": "the body is not valid JSON"})
+                        return
+                query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+                request = Request(method, parts.path, params, query, body, self.client_address[0],
+                                  dict(self.headers.items()))
+                try:
+                    code, obj = handler(request)
+                except HttpError as exc:
+                    code, obj = exc.status, {"error": exc.message}
+                except ValueError as exc:
+                    code, obj = 400, {"error": str(exc)}
+                try:
+                    self._send(code, obj)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the caller went away (a long poll it gave up on)
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's names
+                self._dispatch("GET")
+
+            def do_POST(self) -> None:  # noqa: N802
+                self._dispatch("POST")
+
+        self.name = name
+        try:
+            self._server = ThreadingHTTPServer((host, port), _Handler)
+        except OSError as exc:
+            raise ValueError(f"the {name} cannot listen on {host}:{port} ({exc.strerror or exc}); choose another "
+                             f"address or port (0: any free one)") from None
+        if tls is not None:
+            self._server.socket = tls.server_context().wrap_socket(self._server.socket, server_side=True)
+        self._server.daemon_threads = True
+        self.host, self.port = host, self._server.server_address[1]
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"{'https' if tls else 'http'}://{shown}:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name=f"scalai-{name}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class WireError(Exception):
+    """The other side answered with an error (``status``, its message)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class JsonClient:
+    """Calls a :class:`JsonServer` at ``url`` (``http://HOST:PORT``), reusing connections.
+
+    Raises (from :meth:`get` and :meth:`post`):
+        WireError: the server answered 4xx/5xx (its message).
+        ConnectionError: nothing answers, or no answer within ``timeout`` seconds.
+    """
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 10.0, tls: Tls | None = None):
+        import urllib3
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
+            raise ValueError(f"address {url!r} is not like http://HOST:PORT")
+        self.url, self.timeout = url.rstrip("/"), timeout
+        self._headers = {"Content-Type": "application/json"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        if parts.scheme == "https":
+            context = (tls or Tls()).client_context()
+            self._pool = urllib3.HTTPSConnectionPool(parts.hostname, parts.port, maxsize=4, ssl_context=context,
+                                                     retries=False)
+        else:
+            self._pool = urllib3.HTTPConnectionPool(parts.hostname, parts.port, maxsize=4, retries=False)
+
+    def get(self, path: str, timeout: float | None = None) -> Any:
+        return self._call("GET", path, None, timeout)
+
+    def post(self, path: str, body: Any, timeout: float | None = None) -> Any:
+        return self._call("POST", path, json.dumps(body).encode(), timeout)
+
+    def _call(self, method: str, path: str, body: bytes | None, timeout: float | None) -> Any:
+        import urllib3
+
+        wait = self.timeout if timeout is None else timeout
+        try:
+            resp = self._pool.urlopen(method, path, body=body, headers=self._headers, redirect=False,
+                                      timeout=urllib3.Timeout(connect=min(5.0, wait), read=wait))
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ConnectionError(f"{self.url} does not answer ({type(exc).__name__})") from None
+        try:
+            obj = json.loads(resp.data or b"null")
+        except ValueError:
+            obj = None
+        if resp.status >= 400:
+            message = obj.get("error") if isinstance(obj, dict) else None
+            raise WireError(resp.status, str(message or f"HTTP {resp.status}"))
+        return obj
+
+    def close(self) -> None:
+        self._pool.close()

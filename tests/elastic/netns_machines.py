@@ -1,0 +1,162 @@
+"""Simulated machines with real isolation, for the multi-machine tests (root, iproute2).
+
+Each machine is
+
+- a **network namespace** with its own address on a bridge in the root namespace (a veth
+  pair, ``tc`` token-bucket filters on both ends limiting it to ``link`` each way, like a
+  NIC), so the coordinator in the root namespace and the other machines reach it only
+  over that link, and a machine can be cut off (its veth down) or frozen;
+- a **mount namespace** with private tmpfs mounted over the test's directory and over
+  ``/dev/shm``: the agent's root, its store and its data copy live there, invisible to the
+  coordinator and to the other machines; the coordinator's run directory (in the test's
+  directory) is invisible to the machine. Any hidden use of a shared filesystem fails.
+
+The agent is started with the CLI, as a user would (``scalai agent --join ...``). Names
+carry ``elastic-agents`` where the kernel allows (namespaces, tmpfs sources); interface
+names are limited to 15 characters and carry ``ea`` and this process's id.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCALAI = str(Path(sys.executable).parent / "scalai")
+
+
+def available() -> bool:
+    """Root with ``ip``, ``tc`` and ``unshare``, and a namespace can be made here."""
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "tc", "unshare")):
+        return False
+    probe = f"elastic-agents-probe-{os.getpid()}"
+    ok = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return ok
+
+
+def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run(list(cmd), capture_output=True, text=True)
+    if check and out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.strip()}")
+    return out
+
+
+def _free_subnet() -> int:
+    used = _run("ip", "-4", "-o", "addr", check=False).stdout
+    for k in [*range(os.getpid() % 200 + 20, 250), *range(20, 250)]:
+        if f"10.251.{k}." not in used:
+            return k
+    raise RuntimeError("no free 10.251.X.0/24 subnet")
+
+
+class Machines:
+    """Up to ``capacity`` machines on one bridge (see the module docstring).
+
+    Args:
+        private: the directory hidden behind each machine's tmpfs (the test's directory;
+            machine ``i``'s agent root is ``private/machine-i`` inside its own tmpfs).
+        link: each machine's link rate each way (``tc`` syntax, e.g. ``1gbit``).
+    """
+
+    def __init__(self, private: Path, capacity: int = 4, link: str = "1gbit"):
+        self.private, self.capacity, self.link = Path(private), capacity, link
+        self.tag = f"ea{os.getpid() % 100000}"
+        self.subnet = _free_subnet()
+        self.bridge = f"{self.tag}br"
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.made: list[int] = []
+        _run("ip", "link", "add", self.bridge, "type", "bridge")
+        _run("ip", "addr", "add", f"{self.coordinator_address}/24", "dev", self.bridge)
+        _run("ip", "link", "set", self.bridge, "up")
+
+    @property
+    def coordinator_address(self) -> str:
+        return f"10.251.{self.subnet}.254"
+
+    def address(self, i: int) -> str:
+        return f"10.251.{self.subnet}.{i + 1}"
+
+    def netns(self, i: int) -> str:
+        return f"elastic-agents-{os.getpid()}-m{i}"
+
+    def veth(self, i: int) -> tuple[str, str]:
+        return f"{self.tag}v{i}", f"{self.tag}p{i}"  # bridge side, machine side
+
+    def _make(self, i: int) -> None:
+        ns, (vb, vm) = self.netns(i), self.veth(i)
+        _run("ip", "netns", "add", ns)
+        _run("ip", "link", "add", vb, "type", "veth", "peer", "name", vm)
+        _run("ip", "link", "set", vm, "netns", ns)
+        _run("ip", "link", "set", vb, "master", self.bridge)
+        _run("ip", "link", "set", vb, "up")
+        _run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        _run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{self.address(i)}/24", "dev", vm)
+        _run("ip", "netns", "exec", ns, "ip", "link", "set", vm, "up")
+        for dev, prefix in ((vb, ()), (vm, ("ip", "netns", "exec", ns))):
+            _run(*prefix, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.link, "burst", "256kb",
+                 "latency", "100ms")
+        self.made.append(i)
+
+    def start(self, i: int, join: str, token: str, devices: int = 1, log: Path | None = None,
+              extra: tuple[str, ...] = ()) -> subprocess.Popen:
+        """Machine ``i``'s agent, named ``m{i}``, joining ``join`` (``HOST:PORT``)."""
+        if i not in self.made:
+            self._make(i)
+        root = self.private / f"machine-{i}"
+        script = (f"mount -t tmpfs -o size=4g elastic-agents-m{i} {self.private} && "
+                  f"mount -t tmpfs -o size=4g elastic-agents-shm-m{i} /dev/shm && "
+                  f"mkdir -p {root} && exec {SCALAI} agent --join {join} --name m{i} --root {root} "
+                  f"--devices {devices} --address {self.address(i)} {' '.join(extra)}")
+        cmd = ["ip", "netns", "exec", self.netns(i), "unshare", "--mount", "--propagation", "private",
+               "sh", "-c", script]
+        out = open(log, "ab") if log else subprocess.DEVNULL
+        env = {**os.environ, "SCALAI_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+        self.procs[i] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=env, start_new_session=True)
+        if log:
+            out.close()
+        return self.procs[i]
+
+    def pids(self, i: int) -> list[int]:
+        """Every process of machine ``i`` (in its network namespace)."""
+        text = _run("ip", "netns", "pids", self.netns(i), check=False).stdout
+        return [int(p) for p in text.split()]
+
+    def signal_all(self, i: int, sig: int) -> list[int]:
+        """``sig`` to every process of machine ``i`` (SIGSTOP: the machine freezes)."""
+        pids = self.pids(i)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        return pids
+
+    def terminate(self, i: int) -> None:
+        """SIGTERM to machine ``i``'s agent (a planned departure)."""
+        self.procs[i].send_signal(signal.SIGTERM)
+
+    def cut(self, i: int) -> None:
+        """Cut machine ``i``'s link (its veth down)."""
+        _run("ip", "link", "set", self.veth(i)[0], "down")
+
+    def close(self) -> None:
+        for i in list(self.made):
+            for _ in range(2):
+                self.signal_all(i, signal.SIGCONT)
+                self.signal_all(i, signal.SIGKILL)
+                time.sleep(0.2)
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        for i in self.made:
+            _run("ip", "link", "del", self.veth(i)[0], check=False)
+            _run("ip", "netns", "del", self.netns(i), check=False)
+        _run("ip", "link", "del", self.bridge, check=False)
