@@ -25,7 +25,7 @@ from __future__ import annotations
 from ..config import ParallelConfig
 from ..layout.ptc import PTC
 from .ahead import lead_steps
-from .allocation import Allocation, Pool, apply_event, pick_hosts
+from .allocation import Allocation, Pool, pick_hosts
 from .events import reconfiguration_phases
 from .jobstate import Change, Commit, Gen, JobState, Policy, known_ptc
 from .messages import (Drop, Fail, Fence, Finish, HoldPersist, Kill, Launch, Persist, RecoverDump, Record, Restore,
@@ -57,7 +57,7 @@ def next_stop(p: Policy, s: JobState, after: int, alloc: Allocation, out: list) 
         if e.step is None or e.index in s.fired or e.action == "fail" or e.step <= after:
             continue
         try:
-            new = apply_event(alloc, s.pool, e.action, e.value, p.chooser, p.accepts)
+            new = p.apply(s, alloc, e.action, e.value)
         except ValueError as exc:
             _note(s, e.index, f"event {e.index} ({e.describe()}) cannot be carried out now, skipped: {exc}", out)
             continue
@@ -115,7 +115,7 @@ def prelaunch(p: Policy, s: JobState, g: Gen, now: float, out: list) -> None:
     alloc = g.alloc
     try:
         for action, value in actions:
-            alloc = apply_event(alloc, s.pool, action, value, p.chooser, p.accepts)
+            alloc = p.apply(s, alloc, action, value)
     except ValueError:
         return
     if alloc != g.alloc:
@@ -149,7 +149,7 @@ def retain(s: JobState, out: list) -> None:
             out.append(Drop(c.version))
 
 
-def after_failure(p: Policy, alloc: Allocation, pool: Pool, dead_ranks, dead_hosts) -> tuple[Allocation, Pool]:
+def after_failure(p: Policy, alloc: Allocation, pool: Pool, dead_ranks, dead_hosts, ptcs=()) -> tuple[Allocation, Pool]:
     """The allocation after ranks (and hosts) died, and the pool without their devices.
 
     The job goes on with its surviving devices; if none survive, with as many devices as
@@ -169,7 +169,7 @@ def after_failure(p: Policy, alloc: Allocation, pool: Pool, dead_ranks, dead_hos
     if n < 1:
         raise ValueError("no healthy device is left to continue on")
     prefer = [h for h in alloc.hosts if h not in pool.dead]
-    return Allocation(p.chooser(n), pick_hosts(pool, n, prefer=prefer), p.gpus_per_host), pool
+    return Allocation(p.choose_in(ptcs)(n), pick_hosts(pool, n, prefer=prefer), p.gpus_per_host), pool
 
 
 # -- the three kinds of change ----------------------------------------------------------
@@ -196,7 +196,7 @@ def begin_planned(p: Policy, s: JobState, old: Gen, saved: dict, now: float, out
     for action, value, reason in [(e.action, e.value, e.describe().split(" at ")[0]) for e in events] + \
                                  [(a, v, r) for a, v, r, _ in requests]:
         try:
-            alloc = apply_event(alloc, s.pool, action, value, p.chooser, p.accepts)
+            alloc = p.apply(s, alloc, action, value)
             reasons.append(reason)
         except ValueError as exc:
             out.append(Say(f"{reason}: skipped: {exc}"))
@@ -239,7 +239,7 @@ def begin_recovery(p: Policy, s: JobState, old: Gen, now: float, out: list) -> N
         out.append(Fail(f"generation {old.number} failed without completing a step, twice in a row", old.number))
         return
     try:
-        alloc, s.pool = after_failure(p, old.alloc, s.pool, died, dead_hosts)
+        alloc, s.pool = after_failure(p, old.alloc, s.pool, died, dead_hosts, s.ptcs)
     except ValueError as exc:
         s.phase = "failed"
         out.append(Fail(f"after the failure of generation {old.number}: {exc}", old.number))
@@ -257,7 +257,8 @@ def begin_restart(p: Policy, s: JobState, e: Resume, out: list) -> None:
     """A coordinator started again: continue from the newest committed version whose
     hosts all came back (the schedule's events up to its step count as done)."""
     alive = set(s.pool.hosts)
-    usable = sorted((v for v in e.stored if set(v.hosts) <= alive and p.accepts(v.layout) and v.step <= p.steps),
+    usable = sorted((v for v in e.stored if set(v.hosts) <= alive and p.accepts_in(s.ptcs + tuple(x.ptc for x in e.stored if x.ptc))(v.layout)
+                     and v.step <= p.steps),
                     key=lambda v: v.sequence)
     out.append(Fence(s.next_number))
     out.append(HoldPersist(True))
@@ -279,7 +280,7 @@ def begin_restart(p: Policy, s: JobState, e: Resume, out: list) -> None:
     for ev in due(p, s, step):
         s.fired |= {ev.index}
         try:
-            alloc = apply_event(alloc, s.pool, ev.action, ev.value, p.chooser, p.accepts)
+            alloc = p.apply(s, alloc, ev.action, ev.value)
             reasons.append(ev.describe().split(" at ")[0])
         except ValueError as exc:
             out.append(Say(f"event {ev.index} ({ev.describe()}) skipped: {exc}"))

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable
 
-from .allocation import Pool, apply_event
+from .allocation import Pool
 from .changes import (advance_change, begin_planned, begin_recovery, begin_restart, drop_successor, finish_run,
                       launch, prelaunch, record_commit, retain)
 from .jobstate import Gen, JobState, Policy
@@ -77,7 +77,7 @@ def check_request(policy: Policy, state: JobState, action: str, value) -> dict:
     """
     if state.phase in ("done", "failed"):
         raise ValueError(f"the job is {state.phase}; nothing to change")
-    new = apply_event(state.alloc, state.pool, action, value, policy.chooser, policy.accepts)
+    new = policy.apply(state, state.alloc, action, value)
     if new == state.alloc:
         raise ValueError(f"the job already runs {state.alloc.describe()}; nothing to change")
     return {"action": action, "value": str(value) if action == "layout" else value, "layout": str(new.layout),
@@ -104,7 +104,7 @@ def _start(p: Policy, s: JobState, e: Start, out: list) -> None:
     for ev in p.schedule:  # step-0 events shape the start
         if ev.step == 0 and ev.action != "fail":
             s.fired |= {ev.index}
-            alloc = apply_event(alloc, s.pool, ev.action, ev.value, p.chooser, p.accepts)
+            alloc = p.apply(s, alloc, ev.action, ev.value)
     s.alloc = alloc
     g = launch(p, s, alloc, 0, resume=False, free=True, now=e.now, out=out)
     out.append(Say(f"generation {g.number}: {alloc.describe()}, steps 1-{g.until}"))
@@ -287,7 +287,7 @@ _FACTS: dict[type, Callable] = {
 def _request(p: Policy, s: JobState, action: str, value, reason: str, now: float, out: list) -> None:
     """Queue a change the run asks for itself (checked now; skipped with a note if it cannot be met)."""
     try:
-        apply_event(s.alloc, s.pool, action, value, p.chooser, p.accepts)
+        p.apply(s, s.alloc, action, value)
     except ValueError as exc:
         out.append(Say(f"{reason}: skipped: {exc}"))
         return
@@ -338,7 +338,7 @@ def _fire_timed(p: Policy, s: JobState, now: float, out: list) -> None:
                 _fail(s, s.gen, e.value, f"event {e.index}", now, out)
             continue
         try:
-            apply_event(s.alloc, s.pool, e.action, e.value, p.chooser, p.accepts)
+            p.apply(s, s.alloc, e.action, e.value)
         except ValueError as exc:
             out.append(Say(f"event {e.index} ({e.describe()}) skipped: {exc}"))
             continue

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from ..config import ParallelConfig
 from ..layout.ptc import PTC
-from .allocation import Allocation, Pool, pick_hosts
+from .allocation import Allocation, Pool, apply_event, pick_hosts
 from .messages import PersistedInfo
 from .schedule import Event as ScheduleEvent
 
@@ -46,6 +46,9 @@ class Policy:
             their save, before they are killed.
         announce_timeout_s: longest wait for new workers to describe the job in their layout.
         startup_s: start-up time (launch to workers waiting) assumed before one is measured.
+        model: for a user's script, its layouts from the PTCs it describes
+            (:class:`~.ptc_layouts.PtcLayouts`); then ``chooser`` is used only before
+            the run starts.
     """
 
     job: str
@@ -62,6 +65,23 @@ class Policy:
     grace_s: float = 60.0
     announce_timeout_s: float = 120.0
     startup_s: float = 10.0
+    model: Any = None  # a PtcLayouts: a script's model, known from the PTCs it describes
+
+    def apply(self, s: "JobState", alloc: Allocation, action: str, value) -> Allocation:
+        """The allocation after an event on ``s``'s pool, with what the run knows of the
+        model (raises ValueError when it cannot be met)."""
+        return apply_event(alloc, s.pool, action, value, self.choose_in(s.ptcs), self.accepts_in(s.ptcs))
+
+    def choose_in(self, ptcs) -> Callable[[int], ParallelConfig]:
+        """The layout chooser, given the PTCs the run has seen (a script's model)."""
+        if self.model is None:
+            return self.chooser
+        return lambda n: self.model.choose(n, ptcs)
+
+    def accepts_in(self, ptcs) -> Callable[[ParallelConfig], bool]:
+        if self.model is None:
+            return self.accepts
+        return lambda layout: self.accepts(layout) and self.model.why_not(layout, ptcs) is None
 
     def initial(self, pool: Pool) -> Allocation:
         """The starting allocation on ``pool`` (step-0 events not applied yet).

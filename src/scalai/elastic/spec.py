@@ -216,11 +216,14 @@ class RunSpec:
             work = Workload(global_batch=self.global_batch, seq_len=shape.max_seq_len,
                             micro_batch=min(self.micro_batch, self.global_batch))
             chooser = LayoutChooser(shape, hw, work, trainer.accepts)
-        else:
-            chooser = _data_parallel
+            model = None
+        else:  # a script's model: its layouts from the PTC it describes
+            from .ptc_layouts import PtcLayouts
+
+            chooser, model = _data_parallel, PtcLayouts(self.device_memory * 2**30)
         return Policy(self.job, self.steps, self.schedule, gpus_per_host, chooser, trainer.accepts,
                       layout=ParallelConfig.parse(self.layout) if self.layout else None, devices=self.devices,
-                      grow=self.grow, max_devices=self.max_devices, persist=self.persist)
+                      grow=self.grow, max_devices=self.max_devices, persist=self.persist, model=model)
 
     def machines(self):
         """The agents: started here (``hosts`` of ``gpus_per_host`` devices) or joining."""

@@ -145,6 +145,17 @@ class JsonServer:
 
             def _dispatch(self, method: str) -> None:
                 parts = urlsplit(self.path)
+                raw = b""
+                if method == "POST":  # read the whole body first: the connection is reused
+                    try:
+                        length = int(self.headers.get("Content-Length") or 0)
+                    except ValueError:
+                        length = -1
+                    if not 0 <= length <= MAX_BODY:
+                        self.close_connection = True
+                        self._send(413, {"error": f"body must be 0-{MAX_BODY} bytes"})
+                        return
+                    raw = self.rfile.read(length)
                 allowed = []
                 for m, regex, handler, needs_token in compiled:
                     match = regex.match(parts.path)
@@ -158,26 +169,18 @@ class JsonServer:
                         if not hmac.compare_digest(given, expected):
                             self._send(401, {"error": "missing or wrong token (Authorization: Bearer ...)"})
                             return
-                    self._run(method, parts, match.groupdict(), handler)
+                    self._run(method, parts, match.groupdict(), handler, raw)
                     return
                 if allowed:
                     self._send(405, {"error": f"{method} {parts.path}: use {', '.join(sorted(set(allowed)))}"})
                 else:
                     self._send(404, {"error": f"no route {parts.path} on the {owner.name}"})
 
-            def _run(self, method: str, parts, params: dict, handler: Handler) -> None:
+            def _run(self, method: str, parts, params: dict, handler: Handler, raw: bytes) -> None:
                 body = None
                 if method == "POST":
                     try:
-                        length = int(self.headers.get("Content-Length") or 0)
-                    except ValueError:
-                        length = -1
-                    if not 0 <= length <= MAX_BODY:
-                        self._send(413, {"error": f"body must be 0-{MAX_BODY} bytes"})
-                        self.close_connection = True
-                        return
-                    try:
-                        body = json.loads(self.rfile.read(length) or b"null")
+                        body = json.loads(raw or b"null")
                     except (ValueError, UnicodeDecodeError):
                         self._send(400, {"error": "the body is not valid JSON"})
                         return
@@ -188,8 +191,8 @@ class JsonServer:
                     code, obj = handler(request)
                 except HttpError as exc:
                     code, obj = exc.status, {"error": exc.message}
-                except ValueError as exc:
-                    code, obj = 400, {"error": str(exc)}
+                except (ValueError, TypeError, KeyError) as exc:
+                    code, obj = 400, {"error": f"bad request: {exc}"}
                 try:
                     self._send(code, obj)
                 except (BrokenPipeError, ConnectionResetError):
