@@ -71,12 +71,12 @@ class Runner:
     """Runs ``spec`` (a :class:`~.spec.RunSpec`) on its machines (see the module docstring).
 
     Args:
-        machines: the agents (default: ``spec.machines()``: started here, or joining).
-        stdout: where progress goes (default: standard output).
+        out: where progress goes (default: standard output).
         report: print the timeline table at the end.
+        machines: the agents (default: ``spec.machines()``: started here, or joining).
     """
 
-    def __init__(self, spec, machines: Machines | None = None, stdout: TextIO | None = None, report: bool = True):
+    def __init__(self, spec, out: TextIO | None = None, report: bool = True, machines: Machines | None = None):
         from .wire import split_address
 
         self.spec = spec
@@ -86,7 +86,7 @@ class Runner:
         self.control_token = spec.token or spec.control_token
         self.dead_after, self.heartbeat = spec.dead_after, min(1.0, spec.dead_after / 4)
         self.persist_enabled, self.report = spec.persist, report
-        self.progress = Progress(self.steps, stdout)
+        self.progress = Progress(self.steps, out)
         self.queue: queue.Queue = queue.Queue()
         self.state = None
         self.policy: Policy | None = None
@@ -325,7 +325,7 @@ class Runner:
         if back or host in self.state.pool.dead:
             # It was declared dead (or crashed) and came back: its store holds nothing the
             # job may use (fenced out); empty it before the job counts on it again.
-            self._store_ops.put(("wipe", host, AgentJoined(time.time(), info)))
+            self._store_ops.put(("wipe", host, AgentJoined(time.time(), info), record.store))
         else:
             self._feed(AgentJoined(time.time(), info))
 
@@ -353,9 +353,10 @@ class Runner:
             self.say(f"agent {a.host} released: the job holds nothing on it")
             self.queue.put(("event", AgentGone(time.time(), a.host)))
         elif isinstance(a, (Transform, RecoverDump, Restore)):
-            threading.Thread(target=self._transform, args=(a,), name="scalai-transform", daemon=True).start()
+            urls = self._store_urls(list(a.alloc.hosts) if isinstance(a, Restore) else None)
+            threading.Thread(target=self._transform, args=(a, urls), name="scalai-transform", daemon=True).start()
         elif isinstance(a, Drop):
-            self._store_ops.put(("drop", a.version))
+            self._store_ops.put(("drop", a.version, self._store_urls()))
         elif isinstance(a, Fence):
             self._store_ops.put(("fence", a.generation, a.hosts))
         elif isinstance(a, Persist):
@@ -403,23 +404,27 @@ class Runner:
         dead = self.state.pool.dead if self.state is not None else frozenset()
         return [r.store for h, r in list(self._agents.items()) if h not in dead]
 
-    def _cluster(self, hosts=None):
-        from ..store import StoreCluster
-
+    def _store_urls(self, hosts=None) -> list[str]:
+        """The stores of ``hosts`` (in that order), or of every live machine (main thread)."""
         dead = self.state.pool.dead
         names = hosts if hosts is not None else [h for h in self._agents if h not in dead]
-        return StoreCluster([self._agents[h].store for h in names], self.machines.token)
+        return [self._agents[h].store for h in names if h in self._agents]
 
-    def _transform(self, a) -> None:
+    def _cluster(self, urls: list[str]):
+        from ..store import StoreCluster
+
+        return StoreCluster(urls, self.machines.token)
+
+    def _transform(self, a, urls: list[str]) -> None:
         from . import stores_io
 
         try:
             if isinstance(a, Restore):
                 t0 = time.time()
-                version, moved = stores_io.restore(self._cluster(list(a.alloc.hosts)), a.path, a.alloc, self.job)
+                version, moved = stores_io.restore(self._cluster(urls), a.path, a.alloc, self.job)
                 event = stores_io.done(a.token, version, moved, moved, (t0, t0), (t0, time.time()))
             else:
-                cluster = self._cluster()
+                cluster = self._cluster(urls)
                 if isinstance(a, RecoverDump):
                     stores_io.commit_dump(cluster, self.job, a)
                 event = stores_io.transform(cluster, self.job, a.source if isinstance(a, Transform) else a.dump_version,
@@ -435,12 +440,12 @@ class Runner:
                 return
             try:
                 if op[0] == "drop":
-                    self._cluster().drop(self.job, op[1])
+                    self._cluster(op[2]).drop(self.job, op[1])
                 elif op[0] == "wipe":
                     from ..store import StoreClient
 
                     try:
-                        StoreClient(self._agents[op[1]].store, self.machines.token, retries=2).delete(self.job)
+                        StoreClient(op[3], self.machines.token, retries=2).delete(self.job)
                     except ScalaiError:
                         pass  # nothing of the job there
                     self.queue.put(("event", op[2]))

@@ -206,7 +206,7 @@ class JsonServer:
 
         self.name = name
         try:
-            self._server = ThreadingHTTPServer((host, port), _Handler)
+            self._server = _Server((host, port), _Handler)
         except OSError as exc:
             raise ValueError(f"the {name} cannot listen on {host}:{port} ({exc.strerror or exc}); choose another "
                              f"address or port (0: any free one)") from None
@@ -222,6 +222,17 @@ class JsonServer:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A caller that went away (a poll cut short, a machine that froze) is not news."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError, OSError)):
+            super().handle_error(request, client_address)
 
 
 class WireError(Exception):
