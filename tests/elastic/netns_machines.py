@@ -103,8 +103,9 @@ class Machines:
         self.made.append(i)
 
     def start(self, i: int, join: str, token: str, devices: int = 1, log: Path | None = None,
-              extra: tuple[str, ...] = ()) -> subprocess.Popen:
-        """Machine ``i``'s agent, named ``m{i}``, joining ``join`` (``HOST:PORT``)."""
+              extra: tuple[str, ...] = (), env: dict | None = None) -> subprocess.Popen:
+        """Machine ``i``'s agent, named ``m{i}``, joining ``join`` (``HOST:PORT``); ``env``:
+        its environment (the token is added)."""
         if i not in self.made:
             self._make(i)
         root = self.private / f"machine-{i}"
@@ -115,7 +116,7 @@ class Machines:
         cmd = ["ip", "netns", "exec", self.netns(i), "unshare", "--mount", "--propagation", "private",
                "sh", "-c", script]
         out = open(log, "ab") if log else subprocess.DEVNULL
-        env = {**os.environ, "SCALAI_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+        env = {**(env or os.environ), "SCALAI_TOKEN": token, "PYTHONUNBUFFERED": "1"}
         self.procs[i] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env, start_new_session=True)
         if log:

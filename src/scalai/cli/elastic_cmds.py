@@ -6,7 +6,7 @@ import click
 
 from .group import cli
 from .output import console, emit_json
-from .params import COUNT, NON_NEGATIVE, PORT, POSITIVE_NUMBER, SEED
+from .params import COUNT, NON_NEGATIVE, POSITIVE_NUMBER, SEED
 
 
 @cli.command()
@@ -57,65 +57,81 @@ def layouts(model, devices, device_memory, gpus_per_host, global_batch, seq_len,
                     f"use more devices, more memory or --recompute")
 
 
-@cli.command("run")
+@cli.command("run", context_settings={"allow_interspersed_args": False})
 @click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False), default=None,
               help="JSON list of events: {\"step\": S, \"devices\": N}, {\"step\": S, \"layout\": L}, "
                    "{\"step\": S, \"fail\": RANK|HOST}, {\"step\": S, \"redeploy\": true}; \"time\": SECONDS "
                    "instead of \"step\" [default: none]")
-@click.option("--steps", type=COUNT, required=True, help="total optimizer steps of the job")
+@click.option("--steps", type=COUNT, required=True, help="the job's total optimizer steps (a resumed job stops there too)")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="new run directory")
-@click.option("--model", "-m", default="gpt-tiny", show_default=True, help="gpt-tiny, gpt-small or gpt-bench")
-@click.option("--hosts", "-H", default=2, show_default=True, type=COUNT, help="simulated hosts (one store each)")
-@click.option("--gpus-per-host", "-g", default=2, show_default=True, type=COUNT, help="devices per host")
+@click.option("--listen", default=None, help="HOST:PORT where agents started elsewhere join (with --agents) "
+                                             "[default: 127.0.0.1, any port, agents started here]")
+@click.option("--agents", type=COUNT, default=None, help="agents to wait for at --listen before the job starts")
+@click.option("--hosts", "-H", default=2, show_default=True, type=COUNT,
+              help="without --agents: agents to start on this machine (one store each)")
+@click.option("--gpus-per-host", "-g", default=2, show_default=True, type=COUNT,
+              help="without --agents: devices per local agent")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="the run's token: agents, stores, scalai scale (required off loopback; or SCALAI_TOKEN)")
+@click.option("--resume", is_flag=True, help="a coordinator started again: continue the job (--job) from the "
+                                             "newest version in its agents' stores")
+@click.option("--module", default="scalai.examples.gpt", show_default=True,
+              help="the workers' module (python -m MODULE): the reference trainer, or your script, which gets "
+                   "the arguments after -- and follows scalai.elastic.worker's protocol")
+@click.option("--model", "-m", default="gpt-tiny", show_default=True, help="reference trainer: gpt-tiny, gpt-small "
+                                                                        "or gpt-bench")
 @click.option("--layout", "-l", default=None, help="starting layout [default: the best for --devices]")
 @click.option("--devices", "-n", default=None, type=COUNT, help="starting devices [default: one host's]")
 @click.option("--job", default="job", show_default=True, help="the job's name (stores, scalai scale)")
 @click.option("--commit-every", default=10, show_default=True, type=NON_NEGATIVE,
               help="commit the state to the stores every N steps, copied to disk in the background (0: only at changes)")
-@click.option("--start-ahead/--no-start-ahead", default=True, show_default=True,
-              help="start the next generation's workers before a change (scheduled: a few steps ahead; a "
-                   "request: at once); off: once the old workers have saved")
-@click.option("--link", default=None, help="simulated link between hosts' stores, e.g. 1gbit [default: unlimited]")
-@click.option("--global-batch", default=8, show_default=True, type=COUNT)
-@click.option("--micro-batch", default=4, show_default=True, type=COUNT)
-@click.option("--lr", default=1e-3, show_default=True, type=POSITIVE_NUMBER)
-@click.option("--seed", default=0, show_default=True, type=SEED)
-@click.option("--data", type=click.Path(), default=None, help="sample index [default: the stdlib corpus]")
+@click.option("--grow/--no-grow", default=True, show_default=True,
+              help="grow into the devices of agents that join during the run")
+@click.option("--max-devices", type=COUNT, default=None, help="grow to at most this many devices")
+@click.option("--dead-after", default=5.0, show_default=True, type=POSITIVE_NUMBER,
+              help="seconds without a heartbeat after which a machine counts as dead")
+@click.option("--standby", type=NON_NEGATIVE, default=None, help="local agents: started workers each keeps [default: one "
+                                                        "per device]")
+@click.option("--link", default=None, help="local agents: simulated link between their stores, e.g. 1gbit")
+@click.option("--global-batch", default=8, show_default=True, type=COUNT, help="reference trainer")
+@click.option("--micro-batch", default=4, show_default=True, type=COUNT, help="reference trainer")
+@click.option("--lr", default=1e-3, show_default=True, type=POSITIVE_NUMBER, help="reference trainer")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="reference trainer")
+@click.option("--data", type=click.Path(), default=None, help="reference trainer: a sample index present on every "
+                                                            "machine [default: each builds the stdlib corpus]")
 @click.option("--device-memory", default=80.0, show_default=True, type=POSITIVE_NUMBER, help="GiB per device (cost model)")
-@click.option("--module", default="scalai.examples.gpt", show_default=True,
-              help="the workers' module (python -m MODULE): the reference trainer, or your script taking its "
-                   "arguments and following scalai.elastic.worker's protocol")
 @click.option("--compare", is_flag=True, help="also run the job unchanged (no events) and plot against it")
-@click.option("--control-host", default="127.0.0.1", show_default=True, help="address of the control endpoint")
-@click.option("--control-port", default=0, show_default=True, type=PORT, help="port of the control endpoint (0: any)")
-@click.option("--control-token-file", type=click.Path(dir_okay=False), default=None,
-              help="token required by the control endpoint (needed off loopback)")
-def run_cmd(schedule_file, steps, out, model, hosts, gpus_per_host, layout, devices, job, commit_every, start_ahead,
-            link, global_batch, micro_batch, lr, seed, data, device_memory, module, compare, control_host, control_port,
-            control_token_file) -> None:
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def run_cmd(schedule_file, steps, out, listen, agents, hosts, gpus_per_host, token_file, resume, module, model, layout,
+            devices, job, commit_every, grow, max_devices, dead_after, standby, link, global_batch, micro_batch, lr,
+            seed, data, device_memory, compare, args) -> None:
     """Train under a changing device allocation: grow, shrink, move, survive failures.
 
-    One torchrun agent per (simulated) host and a store per host; on every change all
-    workers stop after the same step and save to their hosts' stores, the state is
-    transformed in the stores into the new layout, and the workers relaunch and load it.
-    Writes OUT/metrics.jsonl, OUT/timeline.json, OUT/timeline.png and OUT/loss.png.
+    One agent per machine (scalai agent) and a store on each; on every change all workers
+    stop after the same step and save to their machines' stores, the state is transformed
+    in the stores into the new layout, and workers (started ahead) load it. Without
+    --agents the run starts --hosts agents on this machine. Writes OUT/metrics.jsonl,
+    OUT/timeline.json, OUT/timeline.png and OUT/loss.png.
 
     \b
     scalai run --schedule sched.json --steps 40 --hosts 4 --gpus-per-host 2 --out run1
+    scalai run --listen 10.0.0.1:29400 --agents 4 --token-file token --steps 1000 --out run1 \\
+               --module my_trainer -- --my-option 3
     scalai scale job 4          # from another shell: move the running job to 4 devices
     """
     from ..elastic.run_cli import run_from_cli
 
-    run_from_cli(schedule_file=schedule_file, steps=steps, out=out, model=model, hosts=hosts,
-                 gpus_per_host=gpus_per_host, layout=layout, devices=devices, job=job, commit_every=commit_every,
-                 start_ahead=start_ahead, link=link, global_batch=global_batch, micro_batch=micro_batch, lr=lr,
-                 seed=seed, data=data, device_memory=device_memory, module=module, compare=compare,
-                 control_host=control_host, control_port=control_port, control_token_file=control_token_file)
+    run_from_cli(schedule_file=schedule_file, steps=steps, out=out, listen=listen, agents=agents, hosts=hosts,
+                 gpus_per_host=gpus_per_host, token_file=token_file, resume=resume, module=module, model=model,
+                 layout=layout, devices=devices, job=job, commit_every=commit_every, grow=grow,
+                 max_devices=max_devices, dead_after=dead_after, standby=standby, link=link,
+                 global_batch=global_batch, micro_batch=micro_batch, lr=lr, seed=seed, data=data,
+                 device_memory=device_memory, compare=compare, args=tuple(args))
 
 
 @cli.command("scale")
 @click.argument("job")
-@click.argument("devices", required=False, type=COUNT)
+@click.argument("devices", required=False, type=int)
 @click.option("--layout", "-l", default=None, help="move to this layout instead of a device count")
 @click.option("--redeploy", is_flag=True, help="move the job to hosts it does not use")
 @click.option("--url", default=None, help="the runner's control endpoint [default: found by the job's name]")

@@ -181,6 +181,10 @@ class Runner:
         """Wait until the expected agents have joined with their data ready."""
         deadline = time.time() + self.spec.quorum_timeout
         while len(self._agents) < self.machines.expected:
+            if time.time() > deadline and self.spec.resume and self._agents:
+                self.say(f"only {len(self._agents)} of {self.machines.expected} agents came back within "
+                         f"{self.spec.quorum_timeout:.0f} s; continuing with them")
+                break
             if time.time() > deadline:
                 have = ", ".join(sorted(self._agents)) or "none"
                 raise RunFailed(f"only {len(self._agents)} of {self.machines.expected} agents joined within "

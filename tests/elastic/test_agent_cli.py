@@ -1,0 +1,41 @@
+"""``scalai agent`` as a user starts it: bad input in one line, a wrong token refused."""
+
+from __future__ import annotations
+
+import queue
+
+from elastic_helpers import run_cli
+from scalai.elastic.coordinator import AgentService
+
+
+def _one_line(result, code: int, fragment: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code and fragment in lines[-1] and "Traceback" not in result.stderr, result.stderr
+    assert len([line for line in lines if "error" in line]) == 1
+
+
+def test_bad_agent_input_is_one_line_and_creates_nothing(tmp_path):
+    root = tmp_path / "agent"
+    for args, fragment in [
+        (["--join", "nowhere", "--name", "a"], "must look like HOST:PORT"),
+        (["--join", "127.0.0.1:9", "--name", "../a"], "--name"),
+        (["--join", "127.0.0.1:9", "--name", "a", "--devices", "0"], "--devices 0 must be at least 1"),
+        (["--join", "127.0.0.1:9", "--name", "a", "--address", "10.254.254.1"],
+         "refusing to serve a store on 10.254.254.1 without a token"),
+    ]:
+        _one_line(run_cli("agent", *args, "--root", root, timeout=120), 2, fragment)
+    assert not root.exists()
+
+
+def test_an_agent_with_a_wrong_token_is_refused_in_one_line(tmp_path):
+    service = AgentService(queue.Queue().put, {"job": "j", "trainer": {"module": "m"}}, dict, dict,
+                           token="right-" + "x" * 20)
+    try:
+        (tmp_path / "token").write_text("wrong-" + "y" * 20)
+        address = service.url.split("://")[1]
+        result = run_cli("agent", "--join", address, "--name", "a", "--root", tmp_path / "agent", "--token-file",
+                         tmp_path / "token", timeout=120)
+        _one_line(result, 1, f"the coordinator at http://{address} refused a: missing or wrong token")
+        assert "y" * 20 not in result.stderr and "x" * 20 not in result.stderr
+    finally:
+        service.close()
