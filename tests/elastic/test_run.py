@@ -168,7 +168,10 @@ def test_bad_runs_fail_in_one_line_before_anything_starts(tmp_path):
         (["--schedule", tmp_path / "none.json", "--steps", 10], "does not exist"),
         (["--steps", 10, "--layout", "tp=3"], "tp=3 does not divide"),
         (["--steps", 10, "--out", tmp_path / "used"], "is not empty"),
-        (["--steps", 10, "--control-host", "0.0.0.0"], "without a token"),
+        (["--steps", 10, "--listen", "0.0.0.0:0", "--agents", 2], "refusing to listen on 0.0.0.0 without a token"),
+        (["--steps", 10, "--listen", "127.0.0.1:0"], "--listen ADDR:PORT and --agents N go together"),
+        (["--steps", 10, "--listen", "127.0.0.1:0", "--agents", 2, "--compare"], "use it without --agents"),
+        (["--steps", 10, "--module", "no_such_trainer"], "--module no_such_trainer: no such module"),
     ]:
         if "--out" not in args:
             args = args + ["--out", tmp_path / "new"]
@@ -193,12 +196,17 @@ def test_sigterm_stops_the_run_and_everything_it_started(tmp_path, corpus_index)
     while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
         time.sleep(0.2)
-    stores = json.loads((out / "control.json").read_text())["stores"]
+    stores = json.loads((out / "control.json").read_text())["agents_root"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 128 + signal.SIGTERM
     time.sleep(1)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert str(out) not in ps and stores not in ps  # no worker, agent or store left behind
+    assert str(out) not in ps and stores not in ps  # no agent or store left behind
+    for proc_dir in Path("/proc").glob("[0-9]*"):  # no worker or standby either (they run in the agents' dirs)
+        try:
+            assert not os.readlink(proc_dir / "cwd").startswith(stores), proc_dir
+        except OSError:
+            pass
     assert not Path(stores).exists()
 
 

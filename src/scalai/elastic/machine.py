@@ -101,13 +101,14 @@ class StandbyPool:
         env: their environment (an assignment adds to it).
         log_dir: where a standby's output goes until it is assigned.
         size: how many to keep (0: none; workers then start cold, as with torchrun).
+        cwd: their working directory (the agent's run directory).
     """
 
-    def __init__(self, trainer: dict, env: dict[str, str], log_dir: Path, size: int):
+    def __init__(self, trainer: dict, env: dict[str, str], log_dir: Path, size: int, cwd: Path | None = None):
         import json
 
         self.cmd = [sys.executable, "-m", "scalai.elastic.standby", json.dumps(trainer)]
-        self.env, self.log_dir, self.size = env, Path(log_dir), size
+        self.env, self.log_dir, self.size, self.cwd = env, Path(log_dir), size, cwd
         self._ready: list[subprocess.Popen] = []
         self._cv = threading.Condition()
         self._wanted: list[list] = []  # [slot for the process, done event] asked for by take()
@@ -122,7 +123,8 @@ class StandbyPool:
         log = open(self.log_dir / f"standby-{self._count}.log", "ab")
         try:
             proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                    env=self.env, start_new_session=True, preexec_fn=die_with_parent_preexec)
+                                    env=self.env, cwd=self.cwd, start_new_session=True,
+                                    preexec_fn=die_with_parent_preexec)
         finally:
             log.close()
         os.set_blocking(proc.stdout.fileno(), False)

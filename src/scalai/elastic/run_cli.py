@@ -30,15 +30,17 @@ class RunCheckFailed(ScalaiError):
     """``scalai run --compare``: the elastic run did not follow the unchanged run."""
 
 
-def run_from_cli(*, schedule_file, steps, out, compare=False, control_token_file=None, **kw):
+def run_from_cli(*, schedule_file, steps, out, compare=False, token_file=None, **kw):
     """Validate everything, run, and (``compare``) run the unchanged job beside it and check
     the elastic run against it (:func:`~.check.check_run`; raises :class:`RunCheckFailed`)."""
     from ..store.client import load_token
-    from .runner import Runner
+    from .runner_agents import Runner
     from .spec import RunSpec
 
-    token = load_token(control_token_file, env=False) if control_token_file else None
-    spec = RunSpec(load_events(schedule_file), steps, str(out), control_token=token, **kw)
+    token = load_token(token_file)
+    spec = RunSpec(load_events(schedule_file), steps, str(out), token=token, **kw)
+    if compare and spec.agents is not None:
+        raise ValueError("--compare runs the job unchanged on this machine: use it without --agents")
     if Path(out).exists() and any(Path(out).iterdir()):
         raise FileExistsError(f"run directory {out} is not empty; choose a new --out")
     stop_on_sigterm()
@@ -63,13 +65,13 @@ def compare_runs(spec, result, say=print):
     from dataclasses import replace
 
     from .check import check_run
-    from .runner import Runner
+    from .runner_agents import Runner
     from .timeline import plot_loss
 
     out = Path(result.out)
     start = spec.initial()
     base = replace(spec, schedule=(), out=str(out / "unchanged"), layout=str(start.layout), devices=None,
-                   job=f"{spec.job}-unchanged", persist=False, commit_every=0)
+                   job=f"{spec.job}-unchanged", persist=False, commit_every=0, hosts=len(start.hosts))
     say(f"\nthe same job unchanged ({start.layout}, no events), for comparison ...")
     reference = Runner(base, out=io.StringIO(), report=False).run()
     name = f"unchanged run ({start.layout})"

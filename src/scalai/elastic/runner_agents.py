@@ -174,6 +174,8 @@ class Runner:
         from .events import write_json_atomic
 
         entry = {"job": self.job, "url": self.service.url, "pid": os.getpid(), "run_dir": str(self.dir)}
+        if isinstance(self.machines, LocalMachines):
+            entry["agents_root"] = str(self.machines.root)  # the local agents' directories and stores
         write_json_atomic(self.dir / "control.json", entry)
         write_json_atomic(registry_path(self.job), entry)
 
