@@ -129,11 +129,13 @@ def test_run_scales_on_request_and_recovers_from_failures_without_replicas(tmp_p
     proc = subprocess.Popen(scalai_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **env})
     try:
-        deadline = time.time() + 120
-        while not (out / "control.json").exists():
+        deadline = time.time() + 180
+        while True:  # until the job has started (its agents joined): asked earlier, the runner says so
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
-            time.sleep(0.1)
-        refused = run_cli("scale", "elastic-test", 7, env=env, timeout=60)
+            refused = run_cli("scale", "elastic-test", 7, env=env, timeout=60)
+            if "has not started yet" not in refused.stderr and "no running job" not in refused.stderr:
+                break
+            time.sleep(0.2)
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
         assert "the runner refused: 7 devices need" in refused.stderr and "only 6 healthy" in refused.stderr
         asked = run_cli("scale", "elastic-test", 4, env=env, timeout=60)
@@ -147,7 +149,7 @@ def test_run_scales_on_request_and_recovers_from_failures_without_replicas(tmp_p
     assert proc.returncode == 0, text[-4000:]
     rows, changes = _check_outputs(out, read_rows(out / "unchanged" / "metrics.jsonl"), 18)
     scale, rank, host1, host0 = changes
-    assert scale.reason == "scale to 4 devices (request)" and scale.at_step == 1
+    assert scale.reason == "scale to 4 devices (request)" and scale.at_step < 8
     assert rank.recovered_from == "checkpoint" and rank.source.startswith("store version")
     assert rank.steps_lost >= 1 and rank.to_layout == "tp=1,pp=1,dp=3"
     assert host1.recovered_from == "replicas" and host1.steps_lost == 0 and host1.to_hosts == ["host0"]

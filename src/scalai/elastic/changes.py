@@ -92,6 +92,7 @@ def drop_successor(s: JobState, out: list) -> None:
         g = s.gens[s.successor]
         g.dropped = True
         out.append(Kill(g.number, reason="not needed"))
+        g.kill_sent = True
         for r in range(g.world):
             g.exits.setdefault(r, -9)
         s.successor = None
@@ -150,11 +151,11 @@ def retain(s: JobState, out: list) -> None:
 
 
 def after_failure(p: Policy, alloc: Allocation, pool: Pool, dead_ranks, dead_hosts, ptcs=()) -> tuple[Allocation, Pool]:
-    """The allocation after ranks (and hosts) died, and the pool without their devices.
+    """The allocation after devices (``dead_ranks``: their workers failed) and hosts died,
+    and the pool without their devices.
 
     The job goes on with its surviving devices; if none survive, with as many devices as
-    it had, from healthy hosts (a restart elsewhere). A device whose worker died is not
-    used again.
+    it had, from healthy hosts (a restart elsewhere). A failed device is not used again.
 
     Raises:
         ValueError: no healthy device is left.
@@ -164,7 +165,8 @@ def after_failure(p: Policy, alloc: Allocation, pool: Pool, dead_ranks, dead_hos
     for rank in dead_ranks:
         if alloc.host(rank) not in dead_hosts:
             pool = pool.fail_devices(alloc.host(rank))
-    survivors = alloc.devices - len(set(dead_ranks))
+    lost = set(dead_ranks) | {r for r in range(alloc.devices) if alloc.host(r) in dead_hosts}
+    survivors = alloc.devices - len(lost)
     n = min(survivors or alloc.devices, pool.total)
     if n < 1:
         raise ValueError("no healthy device is left to continue on")
@@ -231,7 +233,8 @@ def begin_recovery(p: Policy, s: JobState, old: Gen, now: float, out: list) -> N
     s.phase = "recovering"
     out.append(HoldPersist(True))
     dead_hosts = sorted({t for kind, t, _ in old.killed if kind == "host"})
-    died = sorted(r for r in range(old.world) if "dump_start" not in old.times(r)
+    failed = old.failed_ranks(dead_hosts)  # their devices are not used again
+    died = sorted(r for r in range(old.world) if "dump_start" not in old.times(r)  # no state to recover from
                   or old.alloc.host(r) in dead_hosts)
     s.stuck = s.stuck + 1 if old.first_step is None else 0
     if s.stuck >= 2:
@@ -239,16 +242,18 @@ def begin_recovery(p: Policy, s: JobState, old: Gen, now: float, out: list) -> N
         out.append(Fail(f"generation {old.number} failed without completing a step, twice in a row", old.number))
         return
     try:
-        alloc, s.pool = after_failure(p, old.alloc, s.pool, died, dead_hosts, s.ptcs)
+        alloc, s.pool = after_failure(p, old.alloc, s.pool, failed, dead_hosts, s.ptcs)
     except ValueError as exc:
         s.phase = "failed"
         out.append(Fail(f"after the failure of generation {old.number}: {exc}", old.number))
         return
-    what = ", ".join([f"host {h}" for h in dead_hosts] + [f"rank {r}" for r in died if old.alloc.host(r)
-                                                         not in dead_hosts])
-    out.append(Say(f"failure after step {s.last_logged}: lost {what or 'workers'}; continuing on {alloc.describe()}"))
+    lost = ", ".join([f"host {h}" for h in dead_hosts] + [f"rank {r}" for r in failed])
+    causes = [f"the transformation failed ({t})" for kind, t, _ in old.killed if kind == "transform"]
+    what = "; ".join(([f"lost {lost}"] if lost else []) + causes) or "lost workers"
+    out.append(Say(f"failure after step {s.last_logged}: {what}; continuing on {alloc.describe()}"))
     new = launch(p, s, alloc, s.last_logged, resume=True, free=True, now=now, out=out)
-    _new_change(p, s, "recovery", old.number, new, alloc, old.failed_at or now, f"failure of {what or 'workers'}",
+    reason = f"failure of {lost}" if lost else (causes[0] if causes else "failure of workers")
+    _new_change(p, s, "recovery", old.number, new, alloc, old.failed_at or now, reason,
                 0, now, died=tuple(died), dead_hosts=tuple(dead_hosts), last_logged=s.last_logged)
     out.append(Fence(new.number))
 

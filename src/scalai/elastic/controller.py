@@ -308,7 +308,7 @@ def _reconcile(p: Policy, s: JobState, now: float, out: list) -> None:
         if g.failed:
             if g.exit_deadline is not None and now > g.exit_deadline and not g.all_exited:
                 out.append(Kill(g.number, reason=f"no exit within {p.grace_s:.0f} s of the failure"))
-                g.exit_deadline = None
+                g.exit_deadline, g.kill_sent = None, True
             if g.all_exited:
                 begin_recovery(p, s, g, now, out)
         elif s.change is None and g.saved and g.saved["step"] < p.steps:
@@ -371,7 +371,7 @@ def _fail(s: JobState, g: Gen, target, why: str, now: float, out: list) -> None:
         out.append(Say(f"{why}: rank {target} is not running in {g.alloc.layout}; nothing killed"))
         return
     out.append(Kill(g.number, (target,), why))
-    g.killed += (("rank", target, now),)
+    g.killed += (("rank", target, now),)  # (its SIGKILL is the failure: kill_sent stays as it is)
     out.append(Say(f"{why}: killed the worker of rank {target} ({g.alloc.host(target)}) at step {step}"))
 
 
@@ -386,7 +386,11 @@ def _detect_failure(p: Policy, s: JobState, g: Gen, now: float, out: list) -> No
     g.exit_deadline = now + p.grace_s
     alive = tuple(h for h in g.alloc.hosts if h not in s.pool.dead)
     if alive and not g.all_exited:
-        out.append(Signal(g.number, "abort", hosts=alive))
+        if g.first_step is None and not g.marked("load_end"):  # nothing of its own to save: stop it now
+            g.kill_sent = True
+            out.append(Kill(g.number, reason="its generation failed before it held any state"))
+        else:  # survivors dump their shards, even from inside a blocked collective, and exit
+            out.append(Signal(g.number, "abort", hosts=alive))
     drop_successor(s, out)
 
 
@@ -405,7 +409,7 @@ def _old_generations(p: Policy, s: JobState, now: float, out: list) -> None:
                                f"error after saving"))
         if not g.all_exited and g.exit_deadline is not None and now > g.exit_deadline:
             out.append(Kill(g.number, reason=f"no exit within {p.grace_s:.0f} s of its save"))
-            g.exit_deadline = None
+            g.exit_deadline, g.kill_sent = None, True
         if c is not None and c.old == g.number and g.all_exited:
             new = s.gens.get(c.new)
             if new is not None and not new.freed:

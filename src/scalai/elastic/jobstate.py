@@ -135,6 +135,18 @@ class Gen:
     exited_at: float | None = None
     exit_deadline: float | None = None
     dropped: bool = False  # killed before it ran (a successor not needed after all)
+    kill_sent: bool = False  # the run killed (some of) its workers: their SIGKILL is not a fault
+
+    def failed_ranks(self, dead_hosts) -> list[int]:
+        """Ranks whose device failed (not on a dead host): killed by the schedule, or exited
+        with an error of their own (not 0, not dumped or aborted, not killed by the run)."""
+        from .abort import EXIT_ABORTED
+        from .events import EXIT_DUMPED
+
+        killed = {t for kind, t, _ in self.killed if kind == "rank"}
+        ours = (-9, -15) if self.kill_sent else ()
+        crashed = {r for r, code in self.exits.items() if code not in (0, EXIT_DUMPED, EXIT_ABORTED, *ours)}
+        return sorted(r for r in killed | crashed if self.alloc.host(r) not in dead_hosts)
 
     @property
     def world(self) -> int:

@@ -59,9 +59,12 @@ class Persister:
         self._thread.start()
 
     def submit(self, version: str, step: int) -> None:
-        """Persist ``version`` (of ``step``) when the thread is free; replaces a waiting one."""
+        """Persist ``version`` (of ``step``) when the thread is free; replaces a waiting one.
+        A step already copied is not copied again (a version made from it, e.g. the same
+        state transformed into another layout, holds the same state; pulling it again would
+        first delete the copy that exists)."""
         with self._cv:
-            if self.done and self.done[-1].step >= step and self.done[-1].version == version:
+            if any(d.step == step for d in self.done):
                 return
             self._pending = (version, step)
             self._cv.notify()

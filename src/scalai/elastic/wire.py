@@ -191,8 +191,10 @@ class JsonServer:
                     code, obj = handler(request)
                 except HttpError as exc:
                     code, obj = exc.status, {"error": exc.message}
-                except (ValueError, TypeError, KeyError) as exc:
-                    code, obj = 400, {"error": f"bad request: {exc}"}
+                except ValueError as exc:  # bad input: the message says what and how to fix it
+                    code, obj = 400, {"error": str(exc)}
+                except (TypeError, KeyError) as exc:  # a body of the wrong shape
+                    code, obj = 400, {"error": f"malformed request ({type(exc).__name__}: {exc})"}
                 try:
                     self._send(code, obj)
                 except (BrokenPipeError, ConnectionResetError):
