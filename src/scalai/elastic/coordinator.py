@@ -198,10 +198,10 @@ class AgentService:
             items.append(("ptc", int(gen), bool(ready), ptc))
         for gen, rank, report in body.get("reports", []):
             items.append(("report", int(gen), int(rank), dict(report)))
+        if body.get("logs"):  # before the exits they explain (the last exit may end the run)
+            items.append(("logs", host, body["logs"]))
         for gen, rank, code in body.get("exits", []):
             items.append(("exit", int(gen), int(rank), int(code)))
-        if body.get("logs"):
-            items.append(("logs", host, body["logs"]))
         if body.get("data") is not None:
             record.data = body["data"]
             items.append(("data", host, body["data"]))

@@ -261,9 +261,21 @@ class Runner:
             if now - last_tick >= TICK_S:
                 last_tick = now
                 self._feed(Tick(now))
+        self._drain()
         if self._failed is not None:
             raise RunFailed(self._failed.message + self._log_tails(self._failed.generation))
         return self._finish(self._finished)
+
+    def _drain(self, wait: float = 0.5) -> None:
+        """The run is over: keep what is still on its way (rows, log tails) for the outputs."""
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                item = self.queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if item[0] in ("row", "logs"):
+                self._item(item)
 
     def _feed(self, event) -> None:
         self.state, actions = controller.step(self.policy, self.state, event)
