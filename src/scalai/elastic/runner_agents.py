@@ -18,7 +18,8 @@ hands back is carried out here, in order:
 Time passes as ``Tick`` events (10 per second); agents unheard of for the detection time
 become ``AgentDead`` events. The run directory holds only what the coordinator received:
 ``metrics.jsonl``, ``timeline.json`` and the plots, ``summary.json``, ``logs/`` (log tails
-the agents sent), ``checkpoints/`` (persistent copies pulled from the stores).
+the agents sent), ``events/gNNN/ptc.json`` (the job's description under each generation's
+layout), ``checkpoints/`` (persistent copies pulled from the stores).
 """
 
 from __future__ import annotations
@@ -317,6 +318,10 @@ class Runner:
             except (ValueError, KeyError, TypeError) as exc:
                 self.say(f"warning: generation {item[1]} described an unreadable PTC ({exc}); ignored")
                 return
+            from .events import events_dir, write_json_atomic
+
+            # kept as received: the job's description under each layout (ready: the live job's)
+            write_json_atomic(events_dir(self.dir, item[1]) / ("ptc.json" if item[2] else "layout.json"), item[3])
             self._feed(Announced(now, item[1], ptc, ready=item[2]))
         elif kind == "exit":
             self._feed(WorkerExited(now, item[1], item[2], item[3]))
