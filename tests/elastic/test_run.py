@@ -214,20 +214,21 @@ def test_sigterm_stops_the_run_and_everything_it_started(tmp_path, corpus_index)
 
 def _survivors_dumped_and_exited(out: Path, generation: int, died: set[int]) -> None:
     """Every survivor of ``generation`` dumped its shards without an error and left with
-    EXIT_DUMPED (75), as its report says and as its torchrun agent saw it."""
-    from scalai.elastic.events import EXIT_DUMPED, read_generation
+    EXIT_DUMPED (75), as its report says and as its agent saw it (the reports and exit
+    statuses the coordinator received, in OUT/events)."""
+    from scalai.elastic.events import EXIT_DUMPED, events_dir, read_generation
 
     reports = read_generation(out, generation)
-    logs = "".join(p.read_text() for p in (out / "logs").glob(f"*-g{generation:03d}-*.log"))
+    exits = json.loads((events_dir(out, generation) / "exits.json").read_text())
     survivors = sorted(set(reports) - died)
     assert survivors
     for rank in survivors:
         r = reports[rank]
         assert r.get("dump") and not r.get("dump_error"), (rank, r.get("dump_error"))
         assert r.get("exit_code") == EXIT_DUMPED and "exit" in r["times"], (rank, r["times"])
-        assert f"exitcode  : {EXIT_DUMPED} (pid: {r['pid']})" in logs, (rank, logs[-3000:])
+        assert exits[str(rank)] == EXIT_DUMPED, (rank, exits)
     for rank in died:
-        assert "dump_start" not in reports[rank]["times"]
+        assert "dump_start" not in reports[rank]["times"] and exits[str(rank)] == -9
 
 
 def _each_sample_once(rows: list[dict], steps: int, batch: int = 8) -> None:
@@ -259,7 +260,7 @@ def test_the_documented_worker_protocol_runs_as_written(tmp_path, corpus_index):
            "SCALAI_TEST_TARGET": "doc_example", "SCALAI_TEST_KILL": "1:1:2:forward"}
     result = run_cli("run", "--schedule", schedule, "--steps", 5, "--hosts", 2, "--layout", "tp=1,pp=1,dp=2,zero=1",
                      "--commit-every", 0, "--module", "kill_mid_step", "--compare", "--out", out,
-                     "--data", corpus_index, env=env, timeout=900)
+                     "--", "--data", corpus_index, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "ok   data: 40 samples over 5 steps, each read exactly once" in result.stdout
     assert "ok   loss: largest relative difference to the unchanged run" in result.stdout
@@ -286,7 +287,7 @@ def test_workers_killed_mid_forward_and_mid_backward_are_recovered_from_replicas
     env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
            "SCALAI_TEST_KILL": "0:1:2:forward,1:2:2:backward"}
     result = run_cli("run", "--steps", 5, "--hosts", 2, "--layout", "tp=2,pp=1,dp=2", "--commit-every", 0,
-                     "--module", "kill_mid_step", "--out", out, "--data", corpus_index, env=env, timeout=900)
+                     "--module", "kill_mid_step", "--out", out, "--", "--data", corpus_index, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     changes = read_timeline(out / "timeline.json")
     assert [(c.from_layout, c.to_layout, c.recovered_from, c.steps_lost, c.at_step) for c in changes] == [
@@ -308,7 +309,7 @@ def test_run_compare_fails_when_a_rank_reads_a_sample_twice(tmp_path, corpus_ind
            "SCALAI_TEST_READ_FAULT": "faulty:0:1:2:twice"}
     result = run_cli("run", "--steps", 2, "--hosts", 1, "--layout", "tp=1,pp=1,dp=2", "--commit-every", 0,
                      "--job", "faulty", "--module", "kill_mid_step", "--compare", "--out", out,
-                     "--data", corpus_index, env=env, timeout=600)
+                     "--", "--data", corpus_index, env=env, timeout=600)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "FAIL data: 15 samples over 2 steps (ids the data-parallel ranks fed their models): 1 read more than once" \
         in result.stdout

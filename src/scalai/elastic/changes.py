@@ -190,7 +190,6 @@ def begin_planned(p: Policy, s: JobState, old: Gen, saved: dict, now: float, out
     s.phase = "reconfiguring"
     out.append(HoldPersist(True))  # no disk copies during the downtime (released after the first step)
     step = saved["step"]
-    record_commit(p, s, saved["version"], step, old.alloc.hosts, out)
     events = due(p, s, step)
     requests, s.requests = s.requests, ()
     s.fired |= {e.index for e in events}
@@ -229,6 +228,9 @@ def begin_recovery(p: Policy, s: JobState, old: Gen, now: float, out: list) -> N
         c = s.change
         if c.phase == "transform":
             s.abandoned[c.token] = (c.alloc, c.at_step)
+        if c.kind == "planned" and c.phase in ("target", "transform"):  # its source is the last commit
+            prior = s.gens.get(c.old)
+            record_commit(p, s, c.source, c.at_step, prior.alloc.hosts if prior else c.alloc.hosts, out)
         s.change = None
     s.phase = "recovering"
     out.append(HoldPersist(True))
@@ -307,6 +309,7 @@ def begin_restart(p: Policy, s: JobState, e: Resume, out: list) -> None:
                     source_text=source, steps_lost=lost)
     if found is None or alloc == start:  # nothing to transform: load it as it is
         c.version, c.plan, c.transform, c.phase = c.source, (e.now, e.now), (e.now, e.now), "go"
+        c.t_target = e.now
     retain(s, out)
 
 
@@ -338,6 +341,7 @@ def advance_change(p: Policy, s: JobState, now: float, out: list) -> None:
         target = _target(p, s, c, new, now)
         if target is None:
             return
+        c.t_target = now
         if c.kind == "recovery":
             _recover_from(p, s, c, target, now, out)
         else:
@@ -346,6 +350,14 @@ def advance_change(p: Policy, s: JobState, now: float, out: list) -> None:
     if c.phase == "go":
         out.append(Signal(new.number, "go", c.version))
         c.go, c.phase = now, "load"
+        # the versions' bookkeeping (copies to disk, drops of what they supersede) after the go;
+        # the source (the old workers' save, or the survivors' committed dump) is superseded
+        if c.source:
+            old = s.gens.get(c.old) if c.old is not None else None
+            hosts = [h for h in (old.alloc.hosts if old else c.alloc.hosts) if h not in s.pool.dead]
+            record_commit(p, s, c.source, c.at_step, hosts, out)
+        if c.version is not None:
+            record_commit(p, s, c.version, c.at_step, c.alloc.hosts, out)
     if c.phase == "load" and (new.first_step is not None or new.saved is not None):
         _complete(p, s, c, new, out)  # (saved without a step: it had none to take)
 
@@ -365,6 +377,7 @@ def _recover_from(p: Policy, s: JobState, c: Change, target, now: float, out: li
     if dumps and not why:
         c.at_step = next(iter(dumps.values()))["step"]
         c.recovered_from, c.source_text = "replicas", f"dumps of {len(dumps)} surviving ranks at step {c.at_step}"
+        c.source = dump_version
         out.append(RecoverDump(c.token, dump_version, old.ptc, old.alloc, merged_state(dumps), tuple(unavailable),
                                s.pool.alive, c.alloc, target, c.dead_hosts))
         c.phase = "transform"
@@ -394,11 +407,12 @@ def _recover_from(p: Policy, s: JobState, c: Change, target, now: float, out: li
 def _complete(p: Policy, s: JobState, c: Change, new: Gen, out: list) -> None:
     """The first step in the new layout ended the change: record it."""
     old = s.gens.get(c.old) if c.old is not None else None
-    plan = c.plan or (c.t_plan, c.t_plan)
-    transform = c.transform or (plan[1], plan[1])
-    exited = (old.exited_at if old is not None else None) or plan[0]
-    durations, starts, downtime = reconfiguration_phases(c.request, old.reports if old else {}, exited, plan,
-                                                         transform, new.reports, new.first_step, c.go)
+    target = c.t_target or c.t_allocate
+    runner = {"allocate": (c.t_allocate, c.t_allocate), "announce": (c.t_allocate, target),
+              "plan": c.plan or (target, target), "transform": c.transform or (target, target)}
+    exited = (old.exited_at if old is not None else None) or c.t_allocate
+    durations, starts, downtime = reconfiguration_phases(c.request, old.reports if old else {}, exited, runner,
+                                                         new.reports, new.first_step, c.go)
     from_alloc = old.alloc if old is not None else c.alloc
     rec = Reconfiguration(c.at_step, str(from_alloc.layout), str(c.alloc.layout), c.reason, phases=durations,
                           bytes_moved=c.bytes_moved, cross_host_bytes=c.cross_host_bytes, steps_lost=c.steps_lost,

@@ -248,9 +248,8 @@ def _transform_done(p: Policy, s: JobState, e: TransformDone, out: list) -> None
             record_commit(p, s, e.version, s.abandoned.get(e.token, (None, 0))[1], alloc.hosts, out)
         return
     c.version, c.bytes_moved, c.cross_host_bytes = e.version, e.bytes_moved, e.cross_host_bytes
-    c.plan, c.transform = (c.t_plan, e.plan[1]), e.transform
-    record_commit(p, s, e.version, c.at_step, c.alloc.hosts, out)
-    c.phase = "go"
+    c.plan, c.transform = (c.t_target or c.t_allocate, e.plan[1]), e.transform
+    c.phase = "go"  # (the new version is recorded after the go: bookkeeping is off the critical path)
 
 
 def _alloc_of_token(s: JobState, token: int):
@@ -382,7 +381,9 @@ def _detect_failure(p: Policy, s: JobState, g: Gen, now: float, out: list) -> No
     dumped = g.marked("dump_start")
     if not (g.killed or bad or dumped):
         return
-    g.failed_at = g.killed[0][2] if g.killed else now
+    # A failure the run did not cause is first seen when a survivor starts dumping (its
+    # report may come a little later): the downtime counts from the earliest sign.
+    g.failed_at = min([g.killed[0][2] if g.killed else now] + [g.times(r)["dump_start"] for r in dumped])
     g.exit_deadline = now + p.grace_s
     alive = tuple(h for h in g.alloc.hosts if h not in s.pool.dead)
     if alive and not g.all_exited:

@@ -183,7 +183,10 @@ class Change:
     ``kind``: ``planned`` (the old workers saved ``source``), ``recovery`` (a failure) or
     ``restart`` (a coordinator started again). ``phase``: ``target`` (waiting for the new
     workers to describe the job in their layout), ``transform`` (the stores are moving the
-    state), ``load`` (the new workers load ``version`` and take their first step).
+    state), ``go`` (the new version is ready), ``load`` (the new workers load ``version``
+    and take their first step). Times: ``t_allocate`` when it began (the new allocation
+    decided and launched at once), ``t_target`` when the target PTC was known (the end
+    of ``announce``), ``plan`` and ``transform`` as the stores' operation measured them.
     """
 
     token: int
@@ -194,7 +197,7 @@ class Change:
     request: float
     reason: str
     at_step: int
-    t_plan: float
+    t_allocate: float
     deadline: float
     phase: str = "target"
     source: str | None = None
@@ -202,6 +205,7 @@ class Change:
     plan: tuple[float, float] | None = None
     transform: tuple[float, float] | None = None
     go: float | None = None
+    t_target: float | None = None
     bytes_moved: int = 0
     cross_host_bytes: int = 0
     saved_bytes: int = 0

@@ -18,8 +18,9 @@ hands back is carried out here, in order:
 Time passes as ``Tick`` events (10 per second); agents unheard of for the detection time
 become ``AgentDead`` events. The run directory holds only what the coordinator received:
 ``metrics.jsonl``, ``timeline.json`` and the plots, ``summary.json``, ``logs/`` (log tails
-the agents sent), ``events/gNNN/ptc.json`` (the job's description under each generation's
-layout), ``checkpoints/`` (persistent copies pulled from the stores).
+the agents sent), ``events/gNNN/`` (each worker's last report, ``exits.json``: their exit
+statuses, ``ptc.json``: the job's description under the generation's layout),
+``checkpoints/`` (persistent copies pulled from the stores).
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class Runner:
         self._t0 = time.time()
         self._trace = None
         self._deferred: list[tuple] = []
+        self._exits: dict[int, dict[str, int]] = {}  # generation -> {rank: exit status}
 
     # -- public -----------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -311,6 +313,9 @@ class Runner:
             self.progress.step(row)
             self._feed(StepDone(now, gen, int(row["step"]), float(row.get("time") or now)))
         elif kind == "report":
+            from .events import rank_file, write_json_atomic
+
+            write_json_atomic(rank_file(self.dir, item[1], item[2]), item[3])  # kept as received
             self._feed(RankReport(now, item[1], item[2], item[3]))
         elif kind == "ptc":
             try:
@@ -324,6 +329,10 @@ class Runner:
             write_json_atomic(events_dir(self.dir, item[1]) / ("ptc.json" if item[2] else "layout.json"), item[3])
             self._feed(Announced(now, item[1], ptc, ready=item[2]))
         elif kind == "exit":
+            from .events import events_dir, write_json_atomic
+
+            self._exits.setdefault(item[1], {})[str(item[2])] = item[3]
+            write_json_atomic(events_dir(self.dir, item[1]) / "exits.json", self._exits[item[1]])
             self._feed(WorkerExited(now, item[1], item[2], item[3]))
         elif kind == "logs":
             for gen, ranks in item[2].items():

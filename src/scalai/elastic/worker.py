@@ -1,23 +1,26 @@
 r"""The worker's side of ``scalai run``: what a training script calls to be elastic.
 
-``scalai run`` launches the workers with torchrun and tells them, through environment
-variables, where the job state lives (the stores of their hosts), where to report
-(``RUN_DIR/events``) and how to stop. A script built on :mod:`scalai.training` adds a few
-calls to its loop; the reference trainer (:mod:`scalai.examples.gpt.train`) does, and so
-does this complete script of one's own (a small model, FSDP2 over the data-parallel ranks;
-``scalai run --module NAME`` runs it with the reference trainer's arguments, and the tests
-run this very text)::
+``scalai run`` starts the workers through each machine's agent (:mod:`.agent`, with
+torchrun's environment) and tells them, through environment variables, their layout, where
+the job state lives (the stores of their hosts), where to report (``SCALAI_RUN_DIR``, on
+their own machine: the agent relays it) and how to stop. A script built on
+:mod:`scalai.training` adds a few calls to its loop; the reference trainer
+(:mod:`scalai.examples.gpt.train`) does, and so does this complete script of one's own (a
+small model, FSDP2 over the data-parallel ranks; ``scalai run --module NAME -- ARGS`` runs
+it with its own arguments, and the tests run this very text)::
 
+    import argparse
     import json
     import time
+    from contextlib import nullcontext
 
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
 
+    from scalai.config import ParallelConfig
     from scalai.data import DataState, ElasticDataLoader, TokenDataset
     from scalai.elastic.worker import ElasticWorker
-    from scalai.examples.gpt.options import parse_args
     from scalai.training import StopFlag, describe, gather_fed
 
 
@@ -37,13 +40,27 @@ run this very text)::
             return self.head(h)
 
 
-    def build(opts, dataset):
+    def options():
+        # The script's own arguments (scalai run --module NAME -- ARGS). Under scalai run the
+        # layout, the step to stop after and the metrics file come from the worker protocol.
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--data", required=True, help="a sample index (scalai data index)")
+        parser.add_argument("--layout", default="tp=1,pp=1,dp=1")
+        parser.add_argument("--steps", type=int, default=10)
+        parser.add_argument("--metrics", default=None)
+        parser.add_argument("--global-batch", type=int, default=8)
+        parser.add_argument("--micro-batch", type=int, default=4)
+        parser.add_argument("--lr", type=float, default=1e-3)
+        parser.add_argument("--seed", type=int, default=0)
+        return parser.parse_args()
+
+
+    def build(opts, config, dataset):
         # This rank's model (FSDP2 over the data-parallel ranks) and the job state around it.
         from torch.distributed._composable.replicate_with_fsdp import replicate
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        config = opts.config
         if config.tp > 1 or config.pp > 1:
             raise ValueError(f"this script runs data parallelism only, not {config}")
         torch.manual_seed(opts.seed)  # the same initial weights on every rank
@@ -61,7 +78,7 @@ run this very text)::
         return model, describe(model, optimizer, config, num_layers=len(model.layers), data=data, seed=opts.seed)
 
 
-    def train_step(model, job, dataset, micro_batch):
+    def train_step(model, job, dataset, micro_batch, updating):
         # One step; returns the global batch's mean loss and (on rank 0) the ids every rank fed.
         config = job.config
         loader = ElasticDataLoader(dataset, job.data, config.dp, config.coords(job.rank).dp,
@@ -78,36 +95,41 @@ run this very text)::
             fed += batch["sample_ids"].tolist()
         samples = gather_fed(fed, config)  # what every rank fed its model, on rank 0
         dist.all_reduce(loss_sum)  # the step's last collective: the optimizer steps after it
-        job.optimizer.step()
-        job.optimizer.zero_grad(set_to_none=True)
-        job.step, job.data = job.step + 1, loader.state
+        with updating():  # the state changes as a whole (an abort's dump waits for it)
+            job.optimizer.step()
+            job.optimizer.zero_grad(set_to_none=True)
+            job.step, job.data = job.step + 1, loader.state
         return loss_sum.item() / config.dp, samples
 
 
     def main():
-        opts = parse_args()  # scalai run passes the reference trainer's arguments
+        opts = options()
         elastic = ElasticWorker.from_env()  # None outside scalai run
+        layout = ParallelConfig.parse(elastic.layout if elastic else opts.layout)
+        last_step = elastic.last_step if elastic else opts.steps
+        metrics_file = elastic.metrics if elastic else opts.metrics
         dist.init_process_group("gloo", timeout=elastic.timeout if elastic else None)
         if elastic:
             elastic.started(dist.get_rank())  # reports; SCALAI_TIMEOUT for every group
             elastic.wait_devices()  # the previous generation's workers have exited
         dataset = TokenDataset(opts.data)
-        model, job = build(opts, dataset)
+        model, job = build(opts, layout, dataset)
         if elastic:
             elastic.ready(job)  # placement check
-            elastic.resume(job, verify=opts.verify)  # wait for the runner; load from the stores
-        metrics = open(opts.metrics, "a") if opts.metrics and job.rank == 0 else None
-        with (elastic.stop_flag() if elastic else StopFlag(opts.stop_file)) as stop:
+            elastic.resume(job)  # wait for the runner; load from the stores; aborts dump from now on
+        metrics = open(metrics_file, "a") if metrics_file and job.rank == 0 else None
+        updating = elastic.updating if elastic else nullcontext
+        with (elastic.stop_flag() if elastic else StopFlag()) as stop:
             try:
-                while job.step < opts.steps:
-                    loss, samples = train_step(model, job, dataset, opts.micro_batch)
+                while job.step < last_step:
+                    loss, samples = train_step(model, job, dataset, opts.micro_batch, updating)
                     if metrics:
                         row = {"step": job.step, "loss": loss, "layout": str(job.config), "time": time.time()}
                         metrics.write(json.dumps({**row, **samples.to_json()}) + "\n")
                         metrics.flush()
                     if elastic:
-                        elastic.step_done(job, opts.steps)  # first-step mark; commits every N steps
-                    if job.step < opts.steps and stop.should_stop():
+                        elastic.step_done(job, last_step)  # first-step mark; commits every N steps
+                    if job.step < last_step and stop.should_stop():
                         break
             except Exception as exc:  # a peer died: one of the step's collectives failed here
                 if elastic is None:
@@ -122,17 +144,19 @@ run this very text)::
     if __name__ == "__main__":
         main()
 
-The calls, in order: :meth:`~ElasticWorker.started` right after ``init_process_group``;
+The calls, in order: :meth:`~ElasticWorker.from_env` for the layout and the step to stop
+after; :meth:`~ElasticWorker.started` right after ``init_process_group``;
 optionally :meth:`~ElasticWorker.announce` (the new layout's PTC described on the meta
 device, before the devices are free; without it the runner transforms by the old layout's
 split rules); :meth:`~ElasticWorker.wait_devices` before touching the devices;
 :meth:`~ElasticWorker.ready` and :meth:`~ElasticWorker.resume` once the job is described;
-:meth:`~ElasticWorker.step_done` ``(job, last_step)`` after every optimizer step; on a
+:meth:`~ElasticWorker.step_done` ``(job, last_step)`` after every optimizer step, whose
+update runs inside :meth:`~ElasticWorker.updating`; on a
 failed collective :meth:`~ElasticWorker.dump` and :meth:`~ElasticWorker.exit` with its code;
 at the end :meth:`~ElasticWorker.save` and :meth:`~ElasticWorker.exit`. Each step appends one
 metrics row (``step``, ``loss``, ``layout``, ``time`` and the ``sample_ids`` the ranks fed
-their models, from :func:`scalai.training.gather_fed`) to ``--metrics``: the runner follows
-that file, and its exactly-once check counts those ids.
+their models, from :func:`scalai.training.gather_fed`) to ``SCALAI_METRICS``: the agent
+sends the rows to the coordinator, and its exactly-once check counts those ids.
 
 **Failure semantics.** ``dump`` saves the state of ``job.step``, the last step this rank
 completed. That is consistent across ranks when the optimizer steps only after the step's
@@ -140,10 +164,14 @@ last collective (the loss all-reduce): a rank either failed before it (its weigh
 of ``job.step``) or passed it, and then nothing collective remains for that step. The runner
 checks that every surviving rank dumped the same step before it uses the dumps.
 
-Environment (set by the runner for every agent; workers inherit it):
+Environment (set by the worker's agent, besides torchrun's ``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR``...):
 
 =========================  ==========================================================
-``SCALAI_RUN_DIR``         the run's directory (events, stop and go files)
+``SCALAI_LAYOUT``          this generation's layout, e.g. ``tp=2,pp=1,dp=2``
+``SCALAI_STEPS``           the step this generation stops after (the job's total for the last)
+``SCALAI_METRICS``         rank 0's metrics file (one JSON row per step; on this machine)
+``SCALAI_RUN_DIR``         the protocol's files on this machine (events, stop, go, abort)
 ``SCALAI_GENERATION``      launch number
 ``SCALAI_HOST``            this agent's host (its store's name)
 ``SCALAI_HOSTS``           the placement's hosts in slot order: rank r on ``hosts[r // G]``
@@ -159,6 +187,14 @@ Environment (set by the runner for every agent; workers inherit it):
                            fails: :meth:`~ElasticWorker.started` gives it to the default
                            process group; ``ElasticWorker.timeout`` for ``init_process_group``
 =========================  ==========================================================
+
+**Aborts.** A machine that freezes (stopped, cut off) does not make its peers' collectives
+fail: they wait for it. The runner notices its silence within seconds and aborts the
+generation: a thread of every survivor (started by :meth:`~ElasticWorker.resume`, see
+:mod:`.abort`) dumps its shards and leaves while the main thread still waits. The dump is
+of a whole step because the loop changes the job's state (the optimizer's update, the step
+counter, the data position) inside :meth:`~ElasticWorker.updating`; a loop that does not is
+not dumped on an abort (its worker exits, and the job goes back to its last commit).
 """
 
 from __future__ import annotations
@@ -249,10 +285,14 @@ class ElasticWorker:
     dump_version: str
     announce_layout: bool = True
     timeout_s: float | None = None
+    layout: str | None = None
+    last_step: int | None = None
+    metrics: str | None = None
     rank: int = 0
     log: RankLog | None = None
     _first_step_seen: bool = False
     dumped: bool = False
+    _watch: Any = None
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> ElasticWorker | None:
@@ -276,10 +316,12 @@ class ElasticWorker:
             raise ValueError(f"SCALAI_TIMEOUT={timeout!r} is not a number of seconds") from None
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"SCALAI_TIMEOUT={timeout!r} must be a positive number of seconds")
+        steps = env.get("SCALAI_STEPS")
         return cls(env["SCALAI_RUN_DIR"], int(env["SCALAI_GENERATION"]), env["SCALAI_HOST"],
                    tuple(env["SCALAI_HOSTS"].split(",")), int(env["SCALAI_GPUS_PER_HOST"]), stores,
                    env["SCALAI_JOB"], env["SCALAI_RESUME"] == "1", int(env["SCALAI_COMMIT_EVERY"]),
-                   env["SCALAI_DUMP_VERSION"], env.get("SCALAI_ANNOUNCE", "1") != "0", timeout_s)
+                   env["SCALAI_DUMP_VERSION"], env.get("SCALAI_ANNOUNCE", "1") != "0", timeout_s,
+                   env.get("SCALAI_LAYOUT"), int(steps) if steps else None, env.get("SCALAI_METRICS"))
 
     # -- helpers ----------------------------------------------------------------------
     @property
@@ -319,7 +361,8 @@ class ElasticWorker:
         self._apply_timeout()
         self.rank = rank
         self.log = RankLog(self.run_dir, self.generation, rank, host=self.host)
-        born = process_start_time()
+        assigned = os.environ.get("SCALAI_ASSIGNED_AT")  # a standby worker: when it got this job
+        born = float(assigned) if assigned else process_start_time()
         if born is not None:
             self.log.mark("process_start", born)
         self.log.mark("joined")
@@ -378,11 +421,11 @@ class ElasticWorker:
             self.log.mark("devices")
 
     def ready(self, job: Any) -> None:
-        """Check that torchrun gave this rank the host the runner placed it on; mark "ready".
+        """Check that this rank runs on the host the runner placed it on; mark "ready".
 
         Raises:
-            ValueError: the rank landed on another host (agents must be ordered by their
-                ``--local-addr``, which the runner sets).
+            ValueError: the rank landed on another host (a worker started by hand with
+                another agent's environment).
         """
         self.rank = job.rank
         slot = self.rank // self.gpus_per_host
@@ -391,8 +434,8 @@ class ElasticWorker:
         self.log.update(layout=str(job.config), step=job.step)
         if slot >= len(self.hosts) or self.hosts[slot] != self.host:
             raise ValueError(f"rank {self.rank} runs on {self.host} but the placement puts it on "
-                             f"{self.hosts[slot] if slot < len(self.hosts) else 'no host'}; torchrun "
-                             f"ordered the agents differently from the runner's --local-addr order")
+                             f"{self.hosts[slot] if slot < len(self.hosts) else 'no host'}; start elastic "
+                             f"workers through their machine's agent (scalai run), not by hand")
         if self.rank == 0:  # the runner needs the layout's PTC to plan around dead ranks
             from .events import events_dir, write_json_atomic
 
@@ -413,6 +456,7 @@ class ElasticWorker:
         from ..training import load
 
         if not self.resume_from_stores:
+            self._arm(job)
             return None
         go = go_file(self.run_dir, self.generation)
         deadline = time.time() + 900.0
@@ -424,6 +468,7 @@ class ElasticWorker:
         self.log.mark("load_start")
         if version is None:  # nothing was ever committed: the runner restarts the job from scratch
             self.log.mark("load_end", loaded=None)
+            self._arm(job)
             return None
         # This host's store is on this machine: map its files instead of streaming them
         reader = StoreReader(self.urls, self.job_name, version, token=load_token(), local_host=self.host)
@@ -433,7 +478,25 @@ class ElasticWorker:
             reader.close()
         self.log.mark("load_end", step=job.step, loaded={"version": version, "step": job.step,
                                                          "bytes": report.rank_bytes})
+        self._arm(job)
         return report
+
+    def _arm(self, job: Any) -> None:
+        """From now on the job holds its state: an abort dumps it (see the module docstring)."""
+        from .abort import AbortWatch, abort_file
+
+        if self._watch is None:
+            cause = RuntimeError("the runner aborted this generation: a peer's machine stopped answering")
+            self._watch = AbortWatch(abort_file(self.run_dir, self.generation),
+                                     lambda: self.exit(self.dump(job, cause))).start()
+
+    def updating(self):
+        """A context manager around every change of the job's state in the loop (the
+        optimizer's update, ``job.step``, ``job.data``): an abort's dump waits for it, so it
+        never sees half of an update (see the module docstring)."""
+        from contextlib import nullcontext
+
+        return self._watch.updating() if self._watch is not None else nullcontext()
 
     def step_done(self, job: Any, last_step: int) -> None:
         """After every optimizer step: mark the first one, commit every N steps (collective)."""
@@ -471,16 +534,26 @@ class ElasticWorker:
 
         The shards are found whatever phase the failed step left the model in (FSDP2 swaps
         in unsharded parameters during forward and backward; :class:`~scalai.training.JobState`
-        keeps the sharded ones). SIGTERM (torchrun stopping the host's other workers) is
-        ignored from now on: the process leaves through :meth:`exit`.
+        keeps the sharded ones). SIGTERM is ignored from now on: the process leaves through
+        :meth:`exit`. Called a second time (the main thread's collective failing while an
+        abort dumps on its thread), it waits for the first dump and does nothing more.
         """
-        self.dumped = True
-        from ..storage.arrays import as_raw
+        import threading
+
+        with self.__dict__.setdefault("_dump_lock", threading.Lock()):
+            if self.dumped:
+                return EXIT_DUMPED
+            self.dumped = True
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            return self._dump(job, error)
+
+    def _dump(self, job: Any, error: BaseException | None) -> int:
+        from ..checkpoint.arrays import as_raw
         from ..store.client import StoreClient, load_token
         from ..training.nontensor import capture, rank_snapshot
         from .recovery import dump_owner
 
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         log = self.log or RankLog(self.run_dir, self.generation, job.rank, host=self.host)
         log.mark("dump_start", error=f"{type(error).__name__}: {error}" if error else None)
         try:
@@ -513,6 +586,8 @@ class ElasticWorker:
         import gc
         import sys
 
+        if self._watch is not None:
+            self._watch.stop()
         if not self.dumped:
             import torch.distributed as dist
 

@@ -202,7 +202,7 @@ def resume(run: Run) -> None:
          f"{report.seconds['total']:.2f} s, RNG {report.rng})")
 
 
-def step(run: Run, dataset: TokenDataset) -> float:
+def step(run: Run, dataset: TokenDataset, updating: Callable[[], Any] = nullcontext) -> float:
     """One optimizer step of the job on this rank (collective): read this replica's share of
     the next global batch, forward and backward, AdamW and the LR schedule; advances
     ``run.job.step`` and ``run.job.data``, and sets ``run.fed`` (on rank 0: what every rank
@@ -211,6 +211,9 @@ def step(run: Run, dataset: TokenDataset) -> float:
 
     The optimizer steps after the step's last collective (the loss all-reduce), so that a
     peer failing during the step leaves this rank with the weights of the previous step.
+    The update (optimizer, schedule, step counter, data position) runs inside
+    ``updating()`` (:meth:`scalai.elastic.worker.ElasticWorker.updating` under ``scalai
+    run``: an abort's dump never sees half of it).
     """
     job, config, division = run.job, run.opts.config, run.opts.division
     loader = ElasticDataLoader(dataset, job.data, config.dp, config.coords(dist.get_rank()).dp, steps=1,
@@ -219,10 +222,11 @@ def step(run: Run, dataset: TokenDataset) -> float:
     local, ids = _train_step(run.stage, list(loader), config, run.device)
     run.fed = gather_fed(ids, config)
     loss = _global_loss(local, config, run.device)  # the step's last collective
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
-    job.data, job.step = loader.state, job.step + 1
+    with updating():
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()
+        job.data, job.step = loader.state, job.step + 1
     return loss
 
 
@@ -265,7 +269,7 @@ def train(opts: TrainOptions, elastic: ElasticWorker | None = None) -> dict[str,
             try:
                 while job.step < opts.steps:
                     start = time.perf_counter()
-                    loss = step(run, dataset)
+                    loss = step(run, dataset, elastic.updating if elastic is not None else nullcontext)
                     seconds = time.perf_counter() - start
                     losses.append(loss)
                     if metrics is not None:  # sample_ids: what the ranks fed their models
