@@ -280,7 +280,7 @@ def begin_restart(p: Policy, s: JobState, e: Resume, out: list) -> None:
         alloc = start = Allocation(found.layout, found.hosts, p.gpus_per_host)
         source = f"store version {found.version} (step {step})"
     else:
-        alloc, start = p.initial(s.pool), None
+        alloc, start = s.alloc, None  # the starting allocation (or one that fits the machines back)
         source = "nothing committed in the stores: restarted from step 0"
     s.fired |= {ev.index for ev in p.schedule if ev.step is not None and ev.step < step}
     reasons = []

@@ -41,14 +41,33 @@ REQUEST_REASONS = {"devices": "scale to {} devices", "layout": "layout {}", "red
 _KEEP_ROWS = 64  # row times kept (the request time of a step event, the step time estimate)
 
 
-def initial_state(policy: Policy, agents) -> JobState:
-    """The state before :class:`Start`: the agents' pool and the starting allocation.
+def initial_state(policy: Policy, agents, resume: bool = False) -> JobState:
+    """The state before :class:`Start` (or :class:`Resume`): the agents' pool and the
+    starting allocation (resuming, one the agents can hold: the stores decide what runs).
 
     Raises:
         ValueError: the agents' devices cannot run the starting layout.
     """
     pool = _pool(policy, agents)
-    return JobState(pool=pool, alloc=policy.initial(pool))
+    try:
+        return JobState(pool=pool, alloc=policy.initial(pool))
+    except ValueError:
+        if not resume:
+            raise
+    return JobState(pool=pool, alloc=_fallback(policy, pool))
+
+
+def _fallback(policy: Policy, pool: Pool):
+    """An allocation of as many devices as the pool has (a resumed job whose starting
+    layout no longer fits its machines)."""
+    from .allocation import Allocation, pick_hosts
+
+    for n in range(pool.total, 0, -1):
+        try:
+            return Allocation(policy.chooser(n), pick_hosts(pool, n), policy.gpus_per_host)
+        except ValueError:
+            continue
+    raise ValueError(f"no layout of the job fits the {pool.total} devices that came back")
 
 
 def _pool(policy: Policy, agents) -> Pool:

@@ -162,7 +162,7 @@ class Runner:
         agents = self._quorum()
         self.policy = self.spec.policy(agents[0].devices)
         infos = tuple(AgentInfo(a.name, a.devices, a.kind, a.memory_gib) for a in agents)
-        self.state = controller.initial_state(self.policy, infos)
+        self.state = controller.initial_state(self.policy, infos, resume=self.spec.resume)
         from .persist import Persister
 
         self.persister = Persister(self._alive_urls, self.job, self.dir / "checkpoints", self.machines.token,
