@@ -131,7 +131,7 @@ def run_cmd(schedule_file, steps, out, listen, agents, hosts, gpus_per_host, tok
 
 @cli.command("scale")
 @click.argument("job")
-@click.argument("devices", required=False, type=int)
+@click.argument("devices", required=False, type=COUNT)
 @click.option("--layout", "-l", default=None, help="move to this layout instead of a device count")
 @click.option("--redeploy", is_flag=True, help="move the job to hosts it does not use")
 @click.option("--url", default=None, help="the runner's control endpoint [default: found by the job's name]")
