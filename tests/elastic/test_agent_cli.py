@@ -19,7 +19,7 @@ def test_bad_agent_input_is_one_line_and_creates_nothing(tmp_path):
     for args, fragment in [
         (["--join", "nowhere", "--name", "a"], "must look like HOST:PORT"),
         (["--join", "127.0.0.1:9", "--name", "../a"], "--name"),
-        (["--join", "127.0.0.1:9", "--name", "a", "--devices", "0"], "--devices 0 must be at least 1"),
+        (["--join", "127.0.0.1:9", "--name", "a", "--devices", "0"], "0 is out of range: it must be an integer >= 1"),
         (["--join", "127.0.0.1:9", "--name", "a", "--address", "10.254.254.1"],
          "refusing to serve a store on 10.254.254.1 without a token"),
     ]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .main import cli
+from .params import COUNT, NON_NEGATIVE, POSITIVE_NUMBER
 
 
 @cli.command("agent")
@@ -12,7 +13,7 @@ from .main import cli
 @click.option("--name", required=True, help="this machine's name in the job (unique per machine)")
 @click.option("--root", required=True, type=click.Path(file_okay=False),
               help="this agent's directory: its workers' files, logs, data copy (and store, see --store-root)")
-@click.option("--devices", "-n", default=1, show_default=True, type=int, help="devices this machine offers")
+@click.option("--devices", "-n", default=1, show_default=True, type=COUNT, help="devices this machine offers")
 @click.option("--device", "kind", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
               help="the kind of device (reported to the coordinator)")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
@@ -21,10 +22,10 @@ from .main import cli
                                               "to the coordinator]")
 @click.option("--store-root", type=click.Path(file_okay=False), default=None,
               help="where the store keeps shards [default: ROOT/store]; put it on tmpfs (/dev/shm)")
-@click.option("--standby", type=int, default=None, help="started workers kept waiting [default: one per device]")
+@click.option("--standby", type=NON_NEGATIVE, default=None, help="started workers kept waiting [default: one per device]")
 @click.option("--link", default=None, help="limit this store's traffic with other stores, e.g. 1gbit "
                                            "(simulating machines on one)")
-@click.option("--leave-timeout", default=300.0, show_default=True, type=float,
+@click.option("--leave-timeout", default=300.0, show_default=True, type=POSITIVE_NUMBER,
               help="after SIGTERM, seconds to wait for the coordinator to move the job off this machine")
 def agent_cmd(join, name, root, devices, kind, token_file, address, store_root, standby, link, leave_timeout):
     """Run this machine's agent: its store and, on the coordinator's command, its workers.
