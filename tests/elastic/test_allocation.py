@@ -5,7 +5,8 @@ import pytest
 from scalai.config import ParallelConfig
 from scalai.elastic.allocation import Allocation, Pool, apply_event, choose_layout, pick_hosts, trainer_shape
 from scalai.elastic.layouts import LayoutEstimate
-from scalai.elastic.spec import RunSpec, after_failure
+from scalai.elastic.changes import after_failure
+from scalai.elastic.spec import RunSpec
 
 HOSTS = ("host0", "host1", "host2", "host3")
 
@@ -51,35 +52,40 @@ def spec(tmp_path_factory):
     return RunSpec((), 20, str(tmp_path_factory.mktemp("run") / "out"), hosts=4, gpus_per_host=2, devices=2)
 
 
-def test_the_chooser_ranks_trainable_layouts_only(spec):
+@pytest.fixture(scope="module")
+def policy(spec):
+    return spec.policy(2)
+
+
+def test_the_chooser_ranks_trainable_layouts_only(policy):
     assert trainer_shape("gpt-tiny").num_heads == 4
     for n in (1, 2, 3, 4):
-        layout = spec.chooser(n)
-        assert layout.world_size == n and spec.accepts(layout)
-    assert spec.chooser(3) == ParallelConfig(dp=3)  # tp and pp must divide 4 heads and 4 layers
+        layout = policy.chooser(n)
+        assert layout.world_size == n and policy.accepts(layout)
+    assert policy.chooser(3) == ParallelConfig(dp=3)  # tp and pp must divide 4 heads and 4 layers
 
 
-def test_events_change_the_allocation(spec):
-    start = spec.initial()
+def test_events_change_the_allocation(spec, policy):
+    start, pool = spec.initial(), spec.local_pool()
     assert start == Allocation(ParallelConfig(dp=2), ("host0",), 2)
-    grown = apply_event(start, spec.pool(), "devices", 4, spec.chooser, spec.accepts)
+    grown = apply_event(start, pool, "devices", 4, policy.chooser, policy.accepts)
     assert grown.devices == 4 and grown.hosts == ("host0", "host1")
-    moved = apply_event(grown, spec.pool(), "redeploy", True, spec.chooser, spec.accepts)
+    moved = apply_event(grown, pool, "redeploy", True, policy.chooser, policy.accepts)
     assert moved.layout == grown.layout and moved.hosts == ("host2", "host3")
-    tp = apply_event(start, spec.pool(), "layout", ParallelConfig(tp=2, dp=2), spec.chooser, spec.accepts)
+    tp = apply_event(start, pool, "layout", ParallelConfig(tp=2, dp=2), policy.chooser, policy.accepts)
     assert tp.hosts == ("host0", "host1")
     with pytest.raises(ValueError, match="cannot run layout tp=3"):
-        apply_event(start, spec.pool(), "layout", ParallelConfig(tp=3), spec.chooser, spec.accepts)
+        apply_event(start, pool, "layout", ParallelConfig(tp=3), policy.chooser, policy.accepts)
 
 
-def test_after_a_failure_the_job_goes_on_with_its_survivors(spec):
+def test_after_a_failure_the_job_goes_on_with_its_survivors(spec, policy):
     alloc = Allocation(ParallelConfig(pp=2, dp=2), ("host2", "host3"), 2)
-    new, pool = after_failure(spec, alloc, spec.pool(), [3], [])
+    new, pool = after_failure(policy, alloc, spec.local_pool(), [3], [])
     assert new.devices == 3 and new.hosts == ("host2", "host3") and pool.capacity("host3") == 1
     # a whole host dies: its ranks are gone
-    new, pool = after_failure(spec, alloc, spec.pool(), [2, 3], ["host3"])
-    assert new == Allocation(spec.chooser(2), ("host2",), 2) and "host3" in pool.dead
+    new, pool = after_failure(policy, alloc, spec.local_pool(), [], ["host3"])
+    assert new == Allocation(policy.chooser(2), ("host2",), 2) and "host3" in pool.dead
     # nothing survives: as many devices as before, elsewhere
     single = Allocation(ParallelConfig(tp=2), ("host0",), 2)
-    new, pool = after_failure(spec, single, spec.pool(), [0, 1], ["host0"])
+    new, pool = after_failure(policy, single, spec.local_pool(), [], ["host0"])
     assert new.devices == 2 and new.hosts == ("host1",)

@@ -1,12 +1,15 @@
-"""The runner's control endpoint: requests parsed strictly, loopback by default, token otherwise."""
+"""``scalai scale``'s side of the coordinator: requests parsed strictly, the registry, the
+token when the run has one, hostile bodies refused in one line."""
 
 import json
+import queue
 import urllib.request
 
 import pytest
 
 from scalai.config import ParallelConfig
-from scalai.elastic.control import ControlServer, find_endpoint, parse_request, send_scale
+from scalai.elastic.control import find_endpoint, parse_request, register, send_scale, unregister
+from scalai.elastic.coordinator import AgentService
 
 TOKEN = "t" * 24
 
@@ -26,7 +29,8 @@ def server(monkeypatch, tmp_path):
     monkeypatch.setenv("SCALAI_CACHE", str(tmp_path / "cache"))
     asked = []
 
-    def scale(action, value):
+    def scale(body):
+        action, value = parse_request(body)
         if value == 99:
             raise ValueError("only 4 healthy devices are left")
         asked.append((action, value))
@@ -35,14 +39,16 @@ def server(monkeypatch, tmp_path):
     made = []
 
     def make(token=None):
-        s = ControlServer(lambda: {"job": "j", "state": "running"}, scale, token=token)
-        s.register("j", tmp_path)
+        s = AgentService(queue.Queue().put, {}, lambda: {"job": "j", "state": "running"}, scale,
+                         token=token or "a" * 24, control_token=token)
+        register("j", s.url, tmp_path)
         made.append(s)
         return s, asked
 
     yield make
     for s in made:
-        s.close("j")
+        s.close()
+    unregister("j")
 
 
 def test_scale_and_status_over_http(server, tmp_path):
@@ -56,29 +62,28 @@ def test_scale_and_status_over_http(server, tmp_path):
         send_scale(s.url, {"devices": 99})
     with pytest.raises(ValueError, match="give exactly one of"):
         send_scale(s.url, {"devices": 2, "redeploy": True})
-    s.close("j")
+    unregister("j")
     with pytest.raises(FileNotFoundError, match="no running job named 'j'"):
         find_endpoint("j")
+    s.close()
     with pytest.raises(ConnectionError, match="no runner answers"):
         send_scale(s.url, {"devices": 2}, timeout=2)
 
 
-def test_a_token_is_required_when_set_and_off_loopback(server):
+def test_a_token_is_required_when_the_run_has_one(server):
     s, asked = server(token=TOKEN)
     with pytest.raises(ValueError, match="missing or wrong token"):
         send_scale(s.url, {"devices": 2})
     with pytest.raises(ValueError, match="missing or wrong token"):
         send_scale(s.url, {"devices": 2}, token="x" * 24)
     assert send_scale(s.url, {"devices": 2}, token=TOKEN)["accepted"]
-    with pytest.raises(ValueError, match="refusing to listen on 0.0.0.0 without a token"):
-        ControlServer(dict, lambda a, v: {}, host="0.0.0.0")
 
 
-def test_a_busy_control_port_is_refused_in_one_line(server):
+def test_a_busy_port_is_refused_in_one_line(server):
     s, _ = server()
     port = int(s.url.rsplit(":", 1)[1])
-    with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}.*choose another --control-port"):
-        ControlServer(dict, lambda a, v: {}, port=port)
+    with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}.*choose another address or port"):
+        AgentService(queue.Queue().put, {}, dict, dict, port=port)
 
 
 @pytest.mark.parametrize("body, fragment", [
@@ -98,4 +103,3 @@ def test_a_hostile_body_is_a_400_with_one_line(server, body, fragment):
     error = json.loads(refused.value.read())["error"]
     assert fragment in error and "\n" not in error
     assert asked == []
-    assert send_scale(s.url, {"devices": 2})["accepted"]  # and it still answers

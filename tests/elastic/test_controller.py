@@ -350,3 +350,12 @@ def test_a_step_never_changes_the_state_it_was_given():
     controller.step(sim.policy, before, sim.history[0][0].__class__(sim.now, sim.agents))
     sim.save(0, 1, "v1")
     assert (dict(before.gens[0].reports), dict(before.gens[0].exits), before.requests, list(before.commits)) == snapshot
+
+
+def test_without_start_ahead_the_next_generation_waits_for_the_save():
+    sim = Sim([{"step": 2, "devices": 4}], steps=6, start_ahead=False)
+    sim.start()
+    sim.ready(0)
+    assert not only(sim.steps(0, 1, 2), "Launch")
+    launch, = only(sim.save(0, 2, "v1"), "Launch")
+    assert launch.alloc.layout == L("tp=1,pp=1,dp=4") and not launch.free

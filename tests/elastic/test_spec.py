@@ -13,7 +13,7 @@ def _spec(tmp_path, events, **kw):
 
 def test_dry_run_follows_the_events(tmp_path):
     spec = _spec(tmp_path, [{"step": 3, "devices": 4}, {"step": 6, "fail": 3}, {"step": 9, "layout": "tp=2"}])
-    steps = [(e.step, str(a.layout), a.hosts) for e, a in dry_run(spec)]
+    steps = [(e.step, str(a.layout), a.hosts) for e, a in dry_run(spec.policy(2), spec.local_pool())]
     assert steps[0][0] == 3 and steps[0][2] == ("host0", "host1")
     assert steps[1][1] == "tp=1,pp=1,dp=3"
     assert steps[2] == (9, "tp=2,pp=1,dp=1", ("host0",))
@@ -39,4 +39,4 @@ def test_bad_runs_are_refused_up_front(tmp_path, events, kw, fragment):
 
 def test_failures_of_hosts_the_job_may_not_use_are_kept(tmp_path):
     spec = _spec(tmp_path, [{"step": 5, "fail": "host1"}])  # only a scale request would put it there
-    assert [a.hosts for _, a in dry_run(spec)] == [("host0",)]
+    assert [a.hosts for _, a in dry_run(spec.policy(2), spec.local_pool())] == [("host0",)]

@@ -85,6 +85,9 @@ def layouts(model, devices, device_memory, gpus_per_host, global_batch, seq_len,
 @click.option("--job", default="job", show_default=True, help="the job's name (stores, scalai scale)")
 @click.option("--commit-every", default=10, show_default=True, type=NON_NEGATIVE,
               help="commit the state to the stores every N steps, copied to disk in the background (0: only at changes)")
+@click.option("--start-ahead/--no-start-ahead", default=True, show_default=True,
+              help="start the next generation's workers before a change (scheduled: a few steps ahead; a "
+                   "request: at once); off: once the old workers have saved")
 @click.option("--grow/--no-grow", default=True, show_default=True,
               help="grow into the devices of agents that join during the run")
 @click.option("--max-devices", type=COUNT, default=None, help="grow to at most this many devices")
@@ -103,7 +106,7 @@ def layouts(model, devices, device_memory, gpus_per_host, global_batch, seq_len,
 @click.option("--compare", is_flag=True, help="also run the job unchanged (no events) and plot against it")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def run_cmd(schedule_file, steps, out, listen, agents, hosts, gpus_per_host, token_file, resume, module, model, layout,
-            devices, job, commit_every, grow, max_devices, dead_after, standby, link, global_batch, micro_batch, lr,
+            devices, job, commit_every, start_ahead, grow, max_devices, dead_after, standby, link, global_batch, micro_batch, lr,
             seed, data, device_memory, compare, args) -> None:
     """Train under a changing device allocation: grow, shrink, move, survive failures.
 
@@ -123,7 +126,7 @@ def run_cmd(schedule_file, steps, out, listen, agents, hosts, gpus_per_host, tok
 
     run_from_cli(schedule_file=schedule_file, steps=steps, out=out, listen=listen, agents=agents, hosts=hosts,
                  gpus_per_host=gpus_per_host, token_file=token_file, resume=resume, module=module, model=model,
-                 layout=layout, devices=devices, job=job, commit_every=commit_every, grow=grow,
+                 layout=layout, devices=devices, job=job, commit_every=commit_every, start_ahead=start_ahead, grow=grow,
                  max_devices=max_devices, dead_after=dead_after, standby=standby, link=link,
                  global_batch=global_batch, micro_batch=micro_batch, lr=lr, seed=seed, data=data,
                  device_memory=device_memory, compare=compare, args=tuple(args))

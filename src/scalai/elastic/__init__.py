@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["Runner", "RunSpec", "RunResult", "Reconfiguration", "ElasticWorker", "load_schedule",
-           "parse_schedule", "rank_layouts", "read_timeline", "format_table"]
+__all__ = ["Runner", "RunSpec", "RunResult", "Reconfiguration", "ElasticWorker", "Agent", "Trainer",
+           "ScriptTrainer", "load_schedule", "parse_schedule", "rank_layouts", "read_timeline", "format_table"]
 
 _WHERE = {"Runner": "runner", "RunResult": "runner", "RunSpec": "spec", "Reconfiguration": "timeline",
-          "read_timeline": "timeline", "format_table": "timeline", "ElasticWorker": "worker",
-          "load_schedule": "schedule", "parse_schedule": "schedule", "rank_layouts": "layouts"}
+          "read_timeline": "timeline", "format_table": "timeline", "ElasticWorker": "worker", "Agent": "agent",
+          "Trainer": "trainer", "ScriptTrainer": "trainer", "load_schedule": "schedule",
+          "parse_schedule": "schedule", "rank_layouts": "layouts"}
 
 
 def __getattr__(name: str):

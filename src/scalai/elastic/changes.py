@@ -101,7 +101,8 @@ def drop_successor(s: JobState, out: list) -> None:
 def prelaunch(p: Policy, s: JobState, g: Gen, now: float, out: list) -> None:
     """Start ``g``'s successor when a change is near: a few steps before a scheduled one
     (the measured start-up over the step time), at once for a requested one."""
-    if s.successor is not None or s.change is not None or g.first_step is None or g.last_step is None:
+    if not p.start_ahead or s.successor is not None or s.change is not None or g.first_step is None \
+            or g.last_step is None:
         return
     asked = [(a, v) for a, v, _, _ in s.requests]
     if g.stop_at is not None and asked:

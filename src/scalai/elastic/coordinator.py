@@ -21,7 +21,7 @@ Everything an agent sends becomes an item on the run's queue (``on_item``):
 ``("joined", AgentRecord, previous record or None)``, ``("data", host, {"digest", "path"[, "error"]})``
 (the agent's copy of the data: it counts as joined from then on), ``("row", gen, row)``, ``("report", gen, rank, report)``,
 ``("ptc", gen, ready, ptc_json)``, ``("exit", gen, rank, code)``, ``("leaving", host)``,
-``("logs", host, {gen: {rank: text}})``; the run (:mod:`.runner_agents`) turns them into
+``("logs", host, {gen: {rank: text}})``; the run (:mod:`.runner`) turns them into
 the controller's events. Dead agents are found by :meth:`AgentService.overdue` (pure
 rule: :func:`overdue`).
 """
@@ -130,7 +130,7 @@ class AgentService:
         agent = token is not None
         routes = {
             ("POST", "/v1/agents/join"): (self._join, agent),
-            ("POST", "/v1/agents/{name}/report"): (self._report, agent),
+            ("POST", "/v1/agents/{name}/report"): (self._report, agent, True),  # a loss may be NaN
             ("GET", "/v1/agents/{name}/commands"): (self._commands, agent),
             ("GET", "/v1/status"): (lambda r: (200, self._status()), False),
             ("POST", "/v1/scale"): (self._scale_route, False),

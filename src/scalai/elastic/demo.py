@@ -61,7 +61,7 @@ def new_demo_dir(base: str | Path = "scalai-demo") -> Path:
 def run_demo(out: Path, data: str | None = None, say=print):
     """Run the demo into ``out``; returns (elastic result, unchanged result, check)."""
     from .run_cli import compare_runs
-    from .runner_agents import Runner
+    from .runner import Runner
     from .timeline import format_table
 
     spec = demo_spec(out, data)

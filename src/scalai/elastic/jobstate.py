@@ -42,6 +42,8 @@ class Policy:
         grow: grow into the devices of agents that join during the run (up to
             ``max_devices``).
         persist: copy every committed version to disk in the background.
+        start_ahead: start the next generation before a change (a scheduled one: a few
+            steps ahead; a request: at once); off, only once the old workers have saved.
         grace_s: how long workers get to dump and exit after a failure, or to exit after
             their save, before they are killed.
         announce_timeout_s: longest wait for new workers to describe the job in their layout.
@@ -62,6 +64,7 @@ class Policy:
     grow: bool = False
     max_devices: int | None = None
     persist: bool = True
+    start_ahead: bool = True
     grace_s: float = 60.0
     announce_timeout_s: float = 120.0
     startup_s: float = 10.0

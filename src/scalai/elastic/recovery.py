@@ -10,19 +10,18 @@ generation's dump version, and reports its non-tensor state (see
 2. :func:`replicas_cover`: plans from the old layout, with the dead ranks unavailable, to
    the new one; a :class:`~scalai.errors.PlanError` means some bytes existed only on dead
    ranks (a layout without data-parallel replicas, or ZeRO-1 optimizer shards);
-3. :func:`commit_dump`: commits the dump as a version whose ``lost_ranks`` are the dead
-   ranks, on the surviving hosts, so that the stores can transform it (reading the dead
-   ranks' bytes from replicas);
+3. commits the dump as a version whose ``lost_ranks`` are the dead ranks, on the surviving
+   hosts, so that the stores can transform it, reading the dead ranks' bytes from replicas
+   (:func:`scalai.elastic.stores_io.commit_dump`);
 
 otherwise it restarts from the newest committed version whose hosts are all alive, or
-from the newest persistent copy on disk (:func:`restore_from_disk`), and counts the steps
-lost.
+from the newest persistent copy on disk (:func:`scalai.elastic.stores_io.restore`), and
+counts the steps lost. The decisions are the controller's (:mod:`.changes`); these are
+its pure helpers.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from typing import Mapping, Sequence
 
 from ..config import Placement
@@ -30,8 +29,7 @@ from ..errors import PlanError
 from ..layout.ptc import PTC
 from ..planner import Deployment, make_plan
 
-__all__ = ["consistent_dumps", "merged_state", "replicas_cover", "commit_dump", "restore_from_disk",
-           "dump_owner"]
+__all__ = ["consistent_dumps", "merged_state", "replicas_cover", "dump_owner"]
 
 
 def consistent_dumps(reports: Mapping[int, dict]) -> tuple[dict[int, dict], str]:
@@ -73,30 +71,3 @@ def dump_owner(version: str) -> str:
     """The writer id the survivors dump into ``version`` with (the runner commits or drops
     the dump as the same owner; see :mod:`scalai.store.lease`)."""
     return f"dump-{version}"
-
-
-def commit_dump(cluster, job: str, version: str, ptc: PTC, placement: Placement, state: dict,
-                dead: Sequence[int], alive_hosts: Sequence[str]):
-    """Commit the survivors' dump as a version with ``lost_ranks`` on the surviving hosts."""
-    from ..store.manifest import VersionManifest
-
-    _, seq = cluster.next_version(job)
-    manifest = VersionManifest(job, version, seq, ptc, placement, state, lost_ranks=tuple(sorted(dead)))
-    hosts = [h for h in placement.hosts_for(ptc.config.world_size) if h in alive_hosts]
-    cluster.commit(manifest, hosts, owner=dump_owner(version))
-    return manifest
-
-
-def restore_from_disk(ckpt_dir: str, layout, cluster, job: str, gpus_per_host: int) -> tuple[str, int]:
-    """Put a persistent copy back into the stores of ``cluster`` (its hosts, in slot order)
-    in ``layout``: reshard it on disk, then push it. Returns ``(version, bytes)``."""
-    from ..reshard import reshard_checkpoint
-
-    scratch = tempfile.mkdtemp(prefix="scalai-restore-", dir=None)
-    out = f"{scratch}/ckpt"
-    try:
-        plan, _ = reshard_checkpoint(ckpt_dir, out, layout, sync=False)
-        stored = cluster.push(out, job, gpus_per_host)
-        return stored.name, plan.stats.total_bytes
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The end of a run: its outputs written and the timeline printed.
+"""The end of a run: its outputs written and the timeline printed (:func:`write_outputs`).
 
 ``metrics.jsonl`` is rewritten once, atomically, with the steps that ran again marked
 ``lost``; then ``timeline.json``, ``timeline.png``, ``loss.png`` and ``summary.json``.
@@ -8,36 +8,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING
 
 from ..checkpoint.manifest import atomic_write
 from .events import write_json_atomic
 from .progress import mark_lost
 from .timeline import format_table, plot_loss, plot_timeline, write_timeline
 
-if TYPE_CHECKING:
-    from .runner import RunResult, Runner
-
-__all__ = ["finish", "write_outputs"]
-
-
-def finish(runner: Runner, outcome) -> RunResult:
-    """Write the run's outputs (see the module docstring) and return its result."""
-    from .runner import RunResult
-
-    runner.state = "done"
-    for _, _, reason, _ in runner.take_requests():
-        runner.say(f"{reason}: not carried out, the job reached its last step first")
-    runner.record_commit(outcome.version, outcome.step, runner.alloc.hosts)
-    if runner.persister is not None:
-        runner.persister.wait_idle(120)
-    latest = runner.persister.latest() if runner.persister else None
-    runner.metrics_out.close()
-    rows = write_outputs(runner.dir, runner.spec.job, runner.rows, runner.changes, outcome.step, outcome.version,
-                         str(latest.path) if latest else None, time.time() - runner._t0, runner.alloc, runner.say,
-                         runner.report)
-    return RunResult(runner.dir, rows, runner.changes, outcome.step, outcome.version,
-                     str(latest.path) if latest else None)
+__all__ = ["write_outputs"]
 
 
 def write_outputs(out, job: str, rows, changes, step: int, version, checkpoint, wall_s: float, alloc, say,

@@ -34,7 +34,7 @@ def run_from_cli(*, schedule_file, steps, out, compare=False, token_file=None, *
     """Validate everything, run, and (``compare``) run the unchanged job beside it and check
     the elastic run against it (:func:`~.check.check_run`; raises :class:`RunCheckFailed`)."""
     from ..store.client import load_token
-    from .runner_agents import Runner
+    from .runner import Runner
     from .spec import RunSpec
 
     token = load_token(token_file)
@@ -65,7 +65,7 @@ def compare_runs(spec, result, say=print):
     from dataclasses import replace
 
     from .check import check_run
-    from .runner_agents import Runner
+    from .runner import Runner
     from .timeline import plot_loss
 
     out = Path(result.out)

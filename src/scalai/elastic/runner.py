@@ -1,84 +1,60 @@
-"""The elastic runner: a training job that grows, shrinks, moves and survives failures.
+"""The elastic runner's shell: agents, stores, threads and time around the pure controller.
 
-``Runner(spec).run()`` (CLI: ``scalai run``) keeps one job going over a changing set of
-devices. Per *generation* (one layout on one set of hosts) it starts one torchrun agent per
-host (:mod:`.launch`), watches the workers' metrics and reports (:mod:`.events`), and acts:
+``Runner(spec, machines).run()`` (CLI: ``scalai run``) keeps one job going over a changing
+set of machines. Its agents (:mod:`.agent`) join the coordinator's service
+(:mod:`.coordinator`); everything they send becomes a controller event
+(:mod:`.messages`), fed one at a time to :func:`.controller.step`, and every action it
+hands back is carried out here, in order:
 
-- a step-triggered event: the workers were launched to stop after that step; they save to
-  their own hosts' stores (a memory copy) and exit;
-- a time-triggered event or ``scalai scale`` (the control endpoint, :mod:`.control`): the
-  runner touches the generation's stop file; every worker stops after the same step;
-- ``fail``: the runner kills that rank's process (or a whole host: its agent, workers and
-  store); the survivors' collectives fail, they dump their shards, and the runner recovers
-  (:mod:`.recovery`).
+- ``Launch``: a c10d ``TCPStore`` for the generation's rendezvous (held here; workers are
+  its clients), then a ``launch`` command to every agent of its hosts (their ranks);
+- ``Signal`` / ``Kill`` / ``CrashHost`` / ``Release``: commands to agents;
+- ``Transform`` / ``RecoverDump`` / ``Restore``: on a thread, against the stores
+  (:mod:`.stores_io`); the result comes back as an event;
+- ``Drop`` / ``Fence``: store calls on a thread; ``Persist`` / ``HoldPersist``: the
+  persistent copy (:mod:`.persist`);
+- ``Record`` / ``Say`` / ``Finish`` / ``Fail``: the timeline, the progress output, the end.
 
-Then it chooses the new allocation (:mod:`.allocation`: the cost model for a device count),
-starts the new agents at once (their start-up overlaps the transformation), transforms the
-state inside the stores (:func:`scalai.store.reshard`, distributed: every new host pulls
-its slices), and lets the new workers load. Every change is timed phase by phase into a
-:class:`~scalai.elastic.timeline.Reconfiguration`.
-
-Outputs in the run directory: ``metrics.jsonl``, ``timeline.json``, ``timeline.png``,
-``loss.png``, ``summary.json``, ``checkpoints/`` (persistent copies), ``logs/`` (agents),
-``events/`` (worker reports).
+Time passes as ``Tick`` events (10 per second); agents unheard of for the detection time
+become ``AgentDead`` events. The run directory holds only what the coordinator received:
+``metrics.jsonl``, ``timeline.json`` and the plots, ``summary.json``, ``logs/`` (log tails
+the agents sent), ``events/gNNN/`` (each worker's last report, ``exits.json``: their exit
+statuses, ``ptc.json``: the job's description under the generation's layout),
+``checkpoints/`` (persistent copies pulled from the stores).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import ScalaiError
 from ..layout.ptc import PTC
-from .ahead import drop_successor, maybe_prelaunch
-from .allocation import Allocation, apply_event
-from .control import ControlServer
-from .events import events_dir, read_generation, reconfiguration_phases
-from .faults import detect_dead_stores, fire_failures, fire_timed
-from .launch import Agent, Rendezvous, process_gone, start_agents
-from .persist import Persister
-from .progress import MetricsTail, Progress, run_row
-from .report import finish
-from .spec import RunSpec
+from . import controller
+from .coordinator import AgentService
+from .jobstate import Policy
+from .machines import LocalMachines, Machines
+from .messages import (AgentDead, AgentGone, AgentInfo, AgentJoined, AgentLeaving, Announced, CrashHost, Drop, Fail,
+                       Fence, Finish, HoldPersist, Kill, Launch, Persist, PersistedInfo, PersistStatus, RankReport,
+                       RecoverDump, Record, Release, Restore, Resume, Say, ScaleRequested, Signal, Start, StepDone,
+                       StoredInfo, Tick, Transform, TransformFailed, WorkerExited)
+from .progress import Progress, run_row
 from .timeline import Reconfiguration
-from .worker import free_file, stop_file
 
 __all__ = ["Runner", "RunResult", "RunFailed"]
 
-GRACE_S = 60.0  # after a failure, how long the survivors get to dump before they are killed
+TICK_S = 0.1
 
 
 class RunFailed(ScalaiError):
-    """The run cannot go on (the message says why and where the logs are)."""
-
-
-@dataclass
-class Generation:
-    number: int
-    alloc: Allocation
-    until: int
-    start_step: int
-    agents: list[Agent]
-    launched: float
-    exited_at: float | None = None
-    first_row: dict | None = None
-    killed: list[tuple[str, Any, float]] = field(default_factory=list)  # (kind, target, time)
-    successor: "Generation | None" = None  # started ahead of the change that ends this one
-
-
-@dataclass
-class _Pending:
-    change: Reconfiguration
-    request: float
-    old: Generation
-    marks: dict[str, tuple[float, float]]  # the runner's phases: (start, end) each
-    go: float | None = None
+    """The run cannot go on (the message says why, with the failed workers' log tails)."""
 
 
 @dataclass
@@ -94,381 +70,485 @@ class RunResult:
 
 
 class Runner:
-    """Runs ``spec`` (see the module docstring); ``say`` gets every message line."""
+    """Runs ``spec`` (a :class:`~.spec.RunSpec`) on its machines (see the module docstring).
 
-    def __init__(self, spec: RunSpec, out: TextIO | None = None, report: bool = True):
-        self.spec, self.dir, self.report = spec, Path(spec.out), report
-        self.progress = Progress(spec.steps, out)
-        self.pool, self.alloc = spec.pool(), spec.initial()
-        self.changes: list[Reconfiguration] = []
+    Args:
+        out: where progress goes (default: standard output).
+        report: print the timeline table at the end.
+        machines: the agents (default: ``spec.machines()``: started here, or joining).
+    """
+
+    def __init__(self, spec, out: TextIO | None = None, report: bool = True, machines: Machines | None = None):
+        from .wire import split_address
+
+        self.spec = spec
+        self.job, self.steps, self.dir = spec.job, spec.steps, Path(spec.out)
+        self.machines = machines or spec.machines()
+        self.listen = split_address(spec.listen, "--listen") if spec.listen else ("127.0.0.1", 0)
+        self.control_token = spec.token
+        self.dead_after, self.heartbeat = spec.dead_after, min(1.0, spec.dead_after / 4)
+        self.persist_enabled, self.report = spec.persist, report
+        self.progress = Progress(self.steps, out)
+        self.queue: queue.Queue = queue.Queue()
+        self.state = None
+        self.policy: Policy | None = None
         self.rows: list[dict] = []
-        self.commits: list[dict] = []
-        self.state = "starting"
-        self.gen: Generation | None = None
-        self._fired: set[int] = set()
-        self._requests: list[tuple[str, Any, str, float]] = []
-        self._lock = threading.Lock()
-        self._pending: _Pending | None = None
+        self.changes: list[Reconfiguration] = []
+        self._seen_rows: set[tuple[int, int]] = set()
+        self._agents: dict[str, Any] = {}  # host -> AgentRecord of data-ready agents
+        self._rdzv: dict[int, Any] = {}
+        self._store_ops = queue.Queue()
+        self._finished: Finish | None = None
+        self._failed: Fail | None = None
+        self._persisted = (0, None)
         self._t0 = time.time()
+        self._trace = None
+        self._deferred: list[tuple] = []
+        self._exits: dict[int, dict[str, int]] = {}  # generation -> {rank: exit status}
 
     # -- public -----------------------------------------------------------------------
     def say(self, text: str) -> None:
         self.progress.say(text)
 
     def status(self) -> dict:
-        gen = self.gen
-        return {"job": self.spec.job, "state": self.state, "step": self.rows[-1]["step"] if self.rows else 0,
-                "steps": self.spec.steps, "layout": str(self.alloc.layout), "hosts": list(self.alloc.hosts),
-                "devices": self.alloc.devices, "generation": gen.number if gen else None,
-                "healthy_devices": self.pool.total, "reconfigurations": len(self.changes)}
+        s = self.state
+        if s is None:
+            return {"job": self.job, "state": "waiting for agents", "agents": len(self._agents)}
+        return {"job": self.job, "state": s.phase, "step": s.last_logged, "steps": self.steps,
+                "layout": str(s.alloc.layout), "hosts": list(s.alloc.hosts), "devices": s.alloc.devices,
+                "generation": s.current, "healthy_devices": s.pool.total, "reconfigurations": len(self.changes),
+                "agents": sorted(self._agents)}
 
-    def request(self, action: str, value: Any) -> dict:
-        """A change asked for now (control endpoint, time event); raises ValueError to refuse."""
-        new = apply_event(self.alloc, self.pool, action, value, self.spec.chooser, self.spec.accepts)
-        if new == self.alloc:
-            raise ValueError(f"the job already runs {self.alloc.describe()}; nothing to change")
-        reason = {"devices": f"scale to {value} devices", "layout": f"layout {value}",
-                  "redeploy": "redeploy"}[action] + " (request)"
-        with self._lock:
-            self._requests.append((action, value, reason, time.time()))
-        return {"action": action, "value": str(value) if action == "layout" else value,
-                "layout": str(new.layout), "hosts": list(new.hosts)}
+    def scale(self, body: Any) -> dict:
+        """``POST /v1/scale`` (from a server thread): checked against the state now, queued."""
+        from .control import parse_request
+
+        action, value = parse_request(body)
+        if self.state is None or self.policy is None:
+            raise ValueError("the job has not started yet (waiting for its agents); ask again later")
+        accepted = controller.check_request(self.policy, self.state, action, value)
+        reason = controller.REQUEST_REASONS[action].format(value) + " (request)"
+        self.queue.put(("event", ScaleRequested(time.time(), action, value, reason)))
+        return accepted
 
     def run(self) -> RunResult:
         if self.dir.exists() and any(self.dir.iterdir()):
             raise FileExistsError(f"run directory {self.dir} is not empty; choose a new --out")
         created = not self.dir.exists()
-        for sub in ("events", "control", "logs", "workers"):
-            (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        self.metrics_out = open(self.dir / "metrics.jsonl", "a")
-        self.tail = MetricsTail(self.dir / "workers" / "metrics.jsonl")
-        self._gens: list[Generation] = []
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        if os.environ.get("SCALAI_TRACE"):
+            self._trace = open(self.dir / "trace.log", "a")  # every event and action, for debugging
         started = False
         try:
-            self._start_infrastructure()
+            self._start()
             started = True
-            return self._main()
+            return self._loop()
         finally:
             self._shutdown()
-            if created and not started:  # nothing ran: leave no half-made run directory behind
+            if created and not started:
                 shutil.rmtree(self.dir, ignore_errors=True)
 
-    # -- infrastructure ---------------------------------------------------------------
-    def _start_infrastructure(self) -> None:
-        from ..store.simnet import SimulatedHosts
+    # -- start ------------------------------------------------------------------------
+    def _start(self) -> None:
+        host, port = self.listen
+        self.service = AgentService(self.queue.put, self.spec.welcome(), self.status, self.scale, host, port,
+                                    self.machines.token, self.control_token, heartbeat_s=self.heartbeat,
+                                    dead_after_s=self.dead_after)
+        self._register()
+        threading.Thread(target=self._store_worker, name="scalai-store-ops", daemon=True).start()
+        self.machines.start(self.service.url)
+        self.say(f"scalai run: job {self.job}, {self.steps} steps; coordinator {self.service.url}; waiting for "
+                 f"{self.machines.describe()}")
+        agents = self._quorum()
+        self.policy = self.spec.policy(agents[0].devices)
+        infos = tuple(AgentInfo(a.name, a.devices, a.kind, a.memory_gib) for a in agents)
+        self.state = controller.initial_state(self.policy, infos, resume=self.spec.resume)
+        if not self.spec.resume and self.spec.agents is not None:  # the schedule against the machines that came
+            from .spec import dry_run
 
-        spec = self.spec
-        self._prepare_data()
-        self.hosts = SimulatedHosts(spec.hosts, link=spec.link, mode="transport").__enter__()
-        self.rdzv = Rendezvous()
-        self.control = ControlServer(self.status, self.request, spec.control_host, spec.control_port,
-                                     spec.control_token)
-        self.control.register(spec.job, self.dir, stores=self.hosts.root)
-        self.persister = Persister(self._alive_urls, spec.job, self.dir / "checkpoints", self.hosts.token,
-                                   on_error=lambda m: self.say(f"warning: {m}")) if spec.persist else None
-        link = f", links {spec.link}" if spec.link else ""
-        self.say(f"scalai run: job {spec.job} ({spec.model}), {spec.hosts} simulated hosts x "
-                 f"{spec.gpus_per_host} devices (a store each{link}), {spec.steps} steps; control "
-                 f"{self.control.url}; run directory {self.dir}")
+            dry_run(self.policy, self.state.pool)
+        from .persist import Persister
 
-    def _prepare_data(self) -> None:
-        from ..examples.gpt.corpus import default_index_path, ensure_index
-        from ..examples.gpt.model import preset
+        self.persister = Persister(self._alive_urls, self.job, self.dir / "checkpoints", self.machines.token,
+                                   on_error=lambda m: self.say(f"warning: {m}")) if self.persist_enabled else None
+        if self.spec.resume:
+            self._feed(self._resume_event(agents))
+        else:
+            self._feed(Start(time.time(), infos))
 
-        seq_len = preset(self.spec.model).seq_len
-        self.data_path = str(self.spec.data or default_index_path(seq_len))
-        ensure_index(seq_len, self.data_path)
+    def _register(self) -> None:
+        from .control import register
 
-    def _shutdown(self) -> None:
-        for gen in getattr(self, "_gens", []):
-            for a in gen.agents:
-                a.kill()
-        if getattr(self, "persister", None):
-            self.persister.close()
-        if getattr(self, "control", None):
-            self.control.close(self.spec.job)
-        if getattr(self, "hosts", None):
-            self.hosts.close()
-        if getattr(self, "rdzv", None):
-            self.rdzv.close()
-        if getattr(self, "metrics_out", None):
-            self.metrics_out.close()
+        extra = {"agents_root": str(self.machines.root)} if isinstance(self.machines, LocalMachines) else {}
+        register(self.job, self.service.url, self.dir, **extra)
 
-    def _alive_urls(self) -> list[str]:
-        return [u for h, u in zip(self.hosts.hosts, self.hosts.urls) if h not in self.pool.dead]
-
-    def _cluster(self):
-        from ..store import StoreCluster
-
-        return StoreCluster(self._alive_urls(), self.hosts.token)
-
-    # -- generations ------------------------------------------------------------------
-    def _next_stop(self, after: int, alloc: Allocation) -> int:
-        """The step a generation running ``alloc`` stops after: the next step event that
-        changes something (events that would change nothing are dropped with a note)."""
-        for e in self.spec.schedule:
-            if e.step is None or e.index in self._fired or e.action == "fail" or e.step <= after:
-                continue
+    def _quorum(self) -> list:
+        """Wait until the expected agents have joined with their data ready."""
+        deadline = time.time() + self.spec.quorum_timeout
+        while len(self._agents) < self.machines.expected:
+            if time.time() > deadline and self.spec.resume and self._agents:
+                self.say(f"only {len(self._agents)} of {self.machines.expected} agents came back within "
+                         f"{self.spec.quorum_timeout:.0f} s; continuing with them")
+                break
+            if time.time() > deadline:
+                have = ", ".join(sorted(self._agents)) or "none"
+                raise RunFailed(f"only {len(self._agents)} of {self.machines.expected} agents joined within "
+                                f"{self.spec.quorum_timeout:.0f} s (joined: {have}); start 'scalai agent --join "
+                                f"{self.service.url.split('://')[1]} ...' on the machines")
+            self._check_local_agents()
             try:
-                new = apply_event(alloc, self.pool, e.action, e.value, self.spec.chooser, self.spec.accepts)
-            except ValueError as exc:
-                self._note(e.index, f"event {e.index} ({e.describe()}) cannot be carried out now, skipped: {exc}")
+                item = self.queue.get(timeout=0.2)
+            except queue.Empty:
                 continue
-            if new == alloc:
-                self._note(e.index, f"event {e.index} ({e.describe()}) changes nothing for {alloc.describe()}; not a stop")
+            self._item(item, starting=True)
+        return [self._agents[h] for h in sorted(self._agents)][: max(self.machines.expected, len(self._agents))]
+
+    def _check_local_agents(self) -> None:
+        if isinstance(self.machines, LocalMachines):
+            for name, proc in self.machines.procs.items():
+                if proc.poll() is not None and name not in self._agents:
+                    raise RunFailed(f"agent {name} exited before joining:\n{self.machines.agent_log(name)}")
+
+    def _resume_event(self, agents) -> Resume:
+        """What a coordinator started again finds: the committed versions of the job in the
+        agents' stores (each with its manifest), the last step and generation reported."""
+        from ..store import StoreCluster
+        from ..store.manifest import VersionManifest
+
+        cluster = StoreCluster([a.store for a in agents], self.machines.token)
+        stored = []
+        seen: dict[str, set] = {}
+        for host in cluster.hosts:
+            try:
+                versions = cluster.client(host).job(self.job)["versions"]
+            except ScalaiError:
                 continue
-            return e.step
-        return self.spec.steps
-
-    def _note(self, key, text: str) -> None:
-        """Say ``text`` once per ``key`` (events are looked at again at every launch)."""
-        noted = self.__dict__.setdefault("_noted", set())
-        if key not in noted:
-            noted.add(key)
-            self.say(text)
-
-    def launch(self, alloc: Allocation, start_step: int, resume: bool, free: bool = True,
-                activate: bool = True) -> Generation:
-        """Start a generation's agents. ``free``: the devices are free now (else the caller
-        calls :meth:`await_exit` for the previous generation). ``activate``: it is the
-        running generation now (else it was started ahead: see :mod:`.ahead`)."""
-        from ..examples.gpt.options import to_argv
-
-        spec, number = self.spec, len(self._gens)
-        until = self._next_stop(start_step, alloc)
-        opts = spec.trainer_options(alloc.layout, steps=until, metrics=str(self.dir / "workers" / "metrics.jsonl"),
-                                    log_every=10**9)
-        opts = type(opts)(**{**opts.__dict__, "data": self.data_path})
-        urls = dict(zip(self.hosts.hosts, self.hosts.urls))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
-               "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore", "SCALAI_TOKEN": self.hosts.token,
-               "SCALAI_RUN_DIR": str(self.dir), "SCALAI_GENERATION": str(number),
-               "SCALAI_HOSTS": ",".join(alloc.hosts), "SCALAI_GPUS_PER_HOST": str(spec.gpus_per_host),
-               "SCALAI_STORES": ",".join(f"{h}={urls[h]}" for h in alloc.hosts), "SCALAI_JOB": spec.job,
-               "SCALAI_RESUME": "1" if resume else "0", "SCALAI_COMMIT_EVERY": str(spec.commit_every),
-               "SCALAI_DUMP_VERSION": f"rescue-g{number:03d}", "SCALAI_TIMEOUT": str(spec.worker_timeout),
-               # nothing to transform into (a fresh start), or a PTC known already: no announcement
-               "SCALAI_ANNOUNCE": "0" if not resume or self.known_ptc(alloc.layout) is not None else "1"}
-        host_env = {h: {"SCALAI_HOST": h} for h in alloc.hosts}
-        agents = start_agents(alloc.hosts, [alloc.local_size(h) for h in alloc.hosts], self.rdzv.endpoint,
-                              f"{spec.job}-g{number:03d}", spec.module, to_argv(opts), env, host_env,
-                              self.dir / "logs")
-        gen = Generation(number, alloc, until, start_step, agents, time.time())
-        if free:
-            free_file(self.dir, number).touch()
-        self._gens.append(gen)
-        if activate:
-            self.activate(gen)
-        return gen
-
-    def known_ptc(self, layout) -> PTC | None:
-        """The job's PTC under ``layout`` if this run saw it under a layout that uses the same
-        parallel axes (what a generation reported when ready, or announced), relaid out to
-        ``layout``'s degrees; else None.
-
-        Described from DTensor placements, a job's split rules depend on which axes are in
-        use (tp > 1, dp > 1, sharding over dp), not on their degrees, so the relayout is
-        exact; should a script differ, a load still fills every element exactly once (from
-        a less convenient layout)."""
-        cache = self.__dict__.setdefault("_seen_ptcs", {})
-        for path in sorted(Path(self.dir, "events").glob("g*/*.json")):
-            if path.name in ("ptc.json", "layout.json") and str(path) not in cache:
-                try:
-                    cache[str(path)] = PTC.from_json(json.loads(path.read_text()))
-                except (OSError, ValueError, KeyError):
-                    continue  # being written: read it next time
-        for ptc in cache.values():
-            if axes_in_use(ptc.config) == axes_in_use(layout):
-                return ptc.relayout(layout) if ptc.config != layout else ptc
-        return None
-
-    def activate(self, gen: Generation) -> None:
-        self.gen, self.alloc, self.state = gen, gen.alloc, "running"
-
-    def allocation_after(self, alloc: Allocation, actions) -> Allocation | None:
-        """The allocation after ``[(action, value)]``, or None if one cannot be met."""
-        try:
-            for action, value in actions:
-                alloc = apply_event(alloc, self.pool, action, value, self.spec.chooser, self.spec.accepts)
-        except ValueError:
-            return None
-        return alloc
-
-    def due(self, step: int) -> list:
-        return [e for e in self.spec.schedule if e.step == step and e.index not in self._fired
-                and e.action != "fail"]
-
-    def _add_row(self, raw: dict, gen: Generation) -> None:
-        row = run_row(raw, gen.number)
-        self.rows.append(row)
-        self.metrics_out.write(json.dumps(row) + "\n")
-        self.metrics_out.flush()
-        if gen.first_row is None:
-            gen.first_row = row
-            self._complete_pending(gen)
-        self.progress.step(row)
-
-    def _complete_pending(self, gen: Generation) -> None:
-        p = self._pending
-        if p is None:
-            return
-        if self.persister is not None:
-            self.persister.hold(False)  # held since the reconfiguration began
-        first_end = gen.first_row["time"] if gen.first_row else None
-        durations, starts, downtime = reconfiguration_phases(
-            p.request, read_generation(self.dir, p.old.number), p.old.exited_at or p.marks["allocate"][0],
-            p.marks, read_generation(self.dir, gen.number), first_end, p.go)
-        p.change.phases, p.change.starts, p.change.measured_downtime = durations, starts, downtime
-        self.changes.append(p.change)
-        self._pending = None
-        c = p.change
-        self.say(f"  back at step {c.at_step + 1} in {c.to_layout} after {downtime:.1f} s down (" +
-                 ", ".join(f"{k} {v:.2f}" for k, v in durations.items()) + " s)")
+            for v in versions:
+                if v["committed"]:
+                    seen.setdefault(v["version"], set()).add(host)
+        for name, hosts in seen.items():
+            raw = cluster.client(sorted(hosts)[0]).version(self.job, name, tensors=False)["manifest"]
+            m = VersionManifest.from_json(raw)
+            if m.scratch or m.lost_ranks or not set(m.hosts) <= hosts:
+                continue
+            stored.append(StoredInfo(name, int(m.state.get("step", 0)), m.ptc.config, tuple(m.hosts), m.sequence,
+                                     m.ptc.full))
+        last_step = max((a.last_step for a in agents), default=0)
+        last_gen = max((a.last_generation for a in agents), default=-1)
+        infos = tuple(AgentInfo(a.name, a.devices, a.kind, a.memory_gib) for a in agents)
+        return Resume(time.time(), infos, tuple(stored), last_step, last_gen)
 
     # -- the loop ---------------------------------------------------------------------
-    def _main(self) -> RunResult:
-        from .transitions import Outcome, reconfigure, recover
+    def _loop(self) -> RunResult:
+        last_tick = 0.0
+        deferred, self._deferred = self._deferred, []
+        for item in deferred:
+            self._item(item)
+        while self._finished is None and self._failed is None:
+            try:
+                item = self.queue.get(timeout=TICK_S)
+            except queue.Empty:
+                item = None
+            while item is not None:
+                self._item(item)
+                if self._finished or self._failed:
+                    break
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    item = None
+            now = time.time()
+            for host in self.service.overdue():
+                self._feed(AgentDead(now, host, f"no heartbeat for {self.dead_after:g} s"))
+            self._persist_status()
+            if now - last_tick >= TICK_S:
+                last_tick = now
+                self._feed(Tick(now))
+        self._drain()
+        if self._failed is not None:
+            raise RunFailed(self._failed.message + self._log_tails(self._failed.generation))
+        return self._finish(self._finished)
 
-        for e in self.spec.schedule:  # step-0 events shape the start
-            if e.step == 0 and e.action != "fail":
-                self._fired.add(e.index)
-                self.alloc = apply_event(self.alloc, self.pool, e.action, e.value, self.spec.chooser,
-                                         self.spec.accepts)
-        gen = self.launch(self.alloc, 0, resume=False)
-        self.say(f"generation 0: {gen.alloc.describe()}, steps 1-{gen.until}")
-        stuck = 0
-        while True:
-            outcome: Outcome = self._watch(gen)
-            if outcome.kind == "done":
-                break
-            if outcome.kind == "stopped":
-                gen = reconfigure(self, gen, outcome)
-                stuck = 0
+    def _drain(self, wait: float = 0.5) -> None:
+        """The run is over: keep what is still on its way (rows, log tails) for the outputs."""
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                item = self.queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if item[0] in ("row", "logs"):
+                self._item(item)
+
+    def _feed(self, event) -> None:
+        self.state, actions = controller.step(self.policy, self.state, event)
+        if self._trace is not None and (actions or not isinstance(event, Tick)):
+            self._trace.write(f"{time.time() - self._t0:9.3f} {_brief(event)}\n"
+                              + "".join(f"{'':10}-> {_brief(a)}\n" for a in actions))
+            self._trace.flush()
+        for action in actions:
+            self._perform(action)
+
+    def _item(self, item: tuple, starting: bool = False) -> None:
+        kind, now = item[0], time.time()
+        if kind == "joined":
+            return  # counted once its data report arrives
+        if kind == "data":
+            self._joined(item[1], item[2], starting)
+            return
+        if starting:  # the job has not started: keep it for then (e.g. rows sent again after a restart)
+            self._deferred.append(item)
+            return
+        if kind == "event":
+            self._feed(item[1])
+        elif kind == "row":
+            gen, raw = item[1], item[2]
+            if (gen, raw.get("step")) in self._seen_rows:
+                return
+            self._seen_rows.add((gen, raw.get("step")))
+            row = run_row(raw, gen)
+            self.rows.append(row)
+            with open(self.dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.progress.step(row)
+            self._feed(StepDone(now, gen, int(row["step"]), float(row.get("time") or now)))
+        elif kind == "report":
+            from .events import rank_file, write_json_atomic
+
+            write_json_atomic(rank_file(self.dir, item[1], item[2]), item[3])  # kept as received
+            self._feed(RankReport(now, item[1], item[2], item[3]))
+        elif kind == "ptc":
+            try:
+                ptc = PTC.from_json(item[3])
+            except (ValueError, KeyError, TypeError) as exc:
+                self.say(f"warning: generation {item[1]} described an unreadable PTC ({exc}); ignored")
+                return
+            from .events import events_dir, write_json_atomic
+
+            # kept as received: the job's description under each layout (ready: the live job's)
+            write_json_atomic(events_dir(self.dir, item[1]) / ("ptc.json" if item[2] else "layout.json"), item[3])
+            self._feed(Announced(now, item[1], ptc, ready=item[2]))
+        elif kind == "exit":
+            from .events import events_dir, write_json_atomic
+
+            self._exits.setdefault(item[1], {})[str(item[2])] = item[3]
+            write_json_atomic(events_dir(self.dir, item[1]) / "exits.json", self._exits[item[1]])
+            self._feed(WorkerExited(now, item[1], item[2], item[3]))
+        elif kind == "logs":
+            for gen, ranks in item[2].items():
+                for rank, text in ranks.items():
+                    with open(self.dir / "logs" / f"g{int(gen):03d}-rank{int(rank)}.log", "a") as f:
+                        f.write(text + "\n")
+        elif kind == "leaving":
+            self._feed(AgentLeaving(now, item[1]))
+
+    def _joined(self, host: str, data: dict, starting: bool) -> None:
+        record = self.service.agents.get(host)
+        if record is None:
+            return
+        if data.get("error"):
+            self.say(f"warning: agent {host} is not used: {data['error']}")
+            return
+        back = host in self._agents
+        self._agents[host] = record
+        if starting:
+            return
+        info = AgentInfo(host, record.devices, record.kind, record.memory_gib)
+        if back or host in self.state.pool.dead:
+            # It was declared dead (or crashed) and came back: its store holds nothing the
+            # job may use (fenced out); empty it before the job counts on it again.
+            self._store_ops.put(("wipe", host, AgentJoined(time.time(), info), record.store))
+        else:
+            self._feed(AgentJoined(time.time(), info))
+
+    # -- actions ----------------------------------------------------------------------
+    def _perform(self, a) -> None:
+        if isinstance(a, Launch):
+            self._launch(a)
+        elif isinstance(a, Signal):
+            hosts = a.hosts or self._gen_hosts(a.generation)
+            for h in hosts:
+                self.service.send(h, "signal", generation=a.generation, what=a.what, version=a.version)
+        elif isinstance(a, Kill):
+            g = self.state.gens.get(a.generation)
+            hosts = self._gen_hosts(a.generation)
+            if g is not None and a.ranks is not None:
+                hosts = sorted({g.alloc.host(r) for r in a.ranks})
+            for h in hosts:
+                self.service.send(h, "kill", generation=a.generation, ranks=list(a.ranks) if a.ranks else None)
+        elif isinstance(a, CrashHost):
+            self.machines.crash(a.host, self.service)
+        elif isinstance(a, Release):
+            self.service.send(a.host, "release")
+            self.service.mark(a.host, "released")
+            self._agents.pop(a.host, None)
+            self.say(f"agent {a.host} released: the job holds nothing on it")
+            self.queue.put(("event", AgentGone(time.time(), a.host)))
+        elif isinstance(a, (Transform, RecoverDump, Restore)):
+            urls = self._store_urls(list(a.alloc.hosts) if isinstance(a, Restore) else None)
+            threading.Thread(target=self._transform, args=(a, urls), name="scalai-transform", daemon=True).start()
+        elif isinstance(a, Drop):
+            self._store_ops.put(("drop", a.version, self._store_urls()))
+        elif isinstance(a, Fence):
+            self._store_ops.put(("fence", a.generation, a.hosts))
+        elif isinstance(a, Persist):
+            if self.persister is not None:
+                self.persister.submit(a.version, a.step)
+        elif isinstance(a, HoldPersist):
+            if self.persister is not None:
+                self.persister.hold(a.held)
+        elif isinstance(a, Record):
+            self.changes.append(a.change)
+        elif isinstance(a, Say):
+            self.say(a.text)
+        elif isinstance(a, Finish):
+            self._finished = a
+        elif isinstance(a, Fail):
+            self._failed = a
+
+    def _gen_hosts(self, generation: int) -> list[str]:
+        g = self.state.gens.get(generation)
+        return [h for h in g.alloc.hosts if h not in self.state.pool.dead] if g is not None else []
+
+    def _launch(self, a: Launch) -> None:
+        from torch.distributed import TCPStore
+
+        store = TCPStore("0.0.0.0", 0, is_master=True, wait_for_workers=False)
+        self._rdzv[a.generation] = store
+        for gone in [n for n in self._rdzv if n not in self.state.gens]:
+            self._rdzv.pop(gone, None)  # their workers are all gone: close the rendezvous
+        alloc, p, trainer = a.alloc, self.policy, self.spec.trainer
+        stores = ",".join(f"{h}={self._agents[h].store}" for h in alloc.hosts if h in self._agents)
+        env = {**self.spec.worker_env(), "SCALAI_GENERATION": str(a.generation), "SCALAI_HOSTS": ",".join(alloc.hosts),
+               "SCALAI_GPUS_PER_HOST": str(p.gpus_per_host), "SCALAI_STORES": stores, "SCALAI_JOB": self.job,
+               "SCALAI_RESUME": "1" if a.resume else "0", "SCALAI_DUMP_VERSION": p.dump_version(a.generation),
+               "SCALAI_ANNOUNCE": "1" if a.announce else "0"}
+        for slot, host in enumerate(alloc.hosts):
+            data = self._agents[host].data or {} if host in self._agents else {}
+            metrics = f"{data.get('run_dir', '.')}/metrics/g{a.generation:03d}.jsonl"  # on that machine
+            self.service.send(host, "launch", generation=a.generation, ranks=alloc.ranks_on(host),
+                              module=trainer.module, argv=trainer.argv(alloc.layout, a.until, metrics, data.get("path")),
+                              env={**env, **trainer.env(alloc.layout, a.until, metrics)}, store_port=store.port,
+                              run_id=f"{self.job}-g{a.generation:03d}", world=alloc.devices, slot=slot,
+                              slots=len(alloc.hosts), free=a.free)
+
+    def _alive_urls(self) -> list[str]:
+        dead = self.state.pool.dead if self.state is not None else frozenset()
+        return [r.store for h, r in list(self._agents.items()) if h not in dead]
+
+    def _store_urls(self, hosts=None) -> list[str]:
+        """The stores of ``hosts`` (in that order), or of every live machine (main thread)."""
+        dead = self.state.pool.dead
+        names = hosts if hosts is not None else [h for h in self._agents if h not in dead]
+        return [self._agents[h].store for h in names if h in self._agents]
+
+    def _cluster(self, urls: list[str]):
+        from ..store import StoreCluster
+
+        return StoreCluster(urls, self.machines.token)
+
+    def _transform(self, a, urls: list[str]) -> None:
+        from . import stores_io
+
+        try:
+            if isinstance(a, Restore):
+                t0 = time.time()
+                version, moved = stores_io.restore(self._cluster(urls), a.path, a.alloc, self.job)
+                event = stores_io.done(a.token, version, moved, moved, (t0, t0), (t0, time.time()))
             else:
-                stuck = stuck + 1 if gen.first_row is None else 0
-                if stuck >= 2:
-                    raise RunFailed(f"generation {gen.number} failed without completing a step, twice in a "
-                                    f"row; see {gen.agents[0].log.parent}:\n{outcome.logs}")
-                gen = recover(self, gen, outcome)
-        return finish(self, outcome)
+                cluster = self._cluster(urls)
+                if isinstance(a, RecoverDump):
+                    stores_io.commit_dump(cluster, self.job, a)
+                event = stores_io.transform(cluster, self.job, a.source if isinstance(a, Transform) else a.dump_version,
+                                            a.alloc, a.target, a.lost, a.token)
+        except Exception as exc:  # noqa: BLE001 - the controller decides what follows
+            event = TransformFailed(time.time(), a.token, f"{type(exc).__name__}: {exc}")
+        self.queue.put(("event", event))
 
-    def _watch(self, gen: Generation):
-        """Follow ``gen`` until its agents have exited; returns what happened."""
-        from .transitions import Outcome
-
-        stop_at: float | None = None
-        failed_at: float | None = None
+    def _store_worker(self) -> None:
         while True:
-            for raw in self.tail.read():
-                self._add_row(raw, gen)
-            self._poll_commits(gen)
-            fire_failures(self, gen)
-            fire_timed(self)
-            detect_dead_stores(self, gen)
-            with self._lock:
-                asked = bool(self._requests)
-            if asked and stop_at is None:
-                stop_at = time.time()
-                stop_file(self.dir, gen.number).touch()
-            if failed_at is None:
-                maybe_prelaunch(self, gen, stop_at is not None)
-            codes = [a.poll() for a in gen.agents]
-            if failed_at is None and (gen.killed or any(c not in (None, 0) for c in codes)):
-                failed_at = gen.killed[0][2] if gen.killed else time.time()
-                drop_successor(gen)
-            if failed_at is not None and time.time() - failed_at > GRACE_S:
-                for a in gen.agents:
-                    a.kill()
-            if all(c is not None for c in codes):
-                gen.exited_at = time.time()
-                break
-            if failed_at is None and self._saved(gen):
-                break  # the state is in the stores; the old processes exit while the new start
-            time.sleep(0.05)
-        for raw in self.tail.read():
-            self._add_row(raw, gen)
-        self._poll_commits(gen)
-        reports = read_generation(self.dir, gen.number)
-        if failed_at is None and all(c in (0, None) for c in codes):
-            saved = reports.get(0, {}).get("saved") or {}
-            step = saved.get("step", gen.start_step)
-            kind = "done" if step >= self.spec.steps else "stopped"
-            return Outcome(kind, step, saved.get("version"), saved.get("bytes", 0), stop_at)
-        logs = "\n".join(f"[{a.host}] {a.tail(8)}" for a in gen.agents if a.poll() not in (0, None))
-        return Outcome("failed", None, None, 0, failed_at, logs)
+            op = self._store_ops.get()
+            if op is None:
+                return
+            try:
+                if op[0] == "drop":
+                    self._cluster(op[2]).drop(self.job, op[1])
+                elif op[0] == "wipe":
+                    from ..store import StoreClient
 
-    def _saved(self, gen: Generation) -> bool:
-        """Every worker saved before the last step of the job: the next generation may start."""
-        reports = read_generation(self.dir, gen.number)
-        saved = reports.get(0, {}).get("saved")
-        return bool(saved) and saved["step"] < self.spec.steps and all(
-            "save_end" in reports.get(r, {}).get("times", {}) for r in range(gen.alloc.devices))
+                    try:
+                        StoreClient(op[3], self.machines.token, retries=2).delete(self.job)
+                    except ScalaiError:
+                        pass  # nothing of the job there
+                    self.queue.put(("event", op[2]))
+                elif op[0] == "fence":
+                    pass  # the stores' ownership of versions (generation fencing) comes with store integrity
+            except Exception as exc:  # noqa: BLE001 - a store op failing is reported, not fatal
+                self.say(f"warning: store operation {op[0]} failed: {exc}")
 
-    def await_exit(self, old: Generation, new: Generation) -> None:
-        """In the background: wait for ``old``'s agents to exit (kill them after a grace
-        period), then free the devices for ``new``."""
-        def wait() -> None:
-            deadline = time.time() + GRACE_S
-            # The devices are free once the old workers are gone (their agents take longer
-            # to shut down, and hold no device).
-            pids = [r.get("pid") for r in read_generation(self.dir, old.number).values()]
-            while pids and all(pids) and not all(process_gone(p) for p in pids) \
-                    and any(a.poll() is None for a in old.agents) and time.time() < deadline:
-                time.sleep(0.01)
-            if pids and all(pids) and all(process_gone(p) for p in pids):
-                free_file(self.dir, new.number).touch()
-            for a in old.agents:
-                if a.wait(max(0.1, deadline - time.time())) is None:
-                    a.kill()
-                    a.wait(10)
-            old.exited_at = time.time()
-            free_file(self.dir, new.number).touch()
-            bad = [a.host for a in old.agents if a.poll() not in (0, None)]
-            if bad:
-                self.say(f"warning: generation {old.number}'s agents on {', '.join(bad)} exited with an error "
-                         f"after saving (see {old.agents[0].log.parent})")
-
-        threading.Thread(target=wait, name="scalai-exit", daemon=True).start()
-
-    def _poll_commits(self, gen: Generation) -> None:
-        report = read_generation(self.dir, gen.number).get(0) if self.spec.commit_every else None
-        for c in (report or {}).get("commits", []):
-            if not any(k["version"] == c["version"] for k in self.commits):
-                self.record_commit(c["version"], c["step"], gen.alloc.hosts)
-
-    def record_commit(self, version: str, step: int, hosts) -> None:
-        """A committed version exists in the stores: persist it, drop what it supersedes."""
-        self.commits.append({"version": version, "step": step, "hosts": list(hosts), "dropped": False})
-        if self.persister is not None:
-            self.persister.submit(version, step)
-        self.retain()
-
-    def retain(self) -> None:
-        """Drop committed versions older than the newest (unless a persistent copy is
-        being made of them): the newest is where a failure without replicas restarts."""
-        keep = {self.commits[-1]["version"]} if self.commits else set()
-        if self.persister is not None:
-            keep |= self.persister.in_use()
-        stale = [c for c in self.commits if not c["dropped"] and c["version"] not in keep]
-        if stale:
-            cluster = self._cluster()
-            for c in stale:
-                cluster.drop(self.spec.job, c["version"])
-                c["dropped"] = True
-
-    def take_requests(self) -> list[tuple[str, Any, str, float]]:
-        with self._lock:
-            out, self._requests = self._requests, []
-        return out
+    def _persist_status(self) -> None:
+        if self.persister is None:
+            return
+        latest = self.persister.latest()
+        key = (len(self.persister.done), self.persister.busy, frozenset(self.persister.in_use()))
+        if key == self._persisted:
+            return
+        self._persisted = key
+        info = PersistedInfo(latest.version, latest.step, str(latest.path)) if latest else None
+        self._feed(PersistStatus(time.time(), frozenset(self.persister.in_use()), info))
 
     # -- the end ----------------------------------------------------------------------
+    def _log_tails(self, generation: int | None) -> str:
+        if generation is None:
+            return ""
+        texts = []
+        for path in sorted((self.dir / "logs").glob(f"g{generation:03d}-rank*.log")):
+            lines = path.read_text(errors="replace").splitlines()[-8:]
+            texts.append(f"[{path.stem}] " + "\n".join(lines))
+        return ("; see " + str(self.dir / "logs") + ":\n" + "\n".join(texts)) if texts else ""
 
-def axes_in_use(layout) -> tuple[bool, bool, bool]:
-    """Which parallel axes ``layout`` uses (pure): tensor parallel, data parallel, and
-    sharding over the data-parallel ranks."""
-    return layout.tp > 1, layout.dp > 1, layout.dp > 1 and bool(layout.zero)
+    def _finish(self, finish: Finish) -> RunResult:
+        from .report import write_outputs
 
 
-def ptc_of(run_dir: Path, generation: int) -> PTC:
-    """The PTC rank 0 of ``generation`` reported (its layout's tensors)."""
-    return PTC.from_json(json.loads((events_dir(run_dir, generation) / "ptc.json").read_text()))
+        if self.persister is not None:
+            self.persister.wait_idle(120)
+        for host in list(self._agents):  # the job is done (and copied to disk): its agents may go
+            self.service.send(host, "release", reason="the job is done")
+        latest = self.persister.latest() if self.persister else None
+        # a step's row of the newest generation is the one that counts (rows of generations
+        # given up on may arrive late, e.g. sent again after a coordinator restart)
+        ordered = sorted(self.rows, key=lambda r: r["generation"])
+        rows = write_outputs(self.dir, self.job, ordered, self.changes, finish.step, finish.version,
+                             str(latest.path) if latest else None, time.time() - self._t0, self.state.alloc,
+                             self.say, self.report)
+        return RunResult(self.dir, rows, self.changes, finish.step, finish.version,
+                         str(latest.path) if latest else None)
+
+    def _shutdown(self) -> None:
+        if getattr(self, "persister", None):
+            self.persister.close()
+        self._store_ops.put(None)
+        if getattr(self, "service", None):
+            if self._finished is not None:
+                self.service.delivered(5.0)  # the agents heard that the job is done
+            self.service.close()
+        self.machines.close()
+        self._rdzv.clear()
+        from .control import unregister
+
+        unregister(self.job)
+
+
+def _brief(obj) -> str:
+    """One line for the trace (``SCALAI_TRACE=1``): the type and its short fields."""
+    from dataclasses import fields
+
+    parts = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.name == "now" or hasattr(value, "specs"):
+            continue
+        text = str(value) if not isinstance(value, dict) else "{" + ",".join(map(str, list(value)[:8])) + "}"
+        parts.append(f"{f.name}={text[:120]}")
+    return f"{type(obj).__name__}(" + ", ".join(parts) + ")"

@@ -109,8 +109,10 @@ class JsonServer:
     """An HTTP server on a thread of its own, one thread per request.
 
     Args:
-        routes: ``{(method, pattern): (handler, needs_token)}``; a pattern is a path with
-            ``{name}`` parameters (one path segment each).
+        routes: ``{(method, pattern): (handler, needs_token[, allow_nan])}``; a pattern is a
+            path with ``{name}`` parameters (one path segment each). Bodies are parsed
+            strictly and within bounds (:func:`scalai.bounded.loads`); ``allow_nan``
+            accepts ``NaN``/``Infinity`` (a diverged loss in a metrics row).
         host / port: where to listen (``port`` 0: any free port).
         token: the bearer token routes with ``needs_token`` require; checked only when set.
         tls: serve HTTPS.
@@ -123,9 +125,9 @@ class JsonServer:
     def __init__(self, routes: dict[tuple[str, str], tuple[Handler, bool]], host: str = "127.0.0.1", port: int = 0,
                  token: str | None = None, tls: Tls | None = None, name: str = "server"):
         compiled = []
-        for (method, pattern), (handler, needs_token) in routes.items():
+        for (method, pattern), (handler, needs_token, *nan) in routes.items():
             regex = "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$"
-            compiled.append((method, re.compile(regex), handler, needs_token))
+            compiled.append((method, re.compile(regex), handler, needs_token, bool(nan and nan[0])))
         owner = self
         expected = f"Bearer {token}".encode() if token else None
 
@@ -157,7 +159,7 @@ class JsonServer:
                         return
                     raw = self.rfile.read(length)
                 allowed = []
-                for m, regex, handler, needs_token in compiled:
+                for m, regex, handler, needs_token, allow_nan in compiled:
                     match = regex.match(parts.path)
                     if not match:
                         continue
@@ -169,20 +171,23 @@ class JsonServer:
                         if not hmac.compare_digest(given, expected):
                             self._send(401, {"error": "missing or wrong token (Authorization: Bearer ...)"})
                             return
-                    self._run(method, parts, match.groupdict(), handler, raw)
+                    self._run(method, parts, match.groupdict(), handler, raw, allow_nan)
                     return
                 if allowed:
                     self._send(405, {"error": f"{method} {parts.path}: use {', '.join(sorted(set(allowed)))}"})
                 else:
                     self._send(404, {"error": f"no route {parts.path} on the {owner.name}"})
 
-            def _run(self, method: str, parts, params: dict, handler: Handler, raw: bytes) -> None:
+            def _run(self, method: str, parts, params: dict, handler: Handler, raw: bytes,
+                     allow_nan: bool) -> None:
+                from ..bounded import loads
+
                 body = None
                 if method == "POST":
                     try:
-                        body = json.loads(raw or b"null")
-                    except (ValueError, UnicodeDecodeError):
-                        self._send(400, {"error": "the body is not valid JSON"})
+                        body = loads(raw or b"null", "the request body", allow_nan=allow_nan)
+                    except ValueError as exc:
+                        self._send(400, {"error": str(exc)})
                         return
                 query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
                 request = Request(method, parts.path, params, query, body, self.client_address[0],
