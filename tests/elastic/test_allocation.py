@@ -3,7 +3,7 @@
 import pytest
 
 from scalai.config import ParallelConfig
-from scalai.elastic.allocation import Allocation, Pool, apply_event, choose_layout, pick_hosts, trainer_shape
+from scalai.elastic.allocation import Allocation, Pool, apply_event, choose_layout, pick_hosts
 from scalai.elastic.layouts import LayoutEstimate
 from scalai.elastic.changes import after_failure
 from scalai.elastic.spec import RunSpec
@@ -58,6 +58,8 @@ def policy(spec):
 
 
 def test_the_chooser_ranks_trainable_layouts_only(policy):
+    from scalai.examples.gpt.plugin import trainer_shape
+
     assert trainer_shape("gpt-tiny").num_heads == 4
     for n in (1, 2, 3, 4):
         layout = policy.chooser(n)

@@ -27,8 +27,7 @@ from ..config import ParallelConfig, Placement
 from ..models.shapes import ModelShape
 from .layouts import Hardware, LayoutEstimate, Workload, rank_layouts
 
-__all__ = ["Pool", "Allocation", "pick_hosts", "choose_layout", "apply_event", "trainer_shape",
-           "LayoutChooser"]
+__all__ = ["Pool", "Allocation", "pick_hosts", "choose_layout", "apply_event", "LayoutChooser"]
 
 
 @dataclass(frozen=True)
@@ -144,15 +143,6 @@ def pick_hosts(pool: Pool, devices: int, prefer: Sequence[str] = (), exclude: It
     raise ValueError(f"{devices} devices need {k - 1 if last else k} whole hosts of {g}"
                      f"{' plus one with ' + str(rest) if rest < g else ''}, but only {available} healthy "
                      f"devices are left{where} ({len(full)} whole hosts); ask for fewer devices")
-
-
-def trainer_shape(name: str) -> ModelShape:
-    """The reference trainer's model (``gpt-tiny``...) as a shape for the cost model."""
-    from ..examples.gpt.model import preset
-
-    cfg = preset(name)
-    return ModelShape("gpt", cfg.layers, cfg.dim, cfg.heads, cfg.heads, cfg.hidden, cfg.vocab, cfg.seq_len,
-                      False, vocab_multiple=1, dtype="float32", name=name)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ...elastic.trainer import REFERENCE_MODULE, REFERENCE_PLUGIN, Trainer
 
-__all__ = ["ReferenceTrainer", "trainer", "index_digest", "warm"]
+__all__ = ["ReferenceTrainer", "trainer", "index_digest", "warm", "trainer_shape"]
 
 
 def index_digest(index) -> str:
@@ -29,6 +29,17 @@ def index_digest(index) -> str:
     for s in index.sources:
         h.update(f"|{s.kind}|{s.dtype}|{s.size}|{s.fingerprint}".encode())
     return h.hexdigest()
+
+
+def trainer_shape(name: str):
+    """The reference trainer's model (``gpt-tiny``...) as a
+    :class:`~scalai.models.shapes.ModelShape` for the cost model of :mod:`scalai.elastic.layouts`."""
+    from ...models.shapes import ModelShape
+    from .model import preset
+
+    cfg = preset(name)
+    return ModelShape("gpt", cfg.layers, cfg.dim, cfg.heads, cfg.heads, cfg.hidden, cfg.vocab, cfg.seq_len,
+                      False, vocab_multiple=1, dtype="float32", name=name)
 
 
 def warm() -> None:
@@ -68,8 +79,6 @@ class ReferenceTrainer(Trainer):
         return None
 
     def cost_shape(self):
-        from ...elastic.allocation import trainer_shape
-
         return trainer_shape(self.options.get("model", "gpt-tiny"))
 
     def data_spec(self) -> dict | None:
