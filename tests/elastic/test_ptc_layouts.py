@@ -3,7 +3,8 @@
 import pytest
 
 from scalai.config import ParallelConfig
-from scalai.elastic.ptc_layouts import PtcLayouts, candidates
+from scalai.elastic.layouts import candidates
+from scalai.elastic.ptc_layouts import PtcLayouts
 from scalai.models import model_ptc
 
 

@@ -37,7 +37,7 @@ from ..config import ParallelConfig
 from ..limits import RANKS
 from ..models.shapes import ModelShape
 
-__all__ = ["Hardware", "Workload", "LayoutEstimate", "rank_layouts"]
+__all__ = ["Hardware", "Workload", "LayoutEstimate", "rank_layouts", "candidates"]
 
 GIB = 2**30
 
@@ -93,7 +93,9 @@ class LayoutEstimate:
                 "cross_host_gib_per_step": round(self.cross_host_gib_per_step, 3)}
 
 
-def _candidates(shape: ModelShape, devices: int, zero_options=(False, True)):
+def candidates(devices: int, zero_options=(False, True)) -> list[ParallelConfig]:
+    """Every (tp, pp, dp, zero) of ``devices`` devices, whatever the model (pure)."""
+    out = []
     for tp in range(1, devices + 1):
         if devices % tp:
             continue
@@ -101,15 +103,18 @@ def _candidates(shape: ModelShape, devices: int, zero_options=(False, True)):
             if (devices // tp) % pp:
                 continue
             dp = devices // (tp * pp)
-            for zero in zero_options:
-                if zero and dp == 1:
-                    continue
-                config = ParallelConfig(tp=tp, pp=pp, dp=dp, zero=zero)
-                try:
-                    shape.check(config)
-                except ValueError:
-                    continue
-                yield config
+            out += [ParallelConfig(tp=tp, pp=pp, dp=dp, zero=zero) for zero in zero_options if not (zero and dp == 1)]
+    return out
+
+
+def _candidates(shape: ModelShape, devices: int):
+    """The candidates the model's shape allows (heads, layers, vocabulary split)."""
+    for config in candidates(devices):
+        try:
+            shape.check(config)
+        except ValueError:
+            continue
+        yield config
 
 
 def _stage_params(shape: ModelShape, config: ParallelConfig) -> tuple[float, int]:

@@ -26,24 +26,9 @@ from dataclasses import dataclass
 
 from ..config import ParallelConfig
 from ..errors import ScalaiError
+from .layouts import candidates
 
-__all__ = ["PtcLayouts", "candidates"]
-
-
-def candidates(devices: int) -> list[ParallelConfig]:
-    """Every (tp, pp, dp, zero) of ``devices`` devices (pure)."""
-    out = []
-    for tp in range(1, devices + 1):
-        if devices % tp:
-            continue
-        for pp in range(1, devices // tp + 1):
-            if (devices // tp) % pp:
-                continue
-            dp = devices // (tp * pp)
-            out.append(ParallelConfig(tp=tp, pp=pp, dp=dp))
-            if dp > 1:
-                out.append(ParallelConfig(tp=tp, pp=pp, dp=dp, zero=True))
-    return out
+__all__ = ["PtcLayouts"]
 
 
 @dataclass(frozen=True)

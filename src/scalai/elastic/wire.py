@@ -15,7 +15,6 @@ and ``ValueError`` for a bad body (400).
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import re
 import ssl
@@ -24,6 +23,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
+
+from ..net import is_loopback
 
 __all__ = ["Tls", "Request", "HttpError", "JsonServer", "JsonClient", "WireError", "is_loopback",
            "check_listen", "split_address"]
@@ -47,15 +48,6 @@ class Tls:
 
     def client_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=self.ca)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_listen(host: str, token: str | None, what: str = "listen", flag: str = "--token-file") -> None:

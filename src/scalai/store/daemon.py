@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
 import signal
@@ -17,6 +16,7 @@ import socket
 import sys
 
 from ..checkpoint.manifest import atomic_write
+from ..net import is_loopback
 from .connections import GuardedSite
 from .http_util import Keys
 from .server import StoreConfig, make_app
@@ -24,15 +24,6 @@ from .server import StoreConfig, make_app
 __all__ = ["serve", "listen", "is_loopback", "check_bind"]
 
 log = logging.getLogger("scalai.store")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(host: str, token: str | None) -> None:
