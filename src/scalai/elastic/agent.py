@@ -278,6 +278,9 @@ class Agent:
             if leave_deadline is not None and time.monotonic() > leave_deadline:
                 self.say(f"scalai agent {self.name}: no release within {self.leave_timeout:.0f} s; leaving")
                 return
+            if self._store is not None and self._store.poll() is not None:  # a machine without its store is gone
+                raise AgentExit(f"the store of {self.name} exited ({self._store.returncode}); see "
+                                f"{self.root / 'logs' / 'store.log'}")
             with self._lock:
                 for gen, rank, code in self.workers.exits() if self.workers else []:
                     self.relay.exited(gen, rank, code, self.workers.tail(gen, rank))
