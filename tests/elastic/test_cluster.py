@@ -16,7 +16,10 @@ One run (slow; about three minutes on 2 cores):
    from its silence (the heartbeat, not a collective's timeout), the survivors are taken
    out of their blocked collectives and the job recovers from their replicas (no step lost);
 4. the coordinator is killed and started again with ``--resume``: the agents join it
-   again and the job continues from the newest version in their stores to its last step.
+   again and the job continues from the newest version in their stores;
+5. the frozen machine comes back (SIGCONT): a coordinator that does not know it refuses
+   its agent, which stops its stale workers and joins again as a new machine; its store is
+   emptied of the job, and the job grows onto it and runs to its last step.
 
 Then, over both coordinators' metrics: every step once (the steps run again after the
 restart count once, from the newest generation), every sample exactly once counted from
@@ -136,6 +139,13 @@ def test_a_job_on_four_isolated_machines_grows_shrinks_survives_a_frozen_machine
         coordinator = Coordinator([*again, "--resume", "--out", str(tmp_path / "run2"), *script], env,
                                   tmp_path / "coordinator2.log")
         coordinator.wait_for("coordinator restarted with 2 agents: continuing from store version")
+
+        # 5. the frozen machine comes back: its agent finds a coordinator that does not know
+        #    it, stops its stale workers and joins again; its store is emptied of the job,
+        #    and the job grows onto it
+        machines.signal_all(2, signal.SIGCONT)
+        coordinator.wait_for("agent m2 joined")
+        coordinator.wait_for("grow into m2 ->", "dp=3")
         assert coordinator.proc.wait(400) == 0, "".join(coordinator.text[-40:])
     finally:
         if coordinator is not None and coordinator.proc.poll() is None:
@@ -154,3 +164,5 @@ def test_a_job_on_four_isolated_machines_grows_shrinks_survives_a_frozen_machine
     restart = json.loads((tmp_path / "run2" / "timeline.json").read_text())[0]
     assert restart["reason"] == "coordinator restarted" and restart["recovered_from"] == "checkpoint"
     assert sum(1 for r in rows if r.get("lost")) == restart["steps_lost"]  # the only steps run twice
+    fenced = (tmp_path / "agent2.log").read_text()
+    assert "the coordinator does not know this machine any more; its workers were stopped" in fenced

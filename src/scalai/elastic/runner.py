@@ -173,8 +173,18 @@ class Runner:
                                    on_error=lambda m: self.say(f"warning: {m}")) if self.persist_enabled else None
         if self.spec.resume:
             self._feed(self._resume_event(agents))
-        else:
+        else:  # a new job: what its stores hold under its name is from an earlier run
+            self._wipe([a.store for a in agents])
             self._feed(Start(time.time(), infos))
+
+    def _wipe(self, urls: list[str]) -> None:
+        from ..store import StoreClient
+
+        for url in urls:
+            try:
+                StoreClient(url, self.machines.token, retries=2).delete(self.job)
+            except ScalaiError:
+                pass  # nothing of the job there
 
     def _register(self) -> None:
         from .control import register
@@ -349,17 +359,14 @@ class Runner:
         if data.get("error"):
             self.say(f"warning: agent {host} is not used: {data['error']}")
             return
-        back = host in self._agents
         self._agents[host] = record
         if starting:
             return
+        # A machine that joins a running job holds nothing the job may use: one declared dead
+        # that came back (fenced out), or one that ran the job under an older coordinator.
+        # Its store is emptied of the job before the job counts on it.
         info = AgentInfo(host, record.devices, record.kind, record.memory_gib)
-        if back or host in self.state.pool.dead:
-            # It was declared dead (or crashed) and came back: its store holds nothing the
-            # job may use (fenced out); empty it before the job counts on it again.
-            self._store_ops.put(("wipe", host, AgentJoined(time.time(), info), record.store))
-        else:
-            self._feed(AgentJoined(time.time(), info))
+        self._store_ops.put(("wipe", host, AgentJoined(time.time(), info), record.store))
 
     # -- actions ----------------------------------------------------------------------
     def _perform(self, a) -> None:
@@ -474,12 +481,7 @@ class Runner:
                 if op[0] == "drop":
                     self._cluster(op[2]).drop(self.job, op[1])
                 elif op[0] == "wipe":
-                    from ..store import StoreClient
-
-                    try:
-                        StoreClient(op[3], self.machines.token, retries=2).delete(self.job)
-                    except ScalaiError:
-                        pass  # nothing of the job there
+                    self._wipe([op[3]])
                     self.queue.put(("event", op[2]))
                 elif op[0] == "fence":
                     pass  # the stores' ownership of versions (generation fencing) comes with store integrity
