@@ -9,7 +9,6 @@ import queue
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 

@@ -22,7 +22,8 @@ from .params import COUNT, NON_NEGATIVE, POSITIVE_NUMBER
                                               "to the coordinator]")
 @click.option("--store-root", type=click.Path(file_okay=False), default=None,
               help="where the store keeps shards [default: ROOT/store]; put it on tmpfs (/dev/shm)")
-@click.option("--standby", type=NON_NEGATIVE, default=None, help="started workers kept waiting [default: one per device]")
+@click.option("--standby", type=NON_NEGATIVE, default=None,
+              help="started workers kept waiting [default: one per device]")
 @click.option("--link", default=None, help="limit this store's traffic with other stores, e.g. 1gbit "
                                            "(simulating machines on one)")
 @click.option("--leave-timeout", default=300.0, show_default=True, type=POSITIVE_NUMBER,

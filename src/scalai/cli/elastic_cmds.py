@@ -62,7 +62,8 @@ def layouts(model, devices, device_memory, gpus_per_host, global_batch, seq_len,
               help="JSON list of events: {\"step\": S, \"devices\": N}, {\"step\": S, \"layout\": L}, "
                    "{\"step\": S, \"fail\": RANK|HOST}, {\"step\": S, \"redeploy\": true}; \"time\": SECONDS "
                    "instead of \"step\" [default: none]")
-@click.option("--steps", type=COUNT, required=True, help="the job's total optimizer steps (a resumed job stops there too)")
+@click.option("--steps", type=COUNT, required=True,
+              help="the job's total optimizer steps (a resumed job stops there too)")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="new run directory")
 @click.option("--listen", default=None, help="HOST:PORT where agents started elsewhere join (with --agents) "
                                              "[default: 127.0.0.1, any port, agents started here]")
@@ -93,8 +94,8 @@ def layouts(model, devices, device_memory, gpus_per_host, global_batch, seq_len,
 @click.option("--max-devices", type=COUNT, default=None, help="grow to at most this many devices")
 @click.option("--dead-after", default=5.0, show_default=True, type=POSITIVE_NUMBER,
               help="seconds without a heartbeat after which a machine counts as dead")
-@click.option("--standby", type=NON_NEGATIVE, default=None, help="local agents: started workers each keeps [default: one "
-                                                        "per device]")
+@click.option("--standby", type=NON_NEGATIVE, default=None,
+              help="local agents: started workers each keeps [default: one per device]")
 @click.option("--link", default=None, help="local agents: simulated link between their stores, e.g. 1gbit")
 @click.option("--global-batch", default=8, show_default=True, type=COUNT, help="reference trainer")
 @click.option("--micro-batch", default=4, show_default=True, type=COUNT, help="reference trainer")
@@ -106,8 +107,8 @@ def layouts(model, devices, device_memory, gpus_per_host, global_batch, seq_len,
 @click.option("--compare", is_flag=True, help="also run the job unchanged (no events) and plot against it")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def run_cmd(schedule_file, steps, out, listen, agents, hosts, gpus_per_host, token_file, resume, module, model, layout,
-            devices, job, commit_every, start_ahead, grow, max_devices, dead_after, standby, link, global_batch, micro_batch, lr,
-            seed, data, device_memory, compare, args) -> None:
+            devices, job, commit_every, start_ahead, grow, max_devices, dead_after, standby, link, global_batch,
+            micro_batch, lr, seed, data, device_memory, compare, args) -> None:
     """Train under a changing device allocation: grow, shrink, move, survive failures.
 
     One agent per machine (scalai agent) and a store on each; on every change all workers

@@ -265,8 +265,8 @@ def begin_restart(p: Policy, s: JobState, e: Resume, out: list) -> None:
     """A coordinator started again: continue from the newest committed version whose
     hosts all came back (the schedule's events up to its step count as done)."""
     alive = set(s.pool.hosts)
-    usable = sorted((v for v in e.stored if set(v.hosts) <= alive and p.accepts_in(s.ptcs + tuple(x.ptc for x in e.stored if x.ptc))(v.layout)
-                     and v.step <= p.steps),
+    accepts = p.accepts_in(s.ptcs + tuple(x.ptc for x in e.stored if x.ptc))
+    usable = sorted((v for v in e.stored if set(v.hosts) <= alive and accepts(v.layout) and v.step <= p.steps),
                     key=lambda v: v.sequence)
     out.append(Fence(s.next_number))
     out.append(HoldPersist(True))

@@ -18,8 +18,9 @@ find a coordinator started again, and how a machine declared dead that comes bac
 (SIGCONT, a link restored) is fenced out before it is used again.
 
 Everything an agent sends becomes an item on the run's queue (``on_item``):
-``("joined", AgentRecord, previous record or None)``, ``("data", host, {"digest", "path"[, "error"]})``
-(the agent's copy of the data: it counts as joined from then on), ``("row", gen, row)``, ``("report", gen, rank, report)``,
+``("joined", AgentRecord, previous record or None)``, ``("data", host, {"digest", "path"[,
+"error"]})`` (the agent's copy of the data: it counts as joined from then on),
+``("row", gen, row)``, ``("report", gen, rank, report)``,
 ``("ptc", gen, ready, ptc_json)``, ``("exit", gen, rank, code)``, ``("leaving", host)``,
 ``("logs", host, {gen: {rank: text}})``; the run (:mod:`.runner`) turns them into
 the controller's events. Dead agents are found by :meth:`AgentService.overdue` (pure

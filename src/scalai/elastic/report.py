@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 from ..checkpoint.manifest import atomic_write
 from .events import write_json_atomic

@@ -434,7 +434,8 @@ class Runner:
             data = self._agents[host].data or {} if host in self._agents else {}
             metrics = f"{data.get('run_dir', '.')}/metrics/g{a.generation:03d}.jsonl"  # on that machine
             self.service.send(host, "launch", generation=a.generation, ranks=alloc.ranks_on(host),
-                              module=trainer.module, argv=trainer.argv(alloc.layout, a.until, metrics, data.get("path")),
+                              module=trainer.module,
+                              argv=trainer.argv(alloc.layout, a.until, metrics, data.get("path")),
                               env={**env, **trainer.env(alloc.layout, a.until, metrics)}, store_port=store.port,
                               run_id=f"{self.job}-g{a.generation:03d}", world=alloc.devices, slot=slot,
                               slots=len(alloc.hosts), free=a.free)

@@ -34,7 +34,8 @@ __all__ = ["main", "assignment"]
 
 def assignment(module: str, argv, env: dict, cwd: str, log: str) -> bytes:
     """The line an agent writes to a standby's stdin (pure)."""
-    return (json.dumps({"module": module, "argv": list(argv), "env": dict(env), "cwd": cwd, "log": log}) + "\n").encode()
+    task = {"module": module, "argv": list(argv), "env": dict(env), "cwd": cwd, "log": log}
+    return (json.dumps(task) + "\n").encode()
 
 
 def main(argv=None) -> int:
