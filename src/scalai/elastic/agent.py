@@ -267,6 +267,7 @@ class Agent:
         interval = float(self.welcome.get("heartbeat_s", 1.0))
         last = 0.0
         leave_deadline = None
+        retired: list[int] = []
         while not self._stop.is_set() and not self._released.is_set():
             if self._rejoin.is_set():
                 self._fenced()
@@ -282,6 +283,10 @@ class Agent:
                 raise AgentExit(f"the store of {self.name} exited ({self._store.returncode}); see "
                                 f"{self.root / 'logs' / 'store.log'}")
             with self._lock:
+                for gen in retired:  # collected once more since their last exit: done with
+                    self.relay.forget(gen)
+                    self.workers.forget(gen)
+                retired = self.workers.finished() if self.workers else []
                 for gen, rank, code in self.workers.exits() if self.workers else []:
                     self.relay.exited(gen, rank, code, self.workers.tail(gen, rank))
                 self.relay.collect()

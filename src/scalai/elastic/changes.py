@@ -149,6 +149,7 @@ def retain(s: JobState, out: list) -> None:
         if not c.dropped and c.version not in keep:
             c.dropped = True
             out.append(Drop(c.version))
+    s.commits = [c for c in s.commits if not c.dropped]  # (a long run commits thousands of times)
 
 
 def after_failure(p: Policy, alloc: Allocation, pool: Pool, dead_ranks, dead_hosts, ptcs=()) -> tuple[Allocation, Pool]:

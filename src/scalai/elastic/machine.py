@@ -276,6 +276,14 @@ class Workers:
         for w in targets:
             kill_tree(w.proc)
 
+    def finished(self) -> list[int]:
+        """Generations whose workers here have all exited and been reported."""
+        with self._lock:
+            gens: dict[int, bool] = {}
+            for (g, _), w in self.workers.items():
+                gens[g] = gens.get(g, True) and w.reported
+        return [g for g, done in gens.items() if done]
+
     def running(self) -> list[tuple[int, int]]:
         with self._lock:
             return [k for k, w in self.workers.items() if w.proc.poll() is None]
