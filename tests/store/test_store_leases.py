@@ -270,3 +270,29 @@ def test_an_upload_in_progress_keeps_its_version_alive(store):
     c = store.client()
     c.commit("j", "v0", _manifest(c), owner="push-s")
     np.testing.assert_array_equal(c.read("j", "v0", 0, "w"), A)
+
+
+def test_a_fence_refuses_the_writers_of_older_generations_until_the_job_is_deleted(store):
+    """An elastic run's coordinator fences off the generations it gave up on (workers of
+    one may still run on a machine that was cut off): their owner ids (``g<N>-...``) may not
+    create, write, renew or commit a version any more; newer generations and writers that
+    are not a generation's are unaffected. Deleting the job forgets the fence (a new run)."""
+    c = store.client()
+    c.put("j", "v1", 0, "w", A, "float32", owner="g3-save-a")  # started before the fence
+    assert c.fence("j", 4) == {"job": "j", "generation": 4}
+    assert c.fence("j", 2)["generation"] == 4  # fences only rise
+    assert _status(lambda: c.put("j", "v1", 0, "w", A, "float32", owner="g3-save-a")) == 409
+    assert _status(lambda: c.lease("j", "v1", "g3-save-a")) == 409
+    assert _status(lambda: c.commit("j", "v1", _manifest(c, "v1"), owner="g3-save-a")) == 409
+    assert _status(lambda: c.put("j", "v2", 0, "w", A, "float32", owner="g3-dump")) == 409  # nor create one
+    assert _status(lambda: c.lease("j", "v2", "g3-dump", create=True)) == 409
+    with pytest.raises(StoreRequestError, match="generation 3 .* fenced off .*below 4"):
+        c.put("j", "v2", 0, "w", A, "float32", owner="g3-dump")
+    for owner, version in (("g4-save-b", "v3"), ("g12-reshard-c", "v4"), ("push-d", "v5")):
+        c.put("j", version, 0, "w", A, "float32", owner=owner)
+        c.commit("j", version, _manifest(c, version), owner=owner)
+    assert {v: ok for v, ok in _versions(c).items() if ok} == {"v3": True, "v4": True, "v5": True}
+    c.put("other", "v1", 0, "w", A, "float32", owner="g0-save-e")  # another job: not fenced
+    assert _status(lambda: c._json("POST", "/v1/jobs/j/fence", {"generation": -1})) == 400
+    c.delete("j")
+    c.put("j", "v1", 0, "w", A, "float32", owner="g0-save-f")  # a new run of the same name

@@ -141,6 +141,7 @@ class Catalog:
         self.name = name
         self.lease_s = lease_s
         self.jobs: dict[str, dict[str, VersionEntry]] = {}
+        self.fences: dict[str, int] = {}  # job -> the lowest generation that may write (fence)
         self.used = {"memory": 0, "spill": 0}
         self.reserved = 0  # memory bytes of uploads in progress
         self._lock = threading.RLock()
@@ -233,6 +234,26 @@ class Catalog:
             return self.jobs.get(entry.job, {}).get(entry.version) is entry
 
     # -- ownership and leases ---------------------------------------------------------
+    def fence(self, job: str, generation: int) -> int:
+        """From now on refuse writers of ``job`` whose owner id names a generation below
+        ``generation`` (:func:`~.lease.owner_generation`): an elastic run's coordinator
+        fences off generations it gave up on, so that a worker of one (on a machine cut
+        off, or frozen, and back) cannot create, write, renew or commit a version. Fences
+        only rise. Returns the job's fence."""
+        check_name(job, "job")
+        with self._lock:
+            self.fences[job] = max(self.fences.get(job, 0), int(generation))
+            return self.fences[job]
+
+    def _fenced(self, job: str, owner: str) -> None:
+        from .lease import owner_generation
+
+        generation, fence = owner_generation(owner), self.fences.get(job, 0)
+        if generation is not None and generation < fence:
+            raise Conflict(f"writer {owner} belongs to generation {generation} of job {job!r}, which its "
+                           f"coordinator fenced off in store {self.name} (generations below {fence} may not "
+                           f"write); it must stop")
+
     def _writable(self, entry: VersionEntry, owner: str) -> None:
         if entry.committed:
             raise Conflict(f"version {entry.version!r} of job {entry.job!r} is committed in store "
@@ -246,6 +267,7 @@ class Catalog:
         """The uncommitted version ``owner`` may write, created if absent (``create``);
         its lease renewed. Call with the lock held."""
         check_name(job, "job"), check_name(version, "version")
+        self._fenced(job, owner)
         versions = self.jobs.get(job, {})
         entry = versions.get(version)
         if entry is None:
@@ -452,6 +474,7 @@ class Catalog:
                 version; or already committed with another manifest.
         """
         with self._lock:
+            self._fenced(job, owner)
             existed = version in self.jobs.get(job, {})
             entry = self._entry(job, version, create=True)
             if not existed:  # a store that holds no rank of the version: an empty commit
@@ -503,6 +526,8 @@ class Catalog:
         ``entry``: delete only if the version is still that entry (NotFound otherwise).
         """
         with self._lock:
+            if version is None and owner is None:  # the job is forgotten, its fence included
+                self.fences.pop(job, None)
             versions = self.jobs.get(job)
             if versions is None or (version is not None and version not in versions):
                 raise NotFound(f"{job}/{version or ''} is not in store {self.name}".rstrip("/"))

@@ -286,6 +286,10 @@ class StoreClient:
                                   f"/lease", query={"create": "true" if create else "false"},
                           headers=self._writer(owner, seconds), **kw)
 
+    def fence(self, job: str, generation: int) -> dict:
+        """Refuse writers of ``job``'s generations below ``generation`` (see ``Catalog.fence``)."""
+        return self._json("POST", f"/v1/jobs/{check_name(job, 'job')}/fence", {"generation": int(generation)})
+
     def transform(self, job: str, request: dict, owner: str | None = None, lease: float | None = None) -> dict:
         """Run this store's part of a transformation (blocks until it is done)."""
         return self._json("POST", f"/v1/jobs/{check_name(job, 'job')}/transform", request,

@@ -188,6 +188,17 @@ class StoreCluster:
         parallel(lambda c: c.commit(manifest.job, manifest.version, raw, owner=owner), targets)
         return raw
 
+    def fence(self, job: str, generation: int, hosts: Sequence[str] | None = None) -> list[str]:
+        """Fence ``job`` at ``generation`` on every store (or ``hosts``) that answers; returns
+        the hosts that did (one that does not is fenced when it joins again: emptied)."""
+        def one(host: str) -> str | None:
+            try:
+                self.client(host).fence(job, generation)
+                return host
+            except StoreError:
+                return None
+        return [h for h in parallel(one, list(hosts or self.hosts)) if h]
+
     def drop(self, job: str, version: str, hosts: Sequence[str] | None = None, owner: str | None = None) -> list[str]:
         """Delete ``version`` wherever it is; returns the hosts that had it. Unreachable
         stores are skipped (they are reported by the error of the operation that failed).
@@ -204,7 +215,8 @@ class StoreCluster:
 
     # -- checkpoints ------------------------------------------------------------------
     def push(self, ckpt_dir: str, job: str, gpus_per_host: int, version: str | None = None,
-             progress: Callable[[int], None] | None = None, workers: int = 2) -> StoredVersion:
+             progress: Callable[[int], None] | None = None, workers: int = 2,
+             owner_kind: str = "push") -> StoredVersion:
         """Upload a checkpoint directory: each rank's shards to the store of its host, then
         commit on every store (``workers`` uploads in flight per host). The stores' CRC-32 of every upload is checked against the
         checkpoint's manifest. On failure the new version is deleted everywhere.
@@ -219,7 +231,7 @@ class StoreCluster:
         from .lease import Lease, new_owner
 
         placement = self.placement(gpus_per_host)
-        owner = new_owner("push")
+        owner = new_owner(owner_kind)
         self.drop_incomplete(job)
         with Checkpoint.open(ckpt_dir) as ckpt, Lease(self, job, owner) as lease:
             ptc: PTC = ckpt.ptc

@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 
 from .errors import StoreError, StoreRequestError
 
-__all__ = ["Lease", "new_owner", "lease_seconds", "DEFAULT_LEASE_S", "MIN_LEASE_S", "MAX_LEASE_S",
+__all__ = ["Lease", "new_owner", "owner_generation", "lease_seconds", "DEFAULT_LEASE_S", "MIN_LEASE_S", "MAX_LEASE_S",
            "LEASE_ENV", "OWNER_HEADER", "LEASE_HEADER"]
 
 log = logging.getLogger("scalai.store")
@@ -60,6 +60,16 @@ def new_owner(kind: str) -> str:
     """A fresh owner id, e.g. ``reshard-3f9c0a2b7d1e``: ``kind`` says who writes (shown in
     the stores' listings and errors), the random part makes it unique."""
     return f"{kind}-{secrets.token_hex(6)}"
+
+
+def owner_generation(owner: str | None) -> int | None:
+    """The generation an elastic run's writer belongs to, from its owner id (``g12-save-...``,
+    made by ``new_owner("g12-save")``), or None for any other owner. A store fenced at
+    generation G refuses writers of generations below G (:meth:`Catalog.fence`)."""
+    import re
+
+    m = re.match(r"g(\d+)-", owner or "")
+    return int(m.group(1)) if m else None
 
 
 class Lease:

@@ -108,6 +108,10 @@ SCHEMAS: dict[str, Any] = {
                              "committed": {"type": "boolean", "description": "committed: nothing to renew"},
                              "created": {"type": "boolean"}, "lease_s": {"type": "number"},
                              "expires_in_s": {"type": "number"}}},
+    "FenceRequest": {"type": "object", "additionalProperties": False, "required": ["generation"],
+                     "properties": {"generation": {"type": "integer", "minimum": 0, "maximum": 2**62}}},
+    "Fence": {"type": "object", "required": ["job", "generation"],
+              "properties": {"job": NAME, "generation": {"type": "integer"}}},
     "Deleted": {"type": "object", "required": ["job", "deleted"],
                 "properties": {"job": NAME, "deleted": {"type": "array", "items": NAME}}},
     "TransformRequest": {
@@ -243,6 +247,13 @@ SPEC: dict[str, Any] = {
                                                _p("create", {"type": "boolean"}, "query", False,
                                                   "create the version if absent (default false)")],
                         errors=("400", "401", "404", "409"))},
+        "/v1/jobs/{job}/fence": {
+            "post": _op("refuse writers of the job whose owner id names a generation below the one given "
+                        "(g<N>-...: an elastic run's workers and coordinator); fences only rise",
+                        "Fence", "the job's fence", [_JOB],
+                        body={"required": True, "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/FenceRequest"}}}},
+                        errors=("400", "401", "413"))},
         "/v1/jobs/{job}/versions/{version}/ranks/{rank}/files": {
             "get": _op("the files of a rank's committed tensors, to map on this machine (loopback "
                        "clients only; 403 elsewhere)", "RankFiles", "tensor name -> file", [_JOB, _VERSION, _RANK],

@@ -134,7 +134,7 @@ def _failure(exc: Exception, cluster: StoreCluster, job: str, source: str, what:
 def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str | PTC, gpus_per_host: int | None = None,
             hosts: Sequence[str] | str | None = None, central: bool = False, keep_old: bool = False,
             version: str | None = None, checksum: bool = True, lost: Sequence[str] = (),
-            replicas: str = "all") -> ReshardResult:
+            replicas: str = "all", owner_kind: str = "reshard") -> ReshardResult:
     """Transform the job's current version (or ``version``) into ``layout``.
 
     Args:
@@ -158,6 +158,8 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str | PTC,
             bytes are read from surviving replicas; give the surviving stores only. The
             version's own ``lost_ranks`` (ranks that died before they could save) are
             read from replicas as well.
+        owner_kind: what the transformation's owner id starts with (an elastic run's
+            coordinator gives ``g<generation>-reshard``: stores fenced above it refuse it).
 
     Raises:
         ValueError: the layout does not fit the model or the hosts.
@@ -200,7 +202,7 @@ def reshard(cluster: StoreCluster, job: str, layout: ParallelConfig | str | PTC,
     t1 = time.perf_counter()
     phases = {"plan": t1 - t0}
     results: dict[str, dict] = {}
-    owner = new_owner("reshard")
+    owner = new_owner(owner_kind)
     scratch = f"{target}.consolidated" if central else None
 
     def abandon(exc: Exception, what: str) -> TransformError:

@@ -153,6 +153,13 @@ async def _drop(app: web.Application, job: str, version: str | None, owner: str 
     return names
 
 
+async def fence(request: web.Request) -> web.Response:
+    """Refuse writers of the job's generations below the one given (see ``Catalog.fence``)."""
+    (job,) = path_names(request)
+    body = await json_body(request, "FenceRequest")
+    return web.json_response({"job": job, "generation": request.app[Keys.CATALOG].fence(job, body["generation"])})
+
+
 async def lease(request: web.Request) -> web.Response:
     """Create (``?create=true``) or renew the caller's lease of an uncommitted version."""
     job, version = path_names(request)
@@ -426,6 +433,7 @@ def make_app(config: StoreConfig) -> web.Application:
     app.router.add_delete("/v1/jobs/{job}/versions/{version}", delete)
     app.router.add_post("/v1/jobs/{job}/versions/{version}/commit", commit)
     app.router.add_post("/v1/jobs/{job}/versions/{version}/lease", lease)
+    app.router.add_post("/v1/jobs/{job}/fence", fence)
     app.router.add_get("/v1/jobs/{job}/versions/{version}/ranks/{rank}/files", rank_files, allow_head=False)
     app.router.add_get(tensor, get_tensor, allow_head=False)
     app.router.add_put(tensor, put_tensor)

@@ -147,19 +147,22 @@ class StoreWriter:
         urls: the stores in host order (every rank gives the same list), or a cluster.
         job: the job's name in the stores.
         gpus_per_host: ranks per host: rank ``r`` lives on the ``r // G``-th store.
+        owner_kind: what the writer's owner ids start with (an elastic run's workers give
+            ``g<generation>-save``, so that their stores can fence off old generations).
     """
 
-    def __init__(self, urls, job: str, gpus_per_host: int, token: str | None = None):
+    def __init__(self, urls, job: str, gpus_per_host: int, token: str | None = None, owner_kind: str = "save"):
         self.cluster = urls if isinstance(urls, StoreCluster) else StoreCluster(urls, token)
         self.job = job
         self.placement = self.cluster.placement(gpus_per_host)
         self.last_version: str | None = None  # the version the last save wrote (every rank)
         self._stored: tuple[PTC, PTC] | None = None  # (ptc, its per-host view)
         self._leases: dict[str, Lease] = {}  # rank 0: token -> the lease it renews
+        self.owner_kind = owner_kind
 
     def begin(self) -> str:
         version = self.cluster.next_version(self.job)[0]
-        lease = Lease(self.cluster, self.job, new_owner("save"))
+        lease = Lease(self.cluster, self.job, new_owner(self.owner_kind))
         try:
             lease.claim(version, self.cluster.hosts)
         except BaseException:
