@@ -178,12 +178,17 @@ def test_a_machine_that_stops_answering_fails_its_generation_and_its_peers_are_a
     actions = sim.feed(AgentDead, "host1")
     abort, = only(actions, "Signal")
     assert (abort.what, abort.hosts) == ("abort", ("host0",))
+    assert only(actions, "HoldDump")[0].generation == 0  # its lease held until the dump is used
     assert sim.state.gens[0].exits == {2: -9, 3: -9}
     actions = sim.dump(0, [0, 1], 2)
     launch, = only(actions, "Launch")
     assert launch.alloc.layout == L("tp=1,pp=1,dp=2") and launch.alloc.hosts == ("host0",)
-    assert only(actions, "RecoverDump")[0].lost == ("host1",)
-    assert only(actions, "Fence")[0].generation == 1
+    recover, = only(actions, "RecoverDump")
+    assert recover.lost == ("host1",) and (recover.generation, recover.dump_generation) == (1, 0)
+    assert not only(actions, "Fence")  # the survivors' dump (generation 0's) is still to be committed
+    actions = sim.transformed(recover, "v1")
+    go, = only(actions, "Signal")
+    assert go.what == "go" and only(actions, "Fence")[0].generation == 1  # generation 0 may no longer write
     idle = sim.feed(AgentDead, "host3")  # not used by the job: the pool shrinks, nothing else
     assert kinds(idle) == ["Say"] and "host3" in sim.state.pool.dead
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from scalai.config import ParallelConfig, Placement
-from scalai.elastic.recovery import consistent_dumps, merged_state, replicas_cover
+from scalai.elastic.recovery import consistent_dumps, dump_owner, merged_state, replicas_cover
 from scalai.models import model_ptc
 from scalai.store.manifest import VersionManifest
 
@@ -66,14 +66,16 @@ def test_a_dump_without_a_dead_rank_is_transformed_from_its_replica(tmp_path):
         # the survivor (rank 0, host0) dumped its shards; rank 1 died before it could
         client = cluster.client("host0")
         for name, _ in ckpt.ptc.rank_shards(0):
-            client.put("job", "rescue-g001", 0, name, np.asarray(ckpt.view(0, name)), ckpt.ptc.spec(name).dtype)
+            client.put("job", "rescue-g001", 0, name, np.asarray(ckpt.view(0, name)), ckpt.ptc.spec(name).dtype,
+                       owner=dump_owner(0))  # as generation 0's survivors write it (ElasticWorker)
         from scalai.elastic.allocation import Allocation
         from scalai.elastic.messages import RecoverDump
         from scalai.elastic.stores_io import commit_dump
 
         old = Allocation(ckpt.ptc.config, ("host0", "host1"), 1)
         commit_dump(cluster, "job", RecoverDump(1, "rescue-g001", ckpt.ptc, old, ckpt.state, (1,),
-                                                ("host0", "host1", "host2"), old, ckpt.ptc.config))
+                                                ("host0", "host1", "host2"), old, ckpt.ptc.config,
+                                                generation=1, dump_generation=0))
         result = reshard(cluster, "job", "tp=1,pp=1,dp=1", gpus_per_host=1, hosts=["host2"], version="rescue-g001")
         # all from host0's dump: host2 pulls the whole state once, counted by the stores
         expected = host_lower_bounds(Deployment(ckpt.ptc, place),

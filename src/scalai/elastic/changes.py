@@ -220,7 +220,7 @@ def begin_planned(p: Policy, s: JobState, old: Gen, saved: dict, now: float, out
     old.exit_deadline = now + p.grace_s
     _new_change(p, s, "planned", old.number, new, alloc, request, reason, step, now, source=saved["version"],
                 saved_bytes=saved.get("bytes", 0))
-    out.append(Fence(new.number))
+    out.append(Fence(new.number))  # the old generation's save is committed: it may not write again
 
 
 def begin_recovery(p: Policy, s: JobState, old: Gen, now: float, out: list) -> None:
@@ -259,7 +259,6 @@ def begin_recovery(p: Policy, s: JobState, old: Gen, now: float, out: list) -> N
     reason = f"failure of {lost}" if lost else (causes[0] if causes else "failure of workers")
     _new_change(p, s, "recovery", old.number, new, alloc, old.failed_at or now, reason,
                 0, now, died=tuple(died), dead_hosts=tuple(dead_hosts), last_logged=s.last_logged)
-    out.append(Fence(new.number))
 
 
 def begin_restart(p: Policy, s: JobState, e: Resume, out: list) -> None:
@@ -347,10 +346,11 @@ def advance_change(p: Policy, s: JobState, now: float, out: list) -> None:
         if c.kind == "recovery":
             _recover_from(p, s, c, target, now, out)
         else:
-            out.append(Transform(c.token, c.source, c.alloc, target))
+            out.append(Transform(c.token, c.source, c.alloc, target, generation=new.number))
             c.phase = "transform"
     if c.phase == "go":
         out.append(Signal(new.number, "go", c.version))
+        out.append(Fence(new.number))  # from now on only the new generation writes
         c.go, c.phase = now, "load"
         # the versions' bookkeeping (copies to disk, drops of what they supersede) after the go;
         # the source (the old workers' save, or the survivors' committed dump) is superseded
@@ -381,7 +381,8 @@ def _recover_from(p: Policy, s: JobState, c: Change, target, now: float, out: li
         c.recovered_from, c.source_text = "replicas", f"dumps of {len(dumps)} surviving ranks at step {c.at_step}"
         c.source = dump_version
         out.append(RecoverDump(c.token, dump_version, old.ptc, old.alloc, merged_state(dumps), tuple(unavailable),
-                               s.pool.alive, c.alloc, target, c.dead_hosts))
+                               s.pool.alive, c.alloc, target, c.dead_hosts, generation=c.new,
+                               dump_generation=old.number))
         c.phase = "transform"
     else:
         out.append(Say(f"  no recovery from replicas: {why or 'no surviving worker dumped its shards'}"))
@@ -392,12 +393,12 @@ def _recover_from(p: Policy, s: JobState, c: Change, target, now: float, out: li
             commit = alive[-1]
             c.at_step, c.source = commit.step, commit.version
             c.source_text = f"store version {commit.version} (step {commit.step})"
-            out.append(Transform(c.token, commit.version, c.alloc, target))
+            out.append(Transform(c.token, commit.version, c.alloc, target, generation=c.new))
             c.phase = "transform"
         elif s.persisted is not None:
             c.at_step = s.persisted.step
             c.source_text = f"persistent copy {s.persisted.path} (step {c.at_step})"
-            out.append(Restore(c.token, s.persisted.path, c.alloc))
+            out.append(Restore(c.token, s.persisted.path, c.alloc, generation=c.new))
             c.phase = "transform"
         else:
             c.at_step, c.source_text = 0, "nothing committed yet: restarted from step 0"

@@ -31,7 +31,8 @@ from .allocation import Pool
 from .changes import (advance_change, begin_planned, begin_recovery, begin_restart, drop_successor, finish_run,
                       launch, prelaunch, record_commit, retain)
 from .jobstate import Gen, JobState, Policy
-from .messages import (Action, AgentDead, AgentGone, AgentJoined, AgentLeaving, Announced, CrashHost, Event, Kill,
+from .messages import (Action, AgentDead, AgentGone, AgentJoined, AgentLeaving, Announced, CrashHost, Event, HoldDump,
+                       Kill,
                        PersistStatus, RankReport, Release, Resume, Say, ScaleRequested, Signal, Start, StepDone,
                        Tick, TransformDone, TransformFailed, WorkerExited)
 
@@ -405,6 +406,7 @@ def _detect_failure(p: Policy, s: JobState, g: Gen, now: float, out: list) -> No
     g.failed_at = min([g.killed[0][2] if g.killed else now] + [g.times(r)["dump_start"] for r in dumped])
     g.exit_deadline = now + p.grace_s
     alive = tuple(h for h in g.alloc.hosts if h not in s.pool.dead)
+    out.append(HoldDump(g.number))  # the survivors' dump must live until the recovery uses it
     if alive and not g.all_exited:
         if g.first_step is None and not g.marked("load_end"):  # nothing of its own to save: stop it now
             g.kill_sent = True

@@ -26,6 +26,7 @@ Actions::
     Launch, Signal, Kill          workers of a generation: start, stop/free/go/abort, kill
     CrashHost, Release            a machine dies (the schedule's failure) / a leaver may go
     Transform, RecoverDump, Restore   move the job state in the stores into a new layout
+    HoldDump                      keep the survivors' dump alive until it is used
     Drop, Persist, HoldPersist, Fence  versions: delete, copy to disk, pause copies, fence
     Record, Say, Finish, Fail     the timeline, a line for the user, the end of the run
 """
@@ -44,7 +45,7 @@ __all__ = ["AgentInfo", "StoredInfo", "PersistedInfo",
            "Start", "Resume", "Tick", "AgentJoined", "AgentDead", "AgentLeaving", "AgentGone", "StepDone",
            "RankReport", "Announced", "WorkerExited", "ScaleRequested", "TransformDone", "TransformFailed",
            "PersistStatus", "Event",
-           "Launch", "Signal", "Kill", "CrashHost", "Release", "Transform", "RecoverDump", "Restore", "Drop",
+           "Launch", "Signal", "Kill", "CrashHost", "Release", "Transform", "RecoverDump", "Restore", "HoldDump", "Drop",
            "Persist", "HoldPersist", "Fence", "Record", "Say", "Finish", "Fail", "Action", "SIGNALS"]
 
 #: What a running generation can be told (see :class:`Signal`).
@@ -294,6 +295,7 @@ class Transform:
     alloc: Allocation
     target: PTC | ParallelConfig
     lost: tuple[str, ...] = ()
+    generation: int = 0  # the new generation (its owner id names it: fenced stores refuse older ones)
 
 
 @dataclass(frozen=True)
@@ -312,6 +314,8 @@ class RecoverDump:
     alloc: Allocation
     target: PTC | ParallelConfig
     lost: tuple[str, ...] = ()
+    generation: int = 0
+    dump_generation: int = 0  # whose survivors dumped (the dump's owner names it)
 
 
 @dataclass(frozen=True)
@@ -321,6 +325,15 @@ class Restore:
     token: int
     path: str
     alloc: Allocation
+    generation: int = 0
+
+
+@dataclass(frozen=True)
+class HoldDump:
+    """Keep the dump ``generation``'s survivors write alive in the stores (renew its lease)
+    until it is committed or dropped: recovering from it may take longer than a lease."""
+
+    generation: int
 
 
 @dataclass(frozen=True)
@@ -344,7 +357,8 @@ class HoldPersist:
 @dataclass(frozen=True)
 class Fence:
     """From now on the stores refuse writes and commits of generations below ``generation``
-    (``hosts``: the stores to tell; default every live one)."""
+    (``hosts``: the stores to tell; default every live one): the generations the run gave up
+    on, whose workers may still be running on a machine cut off or frozen."""
 
     generation: int
     hosts: tuple[str, ...] | None = None
@@ -378,6 +392,6 @@ class Fail:
     generation: int | None = None
 
 
-Action = (Launch | Signal | Kill | CrashHost | Release | Transform | RecoverDump | Restore | Drop | Persist
-          | HoldPersist | Fence | Record | Say | Finish | Fail)
+Action = (Launch | Signal | Kill | CrashHost | Release | Transform | RecoverDump | Restore | HoldDump | Drop
+          | Persist | HoldPersist | Fence | Record | Say | Finish | Fail)
 

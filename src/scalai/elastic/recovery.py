@@ -67,7 +67,8 @@ def replicas_cover(old_ptc: PTC, old_place: Placement, new_ptc: PTC, new_place: 
     return ""
 
 
-def dump_owner(version: str) -> str:
-    """The writer id the survivors dump into ``version`` with (the runner commits or drops
-    the dump as the same owner; see :mod:`scalai.store.lease`)."""
-    return f"dump-{version}"
+def dump_owner(generation: int) -> str:
+    """The writer id the survivors of ``generation`` dump with (the coordinator holds the
+    dump's lease, and commits or drops it, as the same owner; see :mod:`scalai.store.lease`).
+    It names the generation, so that stores fenced above it refuse it."""
+    return f"g{generation}-dump"

@@ -11,8 +11,9 @@ hands back is carried out here, in order:
 - ``Signal`` / ``Kill`` / ``CrashHost`` / ``Release``: commands to agents;
 - ``Transform`` / ``RecoverDump`` / ``Restore``: on a thread, against the stores
   (:mod:`.stores_io`); the result comes back as an event;
-- ``Drop`` / ``Fence``: store calls on a thread; ``Persist`` / ``HoldPersist``: the
-  persistent copy (:mod:`.persist`);
+- ``Drop`` / ``Fence`` / ``HoldDump``: store calls on a thread (a fence makes the stores
+  refuse the writers of older generations; a held dump's lease is renewed until it is
+  committed or dropped); ``Persist`` / ``HoldPersist``: the persistent copy (:mod:`.persist`);
 - ``Record`` / ``Say`` / ``Finish`` / ``Fail``: the timeline, the progress output, the end.
 
 Time passes as ``Tick`` events (10 per second); agents unheard of for the detection time
@@ -42,7 +43,7 @@ from .coordinator import AgentService
 from .jobstate import Policy
 from .machines import LocalMachines, Machines
 from .messages import (AgentDead, AgentGone, AgentInfo, AgentJoined, AgentLeaving, Announced, CrashHost, Drop, Fail,
-                       Fence, Finish, HoldPersist, Kill, Launch, Persist, PersistedInfo, PersistStatus, RankReport,
+                       Fence, Finish, HoldDump, HoldPersist, Kill, Launch, Persist, PersistedInfo, PersistStatus, RankReport,
                        RecoverDump, Record, Release, Restore, Resume, Say, ScaleRequested, Signal, Start, StepDone,
                        StoredInfo, Tick, Transform, TransformFailed, WorkerExited)
 from .progress import Progress, run_row
@@ -101,6 +102,8 @@ class Runner:
         self._finished: Finish | None = None
         self._failed: Fail | None = None
         self._persisted = (0, None)
+        self._fence = 0  # the generation the stores were last fenced at (store thread)
+        self._dump_leases: dict = {}  # generation -> the Lease holding its survivors' dump (store thread)
         self._t0 = time.time()
         self._trace = None
         self._deferred: list[tuple] = []
@@ -221,15 +224,18 @@ class Runner:
 
     def _resume_event(self, agents) -> Resume:
         """What a coordinator started again finds: the committed versions of the job in the
-        agents' stores (each with its manifest), the last step and generation reported."""
+        agents' stores (each with its manifest), the last step and generation reported (or
+        fenced off in the stores)."""
         from ..store import StoreCluster
         from ..store.manifest import VersionManifest
 
         cluster = StoreCluster([a.store for a in agents], self.machines.token)
         stored = []
         seen: dict[str, set] = {}
+        fence = 0  # the stores' fence: new generations go at or above it (fences only rise: 0 reads it)
         for host in cluster.hosts:
             try:
+                fence = max(fence, int(cluster.client(host).fence(self.job, 0)["generation"]))
                 versions = cluster.client(host).job(self.job)["versions"]
             except ScalaiError:
                 continue
@@ -244,7 +250,7 @@ class Runner:
             stored.append(StoredInfo(name, int(m.state.get("step", 0)), m.ptc.config, tuple(m.hosts), m.sequence,
                                      m.ptc.full))
         last_step = max((a.last_step for a in agents), default=0)
-        last_gen = max((a.last_generation for a in agents), default=-1)
+        last_gen = max([a.last_generation for a in agents] + [fence - 1])
         infos = tuple(AgentInfo(a.name, a.devices, a.kind, a.memory_gib) for a in agents)
         return Resume(time.time(), infos, tuple(stored), last_step, last_gen)
 
@@ -397,7 +403,9 @@ class Runner:
         elif isinstance(a, Drop):
             self._store_ops.put(("drop", a.version, self._store_urls()))
         elif isinstance(a, Fence):
-            self._store_ops.put(("fence", a.generation, a.hosts))
+            self._store_ops.put(("fence", a.generation, self._store_urls(a.hosts)))
+        elif isinstance(a, HoldDump):
+            self._store_ops.put(("hold", a.generation, self._store_urls()))
         elif isinstance(a, Persist):
             if self.persister is not None:
                 self.persister.submit(a.version, a.step)
@@ -461,14 +469,15 @@ class Runner:
         try:
             if isinstance(a, Restore):
                 t0 = time.time()
-                version, moved = stores_io.restore(self._cluster(urls), a.path, a.alloc, self.job)
+                version, moved = stores_io.restore(self._cluster(urls), a.path, a.alloc, self.job, a.generation)
                 event = stores_io.done(a.token, version, moved, moved, (t0, t0), (t0, time.time()))
             else:
                 cluster = self._cluster(urls)
                 if isinstance(a, RecoverDump):
                     stores_io.commit_dump(cluster, self.job, a)
+                    self._store_ops.put(("unhold", a.dump_generation))  # committed: no lease needed
                 event = stores_io.transform(cluster, self.job, a.source if isinstance(a, Transform) else a.dump_version,
-                                            a.alloc, a.target, a.lost, a.token)
+                                            a.alloc, a.target, a.lost, a.token, a.generation)
         except Exception as exc:  # noqa: BLE001 - the controller decides what follows
             event = TransformFailed(time.time(), a.token, f"{type(exc).__name__}: {exc}")
         self.queue.put(("event", event))
@@ -477,17 +486,39 @@ class Runner:
         while True:
             op = self._store_ops.get()
             if op is None:
+                for generation in list(self._dump_leases):
+                    self._unhold(generation)
                 return
             try:
                 if op[0] == "drop":
+                    for generation in [g for g in self._dump_leases if self.policy.dump_version(g) == op[1]]:
+                        self._unhold(generation)
                     self._cluster(op[2]).drop(self.job, op[1])
-                elif op[0] == "wipe":
+                elif op[0] == "wipe":  # a joiner's store: emptied of the job, then fenced like the others
                     self._wipe([op[3]])
+                    if self._fence:
+                        self._cluster([op[3]]).fence(self.job, self._fence)
                     self.queue.put(("event", op[2]))
                 elif op[0] == "fence":
-                    pass  # the stores' ownership of versions (generation fencing) comes with store integrity
+                    self._fence = max(self._fence, op[1])
+                    self._cluster(op[2]).fence(self.job, op[1])
+                elif op[0] == "hold":  # the survivors' dump: kept alive until committed or dropped
+                    from ..store.lease import Lease
+                    from .recovery import dump_owner
+
+                    if op[1] not in self._dump_leases:
+                        self._dump_leases[op[1]] = Lease(self._cluster(op[2]), self.job, dump_owner(op[1]))
+                    lease = self._dump_leases[op[1]]
+                    lease.hold(self.policy.dump_version(op[1]), lease.cluster.hosts)
+                elif op[0] == "unhold":
+                    self._unhold(op[1])
             except Exception as exc:  # noqa: BLE001 - a store op failing is reported, not fatal
                 self.say(f"warning: store operation {op[0]} failed: {exc}")
+
+    def _unhold(self, generation: int) -> None:
+        lease = self._dump_leases.pop(generation, None)
+        if lease is not None:
+            lease.close()
 
     def _persist_status(self) -> None:
         if self.persister is None:

@@ -346,7 +346,7 @@ class ElasticWorker:
 
         if self.__dict__.get("_cached_writer") is None:
             self._cached_writer = StoreWriter(self.urls, self.job_name, gpus_per_host=self.gpus_per_host,
-                                              token=load_token())
+                                              token=load_token(), owner_kind=f"g{self.generation}-save")
         return self._cached_writer
 
     # -- the calls --------------------------------------------------------------------
@@ -562,7 +562,7 @@ class ElasticWorker:
             for name, tensor in job.local_tensors().items():
                 dtype = job.ptc.spec(name).dtype
                 total += client.put(self.job_name, self.dump_version, job.rank, name,
-                                    as_raw(tensor, dtype, name), dtype, owner=dump_owner(self.dump_version))["bytes"]
+                                    as_raw(tensor, dtype, name), dtype, owner=dump_owner(self.generation))["bytes"]
             state = capture(job, [rank_snapshot(job)])
             state["rng"]["ranks"] = {str(job.rank): state["rng"]["ranks"]["0"]}
             log.mark("dump_end", dump={"version": self.dump_version, "step": job.step, "bytes": total,
