@@ -148,6 +148,24 @@ def test_without_replicas_the_job_restarts_from_the_last_commit_and_counts_the_s
     assert "recovered from checkpoint: store version v1 (step 3); 2 steps lost" in said(actions)
 
 
+def test_a_dropped_version_reported_again_stays_dropped_and_the_newest_commit_is_kept():
+    """Rank 0's reports carry every commit it made: one that arrives after a version was
+    dropped (and forgotten) must not bring it back as the newest, nor drop the real newest."""
+    sim = Sim(steps=12, layout="tp=2,pp=1,dp=1")
+    sim.start()
+    sim.ready(0)
+    sim.steps(0, 1, 6)
+    v1 = {"version": "v1", "step": 3, "time": sim.now}
+    sim.report(0, 0, commits=[v1])
+    sim.report(0, 0, commits=[v1, {"version": "v2", "step": 6, "time": sim.now}])
+    actions = sim.feed(PersistStatus, frozenset())  # both copied to disk: v1 is superseded
+    assert [d.version for d in only(actions, "Drop")] == ["v1"]
+    again = sim.report(0, 0, marks=("step",))  # the same commits, reported once more
+    assert only(again, "Drop") == [] and only(again, "Persist") == []
+    assert [c.version for c in sim.state.commits] == ["v2"]
+    assert only(sim.feed(PersistStatus, frozenset()), "Drop") == []
+
+
 def test_without_a_live_commit_the_persistent_copy_or_step_zero():
     sim = Sim([{"step": 2, "fail": "host0"}], steps=8, layout="tp=2,pp=1,dp=1")
     sim.start()

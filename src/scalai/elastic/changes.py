@@ -127,8 +127,8 @@ def prelaunch(p: Policy, s: JobState, g: Gen, now: float, out: list) -> None:
 # -- versions -------------------------------------------------------------------------
 def record_commit(p: Policy, s: JobState, version: str | None, step: int, hosts, out: list) -> None:
     """A committed version exists in the stores: persist it, drop what it supersedes."""
-    if version is None or any(c.version == version for c in s.commits):
-        return
+    if version is None or version in s.dropped or any(c.version == version for c in s.commits):
+        return  # (rank 0 reports all its commits each time: a dropped one must stay dropped)
     s.commits.append(Commit(version, step, tuple(hosts)))
     if p.persist:
         out.append(Persist(version, step))
@@ -149,6 +149,7 @@ def retain(s: JobState, out: list) -> None:
         if not c.dropped and c.version not in keep:
             c.dropped = True
             out.append(Drop(c.version))
+    s.dropped |= {c.version for c in s.commits if c.dropped}
     s.commits = [c for c in s.commits if not c.dropped]  # (a long run commits thousands of times)
 
 

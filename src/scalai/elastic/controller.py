@@ -231,8 +231,7 @@ def _report(p: Policy, s: JobState, e: RankReport, out: list) -> None:
         g.reports[e.rank] = e.report
         if e.generation == s.current:
             for c in e.report.get("commits", []) if e.rank == 0 else []:
-                if not any(k.version == c["version"] for k in s.commits):
-                    record_commit(p, s, c["version"], c["step"], g.alloc.hosts, out)
+                record_commit(p, s, c["version"], c["step"], g.alloc.hosts, out)
 
 
 def _announced(p: Policy, s: JobState, e: Announced, out: list) -> None:

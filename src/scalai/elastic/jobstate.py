@@ -247,6 +247,7 @@ class JobState:
     noted: frozenset = frozenset()
     requests: tuple[tuple[str, Any, str, float], ...] = ()  # (action, value, reason, time)
     commits: list[Commit] = field(default_factory=list)
+    dropped: frozenset[str] = frozenset()  # versions dropped (and forgotten): never recorded again
     last_logged: int = 0
     row_times: dict[int, float] = field(default_factory=dict)  # step -> time of its latest row
     recent: tuple[float, ...] = ()  # times of the last rows (step time estimate)
