@@ -1,10 +1,14 @@
-"""``scalai agent`` as a user starts it: bad input in one line, a wrong token refused."""
+"""``scalai agent`` as a user starts it: bad input in one line, a wrong token refused, SIGTERM
+before it joined."""
 
 from __future__ import annotations
 
 import queue
+import signal
+import socket
+import subprocess
 
-from elastic_helpers import run_cli
+from elastic_helpers import run_cli, scalai_cmd
 from scalai.elastic.coordinator import AgentService
 
 
@@ -38,3 +42,28 @@ def test_an_agent_with_a_wrong_token_is_refused_in_one_line(tmp_path):
         assert "y" * 20 not in result.stderr and "x" * 20 not in result.stderr
     finally:
         service.close()
+
+
+def test_an_agent_that_never_joined_leaves_on_sigterm(tmp_path):
+    """SIGTERM while the coordinator is not (yet) reachable: nothing of a job is here to hand
+    off, so the agent stops its store and exits 0 (it used to keep waiting for ever)."""
+    with socket.socket() as s:  # a port nobody listens on (bound, never listening)
+        s.bind(("127.0.0.1", 0))
+        address = "127.0.0.1:%d" % s.getsockname()[1]
+        proc = subprocess.Popen(scalai_cmd("agent", "--join", address, "--name", "a", "--root", tmp_path / "agent",
+                                           "--standby", 0),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            lines = []
+            for line in proc.stdout:  # the store is up and the first join failed
+                lines.append(line)
+                if "waiting for the coordinator" in line:
+                    break
+            proc.send_signal(signal.SIGTERM)
+            rest, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert "SIGTERM before joining" in rest, rest

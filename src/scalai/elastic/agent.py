@@ -24,7 +24,8 @@ new coordinator, or one that declared this machine dead while it was stopped or 
 answers 410: the agent kills its workers (they belong to a generation given up) and joins
 again. SIGTERM asks to leave: the coordinator moves the job off this machine (a planned
 change, so what only this store holds moves to the survivors) and then releases it; a
-second SIGTERM, or ``--leave-timeout`` seconds without a release, exits at once. SIGINT
+second SIGTERM, or ``--leave-timeout`` seconds without a release, exits at once; an agent
+that has not joined (yet, or again) holds nothing of the job and exits at once. SIGINT
 (Ctrl-C) stops it at once: for the job, the machine fails.
 """
 
@@ -115,7 +116,9 @@ class Agent:
         self._install_signals()
         try:
             self._start_store()
-            self._join_until_accepted()
+            if not self._join_until_accepted():
+                self.say(f"scalai agent {self.name}: SIGTERM before joining: nothing to hand off; leaving")
+                return 0
             threading.Thread(target=self._command_loop, name="scalai-commands", daemon=True).start()
             self._report_loop()  # returns when released or stopped
             return 0
@@ -164,11 +167,14 @@ class Agent:
             time.sleep(0.05)
         self.store_url = url_file.read_text().strip()
 
-    def _join_until_accepted(self) -> None:
+    def _join_until_accepted(self) -> bool:
         """Join (again), retrying while the coordinator is unreachable; on the first join,
-        make the data copy and the standbys in the background (heartbeats go on meanwhile)."""
+        make the data copy and the standbys in the background (heartbeats go on meanwhile).
+        False: SIGTERM came first (the job holds nothing on a machine it does not know)."""
         noted = 0.0
         while not self._stop.is_set():
+            if self._leaving.is_set():
+                return False
             try:
                 answer = self.client.post("/v1/agents/join", self._join_body(), timeout=30)
                 break
@@ -193,6 +199,7 @@ class Agent:
             threading.Thread(target=self._prepare, name="scalai-prepare", daemon=True).start()
         elif self._data is not None:
             self._send({"data": self._data})
+        return True
 
     def _join_body(self) -> dict:
         return {"name": self.name, "incarnation": self.incarnation, "address": self.address, "store": self.store_url,
@@ -323,7 +330,9 @@ class Agent:
             self.relay.fenced()
         self.say(f"scalai agent {self.name}: the coordinator does not know this machine any more; its workers "
                  f"were stopped, joining again")
-        self._join_until_accepted()
+        if not self._join_until_accepted():
+            self.say(f"scalai agent {self.name}: SIGTERM before joining again: nothing to hand off; leaving")
+            self._stop.set()
         self._rejoin.clear()
 
     # -- commands ---------------------------------------------------------------------
