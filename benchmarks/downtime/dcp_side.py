@@ -87,12 +87,33 @@ def _agents(settings: Settings, scenario: Scenario, layout: str, role: str, work
              "--max-restarts", "0", "--monitor-interval", "0.1", *args] for slot in range(hosts)]
 
 
+class Rendezvous:
+    """The c10d rendezvous store both generations' torchrun agents meet in, held by the
+    driver as a torchrun user's launcher holds it (``endpoint`` = ``host:port``)."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        from torch.distributed import TCPStore
+
+        self._store = TCPStore(host, 0, is_master=True, wait_for_workers=False)
+        self.endpoint = f"{host}:{self._store.port}"
+
+    def close(self) -> None:
+        self._store = None
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie counts: it holds no memory, no device)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
 def _drive(settings: Settings, case: Case, scenario: Scenario, work: Path, trigger: Callable | None) -> Outcome:
     """Run the old job, start the new one when the scenario allows, free its devices once
     the old workers are gone; returns the measured outcome. ``trigger(rows, at, start_new)``
     is called on every poll: it causes the change (and records ``at["request"]``)."""
-    from scalai.elastic.launch import Rendezvous, process_gone
-
     procs = Processes(env_for_runs(work))
     at: dict[str, float] = {}  # when the driver did what (wall clock)
     saved, rows_path = work / "saved.json", work / "rows.jsonl"

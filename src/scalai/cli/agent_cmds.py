@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .main import cli
+from .group import cli
 from .params import COUNT, NON_NEGATIVE, POSITIVE_NUMBER
 
 

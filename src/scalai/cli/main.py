@@ -76,6 +76,7 @@ def _register() -> None:
     from . import train_cmds  # noqa: F401
     from . import store_cmds  # noqa: F401
     from . import elastic_cmds  # noqa: F401
+    from . import interop_cmds  # noqa: F401
     from . import agent_cmds  # noqa: F401
 
 

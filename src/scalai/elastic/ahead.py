@@ -7,7 +7,8 @@ that needs the devices, so the controller starts the next generation early
 before it (the measured start-up time over the current step time); for a requested change
 (``scalai scale``, a time event, a machine joining or leaving) at once. Its workers then
 wait for the devices (:meth:`ElasticWorker.wait_devices`), freed once the old workers
-have exited.
+have exited. With ``start_ahead`` off (``scalai run --no-start-ahead``) it does neither:
+the next generation starts once the old workers have saved.
 """
 
 from __future__ import annotations

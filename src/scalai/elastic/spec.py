@@ -88,7 +88,6 @@ class RunSpec:
     job: str = "job"
     commit_every: int = 10
     persist: bool = True
-    start_ahead: bool = True
     link: str | None = None
     device_memory: float = 80.0
     resume: bool = False

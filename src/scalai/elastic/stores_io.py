@@ -53,7 +53,7 @@ def restore(cluster, path: str, alloc, job: str, generation: int) -> tuple[str, 
     """Put the persistent copy at ``path`` back into ``cluster``'s stores (``alloc``'s hosts,
     in slot order) in ``alloc``'s layout, as ``generation``: reshard it on disk, then push
     it. Returns ``(version, bytes)``."""
-    from ..executor import reshard_checkpoint
+    from ..reshard import reshard_checkpoint
 
     scratch = tempfile.mkdtemp(prefix="scalai-restore-")
     out = f"{scratch}/ckpt"

@@ -549,7 +549,7 @@ class ElasticWorker:
             return self._dump(job, error)
 
     def _dump(self, job: Any, error: BaseException | None) -> int:
-        from ..checkpoint.arrays import as_raw
+        from ..storage.arrays import as_raw
         from ..store.client import StoreClient, load_token
         from ..training.nontensor import capture, rank_snapshot
         from .recovery import dump_owner
