@@ -284,13 +284,20 @@ def test_two_failures_in_a_row_without_a_step_stop_the_run():
     assert "failed without completing a step, twice in a row" in only(sim.history[-1][1], "Fail")[0].message
 
 
-def test_a_failed_transformation_fails_the_new_generation_and_recovers_from_the_commit():
+def _transforming():
+    """A job growing to 4 devices at step 2: saved as v1, its old workers gone, the
+    transformation under way (the Sim and its Transform action)."""
     sim = Sim([{"step": 2, "devices": 4}], steps=8)
     sim.start()
     sim.ready(0)
     sim.steps(0, 1, 2)
     transform, = only(sim.save(0, 2, "v1"), "Transform")
     sim.exit(0)
+    return sim, transform
+
+
+def test_a_failed_transformation_fails_the_new_generation_and_recovers_from_the_commit():
+    sim, transform = _transforming()
     actions = sim.feed(TransformFailed, transform.token, "store host1 is unreachable")
     kill, = only(actions, "Kill")  # its workers hold nothing yet: stopped at once, not asked to dump
     assert kill.generation == 1 and kill.ranks is None and not only(actions, "Signal")
@@ -353,12 +360,7 @@ def test_the_announced_ptc_is_awaited_then_the_layout_rules_after_a_timeout():
 
 
 def test_a_transformation_finished_after_its_change_was_abandoned_is_kept_as_a_commit():
-    sim = Sim([{"step": 2, "devices": 4}], steps=8)
-    sim.start()
-    sim.ready(0)
-    sim.steps(0, 1, 2)
-    transform, = only(sim.save(0, 2, "v1"), "Transform")
-    sim.exit(0)
+    sim, transform = _transforming()
     sim.feed(AgentDead, "host1")
     sim.exit(1, [0, 1], code=-9)
     late = sim.transformed(transform, "v2")
