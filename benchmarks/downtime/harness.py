@@ -108,9 +108,10 @@ class Settings:
     timeout: float = 1200.0
 
     def steps(self, scenario: Scenario) -> int:
-        """The job's total steps: S+1 for a scheduled change; S+2 for a request, so that a
-        request landing after step S still leaves a step to run in the new layout."""
-        return self.at_step + (1 if scenario.trigger == "schedule" else 2)
+        """The job's total steps: S+1 for a scheduled change; S+4 for a request, so that a
+        request the job takes a few short steps to act on (delivered through the agents,
+        then agreed on at the next step's end) still leaves a step to run in the new layout."""
+        return self.at_step + (1 if scenario.trigger == "schedule" else 4)
 
     def trainer_flags(self) -> list[str]:
         """The reference trainer's options both sides pass (``scalai run`` and the baseline)."""
