@@ -11,7 +11,9 @@ model:
   ``from_pretrained`` loads (:class:`~scalai.interop.hf_storage.HFSink`); the optimizer
   state stays behind;
 - :func:`import_megatron`: a legacy Megatron-LM tree (its own ``tp x pp`` layout, see
-  :mod:`scalai.interop.megatron`) with its optimizer state into any layout.
+  :mod:`scalai.interop.megatron`) with its optimizer state into any layout;
+- :func:`import_dcp`: a PyTorch DCP directory (its stored chunks as the layout, see
+  :mod:`scalai.interop.dcp`) with its optimizer state into any layout.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
+
 from ..config import ParallelConfig, Placement
 from ..layout.ptc import PTC
 from ..models.synth import stored_nbytes
@@ -29,7 +33,7 @@ from ..storage.run import run_plan
 from .mapping import foreign_tensors, resolve
 from .rules import Rules
 
-__all__ = ["Conversion", "import_hf", "export_hf", "import_megatron", "hf_export_config"]
+__all__ = ["Conversion", "import_hf", "export_hf", "import_megatron", "import_dcp", "hf_export_config"]
 
 
 @dataclass(frozen=True)
@@ -210,3 +214,64 @@ def import_megatron(path: str | os.PathLike, out_dir: str, layout: ParallelConfi
     with ArraysSource(m.ptc, m.arrays, m.state) as source:
         return _run(source, new_ptc.stored_replicas(), lambda: create_sink(out_dir, new_ptc, m.state, sync),
                     False, workers, progress, os.fspath(out_dir), str(layout))
+
+
+def import_dcp(path: str | os.PathLike, out_dir: str, layout: ParallelConfig | str, *, model: str | None = None,
+               rules: Rules | None = None, workers: int | None = None,
+               progress: Callable[[int], None] | None = None, sync: bool = True) -> Conversion:
+    """Write the PyTorch DCP checkpoint in directory ``path`` as a scalai checkpoint in ``layout``:
+    its parameters and the optimizer state that follows them (Adam's ``exp_avg`` and
+    ``exp_avg_sq``), each destination window read from the stored chunks that overlap it.
+
+    Args:
+        model: a scalai model the checkpoint holds under scalai's own names (one that
+            ``scalai export dcp`` wrote); or
+        rules: how its keys map onto scalai's tensors and how they split (one of the two
+            is needed: DCP records boxes, not how a model splits).
+
+    Raises:
+        ValueError: neither ``model`` nor ``rules``, keys the rules do not explain, or a
+            layout the tensors cannot be split into.
+        FileExistsError: ``out_dir`` exists.
+        CheckpointError: a missing, damaged or hostile ``.metadata`` or data file.
+    """
+    from ..locations import create_sink
+    from .dcp import dcp_layout, model_rules, read_index
+    from .dcp.source import DcpSource
+
+    layout = ParallelConfig.parse(layout)
+    if os.path.lexists(os.fspath(out_dir)):  # before reading anything
+        raise FileExistsError(f"output {out_dir} already exists; choose another directory or remove it first")
+    if (model is None) == (rules is None):
+        raise ValueError("say how the DCP checkpoint's tensors map onto scalai's: give --model M (a scalai model "
+                         "under its own names) or --rules FILE (see docs/interop.md), not both")
+    index = read_index(path)
+    stored = dcp_layout(index, rules if rules is not None else model_rules(model))
+    new_ptc = stored.ptc.relayout(layout)
+    _check_output(out_dir, stored_nbytes(new_ptc), f"the import into {layout}", path)
+    state = {"step": 0, "imported": {"from": "dcp", "directory": os.path.abspath(os.fspath(path)),
+                                     "unmapped": dict(sorted(stored.unmapped.items()))}}
+    if model is not None:
+        state["model"] = model
+    with DcpSource(path, index, stored, state) as source:
+        source.state["step"] = state["step"] = _dcp_step(source)
+        return _run(source, new_ptc.stored_replicas(), lambda: create_sink(out_dir, new_ptc, state, sync),
+                    False, workers, progress, os.fspath(out_dir), str(layout))
+
+
+def _dcp_step(source) -> int:
+    """The optimizer's step count (the largest of the parameters' ``step`` entries; 0 if none)."""
+    steps = []
+    for key in source.layout.keys.steps.values():
+        if key in source.index.tensors:
+            dtype = source.index.tensors[key].dtype
+            if dtype not in ("float32", "float64", "int64", "int32"):
+                raise ValueError(f"{key} in {source.directory} is a {dtype} tensor, not a step count")
+            value = source.tensor_value(key).view(np.dtype(dtype)).item()
+        else:
+            value = source.object_value(key)
+        try:
+            steps.append(int(float(value)))
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} in {source.directory} is {value!r}, not a step count") from None
+    return max(steps, default=0)
