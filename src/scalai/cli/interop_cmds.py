@@ -1,4 +1,4 @@
-"""Checkpoints in and out: ``scalai import hf|megatron`` and ``scalai export hf``."""
+"""Checkpoints in and out: ``scalai import hf|megatron|dcp`` and ``scalai export hf``."""
 
 from __future__ import annotations
 
@@ -88,6 +88,32 @@ def import_megatron_cmd(path: str, out: str, layout, vocab_size: int | None, wei
 
     conv = import_megatron(path, out, layout, vocab_size=vocab_size, weights_only=weights_only,
                            rules=_rules(rules_path), workers=workers)
+    _report(conv, f"imported {os.path.basename(os.path.abspath(path))}", as_json)
+
+
+@import_group.command("dcp")
+@click.argument("path", type=click.Path())
+@click.argument("out", type=click.Path())
+@layout_option("--layout", "-l")
+@click.option("--model", "-m", default=None,
+              help="the scalai model the checkpoint holds under scalai's own names (as scalai synth names it)")
+@_rules_option
+@click.option("--workers", "-j", type=COUNT, default=None, help="copy threads (default: one per core, <= 8)")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
+def import_dcp_cmd(path: str, out: str, layout, model: str | None, rules_path: str | None, workers: int | None,
+                   as_json: bool) -> None:
+    """Import the PyTorch Distributed Checkpoint (torch.distributed.checkpoint.save) in directory
+    PATH as checkpoint OUT in LAYOUT: parameters, Adam's exp_avg/exp_avg_sq and the step.
+
+    DCP records the boxes each rank saved, not how the model splits: give --rules FILE (its
+    keys as scalai tensors and their splits) or --model M (a scalai model under its own
+    names). Every window of OUT is read from the stored chunks that overlap it, in place:
+    nothing is consolidated. .metadata is unpickled through an allow-list of DCP's own
+    classes: a file that names anything else is refused, nothing in it runs.
+    """
+    from ..interop.convert import import_dcp
+
+    conv = import_dcp(path, out, layout, model=model, rules=_rules(rules_path), workers=workers)
     _report(conv, f"imported {os.path.basename(os.path.abspath(path))}", as_json)
 
 

@@ -1,0 +1,88 @@
+"""Rank functions of the DCP tests (run by ``_dist.run_ranks``): a model built from torch's own
+modules, laid out with torch's own FSDP2 and tensor parallelism, trained one Adam step and
+saved with ``dcp.save`` as ``get_state_dict`` gives it."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+#: The model's sizes: vocabulary, width, layers.
+VOCAB, DIM, LAYERS = 16, 8, 2
+
+#: How the saved keys map onto scalai tensors (a rules file): torch's TP plan below, as splits.
+RULES = {
+    "format": "scalai-rules/1",
+    "tensors": [
+        {"name": "emb.weight", "split": "column", "where": "first", "from": ["emb.weight"]},
+        {"name": "layers.{layer}.norm.weight", "split": "replicate", "from": ["layers.{layer}.norm.weight"]},
+        {"name": "layers.{layer}.w1.weight", "split": "column", "from": ["layers.{layer}.w1.weight"]},
+        {"name": "layers.{layer}.w2.weight", "split": "row", "from": ["layers.{layer}.w2.weight"]},
+        {"name": "norm.weight", "split": "replicate", "where": "last", "from": ["norm.weight"]},
+        {"name": "out.weight", "split": "column", "where": "last", "from": ["out.weight"]},
+    ],
+}
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(DIM, bias=False)
+        self.w1 = nn.Linear(DIM, 4 * DIM, bias=False)
+        self.w2 = nn.Linear(4 * DIM, DIM, bias=False)
+
+    def forward(self, x):
+        return x + self.w2(torch.relu(self.w1(self.norm(x))))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.layers = nn.ModuleList(Block() for _ in range(LAYERS))
+        self.norm = nn.LayerNorm(DIM, bias=False)
+        self.out = nn.Linear(DIM, VOCAB, bias=False)
+
+    def forward(self, tokens):
+        x = self.emb(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return self.out(self.norm(x))
+
+
+def save_fsdp_tp(rank: int, world_size: int, path: str) -> dict:
+    """FSDP2 (dp=2) over tensor parallelism (tp=2): train one step, ``dcp.save``; returns the
+    placements torch gave each parameter (to show what the checkpoint was saved from)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = Net()
+    plan = {"emb": RowwiseParallel(input_layouts=Replicate()),
+            "out": ColwiseParallel(output_layouts=Replicate())}
+    for i in range(LAYERS):
+        plan[f"layers.{i}.w1"] = ColwiseParallel()
+        plan[f"layers.{i}.w2"] = RowwiseParallel()
+    parallelize_module(model, mesh["tp"], plan)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    optim = torch.optim.Adam(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(100 + mesh.get_coordinate()[0])
+    for _ in range(2):
+        tokens = torch.randint(0, VOCAB, (2, 5), generator=g)
+        model(tokens).float().pow(2).mean().backward()
+        optim.step()
+        optim.zero_grad()
+    msd, osd = get_state_dict(model, optim)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    return {k: str(v.placements) for k, v in msd.items()}
