@@ -385,3 +385,31 @@ def test_metadata_beyond_the_limits_is_refused_before_it_is_built(small_dcp, mon
     monkeypatch.setenv("SCALAI_MAX_LOCAL_TENSORS", str(len(data) // 256 - 1))
     with pytest.raises(LimitError, match=r"DCP metadata .*bytes"):
         read_index(small_dcp[0])
+
+
+@pytest.mark.parametrize("make, box", [
+    (lambda: torch.arange(24.0).reshape(2, 3, 4), ((1, 1, 0), (1, 2, 4))),  # one contiguous run
+    (lambda: torch.arange(24.0).reshape(2, 3, 4), ((0, 1, 1), (2, 2, 2))),  # a span, then strided
+    (lambda: torch.arange(12.0).reshape(3, 4).t().clone(), ((1, 0), (2, 3))),  # stored transposed
+    (lambda: torch.arange(600 * 1024, dtype=torch.float32).reshape(600, 1024), ((5, 7), (590, 3))),  # row by row
+    (lambda: torch.arange(600 * 1024, dtype=torch.float32).reshape(600, 1024).t().clone(), ((2, 10), (3, 580))),
+    (lambda: torch.tensor(7.0), ((), ())),
+])
+def test_boxes_are_read_in_place_whatever_the_strides(tmp_path, make, box):
+    from scalai.interop.dcp.source import _read_box
+
+    t = make()
+    path, blob = _torch_blob(tmp_path, t)
+    offsets, sizes = box
+    want = t[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        rec = read_tensor_record(fd, blob, "t")
+        out = np.zeros(sizes, np.uint32)
+        _read_box(fd, rec, offsets, sizes, out, "t")
+        assert torch.equal(torch.from_numpy(out.view(np.float32)), want)
+        outT = np.zeros(sizes[::-1], np.uint32)  # into a strided view, as a transposed part is read
+        _read_box(fd, rec, offsets, sizes, outT.T, "t")
+        assert torch.equal(torch.from_numpy(np.array(outT.T, order="C").view(np.float32)), want)
+    finally:
+        os.close(fd)
