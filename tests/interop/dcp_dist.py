@@ -86,3 +86,36 @@ def save_fsdp_tp(rank: int, world_size: int, path: str) -> dict:
         warnings.simplefilter("ignore")
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
     return {k: str(v.placements) for k, v in msd.items()}
+
+
+def load_tp(rank: int, world_size: int, path: str) -> dict:
+    """``dcp.load`` of ``path`` into the model laid out with tensor parallelism only
+    (tp=``world_size``) and into its Adam state; returns every loaded tensor whole (lists),
+    and its placements."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.manual_seed(1)
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    model = Net()
+    plan = {"emb": RowwiseParallel(input_layouts=Replicate()), "out": ColwiseParallel(output_layouts=Replicate())}
+    for i in range(LAYERS):
+        plan[f"layers.{i}.w1"] = ColwiseParallel()
+        plan[f"layers.{i}.w2"] = RowwiseParallel()
+    parallelize_module(model, mesh, plan)
+    optim = torch.optim.Adam(model.parameters(), lr=0.01)
+    msd, osd = get_state_dict(model, optim)  # initializes Adam's state
+    state = {"model": msd, "optim": {"state": osd["state"]}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=path)
+    def whole(v):  # a norm's weight is not a DTensor: tensor parallelism leaves it replicated
+        return (v.full_tensor() if hasattr(v, "full_tensor") else v).tolist()
+
+    out = {f"model.{k}": whole(v) for k, v in msd.items()}
+    for fqn, states in osd["state"].items():
+        out.update({f"optim.state.{fqn}.{s}": whole(v) for s, v in states.items()})
+    return {"tensors": out, "placements": {k: str(getattr(v, "placements", "plain")) for k, v in msd.items()}}

@@ -1,4 +1,4 @@
-"""Checkpoints in and out: ``scalai import hf|megatron|dcp`` and ``scalai export hf``."""
+"""Checkpoints in and out: ``scalai import hf|megatron|dcp`` and ``scalai export hf|dcp``."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _report(conv, what: str, as_json: bool) -> None:
     if as_json:
         emit_json(conv.to_json())
         return
-    where = "a Hugging Face directory" if conv.layout == "hf" else conv.layout
+    where = {"hf": "a Hugging Face directory", "dcp": "a PyTorch DCP directory"}.get(conv.layout, conv.layout)
     click.echo(f"{what}: wrote {conv.output} ({where}): {conv.tensors} tensors, {human_bytes(conv.bytes)} "
                f"in {conv.seconds['total']:.2f} s")
 
@@ -139,4 +139,24 @@ def export_hf_cmd(ckpt: str, out: str, max_shard_bytes: int, rules_path: str | N
     config = read_config(config_path) if config_path else None
     conv = export_hf(ckpt, out, rules=_rules(rules_path), config=config, max_shard_bytes=max_shard_bytes,
                      workers=workers)
+    _report(conv, f"exported {os.path.basename(os.path.abspath(ckpt))}", as_json)
+
+
+@export_group.command("dcp")
+@click.argument("ckpt", type=click.Path())
+@click.argument("out", type=click.Path())
+@_rules_option
+@click.option("--weights-only", is_flag=True, help="leave the optimizer state out")
+@click.option("--workers", "-j", type=COUNT, default=None, help="copy threads (default: one per core, <= 8)")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
+def export_dcp_cmd(ckpt: str, out: str, rules_path: str | None, weights_only: bool, workers: int | None,
+                   as_json: bool) -> None:
+    """Export checkpoint CKPT (any layout) as PyTorch Distributed Checkpoint directory OUT, which
+    torch.distributed.checkpoint.load reads into a model of any DTensor layout: model.<key>
+    and optim.state.<key>.exp_avg|exp_avg_sq|step, as get_state_dict names them. Each tensor
+    is written in the boxes CKPT stores it in (one chunk each): nothing is consolidated.
+    """
+    from ..interop.convert import export_dcp
+
+    conv = export_dcp(ckpt, out, rules=_rules(rules_path), weights_only=weights_only, workers=workers)
     _report(conv, f"exported {os.path.basename(os.path.abspath(ckpt))}", as_json)

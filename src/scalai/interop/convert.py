@@ -13,7 +13,9 @@ model:
 - :func:`import_megatron`: a legacy Megatron-LM tree (its own ``tp x pp`` layout, see
   :mod:`scalai.interop.megatron`) with its optimizer state into any layout;
 - :func:`import_dcp`: a PyTorch DCP directory (its stored chunks as the layout, see
-  :mod:`scalai.interop.dcp`) with its optimizer state into any layout.
+  :mod:`scalai.interop.dcp`) with its optimizer state into any layout;
+- :func:`export_dcp`: a scalai checkpoint (any layout) into a DCP directory, one chunk
+  per stored box, that ``dcp.load`` reads into any DTensor layout.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from ..storage.run import run_plan
 from .mapping import foreign_tensors, resolve
 from .rules import Rules
 
-__all__ = ["Conversion", "import_hf", "export_hf", "import_megatron", "import_dcp", "hf_export_config"]
+__all__ = ["Conversion", "import_hf", "export_hf", "import_megatron", "import_dcp", "export_dcp",
+           "hf_export_config"]
 
 
 @dataclass(frozen=True)
@@ -275,3 +278,69 @@ def _dcp_step(source) -> int:
         except (TypeError, ValueError):
             raise ValueError(f"{key} in {source.directory} is {value!r}, not a step count") from None
     return max(steps, default=0)
+
+
+def _dcp_keys(rules: Rules | None, params: list, num_layers: int) -> dict[str, str]:
+    """scalai parameter name -> the key it is exported under (its own name without rules)."""
+    if rules is None:
+        return {s.name: s.name for s in params}
+    mapping = resolve(rules, foreign_tensors(rules, params, num_layers), states=())
+    keys = {}
+    for m in mapping.tensors:
+        (part, *more) = m.parts
+        if more or part.transpose or (m.spec.shape and (part.start, part.rows) != (0, m.spec.shape[0])):
+            raise ValueError(f"the rules write {m.spec.name} as {[p.key for p in m.parts]} (fused, transposed or "
+                             f"cut); scalai export dcp writes each tensor under one key for now: give rules "
+                             f"that only rename, or none")
+        keys[m.spec.name] = part.key
+    missing = sorted({s.name for s in params} - set(keys))
+    if missing:
+        raise ValueError(f"the rules export no {missing[0]} (and {len(missing) - 1} more); a checkpoint of "
+                         f"another model needs its own rules (--rules FILE)")
+    return keys
+
+
+def export_dcp(ckpt: str | os.PathLike, out_dir: str, *, rules: Rules | None = None, weights_only: bool = False,
+               workers: int | None = None, progress: Callable[[int], None] | None = None,
+               sync: bool = True) -> Conversion:
+    """Write checkpoint ``ckpt`` (any layout) as a PyTorch DCP directory: parameters as
+    ``model.<key>``, Adam's state as ``optim.state.<key>.exp_avg|exp_avg_sq|step`` (the
+    shape of ``get_state_dict``), each tensor in the boxes the checkpoint stores it in.
+
+    Args:
+        rules: the keys to write (rules that rename only); default: scalai's names.
+        weights_only: leave the optimizer state out.
+
+    Raises:
+        ValueError: rules that fuse, transpose or cut a tensor; tensors they do not cover.
+        FileExistsError: ``out_dir`` exists.
+    """
+    from ..locations import open_source
+    from .dcp import is_dcp_directory
+    from .dcp.sink import DcpSink, ExportTensor, sink_layout, stored_boxes
+
+    if os.path.lexists(os.fspath(out_dir)):  # before reading anything
+        raise FileExistsError(f"output {out_dir} already exists; choose another directory or remove it first")
+    src = os.fspath(ckpt)
+    if is_dcp_directory(src) and not os.path.lexists(os.path.join(src, "manifest.json")):
+        raise ValueError(f"{src} is a PyTorch DCP checkpoint, not a scalai checkpoint; export takes a scalai "
+                         f"checkpoint (bring this one in with: scalai import dcp {src} OUT --layout L --rules FILE)")
+    with open_source(src) as source:
+        ptc = source.ptc
+        params = [s for s in ptc.specs if not s.is_optimizer_state]
+        keys = _dcp_keys(rules, params, ptc.num_layers)
+        tensors = [ExportTensor(s, f"model.{keys[s.name]}", ("model", keys[s.name]), stored_boxes(ptc, s.name))
+                   for s in params]
+        with_state = []
+        for s in ptc.specs:
+            if s.is_optimizer_state and s.state in ("exp_avg", "exp_avg_sq") and not weights_only:
+                k = keys[s.param]
+                tensors.append(ExportTensor(s, f"optim.state.{k}.{s.state}", ("optim", "state", k, s.state),
+                                            stored_boxes(ptc, s.name)))
+                with_state.append(k)
+        steps = [(f"optim.state.{k}.step", ("optim", "state", k, "step")) for k in dict.fromkeys(with_state)]
+        step = int(source.state.get("step", 0) or 0)
+        _check_output(out_dir, sum(t.spec.nbytes for t in tensors), "the export", ckpt)
+        return _run(source, sink_layout(tensors, ptc.num_layers),
+                    lambda: DcpSink(out_dir, tensors, ptc.num_layers, steps, step, sync), True, workers, progress,
+                    os.fspath(out_dir), "dcp")
