@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from ..bounded import read_json
 from ..units import human_bytes
 
-__all__ = ["OWNER_FILE", "Stale", "check_output", "create", "release", "find_stale", "sweep",
+__all__ = ["OWNER_FILE", "Stale", "check_output", "create", "release", "publish", "find_stale", "sweep",
            "owner_record", "staging_path"]
 
 log = logging.getLogger("scalai.checkpoint")
@@ -239,6 +239,25 @@ def release(staging: str) -> None:
         os.unlink(os.path.join(staging, OWNER_FILE))
     except FileNotFoundError:
         pass
+
+
+def publish(staging: str, out_dir: str, sync: bool = True) -> None:
+    """Rename the finished staging directory to ``out_dir`` (after :func:`release`), and
+    fsync the parent directory when ``sync``: a directory that appears is complete.
+
+    Raises:
+        FileExistsError: ``out_dir`` appeared while writing (the staging directory is left).
+    """
+    if os.path.lexists(out_dir):
+        raise FileExistsError(f"output {out_dir} appeared while writing; the result is left in {staging}")
+    release(staging)
+    os.rename(staging, out_dir)
+    if sync:
+        fd = os.open(os.path.dirname(os.path.abspath(out_dir)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # -- before writing ------------------------------------------------------------------------

@@ -209,17 +209,7 @@ class HFSink(TensorSink):
         if len(self.names) > 1:
             atomic_write(os.path.join(self.staging, INDEX), (json.dumps(self._index, indent=2) + "\n").encode(),
                          self.sync)
-        if os.path.lexists(self.out_dir):
-            raise FileExistsError(f"output {self.out_dir} appeared while writing; the export is left in "
-                                  f"{self.staging}")
-        staging.release(self.staging)
-        os.rename(self.staging, self.out_dir)
-        if self.sync:
-            fd = os.open(os.path.dirname(self.out_dir), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        staging.publish(self.staging, self.out_dir, self.sync)
         self.committed = True
 
     def abort(self) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import zlib
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -114,7 +113,6 @@ class DcpSink(TensorSink):
             raise FileExistsError(f"output {out_dir} already exists; choose another directory or remove it first")
         self.staging = staging.create(self.out_dir)
         self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
         self.committed = False
         try:
             for slot in range(width):
@@ -186,17 +184,7 @@ class DcpSink(TensorSink):
         tensors, paths = self._index()
         write_metadata(self.staging, tensors, {}, paths, self.sync)
         self._close()
-        if os.path.lexists(self.out_dir):
-            raise FileExistsError(f"output {self.out_dir} appeared while writing; the export is left in "
-                                  f"{self.staging}")
-        staging.release(self.staging)
-        os.rename(self.staging, self.out_dir)
-        if self.sync:
-            fd = os.open(os.path.dirname(self.out_dir), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        staging.publish(self.staging, self.out_dir, self.sync)
         self.committed = True
 
     def _close(self) -> None:
