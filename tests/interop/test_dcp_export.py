@@ -8,6 +8,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,3 +61,42 @@ def test_export_dcp_from_the_command_line(imported, tmp_path, capsys):
     assert r.code == 2 and "already exists" in r.err and len(r.err.strip().splitlines()) == 1, r.err
     r = run(capsys, "export", "dcp", tmp_path / "out", tmp_path / "again")  # a DCP directory is not scalai's
     assert r.code == 2 and "scalai import dcp" in r.err and not (tmp_path / "again").exists(), r.err
+
+
+def test_a_scalai_model_exports_and_imports_back_under_its_own_names(tmp_path):
+    """gpt-tiny at tp=2,pp=2,dp=2,zero=1 (fused QKV cut by head group, a padded vocabulary,
+    ZeRO-1 optimizer parts): dcp.load reads each tensor whole equal to the synthetic values
+    of its global positions, and the export imports back (--model) into another layout
+    equal to them too."""
+    from scalai.config import ParallelConfig
+    from scalai.layout.ptc import PTC
+    from scalai.locations import open_source
+    from scalai.models.synth import synth_region, write_synthetic_checkpoint
+    from scalai.regions import Region
+
+    write_synthetic_checkpoint("gpt-tiny", tmp_path / "s", ParallelConfig.parse("tp=2,pp=2,dp=2,zero=1"), seed=3)
+    with open_source(tmp_path / "s") as src:
+        specs = {s.name: s for s in src.ptc.specs}
+    export_dcp(str(tmp_path / "s"), str(tmp_path / "dcp"), sync=False)
+    loaded = _dcp_load(str(tmp_path / "dcp"))
+    exported = {k.removeprefix("model."): v for k, v in loaded.items() if k.startswith("model.")}
+    for key, value in loaded.items():
+        if key.startswith("optim.state.") and not key.endswith(".step"):
+            param, state = key.removeprefix("optim.state.").rsplit(".", 1)
+            exported[f"optimizer.{state}.{param}"] = value
+    assert set(exported) == {n for n, s in specs.items() if s.state != "master"}
+    assert float(loaded["optim.state.decoder.final_layernorm.weight.step"]) == 1000  # synth's step
+    for name, value in exported.items():
+        want = synth_region(specs[name], Region.full(specs[name].shape), 3)
+        assert value.dtype == getattr(torch, specs[name].dtype), name
+        assert value.reshape(-1).view(torch.uint8).numpy().tobytes() == np.ascontiguousarray(want).tobytes(), name
+    import_dcp(str(tmp_path / "dcp"), str(tmp_path / "back"), "tp=4,pp=1,dp=1", model="gpt-tiny", sync=False)
+    with open_source(tmp_path / "back") as back:
+        assert back.state["step"] == 1000 and back.state["model"] == "gpt-tiny"
+        layout = PTC(back.ptc.config, back.ptc.specs, back.ptc.num_layers)
+        for rank in layout.config.ranks():
+            for name, shard in layout.rank_shards(rank):
+                got = back.read_window(rank, name)
+                for piece in shard.pieces:
+                    want = synth_region(specs[name], piece.global_region, 3).view(got.dtype)
+                    assert np.array_equal(got[piece.local_region.to_slices()], want), (rank, name)

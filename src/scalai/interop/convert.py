@@ -329,14 +329,15 @@ def export_dcp(ckpt: str | os.PathLike, out_dir: str, *, rules: Rules | None = N
         ptc = source.ptc
         params = [s for s in ptc.specs if not s.is_optimizer_state]
         keys = _dcp_keys(rules, params, ptc.num_layers)
-        tensors = [ExportTensor(s, f"model.{keys[s.name]}", ("model", keys[s.name]), stored_boxes(ptc, s.name))
+        boxes = stored_boxes(ptc)
+        tensors = [ExportTensor(s, f"model.{keys[s.name]}", ("model", keys[s.name]), boxes[s.name])
                    for s in params]
         with_state = []
         for s in ptc.specs:
             if s.is_optimizer_state and s.state in ("exp_avg", "exp_avg_sq") and not weights_only:
                 k = keys[s.param]
                 tensors.append(ExportTensor(s, f"optim.state.{k}.{s.state}", ("optim", "state", k, s.state),
-                                            stored_boxes(ptc, s.name)))
+                                            boxes[s.name]))
                 with_state.append(k)
         steps = [(f"optim.state.{k}.step", ("optim", "state", k, "step")) for k in dict.fromkeys(with_state)]
         step = int(source.state.get("step", 0) or 0)

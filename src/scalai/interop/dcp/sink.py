@@ -51,19 +51,18 @@ class ExportTensor:
     boxes: tuple[Region, ...]
 
 
-def stored_boxes(ptc: PTC, name: str) -> tuple[Region, ...]:
-    """The distinct boxes of the global tensor ``name`` that the ranks of ``ptc`` hold
+def stored_boxes(ptc: PTC) -> dict[str, tuple[Region, ...]]:
+    """Per tensor, the distinct boxes of the global tensor that the ranks of ``ptc`` hold
     (without ZeRO: an optimizer tensor is cut as its parameter is), in rank order."""
     config = ptc.config
     plain = PTC(ParallelConfig(tp=config.tp, pp=config.pp, layers_per_stage=config.layers_per_stage),
                 ptc.full.specs, ptc.num_layers)
-    seen: dict[Region, None] = {}
+    seen: dict[str, dict[Region, None]] = {s.name: {} for s in plain.specs}
     for rank in plain.config.ranks():
         for tensor, shard in plain.rank_shards(rank):
-            if tensor == name:
-                for piece in shard.pieces:
-                    seen.setdefault(piece.global_region, None)
-    return tuple(seen)
+            for piece in shard.pieces:
+                seen[tensor].setdefault(piece.global_region, None)
+    return {name: tuple(boxes) for name, boxes in seen.items()}
 
 
 def sink_layout(tensors: Sequence[ExportTensor], num_layers: int) -> PTC:
