@@ -122,3 +122,13 @@ def test_bad_dcp_imports_get_one_line_and_leave_nothing(fsdp_tp_dcp, tmp_path, c
     assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err
     assert not (tmp_path / "out").exists() and not (tmp_path / "ran").exists()
     assert tree_digest(src) == before
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["reshard", "--to", "tp=2,pp=1,dp=1"]])
+def test_commands_given_a_dcp_directory_say_how_to_import_it(fsdp_tp_dcp, tmp_path, capsys, command):
+    args = [command[0], fsdp_tp_dcp[0]] + (["OUT"] if command[0] == "reshard" else []) + command[1:]
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    r = run(capsys, *args)
+    assert r.code != 0 and "is a PyTorch DCP checkpoint, not a scalai checkpoint" in r.err \
+        and "scalai import dcp" in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

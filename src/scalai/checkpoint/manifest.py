@@ -246,9 +246,22 @@ def read_manifest(directory: str) -> Manifest:
         text = read_regular(path, MAX_MANIFEST_BYTES, "manifest", CheckpointError,
                             "; the checkpoint is damaged: restore the file or use an earlier checkpoint")
     except FileNotFoundError:
-        raise CheckpointError(f"{directory} has no {MANIFEST_NAME}: the save did not finish; "
-                              f"use an earlier checkpoint") from None
+        raise CheckpointError(_foreign(directory) or f"{directory} has no {MANIFEST_NAME}: the save did not "
+                              f"finish; use an earlier checkpoint") from None
     return parse_manifest(text, path)
+
+
+#: Files that mark another framework's checkpoint, and how to bring it in.
+_FOREIGN = ((".metadata", "a PyTorch DCP checkpoint", "scalai import dcp {0} OUT --layout L --rules FILE"),
+            ("config.json", "a Hugging Face model directory", "scalai import hf {0} OUT --layout L"))
+
+
+def _foreign(directory: str) -> str | None:
+    """What to say about a directory without a manifest that another framework wrote."""
+    for marker, what, how in _FOREIGN:
+        if os.path.isfile(os.path.join(directory, marker)):
+            return f"{directory} is {what}, not a scalai checkpoint; bring it in with: {how.format(directory)}"
+    return None
 
 
 def parse_manifest(text: bytes | str, where: str = MANIFEST_NAME) -> Manifest:
