@@ -29,6 +29,7 @@ def imported(fsdp_tp_dcp, tmp_path_factory) -> str:
     return out
 
 
+@pytest.mark.slow  # a second 4-process job (about 10 s quiet, 20 s under load)
 def test_export_is_read_by_dcp_load_into_another_dtensor_layout(fsdp_tp_dcp, imported, tmp_path):
     before = tree_digest(imported)
     conv = export_dcp(imported, str(tmp_path / "dcp"), rules=Rules.from_json(RULES, "rules"), sync=False)
