@@ -35,6 +35,16 @@ development):
   Every output loads with ``from_pretrained`` to the original weights (checked once,
   untimed).
 
+DCP row (the same GPT-2's ``state_dict`` saved with ``dcp.save`` under ``model.``, before
+timing; one process, so each tensor is one chunk):
+
+- **DCP import** into ``--layout``: **scalai**: ``import_dcp`` (``scalai import dcp
+  --rules``, the built-in GPT-2 rules): one plan from the chunks, read with ``pread`` in
+  place (no ``torch.load``), into a scalai checkpoint. **peers**: torch's own
+  consolidation, ``dcp_to_torch_save`` (one ``.pt`` of the whole state), ``torch.load``
+  of it, then the same split by hand as the HF import's peers (``safetensors``, replicas
+  once). Its rank files are checked equal to scalai's import before timing.
+
 scalai syncs its outputs (its default, as the CLI runs); ``--no-sync`` drops that for a
 like-for-like comparison with the peers, which never fsync. Threads: scalai's default
 (one per core, at most 8); torch's own intra-op threads for the peers.
@@ -263,6 +273,48 @@ def peers_from_pretrained_save_pretrained(args: dict) -> Callable[[], int]:
     return run
 
 
+# -- DCP import -----------------------------------------------------------------------------------
+
+def scalai_dcp_import(args: dict) -> Callable[[], int]:
+    import torch.distributed.checkpoint  # noqa: F401  (DCP's metadata classes: imports happen before the clock)
+
+    from scalai.interop.convert import import_dcp
+    from scalai.interop.hf_files import read_config
+    from scalai.interop.hf_models import hf_rules
+
+    rules = hf_rules(read_config(os.path.join(args["hf"], "config.json")), "config.json")
+
+    def run() -> int:
+        return import_dcp(args["dcp"], args["out"], args["layout"], rules=rules, sync=args["sync"]).bytes
+    return run
+
+
+def peers_dcp_import(args: dict) -> Callable[[], int]:
+    """dcp_to_torch_save (torch consolidates the checkpoint into one file), torch.load,
+    then every rank's tensors cut by hand and saved with safetensors."""
+    import torch
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import GPT2Config
+
+    from scalai.config import ParallelConfig
+
+    layout = ParallelConfig.parse(args["layout"])
+    cfg = GPT2Config.from_pretrained(args["hf"])
+
+    def run() -> int:
+        os.makedirs(args["out"])
+        whole = os.path.join(args["out"], "consolidated.pt")
+        dcp_to_torch_save(args["dcp"], whole)
+        state = torch.load(whole, weights_only=True)["model"]
+        total = 0
+        for rank, tensors in _megatron_ranks(state, cfg, layout, args["owners"]):
+            save_file(tensors, os.path.join(args["out"], f"rank-{rank:05d}.safetensors"))
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+        return total
+    return run
+
+
 #: Every side of every conversion, by name: ``prepare(args) -> run() -> bytes written``.
 SIDES: dict[str, Callable[[dict], Callable[[], int]]] = {
     "scalai_hf_import": scalai_hf_import,
@@ -270,6 +322,8 @@ SIDES: dict[str, Callable[[dict], Callable[[], int]]] = {
     "scalai_hf_export": scalai_hf_export,
     "peers_merge_save_pretrained": peers_merge_save_pretrained,
     "peers_from_pretrained_save_pretrained": peers_from_pretrained_save_pretrained,
+    "scalai_dcp_import": scalai_dcp_import,
+    "peers_dcp_import": peers_dcp_import,
 }
 
 
@@ -342,23 +396,48 @@ def _make_gpt2(path: str, layers: int | None) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _check_outputs(work: str, layout: str) -> None:
-    """Untimed: the peers' split equals scalai's import rank by rank; both exports load
-    with from_pretrained to the original weights."""
+def _save_dcp(hf: str, out: str) -> None:
+    """The model's ``state_dict`` saved with ``dcp.save`` (one process) under ``model.``."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(hf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process": yes
+        dcp.save({"model": model.state_dict()}, checkpoint_id=out, no_dist=True)
+
+
+def _check_split(ckpt: str, split: str) -> None:
+    """Untimed: the peers' rank files in ``split`` equal scalai's checkpoint ``ckpt`` rank by
+    rank, and hold every tensor it stores."""
     import torch
     from safetensors.torch import load_file
-    from transformers import GPT2LMHeadModel
 
     from scalai.checkpoint import Checkpoint
     from scalai.storage.arrays import to_torch
 
-    with Checkpoint.open(os.path.join(work, "ckpt")) as c:
+    with Checkpoint.open(ckpt) as c:
         for rank in range(c.ptc.config.world_size):
-            theirs = load_file(os.path.join(work, "check-import", f"rank-{rank:05d}.safetensors"))
+            theirs = load_file(os.path.join(split, f"rank-{rank:05d}.safetensors"))
+            if set(theirs) != set(c.stored(rank)):
+                raise AssertionError(f"{split}: rank {rank} holds other tensors than {ckpt}")
             for name, tensor in theirs.items():
                 ours = to_torch(c.view(rank, name), c.ptc.spec(name).dtype)
                 if not torch.equal(ours, tensor):
-                    raise AssertionError(f"the peers' split and scalai's import differ: {name} of rank {rank}")
+                    raise AssertionError(f"{split} and {ckpt} differ: {name} of rank {rank}")
+
+
+def _check_outputs(work: str, layout: str) -> None:
+    """Untimed: the peers' splits equal scalai's imports (HF and DCP) rank by rank; both
+    exports load with from_pretrained to the original weights."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    _check_split(os.path.join(work, "ckpt"), os.path.join(work, "check-import"))
+    _check_split(os.path.join(work, "check-dcp"), os.path.join(work, "check-dcp-split"))
+    _check_split(os.path.join(work, "ckpt"), os.path.join(work, "check-dcp-split"))
     original = GPT2LMHeadModel.from_pretrained(os.path.join(work, "hf")).state_dict()
     for out in ("check-export", "check-merge"):
         back = GPT2LMHeadModel.from_pretrained(os.path.join(work, out)).state_dict()
@@ -390,7 +469,7 @@ def main(argv=None) -> int:
         print(f"convert.py: {exc}", file=sys.stderr)
         return 2
     size = 500 << 20 if not a.layers else (a.layers * 30 + 160) << 20
-    work, where = choose_workdir(8 * size, 4 * size, a.workdir, "scalai-bench-convert")
+    work, where = choose_workdir(12 * size, 6 * size, a.workdir, "scalai-bench-convert")
     try:
         log(f"scratch: {where}")
         nbytes = _make_gpt2(os.path.join(work, "hf"), a.layers)
@@ -401,10 +480,14 @@ def main(argv=None) -> int:
         with Checkpoint.open(os.path.join(work, "ckpt")) as c:
             owners = {s.name: {str(r): c.stored_in(r, s.name) for r in range(layout.world_size)
                                if s.name in dict(c.ptc.rank_shards(r))} for s in c.ptc.specs}
+        _save_dcp(os.path.join(work, "hf"), os.path.join(work, "dcp"))
         common = {"hf": os.path.join(work, "hf"), "ckpt": os.path.join(work, "ckpt"), "layout": str(layout),
-                  "owners": owners, "tp": layout.tp, "pp": layout.pp, "sync": not a.no_sync}
+                  "owners": owners, "tp": layout.tp, "pp": layout.pp, "sync": not a.no_sync,
+                  "dcp": os.path.join(work, "dcp")}
         # untimed correctness first
         measure("peers_hf_import", {**common, "out": os.path.join(work, "check-import")})
+        measure("scalai_dcp_import", {**common, "out": os.path.join(work, "check-dcp"), "sync": False})
+        measure("peers_dcp_import", {**common, "out": os.path.join(work, "check-dcp-split")})
         export_hf(os.path.join(work, "ckpt"), os.path.join(work, "check-export"), sync=False)
         measure("peers_merge_save_pretrained", {**common, "out": os.path.join(work, "check-merge")})
         _check_outputs(work, str(layout))
@@ -413,7 +496,9 @@ def main(argv=None) -> int:
                                   ("from_pretrained + split by hand", "peers_hf_import")]),
                 Row("HF export", [("scalai export hf", "scalai_hf_export"),
                                   ("merge by hand + save_pretrained", "peers_merge_save_pretrained"),
-                                  ("from_pretrained + save_pretrained", "peers_from_pretrained_save_pretrained")])]
+                                  ("from_pretrained + save_pretrained", "peers_from_pretrained_save_pretrained")]),
+                Row("DCP import", [("scalai import dcp", "scalai_dcp_import"),
+                                   ("dcp_to_torch_save + split by hand", "peers_dcp_import")])]
         run_rows(rows, lambda side, k: {**common, "out": os.path.join(work, f"out-{side}")}, a.repeats)
         print(json.dumps({"machine": machine_description(), "scratch": where, "model_bytes": nbytes,
                           "layout": str(layout), "sync": not a.no_sync}))
