@@ -123,7 +123,7 @@ def scalai_hf_import(args: dict) -> Callable[[], int]:
 
 def peers_hf_import(args: dict) -> Callable[[], int]:
     """from_pretrained, then every rank's tensors cut by hand and saved with safetensors."""
-    from safetensors.torch import save_file
+    import safetensors.torch  # noqa: F401  (imported before the clock)
     from transformers import GPT2LMHeadModel
 
     from scalai.config import ParallelConfig
@@ -135,12 +135,20 @@ def peers_hf_import(args: dict) -> Callable[[], int]:
         cfg = model.config
         state = model.state_dict()
         os.makedirs(args["out"])
-        total = 0
-        for rank, tensors in _megatron_ranks(state, cfg, layout, args["owners"]):
-            save_file(tensors, os.path.join(args["out"], f"rank-{rank:05d}.safetensors"))
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-        return total
+        return _save_split(state, cfg, layout, args)
     return run
+
+
+def _save_split(state: dict, cfg, layout, args: dict) -> int:
+    """Every rank's tensors cut by hand (:func:`_megatron_ranks`), each rank saved with
+    ``safetensors`` into ``args["out"]``; the bytes saved."""
+    from safetensors.torch import save_file
+
+    total = 0
+    for rank, tensors in _megatron_ranks(state, cfg, layout, args["owners"]):
+        save_file(tensors, os.path.join(args["out"], f"rank-{rank:05d}.safetensors"))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    return total
 
 
 def _megatron_ranks(state: dict, cfg, layout, owners: dict):
@@ -293,7 +301,7 @@ def peers_dcp_import(args: dict) -> Callable[[], int]:
     """dcp_to_torch_save (torch consolidates the checkpoint into one file), torch.load,
     then every rank's tensors cut by hand and saved with safetensors."""
     import torch
-    from safetensors.torch import save_file
+    import safetensors.torch  # noqa: F401  (imported before the clock)
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from transformers import GPT2Config
 
@@ -307,11 +315,7 @@ def peers_dcp_import(args: dict) -> Callable[[], int]:
         whole = os.path.join(args["out"], "consolidated.pt")
         dcp_to_torch_save(args["dcp"], whole)
         state = torch.load(whole, weights_only=True)["model"]
-        total = 0
-        for rank, tensors in _megatron_ranks(state, cfg, layout, args["owners"]):
-            save_file(tensors, os.path.join(args["out"], f"rank-{rank:05d}.safetensors"))
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-        return total
+        return _save_split(state, cfg, layout, args)
     return run
 
 
