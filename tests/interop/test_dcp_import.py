@@ -132,3 +132,22 @@ def test_commands_given_a_dcp_directory_say_how_to_import_it(fsdp_tp_dcp, tmp_pa
     assert r.code != 0 and "is a PyTorch DCP checkpoint, not a scalai checkpoint" in r.err \
         and "scalai import dcp" in r.err, r.err
     assert len(r.err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_transposed_tensor_read_in_thin_windows_equals_its_cut(tmp_path):
+    """A stored [600, 1024] tensor taken transposed and cut in 8 (GPT-2's Conv1D under
+    tensor parallelism): each window is a few columns of every stored row, read through
+    the chunk held whole once per worker."""
+    import torch.distributed.checkpoint as dcp
+
+    w = torch.randn(600, 1024, generator=torch.Generator().manual_seed(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": {"w": w}}, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    rules = Rules.from_json({"format": "scalai-rules/1", "tensors": [
+        {"name": "w", "split": "column", "where": "all", "from": [{"key": "w", "transpose": True}]}]}, "rules")
+    import_dcp(str(tmp_path / "dcp"), str(tmp_path / "out"), "tp=8,pp=1,dp=1", rules=rules, sync=False)
+    with open_source(tmp_path / "out") as ckpt:
+        for rank in range(8):
+            got = torch.from_numpy(ckpt.read_window(rank, "w").view(np.float32))
+            assert torch.equal(got, torch.chunk(w.T, 8, dim=0)[rank]), rank

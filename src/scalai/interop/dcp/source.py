@@ -6,8 +6,10 @@ layout reads each destination window from the chunks that overlap it. A read loc
 chunk's ``torch.save`` blob once (:func:`~scalai.interop.dcp.torchsave.read_tensor_record`:
 the zip directory and an allow-listed ``data.pkl``, never ``torch.load``) and then
 ``pread`` s only the bytes of the window: a contiguous run straight into the runner's
-buffer, otherwise the smallest span that holds the window (or row by row when that span
-would be much larger than the window). Nothing is consolidated and no code in the files
+buffer, otherwise the smallest span that holds the window; a window that is a thin
+slice of its chunk (a few columns of every row: a head of a transposed ``Conv1D``)
+reads the whole chunk once per worker, as the windows of one chunk come one after
+another (row by row when the chunk is larger than 256 MiB). Nothing is consolidated and no code in the files
 runs.
 """
 
@@ -33,6 +35,8 @@ __all__ = ["DcpSource"]
 #: A span read at once may be this many times the window's bytes (or up to _SPAN_FREE).
 _SPAN_FACTOR = 4
 _SPAN_FREE = 1 << 20
+#: A chunk read thinly (see _thin) is read whole once per worker up to this size.
+_WHOLE_MAX = 256 << 20
 
 
 class DcpSource(RangeSource):
@@ -61,6 +65,7 @@ class DcpSource(RangeSource):
         self._fds: dict[str, int] = {}
         self._records: dict[tuple[str, int], TensorRecord] = {}
         self._lock = threading.Lock()
+        self._last = threading.local()  # per worker: the last chunk read whole
         try:
             for name in sorted(index.files()):
                 path = os.path.join(self.directory, name)
@@ -105,8 +110,26 @@ class DcpSource(RangeSource):
             offsets, sizes, target = box.offsets[::-1], box.sizes[::-1], out.T
         else:
             offsets, sizes, target = box.offsets, box.sizes, out
-        _read_box(self._fds[slot.chunk.blob.file], rec, tuple(offsets), tuple(sizes), target,
-                  os.path.join(self.directory, slot.chunk.blob.file))
+        offsets, sizes = tuple(offsets), tuple(sizes)
+        path = os.path.join(self.directory, slot.chunk.blob.file)
+        if _thin(rec, sizes) and prod(rec.shape) * itemsize(rec.dtype) <= _WHOLE_MAX:
+            # a few columns of every stored row (a head of a transposed Conv1D): the windows
+            # of one chunk come one after another, so read it whole once per worker
+            whole = self._whole(slot, rec, path)
+            target[...] = whole[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))]
+            return
+        _read_box(self._fds[slot.chunk.blob.file], rec, offsets, sizes, target, path)
+
+    def _whole(self, slot: SlotChunk, rec: TensorRecord, path: str) -> np.ndarray:
+        """The whole stored chunk, kept for the worker's next window (one chunk per worker)."""
+        key = (slot.chunk.blob.file, slot.chunk.blob.offset)
+        last = getattr(self._last, "value", None)
+        if last is None or last[0] != key:
+            whole = np.empty(rec.shape, raw_numpy(rec.dtype))
+            self._last.value = None  # free the previous chunk first
+            _read_box(self._fds[slot.chunk.blob.file], rec, (0,) * len(rec.shape), rec.shape, whole, path)
+            last = self._last.value = (key, whole)
+        return last[1]
 
     def object_value(self, key: str) -> Any:
         """The plain Python value stored under non-tensor ``key`` (read through the
@@ -141,6 +164,14 @@ def _pread_into(fd: int, buf: np.ndarray, offset: int, path: str) -> None:
             raise CheckpointError(f"DCP data file {path} ends at byte {offset + done}, inside a chunk; it is "
                                   f"truncated; restore it or use another checkpoint")
         done += n
+
+
+def _thin(rec: TensorRecord, sizes: tuple[int, ...]) -> bool:
+    """Whether a box of ``sizes`` is a thin slice of the stored chunk (the span of bytes
+    that holds it is far larger than the box)."""
+    need = prod(sizes)
+    span = sum((n - 1) * s for n, s in zip(sizes, rec.strides)) + 1 if need else 0
+    return need > 0 and span > _SPAN_FACTOR * need and span * itemsize(rec.dtype) > _SPAN_FREE
 
 
 def _read_box(fd: int, rec: TensorRecord, offsets: tuple[int, ...], sizes: tuple[int, ...], out: np.ndarray,
