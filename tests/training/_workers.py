@@ -190,6 +190,7 @@ def midstep_dumps(rank: int, world_size: int, layouts: list[str], data: str, exa
         del run, block
         gc.collect()
 
+    import contextlib
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("worker_doc_example", example)
@@ -200,10 +201,10 @@ def midstep_dumps(rank: int, world_size: int, layouts: list[str], data: str, exa
         opts = TrainOptions(layout=layout, steps=2, data=data)
         if opts.config.tp > 1 or opts.config.pp > 1:
             continue  # the example runs data parallelism only
-        model, job = own.build(opts, dataset)
-        own.train_step(model, job, dataset, opts.micro_batch)
-        out[f"example {layout}"] = _dumps_during_step(
-            job, _snapshot(job), lambda: own.train_step(model, job, dataset, opts.micro_batch), model.layers[0])
+        model, job = own.build(opts, opts.config, dataset)
+        step = lambda: own.train_step(model, job, dataset, opts.micro_batch, contextlib.nullcontext)  # noqa: E731
+        step()
+        out[f"example {layout}"] = _dumps_during_step(job, _snapshot(job), step, model.layers[0])
         del model, job
         gc.collect()
 
