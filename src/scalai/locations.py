@@ -1,4 +1,6 @@
-"""Where checkpoints live: a directory (a path, or ``file://PATH``) or ``memory://NAME``.
+"""Where checkpoints live: a directory (a path, or ``file://PATH``), ``memory://NAME`` (this
+process's memory) or any other fsspec URL (``s3://BUCKET/PREFIX``, ``gs://``, ``az://``, ...:
+objects under a prefix, :mod:`scalai.checkpoint.objects`).
 
 ``open_source`` and ``create_sink`` turn a location into the :class:`~scalai.storage.TensorSource`
 or :class:`~scalai.storage.TensorSink` of its backend, so that commands and functions that
@@ -11,11 +13,12 @@ import os
 from typing import Any, Mapping
 
 from .checkpoint import Checkpoint, CheckpointWriter
+from .checkpoint.objects import ObjectSink, ObjectSource, is_object_url, object_exists
 from .layout.ptc import PTC
 from .storage.base import TensorSink, TensorSource
 from .storage.memory import SCHEME as MEMORY, MemorySink, MemorySource, memory_checkpoints
 
-__all__ = ["open_source", "create_sink", "exists", "is_memory"]
+__all__ = ["open_source", "create_sink", "exists", "is_memory", "is_object_url", "is_directory"]
 
 _FILE = "file://"
 
@@ -24,13 +27,18 @@ def is_memory(location: str | os.PathLike) -> bool:
     return isinstance(location, str) and location.startswith(MEMORY)
 
 
+def is_directory(location: str | os.PathLike) -> bool:
+    """Whether ``location`` is a directory of this machine (a path or ``file://PATH``)."""
+    return not is_memory(location) and not is_object_url(location)
+
+
 def _path(location: str | os.PathLike) -> str:
     text = os.fspath(location)
     if text.startswith(_FILE):
         return text[len(_FILE):]
     if "://" in text:
         raise ValueError(f"checkpoint location {text!r} has an unknown scheme; give a directory path, "
-                         f"file://PATH or memory://NAME")
+                         f"file://PATH, memory://NAME or an fsspec URL (s3://BUCKET/PREFIX)")
     return text
 
 
@@ -38,6 +46,8 @@ def exists(location: str | os.PathLike) -> bool:
     """Whether something is at ``location`` already (a sink would refuse it)."""
     if is_memory(location):
         return location[len(MEMORY):] in memory_checkpoints()
+    if is_object_url(location):
+        return object_exists(location)
     return os.path.lexists(_path(location))
 
 
@@ -49,6 +59,8 @@ def open_source(location: str | os.PathLike) -> TensorSource:
     """
     if is_memory(location):
         return MemorySource(location)
+    if is_object_url(location):
+        return ObjectSource(location)
     return Checkpoint.open(_path(location))
 
 
@@ -62,4 +74,6 @@ def create_sink(location: str | os.PathLike, ptc: PTC, state: Mapping[str, Any] 
     """
     if is_memory(location):
         return MemorySink(location, ptc, dict(state or {}))
+    if is_object_url(location):
+        return ObjectSink(location, ptc, state)
     return CheckpointWriter(_path(location), ptc, state, sync=sync)

@@ -16,7 +16,7 @@ from typing import Callable
 
 from .checkpoint.staging import check_output
 from .config import ParallelConfig, Placement
-from .locations import create_sink, exists, is_memory, open_source
+from .locations import create_sink, exists, is_directory, open_source
 from .models.synth import stored_nbytes
 from .planner.plan import Deployment, Plan
 from .state import carry_state
@@ -62,7 +62,7 @@ def reshard_checkpoint(src: str | os.PathLike, out: str | os.PathLike, new_confi
     stays detectable.
 
     Args:
-        src, out: checkpoint locations (directories, ``memory://NAME``).
+        src, out: checkpoint locations (directories, ``memory://NAME``, fsspec URLs).
         placement: where old and new ranks run (the same hosts); default: one host holding
             every rank, so that every copy is a local one.
         workers: threads of the runner.
@@ -87,9 +87,9 @@ def reshard_checkpoint(src: str | os.PathLike, out: str | os.PathLike, new_confi
     with open_source(src) as source:
         old_ptc = source.ptc
         new_ptc = old_ptc.relayout(new_config)
-        if not is_memory(out):
+        if is_directory(out):
             check_output(os.fspath(out), stored_nbytes(new_ptc), f"the reshard to {new_config}",
-                         inputs=[] if is_memory(src) else [os.fspath(src)])
+                         inputs=[os.fspath(src)] if is_directory(src) else [])
         if placement is None:
             placement = Placement(gpus_per_host=max(old_ptc.config.world_size, new_config.world_size))
         # Into what the new checkpoint stores: each replica once.

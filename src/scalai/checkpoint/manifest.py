@@ -44,7 +44,8 @@ from ..layout.ptc import PTC
 from ..storage.checksum import ALGORITHM
 
 __all__ = ["FORMAT", "VERSION", "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "TensorRecord", "RankRecord",
-           "Manifest", "rank_file_name", "read_manifest", "parse_manifest", "write_manifest", "atomic_write"]
+           "Manifest", "rank_file_name", "read_manifest", "parse_manifest", "write_manifest", "manifest_bytes",
+           "atomic_write"]
 
 FORMAT = "scalai-checkpoint"
 VERSION = 3
@@ -228,9 +229,13 @@ def _dumps(obj: dict) -> str:
     return "{\n" + ",\n".join(f" {line(k)}: {v}" for k, v in parts.items()) + "\n}\n"
 
 
+def manifest_bytes(manifest: Manifest) -> bytes:
+    """The text of ``manifest.json`` (UTF-8), as every backend writes it."""
+    return _dumps(manifest.to_json()).encode()
+
+
 def write_manifest(directory: str, manifest: Manifest, sync: bool = True) -> None:
-    text = _dumps(manifest.to_json()).encode()
-    atomic_write(os.path.join(directory, MANIFEST_NAME), text, sync)
+    atomic_write(os.path.join(directory, MANIFEST_NAME), manifest_bytes(manifest), sync)
 
 
 def read_manifest(directory: str) -> Manifest:

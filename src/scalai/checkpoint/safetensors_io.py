@@ -33,7 +33,8 @@ from ..errors import CheckpointError
 from ..regions import Region
 from ..storage.kernel import kernel_copy
 
-__all__ = ["TensorEntry", "SafetensorsWriter", "SafetensorsReader", "MAX_HEADER_BYTES"]
+__all__ = ["TensorEntry", "SafetensorsWriter", "SafetensorsReader", "MAX_HEADER_BYTES", "file_layout",
+           "header_length", "parse_header"]
 
 #: Largest header accepted by the reader (the official library's limit is 100 MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -51,7 +52,7 @@ class TensorEntry:
     nbytes: int
 
 
-def _layout(entries: Sequence[tuple[str, str, Sequence[int]]],
+def file_layout(entries: Sequence[tuple[str, str, Sequence[int]]],
             metadata: dict[str, str] | None) -> tuple[bytes, dict[str, TensorEntry], int]:
     """Header bytes (length prefix included), entries with absolute offsets, file size."""
     header: dict[str, object] = {}
@@ -139,7 +140,7 @@ class SafetensorsWriter:
     def __init__(self, path: str | os.PathLike, entries: Sequence[tuple[str, str, Sequence[int]]],
                  metadata: dict[str, str] | None = None):
         self.path = os.fspath(path)
-        header, self.entries, self.size = _layout(entries, metadata)
+        header, self.entries, self.size = file_layout(entries, metadata)
         folder, base = os.path.split(self.path)
         self.tmp_path = os.path.join(folder, f".{base}.tmp-{os.getpid()}")
         self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -270,6 +271,60 @@ class SafetensorsWriter:
             self.abort()
 
 
+def header_length(prefix: bytes, size: int, bad) -> int:
+    """The header length ``N`` from a file's first 8 bytes, checked against the file's
+    ``size`` in bytes (``bad(why)`` makes the error to raise)."""
+    if size < 8 or len(prefix) < 8:
+        raise bad(f"{size} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise bad(f"header length {n} does not fit in {size} bytes")
+    return n
+
+
+def parse_header(raw: bytes, n: int, size: int, bad) -> tuple[dict[str, str], dict[str, TensorEntry]]:
+    """Parse the ``n`` header bytes ``raw`` of a safetensors file of ``size`` bytes strictly
+    (dtypes, shapes, offsets that tile the data section, the file's length); ``bad(why)``
+    makes the error to raise. Returns ``(metadata, entries)``, offsets absolute."""
+    if len(raw) != n:
+        raise bad(f"the header ends after {len(raw)} of its {n} bytes")
+    try:
+        header = loads(raw, "header")
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("__metadata__ is not a str -> str object")
+    base, entries, spans = 8 + n, {}, []
+    for name, info in header.items():
+        try:
+            dtype = from_safetensors_code(info["dtype"])
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
+            ok = all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, begin, end))
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"bad header entry for {name!r}: {info!r}")
+        if end - begin != prod(shape) * itemsize(dtype):
+            raise bad(f"{name!r} spans {end - begin} bytes, its shape needs "
+                  f"{prod(shape) * itemsize(dtype)}")
+        entries[name] = TensorEntry(name, dtype, shape, base + begin, end - begin)
+        spans.append((begin, end, name))
+    spans.sort()
+    expected = 0
+    for begin, end, name in spans:
+        if begin != expected:
+            kind = "overlaps the previous tensor" if begin < expected else "leaves a gap"
+            raise bad(f"{name!r} at byte {begin} {kind}")
+        expected = end
+    if base + expected != size:
+        raise bad(f"the header describes {base + expected} bytes, the file has {size}")
+    return metadata, entries
+
+
 class SafetensorsReader:
     """Read-only, memory-mapped access to one safetensors file.
 
@@ -298,49 +353,8 @@ class SafetensorsReader:
         return CheckpointError(f"{self.path} is truncated or corrupt: {why}")
 
     def _parse(self) -> tuple[dict[str, str], dict[str, TensorEntry]]:
-        if self.size < 8:
-            raise self._bad(f"{self.size} bytes, shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
-        if n > MAX_HEADER_BYTES or 8 + n > self.size:
-            raise self._bad(f"header length {n} does not fit in {self.size} bytes")
-        raw = os.pread(self._fd, n, 8)
-        if len(raw) != n:
-            raise self._bad(f"the header ends after {len(raw)} of its {n} bytes")
-        try:
-            header = loads(raw, "header")
-        except ValueError as exc:
-            raise self._bad(str(exc)) from None
-        if not isinstance(header, dict):
-            raise self._bad("header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-            raise self._bad("__metadata__ is not a str -> str object")
-        base, entries, spans = 8 + n, {}, []
-        for name, info in header.items():
-            try:
-                dtype = from_safetensors_code(info["dtype"])
-                shape = tuple(info["shape"])
-                begin, end = info["data_offsets"]
-                ok = all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, begin, end))
-            except (TypeError, KeyError, ValueError):
-                ok = False
-            if not ok or set(info) != {"dtype", "shape", "data_offsets"}:
-                raise self._bad(f"bad header entry for {name!r}: {info!r}")
-            if end - begin != prod(shape) * itemsize(dtype):
-                raise self._bad(f"{name!r} spans {end - begin} bytes, its shape needs "
-                                f"{prod(shape) * itemsize(dtype)}")
-            entries[name] = TensorEntry(name, dtype, shape, base + begin, end - begin)
-            spans.append((begin, end, name))
-        spans.sort()
-        expected = 0
-        for begin, end, name in spans:
-            if begin != expected:
-                kind = "overlaps the previous tensor" if begin < expected else "leaves a gap"
-                raise self._bad(f"{name!r} at byte {begin} {kind}")
-            expected = end
-        if base + expected != self.size:
-            raise self._bad(f"the header describes {base + expected} bytes, the file has {self.size}")
-        return metadata, entries
+        n = header_length(os.pread(self._fd, 8, 0) if self.size >= 8 else b"", self.size, self._bad)
+        return parse_header(os.pread(self._fd, n, 8), n, self.size, self._bad)
 
     def entry(self, name: str) -> TensorEntry:
         try:

@@ -46,13 +46,36 @@ from .staging import create as create_staging, release as release_staging
 from .manifest import Manifest, RankRecord, TensorRecord, rank_file_name, write_manifest
 from .safetensors_io import SafetensorsWriter, TensorEntry
 
-__all__ = ["CheckpointWriter", "save_arrays", "default_workers", "WRITEBACK_BYTES"]
+__all__ = ["CheckpointWriter", "save_arrays", "default_workers", "WRITEBACK_BYTES", "checked_state", "rank_record",
+           "created_by"]
 
 #: Tensors at least this large start their write-back as soon as they are complete.
 WRITEBACK_BYTES = 1 << 20
 
 
-def _created_by() -> str:
+def checked_state(state: Mapping[str, Any] | None) -> dict:
+    """``state`` as a reader will read it back (bounded depth, no NaN): refused now, not at load.
+
+    Raises:
+        ValueError: it is not JSON-serializable.
+    """
+    try:
+        return loads(json.dumps(dict(state or {}), allow_nan=False), "checkpoint state")
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"checkpoint state must be JSON-serializable ({exc}); store "
+                         f"tensors as tensors and encode bytes (e.g. base64)") from None
+
+
+def rank_record(ptc: PTC, rank: int, nbytes: int, crcs: Mapping[str, int], stores) -> RankRecord:
+    """The manifest record of ``rank``'s file of ``nbytes`` bytes: the CRC-32 of each tensor
+    it holds (``crcs``), the owner of each replica it does not (``stores(rank, name)`` false)."""
+    return RankRecord(rank, rank_file_name(rank), nbytes, {
+        n: (TensorRecord(ptc.spec(n).dtype, s.shape, crcs[n]) if stores(rank, n) else
+            TensorRecord(ptc.spec(n).dtype, s.shape, None, ptc.replica_owner(n, rank)))
+        for n, s in ptc.rank_shards(rank)})
+
+
+def created_by() -> str:
     try:
         return f"scalai {version('scalai')}"
     except PackageNotFoundError:
@@ -116,11 +139,7 @@ class CheckpointWriter(FileSink):
         self.ptc = ptc
         self.sync = sync
         self.dedup = dedup
-        try:  # exactly what a reader will accept (bounded depth, no NaN): refused now, not at load
-            self.state = loads(json.dumps(dict(state or {}), allow_nan=False), "checkpoint state")
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise ValueError(f"checkpoint state must be JSON-serializable ({exc}); store "
-                             f"tensors as tensors and encode bytes (e.g. base64)") from None
+        self.state = checked_state(state)
         self.joined = staging is not None
         if self.joined:
             self.staging = _staging_path(self.out_dir, staging)
@@ -259,11 +278,11 @@ class CheckpointWriter(FileSink):
             crcs.update(checksums(unknown, pool))
             t1 = time.perf_counter()
             list(pool.map(lambda f: f.finalize(self.sync), files.values()))
+        by_rank: dict[int, dict[str, int]] = {r: {} for r in todo}
+        for (r, n), crc in crcs.items():
+            by_rank[r][n] = crc
         for r in todo:
-            self._finished[r] = RankRecord(r, rank_file_name(r), files[r].size, {
-                n: (TensorRecord(self.ptc.spec(n).dtype, s.shape, crcs[(r, n)]) if self.stores(r, n) else
-                    TensorRecord(self.ptc.spec(n).dtype, s.shape, None, self.ptc.replica_owner(n, r)))
-                for n, s in self.ptc.rank_shards(r)})
+            self._finished[r] = rank_record(self.ptc, r, files[r].size, by_rank[r], self.stores)
         self.timings["checksum"] += t1 - t0
         self.timings["sync"] += time.perf_counter() - t1
         return [self._finished[r] for r in ranks]
@@ -280,7 +299,7 @@ class CheckpointWriter(FileSink):
         records = tuple(self.finish(None, workers))
         t0 = time.perf_counter()
         self.publish(self.out_dir, os.path.basename(self.staging),
-                     Manifest(self.ptc, records, self.state, _created_by()), self.sync)
+                     Manifest(self.ptc, records, self.state, created_by()), self.sync)
         self.committed = True
         self.timings["sync"] += time.perf_counter() - t0
 

@@ -61,12 +61,12 @@ class Conversion:
 
 def _check_output(out, need: int, what: str, source) -> None:
     """Refuse an output that exists, lies inside the input, or does not fit (the checks of
-    every command that writes; a ``memory://`` output only needs to be new)."""
+    every command that writes; a ``memory://`` or object-store output only needs to be new)."""
     from ..checkpoint.staging import check_output
-    from ..locations import exists, is_memory
+    from ..locations import exists, is_directory
 
     out = os.fspath(out)
-    if is_memory(out):
+    if not is_directory(out):
         if exists(out):
             raise FileExistsError(f"output {out} already exists; choose another name")
         return

@@ -1,0 +1,404 @@
+"""Checkpoints at fsspec URLs (``s3://``, ``gs://``, ``az://``, ...): the checkpoint format on
+object storage, as one :class:`~scalai.storage.TensorSource` and one
+:class:`~scalai.storage.TensorSink` of the plan runner.
+
+The objects are the files of a checkpoint directory, under the URL as a prefix:
+``URL/rank-00000.safetensors``, ... and ``URL/manifest.json`` (the same bytes a directory
+holds, so a copy either way is a plain object copy).
+
+- :class:`ObjectSource` reads the manifest and, per rank file on first use, its safetensors
+  header (one ranged GET); every window a plan reads is then ranged GETs of exactly its
+  byte runs (runs closer than ``max_gap_bytes`` share one request), issued by the runner's
+  ``concurrency`` worker threads at once.
+- :class:`ObjectSink` assembles each rank file in host memory (zero-filled: padding nobody
+  writes is zeros) and uploads it as soon as its last tensor is complete, several files at
+  once (``upload_workers``; the backend splits a large file into a multipart upload). The
+  commit is the manifest, written last, once every rank file is uploaded: object stores
+  have no rename, so a save that is interrupted leaves rank files but no manifest, and
+  readers (which open the manifest first) do not see it; the previous version at another
+  URL stands. :meth:`ObjectSink.abort` deletes what it uploaded (best effort); a later
+  sink at the same URL deletes the rank files of a save that has no manifest before it
+  writes (never two saves to one URL at once: object stores cannot tell a running save from
+  a dead one). Memory: the rank files being filled (at most the whole checkpoint's stored
+  bytes when a plan fills every rank at once, as one process writing every rank does).
+
+Endpoints and credentials come from the backend's own environment and configuration files
+(for S3 through s3fs/botocore: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_PROFILE`` and ``~/.aws``), never from
+scalai's arguments; no credential is written to a manifest, and errors name the URL with
+any user information removed and the values of those variables masked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import CheckpointError, ScalaiError
+from ..layout.ptc import PTC
+from ..planner.plan import Window
+from ..regions import flat_runs
+from ..storage.base import RangeSource, TensorSink
+from ..storage.checksum import ChecksumLedger, crc32
+from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, manifest_bytes, parse_manifest, rank_file_name
+from .safetensors_io import file_layout, header_length, parse_header
+from .writer import checked_state, created_by, rank_record
+
+__all__ = ["ObjectSource", "ObjectSink", "is_object_url", "object_exists", "redact"]
+
+#: Environment variables whose values never appear in a message.
+SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY",
+                    "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN",
+                    "GOOGLE_APPLICATION_CREDENTIALS")
+_LOCAL_SCHEMES = ("file", "memory")
+_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
+#: First bytes fetched of a rank file: its header in one GET for any but huge layouts.
+_HEADER_PROBE = 64 << 10
+
+
+def is_object_url(location: Any) -> bool:
+    """Whether ``location`` is a URL of an fsspec backend (not ``file://`` nor scalai's
+    in-process ``memory://``)."""
+    if not isinstance(location, str) or "://" not in location:
+        return False
+    return location.split("://", 1)[0].lower() not in _LOCAL_SCHEMES
+
+
+def redact(text: str) -> str:
+    """``text`` with URL user information and the values of credential variables masked."""
+    text = _USERINFO.sub("***@", str(text))
+    for name in SECRET_VARIABLES:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def _filesystem(url: str):
+    """``(fs, root)`` of an fsspec URL; one line naming the missing package otherwise."""
+    try:
+        import fsspec
+    except ImportError:
+        raise ValueError(f"{redact(url)} needs fsspec; install it (pip install 'scalai[objects]')") from None
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as exc:
+        scheme = url.split("://", 1)[0]
+        hint = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}.get(scheme)
+        fix = f"install {hint} (pip install {hint})" if hint else "use s3://, gs://, az:// or a directory"
+        raise ValueError(f"checkpoint location {redact(url)} cannot be opened ({redact(exc)}); {fix}") from None
+    return fs, root.rstrip("/")
+
+
+@contextmanager
+def _io(what: str):
+    """Turn a backend's failure into one :class:`CheckpointError` line (credentials masked)."""
+    try:
+        yield
+    except (ScalaiError, ValueError, FileExistsError):
+        raise
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{what}: not found ({redact(exc) or 'no such object or bucket'}); check the "
+                              f"URL and that the bucket exists") from None
+    except PermissionError as exc:
+        raise CheckpointError(f"{what}: access denied ({redact(exc)}); check the credentials in the "
+                              f"environment or the backend's configuration files") from None
+    except Exception as exc:  # noqa: BLE001 - every backend has its own errors (botocore, aiohttp, ...)
+        raise CheckpointError(f"{what}: {type(exc).__name__}: {redact(exc)}; check the URL, the endpoint "
+                              f"and the credentials") from None
+
+
+def object_exists(url: str) -> bool:
+    """Whether a committed checkpoint (its manifest) is at ``url``."""
+    fs, root = _filesystem(url)
+    with _io(f"cannot reach {redact(url)}"):
+        return fs.exists(f"{root}/{MANIFEST_NAME}")
+
+
+class ObjectSource(RangeSource):
+    """The committed checkpoint at an fsspec URL, read with ranged GETs.
+
+    Args:
+        url: the checkpoint's URL (the prefix of its objects).
+        fs: an fsspec filesystem to use instead of the one the URL names (tests).
+        max_gap_bytes: runs of a window closer than this are fetched in one GET (the bytes
+            between are read and dropped); 0 reads exactly the window's bytes.
+
+    Raises:
+        CheckpointError: no manifest (nothing committed there), an invalid one, or the
+            store refused (credentials, a missing bucket).
+    """
+
+    block_bytes = 8 << 20
+    concurrency = 16
+
+    def __init__(self, url: str, fs=None, max_gap_bytes: int = 64 << 10):
+        self.url = url.rstrip("/")
+        self.fs, self.root = (fs, self.url.split("://", 1)[-1]) if fs is not None else _filesystem(self.url)
+        self.max_gap_bytes = max_gap_bytes
+        self.fetched = 0    # payload bytes received (headers included)
+        self.header_bytes = 0
+        self.requests = 0
+        name = f"{redact(self.url)}/{MANIFEST_NAME}"
+        with _io(f"cannot read {name}"):
+            try:
+                size = self.fs.size(f"{self.root}/{MANIFEST_NAME}")
+            except FileNotFoundError:
+                raise CheckpointError(f"{redact(self.url)} has no {MANIFEST_NAME}: nothing was committed "
+                                      f"there (a save that did not finish leaves none); check the URL or "
+                                      f"use an earlier checkpoint") from None
+            if size is None or size > MAX_MANIFEST_BYTES:
+                raise CheckpointError(f"{name} has {size} bytes, more than a manifest may ({MAX_MANIFEST_BYTES})")
+            text = self.fs.cat_file(f"{self.root}/{MANIFEST_NAME}")
+        self.manifest: Manifest = parse_manifest(text, name)
+        self.ptc: PTC = self.manifest.ptc
+        self.state: dict = self.manifest.state
+        self._entries: dict[int, dict] = {}
+        self._lock = threading.Lock()
+        self._counter = threading.Lock()
+
+    def _path(self, rank: int) -> str:
+        return f"{self.root}/{self.manifest.ranks[rank].file}"
+
+    def where(self, rank: int) -> str:
+        return f"{redact(self.url)}/{self.manifest.ranks[rank].file}"
+
+    def stored_in(self, rank: int, tensor: str) -> int:
+        owner = self.manifest.ranks[rank].tensors[tensor].stored_in
+        return rank if owner is None else owner
+
+    def checksum(self, rank: int, tensor: str) -> int:
+        return self.manifest.ranks[self.stored_in(rank, tensor)].tensors[tensor].checksum
+
+    def stored(self, rank: int) -> list[str]:
+        return [n for n, t in self.manifest.ranks[rank].tensors.items() if t.stored_in is None]
+
+    def _get(self, rank: int, start: int, stop: int) -> bytes:
+        with _io(f"cannot read {self.where(rank)}"):
+            data = self.fs.cat_file(self._path(rank), start=start, end=stop)
+        if len(data) != stop - start:
+            raise CheckpointError(f"{self.where(rank)} is shorter than its manifest says (bytes {start}-{stop} "
+                                  f"gave {len(data)}); the checkpoint is damaged: use an earlier one")
+        with self._counter:
+            self.fetched += len(data)
+            self.requests += 1
+        return data
+
+    def entries(self, rank: int) -> dict:
+        """The tensor entries of ``rank``'s file (its header, fetched once and checked
+        against the manifest)."""
+        found = self._entries.get(rank)
+        if found is not None:
+            return found
+        record = self.manifest.ranks[rank]
+        where = self.where(rank)
+
+        def bad(why: str) -> CheckpointError:
+            return CheckpointError(f"{where} is truncated or corrupt: {why}")
+
+        head = self._get(rank, 0, min(record.nbytes, _HEADER_PROBE))
+        n = header_length(head, record.nbytes, bad)
+        raw = head[8:8 + n] if 8 + n <= len(head) else head[8:] + self._get(rank, len(head), 8 + n)
+        _, entries = parse_header(raw, n, record.nbytes, bad)
+        with self._counter:
+            self.header_bytes += max(len(head), 8 + n)
+        stored = sorted((k, e.dtype, e.shape) for k, e in entries.items())
+        expected = sorted((k, t.dtype, t.shape) for k, t in record.tensors.items() if t.stored_in is None)
+        if stored != expected:
+            raise CheckpointError(f"{where} holds other tensors than the manifest lists; the object was "
+                                  f"replaced: use an earlier checkpoint")
+        with self._lock:
+            self._entries[rank] = entries
+        return entries
+
+    def read_into(self, rank: int, tensor: str, window: Window, out: np.ndarray) -> None:
+        owner = self.stored_in(rank, tensor)
+        entry = self.entries(owner)[tensor]
+        runs = flat_runs(entry.shape, window.region)
+        if window.view is not None:  # a box of a flat (ZeRO) range seen as ``view``: its runs only
+            (base, _), = runs
+            runs = [(base + a, base + b) for a, b in flat_runs(window.view, window.sub)]
+        size = out.dtype.itemsize
+        flat = out.reshape(-1).view(np.uint8)
+        pos = 0
+        for (first, group), stop in self._spans(runs, size):
+            lo = first * size
+            data = self._get(owner, entry.start + lo, entry.start + stop * size)
+            for a, b in group:
+                n = (b - a) * size
+                flat[pos:pos + n] = np.frombuffer(data, np.uint8, n, a * size - lo)
+                pos += n
+
+    def _spans(self, runs: list[tuple[int, int]], itemsize: int):
+        """Element runs grouped into requests: ``((first element, runs), stop element)`` each."""
+        group: list[tuple[int, int]] = []
+        for a, b in runs:
+            if group and (a - group[-1][1]) * itemsize > self.max_gap_bytes:
+                yield (group[0][0], group), group[-1][1]
+                group = []
+            group.append((a, b))
+        if group:
+            yield (group[0][0], group), group[-1][1]
+
+
+class ObjectSink(TensorSink):
+    """A new checkpoint of ``ptc`` at an fsspec URL (see the module docstring): rank files
+    assembled in memory and uploaded when complete, the manifest last.
+
+    Args:
+        url: where to write; must not hold a committed checkpoint.
+        ptc: the layout; plans write into ``ptc.stored_replicas()`` (each replica once).
+        state: JSON-serializable non-tensor state.
+        fs: an fsspec filesystem to use instead of the one the URL names (tests).
+        upload_workers: rank files uploaded at once.
+
+    Raises:
+        FileExistsError: a committed checkpoint is at ``url`` (nothing is touched).
+        CheckpointError: the store refused (credentials, a missing bucket).
+    """
+
+    zero_filled = True
+    records_checksums = True
+
+    def __init__(self, url: str, ptc: PTC, state: Mapping[str, Any] | None = None, fs=None,
+                 upload_workers: int = 8):
+        self.url = url.rstrip("/")
+        self.fs, self.root = (fs, self.url.split("://", 1)[-1]) if fs is not None else _filesystem(self.url)
+        self.ptc = ptc
+        self.state = checked_state(state)
+        self._where = redact(self.url)
+        with _io(f"cannot write {self._where}"):
+            if self.fs.exists(f"{self.root}/{MANIFEST_NAME}"):
+                raise FileExistsError(f"{self._where} already holds a checkpoint; choose another URL or "
+                                      f"delete it first")
+            self._sweep()
+        self._files: dict[int, tuple[bytearray, dict]] = {}
+        self._sizes: dict[int, int] = {}
+        self._pending: dict[int, set[str]] = {}
+        self._crcs: dict[int, dict[str, int]] = {}
+        self._uploads: dict[int, Future] = {}
+        self._ledger = ChecksumLedger()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(upload_workers, thread_name_prefix="scalai-upload")
+        self.committed = False
+        self.uploaded = 0   # bytes
+        self.timings = {"checksum": 0.0, "sync": 0.0}
+
+    def _sweep(self) -> None:
+        """Delete the rank files of a save to this URL that left no manifest."""
+        try:
+            names = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return
+        stale = [n for n in names if re.fullmatch(r"rank-\d{5}\.safetensors", n.rstrip("/").rsplit("/", 1)[-1])]
+        if stale:
+            self.fs.rm(stale)
+
+    def stores(self, rank: int, tensor: str) -> bool:
+        return self.ptc.replica_owner(tensor, rank) == rank
+
+    def _file(self, rank: int) -> tuple[bytearray, dict]:
+        found = self._files.get(rank)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._files.get(rank)
+            if found is None:
+                if rank in self._uploads:
+                    raise ValueError(f"rank {rank}'s file of {self._where} is uploaded already")
+                names = [(n, self.ptc.spec(n).dtype, s.shape) for n, s in self.ptc.rank_shards(rank)
+                         if self.stores(rank, n)]
+                meta = {"format": "pt", "scalai.rank": str(rank), "scalai.layout": str(self.ptc.config)}
+                header, entries, size = file_layout(names, meta)
+                buf = bytearray(size)
+                buf[:len(header)] = header
+                found = self._files[rank] = (buf, entries)
+                self._sizes[rank] = size
+                self._pending[rank] = set(entries)
+        return found
+
+    def write(self, rank: int, tensor: str, byte_offset: int, data, crc: int | None = None) -> None:
+        buf, entries = self._file(rank)
+        entry = entries[tensor]
+        src = memoryview(data).cast("B")
+        if byte_offset < 0 or byte_offset + src.nbytes > entry.nbytes:
+            raise ValueError(f"write of {src.nbytes} bytes at {byte_offset} falls outside {tensor} of rank "
+                             f"{rank} ({entry.nbytes} bytes)")
+        memoryview(buf)[entry.start + byte_offset:entry.start + byte_offset + src.nbytes] = src
+        self._ledger.piece((rank, tensor), byte_offset, src.nbytes, crc)
+
+    def declare_checksum(self, rank: int, tensor: str, crc: int) -> None:
+        self._ledger.declare((rank, tensor), crc)
+
+    def complete(self, rank: int, tensor: str) -> None:
+        """Upload ``rank``'s file once its last tensor is complete."""
+        self._file(rank)
+        with self._lock:
+            pending = self._pending[rank]
+            pending.discard(tensor)
+            ready = not pending and rank not in self._uploads
+            if ready:
+                self._uploads[rank] = self._pool.submit(self._upload, rank)
+
+    def _upload(self, rank: int) -> None:
+        buf, entries = self._files[rank]
+        t0 = time.perf_counter()
+        crcs = {}
+        for name, e in entries.items():
+            known = self._ledger.known((rank, name), e.nbytes)
+            crcs[name] = known if known is not None else crc32(memoryview(buf)[e.start:e.start + e.nbytes])
+        t1 = time.perf_counter()
+        with _io(f"cannot upload {self._where}/{rank_file_name(rank)}"):
+            self.fs.pipe_file(f"{self.root}/{rank_file_name(rank)}", bytes(buf))
+        with self._lock:
+            self._crcs[rank] = crcs
+            self.uploaded += len(buf)
+            self._files[rank] = (bytearray(), entries)  # the bytes are in the store now
+            self.timings["checksum"] += t1 - t0
+            self.timings["sync"] += time.perf_counter() - t1
+
+    def commit(self) -> None:
+        """Upload what is left, wait for every upload, then write the manifest: the
+        checkpoint appears complete at once."""
+        if self.committed:
+            return
+        for rank in range(self.ptc.config.world_size):
+            self._file(rank)
+            with self._lock:
+                if rank not in self._uploads:
+                    self._uploads[rank] = self._pool.submit(self._upload, rank)
+        for future in self._uploads.values():
+            future.result()
+        records = tuple(rank_record(self.ptc, r, self._sizes[r], self._crcs[r], self.stores)
+                        for r in range(self.ptc.config.world_size))
+        text = manifest_bytes(Manifest(self.ptc.full, records, self.state, created_by()))
+        t0 = time.perf_counter()
+        with _io(f"cannot write {self._where}/{MANIFEST_NAME}"):
+            if self.fs.exists(f"{self.root}/{MANIFEST_NAME}"):
+                raise FileExistsError(f"{self._where} got a checkpoint from another writer meanwhile; "
+                                      f"this one is not committed")
+            self.fs.pipe_file(f"{self.root}/{MANIFEST_NAME}", text)
+        self.timings["sync"] += time.perf_counter() - t0
+        self.committed = True
+        self._pool.shutdown()
+
+    def abort(self) -> None:
+        """Stop uploading and delete the rank files uploaded (best effort: a later sink at
+        this URL deletes what is left)."""
+        if self.committed:
+            return
+        for future in self._uploads.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        self._files.clear()
+        try:
+            self._sweep()
+        except Exception:  # noqa: BLE001 - best effort; the next sink sweeps again
+            pass

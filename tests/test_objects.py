@@ -1,0 +1,137 @@
+"""Checkpoints on object storage through fsspec (scalai.checkpoint.objects), here on fsspec's
+in-memory filesystem: the same round trips as every other source and sink, reads of exactly
+the bytes a plan needs, and what an interrupted or aborted save leaves. Expected values come
+from the tests' own slicing of random global tensors (test_checkpoint.global_raw/local_raw);
+the bytes a reshard must read are counted from the layouts' pieces, not from the plan."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from scalai.config import Placement
+from scalai.errors import CheckpointError
+from scalai.dtypes import itemsize
+from scalai.models import model_ptc
+from scalai.planner import Deployment, identity_plan, make_plan
+from scalai.storage import ArraysSink, ArraysSource, run_plan
+from scalai.storage.verify import verify_source
+from scalai.checkpoint.objects import ObjectSink, ObjectSource
+from test_checkpoint import global_raw, local_raw
+from test_storage import CASES
+
+fsspec = pytest.importorskip("fsspec")
+_ids = itertools.count()
+
+
+@pytest.fixture
+def memfs():
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs = MemoryFileSystem()
+    prefix = f"memory://scalai-test-objects/{next(_ids)}"
+    yield fs, prefix
+    fs.rm(prefix.split("://")[1], recursive=True) if fs.exists(prefix.split("://")[1]) else None
+
+
+def _save(fs, url, ptc, arrays, state=None):
+    with ObjectSink(url, ptc, state, fs=fs) as sink:
+        run_plan(identity_plan(ptc, range(ptc.config.world_size), stored=sink.stores), ArraysSource(ptc, arrays),
+                 sink, workers=2)
+        sink.commit()
+    return sink
+
+
+def _one_host(old, new):
+    place = Placement(max(old.config.world_size, new.config.world_size))
+    return make_plan(Deployment(old, place), Deployment(new, place))
+
+
+def _needed_bytes(ptc) -> int:
+    """Bytes of real (non-padding) elements of every tensor a rank stores itself: what a
+    reshard into ``ptc`` from a ranged source must read, each once."""
+    total = 0
+    for r in range(ptc.config.world_size):
+        for name, shard in ptc.rank_shards(r):
+            if ptc.replica_owner(name, r) == r:
+                total += sum(p.local_region.volume for p in shard.pieces) * itemsize(ptc.spec(name).dtype)
+    return total
+
+
+@pytest.mark.parametrize("model, a, b", CASES)
+def test_round_trip_through_objects_across_layouts(memfs, model, a, b):
+    fs, prefix = memfs
+    old, new = model_ptc(model, a), model_ptc(model, b)
+    glob = global_raw(old, seed=3)
+    _save(fs, f"{prefix}/a", old, local_raw(old, glob, pad=0), {"step": 7})
+    with ObjectSource(f"{prefix}/a", fs=fs, max_gap_bytes=0) as source:
+        assert source.state == {"step": 7}
+        verify_source(source)
+        expected = local_raw(new, glob, pad=0)
+        dest = {r: {n: np.full(x.shape, 9, x.dtype) for n, x in t.items()} for r, t in expected.items()}
+        plan = _one_host(old, new)
+        run_plan(plan, source, ArraysSink(new, dest), workers=2)
+        for r, tensors in expected.items():
+            for name, want in tensors.items():
+                assert np.array_equal(dest[r][name], want), f"rank {r} {name}"
+        # a reshard object -> object, and back: equal bit for bit
+        sink_plan = make_plan(Deployment(old, Placement(64)), Deployment(new.stored_replicas(), Placement(64)))
+        before = source.fetched  # headers are read already
+        with ObjectSink(f"{prefix}/b", new, source.state, fs=fs) as sink:
+            run_plan(sink_plan, source, sink, workers=2)
+            sink.commit()
+        assert source.fetched - before == _needed_bytes(new), "each needed byte read once"
+    with ObjectSource(f"{prefix}/b", fs=fs) as b_src:
+        verify_source(b_src)
+        back = make_plan(Deployment(new, Placement(64)), Deployment(old.stored_replicas(), Placement(64)))
+        with ObjectSink(f"{prefix}/c", old, b_src.state, fs=fs) as sink:
+            run_plan(back, b_src, sink, workers=2)
+            sink.commit()
+    root = prefix.split("://")[1]
+    for r in range(old.config.world_size):  # the round trip rewrote the very same objects
+        name = f"rank-{r:05d}.safetensors"
+        assert fs.cat_file(f"{root}/a/{name}") == fs.cat_file(f"{root}/c/{name}")
+    assert fs.cat_file(f"{root}/a/manifest.json") == fs.cat_file(f"{root}/c/manifest.json")
+
+
+def test_an_interrupted_save_leaves_no_manifest_and_the_next_save_sweeps_it(memfs):
+    fs, prefix = memfs
+    ptc = model_ptc("gpt-tiny", "tp=2,pp=1,dp=2")
+    arrays = local_raw(ptc, global_raw(ptc, seed=1))
+    url, root = f"{prefix}/ckpt", f"{prefix.split('://')[1]}/ckpt"
+    sink = ObjectSink(url, ptc, fs=fs)
+    run_plan(identity_plan(ptc, range(ptc.config.world_size), stored=sink.stores), ArraysSource(ptc, arrays), sink)
+    sink._pool.shutdown(wait=True)  # uploads done, then the writer "dies": no commit, no abort
+    assert any(n.endswith(".safetensors") for n in fs.ls(root, detail=False))
+    assert not fs.exists(f"{root}/manifest.json")
+    with pytest.raises(CheckpointError, match="no manifest.json: nothing was committed"):
+        ObjectSource(url, fs=fs)
+    _save(fs, url, ptc, arrays)  # a later save to the same URL removes the leftovers first
+    with ObjectSource(url, fs=fs) as source:
+        verify_source(source)
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        ObjectSink(url, ptc, fs=fs)
+
+
+def test_abort_removes_what_was_uploaded(memfs):
+    fs, prefix = memfs
+    ptc = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1")
+    arrays = local_raw(ptc, global_raw(ptc, seed=2))
+    with ObjectSink(f"{prefix}/x", ptc, fs=fs) as sink:
+        run_plan(identity_plan(ptc, range(ptc.config.world_size), stored=sink.stores), ArraysSource(ptc, arrays),
+                 sink)
+    root = f"{prefix.split('://')[1]}/x"
+    assert not fs.exists(root) or fs.ls(root, detail=False) == []
+
+
+def test_a_damaged_object_is_named(memfs):
+    fs, prefix = memfs
+    ptc = model_ptc("gpt-tiny", "tp=1,pp=1,dp=1")
+    _save(fs, f"{prefix}/d", ptc, local_raw(ptc, global_raw(ptc, seed=4)))
+    root = f"{prefix.split('://')[1]}/d"
+    data = bytearray(fs.cat_file(f"{root}/rank-00000.safetensors"))
+    fs.pipe_file(f"{root}/rank-00000.safetensors", bytes(data[:len(data) // 2]))
+    with ObjectSource(f"{prefix}/d", fs=fs) as source, pytest.raises(CheckpointError, match="rank-00000"):
+        verify_source(source)
