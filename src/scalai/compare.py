@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checkpoint import Checkpoint
 from .config import Placement
 from .layout.splits import LocalShard
 from .planner import Deployment, make_plan
+from .storage.base import ArraySource, TensorSource
 
 __all__ = ["Difference", "compare_checkpoints"]
 
@@ -33,8 +33,18 @@ class Difference:
         return self.what
 
 
-def compare_checkpoints(a: Checkpoint, b: Checkpoint) -> Difference | None:
-    """``None`` when ``a`` and ``b`` hold the same state bit for bit, else the first difference."""
+def _selected(source: TensorSource, rank: int, tensor: str, window) -> np.ndarray:
+    """The elements ``window`` selects: a view where the source's tensors are arrays, a copy
+    read out otherwise (an object store)."""
+    part = source.part(rank)
+    if isinstance(part, ArraySource):
+        return window.select(part.array(rank, tensor))
+    return source.read_window(rank, tensor, window)
+
+
+def compare_checkpoints(a: TensorSource, b: TensorSource) -> Difference | None:
+    """``None`` when ``a`` and ``b`` hold the same state bit for bit, else the first difference
+    (any two sources: directories, object stores, ...)."""
     a_specs = {s.name: s for s in a.ptc.specs}
     b_specs = {s.name: s for s in b.ptc.specs}
     for name in sorted(a_specs.keys() | b_specs.keys()):
@@ -54,8 +64,8 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint) -> Difference | None:
     shards = {(r, n): s for r in range(b.ptc.config.world_size) for n, s in b.ptc.rank_shards(r)}
     for c in sorted(plan.copies, key=lambda c: (c.tensor, c.dst_rank)):
         assert not c.from_new, "a single-host plan never fans out"
-        where = _first_mismatch(c.src.select(a.view(c.src_rank, c.tensor)),
-                                c.dst.select(b.view(c.dst_rank, c.tensor)))
+        where = _first_mismatch(_selected(a, c.src_rank, c.tensor, c.src),
+                                _selected(b, c.dst_rank, c.tensor, c.dst))
         if where is not None:
             local = _window_index(c.dst, where)
             glob = _local_to_global(shards[(c.dst_rank, c.tensor)], local)

@@ -58,6 +58,7 @@ SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KE
                     "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN",
                     "GOOGLE_APPLICATION_CREDENTIALS")
 _LOCAL_SCHEMES = ("file", "memory")
+_BUCKET_SCHEMES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 _USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
 #: First bytes fetched of a rank file: its header in one GET for any but huge layouts.
 _HEADER_PROBE = 64 << 10
@@ -115,6 +116,17 @@ def _io(what: str):
                               f"and the credentials") from None
 
 
+def _check_bucket(fs, root: str, url: str) -> None:
+    """Refuse a URL whose bucket (container) is missing, in one line naming it."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if not set(protocols) & _BUCKET_SCHEMES:
+        return
+    bucket = root.split("/", 1)[0]
+    if bucket and not fs.exists(bucket):
+        raise CheckpointError(f"bucket {bucket!r} of {redact(url)} is not found (it does not exist, or these "
+                              f"credentials cannot see it); create it or check the URL")
+
+
 def object_exists(url: str) -> bool:
     """Whether a committed checkpoint (its manifest) is at ``url``."""
     fs, root = _filesystem(url)
@@ -151,6 +163,7 @@ class ObjectSource(RangeSource):
             try:
                 size = self.fs.size(f"{self.root}/{MANIFEST_NAME}")
             except FileNotFoundError:
+                _check_bucket(self.fs, self.root, self.url)
                 raise CheckpointError(f"{redact(self.url)} has no {MANIFEST_NAME}: nothing was committed "
                                       f"there (a save that did not finish leaves none); check the URL or "
                                       f"use an earlier checkpoint") from None
@@ -275,6 +288,7 @@ class ObjectSink(TensorSink):
         self.state = checked_state(state)
         self._where = redact(self.url)
         with _io(f"cannot write {self._where}"):
+            _check_bucket(self.fs, self.root, self.url)
             if self.fs.exists(f"{self.root}/{MANIFEST_NAME}"):
                 raise FileExistsError(f"{self._where} already holds a checkpoint; choose another URL or "
                                       f"delete it first")

@@ -12,6 +12,14 @@ from .output import console, emit_json, hosts_table, human_bytes, layout_option,
 from .params import COUNT, SEED
 
 
+def _shown(location: str) -> str:
+    """A location as output shows it: a directory made absolute, a URL without credentials."""
+    from ..checkpoint.objects import redact
+    from ..locations import is_directory
+
+    return os.path.abspath(location) if is_directory(location) else redact(location)
+
+
 def _placement(gpus_per_host: int):
     from ..config import Placement
 
@@ -43,7 +51,7 @@ def synth(model: str, out: str, layout, seed: int, as_json: bool) -> None:
         write_synthetic_checkpoint(model, out, layout, seed, progress=advance)
     seconds = time.perf_counter() - t0
     if as_json:
-        emit_json({"checkpoint": os.path.abspath(out), "model": model, "layout": str(layout),
+        emit_json({"checkpoint": _shown(out), "model": model, "layout": str(layout),
                    "bytes": total, "seconds": seconds})
     else:
         click.echo(f"wrote {out}: {model} in {layout}, {layout.world_size} ranks, "
@@ -56,15 +64,18 @@ def synth(model: str, out: str, layout, seed: int, as_json: bool) -> None:
 @click.option("--tensors", "show_tensors", is_flag=True, help="list every tensor")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def inspect(ckpt: str, verify: bool, show_tensors: bool, as_json: bool) -> None:
-    """Show a checkpoint's layout, tensors and sizes; --verify checks every checksum."""
-    from ..checkpoint import Checkpoint
+    """Show a checkpoint's layout, tensors and sizes; --verify checks every checksum.
 
-    with Checkpoint.open(ckpt) as c:
+    CKPT is a directory or a URL (s3://BUCKET/PREFIX, gs://, az://, ...)."""
+    from ..locations import open_source
+    from ..storage.verify import verify_source
+
+    with open_source(ckpt) as c:
         ptc = c.ptc
         per_rank = [r.nbytes for r in c.manifest.ranks]
         params = [s for s in ptc.specs if not s.is_optimizer_state]
         info = {
-            "checkpoint": os.path.abspath(ckpt),
+            "checkpoint": _shown(ckpt),
             "model": c.state.get("model"),
             "layout": str(ptc.config),
             "world_size": ptc.config.world_size,
@@ -78,7 +89,7 @@ def inspect(ckpt: str, verify: bool, show_tensors: bool, as_json: bool) -> None:
         }
         if verify:
             t0 = time.perf_counter()
-            c.verify()
+            verify_source(c)
             info["verified"] = {"checksums": sum(len(r.tensors) for r in c.manifest.ranks),
                                 "seconds": round(time.perf_counter() - t0, 3)}
         if show_tensors or as_json:
@@ -134,9 +145,9 @@ def plan(ckpt, model, from_layout, to_layout, gpus_per_host: int, as_json: bool)
     if (ckpt is None) == (model is None):
         raise click.UsageError("give either a checkpoint or --model with --from")
     if ckpt is not None:
-        from ..checkpoint import Checkpoint
+        from ..locations import open_source
 
-        with Checkpoint.open(ckpt) as c:
+        with open_source(ckpt) as c:
             old_ptc = c.ptc
         new_ptc = old_ptc.relayout(to_layout)
     else:
@@ -174,24 +185,29 @@ def plan(ckpt, model, from_layout, to_layout, gpus_per_host: int, as_json: bool)
 def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool, as_json: bool) -> None:
     """Rewrite checkpoint CKPT in another layout as OUT (CKPT is never modified).
 
-    The source's checksums are verified first (--no-verify skips that pass), so a
-    corrupted checkpoint is never silently propagated into a new layout.
+    CKPT and OUT are directories or URLs (s3://BUCKET/PREFIX, gs://, az://, ...). The
+    source's checksums are verified first (--no-verify skips that pass), so a corrupted
+    checkpoint is never silently propagated into a new layout.
     """
-    from ..checkpoint import Checkpoint
     from ..checkpoint.staging import check_output
     from ..checkpoint.limits import reserve_descriptors
+    from ..locations import exists, is_directory, open_source
     from ..reshard import reshard_checkpoint
     from ..models.synth import stored_nbytes
+    from ..storage.verify import verify_source
 
     verify_seconds = 0.0
     reserve_descriptors(to_layout.world_size, "the new checkpoint")
-    with Checkpoint.open(ckpt) as c:
+    with open_source(ckpt) as c:
         old = c.ptc
         total = stored_nbytes(old.relayout(to_layout))
-        check_output(out, total, f"the reshard to {to_layout}", inputs=[ckpt])  # before the long verify
+        if is_directory(out):  # before the long verify
+            check_output(out, total, f"the reshard to {to_layout}", inputs=[ckpt] if is_directory(ckpt) else [])
+        elif exists(out):
+            raise FileExistsError(f"output {_shown(out)} already exists; choose another location or delete it first")
         if verify:
             t0 = time.perf_counter()
-            c.verify(workers)
+            verify_source(c, None, workers)
             verify_seconds = time.perf_counter() - t0
     placement = _placement(gpus_per_host) if gpus_per_host is not None else None
     with progress("reshard", total, enabled=not as_json) as advance:
@@ -199,7 +215,7 @@ def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool
                                              workers=workers, progress=advance)
     moved = result.stats.total_bytes
     if as_json:
-        emit_json({"checkpoint": os.path.abspath(out), "from": str(old.config), "to": str(to_layout),
+        emit_json({"checkpoint": _shown(out), "from": str(old.config), "to": str(to_layout),
                    "seconds": round(float(seconds), 3),
                    "phases": {"verify": round(verify_seconds, 3),
                               **{k: round(v, 3) for k, v in seconds.__dict__.items()}},
@@ -207,7 +223,7 @@ def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool
                    "throughput_bytes_per_s": moved / float(seconds), **result.stats.to_json()})
         return
     out_c = console()
-    out_c.print(f"{old.config} -> {to_layout}: wrote {out}")
+    out_c.print(f"{old.config} -> {to_layout}: wrote {_shown(out)}")
     out_c.print(stats_table(result.stats, title="plan"))
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in seconds.__dict__.items())
     if verify:
@@ -222,18 +238,19 @@ def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def compare(a: str, b: str, as_json: bool) -> None:
     """Exit 0 when A and B hold the same global tensors and state bit for bit, whatever their
-    layouts; otherwise name the first difference and exit 1."""
-    from ..checkpoint import Checkpoint
+    layouts; otherwise name the first difference and exit 1. A and B are directories or
+    URLs (s3://BUCKET/PREFIX, ...): a copy on object storage compares against a local one."""
     from ..compare import compare_checkpoints
+    from ..locations import open_source
 
-    with Checkpoint.open(a) as ca, Checkpoint.open(b) as cb:
+    with open_source(a) as ca, open_source(b) as cb:
         diff = compare_checkpoints(ca, cb)
         layouts = (str(ca.ptc.config), str(cb.ptc.config))
     if as_json:
         emit_json({"equal": diff is None, "difference": None if diff is None else str(diff),
                    "a": layouts[0], "b": layouts[1]})
     elif diff is None:
-        click.echo(f"equal: {a} ({layouts[0]}) and {b} ({layouts[1]}) hold the same state")
+        click.echo(f"equal: {_shown(a)} ({layouts[0]}) and {_shown(b)} ({layouts[1]}) hold the same state")
     else:
         click.echo(f"different: {diff}")
     if diff is not None:

@@ -131,7 +131,8 @@ def synthetic_state(model: str, config, seed: int, step: int = 1000, global_batc
 
 def write_synthetic_checkpoint(model: str, out_dir, config, seed: int = 0, progress=None,
                                workers: int | None = None) -> None:
-    """Write a checkpoint of the named model in ``config`` with deterministic values.
+    """Write a checkpoint of the named model in ``config`` with deterministic values at
+    ``out_dir`` (a directory or any checkpoint location, :mod:`scalai.locations`).
 
     Raises:
         ValueError: unknown model or impossible layout; not enough free disk space.
@@ -139,8 +140,10 @@ def write_synthetic_checkpoint(model: str, out_dir, config, seed: int = 0, progr
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from ..checkpoint import CheckpointWriter, default_workers
+    from ..checkpoint import default_workers
     from ..checkpoint.staging import check_output
+    from ..locations import create_sink, exists, is_directory
+    from ..storage.base import ArraySink
     from . import model_ptc
 
     from ..checkpoint.limits import reserve_descriptors
@@ -149,14 +152,23 @@ def write_synthetic_checkpoint(model: str, out_dir, config, seed: int = 0, progr
     config = ParallelConfig.parse(config)
     reserve_descriptors(config.world_size, "a checkpoint")
     ptc = model_ptc(model, config)
-    check_output(out_dir, stored_nbytes(ptc), f"{model} in {config}")
+    if is_directory(out_dir):
+        check_output(out_dir, stored_nbytes(ptc), f"{model} in {config}")
+    elif exists(out_dir):
+        raise FileExistsError(f"output {out_dir} already exists; choose another location or delete it first")
     state = synthetic_state(model, config, seed)
-    with CheckpointWriter(out_dir, ptc, state) as writer:
+    with create_sink(out_dir, ptc, state) as writer:
         def fill(rank: int) -> None:
             for name, shard in ptc.rank_shards(rank):
                 if not writer.stores(rank, name):
                     continue  # a replica stored once, by a lower rank
-                fill_local(ptc.spec(name), shard, writer.array(rank, name), seed)
+                if isinstance(writer, ArraySink):  # in place
+                    fill_local(ptc.spec(name), shard, writer.array(rank, name), seed)
+                else:  # one local tensor at a time, written whole
+                    local = np.zeros(shard.shape, raw_numpy(ptc.spec(name).dtype))
+                    fill_local(ptc.spec(name), shard, local, seed)
+                    writer.write(rank, name, 0, local.reshape(-1))
+                    writer.complete(rank, name)
                 if progress:
                     progress(int(np.prod(shard.shape)) * raw_numpy(ptc.spec(name).dtype).itemsize)
 
@@ -165,4 +177,4 @@ def write_synthetic_checkpoint(model: str, out_dir, config, seed: int = 0, progr
             list(pool.map(fill, range(config.world_size)))
         finally:  # on an interrupt, start no further rank: the abort comes sooner
             pool.shutdown(wait=True, cancel_futures=True)
-        writer.commit(workers)
+        writer.commit()

@@ -1,0 +1,208 @@
+"""Checkpoints on S3 through s3fs, against a real S3-compatible HTTP server on loopback
+(moto's standalone server, started here in its own process with authentication on; no
+network beyond loopback). The bytes a reshard reads are counted by the server itself and
+compared with the bytes of the pieces the new layout stores, counted from the layouts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+
+from scalai.checkpoint.objects import ObjectSource
+from scalai.errors import CheckpointError
+from scalai.models import model_ptc
+from scalai.models.synth import write_synthetic_checkpoint
+from scalai.planner import Deployment, make_plan
+from scalai.config import Placement
+from scalai.reshard import reshard_checkpoint
+from scalai.storage import ArraysSink, run_plan
+from scalai.storage.verify import verify_source
+from test_checkpoint import global_raw, local_raw
+from test_objects import _needed_bytes, _save
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+HERE = os.path.dirname(os.path.abspath(__file__))
+SECRET_MARK = "scalai-test-secret"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """The server's endpoint and the environment a user would set (a user and key made
+    through the server's IAM while it still answers unauthenticated calls)."""
+    import boto3
+
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "s3_server.py")], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=env, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        endpoint = f"http://127.0.0.1:{port}"
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup",
+                           aws_secret_access_key="setup")
+        iam.create_user(UserName="scalai")
+        iam.put_user_policy(UserName="scalai", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="scalai")["AccessKey"]
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+               "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"], "AWS_REGION": "us-east-1"}
+        bucket = f"scalai-{uuid.uuid4().hex[:8]}"
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                     aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=bucket)
+        yield {"endpoint": endpoint, "env": env, "bucket": bucket}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def s3env(s3, monkeypatch):
+    for k, v in s3["env"].items():
+        monkeypatch.setenv(k, v)
+    import fsspec
+
+    fsspec.AbstractFileSystem.clear_instance_cache() if hasattr(fsspec.AbstractFileSystem, "clear_instance_cache") \
+        else None
+    return s3
+
+
+def _url(s3, name: str) -> str:
+    return f"s3://{s3['bucket']}/{uuid.uuid4().hex[:6]}-{name}"
+
+
+def _counts(s3) -> dict:
+    with urllib.request.urlopen(f"{s3['endpoint']}/__scalai/counts") as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.parametrize("model, a, b", [("llama-tiny", "tp=2,pp=2,dp=1", "tp=1,pp=1,dp=2,zero=1"),
+                                          ("gpt-tiny", "tp=1,pp=2,dp=2,zero=1", "tp=4,pp=1,dp=1")])
+def test_s3_round_trip_across_layouts_is_bit_exact(s3env, tmp_path, model, a, b):
+    url_a, url_b, url_c = _url(s3env, "a"), _url(s3env, "b"), _url(s3env, "c")
+    write_synthetic_checkpoint(model, url_a, a, seed=5)
+    reshard_checkpoint(url_a, url_b, b)
+    reshard_checkpoint(url_b, url_c, a)
+    write_synthetic_checkpoint(model, tmp_path / "local", a, seed=5)
+    from scalai.compare import compare_checkpoints
+    from scalai.locations import open_source
+
+    with open_source(url_c) as c, open_source(str(tmp_path / "local")) as local, open_source(url_b) as mid:
+        verify_source(c)
+        verify_source(mid)
+        assert compare_checkpoints(local, c) is None
+        assert compare_checkpoints(local, mid) is None
+        for r in range(c.ptc.config.world_size):
+            for name, _ in c.ptc.rank_shards(r):
+                assert np.array_equal(c.read_window(r, name), local.read_window(r, name)), f"rank {r} {name}"
+
+
+def test_s3_reshard_reads_only_the_bytes_the_new_layout_needs(s3env):
+    old, new = model_ptc("llama-tiny", "tp=2,pp=1,dp=1"), model_ptc("llama-tiny", "tp=1,pp=2,dp=2,zero=1")
+    glob = global_raw(old, seed=9)
+    url = _url(s3env, "ranged")
+    from scalai.checkpoint.objects import _filesystem
+
+    fs, _ = _filesystem(url)
+    _save(fs, url, old, local_raw(old, glob))
+    with ObjectSource(url, max_gap_bytes=0) as source:
+        for r in range(old.config.world_size):
+            source.entries(r)  # headers first: not part of the plan's bytes
+        urllib.request.urlopen(urllib.request.Request(f"{s3env['endpoint']}/__scalai/reset", method="POST"))
+        place = Placement(64)
+        plan = make_plan(Deployment(old, place), Deployment(new.stored_replicas(), place), fanout=False)
+        expected = local_raw(new, glob)
+        dest = {r: {n: np.zeros(x.shape, x.dtype) for n, x in t.items()} for r, t in expected.items()}
+        run_plan(plan, source, ArraysSink(new.stored_replicas(), dest), workers=4)
+        sent = _counts(s3env)
+    assert sent["get_bytes"] == _needed_bytes(new), "the server sent exactly the stored pieces' bytes"
+    for r, tensors in expected.items():
+        for name, want in tensors.items():
+            if new.replica_owner(name, r) == r:
+                assert np.array_equal(dest[r][name], want), f"rank {r} {name}"
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    from scalai.checkpoint.objects import ObjectSink
+    from scalai.locations import open_source
+    from scalai.planner import identity_plan
+    from scalai.storage import run_plan
+    with open_source(sys.argv[1]) as src:
+        sink = ObjectSink(sys.argv[2], src.ptc, src.state)
+        run_plan(identity_plan(src.ptc, range(src.ptc.config.world_size), stored=sink.stores), src, sink)
+        sink._pool.shutdown(wait=True)   # every rank file uploaded...
+        os.kill(os.getpid(), signal.SIGKILL)  # ...and the writer dies before its commit
+""")
+
+
+def test_a_writer_killed_mid_save_leaves_no_manifest_and_the_previous_version_loads(s3env, tmp_path):
+    v1, v2 = _url(s3env, "v1"), _url(s3env, "v2")
+    write_synthetic_checkpoint("gpt-tiny", v1, "tp=2,pp=1,dp=2", seed=2)
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, v1, v2], env=dict(os.environ), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    from scalai.checkpoint.objects import _filesystem
+
+    fs, root = _filesystem(v2)
+    names = [n.rsplit("/", 1)[-1] for n in fs.ls(root, detail=False, refresh=True)]
+    assert names and all(n.endswith(".safetensors") for n in names), names
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        ObjectSource(v2)
+    with ObjectSource(v1) as previous:
+        verify_source(previous)
+        assert previous.state["step"] == 1000
+    reshard_checkpoint(v1, v2, "tp=1,pp=1,dp=1")  # a later save to v2 removes the leftovers
+    with ObjectSource(v2) as again:
+        verify_source(again)
+        assert sorted(n.rsplit("/", 1)[-1] for n in fs.ls(root, detail=False, refresh=True)) == \
+            ["manifest.json", "rank-00000.safetensors"]
+
+
+def _cli(env, *args):
+    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "scalai"), *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_on_s3_wrong_credentials_missing_bucket_and_compare(s3env, tmp_path):
+    env = dict(os.environ)
+    url = _url(s3env, "cli")
+    ok = _cli(env, "synth", "gpt-tiny", url, "--layout", "tp=2,pp=1,dp=1")
+    assert ok.returncode == 0, ok.stderr
+    assert _cli(env, "synth", "gpt-tiny", str(tmp_path / "local"), "--layout", "tp=1,pp=2,dp=1").returncode == 0
+    same = _cli(env, "compare", url, str(tmp_path / "local"))
+    assert same.returncode == 0 and "equal" in same.stdout, same.stdout + same.stderr
+    assert _cli(env, "synth", "gpt-tiny", str(tmp_path / "other"), "--layout", "tp=1,pp=1,dp=1",
+                "--seed", "1").returncode == 0
+    differ = _cli(env, "compare", url, str(tmp_path / "other"))
+    assert differ.returncode == 1 and "different" in differ.stdout
+    secret = env["AWS_SECRET_ACCESS_KEY"]
+    wrong = dict(env, AWS_SECRET_ACCESS_KEY=SECRET_MARK + "-wrong")
+    missing = f"s3://no-such-bucket-{uuid.uuid4().hex[:6]}/x"
+    for run_env, args, why in [
+            (wrong, ("inspect", url), "access denied"),
+            (wrong, ("reshard", url, _url(s3env, "never"), "--to", "tp=1,pp=1,dp=1"), "access denied"),
+            (env, ("inspect", missing), "not found"),
+            (env, ("reshard", url, missing, "--to", "tp=1,pp=1,dp=1"), "not found")]:
+        res = _cli(run_env, *args)
+        text = res.stdout + res.stderr
+        assert res.returncode != 0 and "Traceback" not in text, text
+        assert len(res.stderr.strip().splitlines()) == 1 and why in res.stderr, text
+        assert SECRET_MARK not in text and secret not in text, "no secret in any output"
+    for path, _, files in os.walk(tmp_path):
+        for f in files:
+            with open(os.path.join(path, f), "rb") as fh:
+                data = fh.read()
+            assert secret.encode() not in data and SECRET_MARK.encode() not in data
+    from scalai.checkpoint.objects import _filesystem
+
+    fs, root = _filesystem(url)
+    assert secret.encode() not in fs.cat_file(f"{root}/manifest.json")
