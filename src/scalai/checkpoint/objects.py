@@ -127,6 +127,17 @@ def _check_bucket(fs, root: str, url: str) -> None:
                               f"credentials cannot see it); create it or check the URL")
 
 
+def _sweep(fs, root: str) -> None:
+    """Delete the rank files under ``root`` (a save that left no manifest)."""
+    try:
+        names = fs.ls(root, detail=False, refresh=True)
+    except FileNotFoundError:
+        return
+    stale = [n for n in names if re.fullmatch(r"rank-\d{5}\.safetensors", n.rstrip("/").rsplit("/", 1)[-1])]
+    if stale:
+        fs.rm(stale)
+
+
 def object_exists(url: str) -> bool:
     """Whether a committed checkpoint (its manifest) is at ``url``."""
     fs, root = _filesystem(url)
@@ -281,18 +292,15 @@ class ObjectSink(TensorSink):
     records_checksums = True
 
     def __init__(self, url: str, ptc: PTC, state: Mapping[str, Any] | None = None, fs=None,
-                 upload_workers: int = 8):
+                 upload_workers: int = 8, joined: bool = False):
         self.url = url.rstrip("/")
         self.fs, self.root = (fs, self.url.split("://", 1)[-1]) if fs is not None else _filesystem(self.url)
         self.ptc = ptc
         self.state = checked_state(state)
         self._where = redact(self.url)
-        with _io(f"cannot write {self._where}"):
-            _check_bucket(self.fs, self.root, self.url)
-            if self.fs.exists(f"{self.root}/{MANIFEST_NAME}"):
-                raise FileExistsError(f"{self._where} already holds a checkpoint; choose another URL or "
-                                      f"delete it first")
-            self._sweep()
+        self.joined = joined
+        if not joined:
+            self.begin(self.url, self.fs)
         self._files: dict[int, tuple[bytearray, dict]] = {}
         self._sizes: dict[int, int] = {}
         self._pending: dict[int, set[str]] = {}
@@ -305,15 +313,50 @@ class ObjectSink(TensorSink):
         self.uploaded = 0   # bytes
         self.timings = {"checksum": 0.0, "sync": 0.0}
 
-    def _sweep(self) -> None:
-        """Delete the rank files of a save to this URL that left no manifest."""
+    @staticmethod
+    def begin(url: str, fs=None) -> str:
+        """Check that ``url`` can take a new checkpoint and delete the rank files of a save
+        there that left no manifest; returns the URL (the token of a save by several ranks:
+        each writes its rank files with ``joined=True`` and :meth:`finish`, one calls
+        :meth:`publish`).
+
+        Raises:
+            FileExistsError: a committed checkpoint is there.
+            CheckpointError: the store refused, or the bucket is missing.
+        """
+        url = url.rstrip("/")
+        fs, root = (fs, url.split("://", 1)[-1]) if fs is not None else _filesystem(url)
+        with _io(f"cannot write {redact(url)}"):
+            _check_bucket(fs, root, url)
+            if fs.exists(f"{root}/{MANIFEST_NAME}"):
+                raise FileExistsError(f"{redact(url)} already holds a checkpoint; choose another URL or "
+                                      f"delete it first")
+            _sweep(fs, root)
+        return url
+
+    @staticmethod
+    def publish(url: str, manifest: Manifest, fs=None) -> None:
+        """Write ``manifest`` at ``url``, once every rank file is uploaded: the commit.
+
+        Raises:
+            FileExistsError: another writer committed there meanwhile (nothing replaced).
+        """
+        fs, root = (fs, url.split("://", 1)[-1]) if fs is not None else _filesystem(url)
+        with _io(f"cannot write {redact(url)}/{MANIFEST_NAME}"):
+            if fs.exists(f"{root}/{MANIFEST_NAME}"):
+                raise FileExistsError(f"{redact(url)} got a checkpoint from another writer meanwhile; "
+                                      f"this one is not committed")
+            fs.pipe_file(f"{root}/{MANIFEST_NAME}", manifest_bytes(manifest))
+
+    @staticmethod
+    def discard(url: str, fs=None) -> None:
+        """Delete the rank files at ``url`` of a save that has no manifest (best effort)."""
         try:
-            names = self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            return
-        stale = [n for n in names if re.fullmatch(r"rank-\d{5}\.safetensors", n.rstrip("/").rsplit("/", 1)[-1])]
-        if stale:
-            self.fs.rm(stale)
+            fs, root = (fs, url.split("://", 1)[-1]) if fs is not None else _filesystem(url)
+            if not fs.exists(f"{root}/{MANIFEST_NAME}"):
+                _sweep(fs, root)
+        except Exception:  # noqa: BLE001 - best effort; the next save there sweeps again
+            pass
 
     def stores(self, rank: int, tensor: str) -> bool:
         return self.ptc.replica_owner(tensor, rank) == rank
@@ -378,41 +421,46 @@ class ObjectSink(TensorSink):
             self.timings["checksum"] += t1 - t0
             self.timings["sync"] += time.perf_counter() - t1
 
+    def finish(self, ranks=None) -> list:
+        """Upload the given ranks' files (default: every rank) and wait for them; returns
+        their manifest records, in the order given."""
+        ranks = list(range(self.ptc.config.world_size) if ranks is None else ranks)
+        for rank in ranks:
+            self._file(rank)
+            with self._lock:
+                if rank not in self._uploads:
+                    self._uploads[rank] = self._pool.submit(self._upload, rank)
+        for rank in ranks:
+            self._uploads[rank].result()
+        return [rank_record(self.ptc, r, self._sizes[r], self._crcs[r], self.stores) for r in ranks]
+
     def commit(self) -> None:
         """Upload what is left, wait for every upload, then write the manifest: the
         checkpoint appears complete at once."""
         if self.committed:
             return
-        for rank in range(self.ptc.config.world_size):
-            self._file(rank)
-            with self._lock:
-                if rank not in self._uploads:
-                    self._uploads[rank] = self._pool.submit(self._upload, rank)
-        for future in self._uploads.values():
-            future.result()
-        records = tuple(rank_record(self.ptc, r, self._sizes[r], self._crcs[r], self.stores)
-                        for r in range(self.ptc.config.world_size))
-        text = manifest_bytes(Manifest(self.ptc.full, records, self.state, created_by()))
+        if self.joined:
+            raise RuntimeError("this sink joined a save begun elsewhere; call finish() here and "
+                               "ObjectSink.publish() where it began")
+        records = tuple(self.finish())
         t0 = time.perf_counter()
-        with _io(f"cannot write {self._where}/{MANIFEST_NAME}"):
-            if self.fs.exists(f"{self.root}/{MANIFEST_NAME}"):
-                raise FileExistsError(f"{self._where} got a checkpoint from another writer meanwhile; "
-                                      f"this one is not committed")
-            self.fs.pipe_file(f"{self.root}/{MANIFEST_NAME}", text)
+        self.publish(self.url, Manifest(self.ptc.full, records, self.state, created_by()), self.fs)
         self.timings["sync"] += time.perf_counter() - t0
         self.committed = True
         self._pool.shutdown()
 
+    def close(self) -> None:
+        """Stop the upload threads (after :meth:`finish` of a joined sink)."""
+        self._pool.shutdown(wait=True)
+
     def abort(self) -> None:
         """Stop uploading and delete the rank files uploaded (best effort: a later sink at
-        this URL deletes what is left)."""
+        this URL deletes what is left). A joined sink leaves them to :meth:`discard`."""
         if self.committed:
             return
         for future in self._uploads.values():
             future.cancel()
         self._pool.shutdown(wait=True)
         self._files.clear()
-        try:
-            self._sweep()
-        except Exception:  # noqa: BLE001 - best effort; the next sink sweeps again
-            pass
+        if not self.joined:
+            self.discard(self.url, self.fs)

@@ -168,6 +168,9 @@ def load(job: JobState, source: Any, *, verify: bool = True, placement: Placemen
             planning phase the live tensors are partly overwritten: load another
             checkpoint or rebuild the job before training on.
     """
+    from .background import finish
+
+    finish(job)  # a background save in flight is committed (or its failure raised) first
     t0 = time.perf_counter()
     rank, size = job.rank, job.config.world_size
     opened: list[TensorSource] = []

@@ -41,13 +41,19 @@ class SaveReport:
         rank_bytes: bytes of tensor data this rank wrote (a replica is written by one of
             its holders: once in a checkpoint directory, once per host in stores).
         total_bytes: bytes of tensor data all ranks wrote.
-        seconds: wall time per phase (``begin``, ``write``, ``commit``) and ``total``.
+        seconds: wall time per phase (``begin``, ``write``, ``commit``; in the background:
+            ``begin``, ``stage``) and ``total``.
+        background: written in the background (the bytes are those staged; the version
+            is committed by the next collective call, see :mod:`scalai.training.background`).
+        skipped: a background save skipped because the previous one was still writing.
     """
 
     step: int
     rank_bytes: int
     total_bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
+    background: bool = False
+    skipped: bool = False
 
 
 def _created_by() -> str:
@@ -57,16 +63,30 @@ def _created_by() -> str:
         return "scalai (training)"
 
 
-def save(job: JobState, target: Any) -> SaveReport:
-    """Save the job state into ``target`` (a new directory path or a ``StateWriter``).
+def save(job: JobState, target: Any, background: bool = False, on_busy: str = "wait") -> SaveReport:
+    """Save the job state into ``target`` (a new directory path, an fsspec URL such as
+    ``s3://BUCKET/PREFIX``, or a ``StateWriter``).
+
+    Args:
+        background: return once this rank's tensors are copied into host memory and write
+            them in a thread; the version is committed, or its failure raised, at the next
+            ``save``, ``load`` or :func:`~scalai.training.close` (see
+            :mod:`scalai.training.background`).
+        on_busy: with ``background``, while the previous background save is still being
+            written: ``"wait"`` for it, or ``"skip"`` this one (logged).
 
     Raises:
         CollectiveError: on every rank, if any rank failed (the message names the ranks
             and their errors: an existing directory, a full disk, a live tensor that no
-            longer matches the layout...).
+            longer matches the layout...), including a background save's failure.
     """
-    t0 = time.perf_counter()
+    from . import background as bg
+
     writer = as_writer(target)
+    if background:
+        return bg.start(job, writer, _created_by(), on_busy)
+    bg.finish(job)
+    t0 = time.perf_counter()
     rank = job.rank
     tokens = agree("save: begin", lambda: writer.begin() if rank == 0 else None, job.group, share=True)
     token = tokens[0]

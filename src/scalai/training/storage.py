@@ -27,13 +27,14 @@ import numpy as np
 from ..checkpoint import CheckpointWriter
 from ..checkpoint.manifest import Manifest, RankRecord
 from ..layout.ptc import PTC
+from ..checkpoint.objects import ObjectSink, is_object_url
 from ..locations import open_source
 from ..planner.identity import identity_plan
 from ..storage.base import TensorSource
 from ..storage.live import ArraysSource
 from ..storage.run import default_workers, run_plan
 
-__all__ = ["StateWriter", "DirectoryWriter", "as_writer", "as_source"]
+__all__ = ["StateWriter", "DirectoryWriter", "ObjectWriter", "as_writer", "as_source"]
 
 
 @runtime_checkable
@@ -87,8 +88,42 @@ class DirectoryWriter:
         CheckpointWriter.discard(self.out_dir, token)
 
 
+class ObjectWriter:
+    """Write a checkpoint at an fsspec URL (``s3://BUCKET/PREFIX``, ...) from every rank of a
+    job: each rank uploads its own rank file (:class:`~scalai.checkpoint.objects.ObjectSink`,
+    joined), rank 0 writes the manifest last. No filesystem is shared: only the object store.
+
+    Args:
+        url: where the checkpoint goes; must not hold a committed one.
+        workers: threads of each rank's plan runner.
+    """
+
+    def __init__(self, url: str, workers: int | None = None):
+        self.url = url
+        self.workers = workers or default_workers()
+
+    def begin(self) -> str:
+        return ObjectSink.begin(self.url)
+
+    def write_rank(self, token: str, rank: int, ptc: PTC, arrays: Mapping[str, np.ndarray]) -> RankRecord:
+        with ObjectSink(token, ptc, joined=True) as sink:
+            plan = identity_plan(ptc, [rank], stored=sink.stores)
+            run_plan(plan, ArraysSource(ptc, {rank: arrays}), sink, workers=self.workers)
+            (record,) = sink.finish([rank])
+        return record
+
+    def commit(self, token: str, manifest: Manifest) -> None:
+        ObjectSink.publish(token, manifest)
+
+    def abort(self, token: str) -> None:
+        ObjectSink.discard(token)
+
+
 def as_writer(target: Any) -> StateWriter:
-    """A path becomes a :class:`DirectoryWriter`; a :class:`StateWriter` passes through."""
+    """A path becomes a :class:`DirectoryWriter`, an fsspec URL an :class:`ObjectWriter`; a
+    :class:`StateWriter` passes through."""
+    if is_object_url(target):
+        return ObjectWriter(target)
     if isinstance(target, (str, os.PathLike)):
         return DirectoryWriter(target)
     if isinstance(target, StateWriter):
@@ -97,7 +132,7 @@ def as_writer(target: Any) -> StateWriter:
 
 
 def as_source(source: Any) -> TensorSource:
-    """A location (directory, ``memory://NAME``) is opened; a :class:`TensorSource` passes through."""
+    """A location (directory, ``memory://NAME``, fsspec URL) is opened; a :class:`TensorSource` passes through."""
     if isinstance(source, (str, os.PathLike)):
         return open_source(source)
     if isinstance(source, TensorSource):
