@@ -206,3 +206,28 @@ def test_cli_on_s3_wrong_credentials_missing_bucket_and_compare(s3env, tmp_path)
 
     fs, root = _filesystem(url)
     assert secret.encode() not in fs.cat_file(f"{root}/manifest.json")
+
+
+def test_training_saves_to_s3_in_the_background_and_loads_back(s3env):
+    import torch
+
+    from scalai.training import close, find_checkpoint, load, save, step_dir
+    sys.path.insert(0, os.path.join(HERE, "training"))
+    from test_api import make_job, snapshot
+
+    root = _url(s3env, "run")
+    job = make_job(seed=0)
+    before = snapshot(job)
+    report = save(job, step_dir(root, job.step), background=True)
+    assert report.background and report.rank_bytes == sum(t.numel() * 4 for t in before.values())
+    with torch.no_grad():
+        for t in job.local_tensors().values():
+            t.mul_(3)  # training goes on
+    with pytest.raises(CheckpointError, match="no manifest.json|no complete step"):
+        find_checkpoint(root)  # not committed before the next call
+    assert close(job) == 2
+    assert find_checkpoint(root) == step_dir(root, 2)
+    fresh = make_job(seed=1, steps=0)
+    load(fresh, find_checkpoint(root))
+    for name, tensor in before.items():
+        assert torch.equal(fresh.local_tensors()[name], tensor), name

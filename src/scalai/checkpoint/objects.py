@@ -51,7 +51,7 @@ from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, manifest_byte
 from .safetensors_io import file_layout, header_length, parse_header
 from .writer import checked_state, created_by, rank_record
 
-__all__ = ["ObjectSource", "ObjectSink", "is_object_url", "object_exists", "redact"]
+__all__ = ["ObjectSource", "ObjectSink", "is_object_url", "object_exists", "object_children", "redact"]
 
 #: Environment variables whose values never appear in a message.
 SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY",
@@ -136,6 +136,16 @@ def _sweep(fs, root: str) -> None:
     stale = [n for n in names if re.fullmatch(r"rank-\d{5}\.safetensors", n.rstrip("/").rsplit("/", 1)[-1])]
     if stale:
         fs.rm(stale)
+
+
+def object_children(url: str) -> list[str]:
+    """Names of the objects and prefixes directly under ``url`` (none if it is absent)."""
+    fs, root = _filesystem(url)
+    with _io(f"cannot list {redact(url)}"):
+        try:
+            return sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False, refresh=True))
+        except FileNotFoundError:
+            return []
 
 
 def object_exists(url: str) -> bool:

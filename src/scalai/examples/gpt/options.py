@@ -113,7 +113,7 @@ _HELP = {
     "steps": "total optimizer steps of the job (a resumed run stops at the same step)",
     "model": f"model size: {', '.join(PRESETS)}",
     "save": "checkpoint root: the state goes to SAVE/step-NNNNNN at the end (or when stopped)",
-    "save_every": "also save every N steps (0: only at the end)",
+    "save_every": "also save every N steps, in the background (0: only at the end)",
     "resume": "load the job state first from this checkpoint, or the latest under this root (any layout)",
     "metrics": "append one JSON line per step to this file",
     "data": "sample index directory (default: the stdlib corpus in the cache)",

@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 from ...data import DataState, ElasticDataLoader, TokenDataset
 from ...elastic.worker import ElasticWorker
-from ...training import FedSamples, StopFlag, agree, describe, find_checkpoint, gather_fed, load, save, step_dir
+from ...training import (FedSamples, StopFlag, agree, close, describe, find_checkpoint, gather_fed, load, save,
+                         step_dir)
 from .corpus import ensure_index
 from .model import preset
 from .options import TrainOptions
@@ -116,11 +117,14 @@ def _say(text: str) -> None:
         print(text, flush=True)
 
 
-def _save(job: Any, opts: TrainOptions) -> int:
+def _save(job: Any, opts: TrainOptions, background: bool = False) -> int:
+    """Save the job under ``--save``; ``background``: return once staged in host memory
+    (the periodic saves of ``--save-every``: committed by the next save or at the end)."""
     target = step_dir(opts.save, job.step)
-    report = save(job, target)
+    report = save(job, target, background=background)
+    how = "staging for a background write took" if background else "in"
     _say(f"saved step {job.step} to {target} ({report.total_bytes / 2**20:.2f} MiB from "
-         f"{job.config.world_size} ranks in {report.seconds['total']:.2f} s)")
+         f"{job.config.world_size} ranks; {how} {report.seconds['total']:.2f} s)")
     return job.step
 
 
@@ -284,7 +288,7 @@ def train(opts: TrainOptions, elastic: ElasticWorker | None = None) -> dict[str,
                     if elastic is not None:
                         elastic.step_done(job, opts.steps)
                     elif opts.save_every and job.step % opts.save_every == 0 and job.step < opts.steps:
-                        saved_step = _save(job, opts)
+                        saved_step = _save(job, opts, background=True)
                     if job.step < opts.steps and stop.should_stop():
                         stopped = stop.reason
                         _say(f"stopping after step {job.step}: {stopped}")
@@ -305,6 +309,7 @@ def train(opts: TrainOptions, elastic: ElasticWorker | None = None) -> dict[str,
         _say(f"saved step {job.step} to the stores as {version}")
     elif opts.save and job.step != saved_step:
         _save(job, opts)
+    close(job)  # a background save still in flight is committed (or its failure raised)
     return {"step": job.step, "losses": losses, "stopped": stopped}
 
 
