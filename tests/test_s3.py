@@ -231,3 +231,42 @@ def test_training_saves_to_s3_in_the_background_and_loads_back(s3env):
     load(fresh, find_checkpoint(root))
     for name, tensor in before.items():
         assert torch.equal(fresh.local_tensors()[name], tensor), name
+
+
+def test_the_persister_copies_committed_versions_to_s3_and_keeps_the_newest(s3env, tmp_path):
+    """scalai run --persist URL: the background copies of the stores' versions go to S3."""
+    sys.path.insert(0, os.path.join(HERE, "store"))
+    from store_helpers import StoreProc
+
+    from scalai.compare import compare_checkpoints
+    from scalai.elastic.persist import Persister
+    from scalai.locations import exists, open_source
+    from scalai.store import StoreCluster
+    from scalai.training import step_dir
+
+    procs = [StoreProc(tmp_path / "stores" / f"host{i}", f"host{i}").start() for i in range(2)]
+    errors: list[str] = []
+    try:
+        write_synthetic_checkpoint("gpt-tiny", tmp_path / "ckpt", "tp=2,pp=1,dp=2", seed=4)
+        cluster = StoreCluster([p.url for p in procs])
+        root = _url(s3env, "persist")
+        persister = Persister(lambda: [p.url for p in procs], "job", root, keep=1, on_error=errors.append)
+        try:
+            first = cluster.push(str(tmp_path / "ckpt"), "job", 2)
+            persister.submit(first.name, 10)
+            assert persister.wait_idle(120) and not errors, errors
+            copy = persister.latest()
+            assert copy.path == step_dir(root, 10) and copy.bytes > 0
+            with open_source(copy.path) as c, open_source(str(tmp_path / "ckpt")) as local:
+                verify_source(c)
+                assert compare_checkpoints(local, c) is None
+            second = cluster.push(str(tmp_path / "ckpt"), "job", 2)
+            persister.submit(second.name, 20)
+            assert persister.wait_idle(120) and not errors, errors
+            assert persister.latest().path == step_dir(root, 20)
+            assert exists(step_dir(root, 20)) and not exists(step_dir(root, 10)), "only the newest is kept"
+        finally:
+            persister.close()
+    finally:
+        for p in procs:
+            p.kill()

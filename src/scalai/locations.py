@@ -18,7 +18,7 @@ from .layout.ptc import PTC
 from .storage.base import TensorSink, TensorSource
 from .storage.memory import SCHEME as MEMORY, MemorySink, MemorySource, memory_checkpoints
 
-__all__ = ["open_source", "create_sink", "exists", "is_memory", "is_object_url", "is_directory"]
+__all__ = ["open_source", "create_sink", "exists", "delete", "is_memory", "is_object_url", "is_directory"]
 
 _FILE = "file://"
 
@@ -51,6 +51,21 @@ def exists(location: str | os.PathLike) -> bool:
     return os.path.lexists(_path(location))
 
 
+def delete(location: str | os.PathLike) -> None:
+    """Remove the checkpoint at ``location`` and everything under it (nothing if absent)."""
+    import shutil
+
+    from .checkpoint.objects import delete_objects
+    from .storage.memory import delete_memory_checkpoint
+
+    if is_memory(location):
+        delete_memory_checkpoint(location)
+    elif is_object_url(location):
+        delete_objects(location)
+    else:
+        shutil.rmtree(_path(location), ignore_errors=True)
+
+
 def open_source(location: str | os.PathLike) -> TensorSource:
     """The committed checkpoint at ``location``, opened for reading.
 
@@ -75,5 +90,5 @@ def create_sink(location: str | os.PathLike, ptc: PTC, state: Mapping[str, Any] 
     if is_memory(location):
         return MemorySink(location, ptc, dict(state or {}))
     if is_object_url(location):
-        return ObjectSink(location, ptc, state)
+        return ObjectSink(location, ptc, state)  # durable once uploaded: ``sync`` has no object here
     return CheckpointWriter(_path(location), ptc, state, sync=sync)

@@ -51,7 +51,8 @@ from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, manifest_byte
 from .safetensors_io import file_layout, header_length, parse_header
 from .writer import checked_state, created_by, rank_record
 
-__all__ = ["ObjectSource", "ObjectSink", "is_object_url", "object_exists", "object_children", "redact"]
+__all__ = ["ObjectSource", "ObjectSink", "is_object_url", "object_exists", "object_children", "delete_objects",
+           "redact"]
 
 #: Environment variables whose values never appear in a message.
 SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY",
@@ -129,11 +130,7 @@ def _check_bucket(fs, root: str, url: str) -> None:
 
 def _sweep(fs, root: str) -> None:
     """Delete the rank files under ``root`` (a save that left no manifest)."""
-    try:
-        names = fs.ls(root, detail=False, refresh=True)
-    except FileNotFoundError:
-        return
-    stale = [n for n in names if re.fullmatch(r"rank-\d{5}\.safetensors", n.rstrip("/").rsplit("/", 1)[-1])]
+    stale = [n for n in _children(fs, root) if re.fullmatch(r"rank-\d{5}\.safetensors", n.rstrip("/").rsplit("/", 1)[-1])]
     if stale:
         fs.rm(stale)
 
@@ -142,10 +139,26 @@ def object_children(url: str) -> list[str]:
     """Names of the objects and prefixes directly under ``url`` (none if it is absent)."""
     fs, root = _filesystem(url)
     with _io(f"cannot list {redact(url)}"):
-        try:
-            return sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False, refresh=True))
-        except FileNotFoundError:
-            return []
+        return sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in _children(fs, root))
+
+
+def delete_objects(url: str) -> None:
+    """Delete every object under ``url`` (a checkpoint: its manifest first, so that no
+    reader opens it half deleted)."""
+    fs, root = _filesystem(url)
+    with _io(f"cannot delete {redact(url)}"):
+        if fs.exists(f"{root}/{MANIFEST_NAME}"):
+            fs.rm(f"{root}/{MANIFEST_NAME}")
+        names = _children(fs, root)
+        if names:
+            fs.rm(names, recursive=True)
+
+
+def _children(fs, root: str) -> list[str]:
+    try:
+        return fs.ls(root, detail=False, refresh=True)
+    except FileNotFoundError:
+        return []
 
 
 def object_exists(url: str) -> bool:

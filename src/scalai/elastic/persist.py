@@ -4,7 +4,8 @@ The stores keep the job's state in host memory: fast, but gone with the host. Ev
 new version is committed (a periodic save of the workers, or the result of a
 transformation) the runner hands it to the :class:`Persister`, whose thread pulls it from
 the stores into ``ROOT/step-NNNNNN`` (a checkpoint directory, written atomically: data
-first, manifest last, renamed into place). Training never waits for it: the workers' save
+first, manifest last, renamed into place; or, with ``ROOT`` an fsspec URL such as
+``s3://BUCKET/run``, objects under that prefix, the manifest written last). Training never waits for it: the workers' save
 was a copy into their own host's memory, and the pull reads from the stores' memory while
 training goes on. Only the newest submitted version is pulled (an older one still waiting is
 skipped), and only the newest ``keep`` copies stay on disk.
@@ -15,7 +16,6 @@ restarts from.
 
 from __future__ import annotations
 
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ __all__ = ["Persister", "Persisted"]
 class Persisted:
     version: str
     step: int
-    path: Path
+    path: Path | str
     seconds: float
     bytes: int
 
@@ -39,15 +39,19 @@ class Persister:
     Args:
         urls: a callable returning the stores that are alive now (slot order irrelevant).
         job: the job's name in the stores.
-        root: where the checkpoints go.
+        root: where the checkpoints go (a directory, or a URL: ``s3://BUCKET/PREFIX``).
         token: the stores' token.
         keep: how many copies to keep on disk.
     """
 
     def __init__(self, urls: Callable[[], Sequence[str]], job: str, root: str | Path, token: str | None = None,
                  keep: int = 2, on_error: Callable[[str], None] | None = None):
-        self.urls, self.job, self.root, self.token, self.keep = urls, job, Path(root), token, keep
-        self.root.mkdir(parents=True, exist_ok=True)
+        from ..checkpoint.objects import is_object_url
+
+        self.urls, self.job, self.token, self.keep = urls, job, token, keep
+        self.root = str(root) if is_object_url(str(root)) else Path(root)
+        if isinstance(self.root, Path):
+            self.root.mkdir(parents=True, exist_ok=True)
         self.on_error = on_error or (lambda message: None)
         self.done: list[Persisted] = []
         self.busy: str | None = None
@@ -96,7 +100,9 @@ class Persister:
     def _loop(self) -> None:
         import time
 
+        from ..locations import delete, exists, open_source
         from ..store import StoreCluster, pull
+        from ..training.checkpoints import step_dir
 
         while True:
             with self._cv:
@@ -106,13 +112,14 @@ class Persister:
                 version, step = self._pending
                 self._pending, self.busy = None, version
             t0 = time.perf_counter()
-            out = self.root / f"step-{step:06d}"
+            out = step_dir(self.root, step)
             try:
-                if out.exists():
-                    shutil.rmtree(out)
+                if exists(out):
+                    delete(out)
                 cluster = StoreCluster(list(self.urls()), self.token)
                 pull(cluster, self.job, str(out), version)
-                nbytes = sum(f.stat().st_size for f in out.iterdir())
+                with open_source(out) as copy:
+                    nbytes = sum(r.nbytes for r in copy.manifest.ranks)
                 record = Persisted(version, step, out, time.perf_counter() - t0, nbytes)
             except Exception as exc:  # noqa: BLE001 - reported; the stores still hold the version
                 self.on_error(f"persistent copy of {version} (step {step}) failed: {exc}")
@@ -121,7 +128,10 @@ class Persister:
                 if record is not None:
                     self.done.append(record)
                     for old in self.done[:-self.keep]:
-                        shutil.rmtree(old.path, ignore_errors=True)
+                        try:
+                            delete(old.path)
+                        except Exception as exc:  # noqa: BLE001 - reported; the copy stays
+                            self.on_error(f"removing the old copy {old.path} failed: {exc}")
                     self.done = self.done[-self.keep:]
                 self.busy = None
                 self._cv.notify_all()

@@ -172,8 +172,8 @@ class Runner:
             dry_run(self.policy, self.state.pool)
         from .persist import Persister
 
-        self.persister = Persister(self._alive_urls, self.job, self.dir / "checkpoints", self.machines.token,
-                                   on_error=lambda m: self.say(f"warning: {m}")) if self.persist_enabled else None
+        self.persister = Persister(self._alive_urls, self.job, self.spec.persist_to or self.dir / "checkpoints",
+                                   self.machines.token, on_error=lambda m: self.say(f"warning: {m}")) if self.persist_enabled else None
         if self.spec.resume:
             self._feed(self._resume_event(agents))
         else:  # a new job: what its stores hold under its name is from an earlier run

@@ -53,6 +53,8 @@ class RunSpec:
         commit_every: commit the state to the stores every N steps (0: only at changes);
             the last commit is where a failure without replicas restarts from.
         persist: copy every commit to ``out/checkpoints`` in the background.
+        persist_to: where the copies go instead (a directory or a URL such as
+            ``s3://BUCKET/run``; credentials from the backend's environment).
         link: agents started here: the simulated link between their stores (``"1gbit"``).
         resume: a coordinator started again: continue the job from its agents' stores.
         grow / max_devices: grow into agents that join during the run (up to that many devices).
@@ -88,6 +90,7 @@ class RunSpec:
     job: str = "job"
     commit_every: int = 10
     persist: bool = True
+    persist_to: str | None = None
     link: str | None = None
     device_memory: float = 80.0
     resume: bool = False

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..checkpoint import CheckpointWriter
 from ..errors import ChecksumError
 from ..planner.identity import identity_plan
 from ..storage.run import run_plan
@@ -24,9 +23,10 @@ __all__ = ["pull"]
 
 def pull(cluster: StoreCluster, job: str, out_dir: str, version: str | None = None,
          progress: Callable[[int], None] | None = None, workers: int = 2, attempts: int = 3) -> StoredVersion:
-    """Write a committed version (default: the latest) as a checkpoint directory.
+    """Write a committed version (default: the latest) as a checkpoint at ``out_dir`` (a
+    directory or a URL, :mod:`scalai.locations`).
 
-    The identity plan from the stores into a :class:`~scalai.checkpoint.CheckpointWriter`,
+    The identity plan from the stores into the location's sink (e.g. a :class:`~scalai.checkpoint.CheckpointWriter`),
     run by :func:`~scalai.storage.run_plan`: every tensor the checkpoint stores is read
     in ranged blocks from the store of the rank that holds it (``workers`` reads per
     store in flight), and its CRC-32, computed on the way, is checked against the one
@@ -53,7 +53,9 @@ def _pull(cluster: StoreCluster, job: str, src: StoredVersion, out_dir: str, pro
     m = src.manifest
     full = m.ptc.full  # the checkpoint's layout; the stores may hold a replica once per host
     source = _stored_sources(m)
-    with StoreReader(cluster, job, m.version) as reader, CheckpointWriter(out_dir, full, m.state) as writer:
+    from ..locations import create_sink
+
+    with StoreReader(cluster, job, m.version) as reader, create_sink(out_dir, full, m.state) as writer:
         plan = identity_plan(full, range(full.config.world_size), stored=writer.stores,
                              source_rank=lambda r, n: source[(r, n)], placement=m.placement)
         run_plan(plan, reader, writer, workers=workers * len(m.hosts), progress=progress)
