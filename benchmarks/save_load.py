@@ -106,48 +106,75 @@ def _rotated(methods: list, r: int) -> list:
     return methods[k:] + methods[:k]
 
 
+def _writer_reader(base: str):
+    """DCP's own storage for ``base``: its filesystem writer and reader, or for a URL its
+    fsspec ones (``FsspecWriter``/``FsspecReader``, the same thread count)."""
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+    if "://" in base:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+        # no fsync on an object store: an upload is durable once it completes
+        return (lambda path: FsspecWriter(path, sync_files=False, thread_count=THREADS)), FsspecReader
+    return (lambda path: FileSystemWriter(path, sync_files=True, thread_count=THREADS)), FileSystemReader
+
+
 def worker(args) -> None:
-    """One rank: build A, save both ways; rebuild as B, load every way, compare."""
+    """One rank: build A, save both ways (and in the background both ways); rebuild as B,
+    load every way, compare."""
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     from scalai.examples.gpt.options import TrainOptions
     from scalai.examples.gpt.train import build
-    from scalai.training import load, save
+    from scalai.training import close, load, save
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    async_group = dist.new_group(backend="gloo")  # DCP's async save runs its collectives on its own group
     rank = dist.get_rank()
     a, b = args.transition[0].split(":")
-    results = {"save": {"scalai": [], "dcp": []}, "load": {"scalai": [], "scalai_noverify": [], "dcp": []}}
+    base = args.base
+    writer_of, reader_of = _writer_reader(base)
+    results = {"save": {"scalai": [], "dcp": []},
+               "background": {"scalai": [], "dcp": [], "scalai_total": [], "dcp_total": []},
+               "load": {"scalai": [], "scalai_noverify": [], "dcp": []}}
     run_a = build(TrainOptions(layout=a, steps=1, model=args.model, data=args.data))
     _fill_optimizer(run_a.job)
     state_bytes = sum(s.nbytes for s in run_a.job.ptc.specs)
     written = 0
     for r in range(args.repeats):
-        saves = [("scalai", lambda: save(run_a.job, f"{args.work}/s{r}")),
-                 ("dcp", lambda: dcp.save(_dcp_state(run_a), storage_writer=FileSystemWriter(
-                     f"{args.work}/d{r}", sync_files=True, thread_count=THREADS)))]
+        saves = [("scalai", lambda: save(run_a.job, f"{base}/s{r}")),
+                 ("dcp", lambda: dcp.save(_dcp_state(run_a), storage_writer=writer_of(f"{base}/d{r}")))]
         for name, fn in _rotated(saves, r):
             results["save"][name].append(_timed(fn))
+        if args.background:
+            pending = []
+            bg = [("scalai", lambda: save(run_a.job, f"{base}/bs{r}", background=True), lambda: close(run_a.job)),
+                  ("dcp", lambda: pending.append(dcp.async_save(
+                      _dcp_state(run_a), storage_writer=writer_of(f"{base}/bd{r}"), process_group=async_group)),
+                   lambda: pending.pop().result())]
+            for name, start, done in _rotated(bg, r):
+                stall = _timed(start)   # what training waits for
+                rest = _timed(done)     # until the version is complete
+                results["background"][name].append(stall)
+                results["background"][f"{name}_total"].append(stall + rest)
     if rank == 0:
-        written = {k: sum(f.stat().st_size for f in Path(args.work, f"{k}0").rglob("*") if f.is_file())
-                   for k in ("s", "d")}
+        written = {k: _stored_bytes(f"{base}/{k}0") for k in ("s", "d")}
 
     run_b = build(TrainOptions(layout=b, steps=1, model=args.model, data=args.data))
     mismatches = 0
     for r in range(args.repeats):
         def dcp_load():
             state = _dcp_state(run_b)
-            dcp.load(state, storage_reader=FileSystemReader(f"{args.work}/d{r}"))
+            dcp.load(state, storage_reader=reader_of(f"{base}/d{r}"))
             set_state_dict(run_b.stage.module, run_b.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])
 
-        loads = [("scalai", lambda: load(run_b.job, f"{args.work}/s{r}")),  # verify=True: the default
-                 ("scalai_noverify", lambda: load(run_b.job, f"{args.work}/s{r}", verify=False)),
+        loads = [("scalai", lambda: load(run_b.job, f"{base}/s{r}")),  # verify=True: the default
+                 ("scalai_noverify", lambda: load(run_b.job, f"{base}/s{r}", verify=False)),
                  ("dcp", dcp_load)]
         loaded = {}
         for name, fn in _rotated(loads, r):
@@ -167,6 +194,32 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
+def _stored_bytes(location: str) -> int:
+    """Bytes of every file (or object) under ``location``."""
+    if "://" in location:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(location)
+        return int(fs.du(root))
+    return sum(f.stat().st_size for f in Path(location).rglob("*") if f.is_file())
+
+
+def _s3_server() -> tuple[subprocess.Popen, dict, str]:
+    """moto's S3 server on loopback (the tests' one, in its own process) and a bucket:
+    the process, the environment the workers get, the bucket."""
+    import boto3
+
+    script = Path(__file__).resolve().parent.parent / "tests" / "s3_server.py"
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    endpoint = f"http://127.0.0.1:{int(proc.stdout.readline())}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_REGION": "us-east-1"}
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                 aws_secret_access_key="bench").create_bucket(Bucket="scalai-bench")
+    return proc, env, "scalai-bench"
+
+
 def _row(label: str, samples: list[float], nbytes: int, base: float | None) -> list[str]:
     s = Stats.of(samples)
     ratio = f"{base / s.median:.2f}x" if base else ""
@@ -180,6 +233,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--format", default="rich", choices=["rich", "markdown", "plain"])
+    parser.add_argument("--storage", default="file", choices=["file", "s3"],
+                        help="file: a directory (--workdir); s3: moto's S3 server started here on loopback, "
+                             "both sides through fsspec (s3fs)")
+    parser.add_argument("--background", action="store_true",
+                        help="also save in the background: scalai save(background=True) + close, DCP async_save")
+    parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -200,6 +259,9 @@ def main() -> None:
     transitions = args.transition or list(DEFAULT_TRANSITIONS)
     state = cfg.num_params() * 4 * 3
     work, where = choose_workdir(4 * state * args.repeats * 2, 4 * state, args.workdir, "scalai-saveload")
+    server, s3_env, bucket = _s3_server() if args.storage == "s3" else (None, {}, None)
+    if server is not None:
+        where = f"moto's S3 server on loopback ({s3_env['AWS_ENDPOINT_URL']}, objects in its memory)"
     log(f"{args.model}: {cfg.num_params() / 1e6:.1f} M parameters, {state / 2**20:.0f} MiB of state; "
         f"files in {where}")
     rows, sections, notes = [], [], []
@@ -212,11 +274,13 @@ def main() -> None:
             os.makedirs(tdir)
             out = os.path.join(tdir, "result.json")
             log(f"{a} -> {b}: {a.world_size} processes, {args.repeats} repeats")
-            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **s3_env)
+            base = f"s3://{bucket}/t{len(sections)}" if bucket else tdir
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                             "--nproc-per-node", str(a.world_size), __file__, "--worker", "--model", args.model,
                             "--transition", transition, "--repeats", str(args.repeats), "--data", index,
-                            "--work", tdir, "--out", out], check=True, env=env)
+                            "--work", tdir, "--base", base, "--out", out] + (["--background"] if args.background
+                                                                            else []), check=True, env=env)
             res = json.loads(Path(out).read_text())
             if res["mismatches"]:
                 raise SystemExit(f"{transition}: {res['mismatches']} live tensors differ between the "
@@ -227,6 +291,14 @@ def main() -> None:
             dcp_save, dcp_load = Stats.of(save["dcp"]).median, Stats.of(load["dcp"]).median
             rows.append([f"save at {a}: scalai"] + _row("", save["scalai"], nbytes, dcp_save)[1:])
             rows.append([f"save at {a}: DCP"] + _row("", save["dcp"], nbytes, None)[1:])
+            if args.background:
+                bg = res["results"]["background"]
+                for kind, label in (("", "training waits"), ("_total", "until complete")):
+                    base_t = Stats.of(bg[f"dcp{kind}"]).median
+                    rows.append([f"background save at {a}, {label}: scalai"]
+                                + _row("", bg[f"scalai{kind}"], nbytes, base_t)[1:])
+                    rows.append([f"background save at {a}, {label}: DCP async_save"]
+                                + _row("", bg[f"dcp{kind}"], nbytes, None)[1:])
             rows.append([f"load at {b}: scalai (default: verify)"] + _row("", load["scalai"], nbytes, dcp_load)[1:])
             rows.append([f"load at {b}: scalai, verify=False (not the default)"] + _row("", load["scalai_noverify"], nbytes,
                                                                     dcp_load)[1:])
@@ -236,6 +308,9 @@ def main() -> None:
                          f"loads equal bit for bit")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if server is not None:
+            server.kill()
+            server.wait()
     print_table(f"Save and load of {args.model} ({state / 2**20:.0f} MiB of state), "
                 f"median of {args.repeats}", ["step", "seconds", "min–max", "GiB/s", "vs DCP"],
                 rows, sections, args.format)
@@ -244,11 +319,23 @@ def main() -> None:
     machine = machine_description()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}; torch "
           f"{machine.get('torch')}; files on {where}; load average (1 min) at start {load_before:.1f}, at end {os.getloadavg()[0]:.1f}")
-    print(f"scalai save: pwrite from the live tensors, CRC-32 on {THREADS} threads per rank, fsync; load "
-          f"(default): CRC-32 of every saved byte (split over the ranks), then region copies into the live "
-          f"tensors. DCP save: FileSystemWriter(sync_files=True, thread_count={THREADS}); load: dcp.load + "
-          f"set_state_dict, no checksums. Order of the methods rotated every round; live tensors overwritten "
-          f"with a sentinel before every load.")
+    if args.storage == "s3":
+        print(f"scalai save: each rank's file assembled in memory (CRC-32 on the way) and uploaded (s3fs, "
+              f"multipart past 50 MiB), rank 0 writes the manifest last; load (default): CRC-32 of every saved "
+              f"byte read back with ranged GETs, then ranged GETs of the plan's windows (16 threads per rank). "
+              f"DCP: FsspecWriter(sync_files=False, thread_count={THREADS}) over s3fs; load: FsspecReader, "
+              f"dcp.load + set_state_dict, no checksums.")
+    else:
+        print(f"scalai save: pwrite from the live tensors, CRC-32 on {THREADS} threads per rank, fsync; load "
+              f"(default): CRC-32 of every saved byte (split over the ranks), then region copies into the live "
+              f"tensors. DCP save: FileSystemWriter(sync_files=True, thread_count={THREADS}); load: dcp.load + "
+              f"set_state_dict, no checksums.")
+    if args.background:
+        print("background: scalai save(background=True) (a staging copy of each rank's tensors in host memory, "
+              "then a thread writes them) and close() (commit); DCP async_save (its own staging copy, a thread, "
+              "on a separate gloo group) and the future's result(). 'training waits' is the call until it "
+              "returns, 'until complete' adds the wait for the version.")
+    print("Order of the methods rotated every round; live tensors overwritten with a sentinel before every load.")
 
 
 if __name__ == "__main__":
