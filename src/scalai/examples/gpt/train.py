@@ -122,7 +122,7 @@ def _save(job: Any, opts: TrainOptions, background: bool = False) -> int:
     (the periodic saves of ``--save-every``: committed by the next save or at the end)."""
     target = step_dir(opts.save, job.step)
     report = save(job, target, background=background)
-    how = "staging for a background write took" if background else "in"
+    how = "training waited" if background else "in"
     _say(f"saved step {job.step} to {target} ({report.total_bytes / 2**20:.2f} MiB from "
          f"{job.config.world_size} ranks; {how} {report.seconds['total']:.2f} s)")
     return job.step
