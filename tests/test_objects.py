@@ -33,7 +33,9 @@ def memfs():
     fs = MemoryFileSystem()
     prefix = f"memory://scalai-test-objects/{next(_ids)}"
     yield fs, prefix
-    fs.rm(prefix.split("://")[1], recursive=True) if fs.exists(prefix.split("://")[1]) else None
+    root = prefix.split("://")[1]
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
 
 
 def _save(fs, url, ptc, arrays, state=None):
