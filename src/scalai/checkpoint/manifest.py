@@ -91,6 +91,12 @@ class RankRecord:
     nbytes: int
     tensors: dict[str, TensorRecord]
 
+    def holds(self, entries) -> bool:
+        """Whether a rank file's header ``entries`` (name -> entry with ``dtype`` and
+        ``shape``) are exactly the tensors this record says the file stores."""
+        return sorted((n, e.dtype, tuple(e.shape)) for n, e in entries.items()) == sorted(
+            (n, t.dtype, t.shape) for n, t in self.tensors.items() if t.stored_in is None)
+
 
 @dataclass(frozen=True)
 class Manifest:

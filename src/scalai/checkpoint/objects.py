@@ -256,9 +256,7 @@ class ObjectSource(RangeSource):
         _, entries = parse_header(raw, n, record.nbytes, bad)
         with self._counter:
             self.header_bytes += max(len(head), 8 + n)
-        stored = sorted((k, e.dtype, e.shape) for k, e in entries.items())
-        expected = sorted((k, t.dtype, t.shape) for k, t in record.tensors.items() if t.stored_in is None)
-        if stored != expected:
+        if not record.holds(entries):
             raise CheckpointError(f"{where} holds other tensors than the manifest lists; the object was "
                                   f"replaced: use an earlier checkpoint")
         with self._lock:

@@ -99,9 +99,7 @@ class Checkpoint(FileSource):
             raise ValueError(f"rank {rank} is outside layout {self.ptc.config}")
         record = self.manifest.ranks[rank]
         reader = SafetensorsReader(os.path.join(self.directory, record.file))
-        stored = [(n, e.dtype, e.shape) for n, e in reader.entries.items()]
-        expected = [(n, t.dtype, t.shape) for n, t in record.tensors.items() if t.stored_in is None]
-        if sorted(stored) != sorted(expected):
+        if not record.holds(reader.entries):
             reader.close()
             raise CheckpointError(f"{reader.path} holds other tensors than the manifest lists; "
                                   f"the file was replaced: use an earlier checkpoint")
