@@ -35,6 +35,7 @@ import numpy as np
 from ..checkpoint.manifest import Manifest
 from ..layout.ptc import PTC
 from ..storage.arrays import as_raw
+from .report import SaveReport
 from .collective import CollectiveError, agree
 from .job import JobState
 from .nontensor import capture, rank_snapshot
@@ -84,7 +85,6 @@ def start(job: JobState, writer: Any, created_by: str, on_busy: str = "wait"):
     """Stage this rank's tensors, agree on the state, and start writing in the background
     (see the module docstring). Collective. Returns a :class:`~scalai.training.SaveReport`
     with ``background=True`` (``skipped=True`` when skipped)."""
-    from .save import SaveReport
 
     if on_busy not in ON_BUSY:
         raise ValueError(f"on_busy={on_busy!r}; use one of {', '.join(ON_BUSY)}")

@@ -18,7 +18,6 @@ removed the staging version; a reader never sees a partial save.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -27,33 +26,10 @@ from ..checkpoint.manifest import Manifest
 from .collective import CollectiveError, agree
 from .job import JobState
 from .nontensor import capture, rank_snapshot
+from .report import SaveReport
 from .storage import as_writer
 
 __all__ = ["save", "SaveReport"]
-
-
-@dataclass(frozen=True)
-class SaveReport:
-    """What :func:`save` did, as seen from one rank.
-
-    Attributes:
-        step: the step saved.
-        rank_bytes: bytes of tensor data this rank wrote (a replica is written by one of
-            its holders: once in a checkpoint directory, once per host in stores).
-        total_bytes: bytes of tensor data all ranks wrote.
-        seconds: wall time per phase (``begin``, ``write``, ``commit``; in the background:
-            ``begin``, ``stage``) and ``total``.
-        background: written in the background (the bytes are those staged; the version
-            is committed by the next collective call, see :mod:`scalai.training.background`).
-        skipped: a background save skipped because the previous one was still writing.
-    """
-
-    step: int
-    rank_bytes: int
-    total_bytes: int
-    seconds: dict[str, float] = field(default_factory=dict)
-    background: bool = False
-    skipped: bool = False
 
 
 def _created_by() -> str:
