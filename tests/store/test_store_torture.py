@@ -128,14 +128,14 @@ def test_torture_concurrent_writers_killed_at_random(stores, tiny_ckpt, tmp_path
         keep = ["--keep-old"] if rng.random() < 0.5 else []  # old versions for the pulls to read
         return [SCALAI, "store", "reshard", "--job", "gpt", "--to", layout, "-g", str(g), "--stores", urls, *keep]
 
-    def pull(role):
+    def pull_cli(role):
         return lambda n: [SCALAI, "store", "pull", str(pulls / f"{role}-{n}"), "--job", "gpt", "--stores", urls]
 
     storms = [Storm("push", push, deadline, random.Random(1), 0.4, env),
               Storm("reshard-a", reshard_argv, deadline, random.Random(2), 0.4, env),
               Storm("reshard-b", reshard_argv, deadline, random.Random(3), 0.4, env),
-              Storm("pull-a", pull("a"), deadline, random.Random(4), 0.3, env),
-              Storm("pull-b", pull("b"), deadline, random.Random(5), 0.3, env)]
+              Storm("pull-a", pull_cli("a"), deadline, random.Random(4), 0.3, env),
+              Storm("pull-b", pull_cli("b"), deadline, random.Random(5), 0.3, env)]
     subprocess.run([SCALAI, "store", "push", str(tiny_ckpt), "--job", "gpt", "--stores", urls, "-g", "4"],
                    check=True, capture_output=True, env=env)  # something to reshard and pull from the start
     for s in storms:
