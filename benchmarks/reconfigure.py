@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="both sides persist every K steps (scalai: commit + disk copy; DCP: async_save); 0: never")
     p.add_argument("--dcp-threads", type=int, default=1, help="FileSystemWriter thread_count of the baseline")
     p.add_argument("--dcp-change-fsync", action="store_true", help="the baseline fsyncs its checkpoint of the change")
+    p.add_argument("--scalai-standby", type=int, default=None,
+                   help="started workers each of scalai's agents keeps (scalai run --standby; default: its own, one "
+                        "per free device; 0: none, as torchrun keeps none)")
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -168,7 +171,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the runs and remove the scratch directory
     settings = Settings(args.model, str(ensure_index(cfg.seq_len).path), args.at_step, args.commit_every,
                         args.global_batch, args.micro_batch, args.lr, args.seed, dcp_threads=args.dcp_threads,
-                        dcp_change_fsync=args.dcp_change_fsync)
+                        dcp_change_fsync=args.dcp_change_fsync, scalai_standby=args.scalai_standby)
     state = cfg.num_params() * 4 * 3
     work, where = choose_workdir(0, 0, args.workdir or "/tmp", "scalai-reconfigure")
     log(f"{args.model}: {cfg.num_params() / 1e6:.1f} M parameters, {state / 2**20:.0f} MiB of state; change after "

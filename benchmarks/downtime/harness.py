@@ -105,6 +105,7 @@ class Settings:
     gpus_per_host: int = 2
     dcp_threads: int = 1
     dcp_change_fsync: bool = False
+    scalai_standby: int | None = None
     timeout: float = 1200.0
 
     def steps(self, scenario: Scenario) -> int:

@@ -41,6 +41,8 @@ def run(settings: Settings, case: Case, scenario: Scenario, work: Path) -> Outco
 
 def _command(settings: Settings, case: Case, scenario: Scenario, out: Path, *extra: str) -> list[str]:
     ahead = [] if scenario.launch in ("ahead", "at_request") else ["--no-start-ahead"]
+    if settings.scalai_standby is not None:
+        ahead += ["--standby", str(settings.scalai_standby)]
     return [sys.executable, "-c", "import sys; from scalai.cli.main import main; sys.exit(main())", "run",
             "--layout", case.old, "--steps", str(settings.steps(scenario)), "--hosts", str(settings.hosts),
             "--gpus-per-host", str(settings.gpus_per_host), "--commit-every", str(settings.commit_every),
@@ -155,9 +157,14 @@ def tricks(settings: Settings, scenario: Scenario) -> list[str]:
                       "device)",
              "at_request": "at the request, while the old workers finish their step and save",
              "after_save": "once the old workers have saved (--no-start-ahead)"}[scenario.launch]
+    standby = ("each agent keeps one started worker per free device (Python, torch and the trainer imported, "
+               "waiting for an assignment): a launch takes one instead of starting a process"
+               if settings.scalai_standby is None else
+               f"standby workers per agent: {settings.scalai_standby} (scalai run --standby)")
     return [
-        f"new processes: one torchrun agent per simulated host the layout uses (c10d rendezvous on the runner) "
-        f"start {start}; their workers build the model once the old workers have exited",
+        f"new processes: each simulated host's scalai agent starts its ranks' workers (torchrun's environment, "
+        f"c10d rendezvous on the coordinator) {start}; they build the model once the old workers have exited",
+        standby,
         (f"persisted: every {k} steps a commit: every rank uploads its shards over loopback into its host's "
          "store (memory; the step waits for it), copied to disk (OUT/checkpoints, fsynced, atomic) by a "
          "background thread of the runner" if k else "persisted: nothing before the change (--commit-every 0)")
