@@ -1,4 +1,4 @@
-"""Real store processes for the tests: started as a user would (``python -m scalai.store
+"""Real store processes for the tests: started as a user would (``python -m scalai.cli store
 serve``), on loopback, each with its own root; killed and restarted at will."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class StoreProc:
     def start(self, timeout: float = 30.0) -> StoreProc:
         url_file = self.root.parent / f"{self.name}.url"
         url_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "scalai.store", "serve", "--root", str(self.root), "--name", self.name,
+        cmd = [sys.executable, "-m", "scalai.cli", "store", "serve", "--root", str(self.root), "--name", self.name,
                "--port", str(self.port), "--url-file", str(url_file), *self.extra]
         env = {**os.environ, "SCALAI_STORE_LOG": self.log_level}
         env.pop("SCALAI_TOKEN", None)

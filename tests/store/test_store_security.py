@@ -172,7 +172,7 @@ def test_errors_are_json_never_tracebacks(shared):
 
 
 def test_refuses_to_listen_off_loopback_without_token(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "scalai.store", "serve", "--root", str(tmp_path / "r"),
+    out = subprocess.run([sys.executable, "-m", "scalai.cli", "store", "serve", "--root", str(tmp_path / "r"),
                           "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, timeout=60,
                          env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 2

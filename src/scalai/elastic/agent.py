@@ -150,7 +150,7 @@ class Agent:
             fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(self.token)
-        cmd = [sys.executable, "-m", "scalai.store", "serve", "--root", str(self.store_root), "--name", self.name,
+        cmd = [sys.executable, "-m", "scalai.cli", "store", "serve", "--root", str(self.store_root), "--name", self.name,
                "--host", self.address, "--port", "0", "--url-file", str(url_file)]
         cmd += ["--token-file", str(token_file)] if self.token else []
         cmd += ["--link", self.link] if self.link else []

@@ -37,7 +37,8 @@ class MegatronTree:
 
 def find_tree(path: str | os.PathLike) -> MegatronTree:
     """The checkpoint under ``path``: a Megatron save root (its latest iteration), an
-    ``iter_XXXXXXX`` or ``release`` directory, or any directory holding ``mp_rank_*``.
+    iteration directory (``iter_`` and seven digits, e.g. ``iter_0000100``) or ``release``, or any
+    directory holding ``mp_rank_*``.
 
     Raises:
         ValueError: no tree there, or one whose ranks are incomplete (the message says which).

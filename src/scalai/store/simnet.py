@@ -161,7 +161,7 @@ class SimulatedHosts:
         url_file = os.path.join(self.root, f"{self.hosts[i]}.url")
         if os.path.exists(url_file):
             os.unlink(url_file)
-        cmd = [sys.executable, "-m", "scalai.store", "serve", "--root", host_root, "--name", self.hosts[i],
+        cmd = [sys.executable, "-m", "scalai.cli", "store", "serve", "--root", host_root, "--name", self.hosts[i],
                "--host", self._address(i), "--port", str(PORT if self.mode == "netns" else 0),
                "--token-file", self._token_file, "--url-file", url_file]
         if self.mode == "transport" and self.link:
