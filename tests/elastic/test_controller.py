@@ -148,6 +148,24 @@ def test_without_replicas_the_job_restarts_from_the_last_commit_and_counts_the_s
     assert "recovered from checkpoint: store version v1 (step 3); 2 steps lost" in said(actions)
 
 
+def test_a_step_of_the_old_workers_reported_after_the_decision_counts_as_lost():
+    """A row of the old generation that arrives after the change was decided (relayed late)
+    ran, and runs again in the new generation: the change counts it among the steps lost."""
+    sim = Sim([{"step": 5, "fail": 1}], steps=8, layout="tp=2,pp=1,dp=1")
+    sim.start()
+    sim.ready(0)
+    sim.steps(0, 1, 3)
+    sim.report(0, 0, commits=[{"version": "v1", "step": 3, "time": sim.now}])
+    sim.steps(0, 4, 5)
+    sim.exit(0, [1], code=-9)
+    sim.dump(0, [0], 5)
+    transform, = only(sim.announce(1), "Transform")
+    sim.steps(0, 6, 6)  # the old generation's step 6, relayed after the decision
+    sim.transformed(transform, "v2")
+    record, = only(sim.steps(1, 4, 4), "Record")
+    assert record.change.steps_lost == 3
+
+
 def test_a_dropped_version_reported_again_stays_dropped_and_the_newest_commit_is_kept():
     """Rank 0's reports carry every commit it made: one that arrives after a version was
     dropped (and forgotten) must not bring it back as the newest, nor drop the real newest."""

@@ -213,6 +213,12 @@ def _step_done(p: Policy, s: JobState, e: StepDone, out: list) -> None:
     if g is None:
         return
     s.last_logged = max(s.last_logged, e.step)
+    c = s.change
+    if c is not None and e.generation != c.new and e.step > (c.last_logged or 0):
+        # a step the old workers finished after the change was decided (a row relayed late,
+        # e.g. one run while no coordinator was up): it runs again, so it is lost too
+        c.last_logged = e.step
+        c.steps_lost = max(0, e.step - c.at_step)
     s.row_times[e.step] = e.time
     for old in [k for k in s.row_times if k < e.step - _KEEP_ROWS]:
         del s.row_times[old]
