@@ -69,8 +69,13 @@ class Sim:
     def world(self, g: int) -> int:
         return self.state.gens[g].world
 
-    def steps(self, g: int, first: int, last: int) -> list:
+    def steps(self, g: int, first: int, last: int, loaded: bool = True) -> list:
+        """Rows of steps ``first``..``last`` from ``g``; before them its ranks' reports say
+        they loaded (what workers do), unless ``loaded`` is False (the reports come late)."""
         out = []
+        if loaded:
+            out += self.marks(g, "load_end", ranks=[r for r in range(self.world(g))
+                                                    if "load_end" not in self.state.gens[g].times(r)])
         for step in range(first, last + 1):
             out += self.feed(StepDone, g, step, self.now)
         return out

@@ -71,6 +71,40 @@ def test_a_scheduled_change_runs_stop_save_transform_go_and_records_its_phases(e
     assert kinds(actions)[:2] == ["HoldPersist", "Record"] and sim.state.change is None
 
 
+def _at_first_new_step():
+    """A scheduled dp 2 -> 4 change up to the go; the new ranks' load marks arrive (or
+    not) only after rank 0's first row."""
+    sim = Sim([{"step": 2, "devices": 4}], steps=6)
+    sim.start()
+    sim.ready(0)
+    sim.steps(0, 1, 2)
+    transform, = only(sim.save(0, 2, "v1"), "Transform")  # dp only: no description awaited
+    sim.exit(0)
+    sim.transformed(transform, "v2")
+    sim.marks(1, "ready", "load_start")
+    return sim
+
+
+def test_a_change_is_recorded_when_every_new_rank_said_it_loaded_not_at_the_first_row():
+    """Rank 0's row and the other machines' reports travel separately (CI saw a change
+    recorded without its load phase): the first row alone does not end the change."""
+    sim = _at_first_new_step()
+    assert not only(sim.steps(1, 3, 3, loaded=False), "Record") and sim.state.change is not None
+    assert not only(sim.marks(1, "load_end", ranks=range(sim.world(1) - 1)), "Record")  # one rank still to say
+    record, = only(sim.marks(1, "load_end", ranks=[sim.world(1) - 1]), "Record")
+    assert {"load", "first_step"} <= set(record.change.phases) and sim.state.change is None
+
+
+def test_a_change_whose_load_marks_never_come_is_recorded_after_the_grace_without_them():
+    from scalai.elastic.changes import REPORTS_GRACE_S
+
+    sim = _at_first_new_step()
+    sim.steps(1, 3, 3, loaded=False)
+    assert not only(sim.tick(REPORTS_GRACE_S / 2), "Record")
+    record, = only(sim.tick(REPORTS_GRACE_S), "Record")
+    assert "load" not in record.change.phases and record.change.downtime > 0 and sim.state.change is None
+
+
 def test_a_scale_request_stops_the_job_at_once_and_starts_the_new_workers_ahead():
     sim = Sim(steps=10)
     sim.start()

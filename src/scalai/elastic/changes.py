@@ -11,7 +11,9 @@ rendezvous, building the model) overlaps the transformation of the state:
    wait timed out: the source's split rules at the new degrees), transform the state in
    the stores into it (``transform``);
 4. ``go``: the workers load the new version; ``load``: the first step in the new layout
-   ends the change, which is recorded with its phases.
+   ends the change, which is recorded with its phases once every new rank's report says
+   when it loaded (rank 0's row and another machine's report travel separately; after
+   :data:`REPORTS_GRACE_S` it is recorded with what arrived).
 
 A planned change transforms the version the workers saved when they stopped. A recovery
 transforms the survivors' dump when data-parallel replicas hold every byte of the dead
@@ -33,7 +35,11 @@ from .messages import (Drop, Fail, Fence, Finish, HoldPersist, Kill, Launch, Per
 from .recovery import consistent_dumps, merged_state, replicas_cover
 from .timeline import Reconfiguration
 
-__all__ = ["launch", "next_stop", "record_commit", "retain", "after_failure", "begin_planned", "begin_recovery",
+#: How long after the new layout's first step a change waits for the new ranks' load
+#: marks before it is recorded without them (seconds).
+REPORTS_GRACE_S = 10.0
+
+__all__ = ["REPORTS_GRACE_S", "launch", "next_stop", "record_commit", "retain", "after_failure", "begin_planned", "begin_recovery",
            "begin_restart", "advance_change", "finish_run", "prelaunch", "drop_successor", "due"]
 
 
@@ -361,8 +367,10 @@ def advance_change(p: Policy, s: JobState, now: float, out: list) -> None:
             record_commit(p, s, c.source, c.at_step, hosts, out)
         if c.version is not None:
             record_commit(p, s, c.version, c.at_step, c.alloc.hosts, out)
-    if c.phase == "load" and (new.first_step is not None or new.saved is not None):
-        _complete(p, s, c, new, out)  # (saved without a step: it had none to take)
+    if c.phase == "load" and (new.saved is not None  # (saved without a step: it had none to take)
+                              or new.first_step is not None and (len(new.marked("load_end")) == new.world
+                                                                 or now > new.first_step + REPORTS_GRACE_S)):
+        _complete(p, s, c, new, out)
 
 
 def _recover_from(p: Policy, s: JobState, c: Change, target, now: float, out: list) -> None:

@@ -14,7 +14,9 @@ hands back is carried out here, in order:
 - ``Drop`` / ``Fence`` / ``HoldDump``: store calls on a thread (a fence makes the stores
   refuse the writers of older generations; a held dump's lease is renewed until it is
   committed or dropped); ``Persist`` / ``HoldPersist``: the persistent copy (:mod:`.persist`);
-- ``Record`` / ``Say`` / ``Finish`` / ``Fail``: the timeline, the progress output, the end.
+- ``Record`` / ``Say`` / ``Finish`` / ``Fail``: the timeline (``timeline.json`` rewritten at
+  each change, so a coordinator that is killed leaves the changes it saw), the progress
+  output, the end.
 
 Time passes as ``Tick`` events (10 per second); agents unheard of for the detection time
 become ``AgentDead`` events. The run directory holds only what the coordinator received:
@@ -413,7 +415,10 @@ class Runner:
             if self.persister is not None:
                 self.persister.hold(a.held)
         elif isinstance(a, Record):
+            from .timeline import write_timeline
+
             self.changes.append(a.change)
+            write_timeline(self.dir / "timeline.json", self.changes)
         elif isinstance(a, Say):
             self.say(a.text)
         elif isinstance(a, Finish):
