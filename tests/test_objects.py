@@ -84,7 +84,9 @@ def test_round_trip_through_objects_across_layouts(memfs, model, a, b):
         with ObjectSink(f"{prefix}/b", new, source.state, fs=fs) as sink:
             run_plan(sink_plan, source, sink, workers=2)
             sink.commit()
-        assert source.fetched - before == _needed_bytes(new), "each needed byte read once"
+        # no byte beyond what the plan needs (windows of one read_many call that overlap
+        # are fetched once)
+        assert source.fetched - before <= _needed_bytes(new), "each needed byte read at most once"
     with ObjectSource(f"{prefix}/b", fs=fs) as b_src:
         verify_source(b_src)
         back = make_plan(Deployment(new, Placement(64)), Deployment(old.stored_replicas(), Placement(64)))

@@ -151,6 +151,35 @@ def test_every_source_kind_into_every_sink_kind(model, a, b, source_kind, sink_k
         assert 1 <= source.most <= AsyncRanged.concurrency
 
 
+class Batched(Ranged):
+    """A ranged source that records every read_many call: (rank, [(tensor, bytes)])."""
+
+    def __init__(self, ptc, arrays):
+        super().__init__(ptc, arrays)
+        self.calls = []
+
+    def read_many(self, rank, reads):
+        self.calls.append((rank, [(tensor, out.nbytes) for tensor, _, out in reads]))
+        super().read_many(rank, reads)
+
+
+def test_small_blocks_of_one_rank_are_read_together_up_to_a_block():
+    """A medium where a request costs more than its bytes gets the small blocks of one source
+    rank in one call (at most ``block_bytes``), and what lands is still every window."""
+    old, new = model_ptc("llama-tiny", "tp=2,pp=1,dp=1"), model_ptc("llama-tiny", "tp=1,pp=1,dp=1")
+    glob = global_raw(old, seed=4)
+    source = Batched(old, local_raw(old, glob, pad=GARBAGE))
+    sink = BytesSink(new)
+    plan = _plan(old, new)
+    run_plan(plan, source, sink, workers=2)
+    _expect_equal(sink.array_of, local_raw(new, glob, pad=0))
+    small = [(r, n) for r, reads in source.calls for n in reads if n[1] * 4 <= Ranged.block_bytes]
+    assert small and all(sum(b for _, b in reads) <= Ranged.block_bytes for _, reads in source.calls)
+    assert any(len(reads) > 1 for _, reads in source.calls), "small blocks share calls"
+    copies = sum(1 for c in plan.copies if c.dst.volume)
+    assert len(source.calls) < copies, "fewer calls than windows"
+
+
 def test_host_fan_out_needs_a_sink_that_can_be_read_back():
     old, new = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1"), model_ptc("gpt-tiny", "tp=1,pp=1,dp=4")
     plan = _plan(old, new, hosts=2)

@@ -8,8 +8,11 @@ holds, so a copy either way is a plain object copy).
 
 - :class:`ObjectSource` reads the manifest and, per rank file on first use, its safetensors
   header (one ranged GET); every window a plan reads is then ranged GETs of exactly its
-  byte runs (runs closer than ``max_gap_bytes`` share one request), issued by the runner's
-  ``concurrency`` worker threads at once.
+  byte runs, issued by the runner's ``concurrency`` worker threads at once. The runner
+  hands small windows of one rank together (:meth:`~scalai.storage.RangeSource.read_many`,
+  up to ``block_bytes``): their runs that touch, or lie closer than ``max_gap_bytes``, share
+  one request (the bytes between are read and dropped), so a rank file of many small
+  tensors costs a few GETs, not one per tensor.
 - :class:`ObjectSink` assembles each rank file in host memory (zero-filled: padding nobody
   writes is zeros) and uploads it as soon as its last tensor is complete, several files at
   once (``upload_workers``; the backend splits a large file into a multipart upload). The
@@ -264,33 +267,65 @@ class ObjectSource(RangeSource):
         return entries
 
     def read_into(self, rank: int, tensor: str, window: Window, out: np.ndarray) -> None:
-        owner = self.stored_in(rank, tensor)
-        entry = self.entries(owner)[tensor]
-        runs = flat_runs(entry.shape, window.region)
-        if window.view is not None:  # a box of a flat (ZeRO) range seen as ``view``: its runs only
-            (base, _), = runs
-            runs = [(base + a, base + b) for a, b in flat_runs(window.view, window.sub)]
-        size = out.dtype.itemsize
-        flat = out.reshape(-1).view(np.uint8)
-        pos = 0
-        for (first, group), stop in self._spans(runs, size):
-            lo = first * size
-            data = self._get(owner, entry.start + lo, entry.start + stop * size)
-            for a, b in group:
-                n = (b - a) * size
-                flat[pos:pos + n] = np.frombuffer(data, np.uint8, n, a * size - lo)
-                pos += n
+        self.read_many(rank, [(tensor, window, out)])
 
-    def _spans(self, runs: list[tuple[int, int]], itemsize: int):
-        """Element runs grouped into requests: ``((first element, runs), stop element)`` each."""
-        group: list[tuple[int, int]] = []
-        for a, b in runs:
-            if group and (a - group[-1][1]) * itemsize > self.max_gap_bytes:
-                yield (group[0][0], group), group[-1][1]
+    def read_many(self, rank: int, reads) -> None:
+        """Every window's byte runs, in file order, fetched in as few ranged GETs as
+        ``max_gap_bytes`` allows (runs of one file closer than that share one request;
+        the requests of one call are issued at once), then copied into their outputs."""
+        pieces: dict[int, list[tuple[int, int, np.ndarray, int]]] = {}  # owner -> (start, stop, out, at)
+        for tensor, window, out in reads:
+            owner = self.stored_in(rank, tensor)
+            entry = self.entries(owner)[tensor]
+            runs = flat_runs(entry.shape, window.region)
+            if window.view is not None:  # a box of a flat (ZeRO) range seen as ``view``: its runs only
+                (base, _), = runs
+                runs = [(base + a, base + b) for a, b in flat_runs(window.view, window.sub)]
+            size, flat, at = out.dtype.itemsize, out.reshape(-1).view(np.uint8), 0
+            for a, b in runs:
+                pieces.setdefault(owner, []).append((entry.start + a * size, entry.start + b * size, flat, at))
+                at += (b - a) * size
+        spans = [(owner, span) for owner, found in pieces.items() for span in self._spans(sorted(
+            found, key=lambda p: p[0]))]
+        datas = self._get_many([(owner, span[0][0], max(p[1] for p in span)) for owner, span in spans])
+        for (_, span), data in zip(spans, datas):
+            lo = span[0][0]
+            for start, stop, flat, at in span:
+                flat[at:at + stop - start] = np.frombuffer(data, np.uint8, stop - start, start - lo)
+
+    def _spans(self, pieces: list[tuple[int, int, np.ndarray, int]]):
+        """Byte pieces (sorted by start) grouped into requests: runs of pieces whose gaps
+        are at most ``max_gap_bytes``."""
+        group: list = []
+        stop = 0
+        for p in pieces:
+            if group and p[0] - stop > self.max_gap_bytes:
+                yield group
                 group = []
-            group.append((a, b))
+            stop = max(stop, p[1]) if group else p[1]
+            group.append(p)
         if group:
-            yield (group[0][0], group), group[-1][1]
+            yield group
+
+    def _get_many(self, ranges: list[tuple[int, int, int]]) -> list[bytes]:
+        """``(rank, start, stop)`` byte ranges of rank files: one GET each, issued at once
+        where the backend can (``cat_ranges``)."""
+        if len(ranges) == 1:
+            return [self._get(*ranges[0])]
+        paths = [self._path(rank) for rank, _, _ in ranges]
+        with _io(f"cannot read {self.where(ranges[0][0])}"):
+            datas = self.fs.cat_ranges(paths, [a for _, a, _ in ranges], [b for _, _, b in ranges])
+        for (rank, start, stop), data in zip(ranges, datas):
+            if isinstance(data, BaseException):
+                with _io(f"cannot read {self.where(rank)}"):
+                    raise data
+            if len(data) != stop - start:
+                raise CheckpointError(f"{self.where(rank)} is shorter than its manifest says (bytes {start}-"
+                                      f"{stop} gave {len(data)}); the checkpoint is damaged: use an earlier one")
+        with self._counter:
+            self.fetched += sum(len(d) for d in datas)
+            self.requests += len(datas)
+        return datas
 
 
 class ObjectSink(TensorSink):

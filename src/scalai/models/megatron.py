@@ -83,12 +83,22 @@ class _Layer(nn.Module):
         return x + self.mlp(self.pre_mlp_layernorm(x))
 
 
+def _embedding(rows: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding`` initialized as torch does, except on the meta device, where it is
+    not initialized at all (``normal_`` on meta imports the compiler stack: 1-2 s of start-up
+    for every command that only needs the model's shapes)."""
+    weight = torch.empty(rows, dim)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding(rows, dim, _weight=weight)
+
+
 class _Embedding(nn.Module):
     def __init__(self, shape: ModelShape):
         super().__init__()
-        self.word_embeddings = nn.Embedding(shape.vocab_size, shape.hidden)
+        self.word_embeddings = _embedding(shape.vocab_size, shape.hidden)
         if shape.family == "gpt":
-            self.position_embeddings = nn.Embedding(shape.max_seq_len, shape.hidden)
+            self.position_embeddings = _embedding(shape.max_seq_len, shape.hidden)
 
 
 class _Decoder(nn.Module):

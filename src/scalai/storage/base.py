@@ -151,6 +151,14 @@ class RangeSource(TensorSource):
         """Copy the elements ``window`` selects from ``rank``'s ``tensor`` into ``out``
         (a C-contiguous raw array of shape ``window.shape``)."""
 
+    def read_many(self, rank: int, reads: Sequence[tuple[str, Window, np.ndarray]]) -> None:
+        """:meth:`read_into` for several ``(tensor, window, out)`` of ``rank`` at once: the
+        runner's small blocks of one rank, in the rank's tensor order, at most
+        ``block_bytes`` in all. Default: one call each; a medium where a request costs more
+        than its bytes (an object store) fetches neighbouring windows together."""
+        for tensor, window, out in reads:
+            self.read_into(rank, tensor, window, out)
+
 
 class AsyncRangeSource(TensorSource):
     """A :class:`RangeSource` whose reads are coroutines, awaited on the runner's event loop."""

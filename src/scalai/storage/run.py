@@ -12,7 +12,8 @@ How:
 2. Copies are grouped into tasks (:mod:`scalai.storage.tasks`): one per destination tensor
    for copies from addressable sources (its copies are written together: streamed,
    assembled or copied in place, see :mod:`scalai.storage.filler`), one per block of at
-   most ``block_bytes`` for copies from ranged sources. Tasks run on a thread pool,
+   most ``block_bytes`` for copies from ranged sources (small blocks of one source rank
+   packed into one ``read_many`` call up to that size). Tasks run on a thread pool,
    largest first (so the last ones to finish are small ones), ``from_new`` copies (a host
    fan-out) after all others.
 3. The rule for bytes that move unchanged lives here (``_whole_source_crc``): a copy of a
@@ -194,6 +195,9 @@ class _Run:
         if task.kind == "staged":
             self._staged(task)  # calls done() itself
             return
+        if task.kind == "batch":
+            self._batch(task)  # calls done() itself, per member
+            return
         if task.kind == "block":
             self._ranged(task)
         else:
@@ -281,6 +285,29 @@ class _Run:
         buf = filler.buffer(task.nbytes, dest.dtype, dst_w.shape)
         self._read(task.part, task.copies[0], src_w, buf)
         self._store_block(task, dst_w, buf)
+
+    def _batch(self, task: Task) -> None:
+        """Small blocks of one source rank: read with one ``read_many`` call (into the
+        sink's memory where :meth:`_direct` allows, else fresh buffers: at most
+        ``block_bytes`` in all), then stored one by one."""
+        reads, landed = [], []
+        for m in task.members:
+            src_w, dst_w = m.block
+            buf = self._direct(m, dst_w)
+            landed.append(buf is not None)
+            if buf is None:
+                buf = np.empty(dst_w.shape, self.dests[(m.rank, m.tensor)].dtype)
+            reads.append((m.tensor, src_w, buf))
+        filler = self.filler()
+        t0 = time.perf_counter()
+        task.part.read_many(task.copies[0].src_rank, reads)
+        filler.clock.read += time.perf_counter() - t0
+        for m, (_, _, buf), direct in zip(task.members, reads, landed):
+            if direct:
+                filler.progress(buf.nbytes)
+            else:
+                self._store_block(m, m.block[1], buf)
+            self.done((m.rank, m.tensor))
 
     def _direct(self, task: Task, dst_w: Window) -> np.ndarray | None:
         """The sink's own memory for a block, when a ranged read can land there directly

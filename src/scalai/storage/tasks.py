@@ -8,6 +8,10 @@ tensor how its copies run from what the source's parts and the sink declare:
   for a host fan-out's ``from_new`` copies) in one task, so that they can be streamed,
   assembled by rows or copied in place together;
 - ``block``: one block of at most ``block_bytes`` of one copy from a ranged source;
+- ``batch``: small blocks (at most :data:`SMALL_FRACTION` of ``block_bytes``) read from one
+  rank of a blocking ranged source, packed in the source's tensor order up to
+  ``block_bytes``: one :meth:`~scalai.storage.RangeSource.read_many` call, so that a medium
+  where a request costs more than its bytes (an object store) fetches neighbours together;
 - ``staged``: a whole tensor assembled in a buffer, for a sink without arrays whose windows
   cannot be written as contiguous runs.
 
@@ -18,7 +22,7 @@ largest first, blocks of equal size taking every source host's turn in turn.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 
 import numpy as np
@@ -31,7 +35,11 @@ from . import blocks as _blocks
 from .base import ArraySink, ArraySource, AsyncRangeSource, RangeSource, TensorSink, TensorSource
 from .blocks import split_window, window_span
 
-__all__ = ["check_plan", "uncovered", "Dest", "Task", "Grouping", "group"]
+__all__ = ["check_plan", "uncovered", "Dest", "Task", "Grouping", "group", "SMALL_FRACTION"]
+
+#: A block of at most this fraction of its source's ``block_bytes`` is packed with others
+#: of the same source rank into a ``batch`` task.
+SMALL_FRACTION = 4
 
 
 def _fits(region: Region, shape: tuple[int, ...]) -> bool:
@@ -106,8 +114,10 @@ class Dest:
 class Task:
     """One unit of work: ``kind`` is ``arrays`` (every copy into one tensor from addressable
     arrays: a source's, or the sink's for ``from_new``), ``block`` (one block of one copy
-    from a ranged source) or ``staged`` (a whole tensor assembled in a buffer, for a sink
-    without arrays whose windows cannot be written by rows)."""
+    from a ranged source), ``batch`` (``members``: small ``block`` tasks of one source rank,
+    read together; ``rank`` and ``tensor`` are its first member's) or ``staged`` (a whole
+    tensor assembled in a buffer, for a sink without arrays whose windows cannot be
+    written by rows)."""
 
     kind: str
     rank: int
@@ -117,6 +127,7 @@ class Task:
     block: tuple[Window, Window] | None = None
     part: TensorSource | None = None
     turn: int = 0  # a block's place among the blocks read from its source host
+    members: list[Task] = field(default_factory=list)
 
 
 @dataclass
@@ -204,13 +215,43 @@ def group(plan: Plan, source: TensorSource, sink: TensorSink) -> Grouping:
                 phases[0].append(Task("block", rank, tensor, [c], dw.volume * size, (sw, dw), part))
         if fanout:
             phases[1].append(Task("arrays", rank, tensor, fanout, sum(c.nbytes for c in fanout)))
+    phases[0][:] = _pack_small_blocks(phases[0], plan)
     for phase in phases:
         turns: dict[str, int] = defaultdict(int)
         for t in phase:
-            dests[(t.rank, t.tensor)].pending += 1
-            if t.kind == "block":  # blocks of equal size: every source host's turn in turn
+            for member in t.members or (t,):
+                dests[(member.rank, member.tensor)].pending += 1
+            if t.kind in ("block", "batch"):  # equal sizes: every source host's turn in turn
                 t.turn = turns[t.copies[0].src_host]
                 turns[t.copies[0].src_host] += 1
         phase.sort(key=lambda t: (-t.nbytes, t.turn))  # largest first: the pool ends on small tasks
     return Grouping(windows, dests, phases, parts, sum(len(c) for c in by_dest.values()),
                     sum(c.nbytes for copies in by_dest.values() for c in copies))
+
+
+def _pack_small_blocks(tasks: list[Task], plan: Plan) -> list[Task]:
+    """``tasks`` with the small blocks of each blocking ranged source rank packed into
+    ``batch`` tasks of at most its ``block_bytes``, in the order the source rank lists its
+    tensors (their order in its files), then by window."""
+    small: dict[tuple[int, int], list[Task]] = defaultdict(list)
+    out = []
+    for t in tasks:
+        if t.kind == "block" and isinstance(t.part, RangeSource) \
+                and t.nbytes * SMALL_FRACTION <= t.part.block_bytes:
+            small[(id(t.part), t.copies[0].src_rank)].append(t)
+        else:
+            out.append(t)
+    for (_, src_rank), blocks in small.items():
+        order = {name: i for i, (name, _) in enumerate(plan.old.ptc.rank_shards(src_rank))}
+        blocks.sort(key=lambda t: (order.get(t.tensor, len(order)), t.block[0].region.offsets))
+        limit = blocks[0].part.block_bytes
+        pack: list[Task] = []
+        for t in blocks + [None]:
+            if pack and (t is None or sum(m.nbytes for m in pack) + t.nbytes > limit):
+                first = pack[0]
+                out.append(Task("batch", first.rank, first.tensor, [c for m in pack for c in m.copies],
+                                sum(m.nbytes for m in pack), part=first.part, members=pack))
+                pack = []
+            if t is not None:
+                pack.append(t)
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from math import prod
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
@@ -20,11 +21,16 @@ from .run import default_workers
 __all__ = ["verify_source"]
 
 
-def _ranged_crc(source: TensorSource, part, rank: int, tensor: str) -> int:
-    """CRC-32 of a whole local tensor read block by block from a ranged source."""
-    shape = dict(source.ptc.rank_shards(rank))[tensor].shape
-    dtype = raw_numpy(source.ptc.spec(tensor).dtype)
-    whole = Window(Region.full(shape))
+def _ranged_crcs(source: TensorSource, part, rank: int, tensors: list[str]) -> list[int]:
+    """CRC-32s of whole local tensors of ``rank`` read from a ranged source: one tensor
+    block by block, or several small ones (packed by the caller) in one ``read_many``."""
+    shapes = {n: shard.shape for n, shard in source.ptc.rank_shards(rank)}
+    wholes = [(t, Window(Region.full(shapes[t])), raw_numpy(source.ptc.spec(t).dtype)) for t in tensors]
+    if len(wholes) > 1:  # small tensors: what read_many fetches together
+        bufs = [np.empty(w.shape, dtype) for _, w, dtype in wholes]
+        part.read_many(rank, [(t, w, b) for (t, w, _), b in zip(wholes, bufs)])
+        return [crc32(b) for b in bufs]
+    (tensor, whole, dtype), = wholes
     crc = 0
     for window, _ in split_window(whole, whole, dtype.itemsize, part.block_bytes):
         buf = np.empty(window.shape, dtype)
@@ -33,7 +39,28 @@ def _ranged_crc(source: TensorSource, part, rank: int, tensor: str) -> int:
         else:
             part.read_into(rank, tensor, window, buf)
         crc = crc32(buf, crc)
-    return crc
+    return [crc]
+
+
+def _ranged_jobs(source: TensorSource, ranged: list[tuple[int, str, object]]) -> list[tuple[int, list[str], object]]:
+    """``(rank, tensors, part)`` jobs: tensors of a blocking ranged part at most a quarter of
+    its ``block_bytes`` packed per rank up to ``block_bytes``; every other tensor alone."""
+    jobs, packs, shapes = [], {}, {}
+    for rank, name, part in ranged:
+        if rank not in shapes:
+            shapes[rank] = {n: shard.shape for n, shard in source.ptc.rank_shards(rank)}
+        shape = shapes[rank][name]
+        nbytes = prod(shape) * raw_numpy(source.ptc.spec(name).dtype).itemsize
+        if not isinstance(part, RangeSource) or nbytes * 4 > part.block_bytes:
+            jobs.append((rank, [name], part))
+            continue
+        pack = packs.get((rank, id(part)))
+        if pack is None or pack[3] + nbytes > part.block_bytes:
+            pack = packs[(rank, id(part))] = [rank, [], part, 0]
+            jobs.append(pack)
+        pack[1].append(name)
+        pack[3] += nbytes
+    return [(j[0], j[1], j[2]) for j in jobs]
 
 
 def verify_source(source: TensorSource, ranks: Iterable[int] | None = None, workers: int | None = None) -> None:
@@ -61,8 +88,9 @@ def verify_source(source: TensorSource, ranks: Iterable[int] | None = None, work
                 ranged.append((rank, name, part))
     with ThreadPoolExecutor(workers or default_workers()) as pool:
         crcs = checksums(arrays, pool)
-        crcs.update(zip([(r, n) for r, n, _ in ranged],
-                        pool.map(lambda job: _ranged_crc(source, job[2], job[0], job[1]), ranged)))
+        jobs = _ranged_jobs(source, ranged)
+        for (rank, names, _), found in zip(jobs, pool.map(lambda j: _ranged_crcs(source, j[2], j[0], j[1]), jobs)):
+            crcs.update(zip([(rank, n) for n in names], found))
     for rank, name in order:
         want, got = source.checksum(rank, name), crcs[(rank, name)]
         if got != want:
