@@ -126,3 +126,22 @@ def test_servers_off_loopback_without_tls_warn_what_an_eavesdropper_sees(pki):
     assert plain_warning("the coordinator", "127.0.0.1", None) is None
     assert plain_warning("the coordinator", "10.0.0.1", Tls(str(pki.cert), str(pki.key))) is None
     assert plain_warning("the coordinator", "10.0.0.1", Tls(ca=str(pki.ca))) is not None
+
+
+def test_every_command_refuses_a_bad_tls_option_in_one_line_before_it_starts(pki, tmp_path, capsys):
+    from scalai.cli.main import main
+
+    for args, fragment in [
+        (["store", "serve", "--root", tmp_path / "s", "--tls-cert", pki.cert], "--tls-cert needs --tls-key"),
+        (["store", "ls", "--stores", "https://127.0.0.1:9", "--tls-ca", tmp_path / "none.pem"], "no such file"),
+        (["agent", "--join", "127.0.0.1:9", "--name", "a", "--root", tmp_path / "a", "--tls-key", pki.key],
+         "--tls-key needs --tls-cert"),
+        (["run", "--steps", 2, "--out", tmp_path / "run", "--tls-cert", pki.ca, "--tls-key", pki.key],
+         "do not load as a PEM certificate and its private key"),
+        (["scale", "job", 2, "--url", "https://127.0.0.1:9", "--tls-ca", pki.key], "does not load as a PEM bundle"),
+    ]:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, (args, err)
+    assert not any((tmp_path / d).exists() for d in ("s", "a", "run"))
