@@ -9,46 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import secrets
 import shutil
-import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from elastic_helpers import read_rows, run_cli, scalai_cmd
+from elastic_helpers import Coordinator, read_rows, run_cli
 from scalai.elastic.timeline import read_timeline
 from tls_certs import make_pki
 
 HERE = Path(__file__).resolve().parent
-
-
-class _Lines:
-    """A process's output lines, read on a thread."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.proc, self.text, self.lines = proc, [], queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.text.append(line)
-            self.lines.put(line)
-
-    def wait_for(self, *fragments: str, timeout: float = 180) -> str:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                line = self.lines.get(timeout=1)
-            except queue.Empty:
-                assert self.proc.poll() is None, "".join(self.text[-40:])
-                continue
-            if all(f in line for f in fragments):
-                return line
-        raise AssertionError(f"no line with {fragments} within {timeout} s:\n" + "".join(self.text[-40:]))
 
 
 def _one_line(result, code: int, fragment: str) -> None:
@@ -77,12 +48,12 @@ def test_a_run_with_tls_on_every_server_scales_over_https_and_never_shows_its_to
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
            "SCALAI_CACHE": str(tmp_path / "cache"), "SCALAI_KEEP_AGENTS": "1"}  # kept: their logs are searched
     env.pop("SCALAI_TOKEN", None)
-    args = ["run", "--hosts", 2, "--gpus-per-host", 1, "--steps", 10, "--layout", "tp=1,pp=1,dp=1", "--job", "tls-test",
+    args = ["--hosts", 2, "--gpus-per-host", 1, "--steps", 10, "--layout", "tp=1,pp=1,dp=1", "--job", "tls-test",
             "--token-file", tmp_path / "token", "--tls-cert", pki.cert, "--tls-key", pki.key, "--tls-ca", pki.ca,
             "--commit-every", 0, "--out", out, "--module", "paced_trainer", "--", "--pace", "0.3", "--data",
             corpus_index]
-    proc = subprocess.Popen(scalai_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    run, outputs, agents_root = _Lines(proc), [], None
+    run, outputs, agents_root = Coordinator(args, env, tmp_path / "coordinator.log"), [], None
+    proc = run.proc
     try:
         run.wait_for("generation 0: tp=1,pp=1,dp=1")
         control = json.loads((out / "control.json").read_text())
