@@ -198,28 +198,3 @@ def test_standby_workers_become_torchrun_like_workers(tmp_path):
         assert pool.wait_warm(120)  # replaced in the background
     finally:
         pool.close()
-
-
-
-
-@pytest.mark.skipif(not __import__("shutil").which("openssl"), reason="needs openssl to make a certificate")
-def test_tls_is_switched_on_in_one_place(tmp_path):
-    """The one JSON/HTTP layer speaks HTTPS with a certificate, and its client verifies the
-    server against a CA (the follow-up's --tls-cert/--tls-key/--tls-ca)."""
-    import subprocess
-
-    from scalai.elastic.wire import Tls
-
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
-    server = JsonServer({("GET", "/v1/ping"): (lambda r: (200, {"pong": True}), True)}, token=TOKEN,
-                        tls=Tls(cert=str(cert), key=str(key)))
-    try:
-        assert server.url.startswith("https://")
-        assert JsonClient(server.url, TOKEN, tls=Tls(ca=str(cert))).get("/v1/ping") == {"pong": True}
-        with pytest.raises(ConnectionError):  # a client that does not trust the certificate
-            JsonClient(server.url, TOKEN, timeout=5).get("/v1/ping")
-    finally:
-        server.close()

@@ -30,18 +30,15 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import secrets
 import signal
 import socket
-import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from elastic_helpers import read_rows, run_cli, scalai_cmd
+from elastic_helpers import Coordinator, read_rows, run_cli
 
 netns = pytest.importorskip("netns_machines")
 
@@ -53,38 +50,6 @@ def _free_port(address: str) -> int:
     with socket.socket() as s:
         s.bind((address, 0))
         return s.getsockname()[1]
-
-
-class Coordinator:
-    """A ``scalai run`` process and the lines it prints, read on a thread."""
-
-    def __init__(self, args: list, env: dict, log: Path):
-        self.lines: queue.Queue = queue.Queue()
-        self.text: list[str] = []
-        self.log = open(log, "a")
-        self.proc = subprocess.Popen(scalai_cmd("run", *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env=env)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.text.append(line)
-            self.log.write(line)
-            self.log.flush()
-            self.lines.put(line)
-
-    def wait_for(self, *fragments: str, timeout: float = 240) -> str:
-        """Lines until one holds every fragment (in that line); the line."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                line = self.lines.get(timeout=1)
-            except queue.Empty:
-                assert self.proc.poll() is None, "".join(self.text[-40:])
-                continue
-            if all(f in line for f in fragments):
-                return line
-        raise AssertionError(f"no line with {fragments} within {timeout} s:\n" + "".join(self.text[-40:]))
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import click
 
 from .group import cli
 from .params import COUNT, NON_NEGATIVE, POSITIVE_NUMBER
+from .tls_options import make_tls, tls_server_options
 
 
 @cli.command("agent")
@@ -18,6 +19,7 @@ from .params import COUNT, NON_NEGATIVE, POSITIVE_NUMBER
               help="the kind of device (reported to the coordinator)")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help="the run's token (required off loopback; or SCALAI_TOKEN)")
+@tls_server_options
 @click.option("--address", default=None, help="this machine's address for its peers [default: the one routing "
                                               "to the coordinator]")
 @click.option("--store-root", type=click.Path(file_okay=False), default=None,
@@ -28,8 +30,12 @@ from .params import COUNT, NON_NEGATIVE, POSITIVE_NUMBER
                                            "(simulating machines on one)")
 @click.option("--leave-timeout", default=300.0, show_default=True, type=POSITIVE_NUMBER,
               help="after SIGTERM, seconds to wait for the coordinator to move the job off this machine")
-def agent_cmd(join, name, root, devices, kind, token_file, address, store_root, standby, link, leave_timeout):
+def agent_cmd(join, name, root, devices, kind, token_file, tls_cert, tls_key, tls_ca, address, store_root, standby, link, leave_timeout):
     """Run this machine's agent: its store and, on the coordinator's command, its workers.
+
+    With --tls-cert/--tls-key its store serves HTTPS; with any --tls-* option, --join
+    HOST:PORT means https://HOST:PORT, and the coordinator and peer stores are verified
+    against --tls-ca.
 
     \b
     scalai agent --join 10.0.0.1:7000 --name node3 --root /dev/shm/scalai --devices 8 --device cuda \\
@@ -39,6 +45,7 @@ def agent_cmd(join, name, root, devices, kind, token_file, address, store_root, 
     from ..store.client import load_token
 
     token = load_token(token_file)
-    agent = Agent(join, name, root, devices, kind, token, address, store_root, standby, link=link,
+    tls = make_tls(tls_cert, tls_key, tls_ca)
+    agent = Agent(join, name, root, devices, kind, token, address, store_root, standby, link=link, tls=tls,
                   leave_timeout=leave_timeout, say=lambda text: click.echo(text, err=True))
     agent.run()

@@ -7,6 +7,7 @@ import click
 from .group import cli
 from .output import console, emit_json
 from .params import COUNT, NON_NEGATIVE, POSITIVE_NUMBER, SEED
+from .tls_options import make_tls, tls_client_option, tls_server_options
 
 
 @cli.command()
@@ -74,6 +75,7 @@ def layouts(model, devices, device_memory, gpus_per_host, global_batch, seq_len,
               help="without --agents: devices per local agent")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help="the run's token: agents, stores, scalai scale (required off loopback; or SCALAI_TOKEN)")
+@tls_server_options
 @click.option("--resume", is_flag=True, help="a coordinator started again: continue the job (--job) from the "
                                              "newest version in its agents' stores")
 @click.option("--module", default="scalai.examples.gpt", show_default=True,
@@ -109,7 +111,7 @@ def layouts(model, devices, device_memory, gpus_per_host, global_batch, seq_len,
 @click.option("--device-memory", default=80.0, show_default=True, type=POSITIVE_NUMBER, help="GiB per device (cost model)")
 @click.option("--compare", is_flag=True, help="also run the job unchanged (no events) and plot against it")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def run_cmd(schedule_file, steps, out, listen, agents, hosts, gpus_per_host, token_file, resume, module, model, layout,
+def run_cmd(schedule_file, steps, out, listen, agents, hosts, gpus_per_host, token_file, tls_cert, tls_key, tls_ca, resume, module, model, layout,
             devices, job, commit_every, persist_to, start_ahead, grow, max_devices, dead_after, standby, link, global_batch,
             micro_batch, lr, seed, data, device_memory, compare, args) -> None:
     """Train under a changing device allocation: grow, shrink, move, survive failures.
@@ -129,7 +131,8 @@ def run_cmd(schedule_file, steps, out, listen, agents, hosts, gpus_per_host, tok
     from ..elastic.run_cli import run_from_cli
 
     run_from_cli(schedule_file=schedule_file, steps=steps, out=out, listen=listen, agents=agents, hosts=hosts,
-                 gpus_per_host=gpus_per_host, token_file=token_file, resume=resume, module=module, model=model,
+                 gpus_per_host=gpus_per_host, token_file=token_file, tls=make_tls(tls_cert, tls_key, tls_ca),
+                 resume=resume, module=module, model=model,
                  layout=layout, devices=devices, job=job, commit_every=commit_every, persist_to=persist_to,
                  start_ahead=start_ahead, grow=grow,
                  max_devices=max_devices, dead_after=dead_after, standby=standby, link=link,
@@ -144,8 +147,9 @@ def run_cmd(schedule_file, steps, out, listen, agents, hosts, gpus_per_host, tok
 @click.option("--redeploy", is_flag=True, help="move the job to hosts it does not use")
 @click.option("--url", default=None, help="the runner's control endpoint [default: found by the job's name]")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None, help="the control endpoint's token")
+@tls_client_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def scale_cmd(job, devices, layout, redeploy, url, token_file, as_json) -> None:
+def scale_cmd(job, devices, layout, redeploy, url, token_file, tls_ca, as_json) -> None:
     """Ask the running job JOB (scalai run --job JOB) to move to DEVICES devices.
 
     Every worker stops after the same step; the runner picks the best layout for that many
@@ -158,7 +162,7 @@ def scale_cmd(job, devices, layout, redeploy, url, token_file, as_json) -> None:
     if len(given) != 1:
         raise click.UsageError("give DEVICES, --layout L or --redeploy (one of them)")
     body = {"devices": devices} if devices is not None else {"layout": layout} if layout else {"redeploy": True}
-    answer = send_scale(url or find_endpoint(job), body, load_token(token_file))
+    answer = send_scale(url or find_endpoint(job), body, load_token(token_file), tls=make_tls(tls_ca=tls_ca))
     if as_json:
         emit_json(answer)
         return

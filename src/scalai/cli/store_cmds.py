@@ -9,6 +9,7 @@ import click
 from .group import cli
 from .output import console, emit_json, human_bytes, layout_option, progress
 from .params import COUNT, PORT, POSITIVE_NUMBER, RATE, SIZE
+from .tls_options import make_tls, tls_client_option, tls_server_options
 
 _STORES_HELP = "store URLs in host order, comma-separated (e.g. http://127.0.0.1:7070,http://127.0.0.1:7071)"
 
@@ -18,10 +19,15 @@ def _token_option(f):
                         help="file holding the shared token (default: $SCALAI_TOKEN)")(f)
 
 
-def _cluster(stores: str, token_file: str | None):
+def _client_options(f):
+    return _token_option(tls_client_option(f))
+
+
+def _cluster(stores: str, token_file: str | None, tls_ca: str | None):
     from ..store import StoreCluster, load_token
 
-    return StoreCluster([u.strip() for u in stores.split(",") if u.strip()], load_token(token_file))
+    return StoreCluster([u.strip() for u in stores.split(",") if u.strip()], load_token(token_file),
+                        tls=make_tls(tls_ca=tls_ca))
 
 
 @cli.group()
@@ -37,6 +43,7 @@ def store() -> None:
 @click.option("--port", default=7070, show_default=True, type=PORT, help="port (0: any free one)")
 @click.option("--name", default=None, help="this host's name in placements (default: the machine's host name)")
 @_token_option
+@tls_server_options
 @click.option("--spill", type=click.Path(file_okay=False), help="disk directory for what passes --memory-limit")
 @click.option("--memory-limit", default=None, type=SIZE, help="bytes to hold in --root, e.g. 64G (default: no limit)")
 @click.option("--max-upload", default="16G", show_default=True, type=SIZE, help="largest tensor upload accepted")
@@ -50,15 +57,16 @@ def store() -> None:
               help="seconds a connection may stay open without a request, or send nothing mid-request")
 @click.option("--max-connections", default=1024, show_default=True, type=COUNT,
               help="most connections open at once (the quietest idle one is closed for a new one)")
-def serve(root, host, port, name, token_file, spill, memory_limit, max_upload, link_rate, url_file, lease_s,
-          idle_timeout, max_connections) -> None:
+def serve(root, host, port, name, token_file, tls_cert, tls_key, tls_ca, spill, memory_limit, max_upload, link_rate,
+          url_file, lease_s, idle_timeout, max_connections) -> None:
     """Run a store on this host until SIGTERM or Ctrl-C (the shards stay in --root)."""
     from ..store.client import load_token
     from ..store.daemon import default_name, serve as run
     from ..store.lease import lease_seconds
     from ..store.server import StoreConfig
 
-    config = StoreConfig(root=root, name=name or default_name(), token=load_token(token_file), spill=spill,
+    config = StoreConfig(root=root, name=name or default_name(), token=load_token(token_file),
+                         tls=make_tls(tls_cert, tls_key, tls_ca), spill=spill,
                          memory_limit=memory_limit, max_upload=max_upload,
                          link_up=link_rate, link_down=link_rate, lease_s=lease_seconds(lease_s, "--lease"),
                          idle_timeout=idle_timeout, max_connections=max_connections)
@@ -71,9 +79,9 @@ def serve(root, host, port, name, token_file, spill, memory_limit, max_upload, l
 @click.option("--stores", required=True, help=_STORES_HELP)
 @click.option("--gpus-per-host", "-g", required=True, type=COUNT, help="ranks per host (rank r goes to host r // G)")
 @click.option("--version", default=None, help="version name (default: the next v<n>)")
-@_token_option
+@_client_options
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def push(ckpt, job, stores, gpus_per_host, version, token_file, as_json) -> None:
+def push(ckpt, job, stores, gpus_per_host, version, token_file, tls_ca, as_json) -> None:
     """Upload checkpoint CKPT into the stores: each rank's shards to the store of its host."""
     import time
 
@@ -81,7 +89,7 @@ def push(ckpt, job, stores, gpus_per_host, version, token_file, as_json) -> None
 
     with Checkpoint.open(ckpt) as c:
         total = sum(r.nbytes for r in c.manifest.ranks)
-    cluster = _cluster(stores, token_file)
+    cluster = _cluster(stores, token_file, tls_ca)
     t0 = time.perf_counter()
     with progress("push", total, enabled=not as_json) as advance:
         v = cluster.push(ckpt, job, gpus_per_host, version, progress=advance)
@@ -108,9 +116,10 @@ def push(ckpt, job, stores, gpus_per_host, version, token_file, as_json) -> None
 @click.option("--lost", default=None,
               help="hosts whose stores are gone, comma-separated: read their ranks' bytes from replicas")
 @click.option("--keep-old", is_flag=True, help="keep the old version once the new one is committed")
-@_token_option
+@_client_options
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def reshard_cmd(job, to_layout, stores, gpus_per_host, hosts, central, lost, keep_old, token_file, as_json) -> None:
+def reshard_cmd(job, to_layout, stores, gpus_per_host, hosts, central, lost, keep_old, token_file, tls_ca,
+                as_json) -> None:
     """Transform the job's current version into layout --to, inside the stores.
 
     Distributed by default: every destination host pulls its slices in parallel, from its
@@ -119,7 +128,7 @@ def reshard_cmd(job, to_layout, stores, gpus_per_host, hosts, central, lost, kee
     """
     from ..store.reshard import reshard
 
-    cluster = _cluster(stores, token_file)
+    cluster = _cluster(stores, token_file, tls_ca)
     result = reshard(cluster, job, to_layout, gpus_per_host, hosts if hosts in (None, "auto") else hosts.split(","),
                      central=central, keep_old=keep_old, lost=lost.split(",") if lost else ())
     if as_json:
@@ -140,9 +149,9 @@ def reshard_cmd(job, to_layout, stores, gpus_per_host, hosts, central, lost, kee
 @click.option("--job", required=True, help="job name")
 @click.option("--stores", required=True, help=_STORES_HELP)
 @click.option("--version", default=None, help="version (default: the current one)")
-@_token_option
+@_client_options
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def pull(out, job, stores, version, token_file, as_json) -> None:
+def pull(out, job, stores, version, token_file, tls_ca, as_json) -> None:
     """Write the job's current version (or --version) from the stores as checkpoint OUT."""
     import time
 
@@ -150,7 +159,7 @@ def pull(out, job, stores, version, token_file, as_json) -> None:
 
     if os.path.lexists(out):
         raise FileExistsError(f"output {out} already exists; choose another directory or remove it first")
-    cluster = _cluster(stores, token_file)
+    cluster = _cluster(stores, token_file, tls_ca)
     m = cluster.latest(job, version).manifest  # for the progress bar: the current version may change
     total = sum(m.ptc.rank_nbytes(r) for r in range(m.ptc.config.world_size))
     t0 = time.perf_counter()
@@ -168,13 +177,13 @@ def pull(out, job, stores, version, token_file, as_json) -> None:
 
 @store.command("ls")
 @click.option("--stores", required=True, help=_STORES_HELP)
-@_token_option
+@_client_options
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def ls_cmd(stores, token_file, as_json) -> None:
+def ls_cmd(stores, token_file, tls_ca, as_json) -> None:
     """List every store's jobs and versions, and its memory use."""
     from ..store.cluster import parallel
 
-    cluster = _cluster(stores, token_file)
+    cluster = _cluster(stores, token_file, tls_ca)
     info = dict(zip(cluster.hosts, parallel(lambda c: {"usage": c.usage(), "jobs": c.jobs()}, cluster.clients)))
     if as_json:
         emit_json(info)
@@ -194,13 +203,13 @@ def ls_cmd(stores, token_file, as_json) -> None:
 @click.option("--job", required=True, help="job name")
 @click.option("--version", default=None, help="one version (default: the whole job)")
 @click.option("--stores", required=True, help=_STORES_HELP)
-@_token_option
-def rm_cmd(job, version, stores, token_file) -> None:
+@_client_options
+def rm_cmd(job, version, stores, token_file, tls_ca) -> None:
     """Delete a job (or one version of it) from every store."""
     from ..store.cluster import parallel
     from ..store.errors import StoreRequestError
 
-    cluster = _cluster(stores, token_file)
+    cluster = _cluster(stores, token_file, tls_ca)
 
     def one(c):
         try:

@@ -42,9 +42,10 @@ import time
 from pathlib import Path
 
 from ..errors import ScalaiError
+from ..tls import plain_warning
 from .machine import StandbyPool, Workers, die_with_parent_preexec, interface_for, kill_tree, route_address
 from .relay import Relay
-from .wire import JsonClient, WireError, check_listen, split_address
+from .wire import JsonClient, TlsError, WireError, check_listen, split_address
 
 __all__ = ["Agent", "AgentExit"]
 
@@ -57,7 +58,7 @@ class Agent:
     """One machine's agent (see the module docstring).
 
     Args:
-        join: the coordinator, ``HOST:PORT`` or ``http://HOST:PORT``.
+        join: the coordinator, ``HOST:PORT`` (``https://`` with ``tls``, else ``http://``) or a URL.
         name: this machine's name in the job (its store's name; host names in placements).
         root: this agent's directory (created).
         devices / kind / memory_gib: what this machine offers.
@@ -67,15 +68,17 @@ class Agent:
         standby: started workers to keep (default: one per device).
         link: the store's simulated link to other stores (``1gbit``...), for tests on one machine.
         leave_timeout: seconds to wait for a release after SIGTERM.
+        tls: its store serves HTTPS with ``tls.cert``/``tls.key``; the coordinator, peer
+            stores and (through ``$SCALAI_TLS_CA``) its workers verify against ``tls.ca``.
     """
 
     def __init__(self, join: str, name: str, root: str | Path, devices: int = 1, kind: str = "cpu",
                  token: str | None = None, address: str | None = None, store_root: str | None = None,
                  standby: int | None = None, memory_gib: float = 0.0, link: str | None = None,
-                 leave_timeout: float = 300.0, say=print):
+                 leave_timeout: float = 300.0, say=print, tls=None):
         from ..store.names import check_name
 
-        url = join if "://" in join else "http://" + join
+        url = join if "://" in join else ("https://" if tls else "http://") + join
         host, port = split_address(url.split("://", 1)[1].rstrip("/"), "--join")
         check_name(name, "--name")
         if devices < 1:
@@ -89,8 +92,8 @@ class Agent:
         self.store_root = Path(store_root) if store_root else self.root / "store"
         self.standby = devices if standby is None else standby
         self.link, self.leave_timeout, self.say = link, leave_timeout, say
-        self.incarnation = secrets.token_hex(8)
-        self.client = JsonClient(self.url, token, timeout=10.0)
+        self.incarnation, self.tls = secrets.token_hex(8), tls
+        self.client = JsonClient(self.url, token, timeout=10.0, tls=tls)
         self.epoch: str | None = None
         self.welcome: dict = {}
         self.store_url = ""
@@ -153,6 +156,7 @@ class Agent:
         cmd = [sys.executable, "-m", "scalai.cli", "store", "serve", "--root", str(self.store_root), "--name", self.name,
                "--host", self.address, "--port", "0", "--url-file", str(url_file)]
         cmd += ["--token-file", str(token_file)] if self.token else []
+        cmd += self.tls.options() if self.tls else []
         cmd += ["--link", self.link] if self.link else []
         log = open(self.root / "logs" / "store.log", "ab")
         self._store = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
@@ -166,6 +170,9 @@ class Agent:
                 raise AgentExit(f"the store of {self.name} did not start: {tail.strip()}")
             time.sleep(0.05)
         self.store_url = url_file.read_text().strip()
+        warning = plain_warning(f"the store of {self.name}", self.address, self.tls)
+        if warning:
+            self.say(f"scalai agent {self.name}: {warning}")
 
     def _join_until_accepted(self) -> bool:
         """Join (again), retrying while the coordinator is unreachable; on the first join,
@@ -178,6 +185,8 @@ class Agent:
             try:
                 answer = self.client.post("/v1/agents/join", self._join_body(), timeout=30)
                 break
+            except TlsError as exc:
+                raise AgentExit(str(exc)) from None
             except ConnectionError:
                 if time.monotonic() - noted > 10:
                     self.say(f"scalai agent {self.name}: waiting for the coordinator at {self.url}")
@@ -242,6 +251,8 @@ class Agent:
             env["GLOO_SOCKET_IFNAME"] = ifname
         if self.token:
             env["SCALAI_TOKEN"] = self.token
+        if self.tls:
+            env.update(self.tls.env())
         return env
 
     # -- the two loops ------------------------------------------------------------------
@@ -258,7 +269,7 @@ class Agent:
                     self._rejoin.set()
                 time.sleep(0.2)
                 continue
-            except ConnectionError:
+            except (ConnectionError, TlsError):  # TlsError: the report loop says it and stops
                 time.sleep(0.5)
                 continue
             for command in answer.get("commands", []):

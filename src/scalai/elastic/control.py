@@ -84,17 +84,19 @@ def find_endpoint(job: str) -> str:
                                 f"--job {job} ...', or give its endpoint with --url") from None
 
 
-def send_scale(url: str, body: dict, token: str | None = None, timeout: float = 10.0) -> dict:
-    """POST ``body`` to ``url``/v1/scale; returns the runner's answer.
+def send_scale(url: str, body: dict, token: str | None = None, timeout: float = 10.0, tls=None) -> dict:
+    """POST ``body`` to ``url``/v1/scale; returns the runner's answer (an ``https://`` runner
+    verified against ``tls.ca``).
 
     Raises:
         ValueError: the runner refused the request (its reason).
+        TlsError: its certificate does not verify, or it does not speak TLS.
         ConnectionError: nothing answers at ``url``.
     """
     from .wire import JsonClient, WireError
 
     try:
-        return JsonClient(url, token, timeout=timeout).post("/v1/scale", body)
+        return JsonClient(url, token, timeout=timeout, tls=tls).post("/v1/scale", body)
     except WireError as exc:
         raise ValueError(f"the runner refused: {exc.message}") from None
     except ConnectionError:

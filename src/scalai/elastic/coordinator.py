@@ -34,8 +34,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
-from .wire import HttpError, JsonServer, Request, Tls
+from .wire import HttpError, JsonServer, Request, Tls, is_loopback
 
 __all__ = ["AgentRecord", "AgentService", "overdue", "HEARTBEAT_S", "DEAD_AFTER_S", "parse_join"]
 
@@ -114,7 +115,8 @@ class AgentService:
             server's threads.
         welcome: what a joining agent is told about the job (the trainer, its data).
         status / scale: the control routes' handlers (``scale`` raises ValueError to refuse).
-        host / port / token / tls: where and how to listen.
+        host / port / token / tls: where and how to listen (``tls`` serving HTTPS: agents
+            whose store serves plain HTTP off loopback are refused).
         control_token: the token the control routes need (None: none).
     """
 
@@ -138,6 +140,7 @@ class AgentService:
         }
         # One server, two tokens at most: the control routes check theirs themselves.
         self._control_token = control_token
+        self._tls = tls is not None and tls.serves
         self.server = JsonServer(routes, host, port, token, tls, name="coordinator")
         self.url = self.server.url
 
@@ -157,6 +160,9 @@ class AgentService:
 
     def _join(self, request: Request) -> tuple[int, Any]:
         info = parse_join(request.body)
+        if self._tls and info["store"].startswith("http:") and not is_loopback(urlsplit(info["store"]).hostname or ""):
+            raise HttpError(400, f"this run serves HTTPS, but the store of {info['name']} ({info['store']}) serves "
+                                 f"plain HTTP: start the agent with --tls-cert/--tls-key (and --tls-ca)")
         now = time.monotonic()
         with self._cv:
             old = self.agents.get(info["name"])

@@ -69,13 +69,14 @@ class LocalMachines(Machines):
         link: the simulated link between their stores (e.g. ``1gbit``).
         root: where their directories go (default: a new directory in /dev/shm).
         standby: standby workers per agent (default: one per device).
+        tls: the agents' TLS options (their stores serve HTTPS with its certificate).
     """
 
     def __init__(self, hosts: int, devices: int, link: str | None = None, root: str | None = None,
-                 standby: int | None = None):
+                 standby: int | None = None, tls=None):
         if not 1 <= hosts <= 80:
             raise ValueError(f"--hosts {hosts}: one machine runs 1 to 80 agents")
-        self.expected, self.devices, self.link, self.standby = hosts, devices, link, standby
+        self.expected, self.devices, self.link, self.standby, self.tls = hosts, devices, link, standby, tls
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.root = Path(root or tempfile.mkdtemp(prefix="scalai-run-", dir=base))
         self.token = secrets.token_urlsafe(24)
@@ -93,11 +94,12 @@ class LocalMachines(Machines):
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.token)
-        address = coordinator_url.split("://", 1)[1]
+        address = coordinator_url
         for i in range(self.expected):
             name = f"host{i}"
             cmd = [sys.executable, "-m", "scalai.cli", "agent", "--join", address, "--name", name,
                    "--root", str(self.root / name), "--devices", str(self.devices), "--token-file", str(token_file)]
+            cmd += self.tls.options() if self.tls else []
             cmd += ["--link", self.link] if self.link else []
             cmd += ["--standby", str(self.standby)] if self.standby is not None else []
             log = open(self.root / f"{name}.log", "ab")

@@ -40,15 +40,15 @@ class Persister:
         urls: a callable returning the stores that are alive now (slot order irrelevant).
         job: the job's name in the stores.
         root: where the checkpoints go (a directory, or a URL: ``s3://BUCKET/PREFIX``).
-        token: the stores' token.
+        token / tls: the stores' token and TLS setting (:class:`~scalai.tls.Tls`).
         keep: how many copies to keep on disk.
     """
 
     def __init__(self, urls: Callable[[], Sequence[str]], job: str, root: str | Path, token: str | None = None,
-                 keep: int = 2, on_error: Callable[[str], None] | None = None):
+                 keep: int = 2, on_error: Callable[[str], None] | None = None, tls=None):
         from ..checkpoint.objects import is_object_url
 
-        self.urls, self.job, self.token, self.keep = urls, job, token, keep
+        self.urls, self.job, self.token, self.keep, self.tls = urls, job, token, keep, tls
         self.root = str(root) if is_object_url(str(root)) else Path(root)
         if isinstance(self.root, Path):
             self.root.mkdir(parents=True, exist_ok=True)
@@ -116,7 +116,7 @@ class Persister:
             try:
                 if exists(out):
                     delete(out)
-                cluster = StoreCluster(list(self.urls()), self.token)
+                cluster = StoreCluster(list(self.urls()), self.token, tls=self.tls)
                 pull(cluster, self.job, str(out), version)
                 with open_source(out) as copy:
                     nbytes = sum(r.nbytes for r in copy.manifest.ranks)

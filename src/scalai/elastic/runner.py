@@ -40,6 +40,7 @@ from typing import Any, TextIO
 
 from ..errors import ScalaiError
 from ..layout.ptc import PTC
+from ..tls import plain_warning
 from . import controller
 from .coordinator import AgentService
 from .jobstate import Policy
@@ -157,10 +158,13 @@ class Runner:
     def _start(self) -> None:
         host, port = self.listen
         self.service = AgentService(self.queue.put, self.spec.welcome(), self.status, self.scale, host, port,
-                                    self.machines.token, self.control_token, heartbeat_s=self.heartbeat,
+                                    self.machines.token, self.control_token, tls=self.spec.tls, heartbeat_s=self.heartbeat,
                                     dead_after_s=self.dead_after)
         self._register()
         threading.Thread(target=self._store_worker, name="scalai-store-ops", daemon=True).start()
+        warning = plain_warning("the coordinator", host, self.spec.tls)
+        if warning:
+            self.say(warning)
         self.machines.start(self.service.url)
         self.say(f"scalai run: job {self.job}, {self.steps} steps; coordinator {self.service.url}; waiting for "
                  f"{self.machines.describe()}")
@@ -175,7 +179,7 @@ class Runner:
         from .persist import Persister
 
         self.persister = Persister(self._alive_urls, self.job, self.spec.persist_to or self.dir / "checkpoints",
-                                   self.machines.token, on_error=lambda m: self.say(f"warning: {m}")) if self.persist_enabled else None
+                                   self.machines.token, tls=self.spec.tls, on_error=lambda m: self.say(f"warning: {m}")) if self.persist_enabled else None
         if self.spec.resume:
             self._feed(self._resume_event(agents))
         else:  # a new job: what its stores hold under its name is from an earlier run
@@ -187,7 +191,7 @@ class Runner:
 
         for url in urls:
             try:
-                StoreClient(url, self.machines.token, retries=2).delete(self.job)
+                StoreClient(url, self.machines.token, retries=2, tls=self.spec.tls).delete(self.job)
             except ScalaiError:
                 pass  # nothing of the job there
 
@@ -231,7 +235,7 @@ class Runner:
         from ..store import StoreCluster
         from ..store.manifest import VersionManifest
 
-        cluster = StoreCluster([a.store for a in agents], self.machines.token)
+        cluster = StoreCluster([a.store for a in agents], self.machines.token, tls=self.spec.tls)
         stored = []
         seen: dict[str, set] = {}
         fence = 0  # the stores' fence: new generations go at or above it (fences only rise: 0 reads it)
@@ -466,7 +470,7 @@ class Runner:
     def _cluster(self, urls: list[str]):
         from ..store import StoreCluster
 
-        return StoreCluster(urls, self.machines.token)
+        return StoreCluster(urls, self.machines.token, tls=self.spec.tls)
 
     def _transform(self, a, urls: list[str]) -> None:
         from . import stores_io

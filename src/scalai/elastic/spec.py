@@ -23,6 +23,7 @@ from ..config import ParallelConfig
 from .allocation import Allocation, LayoutChooser, Pool
 from .layouts import Hardware, Workload
 from .schedule import Event
+from ..tls import Tls
 from .trainer import REFERENCE_MODULE, check_module
 
 __all__ = ["RunSpec", "dry_run"]
@@ -48,6 +49,9 @@ class RunSpec:
         listen / agents: the coordinator's address (``HOST:PORT``) and how many agents
             started elsewhere to wait for (the devices are theirs).
         token: the run's token (agents, stores, ``scalai scale``); required off loopback.
+        tls: transport security (:class:`~scalai.tls.Tls`): with a certificate and key the
+            coordinator serves HTTPS (and agents started here serve their stores with the
+            same); its CA bundle verifies the agents' stores.
         layout / devices: the starting layout, or a device count to choose one for
             (default: one machine's devices).
         commit_every: commit the state to the stores every N steps (0: only at changes);
@@ -85,6 +89,7 @@ class RunSpec:
     listen: str | None = None
     agents: int | None = None
     token: str | None = None
+    tls: Tls | None = None
     layout: str | None = None
     devices: int | None = None
     job: str = "job"
@@ -120,6 +125,8 @@ class RunSpec:
         check_module(self.module)
         if (self.listen is None) != (self.agents is None):
             raise ValueError("--listen ADDR:PORT and --agents N go together (agents started elsewhere join there)")
+        if self.tls is not None and not isinstance(self.tls, Tls):
+            raise TypeError("tls must be a scalai.tls.Tls")
         if self.listen is not None:
             host, _ = split_address(self.listen, "--listen")
             check_listen(host, self.token)
@@ -194,7 +201,7 @@ class RunSpec:
 
         if self.agents is not None:
             return RemoteMachines(self.agents, self.token)
-        return LocalMachines(self.hosts, self.gpus_per_host, self.link, standby=self.standby)
+        return LocalMachines(self.hosts, self.gpus_per_host, self.link, standby=self.standby, tls=self.tls)
 
     def welcome(self) -> dict:
         """What a joining agent is told: the job, the trainer, the data every machine needs."""

@@ -4,8 +4,9 @@ Every HTTP endpoint of the elastic runner is a :class:`JsonServer` and every cal
 :class:`JsonClient`, so that transport settings live here only: the token check
 (``Authorization: Bearer TOKEN``, compared in constant time; a token never appears in a
 URL, a log line or an error message), body limits, strict JSON, and the place where TLS
-is switched on (:class:`Tls`: the server wraps its socket, the client verifies the
-server against a CA).
+is switched on (:class:`~scalai.tls.Tls`: the server handshakes on each request's thread
+and answers plain HTTP with a 400 naming its https:// URL; the client verifies the server
+against the CA bundle and turns a failure into one :class:`~scalai.tls.TlsError` line).
 
 Handlers are plain functions ``handler(request) -> (status, object)`` on a thread of their
 own (long polls may block); they raise :class:`HttpError` to answer 4xx with a message,
@@ -17,7 +18,7 @@ from __future__ import annotations
 import hmac
 import json
 import re
-import ssl
+import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,29 +26,13 @@ from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from ..net import is_loopback
+from ..tls import Tls, TlsError, client_context, tls_failure
 
-__all__ = ["Tls", "Request", "HttpError", "JsonServer", "JsonClient", "WireError", "is_loopback",
+__all__ = ["Tls", "TlsError", "Request", "HttpError", "JsonServer", "JsonClient", "WireError", "is_loopback",
            "check_listen", "split_address"]
 
 MAX_BODY = 64 << 20  # bytes; PTCs of big models are the largest bodies
-
-
-@dataclass(frozen=True)
-class Tls:
-    """TLS for a server (``cert`` and ``key``) or a client (``ca``: the CA bundle to verify
-    the server with). Files in PEM."""
-
-    cert: str | None = None
-    key: str | None = None
-    ca: str | None = None
-
-    def server_context(self) -> ssl.SSLContext:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(self.cert, self.key)
-        return context
-
-    def client_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=self.ca)
+HANDSHAKE_S = 10.0   # seconds a new connection may take to start TLS
 
 
 def check_listen(host: str, token: str | None, what: str = "listen", flag: str = "--token-file") -> None:
@@ -107,7 +92,9 @@ class JsonServer:
             accepts ``NaN``/``Infinity`` (a diverged loss in a metrics row).
         host / port: where to listen (``port`` 0: any free port).
         token: the bearer token routes with ``needs_token`` require; checked only when set.
-        tls: serve HTTPS.
+        tls: serve HTTPS (``tls.cert``/``tls.key``). The handshake runs on the request's
+            thread, within :data:`HANDSHAKE_S` (a connection that sends nothing cannot stall
+            the server), and a plain-HTTP request is answered 400 saying to use https://.
         name: for error messages.
 
     Raises:
@@ -205,16 +192,16 @@ class JsonServer:
 
         self.name = name
         try:
+            context = tls.server_context() if tls is not None and tls.serves else None
             self._server = _Server((host, port), _Handler)
         except OSError as exc:
             raise ValueError(f"the {name} cannot listen on {host}:{port} ({exc.strerror or exc}); choose another "
                              f"address or port (0: any free one)") from None
-        if tls is not None:
-            self._server.socket = tls.server_context().wrap_socket(self._server.socket, server_side=True)
         self._server.daemon_threads = True
         self.host, self.port = host, self._server.server_address[1]
         shown = f"[{host}]" if ":" in host else host
-        self.url = f"{'https' if tls else 'http'}://{shown}:{self.port}"
+        self.url = f"{'https' if context else 'http'}://{shown}:{self.port}"
+        self._server.tls, self._server.what = context, f"the {name} serves HTTPS: use {self.url}"
         self._thread = threading.Thread(target=self._server.serve_forever, name=f"scalai-{name}", daemon=True)
         self._thread.start()
 
@@ -225,6 +212,32 @@ class JsonServer:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    tls = None   # an ssl.SSLContext: serve HTTPS
+    what = ""    # the answer to a plain-HTTP request when serving HTTPS
+
+    def process_request_thread(self, request, client_address) -> None:
+        """With TLS, the handshake happens here, on the request's thread (not in ``accept``
+        on the serving thread, where one silent client would stall every other)."""
+        if self.tls is None:
+            return super().process_request_thread(request, client_address)
+        try:
+            request.settimeout(HANDSHAKE_S)
+            first = request.recv(1, socket.MSG_PEEK)
+            if first and first != b"\x16":  # not a TLS handshake record: plain HTTP
+                _refuse_plain(request, self.what)
+                self.shutdown_request(request)
+                return
+            conn = self.tls.wrap_socket(request, server_side=True)
+            conn.settimeout(None)
+        except OSError:  # ssl.SSLError too: a bad handshake, a client that went away
+            self.shutdown_request(request)
+            return
+        try:
+            self.finish_request(conn, client_address)
+        except Exception:  # noqa: BLE001 - socketserver's own policy
+            self.handle_error(conn, client_address)
+        finally:
+            self.shutdown_request(conn)
 
     def handle_error(self, request, client_address) -> None:
         """A caller that went away (a poll cut short, a machine that froze) is not news."""
@@ -232,6 +245,24 @@ class _Server(ThreadingHTTPServer):
 
         if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError, OSError)):
             super().handle_error(request, client_address)
+
+
+def _refuse_plain(sock: socket.socket, message: str) -> None:
+    """Answer a plain-HTTP request on an HTTPS port with 400 and ``message`` (JSON), having
+    read its head (so that closing does not reset the connection before the answer)."""
+    head = b""
+    try:
+        sock.settimeout(1.0)
+        while b"\r\n\r\n" not in head and len(head) < 65536:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        data = json.dumps({"error": message}).encode()
+        sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    except OSError:
+        pass
 
 
 class WireError(Exception):
@@ -245,8 +276,11 @@ class WireError(Exception):
 class JsonClient:
     """Calls a :class:`JsonServer` at ``url`` (``http://HOST:PORT``), reusing connections.
 
+    ``https://`` URLs verify the server against ``tls.ca`` (None: this system's CAs).
+
     Raises (from :meth:`get` and :meth:`post`):
         WireError: the server answered 4xx/5xx (its message).
+        TlsError: the server's certificate does not verify, or it does not speak TLS.
         ConnectionError: nothing answers, or no answer within ``timeout`` seconds.
     """
 
@@ -256,12 +290,12 @@ class JsonClient:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
             raise ValueError(f"address {url!r} is not like http://HOST:PORT")
-        self.url, self.timeout = url.rstrip("/"), timeout
+        self.url, self.timeout, self.tls = url.rstrip("/"), timeout, tls
         self._headers = {"Content-Type": "application/json"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
         if parts.scheme == "https":
-            context = (tls or Tls()).client_context()
+            context = client_context(tls)
             self._pool = urllib3.HTTPSConnectionPool(parts.hostname, parts.port, maxsize=4, ssl_context=context,
                                                      retries=False)
         else:
@@ -281,6 +315,9 @@ class JsonClient:
             resp = self._pool.urlopen(method, path, body=body, headers=self._headers, redirect=False,
                                       timeout=urllib3.Timeout(connect=min(5.0, wait), read=wait))
         except (urllib3.exceptions.HTTPError, OSError) as exc:
+            failure = tls_failure(exc, self.url, self.tls)
+            if failure is not None:
+                raise failure from None
             raise ConnectionError(f"{self.url} does not answer ({type(exc).__name__})") from None
         try:
             obj = json.loads(resp.data or b"null")

@@ -179,6 +179,7 @@ Environment (set by the worker's agent, besides torchrun's ``RANK``, ``WORLD_SIZ
 ``SCALAI_STORES``          ``host=url,...`` for the placement's hosts
 ``SCALAI_JOB``             the job's name in the stores
 ``SCALAI_TOKEN``           the stores' token (when they need one)
+``SCALAI_TLS_CA``          the CA bundle that ``https://`` stores' certificates verify against
 ``SCALAI_RESUME``          ``1``: wait for the go file, then load the version it names
 ``SCALAI_COMMIT_EVERY``    commit the state to the stores every N steps (0: never)
 ``SCALAI_DUMP_VERSION``    the version name survivors dump into after a failure
@@ -207,6 +208,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ..tls import Tls
 from .events import EXIT_DUMPED, RankLog
 
 __all__ = ["ElasticWorker", "EXIT_DUMPED", "stop_file", "go_file", "free_file", "layout_file", "ENV",
@@ -346,7 +348,8 @@ class ElasticWorker:
 
         if self.__dict__.get("_cached_writer") is None:
             self._cached_writer = StoreWriter(self.urls, self.job_name, gpus_per_host=self.gpus_per_host,
-                                              token=load_token(), owner_kind=f"g{self.generation}-save")
+                                              token=load_token(), owner_kind=f"g{self.generation}-save",
+                                              tls=Tls.from_env())
         return self._cached_writer
 
     # -- the calls --------------------------------------------------------------------
@@ -471,7 +474,8 @@ class ElasticWorker:
             self._arm(job)
             return None
         # This host's store is on this machine: map its files instead of streaming them
-        reader = StoreReader(self.urls, self.job_name, version, token=load_token(), local_host=self.host)
+        reader = StoreReader(self.urls, self.job_name, version, token=load_token(), local_host=self.host,
+                             tls=Tls.from_env())
         try:
             report = load(job, reader, verify=verify, placement=Placement(self.gpus_per_host, self.hosts))
         finally:
@@ -557,7 +561,7 @@ class ElasticWorker:
         log = self.log or RankLog(self.run_dir, self.generation, job.rank, host=self.host)
         log.mark("dump_start", error=f"{type(error).__name__}: {error}" if error else None)
         try:
-            client = StoreClient(self.stores[self.host], load_token(), retries=1)
+            client = StoreClient(self.stores[self.host], load_token(), retries=1, tls=Tls.from_env())
             total = 0
             for name, tensor in job.local_tensors().items():
                 dtype = job.ptc.spec(name).dtype

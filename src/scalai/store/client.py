@@ -30,6 +30,7 @@ from ..storage.arrays import as_raw
 from ..dtypes import raw_numpy
 from ..planner.plan import Window
 from ..regions import Region
+from ..tls import PLAIN_HINT, Tls, client_context, tls_failure
 from .errors import StoreRequestError, StoreUnavailable
 from .lease import LEASE_HEADER, OWNER_HEADER
 from .names import check_name, check_rank, check_tensor_name, format_shape, parse_shape, window_query
@@ -73,10 +74,12 @@ class StoreClient:
         pool_size: connections kept open (and the most requests in flight at once).
         from_host: the name of the host this client runs on; requests from a store's own
             host are not counted against its simulated link (see ``ratelimit.py``).
+        tls: ``https://`` stores are verified against ``tls.ca`` (None: this system's CAs);
+            a certificate that does not verify raises :class:`~scalai.tls.TlsError` at once.
     """
 
     def __init__(self, url: str, token: str | None = None, *, timeout: float = 60.0, retries: int = 4,
-                 backoff: float = 0.2, pool_size: int = 8, from_host: str | None = None):
+                 backoff: float = 0.2, pool_size: int = 8, from_host: str | None = None, tls: Tls | None = None):
         import urllib3
 
         parts = urlsplit(url)
@@ -85,9 +88,11 @@ class StoreClient:
         self.url = url.rstrip("/")
         self.retries, self.backoff, self.timeout = max(1, retries), backoff, timeout
         self._name: str | None = None
+        self.tls = tls
+        kw = {"ssl_context": client_context(tls)} if parts.scheme == "https" else {}
         cls = urllib3.HTTPSConnectionPool if parts.scheme == "https" else urllib3.HTTPConnectionPool
         self._pool = cls(parts.hostname, parts.port, maxsize=pool_size, block=True, retries=False,
-                         timeout=urllib3.Timeout(connect=5.0, read=timeout))
+                         timeout=urllib3.Timeout(connect=5.0, read=timeout), **kw)
         self._headers = {"X-Scalai-From": from_host} if from_host else {}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
@@ -113,6 +118,9 @@ class StoreClient:
                 resp = self._pool.urlopen(method, target, body=body, headers=all_headers, retries=False,
                                           preload_content=not stream, redirect=False, **kwargs)
             except (urllib3.exceptions.HTTPError, OSError) as exc:
+                failure = tls_failure(exc, self.url, self.tls, f"store {self._name}" if self._name else "the store")
+                if failure is not None:
+                    raise failure from None
                 last = exc
                 connect = isinstance(exc, (urllib3.exceptions.NewConnectionError,
                                            urllib3.exceptions.ConnectTimeoutError))
@@ -123,8 +131,9 @@ class StoreClient:
                 raise self._refused(method, path, resp)
             return resp
         reason = _reason(last)
+        hint = f" ({PLAIN_HINT})" if self.url.startswith("http:") and reason == "remote end closed connection" else ""
         raise StoreUnavailable(f"store {self.label} is unreachable after {attempt + 1} attempts ({reason}); "
-                               f"is 'scalai store serve' running there?", self._name or self.url)
+                               f"is 'scalai store serve' running there?{hint}", self._name or self.url)
 
     def _refused(self, method: str, path: str, resp) -> StoreRequestError:
         data = resp.data if resp.data is not None else resp.read()

@@ -150,18 +150,20 @@ class ConnectionGuard:
 
 class GuardedSite(web.BaseSite):
     """A site serving a listening socket whose connections pass through a
-    :class:`ConnectionGuard`."""
+    :class:`ConnectionGuard` (``ssl``: an :class:`ssl.SSLContext` to serve HTTPS, the
+    handshake within ``handshake_s`` seconds)."""
 
-    def __init__(self, runner: web.BaseRunner, sock, guard: ConnectionGuard):
+    def __init__(self, runner: web.BaseRunner, sock, guard: ConnectionGuard, ssl=None, handshake_s: float = 30.0):
         super().__init__(runner)
-        self._sock, self._guard = sock, guard
+        self._sock, self._guard, self._ssl, self._handshake_s = sock, guard, ssl, handshake_s
 
     @property
     def name(self) -> str:
         host, port = self._sock.getsockname()[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self._ssl else 'http'}://{host}:{port}"
 
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._guard.wrap(self._runner.server), sock=self._sock)
+        tls = {"ssl": self._ssl, "ssl_handshake_timeout": self._handshake_s} if self._ssl else {}
+        self._server = await loop.create_server(self._guard.wrap(self._runner.server), sock=self._sock, **tls)

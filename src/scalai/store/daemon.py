@@ -2,7 +2,9 @@
 
 A store listens on loopback by default. Any other address (a LAN address, ``0.0.0.0``)
 is refused unless the store has a token, because anyone who can reach the port could
-otherwise read and delete the job's state.
+otherwise read and delete the job's state. With ``config.tls`` holding a certificate and
+key it serves HTTPS (the handshake within ``idle_timeout``); without, the token and every
+tensor byte cross the network in clear.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 
 from ..checkpoint.manifest import atomic_write
 from ..net import is_loopback
+from ..tls import plain_warning
 from .connections import GuardedSite
 from .http_util import Keys
 from .server import StoreConfig, make_app
@@ -83,11 +86,12 @@ async def _serve(config: StoreConfig, sock: socket.socket, url_file: str | None,
     runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=config.idle_timeout,
                            read_bufsize=int(os.environ.get("SCALAI_STORE_BUFSIZE", 4 << 20)))
     await runner.setup()
-    site = GuardedSite(runner, sock, app[Keys.GUARD])
+    tls = config.tls if config.tls is not None and config.tls.serves else None
+    site = GuardedSite(runner, sock, app[Keys.GUARD], tls.server_context() if tls else None, config.idle_timeout)
     await site.start()
     bound = sock.getsockname()  # the port chosen when 0 was asked for
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-    url = f"http://{shown}:{bound[1]}"
+    url = f"{'https' if tls else 'http'}://{shown}:{bound[1]}"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -96,8 +100,11 @@ async def _serve(config: StoreConfig, sock: socket.socket, url_file: str | None,
         atomic_write(url_file, (url + "\n").encode(), sync=False)
     usage = app[Keys.CATALOG].usage()
     announce(f"scalai store {config.name} serving {url} (root {config.root}, "
-             f"{usage['memory_bytes']} bytes held{', token required' if config.token else ''})")
+             f"{usage['memory_bytes']} bytes held{', token required' if config.token else ''}{', TLS' if tls else ''})")
+    warning = plain_warning(f"store {config.name}", bound[0], config.tls)
     sys.stdout.flush()
+    if warning:
+        print(f"scalai: {warning}", file=sys.stderr, flush=True)
     try:
         await stop.wait()
     finally:

@@ -29,6 +29,7 @@ import numpy as np
 from ..layout.ptc import PTC
 from ..planner.plan import Deployment, Window
 from ..storage.base import AsyncRangeSource, FileSink, FileSource, TensorSource
+from ..tls import tls_failure
 from .catalog import Catalog, NotFound, VersionEntry
 from .errors import PeerError
 from .files import DATA_OFFSET, NewTensor, StoreFileError, TensorMeta
@@ -85,8 +86,8 @@ class PeerVersion(AsyncRangeSource):
     block_bytes = BLOCK_BYTES
 
     def __init__(self, host: str, url: str, job: str, version: str, ptc: PTC, session, link: Link,
-                 headers: dict[str, str], concurrency: int = 8):
-        self.host, self.url, self.job, self.version = host, url, job, version
+                 headers: dict[str, str], concurrency: int = 8, tls=None):
+        self.host, self.url, self.job, self.version, self.tls = host, url, job, version, tls
         self.ptc, self.state = ptc, {}
         self.session, self.link, self.headers = session, link, headers
         self.concurrency = concurrency
@@ -122,6 +123,9 @@ class PeerVersion(AsyncRangeSource):
                         raise aiohttp.ClientPayloadError(f"short body: {pos} of {nbytes} bytes")
                 break
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+                failure = tls_failure(exc, self.url, self.tls, f"store {self.host}")
+                if failure is not None:  # a certificate that does not verify will not heal
+                    raise PeerError(self.host, str(failure)) from None
                 if attempt == RETRIES - 1:
                     raise PeerError(self.host, f"store {self.host} ({self.url}) is unreachable after "
                                                f"{RETRIES} attempts: {exc or type(exc).__name__}") from None

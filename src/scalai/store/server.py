@@ -33,6 +33,7 @@ from aiohttp import web
 from ..storage.blocks import blocks
 from ..dtypes import itemsize
 from ..limits import ELEMENTS
+from ..tls import Tls, client_context
 from .catalog import Catalog, Conflict, NotFound, VersionEntry
 from .connections import ConnectionGuard
 from .files import DATA_OFFSET, TensorUpload
@@ -58,6 +59,7 @@ class StoreConfig:
     root: str
     name: str
     token: str | None = None
+    tls: Tls | None = None               # serve HTTPS (cert, key); verify peers (ca)
     spill: str | None = None
     memory_limit: int | None = None
     max_upload: int = 16 << 30
@@ -344,7 +346,7 @@ async def transform(request: web.Request) -> web.Response:
     # commits of it are refused from the first moment
     entry = catalog.begin(job, spec.to_version, owner or "", seconds, body.get("claimed", False))
     task = asyncio.ensure_future(run_host_part(catalog, spec, entry, session, app[Keys.LINK], app[Keys.POOL],
-                                               headers))
+                                               headers, app[Keys.CONFIG].tls))
     app[Keys.TRANSFORMS][key] = (task, owner)
     try:
         result = await task
@@ -379,12 +381,13 @@ def _cancelling() -> bool:
 
 
 async def _session(app: web.Application):
-    """The client session this store uses to read from its peers (connections reused)."""
+    """The client session this store uses to read from its peers (connections reused;
+    ``https://`` peers verified against the store's CA bundle, or this system's CAs)."""
     import aiohttp
 
     if app.get(Keys.SESSION) is None:
         app[Keys.SESSION] = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=64, limit_per_host=16),
+            connector=aiohttp.TCPConnector(limit=64, limit_per_host=16, ssl=client_context(app[Keys.CONFIG].tls)),
             timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=60))
     return app[Keys.SESSION]
 

@@ -6,7 +6,7 @@ over loopback: a memory copy that outlives the worker), one rank commits once al
 are done, and on restart every rank loads its shards through a plan from whatever
 version the stores hold, in whatever layout it was saved::
 
-    cluster = StoreCluster(urls, load_token())           # every rank, same URLs, same order
+    cluster = StoreCluster(urls, load_token(), tls=Tls.from_env())   # every rank, same URLs, same order
     placement = cluster.placement(gpus_per_host)          # rank r lives on cluster.hosts[r // G]
     version, seq = next_version(cluster, job)             # rank 0, then broadcast
     save_rank(cluster, job, version, rank, ptc, placement, local_tensors)
@@ -149,10 +149,13 @@ class StoreWriter:
         gpus_per_host: ranks per host: rank ``r`` lives on the ``r // G``-th store.
         owner_kind: what the writer's owner ids start with (an elastic run's workers give
             ``g<generation>-save``, so that their stores can fence off old generations).
+        token / tls: the stores' token and TLS setting (:class:`~scalai.tls.Tls`), when
+            ``urls`` are URLs.
     """
 
-    def __init__(self, urls, job: str, gpus_per_host: int, token: str | None = None, owner_kind: str = "save"):
-        self.cluster = urls if isinstance(urls, StoreCluster) else StoreCluster(urls, token)
+    def __init__(self, urls, job: str, gpus_per_host: int, token: str | None = None, owner_kind: str = "save",
+                 tls=None):
+        self.cluster = urls if isinstance(urls, StoreCluster) else StoreCluster(urls, token, tls=tls)
         self.job = job
         self.placement = self.cluster.placement(gpus_per_host)
         self.last_version: str | None = None  # the version the last save wrote (every rank)
@@ -228,12 +231,13 @@ class StoreReader(TensorSource):
         job: the job's name in the stores.
         version: the version to read (default: the job's current one).
         local_host: the host this process runs on, to map its store's files.
+        token / tls: the stores' token and TLS setting, when ``urls`` are URLs.
     """
 
     def __init__(self, urls, job: str, version: str | None = None, token: str | None = None,
-                 local_host: str | None = None):
+                 local_host: str | None = None, tls=None):
         self._own_cluster = not isinstance(urls, StoreCluster)
-        self.cluster = StoreCluster(urls, token) if self._own_cluster else urls
+        self.cluster = StoreCluster(urls, token, tls=tls) if self._own_cluster else urls
         self.job = job
         self.manifest = self.cluster.latest(job, version).manifest
         self.ptc: PTC = self.manifest.ptc

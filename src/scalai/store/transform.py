@@ -111,13 +111,16 @@ def _lay_out(s: TransformSpec) -> None:
 
 
 async def run_host_part(catalog: Catalog, spec: TransformSpec, entry: VersionEntry, session, link: Link,
-                        pool: Executor, headers: dict[str, str]) -> dict:
+                        pool: Executor, headers: dict[str, str], tls=None) -> dict:
     """Run this store's part of ``spec`` (see the module docstring); returns its statistics.
 
     The caller creates the (empty) new version ``entry`` first (:meth:`Catalog.begin`) and
     deletes it if this fails. A part that fails or is cancelled (its version deleted, its
     lease expired) stops its worker threads at their next block; they never write into a
     file of another version.
+
+    ``session`` reads from the peers (verifying ``https://`` peers against ``tls.ca``,
+    which error messages name).
 
     Raises:
         PeerError: a peer failed; NotFound/Conflict: the versions are not as required.
@@ -133,7 +136,7 @@ async def run_host_part(catalog: Catalog, spec: TransformSpec, entry: VersionEnt
         local = LocalVersion(catalog, s.job, s.from_version, s.old.ptc)
     sources = {c.src_host for c in s.plan.copies if not c.from_new and c.src_host != me}
     per_peer = max(1, -(-s.concurrency // max(1, len(sources))))  # `concurrency` reads in flight in all
-    peers = {h: PeerVersion(h, url, s.job, s.from_version, s.old.ptc, session, link, headers, per_peer)
+    peers = {h: PeerVersion(h, url, s.job, s.from_version, s.old.ptc, session, link, headers, per_peer, tls)
              for h, url in s.peers.items() if h in sources}
     source = HostSources(s.old, me, local, peers)
     sink = NewVersion(catalog, entry, s.new, s.checksum)
