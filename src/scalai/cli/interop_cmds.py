@@ -10,7 +10,7 @@ from .group import cli
 from .output import emit_json, human_bytes, layout_option
 from .params import COUNT, SIZE
 
-__all__ = ["import_group", "export_group"]
+__all__ = ["import_group", "export_group", "rules_option", "rules_from", "dcp_model_option"]
 
 
 @cli.group("import")
@@ -23,7 +23,8 @@ def export_group() -> None:
     """Write a scalai checkpoint (any layout) in another framework's format."""
 
 
-def _rules(path: str | None):
+def rules_from(path: str | None):
+    """The rules file at ``path`` (``None``: none)."""
     from ..interop.rules import load_rules
 
     return load_rules(path) if path else None
@@ -38,15 +39,18 @@ def _report(conv, what: str, as_json: bool) -> None:
                f"in {conv.seconds['total']:.2f} s")
 
 
-_rules_option = click.option("--rules", "rules_path", type=click.Path(dir_okay=False),
-                             help="rules file: how the foreign tensor names map onto scalai's (docs/interop.md)")
+rules_option = click.option("--rules", "rules_path", type=click.Path(dir_okay=False),
+                            help="rules file: how the foreign tensor names map onto scalai's (docs/interop.md)")
+dcp_model_option = click.option("--model", "-m", default=None,
+                                help="the scalai model a DCP checkpoint holds under scalai's own names "
+                                     "(as scalai synth names it)")
 
 
 @import_group.command("hf")
 @click.argument("model_dir", type=click.Path())
 @click.argument("out", type=click.Path())
 @layout_option("--layout", "-l")
-@_rules_option
+@rules_option
 @click.option("--workers", "-j", type=COUNT, default=None, help="copy threads (default: one per core, <= 8)")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
 def import_hf_cmd(model_dir: str, out: str, layout, rules_path: str | None, workers: int | None,
@@ -61,7 +65,7 @@ def import_hf_cmd(model_dir: str, out: str, layout, rules_path: str | None, work
     """
     from ..interop.convert import import_hf
 
-    conv = import_hf(model_dir, out, layout, rules=_rules(rules_path), workers=workers)
+    conv = import_hf(model_dir, out, layout, rules=rules_from(rules_path), workers=workers)
     _report(conv, f"imported {os.path.basename(os.path.abspath(model_dir))}", as_json)
 
 
@@ -72,7 +76,7 @@ def import_hf_cmd(model_dir: str, out: str, layout, rules_path: str | None, work
 @click.option("--vocab-size", type=COUNT, default=None,
               help="the tokenizer's vocabulary (Megatron saves only the padded one, used otherwise)")
 @click.option("--weights-only", is_flag=True, help="leave the optimizer state out")
-@_rules_option
+@rules_option
 @click.option("--workers", "-j", type=COUNT, default=None, help="copy threads (default: one per core, <= 8)")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
 def import_megatron_cmd(path: str, out: str, layout, vocab_size: int | None, weights_only: bool,
@@ -87,7 +91,7 @@ def import_megatron_cmd(path: str, out: str, layout, vocab_size: int | None, wei
     from ..interop.convert import import_megatron
 
     conv = import_megatron(path, out, layout, vocab_size=vocab_size, weights_only=weights_only,
-                           rules=_rules(rules_path), workers=workers)
+                           rules=rules_from(rules_path), workers=workers)
     _report(conv, f"imported {os.path.basename(os.path.abspath(path))}", as_json)
 
 
@@ -95,9 +99,8 @@ def import_megatron_cmd(path: str, out: str, layout, vocab_size: int | None, wei
 @click.argument("path", type=click.Path())
 @click.argument("out", type=click.Path())
 @layout_option("--layout", "-l")
-@click.option("--model", "-m", default=None,
-              help="the scalai model the checkpoint holds under scalai's own names (as scalai synth names it)")
-@_rules_option
+@dcp_model_option
+@rules_option
 @click.option("--workers", "-j", type=COUNT, default=None, help="copy threads (default: one per core, <= 8)")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
 def import_dcp_cmd(path: str, out: str, layout, model: str | None, rules_path: str | None, workers: int | None,
@@ -113,7 +116,7 @@ def import_dcp_cmd(path: str, out: str, layout, model: str | None, rules_path: s
     """
     from ..interop.convert import import_dcp
 
-    conv = import_dcp(path, out, layout, model=model, rules=_rules(rules_path), workers=workers)
+    conv = import_dcp(path, out, layout, model=model, rules=rules_from(rules_path), workers=workers)
     _report(conv, f"imported {os.path.basename(os.path.abspath(path))}", as_json)
 
 
@@ -122,7 +125,7 @@ def import_dcp_cmd(path: str, out: str, layout, model: str | None, rules_path: s
 @click.argument("out", type=click.Path())
 @click.option("--max-shard-size", "max_shard_bytes", default="5G", show_default=True, type=SIZE,
               help="largest safetensors file (e.g. 500M, 2G: powers of 1024), as save_pretrained's max_shard_size")
-@_rules_option
+@rules_option
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="config.json to write (default: the imported model's, or the HF counterpart of the scalai model)")
 @click.option("--workers", "-j", type=COUNT, default=None, help="copy threads (default: one per core, <= 8)")
@@ -137,7 +140,7 @@ def export_hf_cmd(ckpt: str, out: str, max_shard_bytes: int, rules_path: str | N
     from ..interop.hf_files import read_config
 
     config = read_config(config_path) if config_path else None
-    conv = export_hf(ckpt, out, rules=_rules(rules_path), config=config, max_shard_bytes=max_shard_bytes,
+    conv = export_hf(ckpt, out, rules=rules_from(rules_path), config=config, max_shard_bytes=max_shard_bytes,
                      workers=workers)
     _report(conv, f"exported {os.path.basename(os.path.abspath(ckpt))}", as_json)
 
@@ -145,7 +148,7 @@ def export_hf_cmd(ckpt: str, out: str, max_shard_bytes: int, rules_path: str | N
 @export_group.command("dcp")
 @click.argument("ckpt", type=click.Path())
 @click.argument("out", type=click.Path())
-@_rules_option
+@rules_option
 @click.option("--weights-only", is_flag=True, help="leave the optimizer state out")
 @click.option("--workers", "-j", type=COUNT, default=None, help="copy threads (default: one per core, <= 8)")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
@@ -158,5 +161,5 @@ def export_dcp_cmd(ckpt: str, out: str, rules_path: str | None, weights_only: bo
     """
     from ..interop.convert import export_dcp
 
-    conv = export_dcp(ckpt, out, rules=_rules(rules_path), weights_only=weights_only, workers=workers)
+    conv = export_dcp(ckpt, out, rules=rules_from(rules_path), weights_only=weights_only, workers=workers)
     _report(conv, f"exported {os.path.basename(os.path.abspath(ckpt))}", as_json)

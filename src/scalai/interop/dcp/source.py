@@ -55,6 +55,7 @@ class DcpSource(RangeSource):
 
     block_bytes = 8 << 20
     concurrency = 4
+    loads_subset = True  # as dcp.load: a job takes the tensors it has
 
     def __init__(self, directory: str | os.PathLike, index: DcpIndex, layout: DcpLayout,
                  state: dict | None = None):
