@@ -8,22 +8,9 @@ import time
 import click
 
 from .group import cli
-from .interop_cmds import dcp_model_option, rules_from, rules_option
+from .interop_cmds import dcp_model_option, dcp_source, inspect_dcp, reshard_dcp, rules_option
 from .output import console, emit_json, hosts_table, human_bytes, layout_option, progress, stats_table
 from .params import COUNT, SEED
-
-
-def _dcp_source(ckpt: str, model: str | None, rules_path: str | None) -> bool:
-    """Whether ``ckpt`` is a PyTorch DCP directory; ``--model``/``--rules`` only apply to one."""
-    from ..interop.dcp import is_dcp_directory
-    from ..locations import is_directory
-
-    if is_directory(ckpt) and is_dcp_directory(ckpt):
-        return True
-    if model is not None or rules_path is not None:
-        raise ValueError(f"--model and --rules say how a PyTorch DCP checkpoint maps onto scalai's tensors; "
-                         f"{ckpt} is not one (a scalai checkpoint knows its own layout): leave them out")
-    return False
 
 
 def _shown(location: str) -> str:
@@ -89,8 +76,8 @@ def inspect(ckpt: str, verify: bool, show_tensors: bool, model: str | None, rule
     from ..locations import open_source
     from ..storage.verify import verify_source
 
-    if _dcp_source(ckpt, model, rules_path):
-        _inspect_dcp(ckpt, model, rules_path, verify, show_tensors, as_json)
+    if dcp_source(ckpt, model, rules_path):
+        inspect_dcp(ckpt, model, rules_path, verify, show_tensors, as_json)
         return
     with open_source(ckpt) as c:
         ptc = c.ptc
@@ -145,46 +132,6 @@ def inspect(ckpt: str, verify: bool, show_tensors: bool, model: str | None, rule
         table = Table("tensor", "shape", "dtype", "split", "stages", box=None)
         for t in info["tensor_list"]:
             table.add_row(t["name"], "x".join(map(str, t["shape"])), t["dtype"], t["split"], t["residence"])
-        out.print(table)
-
-
-def _unmapped(tensor: dict, unmapped: dict) -> str:
-    if tensor["role"] == "step":
-        return "- (Adam's step count: the checkpoint's step)"
-    return f"- ({unmapped.get(tensor['key'], 'not taken')})"
-
-
-def _inspect_dcp(ckpt: str, model: str | None, rules_path: str | None, verify: bool, show_tensors: bool,
-                 as_json: bool) -> None:
-    from ..interop.dcp.open import dcp_summary, open_dcp
-
-    if verify:
-        raise ValueError(f"{ckpt} is a PyTorch DCP checkpoint: scalai does not check its chunks' checksums; "
-                         f"leave out --verify (torch.load checks a chunk's CRC when it reads it)")
-    with open_dcp(ckpt, rules=rules_from(rules_path), model=model) as source:
-        info = dcp_summary(source, tensors=show_tensors or as_json)
-    if as_json:
-        emit_json(info)
-        return
-    out = console()
-    out.print(f"[bold]{info['checkpoint']}[/bold]")
-    out.print(f"  format     PyTorch DCP (version {info['version'] or 'not recorded'}), {info['files']} data files")
-    out.print(f"  tensors    {info['tensors']} in {info['chunks']} chunks ({info['parameters']} parameters, "
-              f"{info['optimizer_tensors']} optimizer tensors), {info['objects']} other values")
-    out.print(f"  bytes      {human_bytes(info['bytes'])}")
-    out.print(f"  step       {info['step']} (Adam's step count)")
-    how = (f"{info['num_layers']} layers, ready to lay out (scalai reshard {ckpt} OUT --to L)" if info["laid_out"]
-           else "named as stored; give --model M or --rules FILE to lay it out")
-    out.print(f"  scalai     {info['scalai_tensors']} tensors, {how}")
-    if info["unmapped"]:
-        out.print(f"  unmapped   {len(info['unmapped'])} keys (--tensors or --json: which and why)")
-    if show_tensors:
-        from rich.table import Table
-
-        table = Table("key", "shape", "dtype", "chunks", "bytes", "scalai tensor", box=None)
-        for t in info["tensor_list"]:
-            table.add_row(t["key"], "x".join(map(str, t["shape"])), t["dtype"], str(t["chunks"]),
-                          human_bytes(t["bytes"]), t["maps_to"] or _unmapped(t, info["unmapped"]))
         out.print(table)
 
 
@@ -257,15 +204,8 @@ def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool
     CKPT may be a PyTorch DCP directory, with --model M or --rules FILE (how its keys map
     onto scalai's tensors): the same as scalai import dcp, read from its chunks in place.
     """
-    if _dcp_source(ckpt, model, rules_path):
-        from ..interop.convert import import_dcp
-
-        conv = import_dcp(ckpt, out, to_layout, model=model, rules=rules_from(rules_path), workers=workers)
-        if as_json:
-            emit_json({"from": "dcp", "to": str(to_layout), **conv.to_json()})
-        else:
-            click.echo(f"dcp -> {to_layout}: wrote {_shown(out)}: {conv.tensors} tensors, "
-                       f"{human_bytes(conv.bytes)} in {conv.seconds['total']:.2f} s")
+    if dcp_source(ckpt, model, rules_path):
+        reshard_dcp(ckpt, out, to_layout, model, rules_path, workers, as_json)
         return
     from ..checkpoint.staging import check_output
     from ..checkpoint.limits import reserve_descriptors

@@ -1,4 +1,5 @@
-"""Checkpoints in and out: ``scalai import hf|megatron|dcp`` and ``scalai export hf|dcp``."""
+"""Checkpoints in and out: ``scalai import hf|megatron|dcp`` and ``scalai export hf|dcp``; what
+``scalai inspect`` and ``scalai reshard`` do with a PyTorch DCP directory."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import os
 import click
 
 from .group import cli
-from .output import emit_json, human_bytes, layout_option
+from .output import console, emit_json, human_bytes, layout_option
 from .params import COUNT, SIZE
 
-__all__ = ["import_group", "export_group", "rules_option", "rules_from", "dcp_model_option"]
+__all__ = ["import_group", "export_group", "rules_option", "rules_from", "dcp_model_option", "dcp_source",
+           "inspect_dcp", "reshard_dcp"]
 
 
 @cli.group("import")
@@ -44,6 +46,73 @@ rules_option = click.option("--rules", "rules_path", type=click.Path(dir_okay=Fa
 dcp_model_option = click.option("--model", "-m", default=None,
                                 help="the scalai model a DCP checkpoint holds under scalai's own names "
                                      "(as scalai synth names it)")
+
+
+def dcp_source(ckpt: str, model: str | None, rules_path: str | None) -> bool:
+    """Whether ``ckpt`` is a PyTorch DCP directory; ``--model``/``--rules`` only apply to one."""
+    from ..interop.dcp import is_dcp_directory
+    from ..locations import is_directory
+
+    if is_directory(ckpt) and is_dcp_directory(ckpt):
+        return True
+    if model is not None or rules_path is not None:
+        raise ValueError(f"--model and --rules say how a PyTorch DCP checkpoint maps onto scalai's tensors; "
+                         f"{ckpt} is not one (a scalai checkpoint knows its own layout): leave them out")
+    return False
+
+
+def _unmapped(tensor: dict, unmapped: dict) -> str:
+    if tensor["role"] == "step":
+        return "- (Adam's step count: the checkpoint's step)"
+    return f"- ({unmapped.get(tensor['key'], 'not taken')})"
+
+
+def inspect_dcp(ckpt: str, model: str | None, rules_path: str | None, verify: bool, show_tensors: bool,
+                as_json: bool) -> None:
+    """``scalai inspect`` of a PyTorch DCP directory: its tensors, chunks and bytes, and what
+    each maps to (:func:`~scalai.interop.dcp.open.dcp_summary`)."""
+    from ..interop.dcp.open import dcp_summary, open_dcp
+
+    if verify:
+        raise ValueError(f"{ckpt} is a PyTorch DCP checkpoint: scalai does not check its chunks' checksums; "
+                         f"leave out --verify (torch.load checks a chunk's CRC when it reads it)")
+    with open_dcp(ckpt, rules=rules_from(rules_path), model=model) as source:
+        info = dcp_summary(source, tensors=show_tensors or as_json)
+    if as_json:
+        emit_json(info)
+        return
+    out = console()
+    out.print(f"[bold]{info['checkpoint']}[/bold]")
+    out.print(f"  format     PyTorch DCP (version {info['version'] or 'not recorded'}), {info['files']} data files")
+    out.print(f"  tensors    {info['tensors']} in {info['chunks']} chunks ({info['parameters']} parameters, "
+              f"{info['optimizer_tensors']} optimizer tensors), {info['objects']} other values")
+    out.print(f"  bytes      {human_bytes(info['bytes'])}")
+    out.print(f"  step       {info['step']} (Adam's step count)")
+    how = (f"{info['num_layers']} layers, ready to lay out (scalai reshard {ckpt} OUT --to L)" if info["laid_out"]
+           else "named as stored; give --model M or --rules FILE to lay it out")
+    out.print(f"  scalai     {info['scalai_tensors']} tensors, {how}")
+    if info["unmapped"]:
+        out.print(f"  unmapped   {len(info['unmapped'])} keys (--tensors or --json: which and why)")
+    if show_tensors:
+        from rich.table import Table
+
+        table = Table("key", "shape", "dtype", "chunks", "bytes", "scalai tensor", box=None)
+        for t in info["tensor_list"]:
+            table.add_row(t["key"], "x".join(map(str, t["shape"])), t["dtype"], str(t["chunks"]),
+                          human_bytes(t["bytes"]), t["maps_to"] or _unmapped(t, info["unmapped"]))
+        out.print(table)
+
+def reshard_dcp(ckpt: str, out: str, to_layout, model: str | None, rules_path: str | None, workers: int | None,
+                as_json: bool) -> None:
+    """``scalai reshard`` of a PyTorch DCP directory: ``scalai import dcp`` under reshard's name."""
+    from ..interop.convert import import_dcp
+
+    conv = import_dcp(ckpt, out, to_layout, model=model, rules=rules_from(rules_path), workers=workers)
+    if as_json:
+        emit_json({"from": "dcp", "to": str(to_layout), **conv.to_json()})
+    else:
+        click.echo(f"dcp -> {to_layout}: wrote {conv.output}: {conv.tensors} tensors, "
+                   f"{human_bytes(conv.bytes)} in {conv.seconds['total']:.2f} s")
 
 
 @import_group.command("hf")

@@ -115,7 +115,7 @@ def load_target(job: JobState, saved: PTC, where: str, weights_only: bool = Fals
     """The part of the job's PTC a load fills: all of it, or its parameters (``weights_only``).
 
     Raises:
-        ValueError: the saved state holds the job's parameters but not its optimizer state
+        PlanError: the saved state holds the job's parameters but not its optimizer state
             (a checkpoint saved without it: say ``weights_only=True`` to load the weights).
     """
     if weights_only:
@@ -124,9 +124,9 @@ def load_target(job: JobState, saved: PTC, where: str, weights_only: bool = Fals
     lacking = [s for s in job.ptc.specs if s.name not in names]
     if lacking and all(s.is_optimizer_state for s in lacking):
         s = lacking[0]
-        raise ValueError(f"{where} holds no {s.state} of {s.param} (nor {len(lacking) - 1} more optimizer "
-                         f"tensors) but the job has an optimizer; load(job, source, weights_only=True) loads "
-                         f"the weights alone and leaves the optimizer as it is")
+        raise PlanError(f"{where} holds no {s.name} (nor {len(lacking) - 1} more optimizer tensors) but the "
+                        f"job has an optimizer; load(job, source, weights_only=True) loads the weights alone and "
+                        f"leaves the optimizer as it is")
     return job.ptc
 
 
