@@ -36,8 +36,7 @@ def _cut(full: dict, name: str, tp: int, tp_rank: int) -> torch.Tensor:
 
 def test_reshard_of_a_dcp_directory_into_pipeline_stages_equals_dcp_load(fsdp_tp_dcp, tmp_path, capsys):
     path, _ = fsdp_tp_dcp
-    rules = tmp_path / "rules.json"
-    rules.write_text(json.dumps(RULES))
+    rules = _rules_file(tmp_path)
     before = tree_digest(path)
     r = run(capsys, "reshard", path, tmp_path / "out", "--to", "tp=2,pp=2,dp=1", "--rules", rules)
     assert r.code == 0 and re.match(r"dcp -> tp=2,pp=2,dp=1: wrote .*out: 27 tensors", r.out), r.out + r.err
@@ -61,8 +60,7 @@ def test_reshard_of_a_dcp_directory_into_pipeline_stages_equals_dcp_load(fsdp_tp
 
 def test_inspect_shows_a_dcp_checkpoint_and_what_it_maps_to(fsdp_tp_dcp, tmp_path, capsys):
     path, _ = fsdp_tp_dcp
-    rules = tmp_path / "rules.json"
-    rules.write_text(json.dumps(RULES))
+    rules = _rules_file(tmp_path)
     full = dcp_load_whole(path)
     r = run(capsys, "inspect", path, "--rules", rules, "--json")
     assert r.code == 0, r.err
@@ -137,6 +135,33 @@ def test_bad_dcp_sources_get_one_line_and_leave_nothing(fsdp_tp_dcp, tmp_path, c
     assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err
     assert not (tmp_path / "out").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
     assert tree_digest(src) == before
+
+
+def test_a_corrupted_chunk_is_caught_by_its_archive_crc(fsdp_tp_dcp, tmp_path, capsys):
+    from scalai.interop.dcp import open_dcp
+
+    bad = damaged_copy(fsdp_tp_dcp[0], tmp_path / "bad")
+    with open_dcp(bad) as source:  # where the elements of w2's first chunk start
+        slot = source.layout.slots[(0, "layers.1.w2.weight")]
+        rec = source._record(slot)
+    with open(bad / slot.chunk.blob.file, "r+b") as f:
+        f.seek(rec.start + 5)
+        byte = f.read(1)
+        f.seek(rec.start + 5)
+        f.write(bytes([byte[0] ^ 0x10]))
+    r = run(capsys, "inspect", fsdp_tp_dcp[0], "--verify")
+    assert r.code == 0 and re.search(r"verified +\d+ chunks match", r.out), r.out + r.err
+    r = run(capsys, "inspect", bad, "--verify")
+    assert r.code != 0 and "checksum mismatch in" in r.err and "layers.1.w2.weight" in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1
+    r = run(capsys, "reshard", bad, tmp_path / "out", "--to", "tp=1,pp=2,dp=1", "--rules", _rules_file(tmp_path))
+    assert r.code != 0 and "checksum mismatch in" in r.err and not (tmp_path / "out").exists(), r.err
+
+
+def _rules_file(tmp_path) -> Path:
+    path = tmp_path / "rules.json"
+    path.write_text(json.dumps(RULES))
+    return path
 
 
 def test_model_and_rules_are_refused_for_a_scalai_checkpoint(tmp_path, capsys):

@@ -205,7 +205,7 @@ def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool
     onto scalai's tensors): the same as scalai import dcp, read from its chunks in place.
     """
     if dcp_source(ckpt, model, rules_path):
-        reshard_dcp(ckpt, out, to_layout, model, rules_path, workers, as_json)
+        reshard_dcp(ckpt, out, to_layout, model, rules_path, workers, verify, as_json)
         return
     from ..checkpoint.staging import check_output
     from ..checkpoint.limits import reserve_descriptors

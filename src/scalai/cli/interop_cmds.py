@@ -73,11 +73,17 @@ def inspect_dcp(ckpt: str, model: str | None, rules_path: str | None, verify: bo
     each maps to (:func:`~scalai.interop.dcp.open.dcp_summary`)."""
     from ..interop.dcp.open import dcp_summary, open_dcp
 
-    if verify:
-        raise ValueError(f"{ckpt} is a PyTorch DCP checkpoint: scalai does not check its chunks' checksums; "
-                         f"leave out --verify (torch.load checks a chunk's CRC when it reads it)")
+    import time
+
+    from ..storage.verify import verify_source
+
     with open_dcp(ckpt, rules=rules_from(rules_path), model=model) as source:
         info = dcp_summary(source, tensors=show_tensors or as_json)
+        if verify:
+            t0 = time.perf_counter()
+            verify_source(source)
+            info["verified"] = {"checksums": sum(source.checksum(r, n) is not None for (r, n) in source.layout.slots),
+                                "chunks": len(source.layout.slots), "seconds": round(time.perf_counter() - t0, 3)}
     if as_json:
         emit_json(info)
         return
@@ -93,6 +99,11 @@ def inspect_dcp(ckpt: str, model: str | None, rules_path: str | None, verify: bo
     out.print(f"  scalai     {info['scalai_tensors']} tensors, {how}")
     if info["unmapped"]:
         out.print(f"  unmapped   {len(info['unmapped'])} keys (--tensors or --json: which and why)")
+    if verify:
+        v = info["verified"]
+        unchecked = v["chunks"] - v["checksums"]
+        out.print(f"  verified   {v['checksums']} chunks match the CRC-32 their archive records"
+                  f"{f' ({unchecked} record none)' if unchecked else ''} ({v['seconds']:.2f} s)")
     if show_tensors:
         from rich.table import Table
 
@@ -103,11 +114,13 @@ def inspect_dcp(ckpt: str, model: str | None, rules_path: str | None, verify: bo
         out.print(table)
 
 def reshard_dcp(ckpt: str, out: str, to_layout, model: str | None, rules_path: str | None, workers: int | None,
-                as_json: bool) -> None:
-    """``scalai reshard`` of a PyTorch DCP directory: ``scalai import dcp`` under reshard's name."""
+                verify: bool, as_json: bool) -> None:
+    """``scalai reshard`` of a PyTorch DCP directory: ``scalai import dcp`` under reshard's name
+    (``verify``: the chunks' CRC-32s checked first, as reshard checks a scalai checkpoint's)."""
     from ..interop.convert import import_dcp
 
-    conv = import_dcp(ckpt, out, to_layout, model=model, rules=rules_from(rules_path), workers=workers)
+    conv = import_dcp(ckpt, out, to_layout, model=model, rules=rules_from(rules_path), workers=workers,
+                      verify=verify)
     if as_json:
         emit_json({"from": "dcp", "to": str(to_layout), **conv.to_json()})
     else:

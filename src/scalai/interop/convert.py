@@ -219,7 +219,8 @@ def import_megatron(path: str | os.PathLike, out_dir: str, layout: ParallelConfi
 
 def import_dcp(path: str | os.PathLike, out_dir: str, layout: ParallelConfig | str, *, model: str | None = None,
                rules: Rules | None = None, workers: int | None = None,
-               progress: Callable[[int], None] | None = None, sync: bool = True) -> Conversion:
+               progress: Callable[[int], None] | None = None, sync: bool = True,
+               verify: bool = False) -> Conversion:
     """Write the PyTorch DCP checkpoint in directory ``path`` as a scalai checkpoint in ``layout``:
     its parameters and the optimizer state that follows them (Adam's ``exp_avg`` and
     ``exp_avg_sq``), each destination window read from the stored chunks that overlap it.
@@ -229,6 +230,7 @@ def import_dcp(path: str | os.PathLike, out_dir: str, layout: ParallelConfig | s
             ``scalai export dcp`` wrote); or
         rules: how its keys map onto scalai's tensors and how they split (one of the two
             is needed: DCP records boxes, not how a model splits).
+        verify: first check every chunk against the CRC-32 its archive records.
 
     Raises:
         ValueError: neither ``model`` nor ``rules``, keys the rules do not explain, or a
@@ -248,6 +250,10 @@ def import_dcp(path: str | os.PathLike, out_dir: str, layout: ParallelConfig | s
     with open_dcp(path, rules=rules, model=model) as source:
         new_ptc = source.ptc.relayout(layout)
         _check_output(out_dir, stored_nbytes(new_ptc), f"the import into {layout}", path)
+        if verify:
+            from ..storage.verify import verify_source
+
+            verify_source(source, workers=workers)
         state = source.state
         return _run(source, new_ptc.stored_replicas(), lambda: create_sink(out_dir, new_ptc, state, sync),
                     False, workers, progress, os.fspath(out_dir), str(layout))

@@ -196,7 +196,7 @@ def load(job: JobState, source: Any, *, verify: bool = True, placement: Placemen
             ``get_state_dict`` gives them), or any ``TensorSource`` (for a DCP checkpoint
             under other names: :func:`scalai.interop.dcp.open_dcp` with its rules).
         verify: check every saved byte against its CRC-32 first (split over the ranks;
-            a source that records none, such as DCP, has nothing to check).
+            a DCP chunk against the CRC its archive records).
         placement: the hosts the live ranks run on, when ``source`` knows where its ranks
             are (stores: a reader's ``placement``): ranks then read replicas from their
             own host's store.
