@@ -33,6 +33,31 @@ def save_small_dcp(path: Path) -> dict:
     return flat
 
 
+def dcp_load_whole(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint as ``dcp.load`` gives it, whole (one process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(path).read_metadata()
+    full = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
+            for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(full, checkpoint_id=path, no_dist=True)
+    return full
+
+
+def save_weights_only(full: dict[str, torch.Tensor], path: Path) -> None:
+    """``dcp.save`` (one process) of the ``model.`` tensors of ``full`` alone: a checkpoint
+    without optimizer state."""
+    import torch.distributed.checkpoint as dcp
+
+    model = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": model}, checkpoint_id=str(path), no_dist=True)
+
+
 def damaged_copy(src: str, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -94,9 +94,15 @@ def test_loading_a_checkpoint_without_optimizer_state_is_refused(tmp_path):
     with pytest.raises(CollectiveError) as info:
         load(job, tmp_path / "weights-only")
     assert info.value.kinds == {"PlanError"}
-    assert "optimizer.exp_avg" in str(info.value)
+    assert "optimizer.exp_avg" in str(info.value) and "weights_only=True" in str(info.value)
     assert all(torch.equal(job.local_tensors()[n], t) for n, t in before.items()), \
         "a refused load must not have touched the job"
+    saved = snapshot(make_job(optimizer=False))
+    report = load(job, tmp_path / "weights-only", weights_only=True)
+    after = job.local_tensors()
+    for name, tensor in before.items():  # the weights loaded, the moments (and step) left alone
+        assert torch.equal(after[name], saved[name] if name in saved else tensor), name
+    assert job.step == 0 and report.restored == ("parameters",) and "state" in report.not_restored
 
 
 def test_loading_another_model_is_refused(tmp_path):

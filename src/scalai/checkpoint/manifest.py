@@ -257,9 +257,20 @@ def read_manifest(directory: str) -> Manifest:
         text = read_regular(path, MAX_MANIFEST_BYTES, "manifest", CheckpointError,
                             "; the checkpoint is damaged: restore the file or use an earlier checkpoint")
     except FileNotFoundError:
+        if _is_empty(directory):
+            raise CheckpointError(f"{directory} is empty: it is not a checkpoint (a scalai checkpoint holds "
+                                  f"{MANIFEST_NAME}, a PyTorch DCP checkpoint .metadata); give the checkpoint's "
+                                  f"directory") from None
         raise CheckpointError(_foreign(directory) or f"{directory} has no {MANIFEST_NAME}: the save did not "
                               f"finish; use an earlier checkpoint") from None
     return parse_manifest(text, path)
+
+
+def _is_empty(directory: str) -> bool:
+    try:
+        return not os.listdir(directory)
+    except OSError:
+        return False
 
 
 #: Files that mark another framework's checkpoint, and how to bring it in.

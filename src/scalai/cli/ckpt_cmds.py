@@ -8,6 +8,7 @@ import time
 import click
 
 from .group import cli
+from .interop_cmds import dcp_model_option, dcp_source, inspect_dcp, reshard_dcp, rules_option
 from .output import console, emit_json, hosts_table, human_bytes, layout_option, progress, stats_table
 from .params import COUNT, SEED
 
@@ -62,14 +63,22 @@ def synth(model: str, out: str, layout, seed: int, as_json: bool) -> None:
 @click.argument("ckpt", type=click.Path())
 @click.option("--verify", is_flag=True, help="recompute every checksum")
 @click.option("--tensors", "show_tensors", is_flag=True, help="list every tensor")
+@dcp_model_option
+@rules_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def inspect(ckpt: str, verify: bool, show_tensors: bool, as_json: bool) -> None:
+def inspect(ckpt: str, verify: bool, show_tensors: bool, model: str | None, rules_path: str | None,
+            as_json: bool) -> None:
     """Show a checkpoint's layout, tensors and sizes; --verify checks every checksum.
 
-    CKPT is a directory or a URL (s3://BUCKET/PREFIX, gs://, az://, ...)."""
+    CKPT is a directory or a URL (s3://BUCKET/PREFIX, gs://, az://, ...), or a PyTorch DCP
+    directory: its tensors, chunks and bytes, and (with --model M or --rules FILE) the
+    scalai tensors they map onto."""
     from ..locations import open_source
     from ..storage.verify import verify_source
 
+    if dcp_source(ckpt, model, rules_path):
+        inspect_dcp(ckpt, model, rules_path, verify, show_tensors, as_json)
+        return
     with open_source(ckpt) as c:
         ptc = c.ptc
         per_rank = [r.nbytes for r in c.manifest.ranks]
@@ -181,14 +190,23 @@ def plan(ckpt, model, from_layout, to_layout, gpus_per_host: int, as_json: bool)
 @click.option("--workers", "-j", default=None, type=COUNT, help="copy threads (default: one per core)")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="check the source's checksums before resharding")
+@dcp_model_option
+@rules_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool, as_json: bool) -> None:
+def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool, model: str | None,
+            rules_path: str | None, as_json: bool) -> None:
     """Rewrite checkpoint CKPT in another layout as OUT (CKPT is never modified).
 
     CKPT and OUT are directories or URLs (s3://BUCKET/PREFIX, gs://, az://, ...). The
     source's checksums are verified first (--no-verify skips that pass), so a corrupted
     checkpoint is never silently propagated into a new layout.
+
+    CKPT may be a PyTorch DCP directory, with --model M or --rules FILE (how its keys map
+    onto scalai's tensors): the same as scalai import dcp, read from its chunks in place.
     """
+    if dcp_source(ckpt, model, rules_path):
+        reshard_dcp(ckpt, out, to_layout, model, rules_path, workers, verify, as_json)
+        return
     from ..checkpoint.staging import check_output
     from ..checkpoint.limits import reserve_descriptors
     from ..locations import exists, is_directory, open_source

@@ -25,8 +25,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
-
 from ..config import ParallelConfig, Placement
 from ..layout.ptc import PTC
 from ..models.synth import stored_nbytes
@@ -221,7 +219,8 @@ def import_megatron(path: str | os.PathLike, out_dir: str, layout: ParallelConfi
 
 def import_dcp(path: str | os.PathLike, out_dir: str, layout: ParallelConfig | str, *, model: str | None = None,
                rules: Rules | None = None, workers: int | None = None,
-               progress: Callable[[int], None] | None = None, sync: bool = True) -> Conversion:
+               progress: Callable[[int], None] | None = None, sync: bool = True,
+               verify: bool = False) -> Conversion:
     """Write the PyTorch DCP checkpoint in directory ``path`` as a scalai checkpoint in ``layout``:
     its parameters and the optimizer state that follows them (Adam's ``exp_avg`` and
     ``exp_avg_sq``), each destination window read from the stored chunks that overlap it.
@@ -231,6 +230,7 @@ def import_dcp(path: str | os.PathLike, out_dir: str, layout: ParallelConfig | s
             ``scalai export dcp`` wrote); or
         rules: how its keys map onto scalai's tensors and how they split (one of the two
             is needed: DCP records boxes, not how a model splits).
+        verify: first check every chunk against the CRC-32 its archive records.
 
     Raises:
         ValueError: neither ``model`` nor ``rules``, keys the rules do not explain, or a
@@ -239,8 +239,7 @@ def import_dcp(path: str | os.PathLike, out_dir: str, layout: ParallelConfig | s
         CheckpointError: a missing, damaged or hostile ``.metadata`` or data file.
     """
     from ..locations import create_sink
-    from .dcp import dcp_layout, model_rules, read_index
-    from .dcp.source import DcpSource
+    from .dcp.open import open_dcp
 
     layout = ParallelConfig.parse(layout)
     if os.path.lexists(os.fspath(out_dir)):  # before reading anything
@@ -248,36 +247,16 @@ def import_dcp(path: str | os.PathLike, out_dir: str, layout: ParallelConfig | s
     if (model is None) == (rules is None):
         raise ValueError("say how the DCP checkpoint's tensors map onto scalai's: give --model M (a scalai model "
                          "under its own names) or --rules FILE (see docs/interop.md), not both")
-    index = read_index(path)
-    stored = dcp_layout(index, rules if rules is not None else model_rules(model))
-    new_ptc = stored.ptc.relayout(layout)
-    _check_output(out_dir, stored_nbytes(new_ptc), f"the import into {layout}", path)
-    state = {"step": 0, "imported": {"from": "dcp", "directory": os.path.abspath(os.fspath(path)),
-                                     "unmapped": dict(sorted(stored.unmapped.items()))}}
-    if model is not None:
-        state["model"] = model
-    with DcpSource(path, index, stored, state) as source:
-        source.state["step"] = state["step"] = _dcp_step(source)
+    with open_dcp(path, rules=rules, model=model) as source:
+        new_ptc = source.ptc.relayout(layout)
+        _check_output(out_dir, stored_nbytes(new_ptc), f"the import into {layout}", path)
+        if verify:
+            from ..storage.verify import verify_source
+
+            verify_source(source, workers=workers)
+        state = source.state
         return _run(source, new_ptc.stored_replicas(), lambda: create_sink(out_dir, new_ptc, state, sync),
                     False, workers, progress, os.fspath(out_dir), str(layout))
-
-
-def _dcp_step(source) -> int:
-    """The optimizer's step count (the largest of the parameters' ``step`` entries; 0 if none)."""
-    steps = []
-    for key in source.layout.keys.steps.values():
-        if key in source.index.tensors:
-            dtype = source.index.tensors[key].dtype
-            if dtype not in ("float32", "float64", "int64", "int32"):
-                raise ValueError(f"{key} in {source.directory} is a {dtype} tensor, not a step count")
-            value = source.tensor_value(key).view(np.dtype(dtype)).item()
-        else:
-            value = source.object_value(key)
-        try:
-            steps.append(int(float(value)))
-        except (TypeError, ValueError):
-            raise ValueError(f"{key} in {source.directory} is {value!r}, not a step count") from None
-    return max(steps, default=0)
 
 
 def _dcp_keys(rules: Rules | None, params: list, num_layers: int) -> dict[str, str]:

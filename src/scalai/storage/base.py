@@ -67,11 +67,16 @@ class TensorSource(ABC):
         state: the non-tensor state stored with them (a JSON object; ``{}`` for live tensors).
         placement: the hosts its ranks' bytes live on, when that matters to a plan (per-host
             stores: read each replica from the reader's own host); ``None`` otherwise.
+        loads_subset: a loader may take only the tensors it needs and leave the others (a
+            foreign checkpoint, as its own loader does: DCP's ``load`` reads what the
+            state dict asks for); ``False``: a tensor the destination lacks is an error
+            (a scalai checkpoint of another model).
     """
 
     ptc: PTC
     state: dict
     placement: Placement | None = None
+    loads_subset: bool = False
 
     def checksum(self, rank: int, tensor: str) -> int | None:
         """The CRC-32 recorded for the whole local tensor, or ``None`` (not recorded)."""

@@ -1,7 +1,8 @@
 """Where job state goes and comes from: the writer protocol of ``save`` and the sources of ``load``.
 
 :func:`~scalai.training.load` reads any :class:`~scalai.storage.TensorSource` (a
-checkpoint directory, ``memory://NAME``, the stores' :class:`~scalai.store.training.StoreReader`)
+checkpoint directory, ``memory://NAME``, the stores' :class:`~scalai.store.training.StoreReader`,
+a PyTorch DCP directory)
 and :func:`~scalai.training.save` writes through a :class:`StateWriter`: the collective
 protocol of a save, which a backend implements on top of its sink. The directory backend
 here writes the checkpoint format with :class:`~scalai.checkpoint.CheckpointWriter` (the
@@ -132,8 +133,14 @@ def as_writer(target: Any) -> StateWriter:
 
 
 def as_source(source: Any) -> TensorSource:
-    """A location (directory, ``memory://NAME``, fsspec URL) is opened; a :class:`TensorSource` passes through."""
+    """A location (directory, ``memory://NAME``, fsspec URL) is opened; a PyTorch DCP directory
+    (``.metadata``) with :func:`~scalai.interop.dcp.open_dcp`, its tensors under
+    their own names; a :class:`TensorSource` passes through."""
     if isinstance(source, (str, os.PathLike)):
+        from ..interop.dcp import is_dcp_directory, open_dcp
+
+        if is_dcp_directory(source):
+            return open_dcp(source)
         return open_source(source)
     if isinstance(source, TensorSource):
         return source

@@ -10,7 +10,8 @@ buffer, otherwise the smallest span that holds the window; a window that is a th
 slice of its chunk (a few columns of every row: a head of a transposed ``Conv1D``)
 reads the whole chunk once per worker, as the windows of one chunk come one after
 another (row by row when the chunk is larger than 256 MiB). Nothing is consolidated and no code in the files
-runs.
+runs. A chunk read as it is stored has the CRC-32 its archive records as its checksum, so
+:func:`~scalai.storage.verify.verify_source` checks it and a copy of it keeps it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class DcpSource(RangeSource):
 
     block_bytes = 8 << 20
     concurrency = 4
+    loads_subset = True  # as dcp.load: a job takes the tensors it has
 
     def __init__(self, directory: str | os.PathLike, index: DcpIndex, layout: DcpLayout,
                  state: dict | None = None):
@@ -79,6 +81,15 @@ class DcpSource(RangeSource):
 
     def where(self, rank: int) -> str:
         return self.directory
+
+    def checksum(self, rank: int, tensor: str) -> int | None:
+        """The CRC-32 the chunk's ``torch.save`` archive records for its bytes, when slot
+        ``rank`` of ``tensor`` is that whole chunk as stored (not transposed, no rows left
+        out) and the archive records one; ``None`` otherwise."""
+        slot = self.layout.slots.get((rank, tensor))
+        if slot is None or slot.transpose or slot.rows is not None:
+            return None
+        return self._record(slot).crc
 
     def _record(self, slot: SlotChunk) -> TensorRecord:
         blob = slot.chunk.blob
