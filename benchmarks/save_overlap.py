@@ -114,6 +114,7 @@ def _elastic(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="scalai-commit-overlap-"))
     kinds = ("none", "background", "blocking")
     samples: dict[str, list[float]] = {k: [] for k in kinds}
+    blocked: dict[str, list[float]] = {k: [] for k in kinds}  # rank 0's own count per commit
     try:
         for r in range(args.repeats):
             for kind in kinds if r % 2 == 0 else kinds[::-1]:
@@ -126,6 +127,8 @@ def _elastic(args) -> None:
                 log(f"round {r + 1}: {kind}")
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 samples[kind] += _step_times(out / "metrics.jsonl", args.warmup)
+                report = json.loads((out / "events" / "g000" / "rank-00000.json").read_text())
+                blocked[kind] += [c["blocked"] for c in report["commits"]]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     mean = {k: sum(v) / len(v) for k, v in samples.items()}
@@ -133,14 +136,18 @@ def _elastic(args) -> None:
     for kind, label in zip(kinds, ("no periodic commits", f"background commit every {args.every} steps",
                                    f"blocking commit every {args.every} steps")):
         st = Stats.of(samples[kind])
+        waited = f"{Stats.of(blocked[kind]).median:.4f} ({len(blocked[kind])})" if blocked[kind] else ""
         rows.append([label, f"{mean[kind]:.4f}", f"{st.median:.4f}", f"{st.min:.4f}–{st.max:.4f}",
-                     f"{mean[kind] / mean['none']:.3f}"])
+                     f"{mean[kind] / mean['none']:.3f}", waited])
     print_table(f"scalai run step time of {args.model} at {args.layout}, {args.steps} steps x {args.repeats} rounds",
-                ["run", "mean s/step", "median", "min–max", "mean vs none"], rows, (), args.format)
+                ["run", "mean s/step", "median", "min–max", "mean vs none", "s in a commit, median (n)"], rows, (),
+                args.format)
     machine = machine_description()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}; torch {machine.get('torch')}; "
           f"load average (1 min) {os.getloadavg()[0]:.1f}. A step's time: between consecutive metrics rows (the "
-          f"staging copy, the polls and the commit included; blocking: the whole upload and commit).")
+          f"staging copy, the polls and the commit included; blocking: the whole upload and commit). 's in a "
+          f"commit': what rank 0's loop spent in each commit by its own count (the report's 'blocked'; rank 0 "
+          f"only, and only the commits recorded before the run's final save).")
 
 
 if __name__ == "__main__":
