@@ -47,6 +47,7 @@ def ckpt(tmp_path_factory):
     (["store", "serve", "--root", "{out}", "--port", "99999"], "'--port': 99999 is out of range: it must be an integer >= 0 and <= 65535"),
     (["run", "--steps", "4", "--out", "{out}", "--agents", "0", "--listen", "127.0.0.1:0"], "'--agents': 0 is out of range"),
     (["run", "--steps", "4", "--out", "{out}", "--dead-after", "nan"], "'--dead-after': nan is not a finite number"),
+    (["run", "--steps", "4", "--out", "{out}", "--commit-mode", "later"], "'--commit-mode': 'later' is not one of"),
     (["synth", "gpt-tiny", "{out}", "--layout", "tp=1,pp=1,dp=1", "--seed", "-3"], "'--seed': -3 is out of range"),
     (["data", "order", "--index", "{out}", "--seed", "1", "--count", "1", "--start", "9" * 30], "'--start': 9999"),
     # sizes and rates

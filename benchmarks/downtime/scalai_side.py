@@ -137,10 +137,12 @@ def _new_worker_marks(out: Path, request: float) -> dict[str, float]:
 
 
 def _commits(out: Path) -> list[dict]:
-    """The periodic commits of the first generation: step, and seconds the step waited."""
+    """The periodic commits of the first generation: step, and seconds the training loop
+    spent in it (``blocked``: the staging copy and the polls of a commit in the background,
+    the whole write of a blocking one)."""
     path = out / "events" / "g000" / "rank-00000.json"
     report = json.loads(path.read_text()) if path.exists() else {}
-    return [{"step": c["step"], "blocked": c.get("seconds")} for c in report.get("commits", [])]
+    return [{"step": c["step"], "blocked": c.get("blocked", c.get("seconds"))} for c in report.get("commits", [])]
 
 
 def _persisted_bytes(out: Path) -> int:
@@ -165,11 +167,14 @@ def tricks(settings: Settings, scenario: Scenario) -> list[str]:
         f"new processes: each simulated host's scalai agent starts its ranks' workers (torchrun's environment, "
         f"c10d rendezvous on the coordinator) {start}; they build the model once the old workers have exited",
         standby,
-        (f"persisted: every {k} steps a commit: every rank uploads its shards over loopback into its host's "
-         "store (memory; the step waits for it), copied to disk (OUT/checkpoints, fsynced, atomic) by a "
+        (f"persisted: every {k} steps a commit in the background (scalai run's default, --commit-mode "
+         "background): every rank copies its shards into host memory (the step waits for that copy only), a "
+         "thread uploads them over loopback into its host's store (memory), rank 0 commits once every upload "
+         "ended (checked after each step); each commit is copied to disk (OUT/checkpoints, fsynced, atomic) by a "
          "background thread of the runner" if k else "persisted: nothing before the change (--commit-every 0)")
-        + "; at the change: every rank saves its shards into its host's store (memory, /dev/shm; a "
-          "replica once per host), copied to disk only after the first step in the new layout",
+        + "; at the change: a commit still in flight is finished first, then every rank saves its shards into "
+          "its host's store (memory, /dev/shm; a replica once per host), copied to disk only after the first "
+          "step in the new layout",
         "pre-allocated: the stores' files are memory-backed; the new workers allocate the model and Adam "
         "state (zeros) when they build, before the load, which maps the stores' files and checks CRC-32s",
         "bytes counted: saved = what the old workers wrote into the stores, moved = what the transform wrote "

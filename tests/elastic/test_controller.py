@@ -437,3 +437,26 @@ def test_without_start_ahead_the_next_generation_waits_for_the_save():
     assert not only(sim.steps(0, 1, 2), "Launch")
     launch, = only(sim.save(0, 2, "v1"), "Launch")
     assert launch.alloc.layout == L("tp=1,pp=1,dp=4") and not launch.free
+
+
+def test_a_background_commit_reported_with_the_stop_save_is_recorded_then_superseded_and_failures_are_said_once():
+    """Background commits (scalai.elastic.commits): rank 0's report that carries the stop
+    save also carries the periodic commit the stop save finished first; both are recorded
+    (the periodic one first) and the periodic one is dropped once the stop save's version
+    has superseded it. A failed commit in the report is printed once, not at every report."""
+    sim = Sim([{"step": 4, "layout": "tp=1,pp=1,dp=2"}], steps=8)
+    sim.start()
+    sim.ready(0)
+    sim.steps(0, 1, 4)
+    error = {"time": sim.now, "error": "save of step 2: commit failed on rank 1 - OSError: disk full"}
+    assert said(sim.report(0, 0, commit_errors=[error])).count("commit in the background failed") == 1
+    assert "commit in the background failed" not in said(sim.report(0, 0, marks=("step",)))
+    for r in (1, 0):  # rank 0 last, with the periodic commit of step 3 and the stop save of step 4
+        extra = {"saved": {"version": "v2", "step": 4, "bytes": 10},
+                 "commits": [{"version": "v1", "step": 3, "time": sim.now}]} if r == 0 else {}
+        actions = sim.report(0, r, marks=("save_start", "save_end"), **extra)
+    assert [p.version for p in only(actions, "Persist")] == ["v1"] and only(actions, "Transform")[0].source == "v2"
+    sim.exit(0)
+    sim.feed(PersistStatus, frozenset())
+    actions = sim.transformed(only(actions, "Transform")[0], "v3")
+    assert [c.version for c in sim.state.commits][-1] == "v3" and "v1" in sim.state.dropped

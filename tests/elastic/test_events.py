@@ -56,6 +56,10 @@ def test_the_worker_reads_its_settings_from_the_environment(tmp_path):
     for bad in ("soon", "0", "-5"):
         with pytest.raises(ValueError, match="SCALAI_TIMEOUT"):
             ElasticWorker.from_env({**env, "SCALAI_TIMEOUT": bad})
+    assert w.commit_mode == "background"  # SCALAI_COMMIT_MODE is optional
+    assert ElasticWorker.from_env({**env, "SCALAI_COMMIT_MODE": "blocking"}).commit_mode == "blocking"
+    with pytest.raises(ValueError, match="SCALAI_COMMIT_MODE='later'"):
+        ElasticWorker.from_env({**env, "SCALAI_COMMIT_MODE": "later"})
     started = process_start_time()
     assert started is None or abs(started - __import__("time").time()) < 3600
 

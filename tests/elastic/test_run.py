@@ -18,6 +18,7 @@ over the steps kept, and the loss within a relative 1e-4 at every step.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -122,7 +123,7 @@ def test_run_scales_on_request_and_recovers_from_failures_without_replicas(tmp_p
     out = tmp_path / "run"
     env = {"SCALAI_CACHE": str(tmp_path / "cache")}  # where scalai scale finds the run
     args = ["run", "--schedule", schedule, "--steps", 18, "--hosts", 3, "--layout", "tp=2,pp=1,dp=1",
-            "--commit-every", 3, "--job", "elastic-test", "--link", "1gbit", "--compare", "--out", out,
+            "--commit-every", 2, "--job", "elastic-test", "--link", "1gbit", "--compare", "--out", out,
             "--data", corpus_index]
     import os
 
@@ -152,6 +153,13 @@ def test_run_scales_on_request_and_recovers_from_failures_without_replicas(tmp_p
     assert scale.reason == "scale to 4 devices (request)" and scale.at_step < 8
     assert rank.recovered_from == "checkpoint" and rank.source.startswith("store version")
     assert rank.steps_lost >= 1 and rank.to_layout == "tp=1,pp=1,dp=3"
+    # the version recovered from is a periodic commit (in the background, the default) that
+    # rank 0 reported only once its stores held it committed
+    version, step = re.fullmatch(r"store version (\S+) \(step (\d+)\)", rank.source).groups()
+    reported = [c for f in (out / "events").glob("g*/rank-00000.json") for c in json.loads(f.read_text())["commits"]]
+    if int(step) != scale.at_step:  # (else the scale's own version, if no commit was recorded since)
+        assert int(step) % 2 == 0 and {"version": version, "step": int(step), "mode": "background"}.items() <= next(
+            c for c in reported if c["version"] == version).items()
     assert host1.recovered_from == "replicas" and host1.steps_lost == 0 and host1.to_hosts == ["host0"]
     assert host0.recovered_from == "checkpoint" and "persistent copy" in host0.source
     assert host0.steps_lost >= 1 and host0.to_hosts == ["host2"]

@@ -33,7 +33,7 @@ def test_background_save_writes_what_a_synchronous_save_writes_as_of_the_call(tm
         for t in job.local_tensors().values():
             t.add_(1)
     job.step += 1
-    assert close(job) == 2 and not in_flight(job)
+    assert close(job).step == 2 and not in_flight(job)
     assert _files(tmp_path / "sync") == _files(tmp_path / "bg"), "same bytes, same manifest"
     Checkpoint.open(tmp_path / "bg").verify()
     fresh = make_job(seed=1, steps=0)

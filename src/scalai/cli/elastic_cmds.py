@@ -88,6 +88,9 @@ def layouts(model, devices, device_memory, gpus_per_host, global_batch, seq_len,
 @click.option("--job", default="job", show_default=True, help="the job's name (stores, scalai scale)")
 @click.option("--commit-every", default=10, show_default=True, type=NON_NEGATIVE,
               help="commit the state to the stores every N steps, copied to disk in the background (0: only at changes)")
+@click.option("--commit-mode", default="background", show_default=True, type=click.Choice(["background", "blocking"]),
+              help="background: a commit's step returns once the shards are staged in host memory, the stores "
+                   "get them meanwhile; blocking: the step waits for the whole write")
 @click.option("--persist", "persist_to", default=None, metavar="URL",
               help="where the background copies of every commit go: a directory or a URL (s3://BUCKET/PREFIX, "
                    "gs://, az://; credentials from the backend's environment) [default: OUT/checkpoints]")
@@ -111,8 +114,9 @@ def layouts(model, devices, device_memory, gpus_per_host, global_batch, seq_len,
 @click.option("--device-memory", default=80.0, show_default=True, type=POSITIVE_NUMBER, help="GiB per device (cost model)")
 @click.option("--compare", is_flag=True, help="also run the job unchanged (no events) and plot against it")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def run_cmd(schedule_file, steps, out, listen, agents, hosts, gpus_per_host, token_file, tls_cert, tls_key, tls_ca, resume, module, model, layout,
-            devices, job, commit_every, persist_to, start_ahead, grow, max_devices, dead_after, standby, link, global_batch,
+def run_cmd(schedule_file, steps, out, listen, agents, hosts, gpus_per_host, token_file, tls_cert, tls_key, tls_ca, resume,
+            module, model, layout, devices, job, commit_every, commit_mode, persist_to, start_ahead, grow, max_devices,
+            dead_after, standby, link, global_batch,
             micro_batch, lr, seed, data, device_memory, compare, args) -> None:
     """Train under a changing device allocation: grow, shrink, move, survive failures.
 
@@ -133,7 +137,8 @@ def run_cmd(schedule_file, steps, out, listen, agents, hosts, gpus_per_host, tok
     run_from_cli(schedule_file=schedule_file, steps=steps, out=out, listen=listen, agents=agents, hosts=hosts,
                  gpus_per_host=gpus_per_host, token_file=token_file, tls=make_tls(tls_cert, tls_key, tls_ca),
                  resume=resume, module=module, model=model,
-                 layout=layout, devices=devices, job=job, commit_every=commit_every, persist_to=persist_to,
+                 layout=layout, devices=devices, job=job, commit_every=commit_every, commit_mode=commit_mode,
+                 persist_to=persist_to,
                  start_ahead=start_ahead, grow=grow,
                  max_devices=max_devices, dead_after=dead_after, standby=standby, link=link,
                  global_batch=global_batch, micro_batch=micro_batch, lr=lr, seed=seed, data=data,

@@ -234,7 +234,11 @@ def _step_done(p: Policy, s: JobState, e: StepDone, out: list) -> None:
 def _report(p: Policy, s: JobState, e: RankReport, out: list) -> None:
     g = s.gens.get(e.generation)
     if g is not None and 0 <= e.rank < g.world:
+        seen = len(g.reports.get(e.rank, {}).get("commit_errors", []))
         g.reports[e.rank] = e.report
+        for failed in e.report.get("commit_errors", [])[seen:] if e.rank == 0 else []:
+            out.append(Say(f"  warning: generation {g.number}'s commit in the background failed; training goes "
+                           f"on from the last commit (a second failure in a row stops it): {failed['error']}"))
         if e.generation == s.current:
             for c in e.report.get("commits", []) if e.rank == 0 else []:
                 record_commit(p, s, c["version"], c["step"], g.alloc.hosts, out)

@@ -11,7 +11,10 @@ rename) whenever something happens, so the runner reads whole objects only::
                "save_start": t, "save_end": t, "dump_start": t, "dump_end": t, "exit": t},
      "loaded": {"version": "v6", "step": 12, "bytes": 912384},
      "saved": {"version": "v7", "step": 17, "bytes": 912384},     # rank 0: the stop save
-     "commits": [{"version": "v5", "step": 15, "time": t}],       # rank 0: periodic saves
+     "commits": [{"version": "v5", "step": 15, "time": t,          # rank 0: periodic commits, once
+                  "seconds": 0.4, "blocked": 0.02, "mode": "background"}],  # the stores hold them
+     "commit_errors": [{"time": t, "error": "..."}],              # rank 0: failed periodic commits
+     "commit_abandoned": 18,                                      # a periodic commit left in flight
      "dump": {"version": "rescue-g3", "step": 16, "bytes": 912384, "state": {...}},
      "dump_error": "...",                                         # a dump that failed
      "exit_code": 75}                                             # ElasticWorker.exit

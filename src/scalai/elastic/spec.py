@@ -56,6 +56,8 @@ class RunSpec:
             (default: one machine's devices).
         commit_every: commit the state to the stores every N steps (0: only at changes);
             the last commit is where a failure without replicas restarts from.
+        commit_mode: ``"background"`` (a commit's step returns once the shards are staged
+            in host memory; see :mod:`.commits`) or ``"blocking"`` (the step waits).
         persist: copy every commit to ``out/checkpoints`` in the background.
         persist_to: where the copies go instead (a directory or a URL such as
             ``s3://BUCKET/run``; credentials from the backend's environment).
@@ -94,6 +96,7 @@ class RunSpec:
     devices: int | None = None
     job: str = "job"
     commit_every: int = 10
+    commit_mode: str = "background"
     persist: bool = True
     persist_to: str | None = None
     link: str | None = None
@@ -119,6 +122,10 @@ class RunSpec:
                 raise ValueError(f"--{name.replace('_', '-')}={value!r} must be a positive integer")
         if self.commit_every < 0:
             raise ValueError(f"--commit-every={self.commit_every} must be >= 0")
+        from .commits import COMMIT_MODES
+
+        if self.commit_mode not in COMMIT_MODES:
+            raise ValueError(f"--commit-mode={self.commit_mode!r}: use one of {', '.join(COMMIT_MODES)}")
         if self.hosts > 80:
             raise ValueError(f"--hosts={self.hosts}: one machine runs at most 80 agents")
         check_name(self.job, "job")
@@ -208,7 +215,8 @@ class RunSpec:
         return {"job": self.job, "trainer": self.trainer.to_json(), "data": self.trainer.data_spec()}
 
     def worker_env(self) -> dict[str, str]:
-        return {"SCALAI_COMMIT_EVERY": str(self.commit_every), "SCALAI_TIMEOUT": str(self.worker_timeout)}
+        return {"SCALAI_COMMIT_EVERY": str(self.commit_every), "SCALAI_COMMIT_MODE": self.commit_mode,
+                "SCALAI_TIMEOUT": str(self.worker_timeout)}
 
 
 def _data_parallel(devices: int) -> ParallelConfig:

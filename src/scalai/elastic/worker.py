@@ -182,6 +182,8 @@ Environment (set by the worker's agent, besides torchrun's ``RANK``, ``WORLD_SIZ
 ``SCALAI_TLS_CA``          the CA bundle that ``https://`` stores' certificates verify against
 ``SCALAI_RESUME``          ``1``: wait for the go file, then load the version it names
 ``SCALAI_COMMIT_EVERY``    commit the state to the stores every N steps (0: never)
+``SCALAI_COMMIT_MODE``     optional; ``background`` (default: the step returns once the shards
+                           are staged in host memory, see :mod:`.commits`) or ``blocking``
 ``SCALAI_DUMP_VERSION``    the version name survivors dump into after a failure
 ``SCALAI_ANNOUNCE``        optional; ``0``: the runner knows the layout's PTC, skip ``announce``
 ``SCALAI_TIMEOUT``         optional; seconds a collective may wait (a frozen peer) before it
@@ -287,6 +289,7 @@ class ElasticWorker:
     dump_version: str
     announce_layout: bool = True
     timeout_s: float | None = None
+    commit_mode: str = "background"
     layout: str | None = None
     last_step: int | None = None
     metrics: str | None = None
@@ -319,10 +322,15 @@ class ElasticWorker:
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"SCALAI_TIMEOUT={timeout!r} must be a positive number of seconds")
         steps = env.get("SCALAI_STEPS")
+        mode = env.get("SCALAI_COMMIT_MODE") or "background"
+        from .commits import COMMIT_MODES
+
+        if mode not in COMMIT_MODES:
+            raise ValueError(f"SCALAI_COMMIT_MODE={mode!r}; use one of {', '.join(COMMIT_MODES)}")
         return cls(env["SCALAI_RUN_DIR"], int(env["SCALAI_GENERATION"]), env["SCALAI_HOST"],
                    tuple(env["SCALAI_HOSTS"].split(",")), int(env["SCALAI_GPUS_PER_HOST"]), stores,
                    env["SCALAI_JOB"], env["SCALAI_RESUME"] == "1", int(env["SCALAI_COMMIT_EVERY"]),
-                   env["SCALAI_DUMP_VERSION"], env.get("SCALAI_ANNOUNCE", "1") != "0", timeout_s,
+                   env["SCALAI_DUMP_VERSION"], env.get("SCALAI_ANNOUNCE", "1") != "0", timeout_s, mode,
                    env.get("SCALAI_LAYOUT"), int(steps) if steps else None, env.get("SCALAI_METRICS"))
 
     # -- helpers ----------------------------------------------------------------------
@@ -351,6 +359,15 @@ class ElasticWorker:
                                               token=load_token(), owner_kind=f"g{self.generation}-save",
                                               tls=Tls.from_env())
         return self._cached_writer
+
+    def _periodic(self):
+        """This worker's periodic commits (:mod:`.commits`), made once."""
+        from .commits import PeriodicCommits
+
+        if self.__dict__.get("_cached_commits") is None:
+            self._cached_commits = PeriodicCommits(self.commit_every, self.commit_mode, self._writer,
+                                                   self.log.update, self.rank)
+        return self._cached_commits
 
     # -- the calls --------------------------------------------------------------------
     def started(self, rank: int) -> None:
@@ -503,33 +520,36 @@ class ElasticWorker:
         return self._watch.updating() if self._watch is not None else nullcontext()
 
     def step_done(self, job: Any, last_step: int) -> None:
-        """After every optimizer step: mark the first one, commit every N steps (collective)."""
+        """After every optimizer step: mark the first one; commit every N steps (collective).
+
+        In the background (the default, see :mod:`.commits`) the step returns once the
+        shards are staged; the version is reported in rank 0's ``commits`` only once the
+        stores hold it committed (checked, without waiting, after each later step)."""
         if not self._first_step_seen:
             self._first_step_seen = True
             self.log.mark("first_step", step=job.step)
         else:
             self.log.data["step"] = job.step  # written with the next mark
-        if self.commit_every and job.step % self.commit_every == 0 and job.step < last_step:
-            from ..training import save
-
-            t0 = time.time()
-            writer = self._writer()
-            save(job, writer)
-            if self.rank == 0:
-                commits = self.log.data["commits"] + [{"version": writer.last_version, "step": job.step,
-                                                        "time": time.time(), "seconds": time.time() - t0}]
-                self.log.update(commits=commits, step=job.step)
+        if self.commit_every:
+            self._periodic().after_step(job, last_step)
 
     def save(self, job: Any) -> str:
-        """Save the job into the stores of the placement (collective); returns the version."""
+        """Save the job into the stores of the placement (collective); returns the version.
+
+        A periodic commit still in flight is committed (or its failure reported) first; one
+        of this very step is the save."""
         from ..training import save
 
         self.log.mark("save_start", step=job.step)
-        writer = self._writer()
-        report = save(job, writer)
-        self.log.mark("save_end", saved={"version": writer.last_version, "step": job.step,
-                                         "bytes": report.total_bytes})
-        return writer.last_version
+        done = self._periodic().settle(job, wait=True)
+        if done is not None and done.step == job.step:
+            version, nbytes = done.token.split("@")[0], done.total_bytes
+        else:
+            writer = self._writer()
+            nbytes = save(job, writer).total_bytes
+            version = writer.last_version
+        self.log.mark("save_end", saved={"version": version, "step": job.step, "bytes": nbytes})
+        return version
 
     def dump(self, job: Any, error: BaseException | None = None) -> int:
         """After a collective failed: upload this rank's shards of step ``job.step`` to its
@@ -592,6 +612,10 @@ class ElasticWorker:
 
         if self._watch is not None:
             self._watch.stop()
+        commits = self.__dict__.get("_cached_commits")
+        if commits is not None and commits.pending is not None and self.log is not None:
+            # never committed nor reported: it expires from the stores with its lease
+            self.log.update(commit_abandoned=commits.pending)
         if not self.dumped:
             import torch.distributed as dist
 

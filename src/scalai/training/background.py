@@ -20,6 +20,11 @@ either waits for it (``on_busy="wait"``, the default: it is finished first, as a
 with ``on_busy="skip"``, is skipped on every rank alike (logged) if any rank's write is
 still running. Memory: one staging copy of this rank's local tensors at most, plus the
 writer's own buffers (an object store's rank file while it uploads).
+
+A loop that wants the commit as soon as the writes end, without waiting for them, calls
+``finish(job, wait=False)`` at a point every rank reaches (after each step, as the elastic
+runner's workers do): one small collective; it commits only when every rank's write has
+ended, and otherwise returns ``None`` and leaves the save in flight.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from .collective import CollectiveError, agree
 from .job import JobState
 from .nontensor import capture, rank_snapshot
 
-__all__ = ["start", "finish", "close", "in_flight", "ON_BUSY"]
+__all__ = ["start", "finish", "close", "in_flight", "Committed", "ON_BUSY"]
 
 log = logging.getLogger("scalai.training")
 
@@ -60,6 +65,7 @@ class _InFlight:
     state: dict | None          # rank 0: the non-tensor state as of the call
     staged_bytes: int
     created_by: str
+    started: float = 0.0
     thread: threading.Thread | None = None
     record: Any = None
     error: BaseException | None = None
@@ -76,6 +82,24 @@ class _InFlight:
             self.seconds["write"] = time.perf_counter() - t0
 
 
+@dataclass(frozen=True)
+class Committed:
+    """A background save that :func:`finish` committed.
+
+    Attributes:
+        step: the step saved.
+        token: the writer's token of the version (``begin``'s; a store writer's is
+            ``"<version>@<owner>"``).
+        total_bytes: bytes all ranks wrote (the sum of their rank records).
+        started: ``time.time()`` when the save was called.
+    """
+
+    step: int
+    token: str
+    total_bytes: int
+    started: float
+
+
 def in_flight(job: JobState) -> bool:
     """Whether a background save of ``job`` is not finished yet (on this rank)."""
     return getattr(job, _ATTR, None) is not None
@@ -88,7 +112,7 @@ def start(job: JobState, writer: Any, created_by: str, on_busy: str = "wait"):
 
     if on_busy not in ON_BUSY:
         raise ValueError(f"on_busy={on_busy!r}; use one of {', '.join(ON_BUSY)}")
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     current = getattr(job, _ATTR, None)
     if current is not None and on_busy == "skip":
         busy = agree("save: is the previous background save done", lambda: current.thread.is_alive(), job.group,
@@ -117,7 +141,7 @@ def start(job: JobState, writer: Any, created_by: str, on_busy: str = "wait"):
         raise
     t2 = time.perf_counter()
     job_bytes = [n for _, n in shared]
-    flight = _InFlight(writer, token, job.step, job.ptc, state, job_bytes[rank], created_by)
+    flight = _InFlight(writer, token, job.step, job.ptc, state, job_bytes[rank], created_by, started)
     flight.thread = threading.Thread(target=flight.run, args=(rank, staged[0]), name=f"scalai-save-{job.step}",
                                      daemon=True)
     setattr(job, _ATTR, flight)
@@ -127,15 +151,25 @@ def start(job: JobState, writer: Any, created_by: str, on_busy: str = "wait"):
                       background=True)
 
 
-def finish(job: JobState) -> int | None:
+def finish(job: JobState, wait: bool = True) -> Committed | None:
     """Wait for the background save in flight (if any), then commit it (rank 0) or, if any
-    rank's write failed, remove it and raise. Collective. Returns the step committed.
+    rank's write failed, remove it and raise. Collective.
+
+    Args:
+        wait: ``False``: do not wait; if any rank's write is still running, return ``None``
+            on every rank and leave the save in flight (one ``all_gather`` of a flag).
+
+    Returns:
+        what was committed, or ``None`` (nothing in flight, or still writing).
 
     Raises:
         CollectiveError: on every rank, naming the ranks whose write failed.
     """
     flight = getattr(job, _ATTR, None)
     if flight is None:
+        return None
+    if not wait and any(agree(f"save of step {flight.step}: is it written", flight.thread.is_alive, job.group,
+                              share=True)):
         return None
     setattr(job, _ATTR, None)
     rank = job.rank
@@ -154,9 +188,9 @@ def finish(job: JobState) -> int | None:
     except CollectiveError:
         agree("save: abort", lambda: flight.writer.abort(flight.token) if rank == 0 else None, job.group)
         raise
-    return flight.step
+    return Committed(flight.step, flight.token, sum(r.nbytes for r in records), flight.started)
 
 
-def close(job: JobState) -> int | None:
+def close(job: JobState) -> Committed | None:
     """Finish the background save in flight, if any (call it before the job ends). Collective."""
     return finish(job)
