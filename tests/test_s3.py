@@ -235,7 +235,7 @@ def test_training_saves_to_s3_in_the_background_and_loads_back(s3env):
             t.mul_(3)  # training goes on
     with pytest.raises(CheckpointError, match="no manifest.json|no complete step"):
         find_checkpoint(root)  # not committed before the next call
-    assert close(job) == 2
+    assert close(job).step == 2
     assert find_checkpoint(root) == step_dir(root, 2)
     fresh = make_job(seed=1, steps=0)
     load(fresh, find_checkpoint(root))
