@@ -14,7 +14,8 @@ from .tls_options import make_tls, tls_server_options
 @click.option("--name", required=True, help="this machine's name in the job (unique per machine)")
 @click.option("--root", required=True, type=click.Path(file_okay=False),
               help="this agent's directory: its workers' files, logs, data copy (and store, see --store-root)")
-@click.option("--devices", "-n", default=1, show_default=True, type=COUNT, help="devices this machine offers")
+@click.option("--devices", "-n", default=None, type=COUNT,
+              help="devices this machine offers [default: 1 for cpu; every GPU torch sees for cuda]")
 @click.option("--device", "kind", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
               help="the kind of device (reported to the coordinator)")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,

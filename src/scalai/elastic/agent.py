@@ -43,6 +43,7 @@ from pathlib import Path
 
 from ..errors import ScalaiError
 from ..tls import plain_warning
+from .devices import offer, worker_env
 from .machine import StandbyPool, Workers, die_with_parent_preexec, interface_for, kill_tree, route_address
 from .relay import Relay
 from .wire import JsonClient, TlsError, WireError, check_listen, split_address
@@ -61,7 +62,9 @@ class Agent:
         join: the coordinator, ``HOST:PORT`` (``https://`` with ``tls``, else ``http://``) or a URL.
         name: this machine's name in the job (its store's name; host names in placements).
         root: this agent's directory (created).
-        devices / kind / memory_gib: what this machine offers.
+        devices / kind / memory_gib: what this machine offers (:func:`~.devices.offer`:
+            ``devices=None`` with ``kind="cuda"`` offers every GPU torch sees; the workers
+            get ``SCALAI_DEVICE`` and ``CUDA_VISIBLE_DEVICES``).
         token: the run's token (required off loopback).
         address: this machine's address for peers (default: the one routing to the coordinator).
         store_root: where the store keeps shards (default ``root/store``; use tmpfs).
@@ -72,7 +75,7 @@ class Agent:
             stores and (through ``$SCALAI_TLS_CA``) its workers verify against ``tls.ca``.
     """
 
-    def __init__(self, join: str, name: str, root: str | Path, devices: int = 1, kind: str = "cpu",
+    def __init__(self, join: str, name: str, root: str | Path, devices: int | None = 1, kind: str = "cpu",
                  token: str | None = None, address: str | None = None, store_root: str | None = None,
                  standby: int | None = None, memory_gib: float = 0.0, link: str | None = None,
                  leave_timeout: float = 300.0, say=print, tls=None):
@@ -81,10 +84,9 @@ class Agent:
         url = join if "://" in join else ("https://" if tls else "http://") + join
         host, port = split_address(url.split("://", 1)[1].rstrip("/"), "--join")
         check_name(name, "--name")
-        if devices < 1:
-            raise ValueError(f"--devices {devices} must be at least 1")
-        if kind not in ("cpu", "cuda"):
-            raise ValueError(f"--device {kind!r} must be cpu or cuda")
+        offered = offer(kind, devices, memory_gib)
+        devices, kind, memory_gib = offered.count, offered.kind, offered.memory_gib
+        self.offered = offered
         self.address = address or route_address(host, port)
         check_listen(self.address, token, what="serve a store", flag="--token-file")
         self.url, self.coord_host, self.name, self.root = url.rstrip("/"), host, name, Path(root)
@@ -253,6 +255,7 @@ class Agent:
             env["SCALAI_TOKEN"] = self.token
         if self.tls:
             env.update(self.tls.env())
+        env.update(worker_env(self.offered, os.environ))
         return env
 
     # -- the two loops ------------------------------------------------------------------

@@ -150,13 +150,15 @@ def _parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> TrainOptions:
     """The options from ``argv`` (default ``sys.argv[1:]``). Under ``scalai run`` (a user's
     module that runs this trainer), the worker protocol's environment gives the layout, the
-    step to stop after and the metrics file when the arguments do not (``SCALAI_LAYOUT``,
-    ``SCALAI_STEPS``, ``SCALAI_METRICS``)."""
+    step to stop after, the metrics file and the device kind of the machine's agent when the
+    arguments do not (``SCALAI_LAYOUT``, ``SCALAI_STEPS``, ``SCALAI_METRICS``,
+    ``SCALAI_DEVICE``)."""
     import os
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    for flag, var in (("--layout", "SCALAI_LAYOUT"), ("--steps", "SCALAI_STEPS"), ("--metrics", "SCALAI_METRICS")):
+    for flag, var in (("--layout", "SCALAI_LAYOUT"), ("--steps", "SCALAI_STEPS"), ("--metrics", "SCALAI_METRICS"),
+                      ("--device", "SCALAI_DEVICE")):
         if os.environ.get(var) and not any(a == flag or a.startswith(flag + "=") for a in argv):
             argv = [flag, os.environ[var], *argv]
     args = _parser().parse_args(argv)

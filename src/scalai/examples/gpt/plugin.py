@@ -69,7 +69,9 @@ class ReferenceTrainer(Trainer):
     def argv(self, layout, until, metrics, data):
         from .options import to_argv
 
-        return to_argv(self._opts(layout, until, metrics=metrics, data=data, log_every=10**9))
+        argv = to_argv(self._opts(layout, until, metrics=metrics, data=data, log_every=10**9))
+        at = argv.index("--device")  # the machine's agent says which (SCALAI_DEVICE), not the coordinator
+        return argv[:at] + argv[at + 2:]
 
     def why_not(self, layout) -> str | None:
         try:
