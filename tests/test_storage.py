@@ -126,14 +126,15 @@ def _expect_equal(got, expected):
 
 
 @pytest.mark.parametrize("model, a, b", CASES)
-@pytest.mark.parametrize("source_kind", ["arrays", "ranged", "async", "split"])
+@pytest.mark.parametrize("source_kind", ["arrays", "ranged", "batched", "async", "split"])
 @pytest.mark.parametrize("sink_kind", ["arrays", "bytes"])
 def test_every_source_kind_into_every_sink_kind(model, a, b, source_kind, sink_kind):
     old, new = model_ptc(model, a), model_ptc(model, b)
     glob = global_raw(old, seed=7)
     arrays = local_raw(old, glob, pad=GARBAGE)
     source = {"arrays": lambda: ArraysSource(old, arrays), "ranged": lambda: Ranged(old, arrays),
-              "async": lambda: AsyncRanged(old, arrays), "split": lambda: Split(old, arrays, 1)}[source_kind]()
+              "batched": lambda: Batched(old, arrays), "async": lambda: AsyncRanged(old, arrays),
+              "split": lambda: Split(old, arrays, 1)}[source_kind]()
     expected = local_raw(new, glob, pad=0)
     plan = _plan(old, new, fanout=sink_kind == "arrays")
     if sink_kind == "arrays":
@@ -152,7 +153,10 @@ def test_every_source_kind_into_every_sink_kind(model, a, b, source_kind, sink_k
 
 
 class Batched(Ranged):
-    """A ranged source that records every read_many call: (rank, [(tensor, bytes)])."""
+    """A ranged source where a request costs more than its bytes; it records every
+    read_many call: (rank, [(tensor, bytes)])."""
+
+    coalesce = True
 
     def __init__(self, ptc, arrays):
         super().__init__(ptc, arrays)

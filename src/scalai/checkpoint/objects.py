@@ -187,6 +187,7 @@ class ObjectSource(RangeSource):
 
     block_bytes = 8 << 20
     concurrency = 16
+    coalesce = True
 
     def __init__(self, url: str, fs=None, max_gap_bytes: int = 64 << 10):
         self.url = url.rstrip("/")

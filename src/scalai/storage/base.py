@@ -146,10 +146,15 @@ class RangeSource(TensorSource):
     Attributes:
         block_bytes: the largest read worth one call (the runner cuts windows to it).
         concurrency: reads in flight that pay off (e.g. parallel HTTP connections).
+        coalesce: a request costs more than its bytes (an object store): the runner hands
+            small windows of one rank over together (:meth:`read_many`). Off for media where
+            a read is a ``pread`` (packing would only hold more destination tensors half
+            written at once).
     """
 
     block_bytes: int = 8 << 20
     concurrency: int = 8
+    coalesce: bool = False
 
     @abstractmethod
     def read_into(self, rank: int, tensor: str, window: Window, out: np.ndarray) -> None:

@@ -288,17 +288,22 @@ class _Run:
 
     def _batch(self, task: Task) -> None:
         """Small blocks of one source rank: read with one ``read_many`` call (into the
-        sink's memory where :meth:`_direct` allows, else fresh buffers: at most
-        ``block_bytes`` in all), then stored one by one."""
-        reads, landed = [], []
-        for m in task.members:
+        sink's memory where :meth:`_direct` allows, else into the worker's buffer, cut in
+        8-byte aligned pieces: at most ``block_bytes`` and a few bytes), then stored one
+        by one."""
+        filler = self.filler()
+        direct = [self._direct(m, m.block[1]) for m in task.members]
+        sizes = [0 if d is not None else -(-m.nbytes // 8) * 8 for m, d in zip(task.members, direct)]
+        base = filler.buffer(sum(sizes), np.dtype(np.uint8), (sum(sizes),))
+        reads, landed, at = [], [], 0
+        for m, buf, size in zip(task.members, direct, sizes):
             src_w, dst_w = m.block
-            buf = self._direct(m, dst_w)
             landed.append(buf is not None)
             if buf is None:
-                buf = np.empty(dst_w.shape, self.dests[(m.rank, m.tensor)].dtype)
+                dtype = self.dests[(m.rank, m.tensor)].dtype
+                buf = base[at:at + m.nbytes].view(dtype).reshape(dst_w.shape)
+                at += size
             reads.append((m.tensor, src_w, buf))
-        filler = self.filler()
         t0 = time.perf_counter()
         task.part.read_many(task.copies[0].src_rank, reads)
         filler.clock.read += time.perf_counter() - t0

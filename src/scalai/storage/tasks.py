@@ -8,8 +8,8 @@ tensor how its copies run from what the source's parts and the sink declare:
   for a host fan-out's ``from_new`` copies) in one task, so that they can be streamed,
   assembled by rows or copied in place together;
 - ``block``: one block of at most ``block_bytes`` of one copy from a ranged source;
-- ``batch``: small blocks (at most :data:`SMALL_FRACTION` of ``block_bytes``) read from one
-  rank of a blocking ranged source, packed in the source's tensor order up to
+- ``batch``: small blocks (at most ``1 /`` :data:`SMALL_FRACTION` of ``block_bytes``) read from one
+  rank of a blocking ranged source that declares ``coalesce``, packed in the source's tensor order up to
   ``block_bytes``: one :meth:`~scalai.storage.RangeSource.read_many` call, so that a medium
   where a request costs more than its bytes (an object store) fetches neighbours together;
 - ``staged``: a whole tensor assembled in a buffer, for a sink without arrays whose windows
@@ -37,8 +37,8 @@ from .blocks import split_window, window_span
 
 __all__ = ["check_plan", "uncovered", "Dest", "Task", "Grouping", "group", "SMALL_FRACTION"]
 
-#: A block of at most this fraction of its source's ``block_bytes`` is packed with others
-#: of the same source rank into a ``batch`` task.
+#: A block of at most ``1 / SMALL_FRACTION`` of its source's ``block_bytes`` is packed with
+#: others of the same source rank into a ``batch`` task.
 SMALL_FRACTION = 4
 
 
@@ -230,13 +230,13 @@ def group(plan: Plan, source: TensorSource, sink: TensorSink) -> Grouping:
 
 
 def _pack_small_blocks(tasks: list[Task], plan: Plan) -> list[Task]:
-    """``tasks`` with the small blocks of each blocking ranged source rank packed into
+    """``tasks`` with the small blocks of each coalescing ranged source rank packed into
     ``batch`` tasks of at most its ``block_bytes``, in the order the source rank lists its
     tensors (their order in its files), then by window."""
     small: dict[tuple[int, int], list[Task]] = defaultdict(list)
     out = []
     for t in tasks:
-        if t.kind == "block" and isinstance(t.part, RangeSource) \
+        if t.kind == "block" and isinstance(t.part, RangeSource) and t.part.coalesce \
                 and t.nbytes * SMALL_FRACTION <= t.part.block_bytes:
             small[(id(t.part), t.copies[0].src_rank)].append(t)
         else:

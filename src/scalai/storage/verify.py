@@ -17,6 +17,7 @@ from .base import ArraySource, AsyncRangeSource, RangeSource, TensorSource
 from .blocks import split_window
 from .checksum import checksums, crc32
 from .run import default_workers
+from .tasks import SMALL_FRACTION
 
 __all__ = ["verify_source"]
 
@@ -43,15 +44,16 @@ def _ranged_crcs(source: TensorSource, part, rank: int, tensors: list[str]) -> l
 
 
 def _ranged_jobs(source: TensorSource, ranged: list[tuple[int, str, object]]) -> list[tuple[int, list[str], object]]:
-    """``(rank, tensors, part)`` jobs: tensors of a blocking ranged part at most a quarter of
-    its ``block_bytes`` packed per rank up to ``block_bytes``; every other tensor alone."""
+    """``(rank, tensors, part)`` jobs: tensors of a coalescing ranged part of at most
+    ``1 / SMALL_FRACTION`` of its ``block_bytes`` packed per rank up to ``block_bytes`` (as
+    the runner packs its blocks); every other tensor alone."""
     jobs, packs, shapes = [], {}, {}
     for rank, name, part in ranged:
         if rank not in shapes:
             shapes[rank] = {n: shard.shape for n, shard in source.ptc.rank_shards(rank)}
         shape = shapes[rank][name]
         nbytes = prod(shape) * raw_numpy(source.ptc.spec(name).dtype).itemsize
-        if not isinstance(part, RangeSource) or nbytes * 4 > part.block_bytes:
+        if not isinstance(part, RangeSource) or not part.coalesce or nbytes * SMALL_FRACTION > part.block_bytes:
             jobs.append((rank, [name], part))
             continue
         pack = packs.get((rank, id(part)))
