@@ -86,7 +86,8 @@ def _watch_reports(w, store) -> list:
     update = w.log.update
 
     def checked(**fields):
-        for c in fields.get("commits", [])[len(seen):]:
+        listed, new = fields.get("commits", []), fields.get("commit_count", 0) - len(seen)
+        for c in listed[len(listed) - new:] if new > 0 else []:
             seen.append((c["version"], c["step"], _listing(store).get(c["version"])))
         update(**fields)
 
@@ -179,3 +180,16 @@ def test_blocking_mode_commits_within_the_step(tmp_path, store):
     w.step_done(job, 10)
     assert not in_flight(job) and [(s, committed) for _, s, committed in seen] == [(2, True)]
     assert w.log.data["commits"][0]["mode"] == "blocking"
+
+
+def test_rank_zeros_report_lists_the_newest_commits_and_counts_them_all():
+    """A run that commits thousands of times does not send ever larger reports."""
+    from scalai.elastic.commits import REPORTED_COMMITS, PeriodicCommits
+
+    reports = []
+    commits = PeriodicCommits(1, "blocking", writer=lambda: None, report=lambda **f: reports.append(f), rank=0)
+    for step in range(1, REPORTED_COMMITS + 11):
+        commits._record(f"v{step}", step, started=0.0, blocked=0.0)
+    last = reports[-1]
+    assert last["commit_count"] == REPORTED_COMMITS + 10 and len(last["commits"]) == REPORTED_COMMITS
+    assert [c["step"] for c in last["commits"]] == list(range(11, REPORTED_COMMITS + 11))

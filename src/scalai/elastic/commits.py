@@ -42,9 +42,14 @@ import logging
 import time
 from typing import Any, Callable
 
-__all__ = ["PeriodicCommits", "COMMIT_MODES"]
+__all__ = ["PeriodicCommits", "COMMIT_MODES", "REPORTED_COMMITS"]
 
 log = logging.getLogger("scalai.elastic")
+
+#: Commits rank 0's report lists (the newest; ``commit_count`` counts them all): the
+#: coordinator records each as the report arrives, at least every heartbeat, so a run
+#: that commits thousands of times does not send ever larger reports.
+REPORTED_COMMITS = 64
 
 #: How ``--commit-every`` commits: in the background (default) or blocking the step.
 COMMIT_MODES = ("background", "blocking")
@@ -67,7 +72,8 @@ class PeriodicCommits:
             raise ValueError(f"SCALAI_COMMIT_MODE={mode!r}; use one of {', '.join(COMMIT_MODES)}")
         self.every, self.mode, self.rank = every, mode, rank
         self._writer, self._report = writer, report
-        self.commits: list[dict] = []
+        self.commits: list[dict] = []  # the newest REPORTED_COMMITS
+        self.count = 0
         self.errors: list[dict] = []
         self.failed_in_a_row = 0
         self.pending: int | None = None  # the step of the save in flight
@@ -145,4 +151,6 @@ class PeriodicCommits:
             now = time.time()
             self.commits.append({"version": version, "step": step, "time": now, "seconds": now - started,
                                  "blocked": blocked, "mode": self.mode})
-            self._report(commits=list(self.commits))
+            self.count += 1
+            del self.commits[:-REPORTED_COMMITS]  # a long run's report stays small
+            self._report(commits=list(self.commits), commit_count=self.count)

@@ -13,6 +13,7 @@ rename) whenever something happens, so the runner reads whole objects only::
      "saved": {"version": "v7", "step": 17, "bytes": 912384},     # rank 0: the stop save
      "commits": [{"version": "v5", "step": 15, "time": t,          # rank 0: periodic commits, once
                   "seconds": 0.4, "blocked": 0.02, "mode": "background"}],  # the stores hold them
+     "commit_count": 1,                                           # (the newest 64 listed; all counted)
      "commit_errors": [{"time": t, "error": "..."}],              # rank 0: failed periodic commits
      "commit_abandoned": 18,                                      # a periodic commit left in flight
      "dump": {"version": "rescue-g3", "step": 16, "bytes": 912384, "state": {...}},
