@@ -19,6 +19,9 @@ PY=.venv/bin/python
 SCALAI=.venv/bin/scalai
 [ -x "$SCALAI" ] || { echo "gpu-check: run 'bash scripts/setup.sh' first (no .venv/bin/scalai)"; exit 2; }
 WORK=${1:-$(mktemp -d "${TMPDIR:-/tmp}/scalai-gpu-check-XXXXXX")}
+if [ -e "$WORK" ] && [ -n "$(ls -A "$WORK")" ]; then
+  echo "gpu-check: $WORK is not empty; give a new or empty directory"; exit 2
+fi
 mkdir -p "$WORK"
 
 if [ "$DEVICE" = cuda ]; then
