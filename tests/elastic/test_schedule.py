@@ -44,3 +44,11 @@ def test_bad_files(tmp_path):
         load_schedule(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="must be a JSON list"):
         parse_schedule({"step": 1})
+
+
+def test_events_and_requests_name_one_device_in_the_singular():
+    from scalai.elastic.controller import request_reason
+
+    one, two = parse_schedule([{"step": 3, "devices": 1}, {"step": 4, "devices": 2}])
+    assert (one.describe(), two.describe()) == ("scale to 1 device at step 3", "scale to 2 devices at step 4")
+    assert request_reason("devices", 1) == "scale to 1 device (request)"

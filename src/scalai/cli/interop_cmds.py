@@ -93,7 +93,8 @@ def inspect_dcp(ckpt: str, model: str | None, rules_path: str | None, verify: bo
     out.print(f"  tensors    {info['tensors']} in {info['chunks']} chunks ({info['parameters']} parameters, "
               f"{info['optimizer_tensors']} optimizer tensors), {info['objects']} other values")
     out.print(f"  bytes      {human_bytes(info['bytes'])}")
-    out.print(f"  step       {info['step']} (Adam's step count)")
+    out.print(f"  step       {info['step']} (Adam's step count)" if info["optimizer_tensors"] else
+              "  step       not recorded (no optimizer state)")
     how = (f"{info['num_layers']} layers, ready to lay out (scalai reshard {ckpt} OUT --to L)" if info["laid_out"]
            else "named as stored; give --model M or --rules FILE to lay it out")
     out.print(f"  scalai     {info['scalai_tensors']} tensors, {how}")

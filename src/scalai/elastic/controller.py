@@ -31,14 +31,17 @@ from .allocation import Pool
 from .changes import (advance_change, begin_planned, begin_recovery, begin_restart, drop_successor, finish_run,
                       launch, prelaunch, record_commit, retain)
 from .jobstate import Gen, JobState, Policy
+from .schedule import scale_to
 from .messages import (Action, AgentDead, AgentGone, AgentJoined, AgentLeaving, Announced, CrashHost, Event, HoldDump,
                        Kill,
                        PersistStatus, RankReport, Release, Resume, Say, ScaleRequested, Signal, Start, StepDone,
                        Tick, TransformDone, TransformFailed, WorkerExited)
 
-__all__ = ["step", "initial_state", "check_request", "REQUEST_REASONS"]
+__all__ = ["step", "initial_state", "check_request", "request_reason"]
 
-REQUEST_REASONS = {"devices": "scale to {} devices", "layout": "layout {}", "redeploy": "redeploy"}
+def request_reason(action: str, value) -> str:
+    """How a ``scalai scale`` request is named in the run's output and timeline."""
+    return {"devices": scale_to(value), "layout": f"layout {value}", "redeploy": "redeploy"}[action] + " (request)"
 _KEEP_ROWS = 64  # row times kept (the request time of a step event, the step time estimate)
 
 
@@ -370,7 +373,7 @@ def _fire_timed(p: Policy, s: JobState, now: float, out: list) -> None:
         except ValueError as exc:
             out.append(Say(f"event {e.index} ({e.describe()}) skipped: {exc}"))
             continue
-        reason = REQUEST_REASONS[e.action].format(e.value) + " (request)"
+        reason = request_reason(e.action, e.value)
         s.requests = s.requests + ((e.action, e.value, reason, now),)
 
 

@@ -133,7 +133,7 @@ class Runner:
         if self.state is None or self.policy is None:
             raise ValueError("the job has not started yet (waiting for its agents); ask again later")
         accepted = controller.check_request(self.policy, self.state, action, value)
-        reason = controller.REQUEST_REASONS[action].format(value) + " (request)"
+        reason = controller.request_reason(action, value)
         self.queue.put(("event", ScaleRequested(time.time(), action, value, reason)))
         return accepted
 

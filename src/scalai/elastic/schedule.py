@@ -23,9 +23,14 @@ from typing import Any
 from ..bounded import read_json
 from ..config import ParallelConfig
 
-__all__ = ["Event", "parse_schedule", "load_schedule", "ACTIONS"]
+__all__ = ["Event", "parse_schedule", "load_schedule", "ACTIONS", "scale_to"]
 
 ACTIONS = ("devices", "layout", "fail", "redeploy")
+
+
+def scale_to(devices) -> str:
+    """``scale to N devices`` (``1 device``)."""
+    return f"scale to {devices} device{'' if devices == 1 else 's'}"
 _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
@@ -44,7 +49,7 @@ class Event:
         return f"step {self.step}" if self.step is not None else f"{self.time:g} s"
 
     def describe(self) -> str:
-        what = {"devices": f"scale to {self.value} devices", "layout": f"change layout to {self.value}",
+        what = {"devices": scale_to(self.value), "layout": f"change layout to {self.value}",
                 "fail": (f"kill host {self.value}" if isinstance(self.value, str)
                          else f"kill the worker of rank {self.value}"),
                 "redeploy": "redeploy to other hosts"}
