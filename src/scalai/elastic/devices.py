@@ -12,6 +12,7 @@ Python.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import subprocess
 import sys
 from typing import Mapping
@@ -42,14 +43,13 @@ def cuda_inventory(timeout: float = 120.0) -> tuple[int, float]:
         raise ValueError(f"--device cuda: could not count this machine's GPUs with torch ({said})") from None
 
 
+@dataclass(frozen=True)
 class Offer:
     """What an agent offers: ``count`` devices of ``kind`` with ``memory_gib`` each (0: unknown)."""
 
-    def __init__(self, kind: str, count: int, memory_gib: float = 0.0):
-        self.kind, self.count, self.memory_gib = kind, count, memory_gib
-
-    def __repr__(self) -> str:
-        return f"Offer({self.kind!r}, {self.count}, {self.memory_gib:.1f})"
+    kind: str
+    count: int
+    memory_gib: float = 0.0
 
 
 def offer(kind: str, devices: int | None, memory_gib: float = 0.0, inventory=cuda_inventory) -> Offer:

@@ -246,12 +246,14 @@ def _pack_small_blocks(tasks: list[Task], plan: Plan) -> list[Task]:
         blocks.sort(key=lambda t: (order.get(t.tensor, len(order)), t.block[0].region.offsets))
         limit = blocks[0].part.block_bytes
         pack: list[Task] = []
+        size = 0
         for t in blocks + [None]:
-            if pack and (t is None or sum(m.nbytes for m in pack) + t.nbytes > limit):
+            if pack and (t is None or size + t.nbytes > limit):
                 first = pack[0]
-                out.append(Task("batch", first.rank, first.tensor, [c for m in pack for c in m.copies],
-                                sum(m.nbytes for m in pack), part=first.part, members=pack))
-                pack = []
+                out.append(Task("batch", first.rank, first.tensor, [c for m in pack for c in m.copies], size,
+                                part=first.part, members=pack))
+                pack, size = [], 0
             if t is not None:
                 pack.append(t)
+                size += t.nbytes
     return out
