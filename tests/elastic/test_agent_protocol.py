@@ -170,7 +170,8 @@ def test_the_relay_sends_what_workers_wrote_once_in_order(tmp_path):
 @pytest.mark.slow
 def test_standby_workers_become_torchrun_like_workers(tmp_path):
     """A standby (torch imported) takes an assignment: torchrun's environment, the module
-    run as __main__, its output in its log; a used standby is replaced."""
+    run as __main__, its output in its log; a used standby is replaced, but not while the
+    pool is held (the agent holds it while new workers have not finished a first step)."""
     import os
 
     from scalai.elastic.machine import StandbyPool, Workers
@@ -181,11 +182,18 @@ def test_standby_workers_become_torchrun_like_workers(tmp_path):
         " | {'argv': sys.argv[1:], 'torch': 'torch' in sys.modules, 'name': __name__}))\n"
         "sys.exit(int(os.environ['RANK']) + 3)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
-    pool = StandbyPool({"module": "probe_worker"}, env, tmp_path, size=1)
+    held = [False]
+    pool = StandbyPool({"module": "probe_worker"}, env, tmp_path, size=1, hold=lambda: held[0])
     try:
         assert pool.wait_warm(120) and pool.warm() == 1
         workers = Workers(pool, tmp_path / "run", tmp_path)
+        held[0] = True
         workers.launch(4, [6, 7], "probe_worker", ["--a", "b"], {"WORLD_SIZE": "8", "SCALAI_X": "y"})
+        started = sorted(p.name for p in tmp_path.glob("standby-*.log"))
+        assert len(started) == 2  # the warm one, and rank 7's, started on demand although held
+        time.sleep(2.5)  # the pool looks at its hold at least every second
+        assert sorted(p.name for p in tmp_path.glob("standby-*.log")) == started and pool.warm() == 0
+        held[0] = False
         deadline = time.time() + 120
         exits = []
         while len(exits) < 2 and time.time() < deadline:
@@ -195,6 +203,35 @@ def test_standby_workers_become_torchrun_like_workers(tmp_path):
         out = json.loads((tmp_path / "g004-rank7.log").read_text().splitlines()[-1])
         assert out == {"RANK": "7", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "SCALAI_X": "y", "argv": ["--a", "b"],
                        "torch": True, "name": "__main__"}
-        assert pool.wait_warm(120)  # replaced in the background
+        assert pool.wait_warm(120)  # replaced in the background once released
     finally:
         pool.close()
+
+
+def test_workers_are_starting_until_their_first_step(tmp_path):
+    """What holds back the standbys' replacement: a live worker without a first-step mark."""
+    from scalai.elastic.machine import Worker, Workers
+
+    class Proc:
+        code = None
+
+        def poll(self):
+            return self.code
+
+    workers = Workers(pool=None, run_dir=tmp_path / "run", log_dir=tmp_path)
+    assert not workers.starting()  # no workers
+    procs = {rank: Proc() for rank in (0, 1)}
+    for rank, proc in procs.items():
+        workers.workers[(3, rank)] = Worker(3, rank, proc, tmp_path / f"r{rank}.log", launched=time.monotonic())
+    assert workers.starting()  # no reports yet
+    logs = {rank: RankLog(tmp_path / "run", 3, rank) for rank in procs}
+    logs[0].mark("first_step")
+    logs[1].mark("ready")
+    assert workers.starting()  # rank 1 has not trained a step
+    procs[1].code = 1
+    assert not workers.starting()  # rank 1 died: only live workers hold
+    procs[1].code = None
+    logs[1].mark("first_step")
+    assert not workers.starting()
+    workers.workers[(4, 0)] = Worker(4, 0, Proc(), tmp_path / "g4.log", launched=time.monotonic() - 61)
+    assert not workers.starting()  # a worker that never reports holds for HOLD_MAX_S at most

@@ -10,7 +10,10 @@ client of that store), so ``init_process_group()`` works unchanged. The coordina
 assigns ranks, so hosts need no particular address order.
 
 Workers come from a :class:`StandbyPool` (already started processes, see
-:mod:`.standby`); a used standby is replaced in the background. Their files stay on this
+:mod:`.standby`); a used standby is replaced in the background, once the workers it
+became have trained their first step (:meth:`Workers.starting`): starting an interpreter
+and importing torch costs seconds of CPU, which would otherwise come out of the old
+workers' last step, the save and the new workers' build and first step. Their files stay on this
 machine: ``RUN/events/gNNN/`` (reports), ``RUN/control/`` (stop, free, go, abort),
 ``RUN/metrics/gNNN.jsonl``, ``LOGS/gNNN-rankR.log``.
 """
@@ -25,9 +28,12 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from .events import rank_file
 from .standby import assignment
 
 __all__ = ["StandbyPool", "Workers", "Worker", "interface_for", "route_address", "kill_tree", "die_with_parent_preexec"]
@@ -102,9 +108,13 @@ class StandbyPool:
         log_dir: where a standby's output goes until it is assigned.
         size: how many to keep (0: none; workers then start cold, as with torchrun).
         cwd: their working directory (the agent's run directory).
+        hold: while it returns True, used standbys are not replaced yet (a standby asked
+            for by :meth:`take` when none is ready is still started at once); checked at
+            least every second.
     """
 
-    def __init__(self, trainer: dict, env: dict[str, str], log_dir: Path, size: int, cwd: Path | None = None):
+    def __init__(self, trainer: dict, env: dict[str, str], log_dir: Path, size: int, cwd: Path | None = None,
+                 hold: Callable[[], bool] | None = None):
         import json
 
         self.cmd = [sys.executable, "-m", "scalai.elastic.standby", json.dumps(trainer)]
@@ -115,6 +125,7 @@ class StandbyPool:
         self._count = 0
         self._closed = False
         self._refill = size > 0
+        self.hold = hold or (lambda: False)
         self._thread = threading.Thread(target=self._loop, name="scalai-standby", daemon=True)
         self._thread.start()
 
@@ -143,8 +154,6 @@ class StandbyPool:
         return proc.warm
 
     def _loop(self) -> None:
-        import time
-
         quick_deaths, last_start = 0, 0.0
         while True:
             with self._cv:
@@ -157,6 +166,8 @@ class StandbyPool:
                 wanted = self._wanted.pop(0) if self._wanted else None
                 if wanted is None and len(self._ready) >= self.size:
                     continue
+            if wanted is None and self.hold():
+                continue
             # Standbys that die right after they start (a broken environment) are not
             # started again and again: after three in a row the pool stops refilling.
             quick_deaths = quick_deaths + len(died) if died and time.monotonic() - last_start < 30 else 0
@@ -200,8 +211,6 @@ class StandbyPool:
 
     def wait_warm(self, timeout: float) -> bool:
         """Wait until one standby is warm (or none is wanted); False after ``timeout`` s."""
-        import time
-
         deadline = time.monotonic() + timeout
         while self.size and not self.warm():
             if time.monotonic() > deadline or not self._refill:
@@ -218,6 +227,11 @@ class StandbyPool:
             self._cv.notify_all()
 
 
+#: Seconds after its launch a worker without a first-step mark stops holding back the
+#: standbys' replacement (a user's script may never report one).
+HOLD_MAX_S = 60.0
+
+
 @dataclass
 class Worker:
     generation: int
@@ -225,6 +239,7 @@ class Worker:
     proc: subprocess.Popen
     log: Path
     reported: bool = False
+    launched: float = 0.0  # time.monotonic() at its launch
 
 
 class Workers:
@@ -255,7 +270,25 @@ class Workers:
             except (BrokenPipeError, OSError):
                 pass  # it died meanwhile: its exit is reported like any worker's
             with self._lock:
-                self.workers[(generation, rank)] = Worker(generation, rank, proc, log)
+                self.workers[(generation, rank)] = Worker(generation, rank, proc, log, launched=time.monotonic())
+
+    def starting(self) -> bool:
+        """Whether a worker here is alive but has not finished its first step yet (its
+        report, ``RUN/events/gNNN/rank-R.json``, has no ``first_step`` mark), for at most
+        :data:`HOLD_MAX_S` after its launch."""
+        import json
+
+        now = time.monotonic()
+        with self._lock:
+            alive = [w for w in self.workers.values() if w.proc.poll() is None and now - w.launched < HOLD_MAX_S]
+        for w in alive:
+            try:
+                times = json.loads(rank_file(self.run_dir, w.generation, w.rank).read_text()).get("times", {})
+            except (OSError, ValueError):
+                return True  # no report yet (or being replaced): still starting
+            if "first_step" not in times:
+                return True
+        return False
 
     def exits(self) -> list[tuple[int, int, int]]:
         """``(generation, rank, code)`` of workers that ended since the last call."""
