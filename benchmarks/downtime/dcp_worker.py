@@ -186,7 +186,6 @@ def new(args, joined: float) -> None:
 
 
 def main() -> None:
-    import gc
     import warnings
 
     import torch
@@ -216,8 +215,7 @@ def main() -> None:
         else:
             new(args, joined)
     finally:
-        gc.collect()  # free gloo work objects held in cycles while the interpreter is alive
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # no gc.collect() first: it leaves with os._exit, as scalai's workers
 
 
 if __name__ == "__main__":
