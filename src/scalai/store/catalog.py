@@ -34,9 +34,9 @@ import numpy as np
 
 from ..checkpoint.manifest import atomic_write
 from ..errors import ScalaiError
-from .files import NewTensor, TensorMeta, map_tensor, private_name
+from .files import NewTensor, TensorMeta, check_adoptable, is_local_name, map_tensor, private_name
 from .names import check_name, check_tensor_name
-from .roots import MANIFEST, UPLOADS, own_root, read_version, scan_tensors, write_owner
+from .roots import MANIFEST, UPLOADS, own_root, read_version, scan_tensors, write_local_key, write_owner
 
 __all__ = ["Catalog", "StoredTensor", "VersionEntry", "Upload", "NotFound", "Conflict", "StorageFull"]
 
@@ -136,6 +136,8 @@ class Catalog:
         if self.spill_dir == self.root_dir:
             raise ValueError("the spill directory must differ from the root")
         self.root = own_root(self.root_dir)
+        self.uploads = os.path.join(self.root_dir, UPLOADS)
+        self.local_key = write_local_key(self.uploads)  # see adopt
         self.spill = own_root(self.spill_dir) if self.spill_dir else None
         self.memory_limit = memory_limit
         self.name = name
@@ -385,6 +387,59 @@ class Catalog:
             os.rename(up.tmp, up.path)
             self._record(entry, up.rank, up.tensor, up.path, meta, up.spilled)
             entry.expires = time.monotonic() + entry.lease_s
+
+    def adopt(self, job: str, version: str, rank: int, tensor: str, name: str, dtype: str,
+              shape: tuple[int, ...], owner: str = "", lease_s: float | None = None) -> TensorMeta:
+        """Move the tensor file ``name`` that a client on this machine wrote into
+        :attr:`uploads` into the version, as :meth:`open_upload` + :meth:`finish_upload` do
+        for an HTTP upload: the file is checked (:func:`~.files.check_adoptable`: a private
+        name, a regular file, the size and header of ``dtype`` x ``shape``), the version is
+        created for ``owner`` or must be its own, uncommitted and not fenced off, and the
+        rename happens under the lock. Whatever fails, the file is deleted.
+
+        Raises:
+            ValueError: not an adoptable file. Conflict: committed, another owner's, fenced.
+            StorageFull: it does not fit under the memory limit (upload it over HTTP: that
+                spills to disk when a spill directory is set).
+        """
+        check_tensor_name(tensor)
+        meta, ident = check_adoptable(self.uploads, name, dtype, shape)  # a bad name: nothing deleted
+        src = os.path.join(self.uploads, name)
+        try:
+            with self._lock:
+                created = version not in self.jobs.get(job, {})
+                entry = self._open(job, version, owner, lease_s, create=True)
+                old = entry.tensors.get((rank, tensor))
+                try:
+                    fits = self._room(meta.nbytes, old.meta.nbytes if old is not None and not old.spilled else 0)
+                    if not fits:
+                        raise StorageFull(f"store {self.name} has no room in memory for {tensor} of rank {rank} "
+                                          f"({meta.nbytes} bytes); upload it over HTTP to spill it to disk")
+                except StorageFull:
+                    if created:
+                        self._forget(job, version)
+                    raise
+                path = os.path.join(self.root, job, version, f"r{rank:05d}", tensor)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                os.rename(src, path)
+                st = os.lstat(path)
+                if (st.st_dev, st.st_ino) != ident:  # replaced between the check and the rename
+                    _unlink(path)
+                    if created:
+                        self.purge(self.delete(job, version, entry=entry)[1])
+                    raise ValueError(f"upload file {name} was replaced while it was adopted; nothing was kept")
+                self._record(entry, rank, tensor, path, meta, False)
+                entry.expires = time.monotonic() + entry.lease_s
+        except BaseException:
+            _unlink(src)
+            raise
+        return meta
+
+    def discard_local(self, name: str) -> None:
+        """Delete a client's local upload file after a refused adoption (names that are not
+        private upload names are never touched)."""
+        if is_local_name(name):
+            _unlink(os.path.join(self.uploads, name))
 
     def abort_upload(self, up: Upload) -> None:
         """Discard a failed upload; a version it created that holds nothing goes with it."""

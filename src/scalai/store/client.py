@@ -8,6 +8,10 @@ errors with exponential backoff; when the store stays unreachable the error name
     StoreUnavailable: store host2 (http://10.0.0.3:7070) is unreachable after 4 attempts
     (connection refused); is 'scalai store serve' running there?
 
+A client on the store's own machine (proven, see :mod:`scalai.store.local`) writes tensor
+files into the store's upload directory and has them adopted instead of sending their
+bytes (:meth:`StoreClient.put`); anywhere else it uploads over HTTP.
+
 Arrays cross the API as raw bits (:func:`scalai.storage.arrays.as_raw`): uploads take
 numpy arrays or torch tensors of the declared dtype; reads return the dtype's unsigned
 integer type of the same width (use :func:`scalai.storage.arrays.to_torch` to get a
@@ -32,7 +36,9 @@ from ..planner.plan import Window
 from ..regions import Region
 from ..tls import PLAIN_HINT, Tls, client_context, tls_failure
 from .errors import StoreRequestError, StoreUnavailable
+from .files import TensorMeta, local_name, write_tensor_file
 from .lease import LEASE_HEADER, OWNER_HEADER
+from .local import discover, local_enabled
 from .names import check_name, check_rank, check_tensor_name, format_shape, parse_shape, window_query
 
 __all__ = ["StoreClient", "load_token", "TOKEN_ENV"]
@@ -76,10 +82,13 @@ class StoreClient:
             host are not counted against its simulated link (see ``ratelimit.py``).
         tls: ``https://`` stores are verified against ``tls.ca`` (None: this system's CAs);
             a certificate that does not verify raises :class:`~scalai.tls.TlsError` at once.
+        local: write tensors straight into the store's upload directory when this process
+            sees it (:mod:`scalai.store.local`); default: unless ``SCALAI_STORE_LOCAL=0``.
     """
 
     def __init__(self, url: str, token: str | None = None, *, timeout: float = 60.0, retries: int = 4,
-                 backoff: float = 0.2, pool_size: int = 8, from_host: str | None = None, tls: Tls | None = None):
+                 backoff: float = 0.2, pool_size: int = 8, from_host: str | None = None, tls: Tls | None = None,
+                 local: bool | None = None):
         import urllib3
 
         parts = urlsplit(url)
@@ -93,6 +102,9 @@ class StoreClient:
         cls = urllib3.HTTPSConnectionPool if parts.scheme == "https" else urllib3.HTTPConnectionPool
         self._pool = cls(parts.hostname, parts.port, maxsize=pool_size, block=True, retries=False,
                          timeout=urllib3.Timeout(connect=5.0, read=timeout), **kw)
+        self.local = local_enabled() if local is None else bool(local)
+        self._local_dir: str | None | bool = False  # False: not asked yet
+        self.adoptions = 0  # tensors stored through the upload directory (no HTTP body)
         self._headers = {"X-Scalai-From": from_host} if from_host else {}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
@@ -201,21 +213,73 @@ class StoreClient:
         return self._json("GET", f"/v1/jobs/{check_name(job, 'job')}/versions/{check_name(version, 'version')}"
                                  f"/ranks/{int(rank)}/files")["files"]
 
+    def local_dir(self) -> str | None:
+        """The store's upload directory when this process sees it (same machine and mount
+        namespace: it reads the store's key there), else None (asked once)."""
+        if self._local_dir is False:
+            found = None
+            if self.local:
+                try:
+                    found = discover(self._json("GET", "/v1/local"))
+                except StoreRequestError:  # a store without the route: HTTP
+                    found = None
+            self._local_dir = found
+        return self._local_dir
+
+    def adopt(self, job: str, version: str, rank: int, tensor: str, path: str, meta: TensorMeta,
+              owner: str | None = None, lease: float | None = None) -> dict:
+        """Have the store adopt the tensor file ``path`` (written with its CRC-32 into
+        :meth:`local_dir`) as ``tensor`` of ``rank``; the file is gone afterwards, adopted
+        or (refused, failed) deleted. Returns what :meth:`put` returns."""
+        try:
+            out = self._json("POST", self._tensor_path(job, version, rank, tensor) + "/adopt",
+                             {"file": os.path.basename(path), "dtype": meta.dtype, "shape": list(meta.shape)},
+                             headers=self._writer(owner, lease), idempotent=False)
+        except BaseException:
+            _unlink(path)
+            raise
+        self.adoptions += 1
+        return out
+
     def put(self, job: str, version: str, rank: int, tensor: str, array, dtype: str, owner: str | None = None,
             lease: float | None = None) -> dict:
-        """Upload ``array`` (numpy or torch, dtype ``dtype``, the local shape) as ``tensor``
-        of ``rank``; streamed from its memory, replaced if uploaded before (uncommitted).
+        """Store ``array`` (numpy or torch, dtype ``dtype``, the local shape) as ``tensor``
+        of ``rank``, replaced if stored before (uncommitted): written into the store's
+        upload directory and adopted when this process sees it (:meth:`local_dir`), else
+        streamed over HTTP from its memory.
 
         ``owner``: the writer's id (the version is created for it, or must be its own);
         ``lease``: seconds the version lives without renewal (see :mod:`scalai.store.lease`).
         """
-        raw = np.ascontiguousarray(as_raw(array, dtype, f"{tensor} of rank {rank}"))
+        raw = as_raw(array, dtype, f"{tensor} of rank {rank}")
+        uploads = self.local_dir()
+        if uploads is not None:
+            out = self._put_local(uploads, job, version, rank, tensor, raw, dtype, owner, lease)
+            if out is not None:
+                return out
+        raw = np.ascontiguousarray(raw)
         body = _Chunks(memoryview(raw.reshape(-1).view(np.uint8)) if raw.size else memoryview(b""))
         resp = self._request("PUT", self._tensor_path(job, version, rank, tensor), body=body,
                              query={"dtype": dtype, "shape": format_shape(raw.shape)},
                              headers={"Content-Type": "application/octet-stream",
                                       "Content-Length": str(raw.nbytes), **self._writer(owner, lease)})
         return json.loads(resp.data)
+
+    def _put_local(self, uploads: str, job: str, version: str, rank: int, tensor: str, raw: np.ndarray,
+                   dtype: str, owner: str | None, lease: float | None) -> dict | None:
+        """:meth:`put` through the upload directory; None where the file cannot be written
+        there, or the store has no room for it in memory (then HTTP, which may spill)."""
+        path = local_name(uploads)
+        try:
+            meta = write_tensor_file(path, raw, dtype)
+        except OSError:  # e.g. the directory went away with its store: HTTP says what is wrong
+            return None
+        try:
+            return self.adopt(job, version, rank, tensor, path, meta, owner, lease)
+        except StoreRequestError as exc:
+            if exc.status == 507:
+                return None
+            raise
 
     def read(self, job: str, version: str, rank: int, tensor: str, window: Window | Region | None = None,
              out: np.ndarray | None = None) -> np.ndarray:
@@ -327,6 +391,13 @@ class _Chunks:
 
     def __iter__(self):
         return (self.view[i:i + self.size] for i in range(0, self.view.nbytes, self.size))
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _urllib3_errors():

@@ -9,6 +9,11 @@ transformation is allocated at full size and filled with ``pwrite`` or through a
 (:class:`NewTensor`), always through the file it created (never another file that later
 takes its name). Either way, nothing reads a version before it is committed, and nothing
 writes one after.
+
+A client on the store's own machine may write the private file itself (the same format,
+:func:`write_tensor_file`, named :func:`local_name` in the store's upload directory) and
+ask the store to adopt it (:func:`check_adoptable`, then the same rename under the lock):
+no byte crosses a socket (see :mod:`scalai.store.local`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import secrets
+import stat
 import threading
 from dataclasses import dataclass
 from math import prod
@@ -30,7 +37,8 @@ from ..storage.kernel import kernel_copy
 from .names import check_dtype
 
 __all__ = ["TensorMeta", "DATA_OFFSET", "MAGIC", "read_meta", "map_tensor", "TensorUpload",
-           "NewTensor", "StoreFileError", "private_name"]
+           "NewTensor", "StoreFileError", "private_name", "local_name", "is_local_name", "LOCAL_PREFIX", "write_tensor_file",
+           "seal_tensor_file", "check_adoptable"]
 
 MAGIC = b"SCALAIT1"
 DATA_OFFSET = 512
@@ -111,6 +119,110 @@ def private_name(directory: str) -> str:
     return os.path.join(directory, f"upload-{secrets.token_hex(8)}")
 
 
+#: What the names of files written by clients on the store's machine start with.
+LOCAL_PREFIX = "local-"
+_LOCAL_NAME = re.compile(r"local-[0-9a-f]{32}")
+CHUNK = 1 << 20  # bytes per write (and CRC) of a tensor file written whole
+
+
+def is_local_name(name) -> bool:
+    """Whether ``name`` is a client's private upload name (``local-`` + 32 hex digits)."""
+    return isinstance(name, str) and _LOCAL_NAME.fullmatch(name) is not None
+
+
+def local_name(directory: str) -> str:
+    """A new private file name in a store's upload directory, for a client that writes the
+    file itself (``local-`` and 32 hex digits: the only names a store adopts)."""
+    return os.path.join(directory, f"{LOCAL_PREFIX}{secrets.token_hex(16)}")
+
+
+def write_tensor_file(path: str, raw: np.ndarray, dtype: str, checksum: bool = True) -> TensorMeta:
+    """Write the tensor file ``path`` (new, 0600) from the raw array ``raw`` (C-contiguous
+    or not; its local shape), CRC-32 computed block by block while each block is in cache.
+    ``checksum=False`` leaves the header's CRC ``null`` (see :func:`seal_tensor_file`).
+    A failure removes the file."""
+    upload = TensorUpload(path, dtype, tuple(raw.shape), checksum=checksum)
+    try:
+        flat = np.ascontiguousarray(raw).reshape(-1).view(np.uint8) if raw.size else np.zeros(0, np.uint8)
+        view = memoryview(flat)
+        for lo in range(0, view.nbytes, CHUNK):
+            upload.write(view[lo:lo + CHUNK])
+        return upload.finish()
+    except BaseException:
+        upload.abort()
+        raise
+
+
+def seal_tensor_file(path: str) -> TensorMeta:
+    """Record the CRC-32 of a tensor file written without one (read back through a mapping:
+    the bytes are in memory); returns the final meta."""
+    meta = read_meta(path)
+    if meta.crc32 is not None:
+        return meta
+    data = map_tensor(path, meta)
+    crc = crc32(data.reshape(-1).view(np.uint8)) if data.size else 0
+    del data
+    meta = TensorMeta(meta.dtype, meta.shape, crc)
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    try:
+        os.pwrite(fd, _header(meta), 0)
+    finally:
+        os.close(fd)
+    return meta
+
+
+def check_adoptable(directory: str, name: str, dtype: str, shape: tuple[int, ...]) -> tuple[TensorMeta, tuple]:
+    """Check that ``name`` is a client's private tensor file in the upload ``directory``
+    that a store may adopt as a tensor of ``dtype`` x ``shape``: a ``local-`` name (no path
+    separator), a regular file (a symlink is refused: ``O_NOFOLLOW``) with one link, the
+    size and header of that dtype and shape, and a recorded CRC-32.
+
+    Returns:
+        ``(meta, (st_dev, st_ino))``: the meta (with its CRC) and the file's identity.
+
+    Raises:
+        ValueError: it is not (the message says why).
+    """
+    if not is_local_name(name):
+        raise ValueError(f"file {name!r} is not a private upload name (local- and 32 hex digits, no "
+                         f"directory); write the file with scalai.store.files.local_name")
+    want = TensorMeta(dtype, tuple(shape))
+    try:
+        fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ValueError(f"upload file {name} is not in the store's upload directory {directory}; write it "
+                         f"there first (a client on another machine must upload over HTTP)") from None
+    except OSError as exc:  # ELOOP: a symbolic link
+        raise ValueError(f"upload file {name} in {directory} cannot be adopted: "
+                         f"{'it is a symbolic link' if exc.errno == 40 else exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise ValueError(f"upload file {name} in {directory} is not a private regular file "
+                             f"({'a hard link' if stat.S_ISREG(st.st_mode) else 'not a file'}); write a new one")
+        if st.st_size != DATA_OFFSET + want.nbytes:
+            raise ValueError(f"upload file {name} has {st.st_size} bytes, but dtype {dtype} x shape "
+                             f"{list(want.shape)} needs {DATA_OFFSET + want.nbytes}")
+        head = os.pread(fd, DATA_OFFSET, 0)
+    finally:
+        os.close(fd)
+    try:
+        if head[:len(MAGIC)] != MAGIC:
+            raise ValueError("bad magic")
+        obj = json.loads(head[len(MAGIC):])
+        got = TensorMeta(check_dtype(obj["dtype"]), tuple(int(s) for s in obj["shape"]),
+                         None if obj["crc32"] is None else int(obj["crc32"], 16))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"upload file {name} is not a stored tensor ({exc})") from None
+    if (got.dtype, got.shape) != (want.dtype, want.shape):
+        raise ValueError(f"upload file {name} holds dtype {got.dtype} x shape {list(got.shape)}, not the "
+                         f"declared {dtype} x {list(want.shape)}")
+    if got.crc32 is None:
+        raise ValueError(f"upload file {name} records no CRC-32; seal it first (scalai.store.files."
+                         f"seal_tensor_file)")
+    return got, (st.st_dev, st.st_ino)
+
+
 class TensorUpload:
     """Write a tensor file at the private path ``tmp`` from a stream of chunks.
 
@@ -119,8 +231,8 @@ class TensorUpload:
     removes it.
     """
 
-    def __init__(self, tmp: str, dtype: str, shape: tuple[int, ...]):
-        self.tmp, self.meta = tmp, TensorMeta(dtype, shape)
+    def __init__(self, tmp: str, dtype: str, shape: tuple[int, ...], checksum: bool = True):
+        self.tmp, self.meta, self.checksum = tmp, TensorMeta(dtype, shape), checksum
         os.makedirs(os.path.dirname(tmp), exist_ok=True)
         self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.write(self._fd, _header(self.meta))
@@ -137,7 +249,8 @@ class TensorUpload:
         while view.nbytes:
             written = os.write(self._fd, view)
             view = view[written:]
-        self._crc = crc32(chunk, self._crc)
+        if self.checksum:
+            self._crc = crc32(chunk, self._crc)
         self.received += n
 
     def finish(self, sync: bool = False) -> TensorMeta:
@@ -145,8 +258,9 @@ class TensorUpload:
         if self.received != self.meta.nbytes:
             raise ValueError(f"body has {self.received} bytes but dtype {self.meta.dtype} x shape "
                              f"{list(self.meta.shape)} needs {self.meta.nbytes}")
-        meta = TensorMeta(self.meta.dtype, self.meta.shape, self._crc)
-        os.pwrite(self._fd, _header(meta), 0)
+        meta = TensorMeta(self.meta.dtype, self.meta.shape, self._crc if self.checksum else None)
+        if self.checksum:
+            os.pwrite(self._fd, _header(meta), 0)
         if sync:
             os.fsync(self._fd)
         os.close(self._fd)

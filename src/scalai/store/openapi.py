@@ -49,7 +49,10 @@ SCHEMAS: dict[str, Any] = {
                              "root": {"type": "string"}, "spill": {"type": ["string", "null"]},
                              "jobs": {"type": "object"},
                              "traffic": {"type": "object", "required": ["sent", "received"],
-                                         "properties": {"sent": COUNTS, "received": COUNTS}}}},
+                                         "properties": {"sent": COUNTS, "received": COUNTS,
+                                                        "adopted": {**COUNTS, "description": "bytes of "
+                                                                    "files adopted from clients on this "
+                                                                    "machine (no HTTP body)"}}}}},
     "VersionSummary": {"type": "object", "required": ["version", "committed", "bytes", "tensors"],
                        "properties": {"version": NAME, "committed": {"type": "boolean"},
                                       "sequence": {"type": ["integer", "null"]},
@@ -103,6 +106,16 @@ SCHEMAS: dict[str, Any] = {
                      "properties": {"job": NAME, "version": NAME, "rank": {"type": "integer"},
                                     "tensor": TENSOR, "bytes": {"type": "integer"}, "crc32": CRC,
                                     "spilled": {"type": "boolean"}}},
+    "AdoptRequest": {"type": "object", "additionalProperties": False, "required": ["file", "dtype", "shape"],
+                     "properties": {"file": {"type": "string", "pattern": "^local-[0-9a-f]{32}$",
+                                             "description": "the file's name in the upload directory "
+                                                            "(GET /v1/local)"},
+                                    "dtype": {"type": "string", "maxLength": 32},
+                                    "shape": {"type": "array", "maxItems": 64,
+                                              "items": {"type": "integer", "minimum": 0, "maximum": 2**62}}}},
+    "LocalInfo": {"type": "object", "required": ["name", "uploads", "key_file", "key"],
+                  "properties": {"name": NAME, "uploads": {"type": "string"}, "key_file": {"type": "string"},
+                                 "key": {"type": "string"}}},
     "Lease": {"type": "object", "required": ["job", "version", "owner", "committed", "created", "lease_s"],
               "properties": {"job": NAME, "version": NAME, "owner": {"type": "string"},
                              "committed": {"type": "boolean", "description": "committed: nothing to renew"},
@@ -275,6 +288,19 @@ SPEC: dict[str, Any] = {
                        status="201", errors=("400", "401", "404", "408", "409", "413", "422", "507"),
                        body={"required": True, "content": {"application/octet-stream": {
                            "schema": {"type": "string", "format": "binary"}}}})},
+        "/v1/jobs/{job}/versions/{version}/ranks/{rank}/tensors/{tensor}/adopt": {
+            "post": _op("adopt a tensor file that a client on this machine wrote into the upload directory "
+                        "(GET /v1/local): the same checks as a PUT (owner, fence, uncommitted), plus a private "
+                        "regular file of the declared dtype and shape with its CRC-32; renamed into the "
+                        "version, or deleted if refused",
+                        "UploadResult", "stored", [_JOB, _VERSION, _RANK, _TENSOR, _OWNER, _LEASE], status="201",
+                        body={"required": True, "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/AdoptRequest"}}}},
+                        errors=("400", "401", "404", "408", "409", "413", "422", "507"))},
+        "/v1/local": {"get": _op("where a client on this machine writes tensor files to be adopted, and the "
+                                 "random key in that directory (a client that reads it there shares the "
+                                 "directory; elsewhere it uploads over HTTP)", "LocalInfo", "the upload "
+                                 "directory", [], errors=("401",))},
         "/v1/jobs/{job}/transform": {
             "post": _op("run this host's part of a plan: build a new version from an old one, pulling "
                         "local slices by memory copy and remote ones by ranged reads from peer stores; the "

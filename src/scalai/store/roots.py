@@ -4,6 +4,8 @@ Layout under each root (the memory root, and the optional spill root)::
 
     <root>/.scalai-store                               marks a directory the store owns
     <root>/uploads/upload-<random>                     uploads in progress (private files)
+    <root>/uploads/local-<random>                      files written by clients on this machine
+    <root>/uploads/key                                 a random key: a client that reads it shares the directory
     <root>/jobs/<job>/<version>/owner.json             who created the version, its lease (memory root)
     <root>/jobs/<job>/<version>/manifest.json          present = committed (memory root only)
     <root>/jobs/<job>/<version>/r00003/<tensor>        one file per stored tensor (files.py)
@@ -17,19 +19,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
+import time
 from typing import Iterator
 
 from ..checkpoint.manifest import atomic_write
 from .files import StoreFileError, TensorMeta, read_meta
 
-__all__ = ["own_root", "scan_tensors", "read_version", "write_owner", "listdir", "MANIFEST", "UPLOADS"]
+__all__ = ["own_root", "scan_tensors", "read_version", "write_owner", "listdir", "write_local_key", "sweep_local",
+           "MANIFEST", "UPLOADS", "LOCAL_KEY"]
 
 log = logging.getLogger("scalai.store")
 MANIFEST = "manifest.json"
 OWNER = "owner.json"
 MARKER = ".scalai-store"
 UPLOADS = "uploads"
+LOCAL_KEY = "key"
 
 
 def own_root(path: str) -> str:
@@ -108,6 +114,40 @@ def read_version(vdir: str) -> tuple[str | None, float | None, dict | None]:
         with open(mpath, "rb") as f:
             manifest = json.load(f)
     return owner, lease_s, manifest
+
+
+def write_local_key(uploads: str) -> str:
+    """Write a new random key into ``uploads/key`` (0600) and return it. A client that reads
+    this key at this path sees the store's own upload directory (same machine, same mount
+    namespace, or a filesystem they really share) and may write files there for the store
+    to adopt; anywhere else it cannot read it, and uploads over HTTP."""
+    key = secrets.token_hex(16)
+    path = os.path.join(uploads, LOCAL_KEY)
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, key.encode())
+    finally:
+        os.close(fd)
+    os.replace(path + ".tmp", path)
+    return key
+
+
+def sweep_local(uploads: str, older_than_s: float, prefix: str = "local-") -> int:
+    """Delete the files in ``uploads`` named ``prefix...`` that nobody wrote for
+    ``older_than_s`` seconds: what clients killed before their file was adopted left.
+    Returns how many were deleted."""
+    cutoff, n = time.time() - older_than_s, 0
+    for name in listdir(uploads):
+        if not name.startswith(prefix):
+            continue
+        path = os.path.join(uploads, name)
+        try:
+            if os.lstat(path).st_mtime < cutoff:
+                os.unlink(path)
+                n += 1
+        except FileNotFoundError:  # adopted or removed meanwhile
+            pass
+    return n
 
 
 def listdir(path: str) -> list[str]:

@@ -9,6 +9,10 @@ bytes, parsed and validated against the OpenAPI schemas on worker threads. Reads
 the selected region block by block from the file mapping. CPU-heavy work (PTCs, plans,
 manifests) runs on the worker threads, never on the event loop.
 
+Clients on the store's own machine may write a tensor file themselves into its upload
+directory and have it adopted (``GET /v1/local`` says where, ``POST .../adopt`` renames
+it in, with the same checks as an upload): see :mod:`scalai.store.local`.
+
 Writers: a version belongs to the owner that created it (``X-Scalai-Owner``); uploads,
 commits, transformations and owner-scoped deletes of another owner's version get 409.
 Uncommitted versions expire when their lease is not renewed (``POST .../lease``): a
@@ -40,6 +44,7 @@ from .files import DATA_OFFSET, TensorUpload
 from .http_util import (FROM_HEADER, Keys, auth, errors, in_pool, json_body, limited, path_names, read_chunks,
                         tensor_key, writer)
 from .lease import DEFAULT_LEASE_S, MIN_LEASE_S
+from .roots import LOCAL_KEY, sweep_local
 from .manifest import VersionManifest, untrusted_layout
 from .names import NameError_, check_dtype, check_name, check_rank, format_shape, parse_shape, parse_window
 from .openapi import API_VERSION, SPEC
@@ -184,10 +189,24 @@ def _lease_json(entry: VersionEntry, created: bool = False) -> dict:
 
 
 async def _expire(app: web.Application) -> None:
-    """Delete uncommitted versions whose lease ran out; cancel transformations writing them."""
+    """Delete uncommitted versions whose lease ran out; cancel transformations writing them;
+    every few seconds, delete the local upload files nobody wrote for a lease (their
+    writer died before asking for their adoption)."""
     catalog: Catalog = app[Keys.CATALOG]
+    config: StoreConfig = app[Keys.CONFIG]
+    stale = max(config.lease_s, config.idle_timeout)
+    ticks = 0
     while True:
         await asyncio.sleep(MIN_LEASE_S / 2)
+        ticks += 1
+        if ticks % 10 == 0:
+            try:
+                swept = await asyncio.get_running_loop().run_in_executor(app[Keys.POOL], sweep_local,
+                                                                         catalog.uploads, stale)
+                if swept:
+                    log.info("%s: deleted %d local upload files unwritten for %g s", app[Keys.NAME], swept, stale)
+            except Exception:  # noqa: BLE001 - never stop the expiry loop
+                log.exception("%s: sweeping %s failed", app[Keys.NAME], catalog.uploads)
         for entry in catalog.expired():
             try:
                 trash = catalog.expire(entry)
@@ -271,6 +290,44 @@ async def put_tensor(request: web.Request) -> web.Response:
     app[Keys.TRAFFIC]["received"][request.headers.get(FROM_HEADER, "client")] += nbytes
     return web.json_response({"job": job, "version": version, "rank": rank, "tensor": tensor,
                               "bytes": nbytes, "crc32": meta.to_json()["crc32"], "spilled": up.spilled},
+                             status=201)
+
+
+async def local_info(request: web.Request) -> web.Response:
+    """Where a client on this machine may write tensor files for :func:`adopt_tensor`, and
+    the random key in that directory that proves it sees the same directory."""
+    catalog: Catalog = request.app[Keys.CATALOG]
+    return web.json_response({"name": request.app[Keys.NAME], "uploads": catalog.uploads,
+                              "key_file": LOCAL_KEY, "key": catalog.local_key})
+
+
+async def adopt_tensor(request: web.Request) -> web.Response:
+    """Adopt a tensor file a client on this machine wrote into the upload directory (the
+    same owner, lease, fencing and commit checks as a PUT; the file is deleted if refused)."""
+    job, version, rank, tensor = tensor_key(request)
+    app = request.app
+    owner, seconds = writer(request)
+    body = await json_body(request, "AdoptRequest")
+    catalog: Catalog = app[Keys.CATALOG]
+    name = body["file"]
+    try:
+        dtype, shape = check_dtype(body["dtype"]), parse_shape(",".join(map(str, body["shape"])))
+        ELEMENTS.check(prod(shape), f"tensor {tensor}")
+        nbytes = prod(shape) * itemsize(dtype)
+        limit = app[Keys.CONFIG].max_upload
+        if nbytes > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=nbytes,
+                                                text=f"tensor of {nbytes} bytes is larger than this store "
+                                                     f"accepts ({limit}); raise --max-upload")
+        if (job, version) in app[Keys.TRANSFORMS]:
+            raise Conflict(f"version {version!r} of job {job!r} is being written by a transformation")
+        meta = catalog.adopt(job, version, rank, tensor, name, dtype, shape, owner or "", seconds)
+    except BaseException:
+        catalog.discard_local(name)
+        raise
+    app[Keys.TRAFFIC]["adopted"][request.headers.get(FROM_HEADER, "client")] += nbytes
+    return web.json_response({"job": job, "version": version, "rank": rank, "tensor": tensor,
+                              "bytes": nbytes, "crc32": meta.to_json()["crc32"], "spilled": False},
                              status=201)
 
 
@@ -420,7 +477,7 @@ def make_app(config: StoreConfig) -> web.Application:
     app[Keys.LINK] = Link(config.link_up, config.link_down)
     app[Keys.POOL] = ThreadPoolExecutor(config.workers, thread_name_prefix="store")
     app[Keys.TRANSFORMS] = {}
-    app[Keys.TRAFFIC] = {"sent": defaultdict(int), "received": defaultdict(int)}
+    app[Keys.TRAFFIC] = {"sent": defaultdict(int), "received": defaultdict(int), "adopted": defaultdict(int)}
     app[Keys.STARTED] = time.monotonic()
     app[Keys.SESSION] = None
     app.on_startup.append(_start)
@@ -440,5 +497,7 @@ def make_app(config: StoreConfig) -> web.Application:
     app.router.add_get("/v1/jobs/{job}/versions/{version}/ranks/{rank}/files", rank_files, allow_head=False)
     app.router.add_get(tensor, get_tensor, allow_head=False)
     app.router.add_put(tensor, put_tensor)
+    app.router.add_post(tensor + "/adopt", adopt_tensor)
+    app.router.add_get("/v1/local", local_info, allow_head=False)
     app.router.add_post("/v1/jobs/{job}/transform", transform)
     return app
