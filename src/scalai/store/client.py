@@ -230,7 +230,8 @@ class StoreClient:
               owner: str | None = None, lease: float | None = None) -> dict:
         """Have the store adopt the tensor file ``path`` (written with its CRC-32 into
         :meth:`local_dir`) as ``tensor`` of ``rank``; the file is gone afterwards, adopted
-        or (refused, failed) deleted. Returns what :meth:`put` returns."""
+        or (refused, failed) deleted by the store, or by this call when the request
+        failed. Returns what :meth:`put` returns."""
         try:
             out = self._json("POST", self._tensor_path(job, version, rank, tensor) + "/adopt",
                              {"file": os.path.basename(path), "dtype": meta.dtype, "shape": list(meta.shape)},
@@ -242,17 +243,18 @@ class StoreClient:
         return out
 
     def put(self, job: str, version: str, rank: int, tensor: str, array, dtype: str, owner: str | None = None,
-            lease: float | None = None) -> dict:
+            lease: float | None = None, local: bool = True) -> dict:
         """Store ``array`` (numpy or torch, dtype ``dtype``, the local shape) as ``tensor``
         of ``rank``, replaced if stored before (uncommitted): written into the store's
         upload directory and adopted when this process sees it (:meth:`local_dir`), else
         streamed over HTTP from its memory.
 
         ``owner``: the writer's id (the version is created for it, or must be its own);
-        ``lease``: seconds the version lives without renewal (see :mod:`scalai.store.lease`).
+        ``lease``: seconds the version lives without renewal (see :mod:`scalai.store.lease`);
+        ``local=False``: over HTTP in any case.
         """
         raw = as_raw(array, dtype, f"{tensor} of rank {rank}")
-        uploads = self.local_dir()
+        uploads = self.local_dir() if local else None
         if uploads is not None:
             out = self._put_local(uploads, job, version, rank, tensor, raw, dtype, owner, lease)
             if out is not None:

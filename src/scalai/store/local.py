@@ -38,7 +38,7 @@ import logging
 import os
 import threading
 
-from .files import TensorMeta, local_name
+from .files import TensorMeta
 
 __all__ = ["LOCAL_ENV", "local_enabled", "discover", "StagedRank"]
 
@@ -87,6 +87,10 @@ class StagedRank:
     def nbytes(self) -> int:
         return sum(meta.nbytes for _, meta in self.files.values())
 
+    def add(self, name: str, path: str, meta: TensorMeta) -> None:
+        with self._lock:
+            self.files[name] = (path, meta)
+
     def take(self, name: str) -> tuple[str, TensorMeta]:
         """The staged file of ``name``; from now on its writer deletes it if not adopted."""
         with self._lock:
@@ -97,10 +101,6 @@ class StagedRank:
             files, self.files = self.files, {}
         for path, _ in files.values():
             _unlink(path)
-
-    @staticmethod
-    def new_path(uploads: str) -> str:
-        return local_name(uploads)
 
 
 def _unlink(path: str) -> None:

@@ -190,7 +190,7 @@ def _lease_json(entry: VersionEntry, created: bool = False) -> dict:
 
 async def _expire(app: web.Application) -> None:
     """Delete uncommitted versions whose lease ran out; cancel transformations writing them;
-    every few seconds, delete the local upload files nobody wrote for a lease (their
+    every second, delete the local upload files nobody wrote for a lease (their
     writer died before asking for their adoption)."""
     catalog: Catalog = app[Keys.CATALOG]
     config: StoreConfig = app[Keys.CONFIG]
@@ -199,7 +199,7 @@ async def _expire(app: web.Application) -> None:
     while True:
         await asyncio.sleep(MIN_LEASE_S / 2)
         ticks += 1
-        if ticks % 10 == 0:
+        if ticks % 2 == 0:
             try:
                 swept = await asyncio.get_running_loop().run_in_executor(app[Keys.POOL], sweep_local,
                                                                          catalog.uploads, stale)

@@ -31,6 +31,7 @@ from whichever stores hold them (ranks load independently, so the plan has no ho
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Mapping
 
@@ -44,7 +45,10 @@ from ..storage.base import ArraySource, RangeSource, TensorSource
 from ..storage.live import ArraysSink
 from ..storage.run import run_plan
 from .cluster import StoreCluster, parallel
+from .errors import StoreRequestError
+from .files import local_name, map_tensor, seal_tensor_file, write_tensor_file
 from .lease import Lease, new_owner
+from .local import StagedRank
 from .manifest import VersionManifest
 
 __all__ = ["save_rank", "commit", "next_version", "load_rank", "StoreWriter", "StoreReader"]
@@ -60,7 +64,9 @@ def next_version(cluster: StoreCluster, job: str) -> tuple[str, int]:
 
 def save_rank(cluster: StoreCluster, job: str, version: str, rank: int, ptc: PTC, placement: Placement,
               tensors: Mapping[str, Any], workers: int = 4, owner: str | None = None) -> int:
-    """Upload every local tensor of ``rank`` (``ptc.rank_shards(rank)``) to its host's store.
+    """Store every local tensor of ``rank`` (``ptc.rank_shards(rank)``) in its host's store
+    (written into the store's upload directory where this process sees it, see
+    :mod:`scalai.store.local`; over HTTP elsewhere), ``workers`` tensors at a time.
 
     Args:
         tensors: ``{name: tensor}`` (torch or numpy, the spec's dtype, the local shape;
@@ -138,8 +144,12 @@ class StoreWriter:
     ``begin`` (rank 0) picks the next version name and claims it on every store for a new
     owner id (:mod:`scalai.store.lease`), renewing its lease from rank 0's process until
     ``commit`` or ``abort``; the token every rank receives is ``"<version>@<owner>"``.
-    ``write_rank`` uploads the rank's tensors to the store of its own host
-    (``placement.host(rank)``) as that owner; ``commit`` (rank 0) commits the version on
+    ``write_rank`` stores the rank's tensors in the store of its own host
+    (``placement.host(rank)``) as that owner, ``workers`` at a time (written into the
+    store's upload directory where the rank sees it, see :mod:`scalai.store.local`, else
+    over HTTP); ``stage_rank`` (a background save, where the rank sees that directory)
+    writes them there at once, without their CRC-32, and ``write_rank`` then records the
+    CRCs and has the files adopted; ``commit`` (rank 0) commits the version on
     every store; ``abort`` deletes it everywhere (only where that owner created it). If
     the job dies mid-save, the version expires with its lease.
 
@@ -151,10 +161,11 @@ class StoreWriter:
             ``g<generation>-save``, so that their stores can fence off old generations).
         token / tls: the stores' token and TLS setting (:class:`~scalai.tls.Tls`), when
             ``urls`` are URLs.
+        workers: tensors of one rank written at once.
     """
 
     def __init__(self, urls, job: str, gpus_per_host: int, token: str | None = None, owner_kind: str = "save",
-                 tls=None):
+                 tls=None, workers: int = 4):
         self.cluster = urls if isinstance(urls, StoreCluster) else StoreCluster(urls, token, tls=tls)
         self.job = job
         self.placement = self.cluster.placement(gpus_per_host)
@@ -162,6 +173,7 @@ class StoreWriter:
         self._stored: tuple[PTC, PTC] | None = None  # (ptc, its per-host view)
         self._leases: dict[str, Lease] = {}  # rank 0: token -> the lease it renews
         self.owner_kind = owner_kind
+        self.workers = workers
 
     def begin(self) -> str:
         version = self.cluster.next_version(self.job)[0]
@@ -176,19 +188,53 @@ class StoreWriter:
         self._leases[token] = lease
         return token
 
-    def write_rank(self, token: str, rank: int, ptc: PTC, arrays: Mapping[str, Any]):
+    def write_rank(self, token: str, rank: int, ptc: PTC, arrays: Mapping[str, Any] | StagedRank):
         from ..checkpoint.manifest import RankRecord, TensorRecord
 
         version, owner = token.split("@")
         self.last_version = version
         client = self.cluster.client(self.placement.host(rank))
-        records, total = {}, 0
-        for name, shard in self.stored(ptc).rank_shards(rank):
+        staged = arrays if isinstance(arrays, StagedRank) else None
+
+        def one(item) -> tuple[str, TensorRecord, int]:
+            name, shard = item
             dtype = ptc.spec(name).dtype
-            out = client.put(self.job, version, rank, name, arrays[name], dtype, owner=owner)
-            records[name] = TensorRecord(dtype, shard.shape, int(out["crc32"], 16))
-            total += out["bytes"]
+            if staged is None:
+                out = client.put(self.job, version, rank, name, arrays[name], dtype, owner=owner)
+            else:
+                out = _adopt_staged(client, staged.take(name)[0], self.job, version, rank, name, owner)
+            return name, TensorRecord(dtype, shard.shape, int(out["crc32"], 16)), out["bytes"]
+
+        done = parallel(one, list(self.stored(ptc).rank_shards(rank)), self.workers)
+        records = {name: record for name, record, _ in done}
+        total = sum(n for _, _, n in done)
         return RankRecord(rank, f"{client.url}/v1/jobs/{self.job}/versions/{version}/ranks/{rank}", total, records)
+
+    def stage_rank(self, token: str, rank: int, ptc: PTC, arrays: Mapping[str, Any]) -> StagedRank | None:
+        """Write the tensors ``write_rank`` stores into the upload directory of the rank's
+        store, without their CRC-32 (a background save's staging copy, see
+        :mod:`scalai.training.background`); None where the rank does not see that
+        directory (stage in host memory then)."""
+        from ..storage.arrays import as_raw
+
+        client = self.cluster.client(self.placement.host(rank))
+        uploads = client.local_dir()
+        if uploads is None:
+            return None
+        staged = StagedRank(client, {})
+
+        def one(item) -> None:
+            name, _ = item
+            dtype = ptc.spec(name).dtype
+            path = local_name(uploads)
+            staged.add(name, path, write_tensor_file(path, as_raw(arrays[name], dtype, name), dtype, checksum=False))
+
+        try:
+            parallel(one, list(self.stored(ptc).rank_shards(rank)), self.workers)
+        except BaseException:
+            staged.clear()
+            raise
+        return staged
 
     def stored(self, ptc: PTC) -> PTC:
         """What the ranks upload of ``ptc``: a replica that ranks of one host share, once per
@@ -215,6 +261,31 @@ class StoreWriter:
         lease = self._leases.pop(token, None)
         if lease is not None:
             lease.close()
+
+
+def _adopt_staged(client, path: str, job: str, version: str, rank: int, tensor: str, owner: str) -> dict:
+    """Record a staged file's CRC-32 and have it adopted. A store without room for it in
+    memory (507) deletes the file; its bytes then go over HTTP from a mapping taken
+    before (it outlives the file), so the store may spill them."""
+    try:
+        meta = seal_tensor_file(path)
+        data = map_tensor(path, meta)
+    except BaseException:
+        _unlink(path)
+        raise
+    try:
+        return client.adopt(job, version, rank, tensor, path, meta, owner=owner)
+    except StoreRequestError as exc:
+        if exc.status != 507:
+            raise
+    return client.put(job, version, rank, tensor, data, meta.dtype, owner=owner, local=False)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class StoreReader(TensorSource):

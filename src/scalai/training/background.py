@@ -5,7 +5,10 @@ copies its live local tensors into host memory (the *staging* copy: exactly this
 local state, model and optimizer, once) and the ranks agree on the non-tensor state (step,
 RNG, data position) as of this moment; then the call returns and training goes on. A thread
 per rank writes the staged copy through the writer (``write_rank``: a directory's rank
-file, an object store's upload) and frees it.
+file, an object store's upload) and frees it. A writer that stages in its own medium
+(:class:`~scalai.training.storage.StagingWriter`: the stores of the rank's own machine,
+whose staging copy is the very files they adopt) does so instead of the host-memory
+copy; its thread only finishes them (CRC-32s, adoption).
 
 The commit needs every rank's record, and a background thread never calls a collective (it
 would interleave with the training's own). So the version is committed by the next
@@ -44,6 +47,7 @@ from .report import SaveReport
 from .collective import CollectiveError, agree
 from .job import JobState
 from .nontensor import capture, rank_snapshot
+from .storage import StagingWriter
 
 __all__ = ["start", "finish", "close", "in_flight", "Committed", "ON_BUSY"]
 
@@ -71,7 +75,7 @@ class _InFlight:
     error: BaseException | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def run(self, rank: int, arrays: dict[str, np.ndarray]) -> None:
+    def run(self, rank: int, arrays: Any) -> None:
         t0 = time.perf_counter()
         try:
             self.record = self.writer.write_rank(self.token, rank, self.ptc, arrays)
@@ -128,15 +132,21 @@ def start(job: JobState, writer: Any, created_by: str, on_busy: str = "wait"):
     t1 = time.perf_counter()
     try:
         def stage() -> tuple[dict, int]:
+            if isinstance(writer, StagingWriter):
+                own = writer.stage_rank(token, rank, job.ptc, job.local_tensors())
+                if own is not None:
+                    staged[0] = own
+                    return rank_snapshot(job), own.nbytes
             arrays = {name: np.array(as_raw(t, job.ptc.spec(name).dtype, name), copy=True)
                       for name, t in job.local_tensors().items()}
             staged[0] = arrays
             return rank_snapshot(job), sum(a.nbytes for a in arrays.values())
 
-        staged: list[dict] = [{}]
+        staged: list[Any] = [{}]
         shared = agree("save: stage", stage, job.group, share=True)
         state = agree("save: state", lambda: capture(job, [s for s, _ in shared]) if rank == 0 else None, job.group)
     except CollectiveError:
+        staged[0].clear()  # files staged in the writer's medium are deleted
         agree("save: abort", lambda: writer.abort(token) if rank == 0 else None, job.group)
         raise
     t2 = time.perf_counter()

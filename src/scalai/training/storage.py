@@ -35,7 +35,7 @@ from ..storage.base import TensorSource
 from ..storage.live import ArraysSource
 from ..storage.run import default_workers, run_plan
 
-__all__ = ["StateWriter", "DirectoryWriter", "ObjectWriter", "as_writer", "as_source"]
+__all__ = ["StateWriter", "StagingWriter", "DirectoryWriter", "ObjectWriter", "as_writer", "as_source"]
 
 
 @runtime_checkable
@@ -54,6 +54,20 @@ class StateWriter(Protocol):
 
     def abort(self, token: str) -> None:
         """Rank 0, after a failure: remove whatever the version left behind."""
+
+
+@runtime_checkable
+class StagingWriter(StateWriter, Protocol):
+    """A writer that can hold a background save's staging copy in its own medium (the
+    stores: the files they will adopt), so that the bytes are copied once, not staged in
+    host memory and then copied again."""
+
+    def stage_rank(self, token: str, rank: int, ptc: PTC, arrays: Mapping[str, np.ndarray]) -> Any:
+        """Every rank, while the step waits: copy what ``write_rank`` writes of ``arrays``
+        (the live local tensors, torch or numpy) into the writer's medium; return the staged copy, which
+        ``write_rank(token, rank, ptc, staged)`` then finishes in a thread and whose
+        ``clear()`` deletes what was not written, or None where this rank cannot (then
+        it stages in host memory)."""
 
 
 class DirectoryWriter:
