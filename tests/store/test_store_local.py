@@ -95,8 +95,8 @@ def test_refused_adoptions_say_why_and_leave_no_file(one, tmp_path):
     for name in (f"../../{outside.name}", str(outside), "key"):  # names out of the upload files: nothing deleted
         with pytest.raises(StoreRequestError) as err:
             client._json("POST", "/v1/jobs/j/versions/v0/ranks/0/tensors/w/adopt",
-                         {"file": name, "dtype": "float32", "shape": [2]}, headers={"X-Scalai-Owner": "a"})
-        assert err.value.status == 400 and "does not match" in str(err.value)
+                         query={"file": name, "dtype": "float32", "shape": "2"}, headers={"X-Scalai-Owner": "a"})
+        assert err.value.status == 400 and "not a private upload name" in str(err.value)
     assert outside.read_bytes() == b"keep me" and _uploads(one) == [LOCAL_KEY]
     link = local_name(uploads)
     os.symlink(outside, link)

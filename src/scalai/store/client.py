@@ -234,7 +234,8 @@ class StoreClient:
         failed. Returns what :meth:`put` returns."""
         try:
             out = self._json("POST", self._tensor_path(job, version, rank, tensor) + "/adopt",
-                             {"file": os.path.basename(path), "dtype": meta.dtype, "shape": list(meta.shape)},
+                             query={"file": os.path.basename(path), "dtype": meta.dtype,
+                                    "shape": format_shape(meta.shape)},
                              headers=self._writer(owner, lease), idempotent=False)
         except BaseException:
             _unlink(path)

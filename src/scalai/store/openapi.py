@@ -106,13 +106,6 @@ SCHEMAS: dict[str, Any] = {
                      "properties": {"job": NAME, "version": NAME, "rank": {"type": "integer"},
                                     "tensor": TENSOR, "bytes": {"type": "integer"}, "crc32": CRC,
                                     "spilled": {"type": "boolean"}}},
-    "AdoptRequest": {"type": "object", "additionalProperties": False, "required": ["file", "dtype", "shape"],
-                     "properties": {"file": {"type": "string", "pattern": "^local-[0-9a-f]{32}$",
-                                             "description": "the file's name in the upload directory "
-                                                            "(GET /v1/local)"},
-                                    "dtype": {"type": "string", "maxLength": 32},
-                                    "shape": {"type": "array", "maxItems": 64,
-                                              "items": {"type": "integer", "minimum": 0, "maximum": 2**62}}}},
     "LocalInfo": {"type": "object", "required": ["name", "uploads", "key_file", "key"],
                   "properties": {"name": NAME, "uploads": {"type": "string"}, "key_file": {"type": "string"},
                                  "key": {"type": "string"}}},
@@ -293,10 +286,14 @@ SPEC: dict[str, Any] = {
                         "(GET /v1/local): the same checks as a PUT (owner, fence, uncommitted), plus a private "
                         "regular file of the declared dtype and shape with its CRC-32; renamed into the "
                         "version, or deleted if refused",
-                        "UploadResult", "stored", [_JOB, _VERSION, _RANK, _TENSOR, _OWNER, _LEASE], status="201",
-                        body={"required": True, "content": {"application/json": {
-                            "schema": {"$ref": "#/components/schemas/AdoptRequest"}}}},
-                        errors=("400", "401", "404", "408", "409", "413", "422", "507"))},
+                        "UploadResult", "stored", [_JOB, _VERSION, _RANK, _TENSOR,
+                                                   _p("file", {"type": "string", "pattern": "^local-[0-9a-f]{32}$"},
+                                                      "query", True, "the file's name in the upload directory "
+                                                      "(GET /v1/local)"),
+                                                   _p("dtype", {"type": "string"}, "query", True, "e.g. bfloat16"),
+                                                   _p("shape", SHAPE, "query", True, "local shape, e.g. 768,3072"),
+                                                   _OWNER, _LEASE], status="201",
+                        errors=("400", "401", "404", "409", "413", "422", "507"))},
         "/v1/local": {"get": _op("where a client on this machine writes tensor files to be adopted, and the "
                                  "random key in that directory (a client that reads it there shares the "
                                  "directory; elsewhere it uploads over HTTP)", "LocalInfo", "the upload "

@@ -307,11 +307,14 @@ async def adopt_tensor(request: web.Request) -> web.Response:
     job, version, rank, tensor = tensor_key(request)
     app = request.app
     owner, seconds = writer(request)
-    body = await json_body(request, "AdoptRequest")
+    q = request.query
+    if set(q) != {"file", "dtype", "shape"}:
+        raise NameError_("give the query parameters file, dtype and shape (e.g. ?file=local-<32 hex digits>"
+                         "&dtype=bfloat16&shape=768,3072), and no others")
     catalog: Catalog = app[Keys.CATALOG]
-    name = body["file"]
+    name = q["file"]
     try:
-        dtype, shape = check_dtype(body["dtype"]), parse_shape(",".join(map(str, body["shape"])))
+        dtype, shape = check_dtype(q["dtype"]), parse_shape(q["shape"])
         ELEMENTS.check(prod(shape), f"tensor {tensor}")
         nbytes = prod(shape) * itemsize(dtype)
         limit = app[Keys.CONFIG].max_upload
