@@ -4,8 +4,10 @@
 **Background.** At every K-th step every rank calls ``save(job, stores, background=True)``
 (:mod:`scalai.training.background`): the call returns once the rank's shards are copied
 into host memory and the ranks agreed on the non-tensor state, and a thread per rank uploads
-the copy into its own host's store. After every later step, :meth:`PeriodicCommits.poll`
-asks every rank whether its upload ended (one small collective, only while a save is in
+the copy into its own host's store. Where the rank sees its store's upload directory (the
+same machine, :mod:`scalai.store.local`) the staging copy is the store's own files: written
+while the step waits, then sealed (CRC-32) and adopted by the thread, one copy in all.
+After every later step, :meth:`PeriodicCommits.poll` asks every rank whether its upload ended (one small collective, only while a save is in
 flight); once all did, rank 0 commits the version on every store, and only then is it
 reported: ``commits`` in rank 0's report, which the coordinator turns into
 ``record_commit``. So the coordinator never records a version that a store does not hold
