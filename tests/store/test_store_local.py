@@ -43,6 +43,9 @@ def _uploads(store) -> list[str]:
     return sorted(os.listdir(store.root / "uploads"))
 
 
+EMPTY: list[str] = []
+
+
 @pytest.fixture
 def one(stores):
     return stores(1, token=TOKEN)[0]
@@ -64,7 +67,7 @@ def test_a_save_on_the_stores_machine_is_adopted_with_the_bytes_and_crcs_of_an_u
     listing = one.client().version("j", "v0")["ranks"]["0"]
     for name, array in tensors.items():
         assert int(listing[name]["crc32"], 16) == zlib.crc32(np.ascontiguousarray(array).tobytes())
-    assert _uploads(one) == [LOCAL_KEY]
+    assert _uploads(one) == EMPTY
     commit(fast, "j", "v0", ptc, place, {"step": 1}, 0, owner="me")  # the store holds exactly the rank's tensors
 
 
@@ -84,7 +87,7 @@ def test_refused_adoptions_say_why_and_leave_no_file(one, tmp_path):
         with pytest.raises(StoreRequestError) as err:
             _adopt(client, path, **kw)
         assert err.value.status == status and words in str(err.value) and "\n" not in str(err.value)
-        assert _uploads(one) == [LOCAL_KEY]
+        assert _uploads(one) == EMPTY
         assert "w" not in client.version("j", "v0")["ranks"]["0"]
 
     refused(409, "belongs to another writer", owner="b")
@@ -92,12 +95,12 @@ def test_refused_adoptions_say_why_and_leave_no_file(one, tmp_path):
     refused(409, "fenced off", owner="g3-save-1", version="v9")
     outside = tmp_path / "outside"
     outside.write_bytes(b"keep me")
-    for name in (f"../../{outside.name}", str(outside), "key"):  # names out of the upload files: nothing deleted
+    for name in (f"../../{outside.name}", str(outside), "../.local-key"):  # names out of the upload files: nothing deleted
         with pytest.raises(StoreRequestError) as err:
             client._json("POST", "/v1/jobs/j/versions/v0/ranks/0/tensors/w/adopt",
                          query={"file": name, "dtype": "float32", "shape": "2"}, headers={"X-Scalai-Owner": "a"})
         assert err.value.status == 400 and "not a private upload name" in str(err.value)
-    assert outside.read_bytes() == b"keep me" and _uploads(one) == [LOCAL_KEY]
+    assert outside.read_bytes() == b"keep me" and _uploads(one) == EMPTY
     link = local_name(uploads)
     os.symlink(outside, link)
     with pytest.raises(StoreRequestError) as err:
@@ -106,8 +109,7 @@ def test_refused_adoptions_say_why_and_leave_no_file(one, tmp_path):
     assert err.value.status == 400 and "symbolic link" in str(err.value)
     assert outside.read_bytes() == b"keep me" and not os.path.lexists(link)
     for f in _uploads(one):  # the file written for the symlink's meta above
-        if f != LOCAL_KEY:
-            os.unlink(os.path.join(uploads, f))
+        os.unlink(os.path.join(uploads, f))
     path = local_name(uploads)
     meta = write_tensor_file(path, np.zeros((2, 3), np.float32), "float32")
     with open(path, "ab") as f:
@@ -115,7 +117,7 @@ def test_refused_adoptions_say_why_and_leave_no_file(one, tmp_path):
     with pytest.raises(StoreRequestError) as err:
         client.adopt("j", "v0", 0, "w", path, meta, owner="a")
     assert err.value.status == 400 and f"{DATA_OFFSET + 25} bytes" in str(err.value)
-    assert _uploads(one) == [LOCAL_KEY]
+    assert _uploads(one) == EMPTY
     ptc = model_ptc("gpt-tiny", "tp=1,pp=1,dp=1")
     cluster = StoreCluster([one.url], TOKEN)
     save_rank(cluster, "j", "v2", 0, ptc, Placement(1, ("host0",)), _tensors(ptc), owner="a")
@@ -124,7 +126,7 @@ def test_refused_adoptions_say_why_and_leave_no_file(one, tmp_path):
 
 
 def test_a_client_that_does_not_see_the_key_uploads_over_http(one):
-    key = one.root / "uploads" / LOCAL_KEY
+    key = one.root / LOCAL_KEY
     key.write_text("0" * 32)  # another machine's file at the same path
     client = one.client()
     assert client.local_dir() is None
@@ -144,17 +146,17 @@ def test_a_background_stage_is_the_stores_file_finished_by_the_writer(one):
     token = writer.begin()
     try:
         staged = writer.stage_rank(token, 0, ptc, tensors)
-        assert len(_uploads(one)) == 1 + len(tensors)  # staged in the store's directory, not yet adopted
+        assert len(_uploads(one)) == len(tensors)  # staged in the store's directory, not yet adopted
         record = writer.write_rank(token, 0, ptc, staged)
     finally:
         writer.abort(token)
-    assert _uploads(one) == [LOCAL_KEY]
+    assert _uploads(one) == EMPTY
     assert writer.cluster.clients[0].adoptions == len(tensors)
     for name, array in tensors.items():
         assert record.tensors[name].checksum == zlib.crc32(np.ascontiguousarray(array).tobytes())
     staged = writer.stage_rank(token, 0, ptc, tensors)
     staged.clear()  # a save that failed before its thread ran
-    assert _uploads(one) == [LOCAL_KEY]
+    assert _uploads(one) == EMPTY
 
 
 def test_sweep_deletes_only_stale_local_files(tmp_path):
@@ -175,4 +177,4 @@ def test_the_store_sweeps_what_a_killed_writer_left(stores):
     deadline = time.monotonic() + 30
     while os.path.exists(left) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not os.path.exists(left) and _uploads(store) == [LOCAL_KEY]
+    assert not os.path.exists(left) and _uploads(store) == EMPTY

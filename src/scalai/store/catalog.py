@@ -137,7 +137,7 @@ class Catalog:
             raise ValueError("the spill directory must differ from the root")
         self.root = own_root(self.root_dir)
         self.uploads = os.path.join(self.root_dir, UPLOADS)
-        self.local_key = write_local_key(self.uploads)  # see adopt
+        self.local_key = write_local_key(self.root_dir)  # see adopt
         self.spill = own_root(self.spill_dir) if self.spill_dir else None
         self.memory_limit = memory_limit
         self.name = name

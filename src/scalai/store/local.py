@@ -12,7 +12,8 @@ plus that it is a private regular file of the declared dtype and shape, and rena
 into the version. A refused adoption deletes the file.
 
 **Same machine, proven, never assumed.** ``GET /v1/local`` (with the token) names the
-store's upload directory and a random key the store wrote there at start-up. A client
+store's upload directory and a random key the store wrote beside it (in its root) at
+start-up. A client
 uses the fast path only when it reads that very key at that path: same machine and same
 mount namespace (or a filesystem the two really share). Anywhere else (another machine,
 a container or mount namespace of its own, a store too old to answer) it uploads over
@@ -58,10 +59,9 @@ def discover(info: dict) -> str | None:
     ``/v1/local`` answer ``info`` names, at that path, with the same value, and may write
     there), else None."""
     try:
-        uploads, key = str(info["uploads"]), str(info["key"])
-        path = os.path.join(uploads, str(info["key_file"]))
-        if not os.path.isabs(uploads) or os.path.basename(path) != info["key_file"]:
-            return None
+        uploads, key, path = str(info["uploads"]), str(info["key"]), str(info["key_file"])
+        if not os.path.isabs(uploads) or os.path.dirname(path) != os.path.dirname(uploads):
+            return None  # the key must sit beside the upload directory, in the store's root
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         try:
             seen = os.read(fd, 256).decode("ascii", "replace").strip()

@@ -3,9 +3,9 @@
 Layout under each root (the memory root, and the optional spill root)::
 
     <root>/.scalai-store                               marks a directory the store owns
+    <root>/.local-key                                  a random key: a client that reads it sees the root
     <root>/uploads/upload-<random>                     uploads in progress (private files)
     <root>/uploads/local-<random>                      files written by clients on this machine
-    <root>/uploads/key                                 a random key: a client that reads it shares the directory
     <root>/jobs/<job>/<version>/owner.json             who created the version, its lease (memory root)
     <root>/jobs/<job>/<version>/manifest.json          present = committed (memory root only)
     <root>/jobs/<job>/<version>/r00003/<tensor>        one file per stored tensor (files.py)
@@ -35,7 +35,7 @@ MANIFEST = "manifest.json"
 OWNER = "owner.json"
 MARKER = ".scalai-store"
 UPLOADS = "uploads"
-LOCAL_KEY = "key"
+LOCAL_KEY = ".local-key"
 
 
 def own_root(path: str) -> str:
@@ -116,13 +116,13 @@ def read_version(vdir: str) -> tuple[str | None, float | None, dict | None]:
     return owner, lease_s, manifest
 
 
-def write_local_key(uploads: str) -> str:
-    """Write a new random key into ``uploads/key`` (0600) and return it. A client that reads
-    this key at this path sees the store's own upload directory (same machine, same mount
+def write_local_key(root: str) -> str:
+    """Write a new random key into ``root/.local-key`` (0600) and return it. A client that
+    reads this key at this path sees the store's root and its upload directory (same machine, same mount
     namespace, or a filesystem they really share) and may write files there for the store
     to adopt; anywhere else it cannot read it, and uploads over HTTP."""
     key = secrets.token_hex(16)
-    path = os.path.join(uploads, LOCAL_KEY)
+    path = os.path.join(root, LOCAL_KEY)
     fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         os.write(fd, key.encode())

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -298,7 +299,7 @@ async def local_info(request: web.Request) -> web.Response:
     the random key in that directory that proves it sees the same directory."""
     catalog: Catalog = request.app[Keys.CATALOG]
     return web.json_response({"name": request.app[Keys.NAME], "uploads": catalog.uploads,
-                              "key_file": LOCAL_KEY, "key": catalog.local_key})
+                              "key_file": os.path.join(catalog.root_dir, LOCAL_KEY), "key": catalog.local_key})
 
 
 async def adopt_tensor(request: web.Request) -> web.Response:
