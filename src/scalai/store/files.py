@@ -77,6 +77,18 @@ def _header(meta: TensorMeta) -> bytes:
     return MAGIC + body.ljust(DATA_OFFSET - len(MAGIC))
 
 
+def _parse_header(head: bytes) -> TensorMeta:
+    """The meta in a file's first :data:`DATA_OFFSET` bytes; ValueError if it is not one."""
+    try:
+        if head[:len(MAGIC)] != MAGIC:
+            raise ValueError("bad magic")
+        obj = json.loads(head[len(MAGIC):])
+        return TensorMeta(check_dtype(obj["dtype"]), tuple(int(s) for s in obj["shape"]),
+                          None if obj["crc32"] is None else int(obj["crc32"], 16))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(str(exc)) from None
+
+
 def read_meta(path: str) -> TensorMeta:
     """Parse the header of ``path`` and check the file's size.
 
@@ -87,12 +99,8 @@ def read_meta(path: str) -> TensorMeta:
         head = f.read(DATA_OFFSET)
         size = os.fstat(f.fileno()).st_size
     try:
-        if head[:len(MAGIC)] != MAGIC:
-            raise ValueError("bad magic")
-        obj = json.loads(head[len(MAGIC):])
-        meta = TensorMeta(check_dtype(obj["dtype"]), tuple(int(s) for s in obj["shape"]),
-                          None if obj["crc32"] is None else int(obj["crc32"], 16))
-    except (ValueError, KeyError, TypeError) as exc:
+        meta = _parse_header(head)
+    except ValueError as exc:
         raise StoreFileError(f"{path} is not a stored tensor ({exc})") from None
     if size != DATA_OFFSET + meta.nbytes:
         raise StoreFileError(f"{path} has {size} bytes, its header says {DATA_OFFSET + meta.nbytes}: "
@@ -207,12 +215,8 @@ def check_adoptable(directory: str, name: str, dtype: str, shape: tuple[int, ...
     finally:
         os.close(fd)
     try:
-        if head[:len(MAGIC)] != MAGIC:
-            raise ValueError("bad magic")
-        obj = json.loads(head[len(MAGIC):])
-        got = TensorMeta(check_dtype(obj["dtype"]), tuple(int(s) for s in obj["shape"]),
-                         None if obj["crc32"] is None else int(obj["crc32"], 16))
-    except (ValueError, KeyError, TypeError) as exc:
+        got = _parse_header(head)
+    except ValueError as exc:
         raise ValueError(f"upload file {name} is not a stored tensor ({exc})") from None
     if (got.dtype, got.shape) != (want.dtype, want.shape):
         raise ValueError(f"upload file {name} holds dtype {got.dtype} x shape {list(got.shape)}, not the "
