@@ -38,7 +38,7 @@ from ..tls import PLAIN_HINT, Tls, client_context, tls_failure
 from .errors import StoreRequestError, StoreUnavailable
 from .files import TensorMeta, local_name, write_tensor_file
 from .lease import LEASE_HEADER, OWNER_HEADER
-from .local import discover, local_enabled
+from .local import discover, local_enabled, unlink_quietly as _unlink
 from .names import check_name, check_rank, check_tensor_name, format_shape, parse_shape, window_query
 
 __all__ = ["StoreClient", "load_token", "TOKEN_ENV"]
@@ -394,13 +394,6 @@ class _Chunks:
 
     def __iter__(self):
         return (self.view[i:i + self.size] for i in range(0, self.view.nbytes, self.size))
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _urllib3_errors():

@@ -41,7 +41,7 @@ import threading
 
 from .files import TensorMeta
 
-__all__ = ["LOCAL_ENV", "local_enabled", "discover", "StagedRank"]
+__all__ = ["LOCAL_ENV", "local_enabled", "discover", "StagedRank", "unlink_quietly"]
 
 log = logging.getLogger("scalai.store")
 
@@ -100,10 +100,11 @@ class StagedRank:
         with self._lock:
             files, self.files = self.files, {}
         for path, _ in files.values():
-            _unlink(path)
+            unlink_quietly(path)
 
 
-def _unlink(path: str) -> None:
+def unlink_quietly(path: str) -> None:
+    """Delete ``path`` if it is there."""
     try:
         os.unlink(path)
     except FileNotFoundError:
