@@ -174,3 +174,38 @@ def cross_host_received(plan: Plan) -> dict[str, int]:
             if nbytes:
                 out[dst] = out.get(dst, 0) + nbytes
     return out
+
+
+def host_unchanged_bytes(old, new, unavailable=()) -> dict[str, int]:
+    """Per host of ``new``, the bytes of the tensors its new ranks store that an available
+    old rank on the same host stores unchanged: the same dtype, local shape and pieces
+    (every global box at the same local box), the pieces covering the whole local tensor
+    (a shard with padding is copied: the copy zeroes what the old file holds there). What
+    stores link instead of copying. Hosts with none are left out.
+
+    Independent of the planner and the runner: built only from each rank's local shards
+    (``PTC.rank_shards``), the specs' dtypes and the placements.
+    """
+    from math import prod
+
+    from scalai.dtypes import itemsize
+
+    lost = set(unavailable)
+    held: dict[tuple[str, str], set] = {}
+    for r in range(old.ptc.config.world_size):
+        if r in lost:
+            continue
+        for name, shard in old.ptc.rank_shards(r):
+            key = (shard.shape, old.ptc.spec(name).dtype,
+                   frozenset((p.global_region, p.local_region) for p in shard.pieces))
+            held.setdefault((old.placement.host(r), name), set()).add(key)
+    out: dict[str, int] = {}
+    for r in range(new.ptc.config.world_size):
+        host = new.placement.host(r)
+        for name, shard in new.ptc.rank_shards(r):
+            dtype = new.ptc.spec(name).dtype
+            whole = sum(p.local_region.volume for p in shard.pieces) == prod(shard.shape) > 0
+            key = (shard.shape, dtype, frozenset((p.global_region, p.local_region) for p in shard.pieces))
+            if whole and key in held.get((host, name), ()):
+                out[host] = out.get(host, 0) + prod(shard.shape) * itemsize(dtype)
+    return out

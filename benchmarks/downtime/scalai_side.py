@@ -116,6 +116,7 @@ def _outcome(out: Path, sent: float | None) -> Outcome:
         phases["stop"], starts["stop"] = phases.get("stop", 0.0) + delivery, 0.0
         notes.append(f"request delivered in {1000 * delivery:.0f} ms")
     counted = {"saved": change.get("saved_bytes", 0), "moved": change.get("bytes_moved", 0),
+               "linked": change.get("bytes_linked", 0),
                "cross_host": change.get("cross_host_bytes", 0), "persisted": _persisted_bytes(out)}
     return Outcome(downtime, phases, starts, {r["step"]: r["loss"] for r in rows}, stop,
                    _new_worker_marks(out, request), counted, _commits(out), notes)

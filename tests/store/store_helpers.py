@@ -16,7 +16,7 @@ from scalai.planner import Deployment
 from scalai.store import StoreClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # simulate: the independent oracle
-from simulate import host_lower_bounds  # noqa: E402
+from simulate import host_lower_bounds, host_unchanged_bytes  # noqa: E402
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -30,10 +30,16 @@ def assert_pulled_the_lower_bound(report: dict, old: Deployment, new: Deployment
     """Every destination store pulled from its peers (bytes counted by the stores' transport,
     ``report`` as ``ReshardResult.to_json()`` or ``scalai store reshard --json`` gives it)
     exactly the per-host lower bound computed independently by element masks
-    (``simulate.host_lower_bounds``), and the plan reported that bound."""
+    (``simulate.host_lower_bounds``), and the plan reported that bound. Every store linked
+    exactly the tensors that an old rank of its host holds unchanged
+    (``simulate.host_unchanged_bytes``), and copied the rest of the plan's bytes."""
     expected = host_lower_bounds(old, new, unavailable)
     pulled = {h: n for h, r in report["hosts"].items() if (n := sum(r["fetched_bytes"].values()))}
     assert pulled == expected, f"stores pulled {pulled}, the lower bound is {expected}"
+    unchanged = host_unchanged_bytes(old, new, unavailable)
+    linked = {h: n for h, r in report["hosts"].items() if (n := r["linked_bytes"])}
+    assert linked == unchanged, f"stores linked {linked}, the tensors unchanged on their hosts: {unchanged}"
+    assert report["copied_bytes"] == report["plan"]["total_bytes"] - sum(unchanged.values())
     reported = (report["cross_host_bytes"], report["plan"]["cross_host_lower_bound_bytes"])
     assert reported == (sum(expected.values()),) * 2, f"counted, planner's bound: {reported}; bound {expected}"
 

@@ -139,7 +139,8 @@ def reshard_cmd(job, to_layout, stores, gpus_per_host, hosts, central, lost, kee
     out.print(f"{job}: {result.source} -> {result.target} ({to_layout} on {', '.join(result.placement)}, "
               f"{result.mode}) in {result.seconds:.2f} s "
               f"({', '.join(f'{k} {v:.2f} s' for k, v in result.phases.items())})")
-    out.print(f"moved {human_bytes(s.total_bytes)}; across hosts {human_bytes(result.cross_host_bytes)} counted "
+    linked = f" ({human_bytes(result.linked_bytes)} more linked, not copied)" if result.linked_bytes else ""
+    out.print(f"moved {human_bytes(result.copied_bytes)}{linked}; across hosts {human_bytes(result.cross_host_bytes)} counted "
               f"by the stores (plan {human_bytes(s.cross_host_bytes)}, lower bound "
               f"{human_bytes(s.cross_host_lower_bound_bytes)})")
 

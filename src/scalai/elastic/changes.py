@@ -427,7 +427,8 @@ def _complete(p: Policy, s: JobState, c: Change, new: Gen, out: list) -> None:
                                                          new.reports, new.first_step, c.go)
     from_alloc = old.alloc if old is not None else c.alloc
     rec = Reconfiguration(c.at_step, str(from_alloc.layout), str(c.alloc.layout), c.reason, phases=durations,
-                          bytes_moved=c.bytes_moved, cross_host_bytes=c.cross_host_bytes, steps_lost=c.steps_lost,
+                          bytes_moved=c.bytes_moved, cross_host_bytes=c.cross_host_bytes,
+                          bytes_linked=c.bytes_linked, steps_lost=c.steps_lost,
                           recovered_from=c.recovered_from, starts=starts, measured_downtime=downtime,
                           from_hosts=list(from_alloc.hosts), to_hosts=list(c.alloc.hosts), saved_bytes=c.saved_bytes,
                           source=c.source_text, last_step=c.last_logged)

@@ -280,6 +280,7 @@ def _transform_done(p: Policy, s: JobState, e: TransformDone, out: list) -> None
             record_commit(p, s, e.version, s.abandoned.get(e.token, (None, 0))[1], alloc.hosts, out)
         return
     c.version, c.bytes_moved, c.cross_host_bytes = e.version, e.bytes_moved, e.cross_host_bytes
+    c.bytes_linked = e.bytes_linked
     c.plan, c.transform = (c.t_target or c.t_allocate, e.plan[1]), e.transform
     c.phase = "go"  # (the new version is recorded after the go: bookkeeping is off the critical path)
 

@@ -211,6 +211,7 @@ class Change:
     t_target: float | None = None
     bytes_moved: int = 0
     cross_host_bytes: int = 0
+    bytes_linked: int = 0
     saved_bytes: int = 0
     # failures
     died: tuple[int, ...] = ()

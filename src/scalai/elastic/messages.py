@@ -197,7 +197,8 @@ class ScaleRequested:
 @dataclass(frozen=True)
 class TransformDone:
     """The stores hold ``version`` in the new layout (``token`` names the request).
-    ``plan`` and ``transform`` are (start, end) times."""
+    ``plan`` and ``transform`` are (start, end) times; ``bytes_moved`` were copied,
+    ``bytes_linked`` more were links to unchanged files of the same store."""
 
     now: float
     token: int
@@ -206,6 +207,7 @@ class TransformDone:
     cross_host_bytes: int = 0
     plan: tuple[float, float] = (0.0, 0.0)
     transform: tuple[float, float] = (0.0, 0.0)
+    bytes_linked: int = 0
 
 
 @dataclass(frozen=True)

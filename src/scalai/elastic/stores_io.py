@@ -16,8 +16,8 @@ from .messages import RecoverDump, TransformDone
 __all__ = ["transform", "commit_dump", "restore", "done"]
 
 
-def done(token: int, version: str, moved: int, cross: int, plan, transform_span) -> TransformDone:
-    return TransformDone(time.time(), token, version, moved, cross, plan, transform_span)
+def done(token: int, version: str, moved: int, cross: int, plan, transform_span, linked: int = 0) -> TransformDone:
+    return TransformDone(time.time(), token, version, moved, cross, plan, transform_span, linked)
 
 
 def transform(cluster, job: str, source: str, alloc, target, lost, token: int, generation: int) -> TransformDone:
@@ -31,8 +31,8 @@ def transform(cluster, job: str, source: str, alloc, target, lost, token: int, g
                      version=source, keep_old=True, lost=list(lost), replicas="per_host",
                      owner_kind=f"g{generation}-reshard")
     plan_end = t0 + result.phases.get("plan", 0.0)
-    return done(token, result.target, result.stats.total_bytes, result.cross_host_bytes, (t0, plan_end),
-                (plan_end, time.time()))
+    return done(token, result.target, result.copied_bytes, result.cross_host_bytes, (t0, plan_end),
+                (plan_end, time.time()), result.linked_bytes)
 
 
 def commit_dump(cluster, job: str, a: RecoverDump) -> None:

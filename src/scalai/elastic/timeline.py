@@ -40,8 +40,10 @@ class Reconfiguration:
         recovered_from: ``""`` (a planned change), ``"replicas"`` (a failure, the lost
             ranks' bytes read from surviving data-parallel replicas) or ``"checkpoint"`` (a
             failure, restarted from the last committed version: ``source`` says which).
-        bytes_moved: bytes the transformation wrote into the new layout's shards.
+        bytes_moved: bytes the transformation copied into the new layout's shards.
         cross_host_bytes: of those, bytes that crossed from one host to another.
+        bytes_linked: bytes of new shards that are an old shard unchanged on the same host:
+            the store linked its file instead of copying (not in ``bytes_moved``).
         saved_bytes: bytes the workers wrote into their stores when they stopped.
     """
 
@@ -60,7 +62,8 @@ class Reconfiguration:
     to_hosts: list[str] = field(default_factory=list)
     saved_bytes: int = 0
     source: str = ""
-    last_step: int | None = None  # the last step done before the change (> at_step if steps were lost)
+    last_step: int | None = None
+    bytes_linked: int = 0  # the last step done before the change (> at_step if steps were lost)
 
     @property
     def downtime(self) -> float:
@@ -110,13 +113,14 @@ def _mib(n: int) -> str:
 
 def format_table(changes: Sequence[Reconfiguration]) -> str:
     """The timeline as a fixed-width text table, one row per reconfiguration (pure)."""
-    head = ["step", "change", "from -> to", *PHASES, "downtime", "MiB moved", "MiB x-host", "lost"]
+    head = ["step", "change", "from -> to", *PHASES, "downtime", "MiB moved", "MiB x-host", "MiB linked", "lost"]
     rows = []
     for c in changes:
         what = c.reason + (f" [{c.recovered_from}]" if c.recovered_from else "")
         rows.append([str(c.at_step), what, f"{c.from_layout} -> {c.to_layout}",
                      *(f"{c.phases[p]:.2f}" if p in c.phases else "-" for p in PHASES),
-                     f"{c.downtime:.2f}", _mib(c.bytes_moved), _mib(c.cross_host_bytes), str(c.steps_lost)])
+                     f"{c.downtime:.2f}", _mib(c.bytes_moved), _mib(c.cross_host_bytes), _mib(c.bytes_linked),
+                     str(c.steps_lost)])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     left = {1, 2}
 
@@ -154,6 +158,8 @@ def plot_timeline(changes: Sequence[Reconfiguration], path: str | os.PathLike, t
             cursor = max(cursor, start + width) if phase != "relaunch" else cursor
         end = max([c.downtime] + [c.starts.get(p, 0) + c.phases.get(p, 0) for p in c.phases])
         note = f" {c.downtime:.1f} s, {c.bytes_moved / 2**20:.1f} MiB"
+        if c.bytes_linked:
+            note += f" (+{c.bytes_linked / 2**20:.1f} linked)"
         if c.recovered_from:
             note += f", from {c.recovered_from}"
         if c.steps_lost:

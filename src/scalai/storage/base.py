@@ -139,6 +139,11 @@ class FileSource(ArraySource):
         """``(file descriptor, byte offset)`` where ``rank``'s ``tensor`` starts (row-major,
         ``nbytes`` contiguous bytes); the descriptor stays open until :meth:`close`."""
 
+    def file_path(self, rank: int, tensor: str) -> str | None:
+        """The name of the file :meth:`file_range` opens for ``rank``'s ``tensor``, for a
+        sink that may link it (:meth:`FileSink.link_from`); ``None`` (the default): none."""
+        return None
+
 
 class RangeSource(TensorSource):
     """A source read by copying windows out (blocking calls, from worker threads).
@@ -258,6 +263,15 @@ class FileSink(ArraySink):
         ``rank``'s ``tensor`` (``crc``: their CRC-32, when known). Returns ``False``, having
         written nothing, when the kernel cannot copy between these files (then the runner
         writes the bytes with :meth:`write`)."""
+
+    def link_from(self, rank: int, tensor: str, path: str, fd: int, offset: int, nbytes: int, crc: int) -> bool:
+        """Make ``rank``'s whole ``tensor`` the source file itself (``fd``, named ``path``),
+        whose ``nbytes`` bytes from ``offset`` are exactly that tensor's (CRC-32 ``crc``),
+        without copying a byte (a hard link), where this sink's medium and format allow it
+        and nothing was written into the tensor yet. Returns ``False``, nothing done,
+        otherwise (the default): the runner then copies. A sink that links must never write
+        into the file afterwards."""
+        return False
 
 
 def copy_bytes(array: np.ndarray, byte_offset: int, data, what: str = "tensor") -> None:

@@ -21,7 +21,10 @@ How:
    that records checksums, hands the sink that CRC instead of computing one (a tensor
    that moves whole keeps its CRC; one merged from whole tensors gets theirs combined).
    When both sides are files (:class:`FileSource`, :class:`FileSink`) such a copy runs
-   inside the kernel (``copy_file_range``: no page mapped, no byte through user space).
+   inside the kernel (``copy_file_range``: no page mapped, no byte through user space),
+   and a destination tensor that is a whole source tensor unchanged (its copies, from one
+   source rank, map every element to the same place) is offered to the sink as that file
+   (``link_from``: a store links it, no byte copied; the report counts it in ``linked``).
    Every other block written to such a sink carries its CRC, computed while the block is
    in cache.
 4. When a destination tensor's last task is done, ``sink.complete`` is called (write-back
@@ -74,7 +77,7 @@ class RunReport:
     """What a run did.
 
     Attributes:
-        bytes: bytes copied into the sink (the copies' ``nbytes``).
+        bytes: bytes the copies put into the sink (their ``nbytes``), ``linked`` included.
         copies: copies run.
         tensors: destination tensors written.
         workers: threads used.
@@ -82,6 +85,8 @@ class RunReport:
             copy: checking and grouping the plan, the sink's ``prepare``, zeroing padding)
             and each of :data:`~scalai.storage.filler.PARTS` (seconds summed over the worker
             threads: with ``workers`` threads they add up to at most ``workers x total``).
+        linked: of ``bytes``, those of destination tensors that the sink made links to
+            their unchanged source files (:meth:`FileSink.link_from`): not copied.
     """
 
     bytes: int
@@ -89,6 +94,7 @@ class RunReport:
     tensors: int
     workers: int
     seconds: dict[str, float] = field(default_factory=dict)
+    linked: int = 0
 
     def parts(self) -> str:
         """``read 0.00 · copy 0.12 · ...`` for a report line (parts that took any time)."""
@@ -113,6 +119,7 @@ class _Run:
         self.checksum = sink.records_checksums
         self.arrays = isinstance(sink, ArraySink)
         self.files = isinstance(sink, FileSink)  # kernel copies file to file (until one is refused)
+        self.linked = 0  # bytes of destination tensors linked to their source files
         if not sink.zero_filled and not self.arrays:
             raise TypeError(f"{type(sink).__name__} is neither zero_filled nor an ArraySink; the runner "
                             f"cannot zero the elements no copy writes")
@@ -188,7 +195,7 @@ class _Run:
         for p in PARTS:
             seconds[p] = sum(getattr(f.clock, p) for f in self._fillers)
         seconds["read"] += self._read_seconds
-        return RunReport(self.bytes, self.copies, len(self.dests), self.workers, seconds)
+        return RunReport(self.bytes, self.copies, len(self.dests), self.workers, seconds, self.linked)
 
     # -- tasks --------------------------------------------------------------------------
     def run_task(self, task: Task) -> None:
@@ -207,6 +214,8 @@ class _Run:
     def _arrays(self, task: Task) -> None:
         """Every copy into one tensor, from addressable arrays (a source, or the sink)."""
         rank, tensor, copies = task.rank, task.tensor, task.copies
+        if self._link(task):
+            return
         dest, sink, filler = self.dests[(rank, tensor)], self.sink, self.filler()
         selected = []
         for c in copies:
@@ -247,6 +256,39 @@ class _Run:
         if not self.checksum or c.from_new or c.src.view is not None or c.src.region.sizes != src_shape:
             return None
         return self.parts[c.src_rank].checksum(c.src_rank, c.tensor)
+
+    def _link(self, task: Task) -> bool:
+        """A destination tensor that is one source tensor unchanged, both files: offered to
+        the sink as that very file (:meth:`FileSink.link_from`, which checks dtype, shape
+        and CRC in its own format). Its copies all read one source rank, each window the
+        same box on both sides, no view, together every element; the source records a CRC.
+        False (the copies then run) where any of that fails or the sink declines."""
+        first = task.copies[0]
+        part = self.parts.get(first.src_rank)
+        dest = self.dests[(task.rank, task.tensor)]
+        if not (isinstance(self.sink, FileSink) and isinstance(part, FileSource)) or dest.mixed:
+            return False
+        for c in task.copies:
+            if (c.from_new or c.src_rank != first.src_rank or c.src.view is not None or c.dst.view is not None
+                    or c.src.region != c.dst.region):
+                return False
+        if uncovered(dest.shape, [c.dst for c in task.copies]) != []:  # every element, from its own place
+            return False
+        crc = part.checksum(first.src_rank, task.tensor)
+        path = part.file_path(first.src_rank, task.tensor)
+        if crc is None or path is None:
+            return False
+        nbytes = prod(dest.shape) * dest.dtype.itemsize
+        fd, start = part.file_range(first.src_rank, task.tensor)
+        clock = self.filler().clock
+        t0 = time.perf_counter()
+        done = self.sink.link_from(task.rank, task.tensor, path, fd, start, nbytes, crc)
+        clock.write += time.perf_counter() - t0
+        if done:
+            with self._lock:
+                self.linked += nbytes
+            self.tick(nbytes)
+        return done
 
     def _kernel_copy(self, c: Copy, rank: int, tensor: str, offset: int, nbytes: int, crc: int) -> bool:
         """Copy a whole source tensor file to file inside the kernel (no page of either file

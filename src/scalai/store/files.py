@@ -14,6 +14,13 @@ A client on the store's own machine may write the private file itself (the same 
 :func:`write_tensor_file`, named :func:`local_name` in the store's upload directory) and
 ask the store to adopt it (:func:`check_adoptable`, then the same rename under the lock):
 no byte crosses a socket (see :mod:`scalai.store.local`).
+
+A tensor that a transformation moves unchanged within a store (the same dtype, shape and
+bytes as a committed tensor file of this store) is not copied: :meth:`NewTensor.link`
+makes its name a hard link to that file. Versions may share an inode because nothing ever
+writes a committed file (a linked tensor refuses every write; an upload replaces a name,
+never a file's bytes) and deleting a version removes only its own names: the bytes live
+as long as one version names them.
 """
 
 from __future__ import annotations
@@ -288,6 +295,8 @@ class NewTensor:
 
     The CRC-32 comes from the pieces written with a CRC (combined, gaps are zeros), or
     from :meth:`declare` (a tensor copied unchanged), or else by reading the file back.
+    A tensor that moves unchanged may instead become a link to its committed file
+    (:meth:`link`); it is then never written.
     """
 
     def __init__(self, path: str, meta: TensorMeta):
@@ -304,6 +313,8 @@ class NewTensor:
         self._ledger = ChecksumLedger()
         self._map: np.ndarray | None = None
         self._lock = threading.Lock()
+        self._touched = False  # something was written (a link then has to be refused)
+        self.linked = False    # this name is a link to a committed tensor file (see link)
 
     def _open(self, flags: int) -> int:
         """Open this tensor's own file: the one it created, not a file that took its name
@@ -318,8 +329,14 @@ class NewTensor:
             raise StoreFileError(f"{self.path} was deleted while being written")
         return fd
 
+    def _writing(self) -> None:
+        if self.linked:  # the file is a committed version's: it never changes
+            raise StoreFileError(f"{self.path} is linked to a committed tensor file and cannot be written")
+        self._touched = True
+
     def write(self, byte_offset: int, data, crc: int | None = None) -> None:
         """Write contiguous ``data`` at ``byte_offset`` of the tensor's bytes."""
+        self._writing()
         view = memoryview(data).cast("B")
         fd = self._open(os.O_WRONLY)
         try:
@@ -333,6 +350,7 @@ class NewTensor:
     def copy_from(self, byte_offset: int, src_fd: int, offset: int, nbytes: int, crc: int | None) -> bool:
         """Copy ``nbytes`` of file ``src_fd`` at ``offset`` to ``byte_offset`` of the tensor
         inside the kernel (``copy_file_range``); ``False``, nothing written, where it cannot."""
+        self._writing()
         fd = self._open(os.O_WRONLY)
         try:
             if not kernel_copy(src_fd, offset, fd, DATA_OFFSET + byte_offset, nbytes):
@@ -344,6 +362,7 @@ class NewTensor:
 
     def mapping(self) -> np.ndarray:
         """The writable raw array (elements written through it are checksummed at the end)."""
+        self._writing()
         self._ledger.unknown(None)
         with self._lock:
             if self._map is None:
@@ -365,6 +384,58 @@ class NewTensor:
         return np.frombuffer(mm, dtype=raw_numpy(self.meta.dtype), count=self.meta.numel,
                              offset=DATA_OFFSET).reshape(self.meta.shape)
 
+    def link(self, src_path: str, src_fd: int, crc: int) -> bool:
+        """Make this tensor the very file ``src_fd`` (a committed tensor file of the same
+        store, named ``src_path``): a hard link replaces the file allocated for it, no byte
+        is copied.
+
+        Only where nothing was written here yet and ``src_fd`` is exactly what this tensor
+        would be once filled: a regular file whose header says this dtype, this shape and
+        CRC-32 ``crc`` (the CRC its version recorded), and whose size fits them. The link
+        made to ``src_path`` must land on the inode ``src_fd`` has open (the file checked,
+        not one that took its name since). From then on every write refuses, and
+        :meth:`finish` records ``crc`` without touching the file.
+
+        Returns ``False``, nothing changed, where the file differs or the filesystem refuses
+        (another filesystem, one without hard links, a source deleted meanwhile): the
+        caller copies the bytes instead.
+
+        Raises:
+            StoreFileError: this tensor's version was deleted meanwhile.
+        """
+        meta = TensorMeta(self.meta.dtype, self.meta.shape, crc)
+        st = os.fstat(src_fd)
+        if (self._touched or self.linked or not stat.S_ISREG(st.st_mode)
+                or st.st_size != DATA_OFFSET + meta.nbytes or os.pread(src_fd, DATA_OFFSET, 0) != _header(meta)):
+            return False
+        # a hidden name beside the tensor (a store that dies here drops it at its next start)
+        tmp = os.path.join(os.path.dirname(self.path), f".link-{secrets.token_hex(8)}")
+        try:
+            os.link(src_path, tmp, follow_symlinks=False)
+        except FileNotFoundError:
+            if not os.path.isdir(os.path.dirname(self.path)):  # the version went away
+                raise StoreFileError(f"{self.path} was deleted while being written") from None
+            return False  # the source was deleted meanwhile
+        except OSError:  # EXDEV, EPERM, EMLINK, ENOTSUP...: copy instead
+            return False
+        try:
+            linked = os.stat(tmp)
+            if (linked.st_dev, linked.st_ino) != (st.st_dev, st.st_ino):
+                return False  # another file took the source's name: not the one checked
+            os.close(self._open(os.O_RDONLY))  # the name is still this tensor's own (not deleted)
+            with self._lock:
+                if self._touched:
+                    return False
+                os.rename(tmp, self.path)
+                self._ident, self.meta, self.linked = (st.st_dev, st.st_ino), meta, True
+            return True
+        finally:
+            if not self.linked:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+
     def declare(self, crc: int) -> None:
         """The whole tensor will have CRC-32 ``crc`` (it moves unchanged)."""
         self._ledger.declare(None, crc)
@@ -374,7 +445,7 @@ class NewTensor:
         The CRC comes from what the writes said (pieces, a declaration), else from reading
         the tensor back."""
         self._map = None
-        if not checksum:
+        if not checksum or self.linked:  # a linked file's header already says its CRC
             return self.meta
         crc = self._ledger.known(None, self.meta.nbytes)
         if crc is None:

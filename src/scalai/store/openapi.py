@@ -155,7 +155,11 @@ SCHEMAS: dict[str, Any] = {
                                        "404 if that claim is gone instead of creating the version"}}},
     "TransformResult": {
         "type": "object", "required": ["host", "copies", "local_bytes", "fetched_bytes", "seconds"],
-        "properties": {"host": NAME, "copies": {"type": "integer"}, "local_bytes": {"type": "integer"},
+        "properties": {"host": NAME, "copies": {"type": "integer"},
+                       "local_bytes": {"type": "integer", "description": "bytes copied within this store"},
+                       "linked_bytes": {"type": "integer",
+                                        "description": "bytes of new tensors that are hard links to the old "
+                                                       "version's unchanged files here: not copied"},
                        "fetched_bytes": COUNTS, "requests": {"type": "integer"},
                        "seconds": {"type": "object", "additionalProperties": {"type": "number"}},
                        "parts": {"type": "object", "additionalProperties": {"type": "number"},

@@ -10,7 +10,8 @@
 - :class:`HostSources`: the old version as a whole, each rank routed to the store that
   holds it (its own files, or its peer).
 - :class:`NewVersion` (a :class:`~scalai.storage.FileSink`): this store's tensors of the
-  new version, files allocated at full size (zeros) and filled in place; its ``commit``
+  new version, files allocated at full size (zeros) and filled in place, or hard links to
+  the old version's files for tensors that move unchanged within the store; its ``commit``
   records every tensor's CRC-32 in the catalog (the version itself is committed by the
   coordinator, on every store, once every host succeeded); stopped, it refuses every
   write.
@@ -60,6 +61,9 @@ class LocalVersion(FileSource):
 
     def checksum(self, rank: int, tensor: str) -> int | None:
         return self._stored(rank, tensor).meta.crc32
+
+    def file_path(self, rank: int, tensor: str) -> str:
+        return self._stored(rank, tensor).path
 
     def file_range(self, rank: int, tensor: str) -> tuple[int, int]:
         path = self._stored(rank, tensor).path
@@ -227,6 +231,11 @@ class NewVersion(FileSink):
     def copy_from(self, rank: int, tensor: str, byte_offset: int, fd: int, offset: int, nbytes: int,
                   crc: int | None) -> bool:
         return self._tensor(rank, tensor).copy_from(byte_offset, fd, offset, nbytes, crc)
+
+    def link_from(self, rank: int, tensor: str, path: str, fd: int, offset: int, nbytes: int, crc: int) -> bool:
+        """A tensor that moves unchanged from this store's old version: linked to its file
+        (:meth:`NewTensor.link`, which checks that the file is exactly this tensor)."""
+        return offset == DATA_OFFSET and self._tensor(rank, tensor).link(path, fd, crc)
 
     def array(self, rank: int, tensor: str) -> np.ndarray:
         return self._tensor(rank, tensor).mapping()

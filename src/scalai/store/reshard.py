@@ -60,7 +60,8 @@ class ReshardResult:
         stats: the plan's statistics (its cross-host bytes and the lower bound).
         cross_host_bytes: bytes that stores actually pulled from other stores, counted by
             their transport (payload bytes of ranged reads).
-        hosts: every host's own report (bytes pulled per peer, local bytes, its phases).
+        hosts: every host's own report (bytes pulled per peer, local bytes copied, bytes
+            linked, its phases).
         placement: the hosts of the new layout, in slot order.
     """
 
@@ -74,9 +75,21 @@ class ReshardResult:
     hosts: dict[str, dict] = field(default_factory=dict)
     placement: tuple[str, ...] = ()
 
+    @property
+    def linked_bytes(self) -> int:
+        """Bytes of new tensors that the stores linked to the old version's unchanged files
+        instead of copying them (of the plan's ``total_bytes``)."""
+        return sum(h.get("linked_bytes", 0) for h in self.hosts.values())
+
+    @property
+    def copied_bytes(self) -> int:
+        """Bytes the stores actually copied: the plan's ``total_bytes`` less those linked."""
+        return self.stats.total_bytes - self.linked_bytes
+
     def to_json(self) -> dict:
         return {"source": self.source, "target": self.target, "mode": self.mode, "seconds": self.seconds,
                 "phases": self.phases, "plan": self.stats.to_json(), "cross_host_bytes": self.cross_host_bytes,
+                "copied_bytes": self.copied_bytes, "linked_bytes": self.linked_bytes,
                 "hosts": self.hosts, "placement": list(self.placement)}
 
 

@@ -8,7 +8,9 @@ placement, and the peers' addresses. The store runs its part with the one plan r
 
 1. it allocates the files of its new ranks' tensors (zero-filled, in memory);
 2. copies from an old rank of this host read its mapped files (a whole tensor moves file
-   to file in the kernel, its CRC-32 with it); copies from another host are ranged reads
+   to file in the kernel, its CRC-32 with it; a new tensor that is an old one of this
+   store unchanged becomes a hard link to its file, no byte copied: ``linked_bytes``,
+   apart from the ``local_bytes`` copied); copies from another host are ranged reads
    of that host's store, cut into blocks of at most :data:`~scalai.store.parts.BLOCK_BYTES`,
    a few in flight per peer, so that memory stays bounded and the links stay busy;
 3. then the ``from_new`` copies (host fan-out) copy from the new tensors just filled;
@@ -154,8 +156,8 @@ async def run_host_part(catalog: Catalog, spec: TransformSpec, entry: VersionEnt
     finally:
         await loop.run_in_executor(pool, source.close)
     t2 = time.perf_counter()
-    local_bytes = sum(c.nbytes for c in plan.copies if c.from_new or c.src_host == me)
-    return {"host": me, "copies": report.copies, "local_bytes": local_bytes,
+    local_bytes = sum(c.nbytes for c in plan.copies if c.from_new or c.src_host == me) - report.linked
+    return {"host": me, "copies": report.copies, "local_bytes": local_bytes, "linked_bytes": report.linked,
             "fetched_bytes": source.fetched(), "requests": sum(p.requests for p in peers.values()),
             "tensors": len(sink.tensors), "bytes": int(sum(t.meta.nbytes for t in sink.tensors.values())),
             "seconds": {"allocate": report.seconds["prepare"], "copy": t1 - t0 - report.seconds["prepare"],
