@@ -94,12 +94,14 @@ def test_demo_changes_every_dimension_moves_and_survives_a_killed_worker(tmp_pat
     # Moved: one copy per host of the new layout (two hosts), split over the host's two tp
     # ranks as the new workers announced (tp=1's rules would send whole tensors to each
     # rank: four copies). tp ranks also share replicated norms and biases: a few percent.
+    # Of it, what a host held unchanged (replicated norms and biases on the old host) is
+    # linked in its store, not copied: bytes_moved counts only what was copied.
     from scalai.layout.ptc import PTC
 
     state = sum(s.nbytes for s in PTC.from_json(json.loads((out / "events" / "g000" / "ptc.json").read_text())).specs)
     grow = changes[0]
     assert grow.saved_bytes == state
-    assert 2 * state <= grow.bytes_moved < 2.1 * state
+    assert 2 * state <= grow.bytes_moved + grow.bytes_linked < 2.1 * state
     redeploy = changes[3]
     assert redeploy.from_layout == redeploy.to_layout and not set(redeploy.from_hosts) & set(redeploy.to_hosts)
     # everything came from the old hosts, except copies of replicated tensors (norms,
