@@ -186,3 +186,46 @@ def test_root_must_be_owned(tmp_path):
     with pytest.raises(ValueError, match="not a store root"):
         Catalog(str(tmp_path / "other"))
     assert (tmp_path / "other" / "precious.txt").exists()
+
+
+def test_windows_of_one_rank_in_one_request(store):
+    """POST .../windows: several selections of one rank's tensors, concatenated in order
+    (what a peer store asks for its small reads); bad items and too many bytes refused."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    c = store.client()
+    a = np.random.default_rng(2).integers(0, 2**32, (24, 16), dtype=np.uint32)
+    b = np.random.default_rng(3).integers(0, 2**16, (5, 3, 7), dtype=np.uint16)
+    f = np.arange(256, dtype=np.uint32)
+    _version(c, tensors={"w": a, "b": b, "f": f})
+
+    def post(reads, version="v0"):
+        req = urllib.request.Request(f"{store.url}/v1/jobs/j/versions/{version}/ranks/0/windows", method="POST",
+                                     data=json.dumps({"reads": reads}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.read(), resp.headers
+
+    body, headers = post([{"tensor": "w", "region": "3:13,2:7"}, {"tensor": "b"},
+                          {"tensor": "f", "region": "32:96", "view": "4,16", "sub": "1:3,3:11"}])
+    expected = [a[3:13, 2:7], b, f[32:96].reshape(4, 16)[1:3, 3:11]]
+    assert body == b"".join(np.ascontiguousarray(e).tobytes() for e in expected)
+    assert headers["X-Scalai-Count"] == "3"
+    for reads, status in (([{"tensor": "nope"}], 404), ([{"tensor": "w", "region": "0:99,0:16"}], 400),
+                          ([], 400), ([{"tensor": "w", "extra": 1}], 400)):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post(reads)
+        assert err.value.code == status, (reads, err.value.read())
+    from scalai.store.server import MAX_WINDOWS_BYTES
+
+    too_many = [{"tensor": "f"}] * (MAX_WINDOWS_BYTES // f.nbytes + 1)  # more bytes than one response carries
+    assert len(too_many) > 4096  # beyond the schema's count as well
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post(too_many)
+    assert err.value.code == 400
+    _version(c, version="v1", tensors={"big": np.zeros(MAX_WINDOWS_BYTES // 4096 + 1, np.uint32)}, seq=1)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post([{"tensor": "big"}] * 4096, "v1")  # within the count, beyond the bytes
+    assert err.value.code == 413

@@ -200,6 +200,10 @@ def test_recovery_from_replicas_after_a_host_is_lost(stores, tmp_path):
                                   deployment("tp=2,pp=1,dp=2", 2, ["host0", "host2"]), unavailable={2, 3})
     assert result.cross_host_bytes > 0
     assert set(result.hosts["host2"]["fetched_bytes"]) == {"host0"}  # the surviving replica
+    # host2 held nothing: every tensor of its ranks came from host0, the small ones several
+    # to a request (POST .../windows), so far fewer requests than tensors
+    received = sum(len(deployment("tp=2,pp=1,dp=2", 2, ["host0", "host2"]).ptc.rank_shards(r)) for r in (2, 3))
+    assert result.hosts["host2"]["requests"] * 2 < received, (result.hosts["host2"]["requests"], received)
     pull(survivors, "gpt", str(tmp_path / "recovered"))
     _same(plain, tmp_path / "recovered")
     # with ZeRO-1 the optimizer state has no replica: refused, nothing changed

@@ -176,14 +176,21 @@ class RangeSource(TensorSource):
 
 
 class AsyncRangeSource(TensorSource):
-    """A :class:`RangeSource` whose reads are coroutines, awaited on the runner's event loop."""
+    """A :class:`RangeSource` whose reads are coroutines, awaited on the runner's event loop
+    (``coalesce`` and :meth:`read_many` as there)."""
 
     block_bytes: int = 4 << 20
     concurrency: int = 8
+    coalesce: bool = False
 
     @abstractmethod
     async def read_into(self, rank: int, tensor: str, window: Window, out: np.ndarray) -> None:
         """As :meth:`RangeSource.read_into`, awaited."""
+
+    async def read_many(self, rank: int, reads: Sequence[tuple[str, Window, np.ndarray]]) -> None:
+        """As :meth:`RangeSource.read_many`, awaited (default: one read after the other)."""
+        for tensor, window, out in reads:
+            await self.read_into(rank, tensor, window, out)
 
 
 class TensorSink(ABC):

@@ -454,6 +454,15 @@ class _Run:
                                              for c in task.copies):
                 await self._staged_async(task, pool)
                 return
+            if task.kind == "batch" and isinstance(task.part, AsyncRangeSource):
+                async with sems[id(task.part)]:
+                    reads = [(m.tensor, m.block[0], np.empty(m.block[1].shape, self.dests[(m.rank, m.tensor)].dtype))
+                             for m in task.members]
+                    t0 = time.perf_counter()
+                    await task.part.read_many(task.copies[0].src_rank, reads)
+                    self._read_seconds += time.perf_counter() - t0
+                    await loop.run_in_executor(pool, self._finish_batch, task, reads)
+                return
             if task.kind != "block" or not isinstance(task.part, AsyncRangeSource):
                 await loop.run_in_executor(pool, self.run_task, task)
                 return
@@ -473,6 +482,10 @@ class _Run:
     def _finish_block(self, task: Task, dst_w: Window, buf: np.ndarray) -> None:
         self._store_block(task, dst_w, buf)
         self.done((task.rank, task.tensor))
+
+    def _finish_batch(self, task: Task, reads: list) -> None:
+        for m, (_, _, buf) in zip(task.members, reads):
+            self._finish_block(m, m.block[1], buf)
 
 
 async def _gather_or_cancel(coros) -> None:

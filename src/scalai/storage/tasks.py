@@ -9,9 +9,10 @@ tensor how its copies run from what the source's parts and the sink declare:
   assembled by rows or copied in place together;
 - ``block``: one block of at most ``block_bytes`` of one copy from a ranged source;
 - ``batch``: small blocks (at most ``1 /`` :data:`SMALL_FRACTION` of ``block_bytes``) read from one
-  rank of a blocking ranged source that declares ``coalesce``, packed in the source's tensor order up to
-  ``block_bytes``: one :meth:`~scalai.storage.RangeSource.read_many` call, so that a medium
-  where a request costs more than its bytes (an object store) fetches neighbours together;
+  rank of a ranged source (blocking or async) that declares ``coalesce``, packed in the
+  source's tensor order up to ``block_bytes`` (and :data:`MAX_PACKED` blocks): one
+  ``read_many`` call, so that a medium where a request costs more than its bytes (an object
+  store, a peer store over HTTP) fetches neighbours together;
 - ``staged``: a whole tensor assembled in a buffer, for a sink without arrays whose windows
   cannot be written as contiguous runs.
 
@@ -35,11 +36,13 @@ from . import blocks as _blocks
 from .base import ArraySink, ArraySource, AsyncRangeSource, RangeSource, TensorSink, TensorSource
 from .blocks import split_window, window_span
 
-__all__ = ["check_plan", "uncovered", "Dest", "Task", "Grouping", "group", "SMALL_FRACTION"]
+__all__ = ["check_plan", "uncovered", "Dest", "Task", "Grouping", "group", "SMALL_FRACTION", "MAX_PACKED"]
 
 #: A block of at most ``1 / SMALL_FRACTION`` of its source's ``block_bytes`` is packed with
 #: others of the same source rank into a ``batch`` task.
 SMALL_FRACTION = 4
+#: The most blocks packed into one ``batch`` task (one request of a coalescing source).
+MAX_PACKED = 1024
 
 
 def _fits(region: Region, shape: tuple[int, ...]) -> bool:
@@ -236,7 +239,7 @@ def _pack_small_blocks(tasks: list[Task], plan: Plan) -> list[Task]:
     small: dict[tuple[int, int], list[Task]] = defaultdict(list)
     out = []
     for t in tasks:
-        if t.kind == "block" and isinstance(t.part, RangeSource) and t.part.coalesce \
+        if t.kind == "block" and isinstance(t.part, (RangeSource, AsyncRangeSource)) and t.part.coalesce \
                 and t.nbytes * SMALL_FRACTION <= t.part.block_bytes:
             small[(id(t.part), t.copies[0].src_rank)].append(t)
         else:
@@ -248,7 +251,7 @@ def _pack_small_blocks(tasks: list[Task], plan: Plan) -> list[Task]:
         pack: list[Task] = []
         size = 0
         for t in blocks + [None]:
-            if pack and (t is None or size + t.nbytes > limit):
+            if pack and (t is None or size + t.nbytes > limit or len(pack) == MAX_PACKED):
                 first = pack[0]
                 out.append(Task("batch", first.rank, first.tensor, [c for m in pack for c in m.copies], size,
                                 part=first.part, members=pack))

@@ -120,6 +120,12 @@ SCHEMAS: dict[str, Any] = {
               "properties": {"job": NAME, "generation": {"type": "integer"}}},
     "Deleted": {"type": "object", "required": ["job", "deleted"],
                 "properties": {"job": NAME, "deleted": {"type": "array", "items": NAME}}},
+    "WindowsRequest": {
+        "type": "object", "additionalProperties": False, "required": ["reads"],
+        "properties": {"reads": {
+            "type": "array", "minItems": 1, "maxItems": 4096,
+            "items": {"type": "object", "additionalProperties": False, "required": ["tensor"],
+                      "properties": {"tensor": TENSOR, "region": BOX, "view": SHAPE, "sub": BOX}}}}},
     "TransformRequest": {
         "type": "object", "additionalProperties": False,
         "required": ["from_version", "to_version", "old", "new", "peers", "plan"],
@@ -268,6 +274,17 @@ SPEC: dict[str, Any] = {
             "get": _op("the files of a rank's committed tensors, to map on this machine (loopback "
                        "clients only; 403 elsewhere)", "RankFiles", "tensor name -> file", [_JOB, _VERSION, _RANK],
                        errors=("400", "401", "403", "404", "409"))},
+        "/v1/jobs/{job}/versions/{version}/ranks/{rank}/windows": {
+            "post": {**_op("read several tensors or N-d regions of one rank's tensors at once (each item as "
+                           "the query of a tensor GET); their bytes one after the other, in order, at most "
+                           "64 MiB in all (413 beyond)", "", "", [_JOB, _VERSION, _RANK],
+                           body={"required": True, "content": {"application/json": {
+                               "schema": {"$ref": "#/components/schemas/WindowsRequest"}}}},
+                           errors=("400", "401", "404", "409", "413")),
+                     "responses": {"200": {**_TENSOR_BYTES, "description": "the selections' raw bytes, "
+                                           "row-major, concatenated in the request's order",
+                                           "headers": {"X-Scalai-Count": {"schema": {"type": "integer"}}}},
+                                   **{e: _ERRORS[e] for e in ("400", "401", "404", "409", "413")}}}},
         "/v1/jobs/{job}/versions/{version}/ranks/{rank}/tensors/{tensor}": {
             "get": {**_op("read a tensor or an N-d region of it (sliced on the server, streamed)", "",
                           "", [_JOB, _VERSION, _RANK, _TENSOR,

@@ -85,9 +85,12 @@ class LocalVersion(FileSource):
 
 class PeerVersion(AsyncRangeSource):
     """The committed version ``version`` of ``job`` in the store of ``host``, read with
-    ranged GETs from inside this store's event loop (``session``: its aiohttp client)."""
+    ranged GETs from inside this store's event loop (``session``: its aiohttp client);
+    the plan runner's small blocks of one rank come several to a request
+    (``POST .../windows``, :meth:`read_many`)."""
 
     block_bytes = BLOCK_BYTES
+    coalesce = True  # a request costs more than a small window's bytes: small ones go together
 
     def __init__(self, host: str, url: str, job: str, version: str, ptc: PTC, session, link: Link,
                  headers: dict[str, str], concurrency: int = 8, tls=None):
@@ -101,28 +104,48 @@ class PeerVersion(AsyncRangeSource):
     def where(self, rank: int) -> str:
         return f"store {self.host} ({self.url}), rank {rank}"
 
+    def _rank_path(self, rank: int) -> str:
+        return f"{self.url}/v1/jobs/{self.job}/versions/{self.version}/ranks/{rank}"
+
     async def read_into(self, rank: int, tensor: str, window: Window, out: np.ndarray) -> None:
+        await self._fetch(lambda: self.session.get(f"{self._rank_path(rank)}/tensors/{quote(tensor)}",
+                                                   params=window_query(window), headers=self.headers), [out])
+
+    async def read_many(self, rank: int, reads) -> None:
+        """Small windows of one rank in one request (``POST .../windows``), in order."""
+        body = {"reads": [{"tensor": tensor, **window_query(window)} for tensor, window, _ in reads]}
+        await self._fetch(lambda: self.session.post(f"{self._rank_path(rank)}/windows", json=body,
+                                                    headers=self.headers), [out for _, _, out in reads])
+
+    async def _fetch(self, request, outs: list[np.ndarray]) -> None:
+        """One request (``request()`` makes it, again on a retry) whose body is the bytes of
+        ``outs`` one after the other; streamed into them."""
         import aiohttp
 
-        path = f"{self.url}/v1/jobs/{self.job}/versions/{self.version}/ranks/{rank}/tensors/{quote(tensor)}"
-        target = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
-        nbytes = target.nbytes
+        targets = [memoryview(o.reshape(-1).view(np.uint8)) for o in outs if o.size]
+        nbytes = sum(t.nbytes for t in targets)
         for attempt in range(RETRIES):
             try:
-                async with self.session.get(path, params=window_query(window), headers=self.headers) as resp:
+                async with request() as resp:
                     if resp.status in (404, 409):  # another writer dropped the source meanwhile
                         raise NotFound(f"store {self.host} ({self.url}) no longer holds the source: "
                                        f"{await _reason(resp)}")
                     if resp.status != 200:
                         raise PeerError(self.host, f"store {self.host} ({self.url}) answered "
                                                    f"{resp.status}: {await _reason(resp)}")
-                    pos = 0
+                    pos, which, at = 0, 0, 0  # bytes received; the target and the offset in it
                     async for chunk in resp.content.iter_chunked(1 << 18):
                         if pos + len(chunk) > nbytes:
                             raise PeerError(self.host, f"store {self.host} sent too many bytes")
                         await self.link.receive(len(chunk))
-                        target[pos:pos + len(chunk)] = chunk
                         pos += len(chunk)
+                        view = memoryview(chunk)
+                        while view.nbytes:
+                            take = min(view.nbytes, targets[which].nbytes - at)
+                            targets[which][at:at + take] = view[:take]
+                            view, at = view[take:], at + take
+                            if at == targets[which].nbytes:
+                                which, at = which + 1, 0
                     if pos != nbytes:
                         raise aiohttp.ClientPayloadError(f"short body: {pos} of {nbytes} bytes")
                 break

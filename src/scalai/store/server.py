@@ -47,7 +47,7 @@ from .http_util import (FROM_HEADER, Keys, auth, errors, in_pool, json_body, lim
 from .lease import DEFAULT_LEASE_S, MIN_LEASE_S
 from .roots import LOCAL_KEY, sweep_local
 from .manifest import VersionManifest, untrusted_layout
-from .names import NameError_, check_dtype, check_name, check_rank, format_shape, parse_shape, parse_window
+from .names import NameError_, check_dtype, check_name, check_rank, check_tensor_name, format_shape, parse_shape, parse_window
 from .openapi import API_VERSION, SPEC
 from .ratelimit import Link
 from .transform import TransformSpec, run_host_part
@@ -346,28 +346,65 @@ def _parts(sel: np.ndarray):
         yield np.ascontiguousarray(sel[index]).reshape(-1).view(np.uint8).data
 
 
-async def get_tensor(request: web.Request) -> web.StreamResponse:
-    job, version, rank, tensor = tensor_key(request)
+def _select(request: web.Request, job: str, version: str, rank: int, tensor: str,
+            query) -> tuple[object, np.ndarray, bool]:
+    """``(stored tensor, the selection of it that query names, whether that is all of it)``."""
+    catalog = request.app[Keys.CATALOG]
+    stored = catalog.tensor(job, version, rank, tensor)
+    window = parse_window(query, stored.meta.shape)
+    array = catalog.array(stored)
+    return stored, (array if window is None else window.select(array)), window is None
+
+
+async def _stream(request: web.Request, headers: dict, sels: list[np.ndarray]) -> web.StreamResponse:
+    """Send the bytes of ``sels`` one after the other (row-major), through the simulated link."""
     app = request.app
-    stored = app[Keys.CATALOG].tensor(job, version, rank, tensor)
-    window = parse_window(request.query, stored.meta.shape)
-    array = app[Keys.CATALOG].array(stored)
-    sel = array if window is None else window.select(array)
-    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(sel.nbytes),
-               "X-Scalai-Dtype": stored.meta.dtype, "X-Scalai-Shape": format_shape(sel.shape)}
-    if window is None and stored.meta.crc32 is not None:
-        headers["X-Scalai-Crc32"] = f"{stored.meta.crc32:08x}"
-    resp = web.StreamResponse(status=200, headers=headers)
+    nbytes = sum(sel.nbytes for sel in sels)
+    resp = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream",
+                                                   "Content-Length": str(nbytes), **headers})
     await resp.prepare(request)
     link = app[Keys.LINK] if limited(request) else None
     idle = app[Keys.CONFIG].idle_timeout
-    for part in _parts(sel):
-        if link is not None:
-            await link.send(part.nbytes)
-        await asyncio.wait_for(resp.write(part), idle)  # a client that stops reading is cut off
-    app[Keys.TRAFFIC]["sent"][request.headers.get(FROM_HEADER, "client")] += sel.nbytes
+    for sel in sels:
+        for part in _parts(sel):
+            if link is not None:
+                await link.send(part.nbytes)
+            await asyncio.wait_for(resp.write(part), idle)  # a client that stops reading is cut off
+    app[Keys.TRAFFIC]["sent"][request.headers.get(FROM_HEADER, "client")] += nbytes
     await resp.write_eof()
     return resp
+
+
+async def get_tensor(request: web.Request) -> web.StreamResponse:
+    job, version, rank, tensor = tensor_key(request)
+    stored, sel, whole = _select(request, job, version, rank, tensor, request.query)
+    headers = {"X-Scalai-Dtype": stored.meta.dtype, "X-Scalai-Shape": format_shape(sel.shape)}
+    if whole and stored.meta.crc32 is not None:
+        headers["X-Scalai-Crc32"] = f"{stored.meta.crc32:08x}"
+    return await _stream(request, headers, [sel])
+
+
+#: The most bytes one ``windows`` request may ask for (a peer packs small reads up to 4 MiB).
+MAX_WINDOWS_BYTES = 64 << 20
+
+
+async def get_windows(request: web.Request) -> web.StreamResponse:
+    """Several windows of one rank's tensors in one response, their bytes one after the
+    other in the request's order (a peer's many small reads during a transformation)."""
+    job, version = path_names(request)
+    rank = check_rank(request.match_info["rank"])
+    body = await json_body(request, "WindowsRequest")
+    sels, nbytes = [], 0
+    for read in body["reads"]:
+        query = {k: read[k] for k in ("region", "view", "sub") if k in read}
+        _, sel, _ = _select(request, job, version, rank, check_tensor_name(read["tensor"]), query)
+        nbytes += sel.nbytes
+        if nbytes > MAX_WINDOWS_BYTES:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_WINDOWS_BYTES, actual_size=nbytes,
+                                                text=f"the windows come to more than {MAX_WINDOWS_BYTES} bytes; "
+                                                     f"ask for fewer per request")
+        sels.append(sel)
+    return await _stream(request, {"X-Scalai-Count": str(len(sels))}, sels)
 
 
 async def rank_files(request: web.Request) -> web.Response:
@@ -499,6 +536,7 @@ def make_app(config: StoreConfig) -> web.Application:
     app.router.add_post("/v1/jobs/{job}/versions/{version}/lease", lease)
     app.router.add_post("/v1/jobs/{job}/fence", fence)
     app.router.add_get("/v1/jobs/{job}/versions/{version}/ranks/{rank}/files", rank_files, allow_head=False)
+    app.router.add_post("/v1/jobs/{job}/versions/{version}/ranks/{rank}/windows", get_windows)
     app.router.add_get(tensor, get_tensor, allow_head=False)
     app.router.add_put(tensor, put_tensor)
     app.router.add_post(tensor + "/adopt", adopt_tensor)
