@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import sys
@@ -85,6 +86,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scalai-standby", type=int, default=None,
                    help="started workers each of scalai's agents keeps (scalai run --standby; default: its own, one "
                         "per free device; 0: none, as torchrun keeps none)")
+    p.add_argument("--machines", type=int, default=0,
+                   help="run on N simulated machines (root: a network and mount namespace each, linked at --link; "
+                        "the baseline's checkpoints on an S3 server on a machine of its own) [default: 0, both "
+                        "sides on this machine's loopback]")
+    p.add_argument("--link", default="1gbit", help="with --machines: each machine's link each way (tc syntax)")
+    p.add_argument("--gpus-per-machine", type=int, default=2, help="with --machines: devices per machine")
+    p.add_argument("--dead-after", type=float, default=5.0,
+                   help="with --machines: scalai's failure detection (scalai run --dead-after) and the baseline's "
+                        "process-group timeout, seconds")
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -103,6 +113,19 @@ def validate(args) -> tuple[list[Case], list]:
     if args.rounds < 1 or args.at_step < 3 or args.commit_every < 0 or args.dcp_threads < 1:
         raise SystemExit("--rounds and --dcp-threads must be at least 1, --at-step at least 3 (a request needs "
                          "two steps' times before it), --commit-every at least 0")
+    if args.machines:
+        if not 2 <= args.machines <= 4 or args.gpus_per_machine < 1 or not args.dead_after > 0:
+            raise SystemExit("--machines must be 2 to 4, --gpus-per-machine at least 1, --dead-after positive")
+        if not re.fullmatch(r"[0-9]+(\.[0-9]+)?[kmg]bit", args.link):
+            raise SystemExit(f"--link {args.link!r}: expected a rate in tc's syntax, such as 1gbit or 400mbit")
+        from downtime.cluster import available
+
+        if not available():
+            raise SystemExit("--machines needs root, iproute2 (ip, tc) and unshare (network and mount namespaces); "
+                             "run without --machines to measure on this machine's loopback")
+    elif "kill" in (args.scenario or ()):
+        raise SystemExit("--scenario kill needs --machines N (a machine to kill)")
+    devices = (args.machines * args.gpus_per_machine) if args.machines else 4
     cases = []
     for text in args.case or DEFAULT_CASES:
         parts = text.split(":")
@@ -117,8 +140,11 @@ def validate(args) -> tuple[list[Case], list]:
             raise SystemExit(f"--case {text!r}: {exc}") from None
         if a == b:
             raise SystemExit(f"--case {text!r}: A and B are the same layout; nothing would change")
-        if max(a.world_size, b.world_size) > 4:
-            raise SystemExit(f"--case {text!r}: this benchmark has 2 hosts x 2 devices; use at most 4 devices")
+        if max(a.world_size, b.world_size) > devices:
+            raise SystemExit(f"--case {text!r}: this benchmark has {devices} devices; use at most {devices}")
+        if "kill" in (args.scenario or ()) and a.world_size != devices:
+            raise SystemExit(f"--case {text!r}: with --scenario kill, A must use every device ({devices}: "
+                             f"--machines x --gpus-per-machine), so that the killed machine runs part of the job")
         cases.append(Case(str(a), str(b)))
     scenarios = [SCENARIOS[k] for k in dict.fromkeys(args.scenario or DEFAULT_SCENARIOS)]
     return cases, scenarios
@@ -171,7 +197,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the runs and remove the scratch directory
     settings = Settings(args.model, str(ensure_index(cfg.seq_len).path), args.at_step, args.commit_every,
                         args.global_batch, args.micro_batch, args.lr, args.seed, dcp_threads=args.dcp_threads,
-                        dcp_change_fsync=args.dcp_change_fsync, scalai_standby=args.scalai_standby)
+                        dcp_change_fsync=args.dcp_change_fsync, scalai_standby=args.scalai_standby,
+                        machines=args.machines, link=args.link if args.machines else "", dead_after=args.dead_after,
+                        gpus_per_host=args.gpus_per_machine if args.machines else 2)
     state = cfg.num_params() * 4 * 3
     work, where = choose_workdir(0, 0, args.workdir or "/tmp", "scalai-reconfigure")
     log(f"{args.model}: {cfg.num_params() / 1e6:.1f} M parameters, {state / 2**20:.0f} MiB of state; change after "
