@@ -67,6 +67,8 @@ from downtime.harness import (DEFAULT_SCENARIOS, SCENARIOS, Case, RunFailed, Set
 #: starting layouts of 2 devices run on one simulated host, those of 4 on both.
 DEFAULT_CASES = ("tp=1,pp=1,dp=2:tp=1,pp=1,dp=4", "tp=1,pp=1,dp=4:tp=2,pp=1,dp=2",
                  "tp=2,pp=1,dp=2:tp=2,pp=2,dp=1", "tp=2,pp=2,dp=1:tp=1,pp=1,dp=2")
+#: With --machines: a scheduled change, a request and a killed machine (issue 12's a, b, c).
+MACHINE_SCENARIOS = ("ahead", "request", "kill")
 SIDES = (scalai_side, dcp_side)  # the baseline last: ratios are baseline / scalai
 RTOL = 1e-5
 
@@ -76,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gpt-bench", help="gpt-tiny, gpt-small or gpt-bench")
     p.add_argument("--case", action="append", metavar="A:B", help="a change of layout (repeatable)")
     p.add_argument("--scenario", action="append", choices=list(SCENARIOS),
-                   help=f"{', '.join(SCENARIOS)} (repeatable) [default: {', '.join(DEFAULT_SCENARIOS)}]")
+                   help=f"{', '.join(SCENARIOS)} (repeatable; kill: with --machines) [default: "
+                        f"{', '.join(DEFAULT_SCENARIOS)}; with --machines: {', '.join(MACHINE_SCENARIOS)}]")
     p.add_argument("--rounds", type=int, default=2, help="runs per side, case and scenario")
     p.add_argument("--at-step", type=int, default=8, help="the change comes after step S")
     p.add_argument("--commit-every", type=int, default=3,
@@ -125,9 +128,13 @@ def validate(args) -> tuple[list[Case], list]:
                              "run without --machines to measure on this machine's loopback")
     elif "kill" in (args.scenario or ()):
         raise SystemExit("--scenario kill needs --machines N (a machine to kill)")
+    keys = list(dict.fromkeys(args.scenario or (MACHINE_SCENARIOS if args.machines else DEFAULT_SCENARIOS)))
     devices = (args.machines * args.gpus_per_machine) if args.machines else 4
     cases = []
-    for text in args.case or DEFAULT_CASES:
+    default = DEFAULT_CASES
+    if args.machines:  # lose one machine's devices (a request to shrink, or the killed machine)
+        default = (f"tp=1,pp=1,dp={devices}:tp=1,pp=1,dp={devices - args.gpus_per_machine}",)
+    for text in args.case or default:
         parts = text.split(":")
         if len(parts) != 2:
             raise SystemExit(f"--case {text!r}: expected A:B, two layouts such as tp=1,pp=1,dp=2:tp=2,pp=1,dp=2")
@@ -142,12 +149,23 @@ def validate(args) -> tuple[list[Case], list]:
             raise SystemExit(f"--case {text!r}: A and B are the same layout; nothing would change")
         if max(a.world_size, b.world_size) > devices:
             raise SystemExit(f"--case {text!r}: this benchmark has {devices} devices; use at most {devices}")
-        if "kill" in (args.scenario or ()) and a.world_size != devices:
+        if "kill" in keys and a.world_size != devices:
             raise SystemExit(f"--case {text!r}: with --scenario kill, A must use every device ({devices}: "
                              f"--machines x --gpus-per-machine), so that the killed machine runs part of the job")
         cases.append(Case(str(a), str(b)))
-    scenarios = [SCENARIOS[k] for k in dict.fromkeys(args.scenario or DEFAULT_SCENARIOS)]
+    scenarios = [SCENARIOS[k] for k in keys]
     return cases, scenarios
+
+
+def _where(settings: Settings, scratch: str) -> str:
+    """Where the sides ran, for the report's last line."""
+    if not settings.machines:
+        return (f"scalai: 2 simulated hosts x 2 devices, stores in memory (/dev/shm); disk copies on {scratch}; "
+                f"DCP files on {scratch}")
+    return (f"{settings.machines} simulated machines x {settings.gpus_per_host} devices and a storage machine (S3, "
+            f"moto), each a network and mount namespace behind a {settings.link} link (tc, each way); scalai's "
+            f"stores in the machines' tmpfs, its disk copies in the coordinator's run directory on {scratch}; "
+            f"DCP's checkpoints on the S3 server; the harness's control files on {scratch}")
 
 
 def measure(settings: Settings, cases, scenarios, rounds: int, work: Path) -> tuple[dict, float]:
@@ -170,7 +188,11 @@ def measure(settings: Settings, cases, scenarios, rounds: int, work: Path) -> tu
                     runs[side.NAME].append(out)
                     this_round[side.NAME] = out
                 stops = {k: o.stop_step for k, o in this_round.items()}
-                if len(set(stops.values())) > 1:
+                after = {k: o.new_layout for k, o in this_round.items() if o.new_layout}
+                if scenario.trigger == "kill" and len(set(after.values())) > 1:
+                    raise SystemExit(f"{case.label}, {scenario.title}: the sides continued in different layouts "
+                                     f"({after}); choose as B the layout scalai picks for the survivors")
+                if len(set(stops.values())) > 1 and scenario.trigger != "kill":  # a kill: each its own checkpoint
                     log(f"  warning: the sides stopped after different steps ({stops}): the request did not land "
                         f"in the same step (steps too short for the runner's polling?)")
                 try:
@@ -231,8 +253,9 @@ def main() -> None:
                 print(f"    - {line}")
         for case in cases:
             print("\n".join(report.case_notes(case, scenario, results[(case, scenario.key)])))
-    print(f"\nDowntime: from the request (scheduled: the end of step {args.at_step}; a request: when it was sent) "
-          "to the end of the first step in the new layout.\nscalai's phases overlap (relaunch, from the save's end "
+    print(f"\nDowntime: from the request (scheduled: the end of step {args.at_step}; a request: when it was sent; "
+          "a killed machine: the kill, detect: to the first sign of it the side acted on) to the end of the first "
+          "step in the new layout (after a kill: the first step the recovered job ran).\nscalai's phases overlap (relaunch, from the save's end "
           "to the new workers ready, runs beside plan and transform; exposed: the part of the transform outside "
           "it; share: transform / downtime); the baseline's are sequential but for relaunch, which holds the old "
           "processes' exit.")
@@ -242,8 +265,7 @@ def main() -> None:
           + ", ".join(f"step {o.stop_step + 1}: {o.losses[o.stop_step + 1]:.6f}" for o in first.values()))
     machine = machine_description()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}; torch {machine.get('torch')}; "
-          f"{machine['date']}; scalai: 2 simulated hosts x 2 devices, stores in memory (/dev/shm); disk copies on "
-          f"{where}; {minutes:.1f} min; load average (1 min) at the start {load_before:.1f}, at the end "
+          f"{machine['date']}; {_where(settings, where)}; {minutes:.1f} min; load average (1 min) at the start {load_before:.1f}, at the end "
           f"{os.getloadavg()[0]:.1f}")
     if args.plot:
         report.plot(args.plot, cases, scenarios, results, names, phases)

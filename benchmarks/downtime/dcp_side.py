@@ -309,6 +309,8 @@ def _listing(where: str, options: dict) -> list[str]:
 def tricks(settings: Settings, scenario: Scenario) -> list[str]:
     """What this side does, for the report."""
     k, fsync = settings.commit_every, settings.dcp_change_fsync
+    if settings.machines:
+        return _machine_tricks(settings, scenario)
     start = {"ahead": "ahead of the change by the same rule as scalai's runner (its start-up estimate over "
                       "the step time), up to waiting for the devices (torch imported, rendezvous done, the model "
                       "parallelized on the meta device)",
@@ -328,4 +330,45 @@ def tricks(settings: Settings, scenario: Scenario) -> list[str]:
         "dcp.load, which reads the files the save has just written (page cache warm)",
         "bytes counted: written = the change's checkpoint on disk (DCP writes a replicated tensor once), "
         "persisted = one periodic checkpoint",
+    ]
+
+
+def _machine_tricks(settings: Settings, scenario: Scenario) -> list[str]:
+    """What this side does on simulated machines."""
+    k, t = settings.commit_every, settings.dcp_threads
+    storage = (f"the S3 server on the storage machine (its own {settings.link} link), through DCP's fsspec storage "
+               f"(FsspecWriter(thread_count={t}) / FsspecReader over s3fs)")
+    persisted = (f"every {k} steps dcp.async_save to {storage} (staged in memory while the step waits, written by "
+                 "a background thread on its own gloo group), waiting for the previous one first" if k else
+                 "nothing before the change")
+    if scenario.trigger == "kill":
+        return [
+            f"one elastic torchrun per machine, in its namespace (--nnodes {settings.machines - 1}:"
+            f"{settings.machines} --max-restarts 1, c10d rendezvous on the driver's address in the root namespace, "
+            f"--rdzv-conf last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt="
+            f"{math.ceil(settings.dead_after)}: a dead node is dropped within {math.ceil(settings.dead_after)} s, "
+            "a restart does not wait 30 s for more nodes); init_process_group(timeout="
+            f"{settings.dead_after:g} s), scalai's --dead-after",
+            f"persisted: {persisted}",
+            "after the kill: the survivors' step fails (a broken connection, else the timeout), torchrun stops "
+            "them and restarts its workers with the survivors (new processes: Python, torch and the trainer "
+            "imported again); they build the model at B, dcp.load the newest periodic checkpoint whose "
+            ".metadata is on S3 (resharding), train on; the steps since it are run again (steps lost)",
+            "the harness's files (marks, rows, failure marks) stay in the benchmark's directory in the root "
+            "namespace, visible to every machine: they are the harness, not the system under test",
+            "bytes counted: persisted = the periodic checkpoint loaded (on S3)",
+        ]
+    start = {"ahead": "ahead of the change by the same rule as scalai's runner, up to waiting for the devices",
+             "at_request": "at the request, while the old workers finish their step and save",
+             "after_save": "once the old job's checkpoint is written"}[scenario.launch]
+    return [
+        f"new processes: one torchrun agent per machine the layout uses, in that machine's namespace (c10d "
+        f"rendezvous on the driver's address in the root namespace) start {start}; their workers build the "
+        "model once the old workers have exited",
+        f"persisted: {persisted}; at the change: dcp.save to the same S3 server",
+        "pre-allocated: the new workers build the model and create Adam's moments before dcp.load, which reads "
+        "the change's checkpoint back from S3 over the machines' links",
+        "the harness's files (stop file, free file, marks, rows) stay in the benchmark's directory in the root "
+        "namespace, visible to every machine: they are the harness, not the system under test",
+        "bytes counted: written = the change's checkpoint on S3, persisted = one periodic checkpoint",
     ]

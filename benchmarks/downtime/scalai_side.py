@@ -235,6 +235,8 @@ def _persisted_bytes(out: Path) -> int:
 def tricks(settings: Settings, scenario: Scenario) -> list[str]:
     """What this side does, for the report."""
     k = settings.commit_every
+    if settings.machines:
+        return _machine_tricks(settings, scenario)
     start = {"ahead": "a few steps before the change (the runner's rule: its start-up estimate over the step "
                       "time), up to waiting for the devices (torch imported, rendezvous, job described on the meta "
                       "device)",
@@ -261,3 +263,32 @@ def tricks(settings: Settings, scenario: Scenario) -> list[str]:
         "bytes counted: saved = what the old workers wrote into the stores, moved = what the transform wrote "
         "into the new layout (of which cross-host), persisted = one periodic copy on disk",
     ]
+
+
+def _machine_tricks(settings: Settings, scenario: Scenario) -> list[str]:
+    """What this side does on simulated machines."""
+    k = settings.commit_every
+    lines = [
+        f"the coordinator (scalai run --listen ADDR:PORT --agents {settings.machines} --token-file F --dead-after "
+        f"{settings.dead_after:g}) in the root namespace; one scalai agent --join per machine, in its namespace, "
+        "its store in the machine's tmpfs; metrics, reports and the timeline reach the coordinator's run "
+        "directory over the network",
+        "each agent keeps one started worker per free device (standby: Python, torch and the trainer imported)"
+        if settings.scalai_standby is None else f"standby workers per agent: {settings.scalai_standby}",
+        (f"persisted: every {k} steps a commit in the background into the machines' stores (memory), copied to "
+         "disk in the coordinator's run directory by a background thread of the runner" if k else
+         "persisted: nothing before the change"),
+    ]
+    if scenario.trigger == "kill":
+        lines.append("after the kill: the survivors' collectives fail (or the coordinator, missing the machine's "
+                     f"heartbeats for {settings.dead_after:g} s, takes them out); the survivors dump their shards "
+                     "into their stores, the runner declares the machine dead, plans the survivors' layout from "
+                     "replicas (else the last committed version), transforms in the stores, standby workers load "
+                     "and train on")
+    else:
+        lines.append("at the change: every rank saves its shards into its machine's store, the stores transform "
+                     "them (bytes between machines over their links), the new workers (started at the request or "
+                     "ahead) load them")
+    lines.append("bytes counted: saved = what the old workers wrote into the stores, moved = what the transform "
+                 "wrote into the new layout (of which cross_host), persisted = one periodic copy on disk")
+    return lines
