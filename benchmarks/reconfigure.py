@@ -232,6 +232,9 @@ def main() -> None:
         results, worst = measure(settings, cases, scenarios, args.rounds, Path(work))
     except RunFailed as exc:
         raise SystemExit(f"reconfigure: {exc}") from None
+    except KeyboardInterrupt:  # every run's processes, machines and files are gone by now
+        raise SystemExit("reconfigure: interrupted; the runs' processes, simulated machines and scratch files "
+                         "were removed") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     minutes = (time.perf_counter() - started) / 60
