@@ -147,7 +147,7 @@ def process_gone(pid: int) -> bool:
         return True
 
 
-def _launcher(procs: Processes, work: Path, cluster) -> Callable[[int, list[str], Path, str], object]:
+def _launcher(procs: Processes, cluster) -> Callable[[int, list[str], Path, str], object]:
     """``launch(slot, cmd, log, what)``: here, or on simulated machine ``slot`` (its
     interface for gloo, the S3 server's address and keys in its environment)."""
     if cluster is None:
@@ -166,7 +166,7 @@ def _drive(settings: Settings, case: Case, scenario: Scenario, work: Path, trigg
     the old workers are gone; returns the measured outcome. ``trigger(rows, at, start_new)``
     is called on every poll: it causes the change (and records ``at["request"]``)."""
     procs = Processes(env_for_runs(work))
-    launch = _launcher(procs, work, cluster)
+    launch = _launcher(procs, cluster)
     at: dict[str, float] = {}  # when the driver did what (wall clock)
     saved, rows_path = work / "saved.json", work / "rows.jsonl"
 
@@ -212,7 +212,7 @@ def killed(settings: Settings, case: Case, scenario: Scenario, work: Path, clust
     """Every process of the last machine killed in the middle of step S; the survivors'
     torchrun agents restart the job at ``case.new`` from the newest periodic checkpoint."""
     procs = Processes(env_for_runs(work))
-    launch = _launcher(procs, work, cluster)
+    launch = _launcher(procs, cluster)
     at: dict[str, float] = {}
     rows_path, victim = work / "rows.jsonl", settings.machines - 1
 
