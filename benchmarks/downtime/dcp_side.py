@@ -27,7 +27,7 @@ On simulated machines (``Settings.machines``, :mod:`.cluster`) each torchrun age
 the namespace of the machine of its slot (its ``--local-addr``, ``GLOO_SOCKET_IFNAME``), the
 rendezvous store stays here on the bridge's address, and the checkpoints go to the storage
 machine's S3 server (``--storage s3://...``). A killed machine (:func:`killed`): one elastic
-torchrun per machine (``--nnodes N-1:N --max-restarts 1``, a process-group timeout of
+torchrun per machine (``--nnodes N-1:N --max-restarts 3``, a process-group timeout of
 ``Settings.dead_after`` seconds, rendezvous keep-alive every second for as many seconds,
 ``last_call_timeout=1``: a careful user's settings) at A; in the middle of step S every
 process of the last machine gets SIGKILL; the survivors' step fails (the broken
@@ -95,7 +95,7 @@ def _agents(settings: Settings, scenario: Scenario, layout: str, role: str, work
     """One torchrun agent per host the layout uses (as on real hosts, and as scalai's runner
     starts them: 2 devices on one simulated host, 4 on two), in one c10d rendezvous; slot
     ``i`` on simulated machine ``i`` if there is a ``cluster``. A killed machine: elastic,
-    ``--nnodes H-1:H``, restarted once."""
+    ``--nnodes H-1:H``, up to 3 restarts (see :func:`killed`)."""
     from scalai.config import ParallelConfig
 
     world = ParallelConfig.parse(layout).world_size
@@ -108,7 +108,7 @@ def _agents(settings: Settings, scenario: Scenario, layout: str, role: str, work
     if cluster is not None:
         args += ["--storage", storage(work), "--timeout", f"{settings.dead_after:g}"]
     if scenario.trigger == "kill":
-        nnodes, restarts = f"{hosts - 1}:{hosts}", "1"
+        nnodes, restarts = f"{hosts - 1}:{hosts}", "3"
         conf += f",last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt={math.ceil(settings.dead_after)}"
     address = (cluster.machine_address if cluster is not None else lambda slot: f"127.0.0.{10 + slot}")
     return [[sys.executable, "-m", "torch.distributed.run", "--nnodes", nnodes, "--nproc-per-node",
@@ -210,7 +210,14 @@ def _drive(settings: Settings, case: Case, scenario: Scenario, work: Path, trigg
 
 def killed(settings: Settings, case: Case, scenario: Scenario, work: Path, cluster) -> Outcome:
     """Every process of the last machine killed in the middle of step S; the survivors'
-    torchrun agents restart the job at ``case.new`` from the newest periodic checkpoint."""
+    torchrun agents restart the job at ``case.new`` from the newest periodic checkpoint.
+
+    Up to 3 restarts: with one, a run on 3 machines failed every time (as far as the logs
+    show, a survivor's agent
+    restarted its workers twice in quick succession, once for the failure and once for the
+    new round; the other survivor's restarted worker read the address its peer's first
+    restarted worker had published and gave up on "connection refused"); a further
+    restart converges."""
     procs = Processes(env_for_runs(work))
     launch = _launcher(procs, cluster)
     at: dict[str, float] = {}
@@ -344,7 +351,7 @@ def _machine_tricks(settings: Settings, scenario: Scenario) -> list[str]:
     if scenario.trigger == "kill":
         return [
             f"one elastic torchrun per machine, in its namespace (--nnodes {settings.machines - 1}:"
-            f"{settings.machines} --max-restarts 1, c10d rendezvous on the driver's address in the root namespace, "
+            f"{settings.machines} --max-restarts 3, c10d rendezvous on the driver's address in the root namespace, "
             f"--rdzv-conf last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt="
             f"{math.ceil(settings.dead_after)}: a dead node is dropped within {math.ceil(settings.dead_after)} s, "
             "a restart does not wait 30 s for more nodes); init_process_group(timeout="

@@ -22,7 +22,7 @@ there instead of ``DIR/periodic`` and ``DIR/change``, through DCP's fsspec stora
 (``FsspecWriter``/``FsspecReader`` over s3fs, the same thread count); ``--timeout S`` is the
 process group's timeout (what a careful user shortens so that a dead peer is noticed).
 ``--trigger kill`` (a machine is killed mid-step; the driver runs the old role under an
-elastic torchrun, ``--nnodes MIN:MAX --max-restarts 1``): the old role trains to the job's
+elastic torchrun, ``--nnodes MIN:MAX --max-restarts 3``): the old role trains to the job's
 last step; a rank whose step fails (its collective broke or timed out) writes
 ``DIR/failed-RANK.json`` and exits with an error; the workers torchrun restarts with the
 survivors (``TORCHELASTIC_RESTART_COUNT`` > 0) run at ``--layout-after``: they build, load
