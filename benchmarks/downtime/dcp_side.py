@@ -213,11 +213,10 @@ def killed(settings: Settings, case: Case, scenario: Scenario, work: Path, clust
     torchrun agents restart the job at ``case.new`` from the newest periodic checkpoint.
 
     Up to 3 restarts: with one, a run on 3 machines failed every time (as far as the logs
-    show, a survivor's agent
-    restarted its workers twice in quick succession, once for the failure and once for the
-    new round; the other survivor's restarted worker read the address its peer's first
-    restarted worker had published and gave up on "connection refused"); a further
-    restart converges."""
+    show, a survivor's agent restarted its workers twice in quick succession, once for the
+    failure and once for the new round; the other survivor's restarted worker read the
+    address its peer's first restarted worker had published and gave up on "connection
+    refused"); a further restart converges."""
     procs = Processes(env_for_runs(work))
     launch = _launcher(procs, cluster)
     at: dict[str, float] = {}
