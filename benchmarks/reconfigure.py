@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import sys
@@ -66,6 +67,8 @@ from downtime.harness import (DEFAULT_SCENARIOS, SCENARIOS, Case, RunFailed, Set
 #: starting layouts of 2 devices run on one simulated host, those of 4 on both.
 DEFAULT_CASES = ("tp=1,pp=1,dp=2:tp=1,pp=1,dp=4", "tp=1,pp=1,dp=4:tp=2,pp=1,dp=2",
                  "tp=2,pp=1,dp=2:tp=2,pp=2,dp=1", "tp=2,pp=2,dp=1:tp=1,pp=1,dp=2")
+#: With --machines: a scheduled change, a request and a killed machine (issue 12's a, b, c).
+MACHINE_SCENARIOS = ("ahead", "request", "kill")
 SIDES = (scalai_side, dcp_side)  # the baseline last: ratios are baseline / scalai
 RTOL = 1e-5
 
@@ -75,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gpt-bench", help="gpt-tiny, gpt-small or gpt-bench")
     p.add_argument("--case", action="append", metavar="A:B", help="a change of layout (repeatable)")
     p.add_argument("--scenario", action="append", choices=list(SCENARIOS),
-                   help=f"{', '.join(SCENARIOS)} (repeatable) [default: {', '.join(DEFAULT_SCENARIOS)}]")
+                   help=f"{', '.join(SCENARIOS)} (repeatable; kill: with --machines) [default: "
+                        f"{', '.join(DEFAULT_SCENARIOS)}; with --machines: {', '.join(MACHINE_SCENARIOS)}]")
     p.add_argument("--rounds", type=int, default=2, help="runs per side, case and scenario")
     p.add_argument("--at-step", type=int, default=8, help="the change comes after step S")
     p.add_argument("--commit-every", type=int, default=3,
@@ -85,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scalai-standby", type=int, default=None,
                    help="started workers each of scalai's agents keeps (scalai run --standby; default: its own, one "
                         "per free device; 0: none, as torchrun keeps none)")
+    p.add_argument("--machines", type=int, default=0,
+                   help="run on N simulated machines (root: a network and mount namespace each, linked at --link; "
+                        "the baseline's checkpoints on an S3 server on a machine of its own) [default: 0, both "
+                        "sides on this machine's loopback]")
+    p.add_argument("--link", default="1gbit", help="with --machines: each machine's link each way (tc syntax)")
+    p.add_argument("--gpus-per-machine", type=int, default=2, help="with --machines: devices per machine")
+    p.add_argument("--dead-after", type=float, default=5.0,
+                   help="with --machines: scalai's failure detection (scalai run --dead-after) and the baseline's "
+                        "process-group timeout, seconds")
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -103,8 +116,25 @@ def validate(args) -> tuple[list[Case], list]:
     if args.rounds < 1 or args.at_step < 3 or args.commit_every < 0 or args.dcp_threads < 1:
         raise SystemExit("--rounds and --dcp-threads must be at least 1, --at-step at least 3 (a request needs "
                          "two steps' times before it), --commit-every at least 0")
+    if args.machines:
+        if not 2 <= args.machines <= 4 or args.gpus_per_machine < 1 or not args.dead_after > 0:
+            raise SystemExit("--machines must be 2 to 4, --gpus-per-machine at least 1, --dead-after positive")
+        if not re.fullmatch(r"[0-9]+(\.[0-9]+)?[kmg]bit", args.link):
+            raise SystemExit(f"--link {args.link!r}: expected a rate in tc's syntax, such as 1gbit or 400mbit")
+        from downtime.cluster import available
+
+        if not available():
+            raise SystemExit("--machines needs root, iproute2 (ip, tc) and unshare (network and mount namespaces); "
+                             "run without --machines to measure on this machine's loopback")
+    elif "kill" in (args.scenario or ()):
+        raise SystemExit("--scenario kill needs --machines N (a machine to kill)")
+    keys = list(dict.fromkeys(args.scenario or (MACHINE_SCENARIOS if args.machines else DEFAULT_SCENARIOS)))
+    devices = (args.machines * args.gpus_per_machine) if args.machines else 4
     cases = []
-    for text in args.case or DEFAULT_CASES:
+    default = DEFAULT_CASES
+    if args.machines:  # lose one machine's devices (a request to shrink, or the killed machine)
+        default = (f"tp=1,pp=1,dp={devices}:tp=1,pp=1,dp={devices - args.gpus_per_machine}",)
+    for text in args.case or default:
         parts = text.split(":")
         if len(parts) != 2:
             raise SystemExit(f"--case {text!r}: expected A:B, two layouts such as tp=1,pp=1,dp=2:tp=2,pp=1,dp=2")
@@ -117,11 +147,25 @@ def validate(args) -> tuple[list[Case], list]:
             raise SystemExit(f"--case {text!r}: {exc}") from None
         if a == b:
             raise SystemExit(f"--case {text!r}: A and B are the same layout; nothing would change")
-        if max(a.world_size, b.world_size) > 4:
-            raise SystemExit(f"--case {text!r}: this benchmark has 2 hosts x 2 devices; use at most 4 devices")
+        if max(a.world_size, b.world_size) > devices:
+            raise SystemExit(f"--case {text!r}: this benchmark has {devices} devices; use at most {devices}")
+        if "kill" in keys and a.world_size != devices:
+            raise SystemExit(f"--case {text!r}: with --scenario kill, A must use every device ({devices}: "
+                             f"--machines x --gpus-per-machine), so that the killed machine runs part of the job")
         cases.append(Case(str(a), str(b)))
-    scenarios = [SCENARIOS[k] for k in dict.fromkeys(args.scenario or DEFAULT_SCENARIOS)]
+    scenarios = [SCENARIOS[k] for k in keys]
     return cases, scenarios
+
+
+def _where(settings: Settings, scratch: str) -> str:
+    """Where the sides ran, for the report's last line."""
+    if not settings.machines:
+        return (f"scalai: 2 simulated hosts x 2 devices, stores in memory (/dev/shm); disk copies on {scratch}; "
+                f"DCP files on {scratch}")
+    return (f"{settings.machines} simulated machines x {settings.gpus_per_host} devices and a storage machine (S3, "
+            f"moto), each a network and mount namespace behind a {settings.link} link (tc, each way); scalai's "
+            f"stores in the machines' tmpfs, its disk copies in the coordinator's run directory on {scratch}; "
+            f"DCP's checkpoints on the S3 server; the harness's control files on {scratch}")
 
 
 def measure(settings: Settings, cases, scenarios, rounds: int, work: Path) -> tuple[dict, float]:
@@ -144,7 +188,11 @@ def measure(settings: Settings, cases, scenarios, rounds: int, work: Path) -> tu
                     runs[side.NAME].append(out)
                     this_round[side.NAME] = out
                 stops = {k: o.stop_step for k, o in this_round.items()}
-                if len(set(stops.values())) > 1:
+                after = {k: o.new_layout for k, o in this_round.items() if o.new_layout}
+                if scenario.trigger == "kill" and len(set(after.values())) > 1:  # scalai's runner chooses its own
+                    log(f"  warning: the sides continued in different layouts ({after}): the baseline runs B, "
+                        f"scalai's runner chose the survivors' layout itself")
+                if len(set(stops.values())) > 1 and scenario.trigger != "kill":  # a kill: each its own checkpoint
                     log(f"  warning: the sides stopped after different steps ({stops}): the request did not land "
                         f"in the same step (steps too short for the runner's polling?)")
                 try:
@@ -171,7 +219,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the runs and remove the scratch directory
     settings = Settings(args.model, str(ensure_index(cfg.seq_len).path), args.at_step, args.commit_every,
                         args.global_batch, args.micro_batch, args.lr, args.seed, dcp_threads=args.dcp_threads,
-                        dcp_change_fsync=args.dcp_change_fsync, scalai_standby=args.scalai_standby)
+                        dcp_change_fsync=args.dcp_change_fsync, scalai_standby=args.scalai_standby,
+                        machines=args.machines, link=args.link if args.machines else "", dead_after=args.dead_after,
+                        gpus_per_host=args.gpus_per_machine if args.machines else 2)
     state = cfg.num_params() * 4 * 3
     work, where = choose_workdir(0, 0, args.workdir or "/tmp", "scalai-reconfigure")
     log(f"{args.model}: {cfg.num_params() / 1e6:.1f} M parameters, {state / 2**20:.0f} MiB of state; change after "
@@ -182,6 +232,9 @@ def main() -> None:
         results, worst = measure(settings, cases, scenarios, args.rounds, Path(work))
     except RunFailed as exc:
         raise SystemExit(f"reconfigure: {exc}") from None
+    except KeyboardInterrupt:  # every run's processes, machines and files are gone by now
+        raise SystemExit("reconfigure: interrupted; the runs' processes, simulated machines and scratch files "
+                         "were removed") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     minutes = (time.perf_counter() - started) / 60
@@ -203,8 +256,9 @@ def main() -> None:
                 print(f"    - {line}")
         for case in cases:
             print("\n".join(report.case_notes(case, scenario, results[(case, scenario.key)])))
-    print(f"\nDowntime: from the request (scheduled: the end of step {args.at_step}; a request: when it was sent) "
-          "to the end of the first step in the new layout.\nscalai's phases overlap (relaunch, from the save's end "
+    print(f"\nDowntime: from the request (scheduled: the end of step {args.at_step}; a request: when it was sent; "
+          "a killed machine: the kill, detect: to the first sign of it the side acted on) to the end of the first "
+          "step in the new layout (after a kill: the first step the recovered job ran).\nscalai's phases overlap (relaunch, from the save's end "
           "to the new workers ready, runs beside plan and transform; exposed: the part of the transform outside "
           "it; share: transform / downtime); the baseline's are sequential but for relaunch, which holds the old "
           "processes' exit.")
@@ -214,8 +268,7 @@ def main() -> None:
           + ", ".join(f"step {o.stop_step + 1}: {o.losses[o.stop_step + 1]:.6f}" for o in first.values()))
     machine = machine_description()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}; torch {machine.get('torch')}; "
-          f"{machine['date']}; scalai: 2 simulated hosts x 2 devices, stores in memory (/dev/shm); disk copies on "
-          f"{where}; {minutes:.1f} min; load average (1 min) at the start {load_before:.1f}, at the end "
+          f"{machine['date']}; {_where(settings, where)}; {minutes:.1f} min; load average (1 min) at the start {load_before:.1f}, at the end "
           f"{os.getloadavg()[0]:.1f}")
     if args.plot:
         report.plot(args.plot, cases, scenarios, results, names, phases)

@@ -1,8 +1,9 @@
 """A loopback S3-compatible server for tests: moto's standalone server in its own process,
 on a port the OS picks, with a counter of the object bytes it sends.
 
-Run as ``python tests/s3_server.py``: prints the port on its first line, serves until
-killed. ``GET /__scalai/counts`` answers ``{"get_bytes": N, "gets": K}`` (body bytes of the
+Run as ``python tests/s3_server.py [ADDRESS]``: listens on ADDRESS (default 127.0.0.1; the
+downtime benchmark gives a simulated machine's own address), prints the port on its first
+line, serves until killed. ``GET /__scalai/counts`` answers ``{"get_bytes": N, "gets": K}`` (body bytes of the
 object GETs served since the last ``POST /__scalai/reset``): what the server itself sent,
 independent of what the client says it read.
 """
@@ -51,7 +52,7 @@ def main() -> None:
     from werkzeug.serving import make_server
 
     app = Counting(DomainDispatcherApplication(create_backend_app))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+    server = make_server(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1", 0, app, threaded=True)
     print(server.server_address[1], flush=True)
     server.serve_forever()
 

@@ -7,12 +7,14 @@
 - :mod:`.dcp_side` and :mod:`.dcp_worker`: the PyTorch recipe (DCP save, a new torchrun,
   DCP load with resharding), its driver and its workers;
 - :mod:`.report`: the tables (the README's form and the phases per side), each side's
-  tricks, the notes and the plot.
+  tricks, the notes and the plot;
+- :mod:`.cluster`: simulated machines for ``--machines`` (the tests' ``netns_machines``
+  plus a storage machine with an S3 server), fresh for every measured run.
 
 A side is a module with ``NAME``, ``phases()`` (its phases in order), ``run(settings, case,
 scenario, work)`` returning a :class:`~.harness.Outcome`, and ``tricks(settings, scenario)``
-(what it does, for the report); ``reconfigure.py`` lists the sides in ``SIDES``. A new
-trigger (a killed machine, say) is one more :class:`~.harness.Scenario` and one more
-function per side, dispatched from the side's ``run``; simulated machines with limited
-links would go into :class:`~.harness.Settings` and both sides' launch functions.
+(what it does, for the report); ``reconfigure.py`` lists the sides in ``SIDES``. A trigger
+(``schedule``, ``request``, ``kill``) is a :class:`~.harness.Scenario` and one function per
+side, dispatched from the side's ``run``; ``Settings.machines`` moves both sides onto
+simulated machines.
 """

@@ -17,6 +17,18 @@ training step (so that both sides follow the same trajectory):
   before building the model and its optimizer state, ``dcp.load`` (resharding) +
   ``set_state_dict``, and train to the job's last step.
 
+With ``--storage URL`` (``s3://BUCKET/PREFIX``, simulated machines) the checkpoints go
+there instead of ``DIR/periodic`` and ``DIR/change``, through DCP's fsspec storage
+(``FsspecWriter``/``FsspecReader`` over s3fs, the same thread count); ``--timeout S`` is the
+process group's timeout (what a careful user shortens so that a dead peer is noticed).
+``--trigger kill`` (a machine is killed mid-step; the driver runs the old role under an
+elastic torchrun, ``--nnodes MIN:MAX --max-restarts 3``): the old role trains to the job's
+last step; a rank whose step fails (its collective broke or timed out) writes
+``DIR/failed-RANK.json`` and exits with an error; the workers torchrun restarts with the
+survivors (``TORCHELASTIC_RESTART_COUNT`` > 0) run at ``--layout-after``: they build, load
+the newest complete periodic checkpoint, train to the last step and write
+``DIR/recovered.json``.
+
 Rank 0 appends one JSON line per step to ``DIR/rows.jsonl`` (``step``, ``loss``, ``time``:
 after the step's loss all-reduce and optimizer step, as the reference trainer logs) and
 writes the marks of each role (``old-pids.json``, ``saved.json``, ``new.json``); a mark
@@ -35,6 +47,13 @@ import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+
+def _timeout(args):
+    """The process group's timeout (``--timeout``; torch's default without it)."""
+    from datetime import timedelta
+
+    return timedelta(seconds=args.timeout) if args.timeout else None
 
 
 def _options(args, layout: str):
@@ -89,10 +108,41 @@ def _stop_requested(path: Path) -> bool:
     return bool(box.item())
 
 
-def _writer(path: Path, args, sync: bool):
+def _where(args, name: str):
+    """Where checkpoint ``name`` (``periodic/step-N``, ``change``) goes: a directory in DIR, or
+    under ``--storage``."""
+    return f"{args.storage.rstrip('/')}/{name}" if args.storage else Path(args.dir) / name
+
+
+def _writer(path, args, sync: bool):
+    if args.storage:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        return FsspecWriter(str(path), sync_files=False, thread_count=args.threads)
     from torch.distributed.checkpoint import FileSystemWriter
 
     return FileSystemWriter(str(path), sync_files=sync, thread_count=args.threads)
+
+
+def _reader(path, args):
+    if args.storage:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        return FsspecReader(str(path))
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(str(path))
+
+
+def _newest_periodic(args) -> str | None:
+    """The newest periodic checkpoint whose metadata (written last) is there; None if none
+    is complete (then the job starts again from its first step, as a user's script does)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(f"{args.storage.rstrip('/')}/periodic")
+    fs.invalidate_cache()
+    done = sorted(p for p in fs.ls(root, detail=False) if fs.exists(f"{p}/.metadata")) if fs.exists(root) else []
+    return f"{args.storage.rstrip('/')}/periodic/{done[-1].rstrip('/').rsplit('/', 1)[-1]}" if done else None
 
 
 def old(args) -> None:
@@ -110,11 +160,16 @@ def old(args) -> None:
     dist.all_gather_object(pids, os.getpid())
     if rank == 0:
         _write(folder / "old-pids.json", pids)
-    group = dist.new_group(backend="gloo") if args.commit_every else None  # async saves off the training group
+    group = (dist.new_group(backend="gloo", timeout=_timeout(args)) if args.commit_every
+             else None)  # async saves off the training group
     last = args.at_step if args.trigger == "schedule" else args.steps
     pending, periodic = None, []
     while run.job.step < last:
-        loss = step(run, dataset)
+        try:
+            loss = step(run, dataset)
+        except Exception:  # a peer died: this rank's mark of noticing it, then torchrun restarts the job
+            _write(folder / f"failed-{rank}.json", {"time": time.time(), "step": run.job.step})
+            raise
         if rank == 0:
             _row(args, run.job.step, loss, time.time(), args.layout)
         n = run.job.step
@@ -122,7 +177,7 @@ def old(args) -> None:
             t0 = time.time()
             if pending is not None:
                 pending.result()
-            pending = dcp.async_save(_state(run), storage_writer=_writer(folder / "periodic" / f"step-{n:06d}",
+            pending = dcp.async_save(_state(run), storage_writer=_writer(_where(args, f"periodic/step-{n:06d}"),
                                                                          args, True), process_group=group)
             periodic.append({"step": n, "blocked": time.time() - t0})
         if args.trigger == "request" and _stop_requested(folder / "stop"):
@@ -131,25 +186,75 @@ def old(args) -> None:
     if pending is not None:
         pending.result()
     waited = time.time()
-    dcp.save(_state(run), storage_writer=_writer(folder / "change", args, args.change_fsync))
+    dcp.save(_state(run), storage_writer=_writer(_where(args, "change"), args, args.change_fsync))
     dist.barrier()
     marks = {**_reduce({"save_start": start}, "min"), **_reduce({"async_waited": waited, "save_end": time.time()})}
     if rank == 0:
         _write(folder / "saved.json", {"step": run.job.step, "marks": marks, "periodic": periodic})
 
 
+def _load(run, state: dict, path, args) -> None:
+    """``dcp.load`` of checkpoint ``path`` into ``state`` (``_state(run)``: placeholders) and
+    from there into ``run`` (resharding), with the non-tensor state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from scalai.data import DataState
+
+    dcp.load(state, storage_reader=_reader(path, args))
+    set_state_dict(run.stage.module, run.optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    extra = state["extra"]
+    run.job.step, run.job.data = extra["step"], DataState(**extra["data"])
+    run.scheduler.load_state_dict(extra["scheduler"])
+
+
+def _train_on(run, args) -> float | None:
+    """Steps to the job's last (at least one); the first one's end."""
+    import torch.distributed as dist
+
+    from scalai.data import TokenDataset
+    from scalai.examples.gpt.train import step
+
+    dataset, first = TokenDataset(run.index), None
+    while first is None or run.job.step < args.steps:  # to the job's last step, as scalai's workers do
+        loss = step(run, dataset)
+        first = first or time.time()
+        if dist.get_rank() == 0:
+            _row(args, run.job.step, loss, time.time(), args.layout)
+    return first
+
+
+def recovered(args, joined: float) -> None:
+    """Restarted by torchrun after a machine died, with the survivors at ``--layout-after``:
+    build, load the newest complete periodic checkpoint (resharding), train on."""
+    import torch.distributed as dist
+
+    from scalai.examples.gpt.train import build
+
+    args.layout = args.layout_after
+    run = build(_options(args, args.layout))
+    state = _state(run)  # placeholders (Adam's moments allocated here), replaced by the saved values
+    built = time.time()
+    path = _newest_periodic(args)
+    if path is not None:
+        _load(run, state, path, args)
+    loaded, at = time.time(), run.job.step
+    first = _train_on(run, args)
+    marks = _reduce({"start": _PROCESS_START, "joined": joined, "built": built, "loaded": loaded})
+    if dist.get_rank() == 0:
+        _write(Path(args.dir) / "recovered.json", {"step": at, "marks": marks, "first": first, "from": path or "",
+                                                   "layout": args.layout})
+
+
 def new(args, joined: float) -> None:
     """Layout B: wait for the devices, build, load the checkpoint (resharding), train on."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     from scalai.config import ParallelConfig
-    from scalai.data import DataState, TokenDataset
     from scalai.examples.gpt.model import preset
     from scalai.examples.gpt.parallel import meta_stage, preload
-    from scalai.examples.gpt.train import build, step
+    from scalai.examples.gpt.train import build
 
     folder, layout = Path(args.dir), ParallelConfig.parse(args.layout)
     preload(layout)  # the parallelism modules, imported while waiting (as scalai's workers do)
@@ -166,19 +271,9 @@ def new(args, joined: float) -> None:
     model = time.time()
     state = _state(run)  # placeholders (Adam's moments allocated here), replaced by the saved values
     built = time.time()
-    dcp.load(state, storage_reader=FileSystemReader(str(folder / "change")))
-    set_state_dict(run.stage.module, run.optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
-    extra = state["extra"]
-    run.job.step, run.job.data = extra["step"], DataState(**extra["data"])
-    run.scheduler.load_state_dict(extra["scheduler"])
+    _load(run, state, _where(args, "change"), args)
     loaded = time.time()
-    dataset, first = TokenDataset(run.index), None
-    while first is None or run.job.step < args.steps:  # to the job's last step, as scalai's workers do
-        loss = step(run, dataset)
-        first = first or time.time()
-        if dist.get_rank() == 0:
-            _row(args, run.job.step, loss, time.time(), args.layout)
+    first = _train_on(run, args)
     marks = _reduce({"start": _PROCESS_START, "joined": joined, "waiting": waiting, "devices": devices,
                      "model": model, "built": built, "loaded": loaded})
     if dist.get_rank() == 0:
@@ -197,7 +292,10 @@ def main() -> None:
     parser.add_argument("--layout", required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--at-step", type=int, required=True)
-    parser.add_argument("--trigger", choices=["schedule", "request"], required=True)
+    parser.add_argument("--trigger", choices=["schedule", "request", "kill"], required=True)
+    parser.add_argument("--layout-after", default=None, help="--trigger kill: the survivors' layout")
+    parser.add_argument("--storage", default=None, help="checkpoints under this URL (s3://BUCKET/PREFIX)")
+    parser.add_argument("--timeout", type=float, default=None, help="the process group's timeout, seconds")
     parser.add_argument("--commit-every", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--change-fsync", action="store_true")
@@ -207,10 +305,12 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=_timeout(args))
     joined = time.time()
     try:
-        if args.role == "old":
+        if args.role == "old" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            recovered(args, joined)
+        elif args.role == "old":
             old(args)
         else:
             new(args, joined)

@@ -17,11 +17,15 @@ scenario     the change                                           the new proces
              step S, after S-1 steps (:func:`mid_step_time`)      could start earlier)
 ``request-   the same request                                     once the old processes
 cold``                                                            have saved
+``kill``     a machine dies: SIGKILL to every process of the      whatever each side does
+             last machine in the middle of step S, after S-1      on a failure (only with
+             steps (``--machines``)                               simulated machines)
 ===========  ===================================================  ==========================
 
 Downtime is measured alike on both sides: from the request (a scheduled change: the end of
 step S, rank 0's mark after the step's loss all-reduce; a request: when the driver sent
-it) to the end of the first step in the new layout (the same mark). Each side's phases are
+it; a killed machine: the kill) to the end of the first step in the new layout (the same
+mark; after a kill, the first step the recovered job runs, which may repeat steps lost). Each side's phases are
 measured from its own processes' marks (``time.time()``, all on this machine).
 
 Both sides persist the same way (see each side's ``tricks``): every K steps
@@ -84,6 +88,7 @@ SCENARIOS = {s.key: s for s in (
     Scenario("cold", "scheduled, neither starts ahead", "schedule", "after_save"),
     Scenario("request", "unscheduled request mid-step", "request", "at_request"),
     Scenario("request-cold", "unscheduled request, new processes after the save", "request", "after_save"),
+    Scenario("kill", "a machine killed mid-step", "kill", "at_request"),
 )}
 #: The scenarios a run measures unless told otherwise (the README's columns).
 DEFAULT_SCENARIOS = ("ahead", "cold", "request")
@@ -91,7 +96,10 @@ DEFAULT_SCENARIOS = ("ahead", "cold", "request")
 
 @dataclass(frozen=True)
 class Settings:
-    """What both sides run (see ``reconfigure.py --help``)."""
+    """What both sides run (see ``reconfigure.py --help``). ``machines`` > 0: on that many
+    simulated machines of ``gpus_per_host`` devices each, linked at ``link``
+    (:mod:`.cluster`); ``dead_after``: scalai's failure detection (``scalai run
+    --dead-after``) and the baseline's process-group timeout, seconds."""
 
     model: str
     data: str
@@ -107,11 +115,15 @@ class Settings:
     dcp_change_fsync: bool = False
     scalai_standby: int | None = None
     timeout: float = 1200.0
+    machines: int = 0
+    link: str = ""
+    dead_after: float = 5.0
 
     def steps(self, scenario: Scenario) -> int:
-        """The job's total steps: S+1 for a scheduled change; S+4 for a request, so that a
-        request the job takes a few short steps to act on (delivered through the agents,
-        then agreed on at the next step's end) still leaves a step to run in the new layout."""
+        """The job's total steps: S+1 for a scheduled change; S+4 for a request or a kill, so
+        that a request the job takes a few short steps to act on (delivered through the
+        agents, then agreed on at the next step's end) still leaves a step to run in the new
+        layout."""
         return self.at_step + (1 if scenario.trigger == "schedule" else 4)
 
     def trainer_flags(self) -> list[str]:
@@ -134,6 +146,8 @@ class Outcome:
         periodic: the periodic saves before the change, ``{"step", "blocked"}`` (seconds the
             training loop waited for each).
         notes: anything else worth a line in the report.
+        steps_lost: steps done before the change that the job ran again (a killed machine).
+        new_layout: the layout the job continued in (a killed machine: the side chose it).
     """
 
     downtime: float
@@ -145,6 +159,8 @@ class Outcome:
     counted: dict[str, int] = field(default_factory=dict)
     periodic: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    steps_lost: int = 0
+    new_layout: str = ""
 
 
 class RunFailed(Exception):
@@ -169,8 +185,16 @@ class Processes:
     def start(self, cmd: Sequence[str], log_path: Path, what: str) -> subprocess.Popen:
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        return self.add(proc, log_path, what)
+
+    def add(self, proc: subprocess.Popen, log_path: Path, what: str) -> subprocess.Popen:
+        """Watch ``proc``, started elsewhere (on a simulated machine), writing to ``log_path``."""
         self.items.append((proc, log_path, what))
         return proc
+
+    def forget(self, procs: Sequence[subprocess.Popen]) -> None:
+        """Stop watching ``procs`` (killed on purpose: their exit is no failure)."""
+        self.items = [item for item in self.items if item[0] not in procs]
 
     def check(self) -> None:
         """Raise :class:`RunFailed` if one of them exited with an error (its log's tail on stderr)."""

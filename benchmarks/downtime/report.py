@@ -50,11 +50,8 @@ def phase_order(known: Sequence[Sequence[str]], results: Results) -> list[str]:
     order: list[str] = []
     for phases in known:
         order += [p for p in phases if p not in order]
-    for runs in results.values():
-        for outcomes in runs.values():
-            for o in outcomes:
-                order += [p for p in o.phases if p not in order]
-    return order
+    measured = {p for runs in results.values() for outcomes in runs.values() for o in outcomes for p in o.phases}
+    return [p for p in order if p in measured] + sorted(measured - set(order))
 
 
 def _exposed(o: Outcome) -> float | None:
@@ -111,11 +108,15 @@ def case_notes(case: Case, scenario: Scenario, runs: dict[str, list[Outcome]]) -
                          if o.periodic else None)
         steps = sorted({p["step"] for o in outs for p in o.periodic})
         periodic = (f"periodic saves at steps {', '.join(map(str, steps))}, the step waited {blocked:.2f} s each"
-                    if steps else "no periodic save before the change")
+                    if steps else "periodic saves not recorded (the killed job's marks died with it)"
+                    if scenario.trigger == "kill" else "no periodic save before the change")
         marks = ", ".join(f"{_MARKS.get(k, k)} {median(outs, lambda o, k=k: o.marks.get(k)):+.2f}"
                           for k in outs[0].marks if median(outs, lambda o, k=k: o.marks.get(k)) is not None)
         stops = sorted({o.stop_step for o in outs})
-        lines.append(f"  {side}: {counted}; {periodic}; stopped after step {'/'.join(map(str, stops))}")
+        lost = sorted({o.steps_lost for o in outs})
+        lines.append(f"  {side}: {counted}; {periodic}; "
+                     + (f"continued after step {'/'.join(map(str, stops))}, steps lost {'/'.join(map(str, lost))}"
+                        if scenario.trigger == "kill" else f"stopped after step {'/'.join(map(str, stops))}"))
         lines.append(f"    s after the request: {marks}")
         for note in sorted({n for o in outs for n in o.notes}):
             lines.append(f"    {note}")

@@ -1,4 +1,5 @@
-"""Simulated machines with real isolation, for the multi-machine tests (root, iproute2).
+"""Simulated machines with real isolation, for the multi-machine tests and the downtime
+benchmark across machines (root, iproute2).
 
 Each machine is
 
@@ -11,14 +12,22 @@ Each machine is
   coordinator and to the other machines; the coordinator's run directory (in the test's
   directory) is invisible to the machine. Any hidden use of a shared filesystem fails.
 
-The agent is started with the CLI, as a user would (``scalai agent --join ...``). Names
-carry ``elastic-agents`` where the kernel allows (namespaces, tmpfs sources); interface
-names are limited to 15 characters and carry ``ea`` and this process's id.
+The agent is started with the CLI, as a user would (``scalai agent --join ...``); any
+other program (a torchrun agent, a storage server) with :meth:`Machines.spawn`. Names
+carry ``name`` (``elastic-agents`` by default) where the kernel allows (namespaces, tmpfs
+sources); interface names are limited to 15 characters and carry ``ea`` and this
+process's id. :meth:`Machines.close` (or leaving a ``with`` block) kills every process of
+every machine (their private mounts go with their mount namespaces) and deletes every
+namespace and link it made.
+
+It lives beside ``s3_server.py`` in ``tests/``: infrastructure both the tests and
+``benchmarks/`` use (the benchmarks put ``tests/`` on their path), not part of the library.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -63,14 +72,16 @@ class Machines:
         link: each machine's link rate each way (``tc`` syntax, e.g. ``1gbit``).
     """
 
-    def __init__(self, private: Path, capacity: int = 4, link: str = "1gbit"):
-        self.private, self.capacity, self.link = Path(private), capacity, link
+    def __init__(self, private: Path, capacity: int = 4, link: str = "1gbit", name: str = "elastic-agents"):
+        self.private, self.capacity, self.link, self.name = Path(private), capacity, link, name
         self.tag = f"ea{os.getpid() % 100000}"
         self.subnet = _free_subnet()
         self.bridge = f"{self.tag}br"
-        self.procs: dict[int, subprocess.Popen] = {}
+        self.procs: dict[int, subprocess.Popen] = {}  # the agents, by machine
+        self.spawned: list[subprocess.Popen] = []  # every process started here
         self.made: list[int] = []
         _run("ip", "link", "add", self.bridge, "type", "bridge")
+        self.bridged = True
         _run("ip", "addr", "add", f"{self.coordinator_address}/24", "dev", self.bridge)
         _run("ip", "link", "set", self.bridge, "up")
 
@@ -82,7 +93,7 @@ class Machines:
         return f"10.251.{self.subnet}.{i + 1}"
 
     def netns(self, i: int) -> str:
-        return f"elastic-agents-{os.getpid()}-m{i}"
+        return f"{self.name}-{os.getpid()}-m{i}"
 
     def veth(self, i: int) -> tuple[str, str]:
         return f"{self.tag}v{i}", f"{self.tag}p{i}"  # bridge side, machine side
@@ -102,25 +113,33 @@ class Machines:
                  "latency", "100ms")
         self.made.append(i)
 
+    def spawn(self, i: int, command: str, log: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+        """Run the shell command ``command`` on machine ``i`` (made on first use): in its
+        network namespace, in a mount namespace of its own with private tmpfs over
+        ``private`` and ``/dev/shm``; ``env``: its environment; output appended to ``log``."""
+        if i not in self.made:
+            self._make(i)
+        script = (f"mount -t tmpfs -o size=4g {self.name}-m{i} {self.private} && "
+                  f"mount -t tmpfs -o size=4g {self.name}-shm-m{i} /dev/shm && exec {command}")
+        cmd = ["ip", "netns", "exec", self.netns(i), "unshare", "--mount", "--propagation", "private",
+               "sh", "-c", script]
+        out = open(log, "ab") if log else subprocess.DEVNULL
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env or os.environ, start_new_session=True)
+        if log:
+            out.close()
+        self.spawned.append(proc)
+        return proc
+
     def start(self, i: int, join: str, token: str, devices: int = 1, log: Path | None = None,
               extra: tuple[str, ...] = (), env: dict | None = None) -> subprocess.Popen:
         """Machine ``i``'s agent, named ``m{i}``, joining ``join`` (``HOST:PORT``); ``env``:
         its environment (the token is added)."""
-        if i not in self.made:
-            self._make(i)
         root = self.private / f"machine-{i}"
-        script = (f"mount -t tmpfs -o size=4g elastic-agents-m{i} {self.private} && "
-                  f"mount -t tmpfs -o size=4g elastic-agents-shm-m{i} /dev/shm && "
-                  f"mkdir -p {root} && exec {SCALAI} agent --join {join} --name m{i} --root {root} "
-                  f"--devices {devices} --address {self.address(i)} {' '.join(extra)}")
-        cmd = ["ip", "netns", "exec", self.netns(i), "unshare", "--mount", "--propagation", "private",
-               "sh", "-c", script]
-        out = open(log, "ab") if log else subprocess.DEVNULL
+        command = (f"mkdir -p {root} && exec {SCALAI} agent --join {join} --name m{i} --root {root} "
+                   f"--devices {devices} --address {self.address(i)} {' '.join(extra)}")
         env = {**(env or os.environ), "SCALAI_TOKEN": token, "PYTHONUNBUFFERED": "1"}
-        self.procs[i] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True)
-        if log:
-            out.close()
+        self.procs[i] = self.spawn(i, f"sh -c {shlex.quote(command)}", log, env)
         return self.procs[i]
 
     def pids(self, i: int) -> list[int]:
@@ -147,12 +166,14 @@ class Machines:
         _run("ip", "link", "set", self.veth(i)[0], "down")
 
     def close(self) -> None:
+        """Kill every process of every machine, delete every namespace and link made
+        (idempotent; a machine's private mounts go with its last process)."""
         for i in list(self.made):
             for _ in range(2):
                 self.signal_all(i, signal.SIGCONT)
                 self.signal_all(i, signal.SIGKILL)
                 time.sleep(0.2)
-        for proc in self.procs.values():
+        for proc in self.spawned:
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
@@ -160,4 +181,13 @@ class Machines:
         for i in self.made:
             _run("ip", "link", "del", self.veth(i)[0], check=False)
             _run("ip", "netns", "del", self.netns(i), check=False)
-        _run("ip", "link", "del", self.bridge, check=False)
+        self.made = []
+        if self.bridged:
+            _run("ip", "link", "del", self.bridge, check=False)
+            self.bridged = False
+
+    def __enter__(self) -> "Machines":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
