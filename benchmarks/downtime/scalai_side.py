@@ -193,7 +193,8 @@ def _outcome(out: Path, sent: float | None, killed: bool = False) -> Outcome:
                          f"({change.get('to_layout')}), {change.get('steps_lost', 0)} steps lost")
             if "allocate" in starts:  # the new layout is chosen once the machine is declared dead
                 notes.append(f"the runner chose the survivors' layout {starts['allocate']:.2f} s after the kill "
-                             "(once the machine's heartbeats were missing for --dead-after seconds)")
+                             "(once it declared the machine dead: its store refused connections after a "
+                             "heartbeat and a half of silence, else after --dead-after seconds)")
         else:
             phases["stop"], starts["stop"] = phases.get("stop", 0.0) + delivery, 0.0
             notes.append(f"request delivered in {1000 * delivery:.0f} ms")

@@ -136,6 +136,36 @@ def test_a_silent_agent_is_declared_dead_and_must_join_again(service):
                     "devices": {"count": 1, "kind": "cpu"}})
 
 
+def test_a_silent_agent_whose_store_refuses_connections_is_found_before_the_detection_time(service):
+    """What the runner probes: agents silent for a while (not yet overdue), with their store
+    URL; a probe that finds the store's port closed declares the agent dead at once, unless
+    it spoke meanwhile. A listening port (a frozen machine accepts) is not a refusal."""
+    import socket
+
+    from scalai.elastic.wire import refuses_connections
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    closed = socket.create_server(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    try:
+        assert not refuses_connections(f"http://127.0.0.1:{listening.getsockname()[1]}")
+        assert refuses_connections(f"http://127.0.0.1:{closed_port}")
+        assert not refuses_connections("http://10.255.255.1:9", timeout=0.2)  # no answer: not a refusal
+    finally:
+        listening.close()
+    client = JsonClient(service.url, TOKEN)
+    _join(client, store=f"http://127.0.0.1:{closed_port}")
+    assert service.silent(0.3) == []
+    time.sleep(0.4)
+    assert service.silent(0.3) == [("m0", f"http://127.0.0.1:{closed_port}")]
+    client.post("/v1/agents/m0/report", {"incarnation": "i0", "epoch": service.epoch})
+    assert not service.declare_dead("m0", 0.3)  # it spoke meanwhile: alive after all
+    time.sleep(0.4)
+    assert service.declare_dead("m0", 0.3) and not service.declare_dead("m0", 0.3)
+    assert service.silent(0.0) == [] and service.overdue() == []  # dead once, not again
+
+
 def test_the_relay_sends_what_workers_wrote_once_in_order(tmp_path):
     run = tmp_path / "run"
     relay = Relay(run)

@@ -282,6 +282,25 @@ class AgentService:
                 self._cv.notify_all()
             return late
 
+    def silent(self, after: float) -> list[tuple[str, str]]:
+        """``(name, store URL)`` of the agents that are up but not heard from for more than
+        ``after`` seconds (suspects, not dead yet: see :meth:`declare_dead`)."""
+        with self._cv:
+            now = time.monotonic()
+            return sorted((n, r.store) for n, r in self.agents.items()
+                          if r.state == "up" and now - r.last_seen > after)
+
+    def declare_dead(self, name: str, silent_for: float) -> bool:
+        """Mark ``name`` dead if it is up and still not heard from for ``silent_for`` s (a
+        probe found its machine gone); False if it spoke meanwhile or is not up."""
+        with self._cv:
+            r = self.agents.get(name)
+            if r is None or r.state != "up" or time.monotonic() - r.last_seen <= silent_for:
+                return False
+            r.state = "dead"
+            self._cv.notify_all()
+            return True
+
     def mark(self, host: str, state: str) -> None:
         """Mark ``host`` ``released`` (it may leave: no longer watched), ``dead`` or ``gone``."""
         with self._cv:

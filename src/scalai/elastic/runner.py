@@ -19,7 +19,10 @@ hands back is carried out here, in order:
   output, the end.
 
 Time passes as ``Tick`` events (10 per second); agents unheard of for the detection time
-become ``AgentDead`` events. The run directory holds only what the coordinator received:
+become ``AgentDead`` events, and so do agents silent for a heartbeat and a half whose
+store refuses connections (:data:`SUSPECT_HEARTBEATS`: a machine whose processes were
+killed closes its sockets, and its store only exits with its agent; a frozen or cut-off
+machine accepts or times out, and waits for the detection time). The run directory holds only what the coordinator received:
 ``metrics.jsonl``, ``timeline.json`` and the plots, ``summary.json``, ``logs/`` (log tails
 the agents sent), ``events/gNNN/`` (each worker's last report, ``exits.json``: their exit
 statuses, ``ptc.json``: the job's description under the generation's layout),
@@ -55,6 +58,8 @@ from .timeline import Reconfiguration
 __all__ = ["Runner", "RunResult", "RunFailed"]
 
 TICK_S = 0.1
+#: Heartbeats an agent may miss before the coordinator probes its store's port.
+SUSPECT_HEARTBEATS = 1.5
 
 
 class RunFailed(ScalaiError):
@@ -94,6 +99,7 @@ class Runner:
         self.persist_enabled, self.report = spec.persist, report
         self.progress = Progress(self.steps, out)
         self.queue: queue.Queue = queue.Queue()
+        self._probed: dict[str, float] = {}  # agent -> when its store was last probed (monotonic)
         self.state = None
         self.policy: Policy | None = None
         self.rows: list[dict] = []
@@ -282,6 +288,7 @@ class Runner:
             now = time.time()
             for host in self.service.overdue():
                 self._feed(AgentDead(now, host, f"no heartbeat for {self.dead_after:g} s"))
+            self._probe_silent()
             self._persist_status()
             if now - last_tick >= TICK_S:
                 last_tick = now
@@ -290,6 +297,25 @@ class Runner:
         if self._failed is not None:
             raise RunFailed(self._failed.message + self._log_tails(self._failed.generation))
         return self._finish(self._finished)
+
+    def _probe_silent(self) -> None:
+        """Probe the store of every agent silent for :data:`SUSPECT_HEARTBEATS` heartbeats
+        (once a second each, on a thread of its own); a refusal declares it dead now."""
+        from .wire import refuses_connections
+
+        silent_for = SUSPECT_HEARTBEATS * self.heartbeat
+        now = time.monotonic()
+        for name, url in self.service.silent(silent_for):
+            if now - self._probed.get(name, 0.0) < 1.0:
+                continue
+            self._probed[name] = now
+
+            def probe(name: str = name, url: str = url) -> None:
+                if refuses_connections(url) and self.service.declare_dead(name, silent_for):
+                    self.queue.put(("event", AgentDead(time.time(), name, f"its store refuses connections, "
+                                                                          f"no heartbeat for {silent_for:g} s")))
+
+            threading.Thread(target=probe, name=f"scalai-probe-{name}", daemon=True).start()
 
     def _drain(self, wait: float = 0.5) -> None:
         """The run is over: keep what is still on its way (rows, log tails) for the outputs."""

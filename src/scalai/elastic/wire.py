@@ -29,7 +29,7 @@ from ..net import is_loopback
 from ..tls import Tls, TlsError, client_context, tls_failure
 
 __all__ = ["Tls", "TlsError", "Request", "HttpError", "JsonServer", "JsonClient", "WireError", "is_loopback",
-           "check_listen", "split_address"]
+           "check_listen", "split_address", "refuses_connections"]
 
 MAX_BODY = 64 << 20  # bytes; PTCs of big models are the largest bodies
 HANDSHAKE_S = 10.0   # seconds a new connection may take to start TLS
@@ -55,6 +55,20 @@ def split_address(text: str, what: str = "address") -> tuple[str, int]:
     if not 0 <= int(port) < 65536:
         raise ValueError(f"{what} {text!r}: the port must be 0-65535")
     return host, int(port)
+
+
+def refuses_connections(url: str, timeout: float = 1.0) -> bool:
+    """Whether the host of ``url`` actively refuses a TCP connection to its port (a reset:
+    the machine answers but nothing listens there any more). A connection accepted, a
+    timeout (a frozen process, a cut link, a powered-off machine) or any other error: False."""
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 class HttpError(Exception):
