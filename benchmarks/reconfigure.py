@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="parent of the scratch directory (default /tmp: a disk)")
+    p.add_argument("--keep", action="store_true", help="leave the scratch directory (every run's logs) in place")
     p.add_argument("--format", default="rich", choices=["rich", "markdown", "plain"])
     p.add_argument("--plot", metavar="FILE", help="also draw the phases into this PNG")
     return p
@@ -168,7 +169,7 @@ def _where(settings: Settings, scratch: str) -> str:
             f"DCP's checkpoints on the S3 server; the harness's control files on {scratch}")
 
 
-def measure(settings: Settings, cases, scenarios, rounds: int, work: Path) -> tuple[dict, float]:
+def measure(settings: Settings, cases, scenarios, rounds: int, work: Path, keep: bool = False) -> tuple[dict, float]:
     """Every side, case, scenario and round; returns the results and the largest relative
     loss difference between the sides."""
     results, worst = {}, 0.0
@@ -182,7 +183,8 @@ def measure(settings: Settings, cases, scenarios, rounds: int, work: Path) -> tu
                     folder.mkdir()
                     log(f"{case.label}, {scenario.title}: {side.NAME}, round {r + 1}/{rounds}")
                     out = side.run(settings, case, scenario, folder)
-                    shutil.rmtree(folder, ignore_errors=True)
+                    if not keep:
+                        shutil.rmtree(folder, ignore_errors=True)
                     log(f"  downtime {out.downtime:.2f} s  (" +
                         ", ".join(f"{p} {v:.2f}" for p, v in out.phases.items()) + ")")
                     runs[side.NAME].append(out)
@@ -229,14 +231,17 @@ def main() -> None:
         f"copies) in {where}")
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     try:
-        results, worst = measure(settings, cases, scenarios, args.rounds, Path(work))
+        results, worst = measure(settings, cases, scenarios, args.rounds, Path(work), args.keep)
     except RunFailed as exc:
         raise SystemExit(f"reconfigure: {exc}") from None
     except KeyboardInterrupt:  # every run's processes, machines and files are gone by now
         raise SystemExit("reconfigure: interrupted; the runs' processes, simulated machines and scratch files "
                          "were removed") from None
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            log(f"scratch kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     minutes = (time.perf_counter() - started) / 60
     names = [side.NAME for side in SIDES]
     title = f"{args.model} ({state / 2**20:.0f} MiB of state), seconds, median of {args.rounds}"
