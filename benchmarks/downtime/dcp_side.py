@@ -28,7 +28,7 @@ the namespace of the machine of its slot (its ``--local-addr``, ``GLOO_SOCKET_IF
 rendezvous store stays here on the bridge's address, and the checkpoints go to the storage
 machine's S3 server (``--storage s3://...``). A killed machine (:func:`killed`): one elastic
 torchrun per machine (``--nnodes N-1:N --max-restarts 3``, a process-group timeout of
-``Settings.dead_after`` seconds, rendezvous keep-alive every second for as many seconds,
+``Settings.dead_after`` seconds from the first step on, rendezvous keep-alive every second for as many seconds,
 ``last_call_timeout=1``: a careful user's settings) at A; in the middle of step S every
 process of the last machine gets SIGKILL; the survivors' step fails (the broken
 connection, or the timeout), torchrun restarts its workers with the survivors, which load
@@ -353,8 +353,9 @@ def _machine_tricks(settings: Settings, scenario: Scenario) -> list[str]:
             f"{settings.machines} --max-restarts 3, c10d rendezvous on the driver's address in the root namespace, "
             f"--rdzv-conf last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt="
             f"{math.ceil(settings.dead_after)}: a dead node is dropped within {math.ceil(settings.dead_after)} s, "
-            "a restart does not wait 30 s for more nodes); init_process_group(timeout="
-            f"{settings.dead_after:g} s), scalai's --dead-after",
+            "a restart does not wait 30 s for more nodes); the process group's timeout set to "
+            f"{settings.dead_after:g} s (scalai's --dead-after) after the first step, torch's default before "
+            "(torchtitan's pattern: a restarted worker may wait long for a peer's load)",
             f"persisted: {persisted}",
             "after the kill: the survivors' step fails (a broken connection, else the timeout), torchrun stops "
             "them and restarts its workers with the survivors (new processes: Python, torch and the trainer "

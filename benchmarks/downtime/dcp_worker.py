@@ -20,7 +20,8 @@ training step (so that both sides follow the same trajectory):
 With ``--storage URL`` (``s3://BUCKET/PREFIX``, simulated machines) the checkpoints go
 there instead of ``DIR/periodic`` and ``DIR/change``, through DCP's fsspec storage
 (``FsspecWriter``/``FsspecReader`` over s3fs, the same thread count); ``--timeout S`` is the
-process group's timeout (what a careful user shortens so that a dead peer is noticed).
+process group's timeout from the first step on (what a careful user shortens so that a dead
+peer is noticed; torch's default before, while processes start and load, as torchtitan does).
 ``--trigger kill`` (a machine is killed mid-step; the driver runs the old role under an
 elastic torchrun, ``--nnodes MIN:MAX --max-restarts 3``): the old role trains to the job's
 last step; a rank whose step fails (its collective broke or timed out) writes
@@ -54,6 +55,18 @@ def _timeout(args):
     from datetime import timedelta
 
     return timedelta(seconds=args.timeout) if args.timeout else None
+
+
+def _shorten_timeout(args) -> None:
+    """After the first step: the training group's timeout becomes ``--timeout`` (torchtitan's
+    pattern: torch's long default while processes start, build and load from the network,
+    where a peer may be slower by many seconds, then the short one that notices a dead
+    peer; with the short one from the start, restarted workers timed out waiting for a
+    peer's load from S3 and torchrun ran out of restarts)."""
+    if args.timeout:
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(_timeout(args))
 
 
 def _options(args, layout: str):
@@ -160,13 +173,16 @@ def old(args) -> None:
     dist.all_gather_object(pids, os.getpid())
     if rank == 0:
         _write(folder / "old-pids.json", pids)
-    group = (dist.new_group(backend="gloo", timeout=_timeout(args)) if args.commit_every
+    group = (dist.new_group(backend="gloo") if args.commit_every
              else None)  # async saves off the training group
     last = args.at_step if args.trigger == "schedule" else args.steps
-    pending, periodic = None, []
+    pending, periodic, shortened = None, [], False
     while run.job.step < last:
         try:
             loss = step(run, dataset)
+            if not shortened:
+                _shorten_timeout(args)
+                shortened = True
         except Exception:  # a peer died: this rank's mark of noticing it, then torchrun restarts the job
             _write(folder / f"failed-{rank}.json", {"time": time.time(), "step": run.job.step})
             raise
@@ -219,7 +235,9 @@ def _train_on(run, args) -> float | None:
     dataset, first = TokenDataset(run.index), None
     while first is None or run.job.step < args.steps:  # to the job's last step, as scalai's workers do
         loss = step(run, dataset)
-        first = first or time.time()
+        if first is None:
+            first = time.time()
+            _shorten_timeout(args)
         if dist.get_rank() == 0:
             _row(args, run.job.step, loss, time.time(), args.layout)
     return first
@@ -305,7 +323,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=_timeout(args))
+    dist.init_process_group("gloo")  # torch's default timeout until the first step (_shorten_timeout)
     joined = time.time()
     try:
         if args.role == "old" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:

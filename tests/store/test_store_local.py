@@ -178,3 +178,31 @@ def test_the_store_sweeps_what_a_killed_writer_left(stores):
     while os.path.exists(left) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not os.path.exists(left) and _uploads(store) == EMPTY
+
+
+def test_a_client_off_loopback_gets_the_files_to_map_once_it_read_the_key(stores):
+    """A worker that reaches its own machine's store at the machine's address (a network
+    namespace of its own) maps the store's files, as a loopback client does, once it shows
+    the key it read; without the key the store keeps the paths to itself (403)."""
+    from scalai.elastic.machine import route_address
+    from scalai.store import StoreClient
+
+    try:
+        address = route_address("192.0.2.1", 9)  # this machine's address on its default route
+    except OSError:
+        address = "127.0.0.1"
+    if address.startswith("127."):
+        pytest.skip("this machine has no address off loopback to reach its store by")
+    (store,) = stores(1, token=TOKEN, extra=("--host", "0.0.0.0"))
+    ptc = model_ptc("gpt-tiny", "tp=1,pp=1,dp=1")
+    cluster = StoreCluster([store.url], TOKEN)
+    save_rank(cluster, "j", "v0", 0, ptc, Placement(1, ("host0",)), _tensors(ptc), owner="me")
+    commit(cluster, "j", "v0", ptc, Placement(1, ("host0",)), {"step": 1}, 0, owner="me")
+    url = store.url.replace("127.0.0.1", address).replace("0.0.0.0", address)
+    assert "127.0.0.1" not in url
+    with pytest.raises(StoreRequestError) as err:
+        StoreClient(url, TOKEN, local=False).files("j", "v0", 0)
+    assert err.value.status == 403
+    files = StoreClient(url, TOKEN).files("j", "v0", 0)
+    assert set(files) == {name for name, _ in ptc.rank_shards(0)}
+    assert all(os.path.exists(f["path"]) for f in files.values())

@@ -38,7 +38,7 @@ from ..tls import PLAIN_HINT, Tls, client_context, tls_failure
 from .errors import StoreRequestError, StoreUnavailable
 from .files import TensorMeta, local_name, write_tensor_file
 from .lease import LEASE_HEADER, OWNER_HEADER
-from .local import discover, local_enabled, unlink_quietly as _unlink
+from .local import LOCAL_KEY_HEADER, discover, local_enabled, unlink_quietly as _unlink
 from .names import check_name, check_rank, check_tensor_name, format_shape, parse_shape, window_query
 
 __all__ = ["StoreClient", "load_token", "TOKEN_ENV"]
@@ -104,6 +104,7 @@ class StoreClient:
                          timeout=urllib3.Timeout(connect=5.0, read=timeout), **kw)
         self.local = local_enabled() if local is None else bool(local)
         self._local_dir: str | None | bool = False  # False: not asked yet
+        self._local_key = ""  # the store's key, as read from its key file
         self.adoptions = 0  # tensors stored through the upload directory (no HTTP body)
         self._headers = {"X-Scalai-From": from_host} if from_host else {}
         if token:
@@ -209,9 +210,11 @@ class StoreClient:
 
     def files(self, job: str, version: str, rank: int) -> dict[str, dict]:
         """``{tensor: {path, offset, dtype, shape, bytes, crc32}}``: the files of a committed
-        rank, for a client on the store's own machine to map (the store refuses others)."""
+        rank, for a client on the store's own machine to map (loopback, or one that read the
+        store's key: :meth:`local_dir`; the store refuses others)."""
+        headers = {LOCAL_KEY_HEADER: self._local_key} if self.local_dir() is not None else None
         return self._json("GET", f"/v1/jobs/{check_name(job, 'job')}/versions/{check_name(version, 'version')}"
-                                 f"/ranks/{int(rank)}/files")["files"]
+                                 f"/ranks/{int(rank)}/files", headers=headers)["files"]
 
     def local_dir(self) -> str | None:
         """The store's upload directory when this process sees it (same machine and mount
@@ -220,7 +223,9 @@ class StoreClient:
             found = None
             if self.local:
                 try:
-                    found = discover(self._json("GET", "/v1/local"))
+                    info = self._json("GET", "/v1/local")
+                    found = discover(info)
+                    self._local_key = str(info["key"]) if found is not None else ""
                 except StoreRequestError:  # a store without the route: HTTP
                     found = None
             self._local_dir = found

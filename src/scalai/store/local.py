@@ -41,12 +41,15 @@ import threading
 
 from .files import TensorMeta
 
-__all__ = ["LOCAL_ENV", "local_enabled", "discover", "StagedRank", "unlink_quietly"]
+__all__ = ["LOCAL_ENV", "LOCAL_KEY_HEADER", "local_enabled", "discover", "StagedRank", "unlink_quietly"]
 
 log = logging.getLogger("scalai.store")
 
 #: Set to ``0`` to upload over HTTP even where the store's upload directory is visible.
 LOCAL_ENV = "SCALAI_STORE_LOCAL"
+#: Header with which a client shows the key it read from the store's key file, to be given
+#: the paths of a rank's files to map (``GET .../files``) from an address not loopback.
+LOCAL_KEY_HEADER = "X-Scalai-Local-Key"
 
 
 def local_enabled() -> bool:

@@ -272,7 +272,10 @@ SPEC: dict[str, Any] = {
                         errors=("400", "401", "413"))},
         "/v1/jobs/{job}/versions/{version}/ranks/{rank}/files": {
             "get": _op("the files of a rank's committed tensors, to map on this machine (loopback "
-                       "clients only; 403 elsewhere)", "RankFiles", "tensor name -> file", [_JOB, _VERSION, _RANK],
+                       "clients, and clients that show the key they read from the key file GET /v1/local "
+                       "names; 403 elsewhere)", "RankFiles", "tensor name -> file",
+                       [_JOB, _VERSION, _RANK, _p("X-Scalai-Local-Key", {"type": "string"}, "header", False,
+                                                  "the store's key, as read from its key file")],
                        errors=("400", "401", "403", "404", "409"))},
         "/v1/jobs/{job}/versions/{version}/ranks/{rank}/windows": {
             "post": {**_op("read several tensors or N-d regions of one rank's tensors at once (each item as "

@@ -23,6 +23,7 @@ bounded (:mod:`scalai.store.connections`).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import logging
 import os
@@ -45,9 +46,11 @@ from .files import DATA_OFFSET, TensorUpload
 from .http_util import (FROM_HEADER, Keys, auth, errors, in_pool, json_body, limited, path_names, read_chunks,
                         tensor_key, writer)
 from .lease import DEFAULT_LEASE_S, MIN_LEASE_S
+from .local import LOCAL_KEY_HEADER
 from .roots import LOCAL_KEY, sweep_local
 from .manifest import VersionManifest, untrusted_layout
-from .names import NameError_, check_dtype, check_name, check_rank, check_tensor_name, format_shape, parse_shape, parse_window
+from .names import (NameError_, check_dtype, check_name, check_rank, check_tensor_name, format_shape, parse_shape,
+                    parse_window)
 from .openapi import API_VERSION, SPEC
 from .ratelimit import Link
 from .transform import TransformSpec, run_host_part
@@ -409,10 +412,14 @@ async def get_windows(request: web.Request) -> web.StreamResponse:
 
 async def rank_files(request: web.Request) -> web.Response:
     """The files of one rank's committed tensors, for a client on this machine to map them
-    itself (no bytes through HTTP). Loopback clients only: a path means nothing elsewhere."""
+    itself (no bytes through HTTP): to loopback clients, and to clients that show the key
+    they read from the store's key file (a machine's own address, e.g. a worker in a
+    network namespace of its own); a path means nothing elsewhere."""
     job, version = path_names(request)
     rank = check_rank(request.match_info["rank"])
-    if not _loopback(request.remote):
+    key = request.headers.get(LOCAL_KEY_HEADER, "")
+    shown = hmac.compare_digest(key.encode(), request.app[Keys.CATALOG].local_key.encode())
+    if not (_loopback(request.remote) or shown):
         raise web.HTTPForbidden(text=f"store {request.app[Keys.NAME]} gives file paths to clients on its "
                                      f"own machine only; read the tensors over HTTP")
     entry = request.app[Keys.CATALOG].committed(job, version)
