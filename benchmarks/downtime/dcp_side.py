@@ -212,11 +212,13 @@ def killed(settings: Settings, case: Case, scenario: Scenario, work: Path, clust
     """Every process of the last machine killed in the middle of step S; the survivors'
     torchrun agents restart the job at ``case.new`` from the newest periodic checkpoint.
 
-    Up to 3 restarts: with one, a run on 3 machines failed every time (as far as the logs
-    show, a survivor's agent restarted its workers twice in quick succession, once for the
-    failure and once for the new round; the other survivor's restarted worker read the
-    address its peer's first restarted worker had published and gave up on "connection
-    refused"); a further restart converges."""
+    Up to 3 restarts: with one, a run on 3 machines x 1 device failed every time (as far as
+    the logs show, a survivor's agent restarted its workers twice in quick succession, once
+    for the failure and once for the new round; the other survivor's restarted worker read
+    the address its peer's first restarted worker had published and gave up on "connection
+    refused"); with 3 it recovered there, but with 2 devices per machine the same
+    "connection refused" in gloo's set-up recurred until the restarts ran out (3 runs of 3,
+    docs/benchmarks.md)."""
     procs = Processes(env_for_runs(work))
     launch = _launcher(procs, cluster)
     at: dict[str, float] = {}

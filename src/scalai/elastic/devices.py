@@ -12,9 +12,9 @@ Python.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 import subprocess
 import sys
+from dataclasses import dataclass
 from typing import Mapping
 
 __all__ = ["Offer", "offer", "cuda_inventory", "worker_env"]

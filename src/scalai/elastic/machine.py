@@ -240,6 +240,7 @@ class Worker:
     log: Path
     reported: bool = False
     launched: float = 0.0  # time.monotonic() at its launch
+    stepped: bool = False  # its report has shown a first step (read no more)
 
 
 class Workers:
@@ -280,7 +281,8 @@ class Workers:
 
         now = time.monotonic()
         with self._lock:
-            alive = [w for w in self.workers.values() if w.proc.poll() is None and now - w.launched < HOLD_MAX_S]
+            alive = [w for w in self.workers.values()
+                     if not w.stepped and w.proc.poll() is None and now - w.launched < HOLD_MAX_S]
         for w in alive:
             try:
                 times = json.loads(rank_file(self.run_dir, w.generation, w.rank).read_text()).get("times", {})
@@ -288,6 +290,7 @@ class Workers:
                 return True  # no report yet (or being replaced): still starting
             if "first_step" not in times:
                 return True
+            w.stepped = True
         return False
 
     def exits(self) -> list[tuple[int, int, int]]:

@@ -62,8 +62,8 @@ class Reconfiguration:
     to_hosts: list[str] = field(default_factory=list)
     saved_bytes: int = 0
     source: str = ""
-    last_step: int | None = None
-    bytes_linked: int = 0  # the last step done before the change (> at_step if steps were lost)
+    last_step: int | None = None  # the last step done before the change (> at_step if steps were lost)
+    bytes_linked: int = 0
 
     @property
     def downtime(self) -> float:

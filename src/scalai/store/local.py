@@ -35,15 +35,12 @@ CRC-32 from the file, records it in the header and has the file adopted.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 
 from .files import TensorMeta
 
 __all__ = ["LOCAL_ENV", "LOCAL_KEY_HEADER", "local_enabled", "discover", "StagedRank", "unlink_quietly"]
-
-log = logging.getLogger("scalai.store")
 
 #: Set to ``0`` to upload over HTTP even where the store's upload directory is visible.
 LOCAL_ENV = "SCALAI_STORE_LOCAL"
@@ -82,8 +79,8 @@ class StagedRank:
     ``{tensor: (path, meta)}`` (a background save's staging copy). :meth:`clear` deletes
     the files not adopted (yet); adopted ones are popped by their writer."""
 
-    def __init__(self, client, files: dict[str, tuple[str, TensorMeta]]):
-        self.client, self.files = client, files
+    def __init__(self, files: dict[str, tuple[str, TensorMeta]] | None = None):
+        self.files = dict(files or {})
         self._lock = threading.Lock()
 
     @property

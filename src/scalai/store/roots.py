@@ -25,7 +25,7 @@ import time
 from typing import Iterator
 
 from ..checkpoint.manifest import atomic_write
-from .files import StoreFileError, TensorMeta, read_meta
+from .files import LOCAL_PREFIX, StoreFileError, TensorMeta, read_meta
 
 __all__ = ["own_root", "scan_tensors", "read_version", "write_owner", "listdir", "write_local_key", "sweep_local",
            "MANIFEST", "UPLOADS", "LOCAL_KEY"]
@@ -132,7 +132,7 @@ def write_local_key(root: str) -> str:
     return key
 
 
-def sweep_local(uploads: str, older_than_s: float, prefix: str = "local-") -> int:
+def sweep_local(uploads: str, older_than_s: float, prefix: str = LOCAL_PREFIX) -> int:
     """Delete the files in ``uploads`` named ``prefix...`` that nobody wrote for
     ``older_than_s`` seconds: what clients killed before their file was adopted left.
     Returns how many were deleted."""

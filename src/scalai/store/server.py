@@ -47,12 +47,12 @@ from .http_util import (FROM_HEADER, Keys, auth, errors, in_pool, json_body, lim
                         tensor_key, writer)
 from .lease import DEFAULT_LEASE_S, MIN_LEASE_S
 from .local import LOCAL_KEY_HEADER
-from .roots import LOCAL_KEY, sweep_local
 from .manifest import VersionManifest, untrusted_layout
 from .names import (NameError_, check_dtype, check_name, check_rank, check_tensor_name, format_shape, parse_shape,
                     parse_window)
 from .openapi import API_VERSION, SPEC
 from .ratelimit import Link
+from .roots import LOCAL_KEY, sweep_local
 from .transform import TransformSpec, run_host_part
 
 __all__ = ["StoreConfig", "make_app"]
@@ -252,27 +252,37 @@ def _expected(raw: dict, job: str, version: str, host: str) -> dict:
     return manifest.expected(host)
 
 
-async def put_tensor(request: web.Request) -> web.Response:
-    job, version, rank, tensor = tensor_key(request)
-    app, q = request.app, request.query
-    owner, seconds = writer(request)
-    unknown = set(q) - {"dtype", "shape"}
-    if unknown or "dtype" not in q or "shape" not in q:
-        raise NameError_("give the query parameters dtype and shape (e.g. ?dtype=bfloat16&shape=768,3072), "
-                         "and no others")
+def _incoming(request: web.Request, job: str, version: str, tensor: str, extra: tuple[str, ...] = (),
+              length: int | None = None) -> tuple[str, tuple[int, ...], int]:
+    """The checks a tensor arriving into ``version`` passes first (an upload, ``length``:
+    its body's, or an adoption): exactly the query parameters dtype, shape and ``extra``;
+    the element and ``--max-upload`` limits; no transformation writing the version.
+    Returns ``(dtype, shape, bytes)``."""
+    q = request.query
+    if set(q) != {"dtype", "shape", *extra}:
+        example = "".join(f"{k}=...&" for k in extra)
+        raise NameError_(f"give the query parameters {', '.join([*extra, 'dtype', 'shape'])} (e.g. ?{example}"
+                         f"dtype=bfloat16&shape=768,3072), and no others")
     dtype, shape = check_dtype(q["dtype"]), parse_shape(q["shape"])
     ELEMENTS.check(prod(shape), f"tensor {tensor}")
     nbytes = prod(shape) * itemsize(dtype)
-    limit = app[Keys.CONFIG].max_upload
-    length = request.content_length
+    limit = request.app[Keys.CONFIG].max_upload
     if nbytes > limit or (length is not None and length > limit):
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=max(nbytes, length or 0),
-                                            text=f"upload of {max(nbytes, length or 0)} bytes is larger than "
+                                            text=f"tensor of {max(nbytes, length or 0)} bytes is larger than "
                                                  f"this store accepts ({limit}); raise --max-upload")
     if length is not None and length != nbytes:
         raise NameError_(f"body has {length} bytes but dtype {dtype} x shape {list(shape)} needs {nbytes}")
-    if (job, version) in app[Keys.TRANSFORMS]:
+    if (job, version) in request.app[Keys.TRANSFORMS]:
         raise Conflict(f"version {version!r} of job {job!r} is being written by a transformation")
+    return dtype, shape, nbytes
+
+
+async def put_tensor(request: web.Request) -> web.Response:
+    job, version, rank, tensor = tensor_key(request)
+    app = request.app
+    owner, seconds = writer(request)
+    dtype, shape, nbytes = _incoming(request, job, version, tensor, length=request.content_length)
     catalog: Catalog = app[Keys.CATALOG]
     up = catalog.open_upload(job, version, rank, tensor, nbytes, owner or "", seconds)
     link = app[Keys.LINK] if limited(request) else None
@@ -311,23 +321,10 @@ async def adopt_tensor(request: web.Request) -> web.Response:
     job, version, rank, tensor = tensor_key(request)
     app = request.app
     owner, seconds = writer(request)
-    q = request.query
-    if set(q) != {"file", "dtype", "shape"}:
-        raise NameError_("give the query parameters file, dtype and shape (e.g. ?file=local-<32 hex digits>"
-                         "&dtype=bfloat16&shape=768,3072), and no others")
     catalog: Catalog = app[Keys.CATALOG]
-    name = q["file"]
+    name = request.query.get("file", "")
     try:
-        dtype, shape = check_dtype(q["dtype"]), parse_shape(q["shape"])
-        ELEMENTS.check(prod(shape), f"tensor {tensor}")
-        nbytes = prod(shape) * itemsize(dtype)
-        limit = app[Keys.CONFIG].max_upload
-        if nbytes > limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=nbytes,
-                                                text=f"tensor of {nbytes} bytes is larger than this store "
-                                                     f"accepts ({limit}); raise --max-upload")
-        if (job, version) in app[Keys.TRANSFORMS]:
-            raise Conflict(f"version {version!r} of job {job!r} is being written by a transformation")
+        dtype, shape, nbytes = _incoming(request, job, version, tensor, extra=("file",))
         meta = catalog.adopt(job, version, rank, tensor, name, dtype, shape, owner or "", seconds)
     except BaseException:
         catalog.discard_local(name)

@@ -31,7 +31,6 @@ from whichever stores hold them (ranks load independently, so the plan has no ho
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any, Mapping
 
@@ -48,7 +47,7 @@ from .cluster import StoreCluster, parallel
 from .errors import StoreRequestError
 from .files import local_name, map_tensor, seal_tensor_file, write_tensor_file
 from .lease import Lease, new_owner
-from .local import StagedRank
+from .local import StagedRank, unlink_quietly
 from .manifest import VersionManifest
 
 __all__ = ["save_rank", "commit", "next_version", "load_rank", "StoreWriter", "StoreReader"]
@@ -221,7 +220,7 @@ class StoreWriter:
         uploads = client.local_dir()
         if uploads is None:
             return None
-        staged = StagedRank(client, {})
+        staged = StagedRank()
 
         def one(item) -> None:
             name, _ = item
@@ -271,7 +270,7 @@ def _adopt_staged(client, path: str, job: str, version: str, rank: int, tensor: 
         meta = seal_tensor_file(path)
         data = map_tensor(path, meta)
     except BaseException:
-        _unlink(path)
+        unlink_quietly(path)
         raise
     try:
         return client.adopt(job, version, rank, tensor, path, meta, owner=owner)
@@ -279,13 +278,6 @@ def _adopt_staged(client, path: str, job: str, version: str, rank: int, tensor: 
         if exc.status != 507:
             raise
     return client.put(job, version, rank, tensor, data, meta.dtype, owner=owner, local=False)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class StoreReader(TensorSource):
