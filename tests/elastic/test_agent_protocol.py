@@ -200,8 +200,8 @@ def test_the_relay_sends_what_workers_wrote_once_in_order(tmp_path):
 @pytest.mark.slow
 def test_standby_workers_become_torchrun_like_workers(tmp_path):
     """A standby (torch imported) takes an assignment: torchrun's environment, the module
-    run as __main__, its output in its log; a used standby is replaced, but not while the
-    pool is held (the agent holds it while new workers have not finished a first step)."""
+    run as __main__, its output in its log; a used standby is replaced at once, in the
+    background (its imports at the lowest priority, its main thread at the normal one)."""
     import os
 
     from scalai.elastic.machine import StandbyPool, Workers
@@ -209,21 +209,17 @@ def test_standby_workers_become_torchrun_like_workers(tmp_path):
     (tmp_path / "probe_worker.py").write_text(
         "import os, sys, json\n"
         "print(json.dumps({k: os.environ.get(k) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'SCALAI_X')}"
-        " | {'argv': sys.argv[1:], 'torch': 'torch' in sys.modules, 'name': __name__}))\n"
+        " | {'argv': sys.argv[1:], 'torch': 'torch' in sys.modules, 'name': __name__,"
+        " 'nice': os.getpriority(os.PRIO_PROCESS, 0)}))\n"
         "sys.exit(int(os.environ['RANK']) + 3)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
-    held = [False]
-    pool = StandbyPool({"module": "probe_worker"}, env, tmp_path, size=1, hold=lambda: held[0])
+    nice = os.getpriority(os.PRIO_PROCESS, 0)  # ours, which every worker must have
+    pool = StandbyPool({"module": "probe_worker"}, env, tmp_path, size=1)
     try:
         assert pool.wait_warm(120) and pool.warm() == 1
+        first = pool._ready[0]
         workers = Workers(pool, tmp_path / "run", tmp_path)
-        held[0] = True
         workers.launch(4, [6, 7], "probe_worker", ["--a", "b"], {"WORLD_SIZE": "8", "SCALAI_X": "y"})
-        started = sorted(p.name for p in tmp_path.glob("standby-*.log"))
-        assert len(started) == 2  # the warm one, and rank 7's, started on demand although held
-        time.sleep(2.5)  # the pool looks at its hold at least every second
-        assert sorted(p.name for p in tmp_path.glob("standby-*.log")) == started and pool.warm() == 0
-        held[0] = False
         deadline = time.time() + 120
         exits = []
         while len(exits) < 2 and time.time() < deadline:
@@ -232,36 +228,33 @@ def test_standby_workers_become_torchrun_like_workers(tmp_path):
         assert sorted(exits) == [(4, 6, 9), (4, 7, 10)]
         out = json.loads((tmp_path / "g004-rank7.log").read_text().splitlines()[-1])
         assert out == {"RANK": "7", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "SCALAI_X": "y", "argv": ["--a", "b"],
-                       "torch": True, "name": "__main__"}
-        assert pool.wait_warm(120)  # replaced in the background once released
+                       "torch": True, "name": "__main__", "nice": nice}
+        assert json.loads((tmp_path / "g004-rank6.log").read_text().splitlines()[-1])["nice"] == nice
+        assert pool.wait_warm(120)  # replaced in the background
+        (spare,) = pool._ready
+        assert spare is not first
+        assert b"--background" in open(f"/proc/{spare.pid}/cmdline", "rb").read().split(b"\0")
+        assert os.getpriority(os.PRIO_PROCESS, spare.pid) == nice  # its main thread, which will run the worker
     finally:
         pool.close()
 
 
-def test_workers_are_starting_until_their_first_step(tmp_path):
-    """What holds back the standbys' replacement: a live worker without a first-step mark."""
-    from scalai.elastic.machine import Worker, Workers
+def test_background_warm_up_runs_at_the_lowest_priority_in_its_own_thread():
+    """The warm-up of a replacement standby runs niced in a thread of its own; the caller's
+    priority, which the worker inherits, stays as it was (both read back from the kernel)."""
+    import os
+    import threading
 
-    class Proc:
-        code = None
+    from scalai.elastic.standby import BACKGROUND_NICE, in_background
 
-        def poll(self):
-            return self.code
+    seen = {}
 
-    workers = Workers(pool=None, run_dir=tmp_path / "run", log_dir=tmp_path)
-    assert not workers.starting()  # no workers
-    procs = {rank: Proc() for rank in (0, 1)}
-    for rank, proc in procs.items():
-        workers.workers[(3, rank)] = Worker(3, rank, proc, tmp_path / f"r{rank}.log", launched=time.monotonic())
-    assert workers.starting()  # no reports yet
-    logs = {rank: RankLog(tmp_path / "run", 3, rank) for rank in procs}
-    logs[0].mark("first_step")
-    logs[1].mark("ready")
-    assert workers.starting()  # rank 1 has not trained a step
-    procs[1].code = 1
-    assert not workers.starting()  # rank 1 died: only live workers hold
-    procs[1].code = None
-    logs[1].mark("first_step")
-    assert not workers.starting()
-    workers.workers[(4, 0)] = Worker(4, 0, Proc(), tmp_path / "g4.log", launched=time.monotonic() - 61)
-    assert not workers.starting()  # a worker that never reports holds for HOLD_MAX_S at most
+    def work():
+        tid = threading.get_native_id()
+        seen["tid"], seen["nice"] = tid, os.getpriority(os.PRIO_PROCESS, tid)
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    in_background(work)
+    assert seen["tid"] != threading.get_native_id()
+    assert seen["nice"] == BACKGROUND_NICE
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before

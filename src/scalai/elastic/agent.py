@@ -233,8 +233,7 @@ class Agent:
                     data["error"] = (f"the data on {self.name} ({path}) differs from the coordinator's (digest "
                                      f"{digest} != {spec['digest']}); give every machine the same data")
             self.pool = StandbyPool(trainer.to_json(), self._base_env(), self.root / "logs", self.standby,
-                                    cwd=self.root / "run",
-                                    hold=lambda: self.workers is not None and self.workers.starting())
+                                    cwd=self.root / "run")
             self.workers = Workers(self.pool, self.root / "run", self.root / "logs")
             # Join the job with a warm standby: a change that grows onto this machine then
             # does not wait for an interpreter to start.

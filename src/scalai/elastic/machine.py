@@ -31,9 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from .events import rank_file
 from .standby import assignment
 
 __all__ = ["StandbyPool", "Workers", "Worker", "interface_for", "route_address", "kill_tree", "die_with_parent_preexec"]
@@ -108,13 +106,15 @@ class StandbyPool:
         log_dir: where a standby's output goes until it is assigned.
         size: how many to keep (0: none; workers then start cold, as with torchrun).
         cwd: their working directory (the agent's run directory).
-        hold: while it returns True, used standbys are not replaced yet (a standby asked
-            for by :meth:`take` when none is ready is still started at once); checked at
-            least every second.
+
+    A used standby is replaced at once, with its imports at the lowest CPU priority
+    (``--background``, see :mod:`.standby`): they take only idle CPU time from the workers
+    and stores of a busy machine, yet are ready for the next change as soon as the machine
+    has time. A standby that :meth:`take` asks for when none is ready starts at normal
+    priority: a worker waits for it.
     """
 
-    def __init__(self, trainer: dict, env: dict[str, str], log_dir: Path, size: int, cwd: Path | None = None,
-                 hold: Callable[[], bool] | None = None):
+    def __init__(self, trainer: dict, env: dict[str, str], log_dir: Path, size: int, cwd: Path | None = None):
         import json
 
         self.cmd = [sys.executable, "-m", "scalai.elastic.standby", json.dumps(trainer)]
@@ -125,15 +125,14 @@ class StandbyPool:
         self._count = 0
         self._closed = False
         self._refill = size > 0
-        self.hold = hold or (lambda: False)
         self._thread = threading.Thread(target=self._loop, name="scalai-standby", daemon=True)
         self._thread.start()
 
-    def _start(self) -> subprocess.Popen:
+    def _start(self, background: bool) -> subprocess.Popen:
         self._count += 1
         log = open(self.log_dir / f"standby-{self._count}.log", "ab")
         try:
-            proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+            proc = subprocess.Popen(self.cmd + ["--background"] * background, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                     env=self.env, cwd=self.cwd, start_new_session=True,
                                     preexec_fn=die_with_parent_preexec)
         finally:
@@ -166,8 +165,6 @@ class StandbyPool:
                 wanted = self._wanted.pop(0) if self._wanted else None
                 if wanted is None and len(self._ready) >= self.size:
                     continue
-            if wanted is None and self.hold():
-                continue
             # Standbys that die right after they start (a broken environment) are not
             # started again and again: after three in a row the pool stops refilling.
             quick_deaths = quick_deaths + len(died) if died and time.monotonic() - last_start < 30 else 0
@@ -175,7 +172,7 @@ class StandbyPool:
                 self._refill = False
                 continue
             last_start = time.monotonic()
-            proc = self._start()  # outside the lock: take() of a ready one need not wait
+            proc = self._start(background=wanted is None)  # outside the lock: take() of a ready one need not wait
             with self._cv:
                 if wanted is not None:
                     wanted[0] = proc
@@ -227,11 +224,6 @@ class StandbyPool:
             self._cv.notify_all()
 
 
-#: Seconds after its launch a worker without a first-step mark stops holding back the
-#: standbys' replacement (a user's script may never report one).
-HOLD_MAX_S = 60.0
-
-
 @dataclass
 class Worker:
     generation: int
@@ -239,8 +231,6 @@ class Worker:
     proc: subprocess.Popen
     log: Path
     reported: bool = False
-    launched: float = 0.0  # time.monotonic() at its launch
-    stepped: bool = False  # its report has shown a first step (read no more)
 
 
 class Workers:
@@ -271,27 +261,7 @@ class Workers:
             except (BrokenPipeError, OSError):
                 pass  # it died meanwhile: its exit is reported like any worker's
             with self._lock:
-                self.workers[(generation, rank)] = Worker(generation, rank, proc, log, launched=time.monotonic())
-
-    def starting(self) -> bool:
-        """Whether a worker here is alive but has not finished its first step yet (its
-        report, ``RUN/events/gNNN/rank-R.json``, has no ``first_step`` mark), for at most
-        :data:`HOLD_MAX_S` after its launch."""
-        import json
-
-        now = time.monotonic()
-        with self._lock:
-            alive = [w for w in self.workers.values()
-                     if not w.stepped and w.proc.poll() is None and now - w.launched < HOLD_MAX_S]
-        for w in alive:
-            try:
-                times = json.loads(rank_file(self.run_dir, w.generation, w.rank).read_text()).get("times", {})
-            except (OSError, ValueError):
-                return True  # no report yet (or being replaced): still starting
-            if "first_step" not in times:
-                return True
-            w.stepped = True
-        return False
+                self.workers[(generation, rank)] = Worker(generation, rank, proc, log)
 
     def exits(self) -> list[tuple[int, int, int]]:
         """``(generation, rank, code)`` of workers that ended since the last call."""

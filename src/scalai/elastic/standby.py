@@ -4,7 +4,7 @@ Starting a worker costs seconds before it does anything useful (the interpreter,
 the trainer's modules: 3-9 s here, more with CUDA). An agent therefore keeps one started
 process per device (:class:`~.machine.StandbyPool`), each running this module::
 
-    python -m scalai.elastic.standby TRAINER_JSON
+    python -m scalai.elastic.standby TRAINER_JSON [--background]
 
 It imports torch, ``torch.distributed`` and what the trainer plug-in warms
 (:meth:`~.trainer.Trainer.warm`: the reference trainer imports its model, training loop
@@ -17,6 +17,15 @@ used standby is replaced by the agent in the background. A user's module itself 
 imported ahead (a script without an ``if __name__ == "__main__"`` guard would run), only
 torch and its distributed package.
 
+With ``--background`` (a replacement started while the machine trains) the imports run in a
+thread of the lowest CPU priority (Linux: a thread's own nice value, 19), so on a busy
+machine they take only idle CPU time from the training and the stores, and on one with
+idle cores they finish as fast as ever. The priority is the importing thread's alone (and
+that of the threads it starts, e.g. its own OpenMP pool, idle afterwards): the main thread
+keeps its priority and runs the worker, and every thread the worker starts inherits that.
+An unprivileged process cannot raise a priority it lowered, which is why the imports get a
+thread of their own.
+
 The standby dies with its agent (Linux parent-death signal), assigned or not; end of
 input (the agent closed the pipe) ends it quietly.
 """
@@ -27,9 +36,13 @@ import json
 import os
 import runpy
 import sys
+import threading
 import time
 
-__all__ = ["main", "assignment"]
+__all__ = ["main", "assignment", "in_background"]
+
+#: The nice value of a background standby's importing thread (the lowest priority).
+BACKGROUND_NICE = 19
 
 
 def assignment(module: str, argv, env: dict, cwd: str, log: str) -> bytes:
@@ -38,12 +51,23 @@ def assignment(module: str, argv, env: dict, cwd: str, log: str) -> bytes:
     return (json.dumps(task) + "\n").encode()
 
 
-def main(argv=None) -> int:
-    from .worker import die_with_parent
+def in_background(work) -> None:
+    """Run ``work()`` in a thread of its own at :data:`BACKGROUND_NICE` and wait for it; the
+    calling thread's priority is left as it was. A priority that cannot be lowered (not
+    Linux) leaves the work at the caller's."""
+    def lowered():
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        except (OSError, AttributeError):
+            pass
+        work()
 
-    die_with_parent()
-    args = sys.argv[1:] if argv is None else argv
-    spec = json.loads(args[0]) if args else {}
+    thread = threading.Thread(target=lowered, name="scalai-standby-warm", daemon=True)
+    thread.start()
+    thread.join()
+
+
+def _warm(spec: dict) -> None:
     import torch  # noqa: F401 - the point of a standby
     import torch.distributed  # noqa: F401
 
@@ -54,6 +78,20 @@ def main(argv=None) -> int:
             load_trainer(spec).warm()
         except Exception as exc:  # noqa: BLE001 - a warm-up is an optimization; the worker will say what fails
             print(f"scalai standby: warming {spec.get('module')} failed ({exc}); continuing", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    from .worker import die_with_parent
+
+    die_with_parent()
+    args = sys.argv[1:] if argv is None else argv
+    background = "--background" in args
+    args = [a for a in args if a != "--background"]
+    spec = json.loads(args[0]) if args else {}
+    if background:
+        in_background(lambda: _warm(spec))
+    else:
+        _warm(spec)
     try:
         sys.stdout.write("ready\n")  # to the agent (a pipe until the assignment)
         sys.stdout.flush()
