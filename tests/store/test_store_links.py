@@ -64,6 +64,23 @@ def _purge(catalog: Catalog, version: str) -> None:
     catalog.purge(catalog.delete(JOB, version)[1])
 
 
+def _file_bytes(root) -> int:
+    """The data bytes of the tensor files under ``root``, each file (inode) once (the oracle
+    of a store's memory use: read from the filesystem, not from the catalog)."""
+    seen = {}
+    for path in root.rglob("*"):
+        st = path.stat()
+        if path.is_file() and path.parent.name.startswith("r0") and not path.name.startswith("."):
+            seen[(st.st_dev, st.st_ino)] = st.st_size - DATA_OFFSET
+    return sum(seen.values())
+
+
+def _check_usage(catalog: Catalog, root) -> None:
+    """The catalog counts each file once, also when it indexes the root afresh (a restart)."""
+    assert catalog.usage()["memory_bytes"] == _file_bytes(root)
+    assert Catalog(str(root), name="again").usage()["memory_bytes"] == _file_bytes(root)
+
+
 def test_unchanged_tensors_are_linked_and_outlive_their_old_version(tmp_path, monkeypatch):
     catalog = Catalog(str(tmp_path / "mem"), name="host0")
     place = Placement(2, ("host0",))
@@ -83,6 +100,7 @@ def test_unchanged_tensors_are_linked_and_outlive_their_old_version(tmp_path, mo
     unchanged = host_unchanged_bytes(old, new)["host0"]  # the oracle: from rank shards alone
     assert 0 < unchanged < plan.stats.total_bytes, "the case must link some tensors and copy others"
     assert (linked.linked, copied.linked) == (unchanged, 0)
+    _check_usage(catalog, tmp_path / "mem")
     assert linked.bytes == copied.bytes == plan.stats.total_bytes
     v0, v1, v2 = (_files(catalog, v) for v in ("v0", "v1", "v2"))
     old_inodes = {os.stat(p).st_ino: p for p in v0.values()}
@@ -99,6 +117,7 @@ def test_unchanged_tensors_are_linked_and_outlive_their_old_version(tmp_path, mo
         np.testing.assert_array_equal(catalog.array(stored), want[key[0]][key[1]])
 
     _purge(catalog, "v0")  # the old version's names go; the new version's bytes stay
+    _check_usage(catalog, tmp_path / "mem")
     for key, path in shared.items():
         assert os.stat(path).st_nlink == 1
         with open(path, "rb") as a, open(v2[key], "rb") as b:
@@ -110,6 +129,7 @@ def test_unchanged_tensors_are_linked_and_outlive_their_old_version(tmp_path, mo
         assert os.fstat(fd).st_nlink == 0  # no name left: the inode goes once this descriptor closes
     finally:
         os.close(fd)
+    _check_usage(catalog, tmp_path / "mem")
     _purge(catalog, "v2")
     assert catalog.usage()["memory_bytes"] == 0
 

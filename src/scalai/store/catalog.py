@@ -61,6 +61,7 @@ class StoredTensor:
     path: str
     meta: TensorMeta
     spilled: bool = False
+    ident: tuple[int, int] | None = None  # (st_dev, st_ino) of a file linked to another name
 
 
 @dataclass(eq=False)
@@ -144,8 +145,9 @@ class Catalog:
         self.lease_s = lease_s
         self.jobs: dict[str, dict[str, VersionEntry]] = {}
         self.fences: dict[str, int] = {}  # job -> the lowest generation that may write (fence)
-        self.used = {"memory": 0, "spill": 0}
+        self.used = {"memory": 0, "spill": 0}  # bytes of the files, each file once (see _uncount)
         self.reserved = 0  # memory bytes of uploads in progress
+        self._names: dict[tuple[int, int], int] = {}  # a file with several names here -> how many
         self._lock = threading.RLock()
         self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
         self._scan()
@@ -156,8 +158,11 @@ class Catalog:
             for job, version, rank, tensor, path, meta in scan_tensors(root) if root else ():
                 entry = self._entry(job, version, create=True)
                 if meta is not None:
-                    entry.tensors[(rank, tensor)] = StoredTensor(path, meta, spilled)
+                    t = entry.tensors[(rank, tensor)] = StoredTensor(path, meta, spilled)
+                    if self._another_name(t):
+                        continue
                     self.used["spill" if spilled else "memory"] += meta.nbytes
+        self._names = {ident: n for ident, n in self._names.items() if n > 1}
         for job, versions in self.jobs.items():
             for version, entry in versions.items():
                 # an uncommitted version gets a fresh lease: its writer may come back
@@ -166,6 +171,18 @@ class Catalog:
                 entry.expires = time.monotonic() + entry.lease_s
         log.info("%s: %d jobs, %d bytes in memory, %d spilled", self.name, len(self.jobs),
                  self.used["memory"], self.used["spill"])
+
+    def _another_name(self, t: StoredTensor) -> bool:
+        """At start-up: whether ``t``'s file has a name already counted (hard links)."""
+        try:
+            st = os.stat(t.path)
+        except OSError:
+            return False
+        if st.st_nlink < 2:
+            return False
+        t.ident = (st.st_dev, st.st_ino)
+        self._names[t.ident] = self._names.get(t.ident, 0) + 1
+        return self._names[t.ident] > 1
 
     # -- lookup -----------------------------------------------------------------------
     def _entry(self, job: str, version: str, create: bool = False) -> VersionEntry:
@@ -464,11 +481,30 @@ class Catalog:
                 spilled: bool) -> None:
         old = entry.tensors.get((rank, tensor))
         if old is not None:
-            self.used["spill" if old.spilled else "memory"] -= old.meta.nbytes
+            self._uncount(old)
             if old.path != path:
                 _unlink(old.path)
         entry.tensors[(rank, tensor)] = StoredTensor(path, meta, spilled)
         self.used["spill" if spilled else "memory"] += meta.nbytes
+
+    def _uncount(self, t: StoredTensor) -> None:
+        """Stop counting ``t``'s bytes, unless another name of this store still holds its file
+        (a transformation links unchanged tensors: one file, several versions). Lock held."""
+        ident = t.ident
+        if ident is None and self._names:
+            try:
+                st = os.stat(t.path)
+                ident = (st.st_dev, st.st_ino)
+            except OSError:
+                pass
+        names = self._names.get(ident, 0)
+        if names > 1:
+            if names == 2:
+                del self._names[ident]
+            else:
+                self._names[ident] = names - 1
+            return
+        self.used["spill" if t.spilled else "memory"] -= t.meta.nbytes
 
     def begin(self, job: str, version: str, owner: str = "", lease_s: float | None = None,
               claimed: bool = False) -> VersionEntry:
@@ -512,11 +548,20 @@ class Catalog:
             self._record(entry, rank, tensor, path, meta, spilled)
             return out
 
-    def set_meta(self, entry: VersionEntry, key: tuple[int, str], meta: TensorMeta) -> None:
-        """Record a transformation's final meta (CRC-32) of a tensor it wrote."""
+    def set_meta(self, entry: VersionEntry, key: tuple[int, str], meta: TensorMeta,
+                 linked: tuple[int, int] | None = None) -> None:
+        """Record a transformation's final meta (CRC-32) of a tensor it wrote; ``linked``:
+        the ``(st_dev, st_ino)`` of the file of this store it became a name of (its bytes,
+        counted at :meth:`new_tensor`, are then counted once, with that file's)."""
         with self._lock:
-            if key in entry.tensors:
-                entry.tensors[key].meta = meta
+            t = entry.tensors.get(key)
+            if t is None:
+                return
+            t.meta = meta
+            if linked is not None and t.ident is None:
+                t.ident = linked
+                self._names[linked] = self._names.get(linked, 1) + 1
+                self.used["spill" if t.spilled else "memory"] -= meta.nbytes
 
     def commit(self, job: str, version: str, raw: dict,
                expected: dict[tuple[int, str], tuple[str, tuple[int, ...]]], owner: str = "") -> VersionEntry:
@@ -600,7 +645,7 @@ class Catalog:
             for v in names:
                 removed = versions.pop(v)
                 for t in removed.tensors.values():
-                    self.used["spill" if t.spilled else "memory"] -= t.meta.nbytes
+                    self._uncount(t)
                     self._maps.pop(t.path, None)
                 for root in filter(None, (self.root, self.spill)):
                     vdir = os.path.join(root, job, v)

@@ -316,6 +316,11 @@ class NewTensor:
         self._touched = False  # something was written (a link then has to be refused)
         self.linked = False    # this name is a link to a committed tensor file (see link)
 
+    @property
+    def ident(self) -> tuple[int, int]:
+        """``(st_dev, st_ino)`` of this tensor's file (after :meth:`link`: the linked file)."""
+        return self._ident
+
     def _open(self, flags: int) -> int:
         """Open this tensor's own file: the one it created, not a file that took its name
         after its version was deleted (then StoreFileError: the writer stops)."""

@@ -273,7 +273,8 @@ class NewVersion(FileSink):
         """Record every new tensor's CRC-32 (and final meta) in this store's catalog."""
         t0 = time.perf_counter()
         for key in self.tensors:
-            self.catalog.set_meta(self.entry, key, self._tensor(*key).finish(self.records_checksums))
+            t = self._tensor(*key)
+            self.catalog.set_meta(self.entry, key, t.finish(self.records_checksums), t.ident if t.linked else None)
         self.timings["checksum"] = time.perf_counter() - t0
 
     def abort(self) -> None:
