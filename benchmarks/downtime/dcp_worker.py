@@ -262,7 +262,8 @@ def recovered(args, joined: float) -> None:
     marks = _reduce({"start": _PROCESS_START, "joined": joined, "built": built, "loaded": loaded})
     if dist.get_rank() == 0:
         _write(Path(args.dir) / "recovered.json", {"step": at, "marks": marks, "first": first, "from": path or "",
-                                                   "layout": args.layout})
+                                                   "layout": args.layout,
+                                                   "restarts": int(os.environ["TORCHELASTIC_RESTART_COUNT"])})
 
 
 def new(args, joined: float) -> None:
