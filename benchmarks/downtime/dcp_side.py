@@ -56,7 +56,7 @@ from typing import Callable
 from .harness import (Case, Outcome, Processes, RunFailed, Scenario, Settings, ahead_due, env_for_runs,
                       mid_step_time, poll_until, read_rows)
 
-__all__ = ["NAME", "phases", "run", "scheduled", "requested", "killed", "tricks"]
+__all__ = ["NAME", "ELASTIC_ENV", "agent_env", "phases", "run", "scheduled", "requested", "killed", "tricks"]
 
 NAME = "DCP+torchrun"
 WORKER = str(Path(__file__).resolve().parent / "dcp_worker.py")
@@ -69,6 +69,13 @@ WORKER = str(Path(__file__).resolve().parent / "dcp_worker.py")
 #: Torch's opt-out (pytorch/pytorch#135712) gives every rendezvous round a fresh store,
 #: hosted by the new generation's rank 0 on a free port.
 ELASTIC_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def agent_env(scenario: Scenario) -> dict[str, str]:
+    """What the torchrun agents of ``scenario`` get in their environment besides the run's
+    (pure): :data:`ELASTIC_ENV` where torchrun restarts workers (a killed machine); nothing
+    where each generation is a torchrun of its own and none restarts."""
+    return dict(ELASTIC_ENV) if scenario.trigger == "kill" else {}
 
 
 def phases() -> tuple[str, ...]:
@@ -237,7 +244,7 @@ def killed(settings: Settings, case: Case, scenario: Scenario, work: Path, clust
     survivor may restart once more when the other joins the new round late: that restart,
     a membership change, is not counted by torchrun)."""
     procs = Processes(env_for_runs(work))
-    launch = _launcher(procs, cluster, ELASTIC_ENV)
+    launch = _launcher(procs, cluster, agent_env(scenario))
     at: dict[str, float] = {}
     rows_path, victim = work / "rows.jsonl", settings.machines - 1
 
@@ -277,9 +284,10 @@ def _recovery(work: Path, kill: float, options: dict) -> Outcome:
     starts = {k: max(0.0, a - kill) for k, (a, _) in bounds.items()}
     done = max((r["step"] for r in rows if r["time"] < kill), default=0)
     source = back["from"].rsplit("/", 1)[-1] or "the first step (no periodic checkpoint was complete)"
+    generations = len(read_rows(work / "generations.jsonl"))
     notes = [f"torchrun restarted the survivors at {back['layout']} from {source}: "
-             f"{max(0, done - back['step'])} steps lost; restarts after a failure, as rank 0's agent counts "
-             f"them: {back.get('restarts', '?')}"]
+             f"{max(0, done - back['step'])} steps lost; generations of workers that formed their group after "
+             f"the kill: {generations - 1} (1: a single restart)"]
     if not failed:
         notes.append("no rank's step failed before torchrun stopped the workers")
     marks = {k: n[k] - kill for k in ("start", "joined", "built")}
