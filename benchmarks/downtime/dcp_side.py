@@ -32,8 +32,9 @@ torchrun per machine at A with a careful user's settings (:data:`ELASTIC_ENV` an
 process-group timeout of ``Settings.dead_after`` seconds from the first step on, rendezvous
 keep-alive every second for as many seconds, ``last_call_timeout=1``); in the middle of step
 S every process of the last machine gets SIGKILL; the survivors' step fails (the broken
-connection, or the timeout), torchrun restarts its workers with the survivors, which load
-the newest periodic checkpoint at B and train on. Its phases: detect (the kill to the first
+connection, or the timeout), torchrun restarts its workers with the survivors, which tell
+from their world size that they recover, load the newest periodic checkpoint at B and
+train on. Its phases: detect (the kill to the first
 rank's failed step), relaunch (to the restarted workers built), load, first_step.
 
 The rendezvous store (``--rdzv-endpoint``) lives on the driver's address in the root
@@ -240,9 +241,11 @@ def killed(settings: Settings, case: Case, scenario: Scenario, work: Path, clust
     The agents run with :data:`ELASTIC_ENV`: without it the restarted workers read their
     peers' addresses of the previous generation from the store torchrun shares across
     generations and failed on "connection refused" until the restarts ran out. One restart
-    is what a recovery takes; up to 3 are allowed, as a careful user leaves headroom (a
-    survivor may restart once more when the other joins the new round late: that restart,
-    a membership change, is not counted by torchrun)."""
+    is what a recovery takes; up to 3 are allowed, as a careful user leaves headroom. A
+    survivor whose workers have not failed yet when the other joins the new round restarts
+    them for a membership change, which torchrun does not count
+    (``TORCHELASTIC_RESTART_COUNT`` stays 0): the workers tell that they recover from their
+    world size (:func:`.dcp_worker.recovering`)."""
     procs = Processes(env_for_runs(work))
     launch = _launcher(procs, cluster, agent_env(scenario))
     at: dict[str, float] = {}
@@ -389,8 +392,10 @@ def _machine_tricks(settings: Settings, scenario: Scenario) -> list[str]:
             "(torchtitan's pattern: a restarted worker may wait long for a peer's load)",
             f"persisted: {persisted}",
             "after the kill: the survivors' step fails (a broken connection, else the timeout), torchrun stops "
-            "them and restarts its workers with the survivors (new processes: Python, torch and the trainer "
-            "imported again); they build the model at B, dcp.load the newest periodic checkpoint whose "
+            "them and restarts its workers with the survivors once the dead machine's keep-alive has expired "
+            "(new processes: Python, torch and the trainer imported again; they know they recover from their "
+            "world size, as a user's script derives its layout from WORLD_SIZE); they build the model at B, "
+            "dcp.load the newest periodic checkpoint whose "
             ".metadata is on S3 (resharding), train on; the steps since it are run again (steps lost)",
             "the harness's files (marks, rows, failure marks) stay in the benchmark's directory in the root "
             "namespace, visible to every machine: they are the harness, not the system under test",
