@@ -27,13 +27,21 @@ On simulated machines (``Settings.machines``, :mod:`.cluster`) each torchrun age
 the namespace of the machine of its slot (its ``--local-addr``, ``GLOO_SOCKET_IFNAME``), the
 rendezvous store stays here on the bridge's address, and the checkpoints go to the storage
 machine's S3 server (``--storage s3://...``). A killed machine (:func:`killed`): one elastic
-torchrun per machine (``--nnodes N-1:N --max-restarts 3``, a process-group timeout of
-``Settings.dead_after`` seconds from the first step on, rendezvous keep-alive every second for as many seconds,
-``last_call_timeout=1``: a careful user's settings) at A; in the middle of step S every
-process of the last machine gets SIGKILL; the survivors' step fails (the broken
-connection, or the timeout), torchrun restarts its workers with the survivors, which load
-the newest periodic checkpoint at B and train on. Its phases: detect (the kill to the first
+torchrun per machine at A with a careful user's settings (:data:`ELASTIC_ENV` and
+:func:`_agents`: ``--nnodes N-1:N --max-restarts 3``, ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, a
+process-group timeout of ``Settings.dead_after`` seconds from the first step on, rendezvous
+keep-alive every second for as many seconds, ``last_call_timeout=1``); in the middle of step
+S every process of the last machine gets SIGKILL; the survivors' step fails (the broken
+connection, or the timeout), torchrun restarts its workers with the survivors, which tell
+from their world size that they recover, load the newest periodic checkpoint at B and
+train on. Its phases: detect (the kill to the first
 rank's failed step), relaunch (to the restarted workers built), load, first_step.
+
+The rendezvous store (``--rdzv-endpoint``) lives on the driver's address in the root
+namespace, a machine that is never killed, where scalai's coordinator runs too: it is the
+single point of failure of torchrun's c10d rendezvous, so a careful user puts it on a host
+that outlives the training machines (a login or head node, a Kubernetes service), not on a
+training machine that may die.
 """
 
 from __future__ import annotations
@@ -49,10 +57,26 @@ from typing import Callable
 from .harness import (Case, Outcome, Processes, RunFailed, Scenario, Settings, ahead_due, env_for_runs,
                       mid_step_time, poll_until, read_rows)
 
-__all__ = ["NAME", "phases", "run", "scheduled", "requested", "killed", "tricks"]
+__all__ = ["NAME", "ELASTIC_ENV", "agent_env", "phases", "run", "scheduled", "requested", "killed", "tricks"]
 
 NAME = "DCP+torchrun"
 WORKER = str(Path(__file__).resolve().parent / "dcp_worker.py")
+#: The environment of the elastic torchrun agents (a killed machine). Since torch 2.5 the c10d
+#: rendezvous shares one TCPStore, held by the first round's rank-0 agent, with every worker
+#: generation (``TORCHELASTIC_USE_AGENT_STORE``), and the workers' keys carry no generation:
+#: a restarted worker's gloo set-up read the previous generation's addresses and failed on
+#: "connection refused" until torchrun ran out of restarts (3 runs of 3 with 2 devices per
+#: machine; the agents' logs showed the same master_addr:master_port in every generation).
+#: Torch's opt-out (pytorch/pytorch#135712) gives every rendezvous round a fresh store,
+#: hosted by the new generation's rank 0 on a free port.
+ELASTIC_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def agent_env(scenario: Scenario) -> dict[str, str]:
+    """What the torchrun agents of ``scenario`` get in their environment besides the run's
+    (pure): :data:`ELASTIC_ENV` where torchrun restarts workers (a killed machine); nothing
+    where each generation is a torchrun of its own and none restarts."""
+    return dict(ELASTIC_ENV) if scenario.trigger == "kill" else {}
 
 
 def phases() -> tuple[str, ...]:
@@ -147,14 +171,16 @@ def process_gone(pid: int) -> bool:
         return True
 
 
-def _launcher(procs: Processes, cluster) -> Callable[[int, list[str], Path, str], object]:
+def _launcher(procs: Processes, cluster, extra_env: dict[str, str] | None = None
+              ) -> Callable[[int, list[str], Path, str], object]:
     """``launch(slot, cmd, log, what)``: here, or on simulated machine ``slot`` (its
-    interface for gloo, the S3 server's address and keys in its environment)."""
+    interface for gloo, the S3 server's address and keys, and ``extra_env`` in its
+    environment)."""
     if cluster is None:
         return lambda slot, cmd, log, what: procs.start(cmd, log, what)
 
     def launch(slot: int, cmd: list[str], log: Path, what: str):
-        env = {**procs.env, "GLOO_SOCKET_IFNAME": cluster.interface(slot), **cluster.s3_env()}
+        env = {**procs.env, "GLOO_SOCKET_IFNAME": cluster.interface(slot), **cluster.s3_env(), **(extra_env or {})}
         return procs.add(cluster.spawn(slot, shlex.join(cmd), log, env), log, f"{what} on machine {slot}")
 
     return launch
@@ -212,15 +238,16 @@ def killed(settings: Settings, case: Case, scenario: Scenario, work: Path, clust
     """Every process of the last machine killed in the middle of step S; the survivors'
     torchrun agents restart the job at ``case.new`` from the newest periodic checkpoint.
 
-    Up to 3 restarts: with one, a run on 3 machines x 1 device failed every time (as far as
-    the logs show, a survivor's agent restarted its workers twice in quick succession, once
-    for the failure and once for the new round; the other survivor's restarted worker read
-    the address its peer's first restarted worker had published and gave up on "connection
-    refused"); with 3 it recovered there, but with 2 devices per machine the same
-    "connection refused" in gloo's set-up recurred until the restarts ran out (3 runs of 3,
-    docs/benchmarks.md)."""
+    The agents run with :data:`ELASTIC_ENV`: without it the restarted workers read their
+    peers' addresses of the previous generation from the store torchrun shares across
+    generations and failed on "connection refused" until the restarts ran out. One restart
+    is what a recovery takes; up to 3 are allowed, as a careful user leaves headroom. A
+    survivor whose workers have not failed yet when the other joins the new round restarts
+    them for a membership change, which torchrun does not count
+    (``TORCHELASTIC_RESTART_COUNT`` stays 0): the workers tell that they recover from their
+    world size (:func:`.dcp_worker.recovering`)."""
     procs = Processes(env_for_runs(work))
-    launch = _launcher(procs, cluster)
+    launch = _launcher(procs, cluster, agent_env(scenario))
     at: dict[str, float] = {}
     rows_path, victim = work / "rows.jsonl", settings.machines - 1
 
@@ -260,8 +287,10 @@ def _recovery(work: Path, kill: float, options: dict) -> Outcome:
     starts = {k: max(0.0, a - kill) for k, (a, _) in bounds.items()}
     done = max((r["step"] for r in rows if r["time"] < kill), default=0)
     source = back["from"].rsplit("/", 1)[-1] or "the first step (no periodic checkpoint was complete)"
+    generations = len(read_rows(work / "generations.jsonl"))
     notes = [f"torchrun restarted the survivors at {back['layout']} from {source}: "
-             f"{max(0, done - back['step'])} steps lost"]
+             f"{max(0, done - back['step'])} steps lost; generations of workers that formed their group after "
+             f"the kill: {generations - 1} (1: a single restart)"]
     if not failed:
         notes.append("no rank's step failed before torchrun stopped the workers")
     marks = {k: n[k] - kill for k in ("start", "joined", "built")}
@@ -352,16 +381,21 @@ def _machine_tricks(settings: Settings, scenario: Scenario) -> list[str]:
     if scenario.trigger == "kill":
         return [
             f"one elastic torchrun per machine, in its namespace (--nnodes {settings.machines - 1}:"
-            f"{settings.machines} --max-restarts 3, c10d rendezvous on the driver's address in the root namespace, "
+            f"{settings.machines} --max-restarts 3, c10d rendezvous on the driver's address in the root namespace "
+            "(a machine that is not killed, as scalai's coordinator), "
             f"--rdzv-conf last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt="
             f"{math.ceil(settings.dead_after)}: a dead node is dropped within {math.ceil(settings.dead_after)} s, "
-            "a restart does not wait 30 s for more nodes); the process group's timeout set to "
+            "a restart does not wait 30 s for more nodes; TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: each generation "
+            "of workers meets in a fresh store, torch's shared one gave restarted workers their predecessors' "
+            "addresses); the process group's timeout set to "
             f"{settings.dead_after:g} s (scalai's --dead-after) after the first step, torch's default before "
             "(torchtitan's pattern: a restarted worker may wait long for a peer's load)",
             f"persisted: {persisted}",
             "after the kill: the survivors' step fails (a broken connection, else the timeout), torchrun stops "
-            "them and restarts its workers with the survivors (new processes: Python, torch and the trainer "
-            "imported again); they build the model at B, dcp.load the newest periodic checkpoint whose "
+            "them and restarts its workers with the survivors once the dead machine's keep-alive has expired "
+            "(new processes: Python, torch and the trainer imported again; they know they recover from their "
+            "world size, as a user's script derives its layout from WORLD_SIZE); they build the model at B, "
+            "dcp.load the newest periodic checkpoint whose "
             ".metadata is on S3 (resharding), train on; the steps since it are run again (steps lost)",
             "the harness's files (marks, rows, failure marks) stay in the benchmark's directory in the root "
             "namespace, visible to every machine: they are the harness, not the system under test",

@@ -26,8 +26,8 @@ peer is noticed; torch's default before, while processes start and load, as torc
 elastic torchrun, ``--nnodes MIN:MAX --max-restarts 3``): the old role trains to the job's
 last step; a rank whose step fails (its collective broke or timed out) writes
 ``DIR/failed-RANK.json`` and exits with an error; the workers torchrun restarts with the
-survivors (``TORCHELASTIC_RESTART_COUNT`` > 0) run at ``--layout-after``: they build, load
-the newest complete periodic checkpoint, train to the last step and write
+survivors (a world smaller than A's: :func:`recovering`) run at ``--layout-after``: they
+build, load the newest complete periodic checkpoint, train to the last step and write
 ``DIR/recovered.json``.
 
 Rank 0 appends one JSON line per step to ``DIR/rows.jsonl`` (``step``, ``loss``, ``time``:
@@ -298,6 +298,19 @@ def new(args, joined: float) -> None:
         _write(folder / "new.json", {"step": run.job.step, "marks": marks, "first": first})
 
 
+def recovering(trigger: str, world: int, layout: str) -> bool:
+    """Whether a worker in a world of ``world`` processes is one torchrun restarted with the
+    survivors of a killed machine (pure): its world is smaller than ``layout``'s (A), as a
+    user's script derives its parallelism from ``WORLD_SIZE``. Not from
+    ``TORCHELASTIC_RESTART_COUNT``: each agent counts only its own restarts after a failure,
+    so a survivor that restarts its workers because the other joined the new round (a
+    membership change) passes 0 (in a 3 x 2 run those workers started at A, failed, and
+    cost one more restart)."""
+    from scalai.config import ParallelConfig
+
+    return trigger == "kill" and world < ParallelConfig.parse(layout).world_size
+
+
 def main() -> None:
     import warnings
 
@@ -325,8 +338,11 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")  # torch's default timeout until the first step (_shorten_timeout)
     joined = time.time()
+    if args.trigger == "kill" and dist.get_rank() == 0:  # one line per generation of workers torchrun starts
+        with open(Path(args.dir) / "generations.jsonl", "a") as f:
+            f.write(json.dumps({"time": joined, "world": dist.get_world_size()}) + "\n")
     try:
-        if args.role == "old" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        if args.role == "old" and recovering(args.trigger, dist.get_world_size(), args.layout):
             recovered(args, joined)
         elif args.role == "old":
             old(args)

@@ -1,6 +1,7 @@
-"""The downtime benchmark's decisions (``benchmarks/downtime/harness.py``), without processes:
-both sides start their new processes by the runner's own rule, a request lands in the
-middle of a step, and the sides must continue the same trajectory."""
+"""The downtime benchmark's decisions (``benchmarks/downtime/``), without processes: both
+sides start their new processes by the runner's own rule, a request lands in the middle of
+a step, the sides must continue the same trajectory, and the baseline's elastic torchrun
+restarts the survivors of a killed machine the way that recovers."""
 
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ import pytest
 from scalai.elastic.ahead import lead_steps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from downtime.dcp_side import agent_env  # noqa: E402
+from downtime.dcp_worker import recovering  # noqa: E402
 from downtime.harness import SCENARIOS, Case, ahead_due, mid_step_time, trajectory_difference  # noqa: E402
 
 
@@ -41,3 +44,15 @@ def test_cases_and_scenarios_describe_themselves():
     assert Case("tp=2,pp=2,dp=1", "tp=1,pp=1,dp=2").describe() == "shrink 4 -> 2 (tp, pp, dp)"
     assert Case("tp=1,pp=1,dp=4", "tp=2,pp=1,dp=2").describe() == "4 devices (tp, dp)"
     assert {s.launch for s in SCENARIOS.values()} == {"ahead", "after_save", "at_request"}
+
+
+def test_the_baselines_survivors_of_a_killed_machine_restart_as_a_careful_user_configures_them():
+    # torch's worker store, shared across generations, handed restarted workers their
+    # predecessors' addresses: every restart failed on "connection refused"
+    assert agent_env(SCENARIOS["kill"]) == {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    assert agent_env(SCENARIOS["request"]) == {}  # no torchrun restarts there
+    # a restarted worker knows it recovers from its world (its agent's restart count is 0
+    # after a membership-change restart)
+    assert recovering("kill", 4, "tp=1,pp=1,dp=6")
+    assert not recovering("kill", 6, "tp=1,pp=1,dp=6")  # the job's first generation, at A
+    assert not recovering("request", 4, "tp=1,pp=1,dp=6")
