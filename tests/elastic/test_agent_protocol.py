@@ -254,7 +254,46 @@ def test_background_warm_up_runs_at_the_lowest_priority_in_its_own_thread():
         seen["tid"], seen["nice"] = tid, os.getpriority(os.PRIO_PROCESS, tid)
 
     before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    in_background(work)
+    in_background(work).join()
     assert seen["tid"] != threading.get_native_id()
     assert seen["nice"] == BACKGROUND_NICE
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+
+
+@pytest.mark.slow
+def test_a_background_standby_assigned_before_its_imports_restarts_at_normal_priority(tmp_path):
+    """A replacement standby still importing (its warm-up at the lowest priority) when its
+    assignment comes does not make the worker wait on those imports: it starts again as a
+    plain standby, which takes the assignment (the worker at our priority, no --background
+    in its command line)."""
+    import os
+    import subprocess
+
+    from scalai.elastic.standby import assignment
+
+    (tmp_path / "slow_plugin.py").write_text(
+        "import time\n"
+        "from scalai.elastic.trainer import ScriptTrainer\n"
+        "class Slow(ScriptTrainer):\n"
+        "    def warm(self):\n"
+        "        time.sleep(2)\n"
+        "def trainer(spec):\n"
+        "    return Slow(spec['module'], spec['plugin'])\n")
+    (tmp_path / "probe_worker.py").write_text(
+        "import os, json\n"
+        "cmd = open('/proc/self/cmdline', 'rb').read().split(b'\\0')\n"
+        "print(json.dumps({'background': b'--background' in cmd, 'nice': os.getpriority(os.PRIO_PROCESS, 0),"
+        " 'pid': os.getpid()}))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    spec = json.dumps({"module": "probe_worker", "plugin": "slow_plugin"})
+    proc = subprocess.Popen([sys.executable, "-m", "scalai.elastic.standby", spec, "--background"],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, cwd=tmp_path)
+    try:
+        proc.stdin.write(assignment("probe_worker", [], {}, str(tmp_path), str(tmp_path / "w.log")))
+        proc.stdin.close()  # at once: long before its warm-up (2 s) is done
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = json.loads((tmp_path / "w.log").read_text().splitlines()[-1])
+    assert out == {"background": False, "nice": os.getpriority(os.PRIO_PROCESS, 0), "pid": proc.pid}

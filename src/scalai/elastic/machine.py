@@ -107,11 +107,12 @@ class StandbyPool:
         size: how many to keep (0: none; workers then start cold, as with torchrun).
         cwd: their working directory (the agent's run directory).
 
+    The first ``size`` standbys start at normal priority (the agent joins with one warm).
     A used standby is replaced at once, with its imports at the lowest CPU priority
     (``--background``, see :mod:`.standby`): they take only idle CPU time from the workers
     and stores of a busy machine, yet are ready for the next change as soon as the machine
-    has time. A standby that :meth:`take` asks for when none is ready starts at normal
-    priority: a worker waits for it.
+    has time (one assigned before it is ready restarts at normal priority). A standby that
+    :meth:`take` asks for when none is ready starts at normal priority: a worker waits for it.
     """
 
     def __init__(self, trainer: dict, env: dict[str, str], log_dir: Path, size: int, cwd: Path | None = None):
@@ -172,7 +173,7 @@ class StandbyPool:
                 self._refill = False
                 continue
             last_start = time.monotonic()
-            proc = self._start(background=wanted is None)  # outside the lock: take() of a ready one need not wait
+            proc = self._start(background=wanted is None and self._count >= self.size)  # outside the lock: take() of a ready one need not wait
             with self._cv:
                 if wanted is not None:
                     wanted[0] = proc

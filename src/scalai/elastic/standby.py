@@ -24,7 +24,10 @@ idle cores they finish as fast as ever. The priority is the importing thread's a
 that of the threads it starts, e.g. its own OpenMP pool, idle afterwards): the main thread
 keeps its priority and runs the worker, and every thread the worker starts inherits that.
 An unprivileged process cannot raise a priority it lowered, which is why the imports get a
-thread of their own.
+thread of their own; and why a standby assigned before its imports are done does not wait
+for that thread (a worker would then wait on imports at the lowest priority): it starts
+again at once as a plain standby (``exec``), which imports at normal priority and takes
+the assignment waiting on its stdin.
 
 The standby dies with its agent (Linux parent-death signal), assigned or not; end of
 input (the agent closed the pipe) ends it quietly.
@@ -51,10 +54,10 @@ def assignment(module: str, argv, env: dict, cwd: str, log: str) -> bytes:
     return (json.dumps(task) + "\n").encode()
 
 
-def in_background(work) -> None:
-    """Run ``work()`` in a thread of its own at :data:`BACKGROUND_NICE` and wait for it; the
-    calling thread's priority is left as it was. A priority that cannot be lowered (not
-    Linux) leaves the work at the caller's."""
+def in_background(work) -> threading.Thread:
+    """Start ``work()`` in a thread of its own at :data:`BACKGROUND_NICE`; the calling
+    thread's priority is left as it was. A priority that cannot be lowered (not Linux)
+    leaves the work at the caller's."""
     def lowered():
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
@@ -64,7 +67,21 @@ def in_background(work) -> None:
 
     thread = threading.Thread(target=lowered, name="scalai-standby-warm", daemon=True)
     thread.start()
-    thread.join()
+    return thread
+
+
+def _warm_unless_assigned(spec: dict) -> None:
+    """Warm up in the background; if the assignment (or the end of input) arrives first,
+    become a plain standby at once (``exec``: a fresh interpreter at this thread's normal
+    priority, the assignment still unread on stdin)."""
+    import select
+
+    thread = in_background(lambda: _warm(spec))
+    while thread.is_alive():
+        ready, _, _ = select.select([sys.stdin.fileno()], [], [], 0.1)
+        if ready:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.execv(sys.executable, [sys.executable, "-m", "scalai.elastic.standby", json.dumps(spec)])
 
 
 def _warm(spec: dict) -> None:
@@ -89,7 +106,7 @@ def main(argv=None) -> int:
     args = [a for a in args if a != "--background"]
     spec = json.loads(args[0]) if args else {}
     if background:
-        in_background(lambda: _warm(spec))
+        _warm_unless_assigned(spec)
     else:
         _warm(spec)
     try:
