@@ -1,6 +1,7 @@
 """The plan runner: hand-made plans, make_plan plans, files and in-memory sources and sinks."""
 
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -475,4 +476,41 @@ def test_whole_tensors_copy_file_to_file_in_the_kernel(tmp_path, monkeypatch, re
     assert refused or sum(calls) > new.rank_nbytes(0) // 4
     with Checkpoint.open(tmp_path / "b") as ck:
         ck.verify()
+        _assert_ranks_equal(ck.view, local_raw(new, glob, pad=0))
+
+
+@pytest.mark.parametrize("model, layout, inside", [("gpt-tiny", "tp=1,pp=1,dp=2,zero=1", False),
+                                                  ("llama-tiny", "tp=1,pp=1,dp=3,zero=1", True)])
+def test_most_of_a_tensor_copies_in_the_kernel_with_a_derived_crc(tmp_path, monkeypatch, model, layout, inside):
+    """A copy of one run of more than half a source tensor (the larger side of a ZeRO split,
+    a vocabulary without its padding rows) goes file to file too, its CRC derived from the
+    recorded one and from the bytes around the run; copies adjacent in both tensors (a
+    fused QKV's head groups) are one run. The new files' recorded CRCs equal zlib's over
+    their bytes, and no byte of the source's padding is carried over."""
+    real, calls = os.copy_file_range, []
+
+    def spy(src, dst, count, offset_src=None, offset_dst=None):
+        calls.append((offset_src, count))
+        return real(src, dst, count, offset_src, offset_dst)
+
+    monkeypatch.setattr(os, "copy_file_range", spy)
+    old, new = model_ptc(model, "tp=1,pp=1,dp=1"), model_ptc(model, layout)
+    glob = global_raw(old, seed=9)
+    save_arrays(tmp_path / "a", old, local_raw(old, glob, pad=GARBAGE))
+    with Checkpoint.open(tmp_path / "a") as ck:
+        spans = {ck.file_range(0, n)[1]: ck.view(0, n).nbytes for n in ck.stored(0)}
+    plan, _ = reshard_checkpoint(tmp_path / "a", tmp_path / "b", new.config, workers=2)
+    qkv = "optimizer.master.decoder.layers.0.self_attention.linear_qkv.weight"
+    with Checkpoint.open(tmp_path / "a") as ck:
+        start, nbytes = ck.file_range(0, qkv)[1], ck.view(0, qkv).nbytes
+    if sum(c.tensor == qkv for c in plan.copies) > 1 and not inside:  # head groups, adjacent both sides
+        assert (start, nbytes) in calls, "adjacent copies merged into one kernel copy"
+    if inside:  # the larger side of a ZeRO split
+        assert any(offset not in spans for offset, _ in calls), "a run starting inside a tensor"
+    else:  # a vocabulary without its padding rows
+        assert any(offset in spans and count < spans[offset] for offset, count in calls), "a run ending early"
+    with Checkpoint.open(tmp_path / "b") as ck:
+        for r in range(new.config.world_size):
+            for n in ck.stored(r):
+                assert ck.checksum(r, n) == zlib.crc32(np.ascontiguousarray(ck.view(r, n))), (r, n)
         _assert_ranks_equal(ck.view, local_raw(new, glob, pad=0))
