@@ -244,7 +244,7 @@ def test_reshard_round_trip_on_every_backend(tmp_path, memory_names, backend, mo
     before = _contents(at("a"))
     plan, seconds = reshard_checkpoint(at("a"), at("b"), b, workers=2)
     assert isinstance(seconds, ReshardTime) and float(seconds) == pytest.approx(
-        seconds.plan + seconds.copy + seconds.checksum + seconds.sync)
+        seconds.plan + seconds.copy + seconds.verify + seconds.checksum + seconds.sync)
     assert seconds.run.bytes == plan.stats.total_bytes
     state, after = _contents(at("a"))
     assert state == before[0] and after.keys() == before[1].keys()
