@@ -362,7 +362,7 @@ def _shape_and_region(draw):
     return shape, Region(tuple(offsets), tuple(sizes))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(_shape_and_region())
 def test_window_span_is_the_single_flat_run(case):
     shape, region = case
@@ -371,7 +371,7 @@ def test_window_span_is_the_single_flat_run(case):
     assert transfer.window_span(shape, Window(region)) == expected
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(_shape_and_region(), st.integers(1, 40))
 def test_blocks_cover_the_array_in_order(case, max_elems):
     shape, _ = case
@@ -514,3 +514,24 @@ def test_most_of_a_tensor_copies_in_the_kernel_with_a_derived_crc(tmp_path, monk
             for n in ck.stored(r):
                 assert ck.checksum(r, n) == zlib.crc32(np.ascontiguousarray(ck.view(r, n))), (r, n)
         _assert_ranks_equal(ck.view, local_raw(new, glob, pad=0))
+
+
+def test_a_failed_copy_stops_the_source_check_alongside_it(tmp_path, monkeypatch):
+    """reshard_checkpoint(verify=True) checks the source on a thread of its own while the
+    copy runs; when the copy fails, its error is the one raised, the check stops, and no
+    output or thread is left."""
+    import threading
+
+    import scalai.reshard as reshard_module
+
+    old = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1")
+    save_arrays(tmp_path / "a", old, local_raw(old, global_raw(old, seed=2)))
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(reshard_module, "run_plan", broken)
+    with pytest.raises(OSError, match="No space left"):
+        reshard_checkpoint(tmp_path / "a", tmp_path / "b", "tp=1,pp=1,dp=1", verify=True)
+    assert not (tmp_path / "b").exists() and [p.name for p in tmp_path.iterdir()] == ["a"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("scalai-verify")]
