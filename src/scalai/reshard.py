@@ -76,9 +76,13 @@ class _SourceCheck:
             self.seconds = time.perf_counter() - t0
 
     def result(self) -> None:
-        """Wait for the check. Raises ChecksumError where the source differs from its record."""
+        """Wait for the check. Raises ChecksumError where the source differs from its record
+        (an interruption while waiting stops the check too)."""
         try:
             self._future.result()
+        except BaseException:
+            self.stop.set()
+            raise
         finally:
             self._pool.shutdown()
 
