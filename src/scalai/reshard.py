@@ -106,7 +106,7 @@ def reshard_checkpoint(src: str | os.PathLike, out: str | os.PathLike, new_confi
     The non-tensor state goes through :func:`scalai.state.carry_state`. Bytes move as
     they are, and those that move unchanged keep the CRC their source records, so a
     damaged source stays detectable; with ``verify`` it is detected here: the source's
-    CRC-32s are recomputed alongside the copy, and the new checkpoint is committed only
+    CRC-32s are recomputed alongside the plan and the copy, and the new checkpoint is committed only
     once they all match (else it is deleted and :class:`ChecksumError` raised).
 
     Args:
@@ -115,7 +115,7 @@ def reshard_checkpoint(src: str | os.PathLike, out: str | os.PathLike, new_confi
             every rank, so that every copy is a local one.
         workers: threads of the runner.
         sync: fsync the new checkpoint (``ReshardTime.sync`` reports what that cost).
-        verify: check the source's checksums alongside the copy (on half the ``workers``,
+        verify: check the source's checksums alongside the plan and the copy (on half the ``workers``,
             at least one thread), before the commit.
 
     Returns:
@@ -143,24 +143,25 @@ def reshard_checkpoint(src: str | os.PathLike, out: str | os.PathLike, new_confi
                          inputs=[os.fspath(src)] if is_directory(src) else [])
         if placement is None:
             placement = Placement(gpus_per_host=max(old_ptc.config.world_size, new_config.world_size))
-        # Into what the new checkpoint stores: each replica once.
-        plan = make_plan(Deployment(old_ptc, placement), Deployment(new_ptc.stored_replicas(), placement))
-        state = carry_state(source.state, old_ptc.config, new_config)  # step, RNG rule, data
-        t1 = time.perf_counter()
-        with create_sink(out, new_ptc, state, sync=sync) as sink:
-            check = _SourceCheck(source, max(1, (workers or default_workers()) // 2)) if verify else None
-            try:
+        # the source's check runs from here to the commit: alongside the plan and the copy
+        check = _SourceCheck(source, max(1, (workers or default_workers()) // 2)) if verify else None
+        try:
+            # Into what the new checkpoint stores: each replica once.
+            plan = make_plan(Deployment(old_ptc, placement), Deployment(new_ptc.stored_replicas(), placement))
+            state = carry_state(source.state, old_ptc.config, new_config)  # step, RNG rule, data
+            t1 = time.perf_counter()
+            with create_sink(out, new_ptc, state, sync=sync) as sink:
                 report = run_plan(plan, source, sink, workers=workers, progress=progress)
-            except BaseException:
+                t2 = time.perf_counter()
                 if check is not None:
-                    check.cancel()
-                raise
-            t2 = time.perf_counter()
+                    check.result()  # a mismatch raises here: the sink is aborted, nothing committed
+                t3 = time.perf_counter()
+                sink.commit()
+                t4 = time.perf_counter()
+        except BaseException:
             if check is not None:
-                check.result()  # a mismatch raises here: the sink is aborted, nothing committed
-            t3 = time.perf_counter()
-            sink.commit()
-            t4 = time.perf_counter()
+                check.cancel()
+            raise
     checksum = sink.timings.get("checksum", 0.0)
     return plan, ReshardTime(plan=t1 - t0, copy=t2 - t1, checksum=checksum, sync=t4 - t3 - checksum, run=report,
                              verify=t3 - t2, checked=check.seconds if check is not None else 0.0)
