@@ -396,7 +396,7 @@ def summary(results: list[Result], fs: str) -> list[str]:
                                   f"(its copy phase alone {copy.median / floor.median:.2f}x; issue 13's target: "
                                   f"the file copy's time is at least 0.9 of scalai's, {floor.median / st.median:.2f} "
                                   f"here)")
-                    checks.append(f"  where {label}'s time goes: " + _where(res, method, floor.median))
+                    checks.append(f"where {label}'s time goes: " + _where(res, method, floor.median))
         mem = res.rate(rows["memcpy:total"])
         if mem:
             shares = [f"{label} {rate / mem:.2f}" for label, key in (("scalai reshard", "scalai:total"),
