@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from scalai.checkpoint import (Checkpoint, CheckpointWriter, SafetensorsReader, SafetensorsWriter,
                                rank_file_name, save_arrays, verify)
-from scalai.storage.checksum import crc32_combine, crc32_of_pieces, crc32_zeros
+from scalai.storage.checksum import crc32_combine, crc32_of_pieces, crc32_of_range, crc32_zeros
 from scalai.checkpoint.manifest import VERSION
 from scalai.config import ParallelConfig
 from scalai.dtypes import raw_numpy
@@ -189,6 +189,16 @@ def test_crc32_combine_matches_zlib(n1, n2):
     a, b = rng.bytes(n1), rng.bytes(n2)
     assert crc32_combine(zlib.crc32(a), zlib.crc32(b), n2) == zlib.crc32(a + b)
     assert crc32_zeros(n1 + n2 + 70000) == zlib.crc32(bytes(n1 + n2 + 70000))
+
+
+@pytest.mark.parametrize("head, middle, tail", [(0, 0, 0), (0, 9, 0), (3, 0, 4), (0, 100, 7), (5, 100, 0),
+                                               (13, 70001, 5000), (1 << 20, 3, 1)])
+def test_crc32_of_range_matches_zlib(head, middle, tail):
+    """The CRC of a range from the whole buffer's and its surroundings' (zlib over the range
+    is the oracle)."""
+    buf = np.random.default_rng(head + middle + tail).bytes(head + middle + tail)
+    h, m, t = buf[:head], buf[head:head + middle], buf[head + middle:]
+    assert crc32_of_range(zlib.crc32(buf), zlib.crc32(h), middle, zlib.crc32(t), tail) == zlib.crc32(m)
 
 
 def test_crc32_of_pieces_with_gaps_and_overlaps():

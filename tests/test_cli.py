@@ -173,8 +173,11 @@ def test_reshard_refuses_a_corrupted_source(capsys, tmp_path, tiny):
     data[-3] ^= 0xFF
     victim.write_bytes(bytes(data))
     r = run(capsys, "reshard", copy, tmp_path / "out", "--to", "tp=1,pp=1,dp=1")
-    assert r.code == 1 and "checksum" in r.err, r.err
-    assert not (tmp_path / "out").exists()
+    assert r.code == 1 and "checksum" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert not (tmp_path / "out").exists()  # checked alongside the copy: nothing committed, nothing left
+    assert not any(p.name.startswith(".out.partial") for p in tmp_path.iterdir())
+    r = run(capsys, "reshard", copy, tmp_path / "out", "--to", "tp=1,pp=1,dp=1", "--no-verify")
+    assert r.code == 0 and (tmp_path / "out").exists(), r.err  # the check, not the copy, refused it
 
 
 def test_errors_from_the_installed_command_have_no_traceback(tmp_path):

@@ -1,6 +1,7 @@
 """The plan runner: hand-made plans, make_plan plans, files and in-memory sources and sinks."""
 
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -243,7 +244,7 @@ def test_reshard_round_trip_on_every_backend(tmp_path, memory_names, backend, mo
     before = _contents(at("a"))
     plan, seconds = reshard_checkpoint(at("a"), at("b"), b, workers=2)
     assert isinstance(seconds, ReshardTime) and float(seconds) == pytest.approx(
-        seconds.plan + seconds.copy + seconds.checksum + seconds.sync)
+        seconds.plan + seconds.copy + seconds.verify + seconds.checksum + seconds.sync)
     assert seconds.run.bytes == plan.stats.total_bytes
     state, after = _contents(at("a"))
     assert state == before[0] and after.keys() == before[1].keys()
@@ -361,7 +362,7 @@ def _shape_and_region(draw):
     return shape, Region(tuple(offsets), tuple(sizes))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(_shape_and_region())
 def test_window_span_is_the_single_flat_run(case):
     shape, region = case
@@ -370,7 +371,7 @@ def test_window_span_is_the_single_flat_run(case):
     assert transfer.window_span(shape, Window(region)) == expected
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(_shape_and_region(), st.integers(1, 40))
 def test_blocks_cover_the_array_in_order(case, max_elems):
     shape, _ = case
@@ -476,3 +477,61 @@ def test_whole_tensors_copy_file_to_file_in_the_kernel(tmp_path, monkeypatch, re
     with Checkpoint.open(tmp_path / "b") as ck:
         ck.verify()
         _assert_ranks_equal(ck.view, local_raw(new, glob, pad=0))
+
+
+@pytest.mark.parametrize("model, layout, inside", [("gpt-tiny", "tp=1,pp=1,dp=2,zero=1", False),
+                                                  ("llama-tiny", "tp=1,pp=1,dp=3,zero=1", True)])
+def test_most_of_a_tensor_copies_in_the_kernel_with_a_derived_crc(tmp_path, monkeypatch, model, layout, inside):
+    """A copy of one run of more than half a source tensor (the larger side of a ZeRO split,
+    a vocabulary without its padding rows) goes file to file too, its CRC derived from the
+    recorded one and from the bytes around the run; copies adjacent in both tensors (a
+    fused QKV's head groups) are one run. The new files' recorded CRCs equal zlib's over
+    their bytes, and no byte of the source's padding is carried over."""
+    real, calls = os.copy_file_range, []
+
+    def spy(src, dst, count, offset_src=None, offset_dst=None):
+        calls.append((offset_src, count))
+        return real(src, dst, count, offset_src, offset_dst)
+
+    monkeypatch.setattr(os, "copy_file_range", spy)
+    old, new = model_ptc(model, "tp=1,pp=1,dp=1"), model_ptc(model, layout)
+    glob = global_raw(old, seed=9)
+    save_arrays(tmp_path / "a", old, local_raw(old, glob, pad=GARBAGE))
+    with Checkpoint.open(tmp_path / "a") as ck:
+        spans = {ck.file_range(0, n)[1]: ck.view(0, n).nbytes for n in ck.stored(0)}
+    plan, _ = reshard_checkpoint(tmp_path / "a", tmp_path / "b", new.config, workers=2)
+    qkv = "optimizer.master.decoder.layers.0.self_attention.linear_qkv.weight"
+    with Checkpoint.open(tmp_path / "a") as ck:
+        start, nbytes = ck.file_range(0, qkv)[1], ck.view(0, qkv).nbytes
+    if sum(c.tensor == qkv for c in plan.copies) > 1 and not inside:  # head groups, adjacent both sides
+        assert (start, nbytes) in calls, "adjacent copies merged into one kernel copy"
+    if inside:  # the larger side of a ZeRO split
+        assert any(offset not in spans for offset, _ in calls), "a run starting inside a tensor"
+    else:  # a vocabulary without its padding rows
+        assert any(offset in spans and count < spans[offset] for offset, count in calls), "a run ending early"
+    with Checkpoint.open(tmp_path / "b") as ck:
+        for r in range(new.config.world_size):
+            for n in ck.stored(r):
+                assert ck.checksum(r, n) == zlib.crc32(np.ascontiguousarray(ck.view(r, n))), (r, n)
+        _assert_ranks_equal(ck.view, local_raw(new, glob, pad=0))
+
+
+def test_a_failed_copy_stops_the_source_check_alongside_it(tmp_path, monkeypatch):
+    """reshard_checkpoint(verify=True) checks the source on a thread of its own while the
+    copy runs; when the copy fails, its error is the one raised, the check stops, and no
+    output or thread is left."""
+    import threading
+
+    import scalai.reshard as reshard_module
+
+    old = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1")
+    save_arrays(tmp_path / "a", old, local_raw(old, global_raw(old, seed=2)))
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(reshard_module, "run_plan", broken)
+    with pytest.raises(OSError, match="No space left"):
+        reshard_checkpoint(tmp_path / "a", tmp_path / "b", "tp=1,pp=1,dp=1", verify=True)
+    assert not (tmp_path / "b").exists() and [p.name for p in tmp_path.iterdir()] == ["a"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("scalai-verify")]

@@ -11,7 +11,9 @@ while it is written, so the new checkpoint's checksums cost no second read.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from .checkpoint.staging import check_output
@@ -20,46 +22,92 @@ from .locations import create_sink, exists, is_directory, open_source
 from .models.synth import stored_nbytes
 from .planner.plan import Deployment, Plan
 from .state import carry_state
-from .storage.run import RunReport, run_plan
+from .storage.run import RunReport, default_workers, run_plan
+from .storage.verify import verify_source
 
 __all__ = ["reshard_checkpoint", "ReshardTime"]
 
 
 class ReshardTime(float):
     """Total seconds of a reshard, with its parts as attributes (seconds): ``plan``,
-    ``copy`` (running the plan), ``checksum`` (reading back what has no CRC yet) and
+    ``copy`` (running the plan), ``verify`` (waiting, after the copy, for the check of the
+    source that ran alongside it), ``checksum`` (reading back what has no CRC yet) and
     ``sync`` (fsync + renames). ``run`` is the runner's report: where ``copy`` went
-    (read, copy, checksum, write, ... summed over its threads)."""
+    (read, copy, checksum, write, ... summed over its threads); ``checked``: the seconds
+    the source's check took, overlapped with the copy (not a part of the total)."""
 
-    __slots__ = ("run", "__dict__")  # the parts, and only they, are in __dict__
+    __slots__ = ("run", "checked", "__dict__")  # the parts, and only they, are in __dict__
 
     plan: float
     copy: float
+    verify: float
     checksum: float
     sync: float
 
     def __new__(cls, plan: float, copy: float, checksum: float, sync: float,
-                run: RunReport | None = None) -> ReshardTime:
-        obj = super().__new__(cls, plan + copy + checksum + sync)
-        obj.__dict__.update(plan=plan, copy=copy, checksum=checksum, sync=sync)
+                run: RunReport | None = None, verify: float = 0.0, checked: float = 0.0) -> ReshardTime:
+        obj = super().__new__(cls, plan + copy + verify + checksum + sync)
+        obj.__dict__.update(plan=plan, copy=copy, verify=verify, checksum=checksum, sync=sync)
         obj.run = run
+        obj.checked = checked
         return obj
 
     def __repr__(self) -> str:
         return (f"ReshardTime({float(self):.3f}s: plan={self.plan:.3f}, copy={self.copy:.3f}, "
-                f"checksum={self.checksum:.3f}, sync={self.sync:.3f})")
+                f"verify={self.verify:.3f}, checksum={self.checksum:.3f}, sync={self.sync:.3f})")
+
+
+class _SourceCheck:
+    """:func:`~scalai.storage.verify.verify_source` on a thread of its own, alongside the
+    copy: the copy is bound by writes (into one file they take turns), the check by
+    reads, so together they take little more than the copy alone. ``seconds``: its time."""
+
+    def __init__(self, source, workers: int):
+        self.stop = threading.Event()
+        self.seconds = 0.0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="scalai-verify")
+        self._future = self._pool.submit(self._check, source, workers)
+
+    def _check(self, source, workers: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            verify_source(source, None, workers, self.stop)
+        finally:
+            self.seconds = time.perf_counter() - t0
+
+    def result(self) -> None:
+        """Wait for the check. Raises ChecksumError where the source differs from its record
+        (an interruption while waiting stops the check too)."""
+        try:
+            self._future.result()
+        except BaseException:
+            self.stop.set()
+            raise
+        finally:
+            self._pool.shutdown()
+
+    def cancel(self) -> None:
+        """End the check early (at its next chunk) and wait for its threads."""
+        self.stop.set()
+        try:
+            self._future.result()
+        except BaseException:  # noqa: BLE001 - the copy's own error is the one raised
+            pass
+        finally:
+            self._pool.shutdown()
 
 
 def reshard_checkpoint(src: str | os.PathLike, out: str | os.PathLike, new_config: ParallelConfig | str,
                        placement: Placement | None = None, workers: int | None = None,
                        progress: Callable[[int], None] | None = None,
-                       sync: bool = True) -> tuple[Plan, ReshardTime]:
+                       sync: bool = True, verify: bool = False) -> tuple[Plan, ReshardTime]:
     """Rewrite the checkpoint ``src`` in layout ``new_config`` as ``out``.
 
-    The non-tensor state goes through :func:`scalai.state.carry_state`. The source's
-    checksums are not re-verified here (``Checkpoint.verify`` does that): bytes move as
-    they are, and tensors that move unchanged keep their recorded CRC, so a damaged source
-    stays detectable.
+    The non-tensor state goes through :func:`scalai.state.carry_state`. Bytes move as
+    they are, and those that move unchanged keep the CRC their source records, so a
+    damaged source stays detectable; with ``verify`` it is detected here: the source's
+    CRC-32s are recomputed alongside the plan and the copy, and the new checkpoint is committed only
+    once they all match (else it is deleted and :class:`ChecksumError` raised).
 
     Args:
         src, out: checkpoint locations (directories, ``memory://NAME``, fsspec URLs).
@@ -67,6 +115,8 @@ def reshard_checkpoint(src: str | os.PathLike, out: str | os.PathLike, new_confi
             every rank, so that every copy is a local one.
         workers: threads of the runner.
         sync: fsync the new checkpoint (``ReshardTime.sync`` reports what that cost).
+        verify: check the source's checksums alongside the plan and the copy (on half the ``workers``,
+            at least one thread), before the commit.
 
     Returns:
         the plan and the time it took (a float of seconds, with a breakdown).
@@ -75,7 +125,8 @@ def reshard_checkpoint(src: str | os.PathLike, out: str | os.PathLike, new_confi
         ValueError: ``new_config`` is not valid for the checkpoint's tensors; a directory
             ``out`` lies inside ``src`` or its filesystem cannot take the new checkpoint.
         FileExistsError: ``out`` exists (nothing is touched).
-        CheckpointError: the source is incomplete or damaged. The source is never modified.
+        CheckpointError: the source is incomplete or damaged (``ChecksumError`` with
+            ``verify``: its bytes differ from its record). The source is never modified.
     """
     from .planner import make_plan
 
@@ -92,14 +143,25 @@ def reshard_checkpoint(src: str | os.PathLike, out: str | os.PathLike, new_confi
                          inputs=[os.fspath(src)] if is_directory(src) else [])
         if placement is None:
             placement = Placement(gpus_per_host=max(old_ptc.config.world_size, new_config.world_size))
-        # Into what the new checkpoint stores: each replica once.
-        plan = make_plan(Deployment(old_ptc, placement), Deployment(new_ptc.stored_replicas(), placement))
-        state = carry_state(source.state, old_ptc.config, new_config)  # step, RNG rule, data
-        t1 = time.perf_counter()
-        with create_sink(out, new_ptc, state, sync=sync) as sink:
-            report = run_plan(plan, source, sink, workers=workers, progress=progress)
-            t2 = time.perf_counter()
-            sink.commit()
-            t3 = time.perf_counter()
+        # the source's check runs from here to the commit: alongside the plan and the copy
+        check = _SourceCheck(source, max(1, (workers or default_workers()) // 2)) if verify else None
+        try:
+            # Into what the new checkpoint stores: each replica once.
+            plan = make_plan(Deployment(old_ptc, placement), Deployment(new_ptc.stored_replicas(), placement))
+            state = carry_state(source.state, old_ptc.config, new_config)  # step, RNG rule, data
+            t1 = time.perf_counter()
+            with create_sink(out, new_ptc, state, sync=sync) as sink:
+                report = run_plan(plan, source, sink, workers=workers, progress=progress)
+                t2 = time.perf_counter()
+                if check is not None:
+                    check.result()  # a mismatch raises here: the sink is aborted, nothing committed
+                t3 = time.perf_counter()
+                sink.commit()
+                t4 = time.perf_counter()
+        except BaseException:
+            if check is not None:
+                check.cancel()
+            raise
     checksum = sink.timings.get("checksum", 0.0)
-    return plan, ReshardTime(plan=t1 - t0, copy=t2 - t1, checksum=checksum, sync=t3 - t2 - checksum, run=report)
+    return plan, ReshardTime(plan=t1 - t0, copy=t2 - t1, checksum=checksum, sync=t4 - t3 - checksum, run=report,
+                             verify=t3 - t2, checked=check.seconds if check is not None else 0.0)

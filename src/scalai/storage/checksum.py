@@ -6,7 +6,10 @@ multiplication kernels (about 25 GB/s on one x86 core) and falls back to the sta
 library's ``zlib.crc32`` (about 4 GB/s) where the ``zlib-ng`` package is missing; both give
 the same values and release the GIL. Long buffers are cut into chunks checksummed on a
 thread pool and the chunk CRCs are joined with :func:`crc32_combine` (zlib's algorithm:
-multiplication by ``x^(8 * len)`` modulo the CRC polynomial, O(log len)).
+multiplication by ``x^(8 * len)`` modulo the CRC polynomial, O(log len)). The same algebra
+runs backwards: :func:`crc32_of_range` finds the CRC-32 of a byte range of a buffer from
+the buffer's CRC and those of the bytes around the range (``x`` has order ``2^32 - 1``
+modulo the polynomial, so multiplying by ``x^(-k)`` is multiplying by ``x^(2^32 - 1 - k)``).
 
 :class:`ChecksumLedger` is how writers of tensors learn a tensor's CRC-32 without reading
 it back: from the CRCs of the pieces written, or from a CRC declared for the whole tensor.
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import zlib
-from concurrent.futures import Executor
+from concurrent.futures import CancelledError, Executor
 from typing import Hashable, Iterable
 
 try:  # the same CRC-32, about 6x faster than zlib 1.2's
@@ -24,8 +27,8 @@ try:  # the same CRC-32, about 6x faster than zlib 1.2's
 except ImportError:  # pragma: no cover - zlib-ng is a dependency; plain zlib is the fallback
     _fast_crc32 = zlib.crc32
 
-__all__ = ["ALGORITHM", "crc32", "crc32_combine", "crc32_zeros", "crc32_of_pieces", "checksums",
-           "ChecksumLedger", "CHUNK_BYTES"]
+__all__ = ["ALGORITHM", "crc32", "crc32_combine", "crc32_of_range", "crc32_zeros", "crc32_of_pieces",
+           "checksums", "ChecksumLedger", "CHUNK_BYTES"]
 
 #: Name recorded in manifests.
 ALGORITHM = "crc32"
@@ -63,15 +66,52 @@ def crc32(data, value: int = 0) -> int:
     return _fast_crc32(data, value)
 
 
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC-32 of ``A + B`` from ``crc1 = crc32(A)``, ``crc2 = crc32(B)`` and ``len(B)`` in bytes."""
-    p, k, n = 1 << 31, 3, len2  # x^(8 * len2): start at x^(2^3)
+def _x8n(n: int) -> int:
+    """``x^(8 * n)`` modulo the CRC polynomial (``x^(2^32) = x``: ``x^(2^k)`` repeats every 32 ``k``)."""
+    p, k = 1 << 31, 3  # 1; x^(8 * n): start at x^(2^3)
     while n:
         if n & 1:
             p = _multmodp(_X2N[k & 31], p)
         n >>= 1
         k += 1
-    return _multmodp(p, crc1) ^ (crc2 & 0xFFFFFFFF)
+    return p
+
+
+_ORDER = (1 << 32) - 1  # the multiplicative order of x modulo the CRC-32 polynomial (primitive)
+
+
+def _x_inverse_8n(n: int) -> int:
+    """``x^(-8 * n)`` modulo the CRC polynomial: ``x^(ORDER - (8 * n mod ORDER))``."""
+    e = (_ORDER - (8 * n) % _ORDER) % _ORDER
+    p, k = 1 << 31, 0
+    while e:
+        if e & 1:
+            p = _multmodp(_X2N[k], p)
+        e >>= 1
+        k += 1
+    return p
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC-32 of ``A + B`` from ``crc1 = crc32(A)``, ``crc2 = crc32(B)`` and ``len(B)`` in bytes."""
+    return _multmodp(_x8n(len2), crc1) ^ (crc2 & 0xFFFFFFFF)
+
+
+def crc32_of_range(whole: int, head: int, length: int, tail: int, tail_len: int) -> int:
+    """CRC-32 of the middle ``M`` of a buffer ``H + M + T`` without reading ``M``.
+
+    Args:
+        whole: ``crc32(H + M + T)``.
+        head: ``crc32(H)`` (0 for no bytes).
+        length: ``len(M)`` in bytes.
+        tail: ``crc32(T)`` (0 for no bytes).
+        tail_len: ``len(T)`` in bytes.
+
+    ``whole = x^(8|T|) * crc(H + M) ^ tail`` and ``crc(H + M) = x^(8|M|) * head ^ crc(M)``,
+    solved for ``crc(M)``: a few polynomial products, whatever the lengths.
+    """
+    head_and_middle = _multmodp(_x_inverse_8n(tail_len), (whole ^ tail) & 0xFFFFFFFF)
+    return head_and_middle ^ _multmodp(_x8n(length), head & 0xFFFFFFFF)
 
 
 def crc32_zeros(n: int) -> int:
@@ -113,11 +153,14 @@ def crc32_of_pieces(pieces: list[tuple[int, int, int]], total: int) -> int | Non
 
 
 def checksums(buffers: Iterable[tuple[Hashable, object]], pool: Executor | None = None,
-              chunk: int = CHUNK_BYTES) -> dict[Hashable, int]:
+              chunk: int = CHUNK_BYTES, stop: threading.Event | None = None) -> dict[Hashable, int]:
     """CRC-32 of each ``(key, buffer)``; buffers are C-contiguous (numpy arrays, mmaps).
 
     With ``pool``, every ``chunk`` bytes of every buffer is a separate task. Reading a
     memory-mapped buffer here only touches its pages; no copy of the data is made.
+
+    Raises:
+        CancelledError: ``stop`` was set (checked before every chunk).
     """
     parts: list[tuple[Hashable, int, object]] = []
     for key, buf in buffers:
@@ -128,10 +171,15 @@ def checksums(buffers: Iterable[tuple[Hashable, object]], pool: Executor | None 
         mv = mv.cast("B")
         for lo in range(0, mv.nbytes, chunk):
             parts.append((key, min(chunk, mv.nbytes - lo), mv[lo:lo + chunk]))
+    def one(data) -> int:
+        if stop is not None and stop.is_set():
+            raise CancelledError("checksums stopped")
+        return crc32(data)
+
     if pool is None:
-        crcs = [crc32(p) for _, _, p in parts]
+        crcs = [one(p) for _, _, p in parts]
     else:
-        crcs = list(pool.map(crc32, [p for _, _, p in parts]))
+        crcs = list(pool.map(one, [p for _, _, p in parts]))
     out: dict[Hashable, int] = {}
     for (key, length, _), crc in zip(parts, crcs):
         out[key] = crc if key not in out else crc32_combine(out[key], crc, length)

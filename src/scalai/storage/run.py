@@ -16,10 +16,13 @@ How:
    packed into one ``read_many`` call up to that size). Tasks run on a thread pool,
    largest first (so the last ones to finish are small ones), ``from_new`` copies (a host
    fan-out) after all others.
-3. The rule for bytes that move unchanged lives here (``_whole_source_crc``): a copy of a
+3. The rule for bytes that move unchanged lives here (``_source_crc``): a copy of a
    whole source tensor whose source records its CRC-32, into a contiguous range of a sink
    that records checksums, hands the sink that CRC instead of computing one (a tensor
-   that moves whole keeps its CRC; one merged from whole tensors gets theirs combined).
+   that moves whole keeps its CRC; one merged from whole tensors gets theirs combined); a
+   copy of most of a tensor's bytes in one run (a vocabulary without its padding rows, the
+   larger side of a ZeRO split) hands it the CRC derived from the recorded one and from
+   those of the few bytes around the run, read instead of the run.
    When both sides are files (:class:`FileSource`, :class:`FileSink`) such a copy runs
    inside the kernel (``copy_file_range``: no page mapped, no byte through user space),
    and a destination tensor that is a whole source tensor unchanged (its copies, from one
@@ -59,6 +62,7 @@ from . import blocks as _blocks
 from .base import (ArraySink, ArraySource, AsyncRangeSource, FileSink, FileSource, TensorSink, TensorSource,
                    same_tensors)
 from .blocks import select, split_window, window_span
+from .checksum import crc32, crc32_of_range
 from .filler import PARTS, Clock, Filler
 from .tasks import Task, group, uncovered
 
@@ -99,6 +103,25 @@ class RunReport:
     def parts(self) -> str:
         """``read 0.00 · copy 0.12 · ...`` for a report line (parts that took any time)."""
         return " · ".join(f"{p} {self.seconds[p]:.2f}" for p in PARTS if self.seconds.get(p))
+
+
+@dataclass
+class _ByteRun:
+    """A run of copies into one destination tensor that read consecutive elements of one
+    source tensor (``local``, C-contiguous) into consecutive elements of the destination:
+    ``size`` elements from element ``at`` of the source to element ``span`` of the
+    destination. Adjacent copies (a fused QKV's head groups, rows of a ZeRO range) merge
+    into one run: one kernel copy, one CRC rule."""
+
+    src_rank: int
+    local: np.ndarray
+    at: int
+    span: int
+    size: int
+
+    def follows(self, src_rank: int, at: int, span: int) -> bool:
+        """Whether a copy from ``src_rank``'s element ``at`` to element ``span`` continues this run."""
+        return src_rank == self.src_rank and at == self.at + self.size and span == self.span + self.size
 
 
 class _Run:
@@ -222,7 +245,7 @@ class _Run:
             local = sink.written(c.src_rank, tensor) if c.from_new else self.parts[c.src_rank].array(c.src_rank, tensor)
             if local.dtype.itemsize != dest.dtype.itemsize:
                 raise PlanError(f"{tensor}: source and destination element sizes differ")
-            selected.append((c, select(c.src, local), local.shape))
+            selected.append((c, select(c.src, local), local))
         if self.arrays and not self.checksum:  # memory to memory: one copy per window, no blocks
             target = sink.array(rank, tensor)
             for c, s, _ in selected:
@@ -234,28 +257,54 @@ class _Run:
                 and prod(dest.shape[1:]) * dest.dtype.itemsize <= _blocks.CHUNK_BYTES:
             filler.assemble(dest.shape, dest.dtype, [(c.dst.region, s) for c, s, _ in selected], write, self.checksum)
             return
-        target = None
-        for (c, s, src_shape), span in zip(selected, spans):
+        target, runs = None, []
+        for (c, s, local), span in zip(selected, spans):
             if span is None:
                 if target is None:
                     target = sink.array(rank, tensor)
                 filler.strided(select(c.dst, target), s)
                 continue
-            offset = span * dest.dtype.itemsize
-            crc = self._whole_source_crc(c, src_shape)
+            at = None if c.from_new or not local.flags.c_contiguous else window_span(local.shape, c.src)
+            if at is None:
+                filler.stream(s, write, span * dest.dtype.itemsize, self.checksum)
+            elif runs and runs[-1].follows(c.src_rank, at, span):
+                runs[-1].size += s.size
+            else:
+                runs.append(_ByteRun(c.src_rank, local, at, span, s.size))
+        for run in runs:
+            data = run.local.reshape(-1)[run.at:run.at + run.size]
+            offset = run.span * dest.dtype.itemsize
+            crc = self._source_crc(run, tensor)
             if crc is None:
-                filler.stream(s, write, offset, self.checksum)
-            elif not self._kernel_copy(c, rank, tensor, offset, s.nbytes, crc):
-                filler.stream(s, write, offset, crc)
+                filler.stream(data, write, offset, self.checksum)
+            elif not self._kernel_copy(run, rank, tensor, offset, crc):
+                filler.stream(data, write, offset, crc)
 
-    def _whole_source_crc(self, c: Copy, src_shape: tuple[int, ...]) -> int | None:
-        """The rule for bytes that move unchanged, in one place: a copy that reads a whole
-        source tensor (no view) carries the CRC-32 its source records to the sink, for the
-        contiguous bytes it writes; they are not checksummed again. A tensor filled by one
-        such copy keeps its source's CRC; one filled by several gets theirs combined."""
-        if not self.checksum or c.from_new or c.src.view is not None or c.src.region.sizes != src_shape:
+    def _source_crc(self, run: _ByteRun, tensor: str) -> int | None:
+        """The rule for bytes that move unchanged, in one place: a run of a source tensor's
+        bytes, written as one run of the destination's, whose source records the tensor's
+        CRC-32, hands the sink the CRC of the bytes it writes without reading them. A whole
+        tensor's is the recorded one; a run's is derived from it and from the CRCs of the
+        bytes around the run (:func:`~scalai.storage.checksum.crc32_of_range`), read here
+        when they are fewer than the run's (a vocabulary without its padding rows, the
+        larger side of a ZeRO split). A tensor filled by such runs keeps its source's CRC,
+        or gets theirs combined; nothing is read twice. ``None``: the bytes are checksummed
+        as they are written."""
+        if not self.checksum:
             return None
-        return self.parts[c.src_rank].checksum(c.src_rank, c.tensor)
+        local = run.local
+        whole = self.parts[run.src_rank].checksum(run.src_rank, tensor)
+        if whole is None or run.size == local.size:
+            return whole
+        if 2 * run.size <= local.size:
+            return None
+        flat = local.reshape(-1)
+        head, tail = flat[:run.at], flat[run.at + run.size:]
+        clock = self.filler().clock
+        t0 = time.perf_counter()
+        crc = crc32_of_range(whole, crc32(head), run.size * local.itemsize, crc32(tail), tail.nbytes)
+        clock.checksum += time.perf_counter() - t0
+        return crc
 
     def _link(self, task: Task) -> bool:
         """A destination tensor that is one source tensor unchanged, both files: offered to
@@ -290,16 +339,18 @@ class _Run:
             self.tick(nbytes)
         return done
 
-    def _kernel_copy(self, c: Copy, rank: int, tensor: str, offset: int, nbytes: int, crc: int) -> bool:
-        """Copy a whole source tensor file to file inside the kernel (no page of either file
-        mapped here, no byte through user space) when both sides are files; False if not."""
-        part = self.parts[c.src_rank]
+    def _kernel_copy(self, run: _ByteRun, rank: int, tensor: str, offset: int, crc: int) -> bool:
+        """Copy a run of a source tensor's bytes file to file inside the kernel (no page of
+        either file mapped here, no byte through user space) when both sides are files;
+        False if not."""
+        part = self.parts[run.src_rank]
+        nbytes = run.size * run.local.itemsize
         if not (self.files and isinstance(part, FileSource)) or not nbytes:
             return False
-        fd, start = part.file_range(c.src_rank, c.tensor)
+        fd, start = part.file_range(run.src_rank, tensor)
         clock = self.filler().clock
         t0 = time.perf_counter()
-        done = self.sink.copy_from(rank, tensor, offset, fd, start, nbytes, crc)
+        done = self.sink.copy_from(rank, tensor, offset, fd, start + run.at * run.local.itemsize, nbytes, crc)
         clock.write += time.perf_counter() - t0
         if not done:
             self.files = False  # e.g. across filesystems: the runner writes from mappings instead

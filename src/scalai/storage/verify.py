@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from math import prod
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Iterable
 
 import numpy as np
@@ -65,16 +66,21 @@ def _ranged_jobs(source: TensorSource, ranged: list[tuple[int, str, object]]) ->
     return [(j[0], j[1], j[2]) for j in jobs]
 
 
-def verify_source(source: TensorSource, ranks: Iterable[int] | None = None, workers: int | None = None) -> None:
+def verify_source(source: TensorSource, ranks: Iterable[int] | None = None, workers: int | None = None,
+                  stop: threading.Event | None = None) -> None:
     """Recompute the CRC-32 of every tensor that the given ranks store (default: all) and
     compare it with the one the source records (tensors without a recorded CRC are skipped).
 
     Mapped and in-memory sources are checksummed in parallel chunks of their arrays;
     ranged sources (stores) are streamed, tensors in parallel.
 
+    Args:
+        stop: set from another thread to end the check early (a copy it ran alongside failed).
+
     Raises:
         ChecksumError: naming the first tensor (rank order, then the source's order) whose
             bytes differ from the record.
+        CancelledError: ``stop`` was set before the check ended.
     """
     ranks = list(range(source.ptc.config.world_size) if ranks is None else ranks)
     order, arrays, ranged = [], [], []
@@ -89,9 +95,15 @@ def verify_source(source: TensorSource, ranks: Iterable[int] | None = None, work
             else:
                 ranged.append((rank, name, part))
     with ThreadPoolExecutor(workers or default_workers()) as pool:
-        crcs = checksums(arrays, pool)
+        crcs = checksums(arrays, pool, stop=stop)
         jobs = _ranged_jobs(source, ranged)
-        for (rank, names, _), found in zip(jobs, pool.map(lambda j: _ranged_crcs(source, j[2], j[0], j[1]), jobs)):
+
+        def ranged_job(job) -> list[int]:
+            if stop is not None and stop.is_set():
+                raise CancelledError("verification stopped")
+            return _ranged_crcs(source, job[2], job[0], job[1])
+
+        for (rank, names, _), found in zip(jobs, pool.map(ranged_job, jobs)):
             crcs.update(zip([(rank, n) for n in names], found))
     for rank, name in order:
         want, got = source.checksum(rank, name), crcs[(rank, name)]
