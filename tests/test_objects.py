@@ -139,3 +139,34 @@ def test_a_damaged_object_is_named(memfs):
     fs.pipe_file(f"{root}/rank-00000.safetensors", bytes(data[:len(data) // 2]))
     with ObjectSource(f"{prefix}/d", fs=fs) as source, pytest.raises(CheckpointError, match="rank-00000"):
         verify_source(source)
+
+
+def test_a_plan_reading_a_file_whole_checks_it_on_the_way_and_finds_a_flipped_byte(memfs):
+    """Streamed reads check every tensor whose bytes all pass (load's verify, with no second
+    pass); a byte flipped inside a tensor fails the run naming that tensor."""
+    from scalai.errors import ChecksumError
+
+    fs, prefix = memfs
+    old, new = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1"), model_ptc("gpt-tiny", "tp=1,pp=1,dp=1")
+    glob = global_raw(old, seed=6)
+    _save(fs, f"{prefix}/w", old, local_raw(old, glob))
+    plan = _one_host(old, new)
+    with ObjectSource(f"{prefix}/w", fs=fs) as source:
+        source.read_whole([0, 1])
+        dest = {0: {n: np.zeros(x.shape, x.dtype) for n, x in local_raw(new, glob)[0].items()}}
+        run_plan(plan, source, ArraysSink(new, dest), workers=2)
+        stored = {(r, n) for r in range(2) for n in source.stored(r)}
+        assert stored == source.crcs.checked, "every stored tensor checked while the plan read it"
+        requests = source.requests
+        verify_source(source)  # nothing left to check: no request
+        assert source.requests == requests
+    root = f"{prefix.split('://')[1]}/w"
+    with ObjectSource(f"{prefix}/w", fs=fs) as source:
+        entry = source.entries(1)["decoder.layers.1.mlp.linear_fc1.weight"]
+        data = bytearray(fs.cat_file(f"{root}/rank-00001.safetensors"))
+        data[entry.start + entry.nbytes // 2] ^= 0x40
+        fs.pipe_file(f"{root}/rank-00001.safetensors", bytes(data))
+        source.read_whole([1])
+        dest = {0: {n: np.zeros(x.shape, x.dtype) for n, x in local_raw(new, glob)[0].items()}}
+        with pytest.raises(ChecksumError, match="rank-00001.*decoder.layers.1.mlp.linear_fc1.weight"):
+            run_plan(plan, source, ArraysSink(new, dest), workers=2)

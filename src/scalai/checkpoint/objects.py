@@ -44,12 +44,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..dtypes import itemsize
 from ..errors import CheckpointError, ScalaiError
 from ..layout.ptc import PTC
 from ..planner.plan import Window
 from ..regions import flat_runs
 from ..storage.base import RangeSource, TensorSink
 from ..storage.checksum import ChecksumLedger, crc32
+from ..storage.pieces import CrcCheck, Piece, PieceFeed, plan_pieces, window_runs
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, manifest_bytes, parse_manifest, rank_file_name
 from .safetensors_io import file_layout, header_length, parse_header
 from .writer import checked_state, created_by, rank_record
@@ -174,11 +176,21 @@ def object_exists(url: str) -> bool:
 class ObjectSource(RangeSource):
     """The committed checkpoint at an fsspec URL, read with ranged GETs.
 
+    Plans read it in pieces (``streams``): every window a plan reads from one rank file is
+    handed over at once, their byte runs closer than ``max_gap_bytes`` share one GET (the
+    bytes between are read and dropped), a GET covers at most about ``piece_bytes``, and
+    its body is read in chunks of ``chunk_bytes`` as it arrives (S3 through s3fs; other
+    backends: one ranged GET per chunk), each chunk copied into the windows it holds. So a
+    file a plan needs most of costs a few large GETs, and one it needs little of costs
+    ranged GETs of exactly its windows (with ``max_gap_bytes=0``: exactly the windows'
+    bytes). Every stored tensor whose bytes all pass is checked against its CRC-32 on the
+    way; files given to :meth:`read_whole` are read whole for that.
+
     Args:
         url: the checkpoint's URL (the prefix of its objects).
         fs: an fsspec filesystem to use instead of the one the URL names (tests).
-        max_gap_bytes: runs of a window closer than this are fetched in one GET (the bytes
-            between are read and dropped); 0 reads exactly the window's bytes.
+        max_gap_bytes: runs closer than this are fetched in one GET; 0 reads exactly the
+            windows' bytes.
 
     Raises:
         CheckpointError: no manifest (nothing committed there), an invalid one, or the
@@ -188,8 +200,13 @@ class ObjectSource(RangeSource):
     block_bytes = 8 << 20
     concurrency = 16
     coalesce = True
+    streams = True
+    #: A GET of a piece is closed at the first window end past this many bytes.
+    piece_bytes = 64 << 20
+    #: Bytes of a GET's body handled at once (two per GET in memory: one arriving, one copied).
+    chunk_bytes = 4 << 20
 
-    def __init__(self, url: str, fs=None, max_gap_bytes: int = 64 << 10):
+    def __init__(self, url: str, fs=None, max_gap_bytes: int = 2 << 20):
         self.url = url.rstrip("/")
         self.fs, self.root = (fs, self.url.split("://", 1)[-1]) if fs is not None else _filesystem(self.url)
         self.max_gap_bytes = max_gap_bytes
@@ -214,6 +231,8 @@ class ObjectSource(RangeSource):
         self._entries: dict[int, dict] = {}
         self._lock = threading.Lock()
         self._counter = threading.Lock()
+        self._whole: set[int] = set()
+        self.crcs = CrcCheck(self._expected, lambda key: self.where(key[0]))
 
     def _path(self, rank: int) -> str:
         return f"{self.root}/{self.manifest.ranks[rank].file}"
@@ -327,6 +346,146 @@ class ObjectSource(RangeSource):
             self.fetched += sum(len(d) for d in datas)
             self.requests += len(datas)
         return datas
+
+
+    # -- pieces: a plan's windows of one file read in a few streamed GETs, CRCs checked --------
+    def _expected(self, key: tuple[int, str]) -> tuple[int | None, int]:
+        rank, tensor = key
+        return self.manifest.ranks[rank].tensors[tensor].checksum, self.entries(rank)[tensor].nbytes
+
+    def read_whole(self, ranks) -> None:
+        """Read the files of these ranks whole whenever a plan reads from them (and so check
+        every tensor in them): what a reader assigned to check them does."""
+        self._whole.update(ranks)
+
+    def pieces(self, rank: int, reads) -> list[Piece]:
+        """The GETs that fetch ``reads`` (``(tensor, window)`` of ``rank``'s tensors, the
+        windows a plan reads), by file; ``Piece.reads`` index ``reads``."""
+        by_file: dict[int, list[int]] = {}
+        runs: list[list[tuple[int, int]]] = []
+        for i, (tensor, window) in enumerate(reads):
+            owner = self.stored_in(rank, tensor)
+            entry = self.entries(owner)[tensor]
+            runs.append(window_runs(entry.start, entry.shape, itemsize(entry.dtype), window))
+            by_file.setdefault(owner, []).append(i)
+        out = []
+        for owner, indices in by_file.items():
+            cover = [self._data_range(owner)] if owner in self._whole else []
+            for p in plan_pieces([runs[i] for i in indices], cover, self.max_gap_bytes, self.piece_bytes):
+                out.append(Piece(p.start, p.stop, tuple(indices[j] for j in p.reads),
+                                 tuple((a, b, indices[j], at) for a, b, j, at in p.runs), owner, p.spans))
+        return out
+
+    def _data_range(self, rank: int) -> tuple[int, int]:
+        entries = self.entries(rank).values()
+        return (min((e.start for e in entries), default=0), self.manifest.ranks[rank].nbytes)
+
+    def read_piece(self, piece: Piece, out, done) -> None:
+        """Fetch ``piece`` (one GET, its body streamed) into the outputs of its windows:
+        ``out(i)`` gives read ``i``'s bytes (uint8, called at its first byte), ``done(i)``
+        says they are all there. Tensors whose bytes all passed are checked.
+
+        Raises:
+            ChecksumError: a tensor that passed whole differs from its record.
+            CheckpointError: the object is shorter than its manifest says, or the store failed.
+        """
+        tensors = [((piece.file, n), e.start, e.nbytes) for n, e in sorted(
+            self.entries(piece.file).items(), key=lambda kv: kv[1].start)]
+        feed = PieceFeed(piece, tensors, out, done, self.crcs)
+        for a, b in piece.spans:
+            feed.seek(a)
+            self._stream(piece.file, a, b, feed.feed)
+        feed.finish()
+
+    def check(self, rank: int) -> None:
+        """Check every tensor of ``rank``'s file not checked yet (streams what is left).
+
+        Raises:
+            ChecksumError: naming the first tensor (file order) whose bytes differ from the record.
+        """
+        left = [(e.start, e.start + e.nbytes) for n, e in sorted(self.entries(rank).items(),
+                                                                  key=lambda kv: kv[1].start)
+                if (rank, n) not in self.crcs.checked and e.nbytes
+                and self.manifest.ranks[rank].tensors[n].checksum is not None]
+        for p in plan_pieces([], left, self.max_gap_bytes, self.piece_bytes):
+            self.read_piece(Piece(p.start, p.stop, (), (), rank, p.spans), None, None)
+        for n, e in self.entries(rank).items():  # empty tensors pass no byte
+            if not e.nbytes:
+                self.crcs.add((rank, n), 0, 0, 0)
+
+    def _stream(self, rank: int, start: int, stop: int, feed) -> None:
+        """Bytes ``[start, stop)`` of ``rank``'s file handed to ``feed`` in order, in chunks
+        of at most ``chunk_bytes``: one streamed GET on S3 (s3fs), a ranged GET per chunk
+        elsewhere."""
+        if stop <= start:
+            return
+        if not _is_s3(self.fs):
+            for a in range(start, stop, self.chunk_bytes):
+                feed(self._get(rank, a, min(a + self.chunk_bytes, stop)))
+            return
+        with _io(f"cannot read {self.where(rank)}"):
+            got = _s3_stream(self.fs, self._path(rank), start, stop, self.chunk_bytes, feed)
+        if got != stop - start:
+            raise CheckpointError(f"{self.where(rank)} is shorter than its manifest says (bytes {start}-{stop} "
+                                  f"gave {got}); the checkpoint is damaged: use an earlier one")
+        with self._counter:
+            self.fetched += got
+            self.requests += 1
+
+
+def _is_s3(fs) -> bool:
+    """Whether ``fs`` is s3fs (whose GET bodies can be streamed)."""
+    try:
+        from s3fs import S3FileSystem
+    except ImportError:
+        return False
+    return isinstance(fs, S3FileSystem)
+
+
+def _s3_stream(fs, path: str, start: int, stop: int, chunk: int, feed) -> int:
+    """One GET of bytes ``[start, stop)`` through s3fs, its body handed to ``feed`` in
+    chunks of ``chunk`` bytes as it arrives (the next chunk is received while ``feed``
+    runs); returns the bytes received."""
+    import asyncio
+
+    from fsspec.asyn import sync
+
+    bucket, key, version = fs.split_path(path)
+    extra = {"VersionId": version} if version else {}
+
+    async def open_body():
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}", **extra)
+        return resp["Body"]
+
+    async def next_chunk(n: int) -> bytes:
+        parts, got = [], 0
+        while got < n:
+            data = await body.read(n - got)
+            if not data:
+                break
+            parts.append(data)
+            got += len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    body = sync(fs.loop, open_body)
+    total = 0
+    try:
+        pending = asyncio.run_coroutine_threadsafe(next_chunk(min(chunk, stop - start)), fs.loop)
+        while True:
+            data = pending.result()
+            total += len(data)
+            if not data or total >= stop - start:
+                pending = None
+            else:
+                pending = asyncio.run_coroutine_threadsafe(next_chunk(min(chunk, stop - start - total)), fs.loop)
+            if data:
+                feed(data)
+            if pending is None:
+                return total
+    finally:
+        if pending is not None:
+            pending.cancel()
+        body.close()
 
 
 class ObjectSink(TensorSink):

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -155,16 +155,45 @@ class RangeSource(TensorSource):
             small windows of one rank over together (:meth:`read_many`). Off for media where
             a read is a ``pread`` (packing would only hold more destination tensors half
             written at once).
+        streams: plans read it by pieces (:mod:`scalai.storage.pieces`): the runner hands
+            over every window it reads from one rank at once (:meth:`pieces`), and runs each
+            piece, one request streamed into the windows it serves (:meth:`read_piece`);
+            every stored tensor whose bytes all pass is checked against its CRC-32 on the
+            way (:meth:`check` checks the rest of a rank's). For a medium where a request
+            costs far more than its bytes (an object store).
     """
 
     block_bytes: int = 8 << 20
     concurrency: int = 8
     coalesce: bool = False
+    streams: bool = False
 
     @abstractmethod
     def read_into(self, rank: int, tensor: str, window: Window, out: np.ndarray) -> None:
         """Copy the elements ``window`` selects from ``rank``'s ``tensor`` into ``out``
         (a C-contiguous raw array of shape ``window.shape``)."""
+
+    def pieces(self, rank: int, reads: Sequence[tuple[str, Window]]) -> list:
+        """A source that ``streams``: the requests (:class:`~scalai.storage.pieces.Piece`)
+        that fetch every ``(tensor, window)`` of ``rank`` a plan reads. Pure."""
+        raise NotImplementedError(f"{type(self).__name__} does not stream")
+
+    def read_piece(self, piece, out: Callable[[int], np.ndarray] | None,
+                   done: Callable[[int], None] | None) -> None:
+        """A source that ``streams``: fetch ``piece``; the bytes of read ``i`` (an index
+        into the reads given to :meth:`pieces`) go into ``out(i)`` (uint8, called at
+        its first byte), and ``done(i)`` is called once they are all there."""
+        raise NotImplementedError(f"{type(self).__name__} does not stream")
+
+    def read_whole(self, ranks: Sequence[int]) -> None:
+        """A source that ``streams``: read these ranks' files whole whenever a plan reads
+        from them (so that every tensor in them is checked on the way)."""
+        raise NotImplementedError(f"{type(self).__name__} does not stream")
+
+    def check(self, rank: int) -> None:
+        """A source that ``streams``: check every stored tensor of ``rank`` that did not
+        pass whole yet (reading what is left)."""
+        raise NotImplementedError(f"{type(self).__name__} does not stream")
 
     def read_many(self, rank: int, reads: Sequence[tuple[str, Window, np.ndarray]]) -> None:
         """:meth:`read_into` for several ``(tensor, window, out)`` of ``rank`` at once: the

@@ -228,6 +228,9 @@ class _Run:
         if task.kind == "batch":
             self._batch(task)  # calls done() itself, per member
             return
+        if task.kind == "stream":
+            self._stream(task)  # calls done() itself, per member
+            return
         if task.kind == "block":
             self._ranged(task)
         else:
@@ -406,6 +409,36 @@ class _Run:
             else:
                 self._store_block(m, m.block[1], buf)
             self.done((m.rank, m.tensor))
+
+    def _stream(self, task: Task) -> None:
+        """One piece of a streaming source: its blocks' bytes arrive in file order, each
+        into the sink's memory where :meth:`_direct` allows, else into a buffer of its
+        own (allocated at its first byte, stored and dropped at its last)."""
+        filler = self.filler()
+        members = dict(zip(task.piece.reads, task.members))
+        staged: dict[int, np.ndarray] = {}
+
+        def out(i: int) -> np.ndarray:
+            m = members[i]
+            direct = self._direct(m, m.block[1])
+            if direct is not None:
+                return direct.reshape(-1).view(np.uint8)
+            buf = staged[i] = np.empty(m.nbytes, np.uint8)
+            return buf
+
+        def done(i: int) -> None:
+            m = members[i]
+            buf = staged.pop(i, None)
+            if buf is None:
+                filler.progress(m.nbytes)
+            else:
+                self._store_block(m, m.block[1], buf.view(self.dests[(m.rank, m.tensor)].dtype).reshape(
+                    m.block[1].shape))
+            self.done((m.rank, m.tensor))
+
+        t0 = time.perf_counter()
+        task.part.read_piece(task.piece, out, done)
+        filler.clock.read += time.perf_counter() - t0
 
     def _direct(self, task: Task, dst_w: Window) -> np.ndarray | None:
         """The sink's own memory for a block, when a ranged read can land there directly

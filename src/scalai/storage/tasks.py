@@ -13,6 +13,10 @@ tensor how its copies run from what the source's parts and the sink declare:
   source's tensor order up to ``block_bytes`` (and :data:`MAX_PACKED` blocks): one
   ``read_many`` call, so that a medium where a request costs more than its bytes (an object
   store, a peer store over HTTP) fetches neighbours together;
+- ``stream``: for a blocking ranged source that ``streams`` (an object store), one piece
+  (:mod:`scalai.storage.pieces`) of the blocks read from one source rank: the source is
+  handed all of that rank's blocks at once and says which requests fetch them; each piece
+  is one task whose ``members`` are the blocks it serves;
 - ``staged``: a whole tensor assembled in a buffer, for a sink without arrays whose windows
   cannot be written as contiguous runs.
 
@@ -118,7 +122,8 @@ class Task:
     """One unit of work: ``kind`` is ``arrays`` (every copy into one tensor from addressable
     arrays: a source's, or the sink's for ``from_new``), ``block`` (one block of one copy
     from a ranged source), ``batch`` (``members``: small ``block`` tasks of one source rank,
-    read together; ``rank`` and ``tensor`` are its first member's) or ``staged`` (a whole
+    read together; ``rank`` and ``tensor`` are its first member's), ``stream`` (``members``:
+    the blocks one piece of a streaming source serves) or ``staged`` (a whole
     tensor assembled in a buffer, for a sink without arrays whose windows cannot be
     written by rows)."""
 
@@ -131,6 +136,7 @@ class Task:
     part: TensorSource | None = None
     turn: int = 0  # a block's place among the blocks read from its source host
     members: list[Task] = field(default_factory=list)
+    piece: object = None  # a ``stream`` task's Piece (its ``reads`` index ``members`` in order)
 
 
 @dataclass
@@ -218,18 +224,39 @@ def group(plan: Plan, source: TensorSource, sink: TensorSink) -> Grouping:
                 phases[0].append(Task("block", rank, tensor, [c], dw.volume * size, (sw, dw), part))
         if fanout:
             phases[1].append(Task("arrays", rank, tensor, fanout, sum(c.nbytes for c in fanout)))
-    phases[0][:] = _pack_small_blocks(phases[0], plan)
+    phases[0][:] = _pack_small_blocks(_streamed_blocks(phases[0]), plan)
     for phase in phases:
         turns: dict[str, int] = defaultdict(int)
         for t in phase:
             for member in t.members or (t,):
                 dests[(member.rank, member.tensor)].pending += 1
-            if t.kind in ("block", "batch"):  # equal sizes: every source host's turn in turn
+            if t.kind in ("block", "batch", "stream"):  # equal sizes: every source host's turn in turn
                 t.turn = turns[t.copies[0].src_host]
                 turns[t.copies[0].src_host] += 1
         phase.sort(key=lambda t: (-t.nbytes, t.turn))  # largest first: the pool ends on small tasks
     return Grouping(windows, dests, phases, parts, sum(len(c) for c in by_dest.values()),
                     sum(c.nbytes for copies in by_dest.values() for c in copies))
+
+
+def _streamed_blocks(tasks: list[Task]) -> list[Task]:
+    """``tasks`` with the blocks of blocking sources that ``streams`` grouped by the pieces
+    the source reads them in (all blocks of one source rank handed over at once)."""
+    by_rank: dict[tuple[int, int], list[Task]] = defaultdict(list)
+    out = []
+    for t in tasks:
+        if t.kind == "block" and isinstance(t.part, RangeSource) and t.part.streams:
+            by_rank[(id(t.part), t.copies[0].src_rank)].append(t)
+        else:
+            out.append(t)
+    for (_, src_rank), blocks in by_rank.items():
+        part = blocks[0].part
+        for piece in part.pieces(src_rank, [(t.tensor, t.block[0]) for t in blocks]):
+            members = [blocks[i] for i in piece.reads]
+            if members:
+                first = members[0]
+                out.append(Task("stream", first.rank, first.tensor, [c for m in members for c in m.copies],
+                                sum(m.nbytes for m in members), part=part, members=members, piece=piece))
+    return out
 
 
 def _pack_small_blocks(tasks: list[Task], plan: Plan) -> list[Task]:

@@ -20,7 +20,7 @@ from .checksum import checksums, crc32
 from .run import default_workers
 from .tasks import SMALL_FRACTION
 
-__all__ = ["verify_source"]
+__all__ = ["verify_source", "assign_checks"]
 
 
 def _ranged_crcs(source: TensorSource, part, rank: int, tensors: list[str]) -> list[int]:
@@ -72,7 +72,9 @@ def verify_source(source: TensorSource, ranks: Iterable[int] | None = None, work
     compare it with the one the source records (tensors without a recorded CRC are skipped).
 
     Mapped and in-memory sources are checksummed in parallel chunks of their arrays;
-    ranged sources (stores) are streamed, tensors in parallel.
+    ranged sources (stores) are streamed, tensors in parallel; sources that ``stream``
+    (object stores) check each rank's file in a few large reads, skipping the tensors
+    that passed whole through earlier reads (:meth:`~scalai.storage.RangeSource.check`).
 
     Args:
         stop: set from another thread to end the check early (a copy it ran alongside failed).
@@ -83,9 +85,12 @@ def verify_source(source: TensorSource, ranks: Iterable[int] | None = None, work
         CancelledError: ``stop`` was set before the check ended.
     """
     ranks = list(range(source.ptc.config.world_size) if ranks is None else ranks)
-    order, arrays, ranged = [], [], []
+    order, arrays, ranged, streamed = [], [], [], []
     for rank in ranks:
         part = source.part(rank)
+        if isinstance(part, RangeSource) and part.streams:
+            streamed.append((rank, part))
+            continue
         for name in source.stored(rank):
             if source.checksum(rank, name) is None:
                 continue
@@ -95,6 +100,13 @@ def verify_source(source: TensorSource, ranks: Iterable[int] | None = None, work
             else:
                 ranged.append((rank, name, part))
     with ThreadPoolExecutor(workers or default_workers()) as pool:
+        def streamed_job(job) -> None:
+            if stop is not None and stop.is_set():
+                raise CancelledError("verification stopped")
+            job[1].check(job[0])  # raises its own ChecksumError
+
+        for _ in pool.map(streamed_job, streamed):
+            pass
         crcs = checksums(arrays, pool, stop=stop)
         jobs = _ranged_jobs(source, ranged)
 
@@ -110,3 +122,26 @@ def verify_source(source: TensorSource, ranks: Iterable[int] | None = None, work
         if got != want:
             raise ChecksumError(f"checksum mismatch in {source.where(rank)}, tensor {name}: stored {want:08x}, "
                                 f"computed {got:08x}; the data is corrupt: use an earlier checkpoint")
+
+
+def assign_checks(needed: dict[tuple[int, int], int], files: int, readers: int) -> dict[int, list[int]]:
+    """Which reader checks which stored file, when reading a file whole checks it on the way
+    (sources that ``stream``): each file goes to the reader that needs the most of it (so
+    that reading it whole costs that reader the least extra), at most ``ceil(files /
+    readers)`` files each; ties go to the lower reader. Pure: every rank computes the same.
+
+    Args:
+        needed: ``(reader, file) -> bytes`` the reader's plan reads from the file.
+        files, readers: how many of each (files ``0..files-1``, readers ``0..readers-1``).
+
+    Returns:
+        reader -> the files it checks (every file exactly once).
+    """
+    cap = -(-files // readers)
+    best = sorted(range(files), key=lambda f: (-max((needed.get((r, f), 0) for r in range(readers)), default=0), f))
+    out: dict[int, list[int]] = {r: [] for r in range(readers)}
+    for f in best:
+        free = [r for r in range(readers) if len(out[r]) < cap]
+        r = max(free, key=lambda r: (needed.get((r, f), 0), -len(out[r]), -r))
+        out[r].append(f)
+    return out

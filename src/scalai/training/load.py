@@ -4,7 +4,11 @@ Collective (every rank calls it). Every rank, independently and identically:
 
 1. opens the saved version (manifest parsed strictly; every rank file present);
 2. checks its share of the saved bytes against their CRC-32s (saved rank ``s`` is
-   checked by live rank ``s mod world``: one pass over the checkpoint, in parallel);
+   checked by live rank ``s mod world``: one pass over the checkpoint, in parallel). From
+   a source that ``streams`` (an object store), the check happens during step 4 instead:
+   each saved file is read whole, in a few large GETs, by the live rank that reads most
+   of it (:func:`~scalai.storage.verify.assign_checks`), every tensor checked as its bytes
+   pass, so that no byte is fetched twice for the check;
 3. plans: ``make_plan(saved PTC, live PTC)`` (pure; the same plan on every rank) and
    keeps the copies into itself;
 4. checks that its copies write every element of every live local tensor that holds
@@ -43,10 +47,10 @@ from ..errors import PlanError, ScalaiError
 from ..layout.ptc import PTC
 from ..planner import Deployment, make_plan
 from ..planner.plan import Copy, Plan
-from ..storage.base import TensorSource
+from ..storage.base import RangeSource, TensorSource
 from ..storage.live import ArraysSink
 from ..storage.run import run_plan
-from ..storage.verify import verify_source
+from ..storage.verify import assign_checks, verify_source
 from .collective import agree
 from .job import JobState
 from .nontensor import Restored, restore
@@ -185,6 +189,16 @@ def _fill(job: JobState, source: TensorSource, plan: Plan, target: PTC) -> int:
     return report.bytes
 
 
+def _checked_here(source: TensorSource, plan: Plan, rank: int, world: int) -> list[int]:
+    """The saved files this live rank checks while it reads (a source that ``streams``):
+    :func:`~scalai.storage.verify.assign_checks` of the bytes each live rank reads from
+    each file."""
+    needed: dict[tuple[int, int], int] = defaultdict(int)
+    for c in plan.copies:
+        needed[(c.dst_rank, source.ptc.replica_owner(c.tensor, c.src_rank))] += c.nbytes
+    return assign_checks(needed, source.ptc.config.world_size, world)[rank]
+
+
 def load(job: JobState, source: Any, *, verify: bool = True, placement: Placement | None = None,
          weights_only: bool = False) -> LoadReport:
     """Fill ``job`` in place from ``source`` (a checkpoint location or any ``TensorSource``).
@@ -195,8 +209,11 @@ def load(job: JobState, source: Any, *, verify: bool = True, placement: Placemen
             checkpoint location, a PyTorch DCP directory (its keys the job's names, as
             ``get_state_dict`` gives them), or any ``TensorSource`` (for a DCP checkpoint
             under other names: :func:`scalai.interop.dcp.open_dcp` with its rules).
-        verify: check every saved byte against its CRC-32 first (split over the ranks;
-            a DCP chunk against the CRC its archive records).
+        verify: check every saved byte against its CRC-32 (split over the ranks; a DCP
+            chunk against the CRC its archive records): first, or for a source that
+            ``streams`` (an object store) while the copies read it (each saved file read
+            whole by the rank that needs most of it; a mismatch then fails the load after
+            live tensors were written).
         placement: the hosts the live ranks run on, when ``source`` knows where its ranks
             are (stores: a reader's ``placement``): ranks then read replicas from their
             own host's store.
@@ -229,7 +246,8 @@ def load(job: JobState, source: Any, *, verify: bool = True, placement: Placemen
     try:
         reader = agree("load: open the saved state", open_source, job.group)
         t1 = time.perf_counter()
-        if verify:
+        streamed = verify and isinstance(reader, RangeSource) and reader.streams
+        if verify and not streamed:
             saved_ranks = range(rank, reader.ptc.config.world_size, size)
             agree("load: verify checksums", lambda: verify_source(reader, saved_ranks), job.group)
         t2 = time.perf_counter()
@@ -248,8 +266,13 @@ def load(job: JobState, source: Any, *, verify: bool = True, placement: Placemen
 
         target, plan = agree("load: plan", make, job.group)
         copies = plan.copies_into(rank)
+        if streamed:  # each saved file read whole, and so checked, by the rank that needs most of it
+            checks = _checked_here(reader, plan, rank, size)
+            reader.read_whole(checks)
         t3 = time.perf_counter()
         copied = agree("load: copy into the live tensors", lambda: _fill(job, reader, plan, target), job.group)
+        if streamed:  # what no read passed whole (a file this rank reads nothing of)
+            agree("load: verify checksums", lambda: verify_source(reader, checks), job.group)
         t4 = time.perf_counter()
         if weights_only:
             done = Restored("none", (), {"state": "weights_only: step, optimizer state, scheduler, data position "
