@@ -149,7 +149,7 @@ KILLED_WRITER = textwrap.dedent("""
     with open_source(sys.argv[1]) as src:
         sink = ObjectSink(sys.argv[2], src.ptc, src.state)
         run_plan(identity_plan(src.ptc, range(src.ptc.config.world_size), stored=sink.stores), src, sink)
-        sink._pool.shutdown(wait=True)   # every rank file uploaded...
+        sink.finish()   # every rank file uploaded...
         os.kill(os.getpid(), signal.SIGKILL)  # ...and the writer dies before its commit
 """)
 

@@ -50,9 +50,9 @@ from ..layout.ptc import PTC
 from ..planner.plan import Window
 from ..regions import flat_runs
 from ..storage.base import RangeSource, TensorSink
-from ..storage.checksum import ChecksumLedger, crc32
 from ..storage.pieces import CrcCheck, Piece, PieceFeed, plan_pieces, window_runs
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, manifest_bytes, parse_manifest, rank_file_name
+from . import uploads
 from .safetensors_io import file_layout, header_length, parse_header
 from .writer import checked_state, created_by, rank_record
 
@@ -419,7 +419,7 @@ class ObjectSource(RangeSource):
         elsewhere."""
         if stop <= start:
             return
-        if not _is_s3(self.fs):
+        if not uploads.is_s3(self.fs):
             for a in range(start, stop, self.chunk_bytes):
                 feed(self._get(rank, a, min(a + self.chunk_bytes, stop)))
             return
@@ -431,15 +431,6 @@ class ObjectSource(RangeSource):
         with self._counter:
             self.fetched += got
             self.requests += 1
-
-
-def _is_s3(fs) -> bool:
-    """Whether ``fs`` is s3fs (whose GET bodies can be streamed)."""
-    try:
-        from s3fs import S3FileSystem
-    except ImportError:
-        return False
-    return isinstance(fs, S3FileSystem)
 
 
 def _s3_stream(fs, path: str, start: int, stop: int, chunk: int, feed) -> int:
@@ -489,44 +480,57 @@ def _s3_stream(fs, path: str, start: int, stop: int, chunk: int, feed) -> int:
 
 
 class ObjectSink(TensorSink):
-    """A new checkpoint of ``ptc`` at an fsspec URL (see the module docstring): rank files
-    assembled in memory and uploaded when complete, the manifest last.
+    """A new checkpoint of ``ptc`` at an fsspec URL (see the module docstring): each rank
+    file streamed out in parts as it fills, the manifest last.
 
     Args:
         url: where to write; must not hold a committed checkpoint.
         ptc: the layout; plans write into ``ptc.stored_replicas()`` (each replica once).
         state: JSON-serializable non-tensor state.
         fs: an fsspec filesystem to use instead of the one the URL names (tests).
-        upload_workers: rank files uploaded at once.
+        upload_workers: parts uploaded at once (S3); twice as many may wait, full, for a
+            turn before writers wait.
+        part_bytes: bytes per part (S3 needs at least 5 MiB but for a file's last part;
+            default :data:`~scalai.checkpoint.uploads.PART_BYTES`).
+
+    Memory: the parts being filled (the runner fills this sink in file order, so about one
+    per worker) and those waiting or being uploaded, at most ``3 x upload_workers``; the
+    high-water mark of both is ``peak_buffered`` (bytes).
 
     Raises:
         FileExistsError: a committed checkpoint is at ``url`` (nothing is touched).
         CheckpointError: the store refused (credentials, a missing bucket).
+        ValueError: ``part_bytes`` below 1.
     """
 
     zero_filled = True
-    records_checksums = True
+    records_checksums = False  # it computes each tensor's CRC-32 from the parts it sends
+    in_order = True
 
     def __init__(self, url: str, ptc: PTC, state: Mapping[str, Any] | None = None, fs=None,
-                 upload_workers: int = 8, joined: bool = False):
+                 upload_workers: int = 8, joined: bool = False, part_bytes: int | None = None):
         self.url = url.rstrip("/")
         self.fs, self.root = (fs, self.url.split("://", 1)[-1]) if fs is not None else _filesystem(self.url)
         self.ptc = ptc
         self.state = checked_state(state)
         self._where = redact(self.url)
+        self.part_bytes = uploads.PART_BYTES if part_bytes is None else int(part_bytes)
+        if self.part_bytes < 1:
+            raise ValueError(f"part_bytes={part_bytes} must be at least 1 (S3 wants at least "
+                             f"{uploads.MIN_PART_BYTES} but for the last part)")
         self.joined = joined
         if not joined:
             self.begin(self.url, self.fs)
-        self._files: dict[int, tuple[bytearray, dict]] = {}
+        self._files: dict[int, uploads.RankUpload] = {}
         self._sizes: dict[int, int] = {}
-        self._pending: dict[int, set[str]] = {}
         self._crcs: dict[int, dict[str, int]] = {}
-        self._uploads: dict[int, Future] = {}
-        self._ledger = ChecksumLedger()
+        self._finished: set[int] = set()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(upload_workers, thread_name_prefix="scalai-upload")
+        self._slots = threading.BoundedSemaphore(3 * upload_workers)
         self.committed = False
         self.uploaded = 0   # bytes
+        self.buffered = self.peak_buffered = 0
         self.timings = {"checksum": 0.0, "sync": 0.0}
 
     @staticmethod
@@ -577,77 +581,71 @@ class ObjectSink(TensorSink):
     def stores(self, rank: int, tensor: str) -> bool:
         return self.ptc.replica_owner(tensor, rank) == rank
 
-    def _file(self, rank: int) -> tuple[bytearray, dict]:
+    def _buffer(self, delta: int) -> None:
+        with self._lock:
+            self.buffered += delta
+            self.peak_buffered = max(self.peak_buffered, self.buffered)
+
+    def _submit(self, fn, *args) -> Future:
+        """Run an upload on the pool; waits while ``3 x upload_workers`` are queued or running
+        (uploads end on their own, so a writer waiting here never blocks them)."""
+        self._slots.acquire()
+        future = self._pool.submit(fn, *args)
+        future.add_done_callback(lambda _: self._slots.release())
+        return future
+
+    def _file(self, rank: int) -> uploads.RankUpload:
         found = self._files.get(rank)
         if found is not None:
             return found
         with self._lock:
             found = self._files.get(rank)
             if found is None:
-                if rank in self._uploads:
+                if rank in self._finished:
                     raise ValueError(f"rank {rank}'s file of {self._where} is uploaded already")
                 names = [(n, self.ptc.spec(n).dtype, s.shape) for n, s in self.ptc.rank_shards(rank)
                          if self.stores(rank, n)]
                 meta = {"format": "pt", "scalai.rank": str(rank), "scalai.layout": str(self.ptc.config)}
                 header, entries, size = file_layout(names, meta)
-                buf = bytearray(size)
-                buf[:len(header)] = header
-                found = self._files[rank] = (buf, entries)
                 self._sizes[rank] = size
-                self._pending[rank] = set(entries)
+                found = None
+        if found is None:
+            made = uploads.RankUpload(self.fs, f"{self.root}/{rank_file_name(rank)}", header, entries, size,
+                                      self.part_bytes, self._submit, f"{self._where}/{rank_file_name(rank)}",
+                                      self._buffer)
+            with self._lock:
+                found = self._files.setdefault(rank, made)
         return found
 
     def write(self, rank: int, tensor: str, byte_offset: int, data, crc: int | None = None) -> None:
-        buf, entries = self._file(rank)
-        entry = entries[tensor]
+        upload = self._file(rank)
+        entry = upload.entries[tensor]
         src = memoryview(data).cast("B")
         if byte_offset < 0 or byte_offset + src.nbytes > entry.nbytes:
             raise ValueError(f"write of {src.nbytes} bytes at {byte_offset} falls outside {tensor} of rank "
                              f"{rank} ({entry.nbytes} bytes)")
-        memoryview(buf)[entry.start + byte_offset:entry.start + byte_offset + src.nbytes] = src
-        self._ledger.piece((rank, tensor), byte_offset, src.nbytes, crc)
-
-    def declare_checksum(self, rank: int, tensor: str, crc: int) -> None:
-        self._ledger.declare((rank, tensor), crc)
+        with _io(f"cannot upload {self._where}/{rank_file_name(rank)}"):
+            upload.write(entry.start + byte_offset, src)
 
     def complete(self, rank: int, tensor: str) -> None:
-        """Upload ``rank``'s file once its last tensor is complete."""
-        self._file(rank)
-        with self._lock:
-            pending = self._pending[rank]
-            pending.discard(tensor)
-            ready = not pending and rank not in self._uploads
-            if ready:
-                self._uploads[rank] = self._pool.submit(self._upload, rank)
-
-    def _upload(self, rank: int) -> None:
-        buf, entries = self._files[rank]
-        t0 = time.perf_counter()
-        crcs = {}
-        for name, e in entries.items():
-            known = self._ledger.known((rank, name), e.nbytes)
-            crcs[name] = known if known is not None else crc32(memoryview(buf)[e.start:e.start + e.nbytes])
-        t1 = time.perf_counter()
+        """Parts of ``rank``'s file that ``tensor`` completes go out."""
         with _io(f"cannot upload {self._where}/{rank_file_name(rank)}"):
-            self.fs.pipe_file(f"{self.root}/{rank_file_name(rank)}", bytes(buf))
-        with self._lock:
-            self._crcs[rank] = crcs
-            self.uploaded += len(buf)
-            self._files[rank] = (bytearray(), entries)  # the bytes are in the store now
-            self.timings["checksum"] += t1 - t0
-            self.timings["sync"] += time.perf_counter() - t1
+            self._file(rank).complete(tensor)
 
     def finish(self, ranks=None) -> list:
-        """Upload the given ranks' files (default: every rank) and wait for them; returns
-        their manifest records, in the order given."""
+        """Upload what is left of the given ranks' files (default: every rank) and wait for
+        them; returns their manifest records, in the order given."""
         ranks = list(range(self.ptc.config.world_size) if ranks is None else ranks)
         for rank in ranks:
-            self._file(rank)
+            if rank in self._finished:
+                continue
+            t0 = time.perf_counter()
+            with _io(f"cannot upload {self._where}/{rank_file_name(rank)}"):
+                self._crcs[rank] = self._file(rank).finish()
             with self._lock:
-                if rank not in self._uploads:
-                    self._uploads[rank] = self._pool.submit(self._upload, rank)
-        for rank in ranks:
-            self._uploads[rank].result()
+                self._finished.add(rank)
+                self.uploaded += self._sizes[rank]
+                self.timings["sync"] += time.perf_counter() - t0
         return [rank_record(self.ptc, r, self._sizes[r], self._crcs[r], self.stores) for r in ranks]
 
     def commit(self) -> None:
@@ -674,9 +672,9 @@ class ObjectSink(TensorSink):
         this URL deletes what is left). A joined sink leaves them to :meth:`discard`."""
         if self.committed:
             return
-        for future in self._uploads.values():
-            future.cancel()
-        self._pool.shutdown(wait=True)
+        for upload in list(self._files.values()):
+            upload.abort()
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self._files.clear()
         if not self.joined:
             self.discard(self.url, self.fs)

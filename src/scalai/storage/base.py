@@ -231,6 +231,9 @@ class TensorSink(ABC):
             there and is planned into with ``ptc.stored_replicas()``).
         zero_filled: elements that no copy writes read as zero.
         records_checksums: the sink keeps a CRC-32 per tensor.
+        in_order: the sink holds less when filled in the order of its files (it streams
+            them out in parts): the runner then starts tasks in destination order (rank,
+            tensor, window) instead of largest first.
         timings: seconds of the parts of its commit, once committed (``checksum``: reading
             back what had no CRC; ``sync``: making it durable and visible).
     """
@@ -238,6 +241,7 @@ class TensorSink(ABC):
     ptc: PTC
     zero_filled: bool = True
     records_checksums: bool = True
+    in_order: bool = False
     timings: dict[str, float] = {}
 
     def stores(self, rank: int, tensor: str) -> bool:

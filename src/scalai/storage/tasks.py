@@ -233,7 +233,13 @@ def group(plan: Plan, source: TensorSource, sink: TensorSink) -> Grouping:
             if t.kind in ("block", "batch", "stream"):  # equal sizes: every source host's turn in turn
                 t.turn = turns[t.copies[0].src_host]
                 turns[t.copies[0].src_host] += 1
-        phase.sort(key=lambda t: (-t.nbytes, t.turn))  # largest first: the pool ends on small tasks
+        if sink.in_order:  # destination file order: the sink holds only the parts being filled
+            orders = {r: {n: i for i, (n, _) in enumerate(plan.new.ptc.rank_shards(r))}
+                      for r in {t.rank for t in phase}}
+            phase.sort(key=lambda t: (t.rank, orders[t.rank].get(t.tensor, 0),
+                                      (t.block[1] if t.block else t.copies[0].dst).region.offsets))
+        else:
+            phase.sort(key=lambda t: (-t.nbytes, t.turn))  # largest first: the pool ends on small tasks
     return Grouping(windows, dests, phases, parts, sum(len(c) for c in by_dest.values()),
                     sum(c.nbytes for copies in by_dest.values() for c in copies))
 
