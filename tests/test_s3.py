@@ -44,7 +44,8 @@ def s3(tmp_path_factory):
     from unittest import mock
 
     loopback = {"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}  # never through a proxy
-    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3", **loopback)
+    # parts from 64 KiB (S3: 5 MiB), so that test-sized rank files go up as multipart uploads
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3", S3_UPLOAD_PART_MIN_SIZE="65536", **loopback)
     patch = mock.patch.dict(os.environ, loopback)
     patch.start()
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "s3_server.py")], stdout=subprocess.PIPE,
@@ -92,11 +93,18 @@ def _counts(s3) -> dict:
 @pytest.mark.parametrize("model, a, b", [
     ("llama-tiny", "tp=2,pp=2,dp=1", "tp=1,pp=1,dp=2,zero=1"),
     pytest.param("gpt-tiny", "tp=1,pp=2,dp=2,zero=1", "tp=4,pp=1,dp=1", marks=pytest.mark.slow)])  # ~1 min
-def test_s3_round_trip_across_layouts_is_bit_exact(s3env, tmp_path, model, a, b):
+def test_s3_round_trip_across_layouts_is_bit_exact(s3env, tmp_path, monkeypatch, model, a, b):
+    from scalai.checkpoint import uploads
+
+    monkeypatch.setattr(uploads, "PART_BYTES", 128 << 10)  # every rank file a multipart upload
+    completed = []
+    finish = uploads._Multipart.complete
+    monkeypatch.setattr(uploads._Multipart, "complete", lambda self: (completed.append(self.count), finish(self)))
     url_a, url_b, url_c = _url(s3env, "a"), _url(s3env, "b"), _url(s3env, "c")
     write_synthetic_checkpoint(model, url_a, a, seed=5)
     reshard_checkpoint(url_a, url_b, b)
     reshard_checkpoint(url_b, url_c, a)
+    assert completed and min(completed) > 1, "the rank files went up in several parts"
     write_synthetic_checkpoint(model, tmp_path / "local", a, seed=5)
     from scalai.compare import compare_checkpoints
     from scalai.locations import open_source
