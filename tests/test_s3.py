@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from scalai.checkpoint.objects import ObjectSource
+from scalai.dtypes import itemsize
 from scalai.errors import CheckpointError
 from scalai.models import model_ptc
 from scalai.models.synth import write_synthetic_checkpoint
@@ -288,3 +289,39 @@ def test_the_persister_copies_committed_versions_to_s3_and_keeps_the_newest(s3en
     finally:
         for p in procs:
             p.kill()
+
+
+def test_an_aborted_or_killed_save_leaves_no_multipart_upload_behind(s3env, monkeypatch):
+    """A save that stops mid-file: its abort aborts the multipart upload it started; one that
+    was killed (no abort) leaves it, and the next save to the URL aborts it (S3 would keep
+    the parts, unseen, until a lifecycle rule removes them)."""
+    import boto3
+
+    from scalai.checkpoint import uploads
+    from scalai.checkpoint.objects import ObjectSink, _filesystem
+
+    monkeypatch.setattr(uploads, "PART_BYTES", 16 << 10)  # moto checks part sizes only at completion
+    env = s3env["env"]
+    client = boto3.client("s3", endpoint_url=s3env["endpoint"], region_name="us-east-1",
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    ptc = model_ptc("llama-tiny", "tp=1,pp=1,dp=1")
+    name, shard = max(ptc.rank_shards(0), key=lambda ns: int(np.prod(ns[1].shape)))  # the largest tensor
+    whole = np.zeros(int(np.prod(shard.shape)) * itemsize(ptc.spec(name).dtype), np.uint8)  # several parts
+    for stop in ("abort", "kill"):
+        url = _url(s3env, stop)
+        key = url.split("/", 3)[3]
+        sink = ObjectSink(url, ptc)
+        sink.write(0, name, 0, whole)  # several parts full: a multipart upload under way
+        for upload in sink._files.values():
+            for future in upload._backend.futures:
+                future.result()
+        pending = client.list_multipart_uploads(Bucket=s3env["bucket"], Prefix=key).get("Uploads", [])
+        assert len(pending) == 1, pending
+        if stop == "abort":
+            sink.abort()
+        else:
+            sink._pool.shutdown(wait=True)  # the writer dies here; a later save to the URL:
+            ObjectSink.begin(url)
+        assert client.list_multipart_uploads(Bucket=s3env["bucket"], Prefix=key).get("Uploads", []) == []
+        fs, root = _filesystem(url)
+        assert not fs.exists(f"{root}/rank-00000.safetensors") and not fs.exists(f"{root}/manifest.json")

@@ -133,11 +133,17 @@ def _check_bucket(fs, root: str, url: str) -> None:
                               f"credentials cannot see it); create it or check the URL")
 
 
+def _is_rank_file(name: str) -> bool:
+    return re.fullmatch(r"rank-\d{5}\.safetensors", name) is not None
+
+
 def _sweep(fs, root: str) -> None:
-    """Delete the rank files under ``root`` (a save that left no manifest)."""
-    stale = [n for n in _children(fs, root) if re.fullmatch(r"rank-\d{5}\.safetensors", n.rstrip("/").rsplit("/", 1)[-1])]
+    """Delete the rank files under ``root`` (a save that left no manifest), and abort the
+    multipart uploads of rank files it left unfinished (S3)."""
+    stale = [n for n in _children(fs, root) if _is_rank_file(n.rstrip("/").rsplit("/", 1)[-1])]
     if stale:
         fs.rm(stale)
+    uploads.abort_stale(fs, root, _is_rank_file)
 
 
 def object_children(url: str) -> list[str]:

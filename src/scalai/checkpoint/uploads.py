@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 from ..errors import CheckpointError
 from ..storage.checksum import ChecksumLedger, crc32
 
-__all__ = ["RankUpload", "PART_BYTES", "MIN_PART_BYTES", "MAX_PARTS", "part_size", "is_s3"]
+__all__ = ["RankUpload", "PART_BYTES", "MIN_PART_BYTES", "MAX_PARTS", "part_size", "is_s3", "abort_stale"]
 
 #: Default part size.
 PART_BYTES = 8 << 20
@@ -171,6 +171,29 @@ def is_s3(fs) -> bool:
     except ImportError:
         return False
     return isinstance(fs, S3FileSystem)
+
+
+def abort_stale(fs, root: str, name: Callable[[str], bool]) -> int:
+    """Abort the multipart uploads left under ``root`` (S3 only) whose object name passes
+    ``name`` (a save killed mid-upload leaves them, invisible but stored); returns how many."""
+    if not is_s3(fs):
+        return 0
+    from fsspec.asyn import sync
+
+    bucket, prefix, _ = fs.split_path(root)
+    prefix = prefix.rstrip("/") + "/"
+    found, kw = 0, {}
+    while True:
+        resp = sync(fs.loop, fs._call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=prefix, **kw)
+        for upload in resp.get("Uploads", []):
+            key = upload["Key"]
+            if "/" not in key[len(prefix):] and name(key.rsplit("/", 1)[-1]):
+                sync(fs.loop, fs._call_s3, "abort_multipart_upload", Bucket=bucket, Key=key,
+                     UploadId=upload["UploadId"])
+                found += 1
+        if not resp.get("IsTruncated"):
+            return found
+        kw = {"KeyMarker": resp["NextKeyMarker"], "UploadIdMarker": resp["NextUploadIdMarker"]}
 
 
 def _backend(fs, path: str, count: int, submit, where: str, released: Callable[[int], None]):
