@@ -7,23 +7,23 @@ The objects are the files of a checkpoint directory, under the URL as a prefix:
 holds, so a copy either way is a plain object copy).
 
 - :class:`ObjectSource` reads the manifest and, per rank file on first use, its safetensors
-  header (one ranged GET); every window a plan reads is then ranged GETs of exactly its
-  byte runs, issued by the runner's ``concurrency`` worker threads at once. The runner
-  hands small windows of one rank together (:meth:`~scalai.storage.RangeSource.read_many`,
-  up to ``block_bytes``): their runs that touch, or lie closer than ``max_gap_bytes``, share
-  one request (the bytes between are read and dropped), so a rank file of many small
-  tensors costs a few GETs, not one per tensor.
-- :class:`ObjectSink` assembles each rank file in host memory (zero-filled: padding nobody
-  writes is zeros) and uploads it as soon as its last tensor is complete, several files at
-  once (``upload_workers``; the backend splits a large file into a multipart upload). The
+  header (one ranged GET). Plans read it in pieces (``streams``, :mod:`scalai.storage.pieces`):
+  every window a plan reads from one rank file is handed over at once; byte runs closer
+  than ``max_gap_bytes`` share a GET whose body is streamed into the windows in chunks, so a
+  file the plan needs most of costs a few large GETs and one it needs little of costs
+  ranged GETs of exactly its windows. Every stored tensor whose bytes all pass is checked
+  against its CRC-32 on the way. Single reads (``read_into``/``read_many``, for inspection)
+  fetch a window's runs in as few ranged GETs as ``max_gap_bytes`` allows.
+- :class:`ObjectSink` streams each rank file out in parts as it fills
+  (:mod:`scalai.checkpoint.uploads`: an S3 multipart upload, parts in any order; in order
+  on other backends); memory is the parts being filled or uploaded, not the file. The
   commit is the manifest, written last, once every rank file is uploaded: object stores
   have no rename, so a save that is interrupted leaves rank files but no manifest, and
   readers (which open the manifest first) do not see it; the previous version at another
-  URL stands. :meth:`ObjectSink.abort` deletes what it uploaded (best effort); a later
-  sink at the same URL deletes the rank files of a save that has no manifest before it
-  writes (never two saves to one URL at once: object stores cannot tell a running save from
-  a dead one). Memory: the rank files being filled (at most the whole checkpoint's stored
-  bytes when a plan fills every rank at once, as one process writing every rank does).
+  URL stands. :meth:`ObjectSink.abort` deletes what it uploaded and aborts its multipart
+  uploads (best effort); a later sink at the same URL deletes the rank files (and aborts
+  the multipart uploads) of a save that has no manifest before it writes (never two saves
+  to one URL at once: object stores cannot tell a running save from a dead one).
 
 Endpoints and credentials come from the backend's own environment and configuration files
 (for S3 through s3fs/botocore: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
@@ -413,8 +413,13 @@ class ObjectSource(RangeSource):
                                                                   key=lambda kv: kv[1].start)
                 if (rank, n) not in self.crcs.checked and e.nbytes
                 and self.manifest.ranks[rank].tensors[n].checksum is not None]
-        for p in plan_pieces([], left, self.max_gap_bytes, self.piece_bytes):
-            self.read_piece(Piece(p.start, p.stop, (), (), rank, p.spans), None, None)
+        pieces = [Piece(p.start, p.stop, (), (), rank, p.spans)
+                  for p in plan_pieces([], left, self.max_gap_bytes, self.piece_bytes)]
+        if len(pieces) > 1:  # a large file: its pieces at once, as a plan's would be
+            with ThreadPoolExecutor(min(self.concurrency, len(pieces))) as pool:
+                list(pool.map(lambda p: self.read_piece(p, None, None), pieces))
+        elif pieces:
+            self.read_piece(pieces[0], None, None)
         for n, e in self.entries(rank).items():  # empty tensors pass no byte
             if not e.nbytes:
                 self.crcs.add((rank, n), 0, 0, 0)
