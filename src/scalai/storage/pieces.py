@@ -84,14 +84,16 @@ def plan_pieces(reads: Sequence[list[tuple[int, int]]], cover: Sequence[tuple[in
         live = [(a, b) for a, b in runs if b > a]
         if live:
             items.append((min(a for a, _ in live), max(b for _, b in live), i, runs))
-    items += [(a, b, -1, ()) for a, b in cover if b > a]
+    # cover ranges in pieces of at most ``max_bytes``, so that a file read whole is several
+    # requests (at once, on S3) rather than one
+    items += [(x, min(x + max_bytes, b), -1, ()) for a, b in cover for x in range(a, b, max(1, max_bytes))]
     items.sort(key=lambda t: (t[0], t[1]))
     pieces: list[Piece] = []
     group: list = []
     lo = hi = 0
     for item in items + [None]:
         if group and (item is None or item[0] > hi + max_gap or (item[0] >= hi and hi - lo >= max_bytes)):
-            pieces.extend(_close(group, lo, hi, max_bytes, max_gap))
+            pieces.append(_close(group, lo, hi, max_gap))
             group = []
         if item is None:
             break
@@ -102,11 +104,8 @@ def plan_pieces(reads: Sequence[list[tuple[int, int]]], cover: Sequence[tuple[in
     return pieces
 
 
-def _close(group: list, lo: int, hi: int, max_bytes: int, max_gap: int) -> list[Piece]:
-    """A group's piece; a cover range alone past ``max_bytes`` is cut into several."""
-    if len(group) == 1 and group[0][2] < 0 and hi - lo > max_bytes:
-        return [Piece(a, min(a + max_bytes, hi), (), (), spans=((a, min(a + max_bytes, hi)),))
-                for a in range(lo, hi, max_bytes)]
+def _close(group: list, lo: int, hi: int, max_gap: int) -> Piece:
+    """A group's piece: its windows' runs, and spans of runs and cover ranges."""
     runs, reads, ranges = [], [], []
     for first, last, i, item_runs in group:
         if i < 0:
@@ -125,7 +124,7 @@ def _close(group: list, lo: int, hi: int, max_bytes: int, max_gap: int) -> list[
             spans[-1][1] = max(spans[-1][1], b)
         else:
             spans.append([a, b])
-    return [Piece(lo, hi, tuple(reads), tuple(runs), spans=tuple((a, b) for a, b in spans))]
+    return Piece(lo, hi, tuple(reads), tuple(runs), spans=tuple((a, b) for a, b in spans))
 
 
 class CrcCheck:
