@@ -13,8 +13,11 @@ How:
    for copies from addressable sources (its copies are written together: streamed,
    assembled or copied in place, see :mod:`scalai.storage.filler`), one per block of at
    most ``block_bytes`` for copies from ranged sources (small blocks of one source rank
-   packed into one ``read_many`` call up to that size). Tasks run on a thread pool,
-   largest first (so the last ones to finish are small ones), ``from_new`` copies (a host
+   packed into one ``read_many`` call up to that size), or, from a source that
+   ``streams`` (an object store), one per piece the source plans for all the blocks of
+   one source rank (a request streamed into the blocks it serves). Tasks run on a thread
+   pool, largest first (so the last ones to finish are small ones; a sink that declares
+   ``in_order`` gets them in its files' order instead), ``from_new`` copies (a host
    fan-out) after all others.
 3. The rule for bytes that move unchanged lives here (``_source_crc``): a copy of a
    whole source tensor whose source records its CRC-32, into a contiguous range of a sink
@@ -34,7 +37,9 @@ How:
    starts, a device copy is made) while other tensors are still being filled.
 
 Memory bound: besides the sink's own (page cache, RAM it holds), one buffer of
-:data:`~scalai.storage.blocks.CHUNK_BYTES` (or a ranged source's ``block_bytes``) per worker;
+:data:`~scalai.storage.blocks.CHUNK_BYTES` (or a ranged source's ``block_bytes``) per worker
+(a streamed piece: the source's chunks in flight, and a buffer for each block it is filling
+that cannot land in the sink's memory directly);
 a sink without arrays also gets each tensor whose windows are too strided to cut by rows
 assembled whole once (see :meth:`Filler.staged`).
 
