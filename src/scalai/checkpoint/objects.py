@@ -195,8 +195,9 @@ class ObjectSource(RangeSource):
     Args:
         url: the checkpoint's URL (the prefix of its objects).
         fs: an fsspec filesystem to use instead of the one the URL names (tests).
-        max_gap_bytes: runs closer than this are fetched in one GET; 0 reads exactly the
-            windows' bytes.
+        max_gap_bytes: runs closer than this are fetched in one GET, and a file a plan
+            needs ``whole_fraction`` of is read whole; 0 reads exactly the windows' bytes
+            (but of files this reader checks).
 
     Raises:
         CheckpointError: no manifest (nothing committed there), an invalid one, or the
@@ -208,7 +209,9 @@ class ObjectSource(RangeSource):
     coalesce = True
     streams = True
     #: A GET of a piece is closed at the first window end past this many bytes.
-    piece_bytes = 64 << 20
+    piece_bytes = 128 << 20
+    #: A file a plan needs at least this fraction of is read whole (a few large GETs).
+    whole_fraction = 0.5
     #: Bytes of a GET's body handled at once (two per GET in memory: one arriving, one copied).
     chunk_bytes = 4 << 20
 
@@ -364,19 +367,23 @@ class ObjectSource(RangeSource):
         every tensor in them): what a reader assigned to check them does."""
         self._whole.update(ranks)
 
-    def pieces(self, rank: int, reads) -> list[Piece]:
-        """The GETs that fetch ``reads`` (``(tensor, window)`` of ``rank``'s tensors, the
-        windows a plan reads), by file; ``Piece.reads`` index ``reads``."""
+    def pieces(self, reads) -> list[Piece]:
+        """The GETs that fetch ``reads`` (``(rank, tensor, window)``: the windows a plan
+        reads), by file; ``Piece.reads`` index ``reads``. A file the plan needs at least
+        ``whole_fraction`` of, or one this reader checks (:meth:`read_whole`), is read whole."""
         by_file: dict[int, list[int]] = {}
         runs: list[list[tuple[int, int]]] = []
-        for i, (tensor, window) in enumerate(reads):
+        for i, (rank, tensor, window) in enumerate(reads):
             owner = self.stored_in(rank, tensor)
             entry = self.entries(owner)[tensor]
             runs.append(window_runs(entry.start, entry.shape, itemsize(entry.dtype), window))
             by_file.setdefault(owner, []).append(i)
         out = []
         for owner, indices in by_file.items():
-            cover = [self._data_range(owner)] if owner in self._whole else []
+            lo, hi = self._data_range(owner)
+            needed = sum(b - a for i in indices for a, b in runs[i])
+            whole = owner in self._whole or (self.max_gap_bytes > 0 and needed >= self.whole_fraction * (hi - lo))
+            cover = [(lo, hi)] if whole else []
             for p in plan_pieces([runs[i] for i in indices], cover, self.max_gap_bytes, self.piece_bytes):
                 out.append(Piece(p.start, p.stop, tuple(indices[j] for j in p.reads),
                                  tuple((a, b, indices[j], at) for a, b, j, at in p.runs), owner, p.spans))
@@ -387,9 +394,10 @@ class ObjectSource(RangeSource):
         return (min((e.start for e in entries), default=0), self.manifest.ranks[rank].nbytes)
 
     def read_piece(self, piece: Piece, out, done) -> None:
-        """Fetch ``piece`` (one GET, its body streamed) into the outputs of its windows:
-        ``out(i)`` gives read ``i``'s bytes (uint8, called at its first byte), ``done(i)``
-        says they are all there. Tensors whose bytes all passed are checked.
+        """Fetch ``piece`` (a GET per span, its body streamed) into the outputs of its
+        windows: ``out(i)`` gives read ``i``'s bytes (uint8, called at its first byte),
+        ``done(i)`` says they are all there. In a file this reader checks (:meth:`read_whole`,
+        or :meth:`check`: ``out`` None), tensors whose bytes all passed are checked.
 
         Raises:
             ChecksumError: a tensor that passed whole differs from its record.
@@ -397,7 +405,8 @@ class ObjectSource(RangeSource):
         """
         tensors = [((piece.file, n), e.start, e.nbytes) for n, e in sorted(
             self.entries(piece.file).items(), key=lambda kv: kv[1].start)]
-        feed = PieceFeed(piece, tensors, out, done, self.crcs)
+        checking = out is None or piece.file in self._whole  # a file another reader checks: no CRC here
+        feed = PieceFeed(piece, tensors, out, done, self.crcs if checking else None)
         for a, b in piece.spans:
             feed.seek(a)
             self._stream(piece.file, a, b, feed.feed)

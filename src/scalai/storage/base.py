@@ -156,11 +156,12 @@ class RangeSource(TensorSource):
             a read is a ``pread`` (packing would only hold more destination tensors half
             written at once).
         streams: plans read it by pieces (:mod:`scalai.storage.pieces`): the runner hands
-            over every window it reads from one rank at once (:meth:`pieces`), and runs each
+            over every window it reads from it at once (:meth:`pieces`), and runs each
             piece, one request streamed into the windows it serves (:meth:`read_piece`);
-            every stored tensor whose bytes all pass is checked against its CRC-32 on the
-            way (:meth:`check` checks the rest of a rank's). For a medium where a request
-            costs far more than its bytes (an object store).
+            the files it is told to check (:meth:`read_whole`) are read whole, every stored
+            tensor checked against its CRC-32 as its bytes pass (:meth:`check` checks the
+            rest of a rank's). For a medium where a request costs far more than its bytes
+            (an object store).
     """
 
     block_bytes: int = 8 << 20
@@ -173,9 +174,9 @@ class RangeSource(TensorSource):
         """Copy the elements ``window`` selects from ``rank``'s ``tensor`` into ``out``
         (a C-contiguous raw array of shape ``window.shape``)."""
 
-    def pieces(self, rank: int, reads: Sequence[tuple[str, Window]]) -> list:
+    def pieces(self, reads: Sequence[tuple[int, str, Window]]) -> list:
         """A source that ``streams``: the requests (:class:`~scalai.storage.pieces.Piece`)
-        that fetch every ``(tensor, window)`` of ``rank`` a plan reads. Pure."""
+        that fetch every ``(rank, tensor, window)`` a plan reads from it. Pure."""
         raise NotImplementedError(f"{type(self).__name__} does not stream")
 
     def read_piece(self, piece, out: Callable[[int], np.ndarray] | None,

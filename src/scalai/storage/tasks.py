@@ -14,9 +14,9 @@ tensor how its copies run from what the source's parts and the sink declare:
   ``read_many`` call, so that a medium where a request costs more than its bytes (an object
   store, a peer store over HTTP) fetches neighbours together;
 - ``stream``: for a blocking ranged source that ``streams`` (an object store), one piece
-  (:mod:`scalai.storage.pieces`) of the blocks read from one source rank: the source is
-  handed all of that rank's blocks at once and says which requests fetch them; each piece
-  is one task whose ``members`` are the blocks it serves;
+  (:mod:`scalai.storage.pieces`) of the blocks read from it: the source is handed all the
+  blocks at once and says which requests fetch them; each piece is one task whose
+  ``members`` are the blocks it serves;
 - ``staged``: a whole tensor assembled in a buffer, for a sink without arrays whose windows
   cannot be written as contiguous runs.
 
@@ -246,17 +246,17 @@ def group(plan: Plan, source: TensorSource, sink: TensorSink) -> Grouping:
 
 def _streamed_blocks(tasks: list[Task]) -> list[Task]:
     """``tasks`` with the blocks of blocking sources that ``streams`` grouped by the pieces
-    the source reads them in (all blocks of one source rank handed over at once)."""
-    by_rank: dict[tuple[int, int], list[Task]] = defaultdict(list)
+    the source reads them in (all blocks read from one source handed over at once)."""
+    by_part: dict[int, list[Task]] = defaultdict(list)
     out = []
     for t in tasks:
         if t.kind == "block" and isinstance(t.part, RangeSource) and t.part.streams:
-            by_rank[(id(t.part), t.copies[0].src_rank)].append(t)
+            by_part[id(t.part)].append(t)
         else:
             out.append(t)
-    for (_, src_rank), blocks in by_rank.items():
+    for blocks in by_part.values():
         part = blocks[0].part
-        for piece in part.pieces(src_rank, [(t.tensor, t.block[0]) for t in blocks]):
+        for piece in part.pieces([(t.copies[0].src_rank, t.tensor, t.block[0]) for t in blocks]):
             members = [blocks[i] for i in piece.reads]
             if members:
                 first = members[0]
