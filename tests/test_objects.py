@@ -207,7 +207,9 @@ def test_a_save_holds_a_few_parts_in_memory_not_the_rank_file():
 
     ptc = model_ptc("gpt-tiny", "tp=1,pp=1,dp=1")  # one rank file of ~3.9 MB
     arrays = local_raw(ptc, global_raw(ptc, seed=8))
-    part, workers, uploaders = 32 << 10, 2, 2
+    # one worker: on this backend parts go out in file order, so a second worker running
+    # ahead of a slow one would make its parts wait (S3's multipart takes them in any order)
+    part, workers, uploaders = 32 << 10, 1, 2
     plan = identity_plan(ptc, [0])
     tracemalloc.start()
     try:
@@ -228,3 +230,32 @@ def test_a_save_holds_a_few_parts_in_memory_not_the_rank_file():
     bound = (workers + 1 + 3 * uploaders) * part + (1 << 20)
     assert bound * 2 < file_bytes
     assert peak < bound, f"a save held {peak} bytes, a bound of {bound} (rank file: {file_bytes})"
+
+
+def test_a_checking_load_fetches_no_header_apart_and_the_checker_compares_it(memfs):
+    """With others_checked (a load with verify), layouts come from the manifest: no header
+    GET; the reader that checks a file compares its header bytes as they pass, and one that
+    differs in a single byte (still valid JSON) is refused."""
+    fs, prefix = memfs
+    old, new = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1"), model_ptc("gpt-tiny", "tp=1,pp=1,dp=1")
+    glob = global_raw(old, seed=7)
+    _save(fs, f"{prefix}/h", old, local_raw(old, glob))
+    plan = _one_host(old, new)
+    want = local_raw(new, glob)[0]
+    with ObjectSource(f"{prefix}/h", fs=fs) as source:
+        source.read_whole([1], others_checked=True)
+        dest = {0: {n: np.zeros(x.shape, x.dtype) for n, x in want.items()}}
+        run_plan(plan, source, ArraysSink(new, dest), workers=2)
+        assert source.header_bytes == 0, "no header fetched apart"
+        assert all(np.array_equal(dest[0][n], x) for n, x in want.items())
+    root = f"{prefix.split('://')[1]}/h"
+    data = bytearray(fs.cat_file(f"{root}/rank-00001.safetensors"))
+    n = int.from_bytes(data[:8], "little")
+    assert data[8 + n - 1:8 + n] == b" "  # the header's padding
+    data[8 + n - 1] = ord("\t")
+    fs.pipe_file(f"{root}/rank-00001.safetensors", bytes(data))
+    with ObjectSource(f"{prefix}/h", fs=fs) as source:
+        source.read_whole([1], others_checked=True)
+        dest = {0: {n: np.zeros(x.shape, x.dtype) for n, x in want.items()}}
+        with pytest.raises(CheckpointError, match="rank-00001.safetensors is not laid out as its manifest says"):
+            run_plan(plan, source, ArraysSink(new, dest), workers=2)

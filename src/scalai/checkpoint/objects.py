@@ -241,6 +241,8 @@ class ObjectSource(RangeSource):
         self._lock = threading.Lock()
         self._counter = threading.Lock()
         self._whole: set[int] = set()
+        self._predict = False
+        self._headers: dict[int, bytes] = {}  # predicted header bytes still to compare, by file
         self.crcs = CrcCheck(self._expected, lambda key: self.where(key[0]))
 
     def _path(self, rank: int) -> str:
@@ -272,12 +274,24 @@ class ObjectSource(RangeSource):
 
     def entries(self, rank: int) -> dict:
         """The tensor entries of ``rank``'s file (its header, fetched once and checked
-        against the manifest)."""
+        against the manifest; or, after ``read_whole(..., others_checked=True)``, the layout
+        scalai's writers give the manifest's tensors, whose header bytes the file's checker
+        compares as they pass)."""
         found = self._entries.get(rank)
         if found is not None:
             return found
         record = self.manifest.ranks[rank]
         where = self.where(rank)
+        if self._predict:  # the layout scalai's writers give these tensors; checked by the file's checker
+            names = [(n, t.dtype, t.shape) for n, t in record.tensors.items() if t.stored_in is None]
+            meta = {"format": "pt", "scalai.rank": str(rank), "scalai.layout": str(self.ptc.config)}
+            header, entries, size = file_layout(names, meta)
+            if size == record.nbytes:
+                with self._lock:
+                    if rank in self._whole:
+                        self._headers[rank] = header
+                    self._entries[rank] = entries
+                return entries
 
         def bad(why: str) -> CheckpointError:
             return CheckpointError(f"{where} is truncated or corrupt: {why}")
@@ -362,10 +376,15 @@ class ObjectSource(RangeSource):
         rank, tensor = key
         return self.manifest.ranks[rank].tensors[tensor].checksum, self.entries(rank)[tensor].nbytes
 
-    def read_whole(self, ranks) -> None:
+    def read_whole(self, ranks, others_checked: bool = False) -> None:
         """Read the files of these ranks whole whenever a plan reads from them (and so check
-        every tensor in them): what a reader assigned to check them does."""
+        every tensor in them): what a reader assigned to check them does. ``others_checked``:
+        every other file is checked by another reader, headers included (a load with
+        verify), so no header is fetched apart: a file's layout is the one scalai's writers
+        give the manifest's tensors, and the checker of a file compares its header bytes
+        with that layout's as they pass."""
         self._whole.update(ranks)
+        self._predict = self._predict or others_checked
 
     def pieces(self, reads) -> list[Piece]:
         """The GETs that fetch ``reads`` (``(rank, tensor, window)``: the windows a plan
@@ -390,8 +409,10 @@ class ObjectSource(RangeSource):
         return out
 
     def _data_range(self, rank: int) -> tuple[int, int]:
+        """The bytes a whole read covers: the tensors, and the header if it is to be compared."""
         entries = self.entries(rank).values()
-        return (min((e.start for e in entries), default=0), self.manifest.ranks[rank].nbytes)
+        start = 0 if rank in self._headers else min((e.start for e in entries), default=0)
+        return (start, self.manifest.ranks[rank].nbytes)
 
     def read_piece(self, piece: Piece, out, done) -> None:
         """Fetch ``piece`` (a GET per span, its body streamed) into the outputs of its
@@ -407,10 +428,28 @@ class ObjectSource(RangeSource):
             self.entries(piece.file).items(), key=lambda kv: kv[1].start)]
         checking = out is None or piece.file in self._whole  # a file another reader checks: no CRC here
         feed = PieceFeed(piece, tensors, out, done, self.crcs if checking else None)
+        header = self._headers.get(piece.file) if piece.spans and piece.spans[0][0] == 0 else None
         for a, b in piece.spans:
             feed.seek(a)
-            self._stream(piece.file, a, b, feed.feed)
+            take = feed.feed if header is None or a else self._header_check(piece.file, header, feed.feed)
+            self._stream(piece.file, a, b, take)
         feed.finish()
+
+    def _header_check(self, rank: int, header: bytes, feed):
+        """``feed``, after comparing the first bytes with the predicted ``header``."""
+        seen = bytearray()
+
+        def take(chunk) -> None:
+            if len(seen) < len(header):
+                seen.extend(memoryview(chunk)[:len(header) - len(seen)])
+                if len(seen) == len(header) or len(seen) < len(header) and len(chunk) == 0:
+                    if bytes(seen) != header:
+                        raise CheckpointError(f"{self.where(rank)} is not laid out as its manifest says (its "
+                                              f"header differs); the object was replaced: use an earlier "
+                                              f"checkpoint")
+                    self._headers.pop(rank, None)
+            feed(chunk)
+        return take
 
     def check(self, rank: int) -> None:
         """Check every tensor of ``rank``'s file not checked yet (streams what is left).
@@ -422,6 +461,8 @@ class ObjectSource(RangeSource):
                                                                   key=lambda kv: kv[1].start)
                 if (rank, n) not in self.crcs.checked and e.nbytes
                 and self.manifest.ranks[rank].tensors[n].checksum is not None]
+        if rank in self._headers:
+            left.insert(0, (0, len(self._headers[rank])))
         pieces = [Piece(p.start, p.stop, (), (), rank, p.spans)
                   for p in plan_pieces([], left, self.max_gap_bytes, self.piece_bytes)]
         if len(pieces) > 1:  # a large file: its pieces at once, as a plan's would be

@@ -268,7 +268,7 @@ def load(job: JobState, source: Any, *, verify: bool = True, placement: Placemen
         copies = plan.copies_into(rank)
         if streamed:  # each saved file read whole, and so checked, by the rank that needs most of it
             checks = _checked_here(reader, plan, rank, size)
-            reader.read_whole(checks)
+            reader.read_whole(checks, others_checked=True)
         t3 = time.perf_counter()
         copied = agree("load: copy into the live tensors", lambda: _fill(job, reader, plan, target), job.group)
         if streamed:  # what no read passed whole (a file this rank reads nothing of)
