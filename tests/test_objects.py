@@ -18,7 +18,8 @@ from scalai.models import model_ptc
 from scalai.planner import Deployment, identity_plan, make_plan
 from scalai.storage import ArraysSink, ArraysSource, run_plan
 from scalai.storage.verify import verify_source
-from scalai.checkpoint.objects import ObjectSink, ObjectSource
+from scalai.checkpoint.object_source import ObjectSource
+from scalai.checkpoint.objects import ObjectSink
 from test_checkpoint import global_raw, local_raw
 from test_storage import CASES
 

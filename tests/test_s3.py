@@ -17,7 +17,7 @@ import uuid
 import numpy as np
 import pytest
 
-from scalai.checkpoint.objects import ObjectSource
+from scalai.checkpoint.object_source import ObjectSource
 from scalai.dtypes import itemsize
 from scalai.errors import CheckpointError
 from scalai.models import model_ptc

@@ -13,7 +13,8 @@ import os
 from typing import Any, Mapping
 
 from .checkpoint import Checkpoint, CheckpointWriter
-from .checkpoint.objects import ObjectSink, ObjectSource, is_object_url, object_exists
+from .checkpoint.object_source import ObjectSource
+from .checkpoint.objects import ObjectSink, is_object_url, object_exists
 from .layout.ptc import PTC
 from .storage.base import TensorSink, TensorSource
 from .storage.memory import SCHEME as MEMORY, MemorySink, MemorySource, memory_checkpoints
