@@ -535,3 +535,33 @@ def test_a_failed_copy_stops_the_source_check_alongside_it(tmp_path, monkeypatch
         reshard_checkpoint(tmp_path / "a", tmp_path / "b", "tp=1,pp=1,dp=1", verify=True)
     assert not (tmp_path / "b").exists() and [p.name for p in tmp_path.iterdir()] == ["a"]
     assert not [t for t in threading.enumerate() if t.name.startswith("scalai-verify")]
+
+
+def test_the_dealer_keeps_each_thread_to_its_own_files_and_hands_out_every_task_once():
+    """Two threads, three destination ranks (files): each thread writes only the ranks dealt
+    to it while they last (the largest rank alone on one thread), then helps with the rank
+    that has the most bytes left; every task comes out once, each rank's in phase order."""
+    from scalai.storage.tasks import Dealer, Task
+
+    sizes = {0: [50, 40, 30], 1: [20, 20], 2: [10, 10, 10, 10]}  # bytes: rank 0 120, rank 1 40, rank 2 40
+    phase = [Task("arrays", r, f"t{r}.{i}", [], n) for r, ns in sizes.items() for i, n in enumerate(ns)]
+    dealer = Dealer(phase, 2)
+    assert sorted(map(sorted, dealer.dealt)) == [[0], [1, 2]]
+    heavy, seq = dealer.dealt.index([0]), []
+    light = 1 - heavy
+
+    def take(worker):
+        task = dealer.next(worker)
+        if task is not None:
+            seq.append((worker, task))
+        return task
+
+    assert take(heavy).rank == 0  # the heavy thread starts its rank 0 ...
+    while (t := take(light)) is not None:  # ... the light one does ranks 1 and 2, then helps
+        pass
+    light_ranks = [t.rank for w, t in seq if w == light]
+    assert set(light_ranks[:6]) == {1, 2} and set(light_ranks[6:]) <= {0}
+    assert take(heavy) is None
+    assert sorted(id(t) for _, t in seq) == sorted(id(t) for t in phase)  # each task exactly once
+    for r in sizes:  # in phase order within each rank
+        assert [t for _, t in seq if t.rank == r] == [t for t in phase if t.rank == r]

@@ -69,7 +69,7 @@ from .base import (ArraySink, ArraySource, AsyncRangeSource, FileSink, FileSourc
 from .blocks import select, split_window, window_span
 from .checksum import crc32, crc32_of_range
 from .filler import PARTS, Clock, Filler
-from .tasks import Task, group, uncovered
+from .tasks import Dealer, Task, group, uncovered
 
 __all__ = ["run_plan", "run_plan_async", "RunReport", "default_workers"]
 
@@ -513,15 +513,16 @@ class _Run:
 
     # -- drivers ------------------------------------------------------------------------
     def run_threads(self, pool: Executor) -> None:
-        """Every task on the pool's threads, each thread taking the next task in order; after
-        a failure no task starts, the running ones end, and the first error is raised."""
+        """Every task on the pool's threads, each thread keeping to the destination files
+        dealt to it (:class:`~.tasks.Dealer`); after a failure no task starts, the running
+        ones end, and the first error is raised."""
         for phase in self.phases:  # from_new copies read what the first phase wrote
-            tasks, lock, failed = iter(phase), threading.Lock(), []
+            n = min(self.workers, len(phase))
+            dealer, failed = Dealer(phase, n), []
 
-            def worker() -> None:
+            def worker(i: int) -> None:
                 while not failed:
-                    with lock:
-                        task = next(tasks, None)
+                    task = dealer.next(i)
                     if task is None:
                         return
                     try:
@@ -529,7 +530,7 @@ class _Run:
                     except BaseException as exc:  # noqa: BLE001 - raised below, in the caller
                         failed.append(exc)
 
-            wait([pool.submit(worker) for _ in range(min(self.workers, len(phase)))])
+            wait([pool.submit(worker, i) for i in range(n)])
             if failed:
                 raise failed[0]
 

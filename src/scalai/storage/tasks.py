@@ -26,6 +26,7 @@ largest first, blocks of equal size taking every source host's turn in turn.
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from math import prod
@@ -293,3 +294,39 @@ def _pack_small_blocks(tasks: list[Task], plan: Plan) -> list[Task]:
                 pack.append(t)
                 size += t.nbytes
     return out
+
+
+class Dealer:
+    """Hands a phase's tasks to ``workers`` threads, each thread keeping to the destination
+    ranks (files) dealt to it: writes into one file serialize in the kernel (tmpfs, ext4:
+    the inode's lock), so two threads writing one file wait for each other while another
+    file could be written. Ranks are dealt by bytes (the largest to the least loaded
+    thread); a thread whose ranks are done takes from the rank with the most bytes left.
+    Each rank's tasks keep the phase's order. Thread-safe."""
+
+    def __init__(self, tasks: list[Task], workers: int):
+        self._queues: dict[int, list[Task]] = defaultdict(list)
+        for t in tasks:
+            self._queues[t.rank].append(t)
+        for q in self._queues.values():
+            q.reverse()  # pop() from the end: the phase's order
+        self._left = {r: sum(t.nbytes for t in q) for r, q in self._queues.items()}
+        loads = [0] * max(1, workers)
+        self.dealt: list[list[int]] = [[] for _ in loads]
+        for r in sorted(self._left, key=lambda r: (-self._left[r], r)):
+            i = loads.index(min(loads))
+            self.dealt[i].append(r)
+            loads[i] += self._left[r]
+        self._lock = threading.Lock()
+
+    def next(self, worker: int) -> Task | None:
+        """The next task for thread ``worker`` (0 <= worker < workers); None when none is left."""
+        with self._lock:
+            mine = [r for r in self.dealt[worker] if self._queues[r]]
+            pool = mine or [r for r, q in self._queues.items() if q]
+            if not pool:
+                return None
+            rank = max(pool, key=lambda r: self._left[r]) if not mine else mine[0]
+            task = self._queues[rank].pop()
+            self._left[rank] -= task.nbytes
+            return task
