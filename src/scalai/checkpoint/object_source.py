@@ -1,9 +1,9 @@
 """Reading a checkpoint at an fsspec URL (``s3://``, ``gs://``, ...): :class:`ObjectSource`,
-the plan runner's :class:`~scalai.storage.RangeSource` of object storage (the format, the
+the plan runner's :class:`~scalai.storage.StreamingSource` of object storage (the format, the
 URLs and the credentials: :mod:`scalai.checkpoint.objects`, which writes them).
 
 It reads the manifest and, per rank file on first use, its safetensors header (one ranged
-GET). Plans read it in pieces (``streams``, :mod:`scalai.storage.pieces`): every window a
+GET). Plans read it in pieces (:mod:`scalai.storage.pieces`): every window a
 plan reads from one rank file is handed over at once; byte runs closer than
 ``max_gap_bytes`` share a GET whose body is streamed into the windows in chunks, so a file
 the plan needs most of costs a few large GETs and one it needs little of costs ranged GETs
@@ -24,7 +24,7 @@ from ..errors import CheckpointError
 from ..layout.ptc import PTC
 from ..planner.plan import Window
 from ..regions import flat_runs
-from ..storage.base import RangeSource
+from ..storage.base import StreamingSource
 from ..storage.pieces import CrcCheck, Piece, PieceFeed, plan_pieces, window_runs
 from . import uploads
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, parse_manifest
@@ -34,10 +34,10 @@ from .safetensors_io import file_layout, header_length, parse_header
 __all__ = ["ObjectSource"]
 
 
-class ObjectSource(RangeSource):
+class ObjectSource(StreamingSource):
     """The committed checkpoint at an fsspec URL, read with ranged GETs.
 
-    Plans read it in pieces (``streams``): every window a plan reads from one rank file is
+    Plans read it in pieces: every window a plan reads from one rank file is
     handed over at once, their byte runs closer than ``max_gap_bytes`` share one GET (the
     bytes between are read and dropped), a GET covers at most about ``piece_bytes``, and
     its body is read in chunks of ``chunk_bytes`` as it arrives (S3 through s3fs; other
@@ -62,7 +62,6 @@ class ObjectSource(RangeSource):
     block_bytes = 8 << 20
     concurrency = 16
     coalesce = True
-    streams = True
     #: A GET of a piece is closed at the first window end past this many bytes.
     piece_bytes = 128 << 20
     #: A file a plan needs at least this fraction of is read whole (a few large GETs).

@@ -55,7 +55,7 @@ from ..layout.ptc import PTC
 from ..planner.plan import Window
 from ..regions import Region
 
-__all__ = ["TensorSource", "ArraySource", "FileSource", "RangeSource", "AsyncRangeSource", "TensorSink",
+__all__ = ["TensorSource", "ArraySource", "FileSource", "RangeSource", "StreamingSource", "AsyncRangeSource", "TensorSink",
            "ArraySink", "FileSink", "copy_bytes", "same_tensors"]
 
 
@@ -155,46 +155,16 @@ class RangeSource(TensorSource):
             small windows of one rank over together (:meth:`read_many`). Off for media where
             a read is a ``pread`` (packing would only hold more destination tensors half
             written at once).
-        streams: plans read it by pieces (:mod:`scalai.storage.pieces`): the runner hands
-            over every window it reads from it at once (:meth:`pieces`), and runs each
-            piece, one request streamed into the windows it serves (:meth:`read_piece`);
-            the files it is told to check (:meth:`read_whole`) are read whole, every stored
-            tensor checked against its CRC-32 as its bytes pass (:meth:`check` checks the
-            rest of a rank's). For a medium where a request costs far more than its bytes
-            (an object store).
     """
 
     block_bytes: int = 8 << 20
     concurrency: int = 8
     coalesce: bool = False
-    streams: bool = False
 
     @abstractmethod
     def read_into(self, rank: int, tensor: str, window: Window, out: np.ndarray) -> None:
         """Copy the elements ``window`` selects from ``rank``'s ``tensor`` into ``out``
         (a C-contiguous raw array of shape ``window.shape``)."""
-
-    def pieces(self, reads: Sequence[tuple[int, str, Window]]) -> list:
-        """A source that ``streams``: the requests (:class:`~scalai.storage.pieces.Piece`)
-        that fetch every ``(rank, tensor, window)`` a plan reads from it. Pure."""
-        raise NotImplementedError(f"{type(self).__name__} does not stream")
-
-    def read_piece(self, piece, out: Callable[[int], np.ndarray] | None,
-                   done: Callable[[int], None] | None) -> None:
-        """A source that ``streams``: fetch ``piece``; the bytes of read ``i`` (an index
-        into the reads given to :meth:`pieces`) go into ``out(i)`` (uint8, called at
-        its first byte), and ``done(i)`` is called once they are all there."""
-        raise NotImplementedError(f"{type(self).__name__} does not stream")
-
-    def read_whole(self, ranks: Sequence[int]) -> None:
-        """A source that ``streams``: read these ranks' files whole whenever a plan reads
-        from them (so that every tensor in them is checked on the way)."""
-        raise NotImplementedError(f"{type(self).__name__} does not stream")
-
-    def check(self, rank: int) -> None:
-        """A source that ``streams``: check every stored tensor of ``rank`` that did not
-        pass whole yet (reading what is left)."""
-        raise NotImplementedError(f"{type(self).__name__} does not stream")
 
     def read_many(self, rank: int, reads: Sequence[tuple[str, Window, np.ndarray]]) -> None:
         """:meth:`read_into` for several ``(tensor, window, out)`` of ``rank`` at once: the
@@ -203,6 +173,37 @@ class RangeSource(TensorSource):
         than its bytes (an object store) fetches neighbouring windows together."""
         for tensor, window, out in reads:
             self.read_into(rank, tensor, window, out)
+
+
+class StreamingSource(RangeSource):
+    """A :class:`RangeSource` that plans read by pieces (:mod:`scalai.storage.pieces`): the
+    runner hands over every window it reads from it at once (:meth:`pieces`) and runs each
+    piece, one request streamed into the windows it serves (:meth:`read_piece`); the files
+    it is told to check (:meth:`read_whole`) are read whole, every stored tensor checked
+    against its CRC-32 as its bytes pass (:meth:`check` checks the rest of a rank's). For a
+    medium where a request costs far more than its bytes (an object store)."""
+
+    @abstractmethod
+    def pieces(self, reads: Sequence[tuple[int, str, Window]]) -> list:
+        """The requests (:class:`~scalai.storage.pieces.Piece`)
+        that fetch every ``(rank, tensor, window)`` a plan reads from it. Pure."""
+
+    @abstractmethod
+    def read_piece(self, piece, out: Callable[[int], np.ndarray] | None,
+                   done: Callable[[int], None] | None) -> None:
+        """Fetch ``piece``; the bytes of read ``i`` (an index
+        into the reads given to :meth:`pieces`) go into ``out(i)`` (uint8, called at
+        its first byte), and ``done(i)`` is called once they are all there."""
+
+    @abstractmethod
+    def read_whole(self, ranks: Sequence[int]) -> None:
+        """Read these ranks' files whole whenever a plan reads
+        from them (so that every tensor in them is checked on the way)."""
+
+    @abstractmethod
+    def check(self, rank: int) -> None:
+        """Check every stored tensor of ``rank`` that did not
+        pass whole yet (reading what is left)."""
 
 
 class AsyncRangeSource(TensorSource):

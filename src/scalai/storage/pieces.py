@@ -1,7 +1,7 @@
 """Reading one stored file as a few large requests: which byte ranges to fetch, and what
 each fetched byte is for. Pure planning plus the bookkeeping of one streamed request.
 
-A :class:`~scalai.storage.RangeSource` that declares ``streams`` (an object store) is handed
+A :class:`~scalai.storage.StreamingSource` (an object store) is handed
 every window a plan reads from one rank file at once. :func:`plan_pieces` groups the
 windows' byte runs, in file order, into **pieces**: one request each, covering the runs of
 the windows it serves and the gaps between them. Runs closer than ``max_gap`` share a

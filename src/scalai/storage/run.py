@@ -13,8 +13,8 @@ How:
    for copies from addressable sources (its copies are written together: streamed,
    assembled or copied in place, see :mod:`scalai.storage.filler`), one per block of at
    most ``block_bytes`` for copies from ranged sources (small blocks of one source rank
-   packed into one ``read_many`` call up to that size), or, from a source that
-   ``streams`` (an object store), one per piece the source plans for all the blocks of
+   packed into one ``read_many`` call up to that size), or, from
+   a ``StreamingSource`` (an object store), one per piece the source plans for all the blocks of
    one source rank (a request streamed into the blocks it serves). Tasks run on a thread
    pool, largest first (so the last ones to finish are small ones; a sink that declares
    ``in_order`` gets them in its files' order instead), ``from_new`` copies (a host

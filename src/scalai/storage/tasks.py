@@ -13,7 +13,7 @@ tensor how its copies run from what the source's parts and the sink declare:
   source's tensor order up to ``block_bytes`` (and :data:`MAX_PACKED` blocks): one
   ``read_many`` call, so that a medium where a request costs more than its bytes (an object
   store, a peer store over HTTP) fetches neighbours together;
-- ``stream``: for a blocking ranged source that ``streams`` (an object store), one piece
+- ``stream``: for a ``StreamingSource`` (an object store), one piece
   (:mod:`scalai.storage.pieces`) of the blocks read from it: the source is handed all the
   blocks at once and says which requests fetch them; each piece is one task whose
   ``members`` are the blocks it serves;
@@ -38,7 +38,7 @@ from ..errors import PlanError
 from ..planner.plan import Copy, Plan, Window
 from ..regions import Region, subtract
 from . import blocks as _blocks
-from .base import ArraySink, ArraySource, AsyncRangeSource, RangeSource, TensorSink, TensorSource
+from .base import ArraySink, ArraySource, AsyncRangeSource, RangeSource, StreamingSource, TensorSink, TensorSource
 from .blocks import split_window, window_span
 
 __all__ = ["check_plan", "uncovered", "Dest", "Task", "Grouping", "group", "SMALL_FRACTION", "MAX_PACKED"]
@@ -246,12 +246,12 @@ def group(plan: Plan, source: TensorSource, sink: TensorSink) -> Grouping:
 
 
 def _streamed_blocks(tasks: list[Task]) -> list[Task]:
-    """``tasks`` with the blocks of blocking sources that ``streams`` grouped by the pieces
+    """``tasks`` with the blocks of ``StreamingSource``s grouped by the pieces
     the source reads them in (all blocks read from one source handed over at once)."""
     by_part: dict[int, list[Task]] = defaultdict(list)
     out = []
     for t in tasks:
-        if t.kind == "block" and isinstance(t.part, RangeSource) and t.part.streams:
+        if t.kind == "block" and isinstance(t.part, StreamingSource):
             by_part[id(t.part)].append(t)
         else:
             out.append(t)

@@ -14,7 +14,7 @@ from ..dtypes import raw_numpy
 from ..errors import ChecksumError
 from ..planner.plan import Window
 from ..regions import Region
-from .base import ArraySource, AsyncRangeSource, RangeSource, TensorSource
+from .base import ArraySource, AsyncRangeSource, RangeSource, StreamingSource, TensorSource
 from .blocks import split_window
 from .checksum import checksums, crc32
 from .run import default_workers
@@ -74,7 +74,7 @@ def verify_source(source: TensorSource, ranks: Iterable[int] | None = None, work
     Mapped and in-memory sources are checksummed in parallel chunks of their arrays;
     ranged sources (stores) are streamed, tensors in parallel; sources that ``stream``
     (object stores) check each rank's file in a few large reads, skipping the tensors
-    that passed whole through earlier reads (:meth:`~scalai.storage.RangeSource.check`).
+    that passed whole through earlier reads (:meth:`~scalai.storage.StreamingSource.check`).
 
     Args:
         stop: set from another thread to end the check early (a copy it ran alongside failed).
@@ -88,7 +88,7 @@ def verify_source(source: TensorSource, ranks: Iterable[int] | None = None, work
     order, arrays, ranged, streamed = [], [], [], []
     for rank in ranks:
         part = source.part(rank)
-        if isinstance(part, RangeSource) and part.streams:
+        if isinstance(part, StreamingSource):
             streamed.append((rank, part))
             continue
         for name in source.stored(rank):

@@ -5,7 +5,7 @@ Collective (every rank calls it). Every rank, independently and identically:
 1. opens the saved version (manifest parsed strictly; every rank file present);
 2. checks its share of the saved bytes against their CRC-32s (saved rank ``s`` is
    checked by live rank ``s mod world``: one pass over the checkpoint, in parallel). From
-   a source that ``streams`` (an object store), the check happens during step 4 instead:
+   a :class:`~scalai.storage.StreamingSource` (an object store), the check happens during step 4 instead:
    each saved file is read whole, in a few large GETs, by the live rank that reads most
    of it (:func:`~scalai.storage.verify.assign_checks`), every tensor checked as its bytes
    pass, so that no byte is fetched twice for the check;
@@ -47,7 +47,7 @@ from ..errors import PlanError, ScalaiError
 from ..layout.ptc import PTC
 from ..planner import Deployment, make_plan
 from ..planner.plan import Copy, Plan
-from ..storage.base import RangeSource, TensorSource
+from ..storage.base import RangeSource, StreamingSource, TensorSource
 from ..storage.live import ArraysSink
 from ..storage.run import run_plan
 from ..storage.verify import assign_checks, verify_source
@@ -190,7 +190,7 @@ def _fill(job: JobState, source: TensorSource, plan: Plan, target: PTC) -> int:
 
 
 def _checked_here(source: TensorSource, plan: Plan, rank: int, world: int) -> list[int]:
-    """The saved files this live rank checks while it reads (a source that ``streams``):
+    """The saved files this live rank checks while it reads (a :class:`~scalai.storage.StreamingSource`):
     :func:`~scalai.storage.verify.assign_checks` of the bytes each live rank reads from
     each file."""
     needed: dict[tuple[int, int], int] = defaultdict(int)
@@ -211,7 +211,7 @@ def load(job: JobState, source: Any, *, verify: bool = True, placement: Placemen
             under other names: :func:`scalai.interop.dcp.open_dcp` with its rules).
         verify: check every saved byte against its CRC-32 (split over the ranks; a DCP
             chunk against the CRC its archive records): first, or for a source that
-            ``streams`` (an object store) while the copies read it (each saved file read
+            a :class:`~scalai.storage.StreamingSource` (an object store) while the copies read it (each saved file read
             whole by the rank that needs most of it; a mismatch then fails the load after
             live tensors were written).
         placement: the hosts the live ranks run on, when ``source`` knows where its ranks
@@ -246,7 +246,7 @@ def load(job: JobState, source: Any, *, verify: bool = True, placement: Placemen
     try:
         reader = agree("load: open the saved state", open_source, job.group)
         t1 = time.perf_counter()
-        streamed = verify and isinstance(reader, RangeSource) and reader.streams
+        streamed = verify and isinstance(reader, StreamingSource)
         if verify and not streamed:
             saved_ranks = range(rank, reader.ptc.config.world_size, size)
             agree("load: verify checksums", lambda: verify_source(reader, saved_ranks), job.group)
