@@ -194,6 +194,14 @@ def test_torture_concurrent_writers_killed_at_random(stores, tiny_ckpt, tmp_path
     # and memory returns: no file left once the job is deleted; resident memory near its start
     subprocess.run([SCALAI, "store", "rm", "--job", "gpt", "--stores", urls], check=True, capture_output=True)
     for p in procs:
+        assert not [f for f in _files(p.root) if f.parent.name != "uploads"], _files(p.root)[:5]
+    # a writer killed while writing a local upload file (before asking the store to adopt
+    # it) leaves it until the store sweeps it: once nobody wrote it for max(lease, the idle
+    # timeout of 30 s), checked every second
+    deadline = time.monotonic() + 30 + 15
+    while any(_files(p.root) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for p in procs:
         assert not _files(p.root), _files(p.root)[:5]
         assert p.client().usage()["memory_bytes"] == 0
         grown = _rss(p.proc.pid) - base_rss[p.name]
