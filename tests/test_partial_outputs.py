@@ -48,8 +48,10 @@ def _args(command: str, source, out) -> list[str]:
 
 def _stopped(command: str, source, out):
     """A CLI process stopped mid-write, and its staging directory (full size by now)."""
+    # SIGINT as a terminal sends it: a test run started in the background inherits it ignored
     proc = subprocess.Popen([sys.executable, "-c", _STOPPED_CLI, *_args(command, source, out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = proc.stdout.readline()
     assert line.startswith("staged "), (line, proc.stderr.read() if proc.poll() is not None else "")
     staging = line.split(" ", 1)[1].strip()
