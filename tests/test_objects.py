@@ -216,7 +216,7 @@ def test_a_save_holds_a_few_parts_in_memory_not_the_rank_file():
     try:
         base = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
-        sink = ObjectSink(f"memory://counting/{next(_ids)}", ptc, fs=Counting(), part_bytes=part,
+        sink = ObjectSink(f"memory://counting/{next(_ids)}", ptc, fs=Counting(), part_bytes=part, single_put_bytes=0,
                           upload_workers=uploaders)
         run_plan(plan, ArraysSource(ptc, arrays), sink, workers=workers)
         sink.commit()

@@ -98,6 +98,7 @@ def test_s3_round_trip_across_layouts_is_bit_exact(s3env, tmp_path, monkeypatch,
     from scalai.checkpoint import uploads
 
     monkeypatch.setattr(uploads, "PART_BYTES", 128 << 10)  # every rank file a multipart upload
+    monkeypatch.setattr(uploads, "SINGLE_PUT_BYTES", 0)
     completed = []
     finish = uploads._Multipart.complete
     monkeypatch.setattr(uploads._Multipart, "complete", lambda self: (completed.append(self.count), finish(self)))
@@ -301,6 +302,7 @@ def test_an_aborted_or_killed_save_leaves_no_multipart_upload_behind(s3env, monk
     from scalai.checkpoint.objects import ObjectSink, _filesystem
 
     monkeypatch.setattr(uploads, "PART_BYTES", 16 << 10)  # moto checks part sizes only at completion
+    monkeypatch.setattr(uploads, "SINGLE_PUT_BYTES", 0)
     env = s3env["env"]
     client = boto3.client("s3", endpoint_url=s3env["endpoint"], region_name="us-east-1",
                           aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])

@@ -180,10 +180,14 @@ class ObjectSink(TensorSink):
             turn before writers wait.
         part_bytes: bytes per part (S3 needs at least 5 MiB but for a file's last part;
             default :data:`~scalai.checkpoint.uploads.PART_BYTES`).
+        single_put_bytes: rank files below this size go up whole, in one request, once
+            complete (default :data:`~scalai.checkpoint.uploads.SINGLE_PUT_BYTES`; 0: every
+            file in parts).
 
     Memory: the parts being filled (the runner fills this sink in file order, so about one
-    per worker) and those waiting or being uploaded, at most ``3 x upload_workers``; the
-    high-water mark of both is ``peak_buffered`` (bytes).
+    per worker; a file below ``single_put_bytes`` is one part) and those waiting or being
+    uploaded, at most ``3 x upload_workers``; the high-water mark of both is
+    ``peak_buffered`` (bytes).
 
     Raises:
         FileExistsError: a committed checkpoint is at ``url`` (nothing is touched).
@@ -196,13 +200,15 @@ class ObjectSink(TensorSink):
     in_order = True
 
     def __init__(self, url: str, ptc: PTC, state: Mapping[str, Any] | None = None, fs=None,
-                 upload_workers: int = 8, joined: bool = False, part_bytes: int | None = None):
+                 upload_workers: int = 8, joined: bool = False, part_bytes: int | None = None,
+                 single_put_bytes: int | None = None):
         self.url = url.rstrip("/")
         self.fs, self.root = (fs, self.url.split("://", 1)[-1]) if fs is not None else _filesystem(self.url)
         self.ptc = ptc
         self.state = checked_state(state)
         self._where = redact(self.url)
         self.part_bytes = uploads.PART_BYTES if part_bytes is None else int(part_bytes)
+        self.single_bytes = uploads.SINGLE_PUT_BYTES if single_put_bytes is None else int(single_put_bytes)
         if self.part_bytes < 1:
             raise ValueError(f"part_bytes={part_bytes} must be at least 1 (S3 wants at least "
                              f"{uploads.MIN_PART_BYTES} but for the last part)")
@@ -300,7 +306,7 @@ class ObjectSink(TensorSink):
         if found is None:
             made = uploads.RankUpload(self.fs, f"{self.root}/{rank_file_name(rank)}", header, entries, size,
                                       self.part_bytes, self._submit, f"{self._where}/{rank_file_name(rank)}",
-                                      self._buffer)
+                                      self._buffer, self.single_bytes)
             with self._lock:
                 found = self._files.setdefault(rank, made)
         return found
