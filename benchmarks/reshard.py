@@ -7,15 +7,18 @@ new one by every method below. What each side does:
 
 - **scalai reshard**: ``scalai reshard SRC OUT --to NEW --json`` run in-process through
   ``scalai.cli.main`` (the command's own code; Python start-up and imports are not timed):
-  it plans, then copies into a new checkpoint directory while, by default, it recomputes
-  every CRC-32 of the source on half its threads (``verify``; the commit waits for it):
-  runs of a source tensor's bytes that stay runs in the new file (adjacent copies merged)
-  go file to file in the kernel (``copy_file_range``) with their CRC-32 carried over
-  (recorded, or derived from the recorded one and the few bytes around the run); other
-  windows ``pwrite`` from the source's memory maps in 4 MiB blocks, the CRC-32 of every
-  block computed while it is in cache; writeback of every finished tensor started at once;
-  fsync + renames at commit. Each replica is written once.
-  **scalai reshard --no-verify**: the same without the source check.
+  it plans, then copies into a new checkpoint directory, checking by default every CRC-32
+  of the source (``verify``; the commit waits for it): the source tensors whose bytes the
+  copy reads whole as runs (moved unchanged, the sides of a ZeRO split, whole rows
+  assembled) are checked from the CRC-32s of the 4 MiB blocks it writes with ``pwrite``
+  from the source's memory maps (computed while the block is in cache), the others
+  (replicas no copy reads) on half its threads alongside. Without the check, runs of a
+  source tensor's bytes that stay runs in the new file (adjacent copies merged) go file
+  to file in the kernel (``copy_file_range``) with their CRC-32 carried over (recorded, or
+  derived from the recorded one and the few bytes around the run). Other windows are
+  gathered through a 4 MiB buffer and ``pwrite``, their CRC-32 computed while in cache;
+  writeback of every finished tensor started at once; fsync + renames at commit. Each
+  replica is written once. **scalai reshard --no-verify**: the same without the check.
 - **scalai load, files → RAM**: what a resuming job does (``scalai.training.load``): the
   source's CRC-32s checked (its default; ``--no-verify`` line: skipped), a plan, and the
   new layout's arrays filled from the memory-mapped files. **scalai, RAM → RAM**: the same
@@ -278,8 +281,10 @@ class Row:
 # grouping the plan, creating the files), then seconds summed over its threads: write
 # (pwrite and kernel copies, waiting for the file's turn included), gather (strided windows
 # through a buffer or into arrays), crc (CRC-32 of written blocks, and of the bytes around
-# a run whose CRC is derived). scalai reshard's "verify‖" is the source check's own time,
-# alongside the copy (not a part of the total); "verify wait" what the commit waited for it.
+# a run whose CRC is derived; with the source check, of every block of a source tensor the
+# copy reads whole). scalai reshard's "verify‖" is the own time of the check of the other
+# source tensors, alongside the copy (not a part of the total); "verify wait" what the
+# commit waited for it.
 _RUNNER = (("run_prepare", "prep"), ("run_write", "write·thr"), ("run_copy", "gather·thr"),
            ("run_checksum", "crc·thr"))
 ROWS = (
@@ -355,16 +360,18 @@ def _where(res: Result, method: str, floor: float) -> str:
     """scalai reshard's median wall time cut into its phases, each also as a share of the
     file copy's time, and the plan runner's thread-seconds inside the copy phase."""
     med = lambda part: (res.stats(method, part).median if res.stats(method, part) else 0.0)  # noqa: E731
-    total = med("total")
     phases = [("plan", med("plan")), ("copy", med("copy")), ("verify wait", med("verify")),
               ("crc read-back", med("checksum")), ("fsync + renames", med("sync"))]
-    phases.append(("rest (open, CLI)", max(0.0, total - sum(v for _, v in phases))))
+    keys = ("plan", "copy", "verify", "checksum", "sync")  # the rest: per round, then its median
+    rest = Stats.of([max(0.0, r["total"] - sum(r.get(k, 0.0) for k in keys)) for r in res.samples[method]])
+    phases.append(("rest (open, CLI)", rest.median))
     text = ", ".join(f"{k} {v:.2f} s ({v / floor:.2f} of the file copy)" for k, v in phases if v >= 0.005)
     threads = " · ".join(f"{short} {med(p):.2f}" for p, short in _RUNNER[1:] + (("run_complete", "complete·thr"),)
                          if med(p) >= 0.005)
     checked = med("verified")
     return (text + (f"; inside copy, thread-seconds: {threads}" if threads else "")
-            + (f"; the source check ran alongside the copy for {checked:.2f} s" if checked else ""))
+            + (f"; the check of the source tensors the copy does not read whole ran alongside for {checked:.2f} s"
+               if checked else ""))
 
 
 def summary(results: list[Result], fs: str) -> list[str]:

@@ -565,3 +565,56 @@ def test_the_dealer_keeps_each_thread_to_its_own_files_and_hands_out_every_task_
     assert sorted(id(t) for _, t in seq) == sorted(id(t) for t in phase)  # each task exactly once
     for r in sizes:  # in phase order within each rank
         assert [t for _, t in seq if t.rank == r] == [t for t in phase if t.rank == r]
+
+
+@pytest.mark.parametrize("old_layout,new_layout", [
+    ("tp=2,pp=1,dp=1", "tp=1,pp=1,dp=1"),  # runs, rows assembled from both shards, replicas never read
+    ("tp=1,pp=1,dp=1", "tp=1,pp=2,dp=1"),  # whole tensors, vocabulary padding no copy reads
+    ("tp=1,pp=2,dp=1", "tp=1,pp=2,dp=2,zero=1"),  # ZeRO splits
+    ("tp=1,pp=2,dp=2,zero=1", "tp=2,pp=1,dp=1"),  # flat ZeRO shards gathered back
+])
+def test_reshard_verify_catches_a_flipped_byte_wherever_it_is(tmp_path, monkeypatch, old_layout, new_layout):
+    """Every stored source tensor is checked, whether its bytes pass through the copy
+    (checked on the way) or not (checked alongside): a byte flipped at its start, middle
+    or end (vocabulary padding, which no copy reads) fails the reshard, naming the file
+    and the tensor, and nothing is committed. The oracle is the flip itself."""
+    import scalai.storage.run as run_module
+    from scalai.errors import ChecksumError
+
+    old = model_ptc("llama-tiny", old_layout)
+    src = tmp_path / "src"
+    save_arrays(src, old, local_raw(old, global_raw(old, seed=3), pad=GARBAGE))
+    skipped = []
+    real_verify = run_module.verify_source
+
+    def spy(source, ranks=None, workers=None, stop=None, skip=()):
+        skipped.append(set(skip))
+        return real_verify(source, ranks, workers, stop, skip=skip)
+
+    monkeypatch.setattr(run_module, "verify_source", spy)
+    reshard_checkpoint(src, tmp_path / "clean", new_layout, workers=2, verify=True)
+    assert len(skipped) == 1 and skipped[0], "nothing was checked on the way"
+    with Checkpoint.open(src) as ck:
+        entries = [(r, name, ck.file_range(r, name)) for r in range(old.config.world_size) for name in ck.stored(r)]
+    rng = np.random.default_rng(0)
+    picks = [entries[i] for i in sorted(set(rng.choice(len(entries), size=min(12, len(entries)), replace=False)))]
+    picks += [e for e in entries if e[1] in ("embedding.word_embeddings.weight", "output_layer.weight")][:2]
+    on_the_way = 0
+    for n, (rank, name, (_, start)) in enumerate(picks):
+        path = src / f"rank-{rank:05d}.safetensors"
+        with Checkpoint.open(src) as ck:
+            size = ck.array(rank, name).nbytes
+        for where in (start, start + size // 2, start + size - 1):
+            on_the_way += (rank, name) in skipped[0]
+            raw = bytearray(path.read_bytes())
+            raw[where] ^= 0x5A
+            path.write_bytes(bytes(raw))
+            out = tmp_path / f"out{n}-{where}"
+            try:
+                with pytest.raises(ChecksumError, match=f"rank-{rank:05d}.*tensor {name}:"):
+                    reshard_checkpoint(src, out, new_layout, workers=2, verify=True)
+            finally:
+                raw[where] ^= 0x5A
+                path.write_bytes(bytes(raw))
+            assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(f".out{n}")]
+    assert on_the_way, "no flipped tensor was one checked on the way"

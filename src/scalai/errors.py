@@ -21,6 +21,12 @@ class CheckpointError(ScalaiError):
 class ChecksumError(CheckpointError):
     """Stored bytes do not match the checksum recorded in the manifest."""
 
+    @classmethod
+    def mismatch(cls, where: str, tensor: str, stored: int, computed: int) -> ChecksumError:
+        """The one message for a tensor whose bytes differ from its record."""
+        return cls(f"checksum mismatch in {where}, tensor {tensor}: stored {stored:08x}, computed "
+                   f"{computed:08x}; the data is corrupt: use an earlier checkpoint")
+
 
 class PlanError(ScalaiError):
     """A plan cannot be made or does not cover its destination exactly once."""

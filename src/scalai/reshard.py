@@ -11,9 +11,7 @@ while it is written, so the new checkpoint's checksums cost no second read.
 from __future__ import annotations
 
 import os
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from .checkpoint.staging import check_output
@@ -22,8 +20,7 @@ from .locations import create_sink, exists, is_directory, open_source
 from .models.synth import stored_nbytes
 from .planner.plan import Deployment, Plan
 from .state import carry_state
-from .storage.run import RunReport, default_workers, run_plan
-from .storage.verify import verify_source
+from .storage.run import RunReport, run_plan
 
 __all__ = ["reshard_checkpoint", "ReshardTime"]
 
@@ -31,7 +28,7 @@ __all__ = ["reshard_checkpoint", "ReshardTime"]
 class ReshardTime(float):
     """Total seconds of a reshard, with its parts as attributes (seconds): ``plan``,
     ``copy`` (running the plan), ``verify`` (waiting, after the copy, for the check of the
-    source that ran alongside it), ``checksum`` (reading back what has no CRC yet) and
+    source tensors the copy did not check as they passed), ``checksum`` (reading back what has no CRC yet) and
     ``sync`` (fsync + renames). ``run`` is the runner's report: where ``copy`` went
     (read, copy, checksum, write, ... summed over its threads); ``checked``: the seconds
     the source's check took, overlapped with the copy (not a part of the total)."""
@@ -57,46 +54,6 @@ class ReshardTime(float):
                 f"verify={self.verify:.3f}, checksum={self.checksum:.3f}, sync={self.sync:.3f})")
 
 
-class _SourceCheck:
-    """:func:`~scalai.storage.verify.verify_source` on a thread of its own, alongside the
-    copy: the copy is bound by writes (into one file they take turns), the check by
-    reads, so together they take little more than the copy alone. ``seconds``: its time."""
-
-    def __init__(self, source, workers: int):
-        self.stop = threading.Event()
-        self.seconds = 0.0
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="scalai-verify")
-        self._future = self._pool.submit(self._check, source, workers)
-
-    def _check(self, source, workers: int) -> None:
-        t0 = time.perf_counter()
-        try:
-            verify_source(source, None, workers, self.stop)
-        finally:
-            self.seconds = time.perf_counter() - t0
-
-    def result(self) -> None:
-        """Wait for the check. Raises ChecksumError where the source differs from its record
-        (an interruption while waiting stops the check too)."""
-        try:
-            self._future.result()
-        except BaseException:
-            self.stop.set()
-            raise
-        finally:
-            self._pool.shutdown()
-
-    def cancel(self) -> None:
-        """End the check early (at its next chunk) and wait for its threads."""
-        self.stop.set()
-        try:
-            self._future.result()
-        except BaseException:  # noqa: BLE001 - the copy's own error is the one raised
-            pass
-        finally:
-            self._pool.shutdown()
-
-
 def reshard_checkpoint(src: str | os.PathLike, out: str | os.PathLike, new_config: ParallelConfig | str,
                        placement: Placement | None = None, workers: int | None = None,
                        progress: Callable[[int], None] | None = None,
@@ -106,8 +63,10 @@ def reshard_checkpoint(src: str | os.PathLike, out: str | os.PathLike, new_confi
     The non-tensor state goes through :func:`scalai.state.carry_state`. Bytes move as
     they are, and those that move unchanged keep the CRC their source records, so a
     damaged source stays detectable; with ``verify`` it is detected here: the source's
-    CRC-32s are recomputed alongside the plan and the copy, and the new checkpoint is committed only
-    once they all match (else it is deleted and :class:`ChecksumError` raised).
+    CRC-32s are recomputed during the copy (``run_plan(verify=True)``: from the bytes as
+    they pass where the copy reads a tensor whole, by a check alongside for the rest), and
+    the new checkpoint is committed only once they all match (else it is deleted and
+    :class:`ChecksumError` raised).
 
     Args:
         src, out: checkpoint locations (directories, ``memory://NAME``, fsspec URLs).
@@ -115,8 +74,7 @@ def reshard_checkpoint(src: str | os.PathLike, out: str | os.PathLike, new_confi
             every rank, so that every copy is a local one.
         workers: threads of the runner.
         sync: fsync the new checkpoint (``ReshardTime.sync`` reports what that cost).
-        verify: check the source's checksums alongside the plan and the copy (on half the ``workers``,
-            at least one thread), before the commit.
+        verify: check the source's checksums during the copy, before the commit.
 
     Returns:
         the plan and the time it took (a float of seconds, with a breakdown).
@@ -143,25 +101,17 @@ def reshard_checkpoint(src: str | os.PathLike, out: str | os.PathLike, new_confi
                          inputs=[os.fspath(src)] if is_directory(src) else [])
         if placement is None:
             placement = Placement(gpus_per_host=max(old_ptc.config.world_size, new_config.world_size))
-        # the source's check runs from here to the commit: alongside the plan and the copy
-        check = _SourceCheck(source, max(1, (workers or default_workers()) // 2)) if verify else None
-        try:
-            # Into what the new checkpoint stores: each replica once.
-            plan = make_plan(Deployment(old_ptc, placement), Deployment(new_ptc.stored_replicas(), placement))
-            state = carry_state(source.state, old_ptc.config, new_config)  # step, RNG rule, data
-            t1 = time.perf_counter()
-            with create_sink(out, new_ptc, state, sync=sync) as sink:
-                report = run_plan(plan, source, sink, workers=workers, progress=progress)
-                t2 = time.perf_counter()
-                if check is not None:
-                    check.result()  # a mismatch raises here: the sink is aborted, nothing committed
-                t3 = time.perf_counter()
-                sink.commit()
-                t4 = time.perf_counter()
-        except BaseException:
-            if check is not None:
-                check.cancel()
-            raise
+        # Into what the new checkpoint stores: each replica once.
+        plan = make_plan(Deployment(old_ptc, placement), Deployment(new_ptc.stored_replicas(), placement))
+        state = carry_state(source.state, old_ptc.config, new_config)  # step, RNG rule, data
+        t1 = time.perf_counter()
+        with create_sink(out, new_ptc, state, sync=sync) as sink:
+            # a mismatch found by the check raises here: the sink is aborted, nothing committed
+            report = run_plan(plan, source, sink, workers=workers, progress=progress, verify=verify)
+            t2 = time.perf_counter()
+            sink.commit()
+            t3 = time.perf_counter()
     checksum = sink.timings.get("checksum", 0.0)
-    return plan, ReshardTime(plan=t1 - t0, copy=t2 - t1, checksum=checksum, sync=t4 - t3 - checksum, run=report,
-                             verify=t3 - t2, checked=check.seconds if check is not None else 0.0)
+    wait = report.seconds.get("verify_wait", 0.0)
+    return plan, ReshardTime(plan=t1 - t0, copy=t2 - t1 - wait, checksum=checksum, sync=t3 - t2 - checksum,
+                             run=report, verify=wait, checked=report.seconds.get("verify", 0.0))

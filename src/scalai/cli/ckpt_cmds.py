@@ -189,7 +189,7 @@ def plan(ckpt, model, from_layout, to_layout, gpus_per_host: int, as_json: bool)
               help="devices per host for the plan statistics (default: one host)")
 @click.option("--workers", "-j", default=None, type=COUNT, help="copy threads (default: one per core)")
 @click.option("--verify/--no-verify", default=True, show_default=True,
-              help="check the source's checksums (alongside the copy, before the commit)")
+              help="check the source's checksums during the copy, before the commit")
 @dcp_model_option
 @rules_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
@@ -233,7 +233,8 @@ def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool
                    "seconds": round(float(seconds), 3),
                    "phases": {"verified_alongside": round(verify_seconds, 3),
                               **{k: round(v, 3) for k, v in seconds.__dict__.items()}},
-                   "runner": {k: round(v, 3) for k, v in seconds.run.seconds.items() if k != "total"},
+                   "runner": {k: round(v, 3) for k, v in seconds.run.seconds.items()
+                              if k not in ("total", "verify", "verify_wait")},
                    "throughput_bytes_per_s": moved / float(seconds), **result.stats.to_json()})
         return
     out_c = console()
@@ -241,7 +242,8 @@ def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool
     out_c.print(stats_table(result.stats, title="plan"))
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in seconds.__dict__.items())
     if verify:
-        phases = f"source verified in {verify_seconds:.2f} s alongside the copy; " + phases
+        phases = (f"source verified during the copy (the tensors it does not read whole: {verify_seconds:.2f} s "
+                  f"alongside); " + phases)
     out_c.print(f"{human_bytes(moved)} in {float(seconds):.2f} s "
                 f"({human_bytes(moved / float(seconds))}/s; {phases})")
 

@@ -87,6 +87,11 @@ class TensorSource(ABC):
         one rank; the others read it from there). Default: all of them."""
         return [name for name, _ in self.ptc.rank_shards(rank)]
 
+    def stored_in(self, rank: int, tensor: str) -> int:
+        """The rank whose own bytes hold ``rank``'s ``tensor`` (see :meth:`stored`);
+        default: ``rank`` itself."""
+        return rank
+
     def where(self, rank: int) -> str:
         """Where ``rank``'s tensors are stored, for messages (a file path, a store)."""
         return f"rank {rank}"

@@ -31,7 +31,7 @@ import numpy as np
 from ..regions import Region
 from . import blocks as _blocks
 from .blocks import blocks, select
-from .checksum import crc32
+from .checksum import crc32, crc32_combine
 
 __all__ = ["Clock", "PARTS", "Filler"]
 
@@ -78,8 +78,9 @@ class Filler:
             self._buf = np.empty(max(nbytes, _blocks.CHUNK_BYTES), np.uint8)
         return self._buf[:nbytes].view(dtype).reshape(shape)
 
-    def put(self, write: Write, offset: int, data: np.ndarray, checksum: bool, copied: int | None = None) -> None:
-        """One ``write`` of contiguous ``data`` at byte ``offset``, with its CRC if ``checksum``."""
+    def put(self, write: Write, offset: int, data: np.ndarray, checksum: bool, copied: int | None = None) -> int | None:
+        """One ``write`` of contiguous ``data`` at byte ``offset``, with its CRC if ``checksum``
+        (returned)."""
         clock = self.clock
         t0 = _now()
         crc = crc32(data) if checksum is True else None
@@ -88,12 +89,15 @@ class Filler:
         clock.checksum += t1 - t0
         clock.write += _now() - t1
         self.progress(data.nbytes if copied is None else copied)
+        return crc
 
-    def stream(self, src: np.ndarray, write: Write, offset: int, checksum: bool | int) -> None:
+    def stream(self, src: np.ndarray, write: Write, offset: int, checksum: bool | int) -> int | None:
         """Write the selection ``src`` (any strides) as the contiguous bytes at ``offset``.
 
         ``checksum``: ``True``: pass the CRC-32 of every block; ``False``: none; an int:
-        the CRC-32 of all of ``src``, known already (then one ``write`` when contiguous)."""
+        the CRC-32 of all of ``src``, known already (then one ``write`` when contiguous).
+        Returns the CRC-32 of all of ``src`` where ``checksum`` is ``True`` and ``src`` is
+        contiguous (its blocks' combined), else ``None``."""
         step_bytes = _blocks.CHUNK_BYTES
         if checksum is not True and checksum is not False:
             if src.flags.c_contiguous:
@@ -106,9 +110,13 @@ class Filler:
         if src.flags.c_contiguous:
             flat = src.reshape(-1)
             step = max(1, step_bytes // src.itemsize)
+            whole = None
             for lo in range(0, flat.size, step):
-                self.put(write, offset + lo * src.itemsize, flat[lo:lo + step], checksum)
-            return
+                block = flat[lo:lo + step]
+                crc = self.put(write, offset + lo * src.itemsize, block, checksum)
+                if checksum is True:
+                    whole = crc if whole is None else crc32_combine(whole, crc, block.nbytes)
+            return whole
         for index in blocks(src.shape, step_bytes // src.itemsize):
             part = src[index]
             t0 = _now()
@@ -117,12 +125,16 @@ class Filler:
             self.clock.copy += _now() - t0
             self.put(write, offset, staged, checksum)
             offset += part.nbytes
+        return None
 
     def assemble(self, shape: tuple[int, ...], dtype: np.dtype, pieces: Sequence[tuple[Region, np.ndarray]],
-                 write: Write, checksum: bool) -> None:
+                 write: Write, checksum: bool,
+                 passed: Sequence[Callable[[np.ndarray], None] | None] | None = None) -> None:
         """Build a tensor of ``shape`` from ``(destination box, source selection)`` pieces,
         block of rows by block of rows; rows that no piece touches are not written,
-        uncovered elements of a written block are zero. Rows must fit the buffer."""
+        uncovered elements of a written block are zero. Rows must fit the buffer.
+        ``passed[i]``: called with each contiguous block of piece ``i``'s source selection
+        once it is copied (a source check counts the bytes that passed)."""
         row = prod(shape[1:])
         step = max(1, _blocks.CHUNK_BYTES // (row * dtype.itemsize))
         lo = min(box.offsets[0] for box, _ in pieces)
@@ -130,17 +142,23 @@ class Filler:
         for r0 in range(lo, hi, step):
             r1 = min(r0 + step, hi)
             block = Region((r0,) + (0,) * (len(shape) - 1), (r1 - r0,) + tuple(shape[1:]))
-            cuts = [(cut, box, s) for box, s in pieces if (cut := box.intersect(block)) is not None]
+            cuts = [(cut, box, s, p) for (box, s), p in zip(pieces, passed or [None] * len(pieces))
+                    if (cut := box.intersect(block)) is not None]
             if not cuts:
                 continue
             t0 = _now()
             staged = self.buffer(block.volume * dtype.itemsize, dtype, block.sizes)
-            covered = sum(cut.volume for cut, _, _ in cuts)
+            covered = sum(cut[0].volume for cut in cuts)
             if covered < block.volume:
                 staged[...] = 0
-            for cut, box, s in cuts:
+            for cut, box, s, _ in cuts:
                 staged[cut.relative_to(block).to_slices()] = s[cut.relative_to(box).to_slices()]
             self.clock.copy += _now() - t0
+            for cut, box, s, p in cuts:
+                if p is not None:
+                    part = s[cut.relative_to(box).to_slices()]
+                    if part.flags.c_contiguous:
+                        p(part)
             self.put(write, r0 * row * dtype.itemsize, staged, checksum, copied=covered * dtype.itemsize)
 
     def strided(self, target: np.ndarray, src: np.ndarray) -> None:

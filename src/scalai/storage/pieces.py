@@ -163,8 +163,7 @@ class CrcCheck:
             self.checked.add(key)
         if got != want:
             name = key[1] if isinstance(key, tuple) else key
-            raise ChecksumError(f"checksum mismatch in {self._where(key)}, tensor {name}: stored {want:08x}, "
-                                f"computed {got:08x}; the data is corrupt: use an earlier checkpoint")
+            raise ChecksumError.mismatch(self._where(key), name, want, got)
 
 
 def _whole_crc(pieces: list[tuple[int, int, int]], total: int) -> int | None:

@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import defaultdict
 from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
@@ -69,16 +70,11 @@ from .base import (ArraySink, ArraySource, AsyncRangeSource, FileSink, FileSourc
 from .blocks import select, split_window, window_span
 from .checksum import crc32, crc32_of_range
 from .filler import PARTS, Clock, Filler
-from .tasks import Dealer, Task, group, uncovered
+from .pieces import CrcCheck
+from .tasks import Dealer, Dest, Task, default_workers, group, uncovered
+from .verify import verify_source
 
 __all__ = ["run_plan", "run_plan_async", "RunReport", "default_workers"]
-
-
-def default_workers() -> int:
-    """Threads for copies and checksums: one per core, at most 8 (memory-bound beyond)."""
-    import os
-
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -131,7 +127,7 @@ class _ByteRun:
 
 class _Run:
     def __init__(self, plan: Plan, source: TensorSource, sink: TensorSink, workers: int | None,
-                 progress: Callable[[int], None] | None):
+                 progress: Callable[[int], None] | None, verify: bool = False):
         if not isinstance(source, TensorSource):
             raise TypeError(f"source {source!r} is not a TensorSource; wrap arrays in ArraysSource, open "
                             f"checkpoints with Checkpoint.open")
@@ -167,6 +163,85 @@ class _Run:
         self._read_seconds = 0.0  # awaited reads (summed over concurrent reads)
         self.prepare_seconds = 0.0  # checking the plan, grouping it, preparing the sink
         self._sems: dict[int, asyncio.Semaphore] = {}  # per asynchronous part: reads in flight
+        # source tensors checked as their bytes pass (the rest: verify_source alongside)
+        self.passing = self._read_whole() if verify else {}
+        self.crcs = CrcCheck(self._expected, lambda key: source.where(key[0]))
+
+    def _expected(self, key: tuple[int, str]) -> tuple[int | None, int]:
+        local = self.source.part(key[0]).array(*key)
+        return self.source.checksum(*key), local.nbytes
+
+    def _assembled(self, dest: Dest, copies: list[Copy], spans: list[int | None]) -> bool:
+        """Whether a destination tensor of a sink without arrays is built by rows
+        (:meth:`Filler.assemble`): some window is strided in it, and rows fit the buffer."""
+        return None in spans and not dest.mixed and all(c.dst.view is None for c in copies) \
+            and prod(dest.shape[1:]) * dest.dtype.itemsize <= _blocks.CHUNK_BYTES
+
+    def _read_whole(self) -> dict[tuple[int, str], list[tuple[int, int]]]:
+        """The source tensors ``(rank, name)`` with a recorded CRC-32 that this run reads
+        as they are, contiguous byte ranges passing through this process (:meth:`_arrays`'
+        runs, and the row blocks it assembles from whole source rows), covering at least
+        half of their bytes: their CRC-32s are recomputed from those ranges as they pass,
+        plus the ``(offset, nbytes)`` gaps returned for each (vocabulary padding rows, which
+        no copy reads), read at :meth:`start`. Checking the source then costs no read of
+        its own for them."""
+        pieces: dict[tuple[int, str], set[tuple[int, int]]] = defaultdict(set)
+        if self.arrays and not self.checksum:  # memory to memory: strided copies, no runs
+            return {}
+        for task in self.phases[0]:
+            if task.kind != "arrays":
+                continue
+            dest = self.dests[(task.rank, task.tensor)]
+            spans = [window_span(dest.shape, c.dst) for c in task.copies]
+            assembled = self._assembled(dest, task.copies, spans)
+            for c, span in zip(task.copies, spans):
+                part = self.parts.get(c.src_rank)
+                if (span is None and not assembled) or c.from_new or not isinstance(part, ArraySource):
+                    continue
+                local = part.array(c.src_rank, c.tensor)
+                at = window_span(local.shape, c.src) if local.flags.c_contiguous else None
+                if at is not None:
+                    pieces[(self.source.stored_in(c.src_rank, c.tensor), c.tensor)].add((at * local.itemsize, c.nbytes))
+        whole = {}
+        for key, found in pieces.items():
+            total = self.source.part(key[0]).array(*key).nbytes
+            gaps, pos = [], 0
+            for offset, nbytes in sorted(found):
+                if offset < pos:
+                    break  # overlapping reads: left to the check alongside
+                if offset > pos:
+                    gaps.append((pos, offset - pos))
+                pos = offset + nbytes
+            else:
+                if pos < total:
+                    gaps.append((pos, total - pos))
+                if 2 * sum(n for _, n in gaps) <= total and self.source.checksum(*key) is not None:
+                    whole[key] = gaps
+        return whole
+
+    def _check_gaps(self) -> None:
+        """The CRC-32 of the bytes of each checked source tensor that no copy reads."""
+        clock = self.filler().clock
+        t0 = time.perf_counter()
+        for key, gaps in self.passing.items():
+            flat = self.source.part(key[0]).array(*key).reshape(-1).view(np.uint8)
+            for offset, nbytes in gaps:
+                self.crcs.add(key, offset, nbytes, crc32(flat[offset:offset + nbytes]))
+        clock.checksum += time.perf_counter() - t0
+
+    def _passed(self, key: tuple[int, str], local: np.ndarray) -> Callable[[np.ndarray], None]:
+        """For a checked source tensor: records the CRC-32 of a contiguous block of
+        ``local``'s bytes that passed (its offset from where the block lies in memory)."""
+        base = local.__array_interface__["data"][0]
+        clock = self.filler().clock
+
+        def passed(block: np.ndarray) -> None:
+            t0 = time.perf_counter()
+            crc = crc32(block)
+            clock.checksum += time.perf_counter() - t0
+            self.crcs.add(key, block.__array_interface__["data"][0] - base, block.nbytes, crc)
+
+        return passed
 
     # -- bookkeeping --------------------------------------------------------------------
     def tick(self, nbytes: int) -> None:
@@ -198,6 +273,7 @@ class _Run:
         (padding inside copied tensors, and tensors that are all padding: a tensor-parallel
         rank's shard of padded vocabulary rows, which no copy touches)."""
         ranks = sorted({rank for rank, _ in self.windows})
+        self._check_gaps()
         self.sink.prepare(ranks)
         if self.sink.zero_filled:
             return
@@ -245,7 +321,7 @@ class _Run:
     def _arrays(self, task: Task) -> None:
         """Every copy into one tensor, from addressable arrays (a source, or the sink)."""
         rank, tensor, copies = task.rank, task.tensor, task.copies
-        if self._link(task):
+        if not self.passing and self._link(task):  # checking the source reads its bytes anyway
             return
         dest, sink, filler = self.dests[(rank, tensor)], self.sink, self.filler()
         selected = []
@@ -261,9 +337,13 @@ class _Run:
             return
         write = partial(sink.write, rank, tensor)
         spans = [window_span(dest.shape, c.dst) for c, _, _ in selected]
-        if None in spans and not dest.mixed and all(c.dst.view is None for c, _, _ in selected) \
-                and prod(dest.shape[1:]) * dest.dtype.itemsize <= _blocks.CHUNK_BYTES:
-            filler.assemble(dest.shape, dest.dtype, [(c.dst.region, s) for c, s, _ in selected], write, self.checksum)
+        if self._assembled(dest, copies, spans):
+            keys = [None if c.from_new or not self.passing else (self.source.stored_in(c.src_rank, tensor), tensor)
+                    for c, _, _ in selected]
+            passed = [self._passed(key, local) if key in self.passing else None
+                      for key, (_, _, local) in zip(keys, selected)]
+            filler.assemble(dest.shape, dest.dtype, [(c.dst.region, s) for c, s, _ in selected], write, self.checksum,
+                            passed)
             return
         target, runs = None, []
         for (c, s, local), span in zip(selected, spans):
@@ -282,6 +362,11 @@ class _Run:
         for run in runs:
             data = run.local.reshape(-1)[run.at:run.at + run.size]
             offset = run.span * dest.dtype.itemsize
+            key = (self.source.stored_in(run.src_rank, tensor), tensor)
+            if key in self.passing:  # through user space: checked on the way
+                crc = filler.stream(data, write, offset, True)
+                self.crcs.add(key, run.at * data.itemsize, data.nbytes, crc)
+                continue
             crc = self._source_crc(run, tensor)
             if crc is None:
                 filler.stream(data, write, offset, self.checksum)
@@ -594,8 +679,48 @@ async def _gather_or_cancel(coros) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class _SourceCheck:
+    """:func:`~scalai.storage.verify.verify_source` of the tensors a run does not check on
+    the way, on a thread of its own alongside the copy: the copy is bound by writes (into
+    one file they take turns), the check by reads. ``seconds``: its own time."""
+
+    def __init__(self, source: TensorSource, skip: frozenset, workers: int):
+        self.stop = threading.Event()
+        self.seconds = 0.0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="scalai-verify")
+        self._future = self._pool.submit(self._check, source, skip, workers)
+
+    def _check(self, source: TensorSource, skip: frozenset, workers: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            verify_source(source, None, workers, self.stop, skip=skip)
+        finally:
+            self.seconds = time.perf_counter() - t0
+
+    def result(self) -> None:
+        """Wait for the check; raises ChecksumError where the source differs from its record
+        (an interruption while waiting stops the check too)."""
+        try:
+            self._future.result()
+        except BaseException:
+            self.stop.set()
+            raise
+        finally:
+            self._pool.shutdown()
+
+    def cancel(self) -> None:
+        """End the check early (at its next chunk) and wait for its threads."""
+        self.stop.set()
+        try:
+            self._future.result()
+        except BaseException:  # noqa: BLE001 - the copy's own error is the one raised
+            pass
+        finally:
+            self._pool.shutdown()
+
+
 def run_plan(plan: Plan, source: TensorSource, sink: TensorSink, *, workers: int | None = None,
-             progress: Callable[[int], None] | None = None) -> RunReport:
+             progress: Callable[[int], None] | None = None, verify: bool = False) -> RunReport:
     """Run every copy of ``plan`` from ``source`` (its old layout) into ``sink`` (its new one).
 
     Args:
@@ -607,6 +732,14 @@ def run_plan(plan: Plan, source: TensorSource, sink: TensorSink, *, workers: int
             ``concurrency``).
         progress: called with a byte count after each block written (<= 4 MiB), from
             worker threads, one call at a time.
+        verify: check every stored tensor of ``source`` against its recorded CRC-32 before
+            returning. Tensors whose bytes this run reads whole, as runs written as they are
+            (tensors that move unchanged, the sides of a ZeRO split), are checked as they pass
+            (no kernel copies or links for them then: their bytes go through this process
+            once); the others by :func:`~scalai.storage.verify.verify_source` on a thread
+            alongside the copy, with half the ``workers``. The report's ``seconds`` then
+            hold ``verify`` (that thread's own time) and ``verify_wait`` (what the run waited
+            for it after the copy).
 
     Returns:
         a :class:`RunReport` (bytes copied, time per part).
@@ -615,17 +748,35 @@ def run_plan(plan: Plan, source: TensorSource, sink: TensorSink, *, workers: int
         PlanError: a copy does not fit the layouts or the sink. Nothing is written then.
         ValueError: source or sink hold another layout than the plan's.
         TypeError: source or sink are not declared sources and sinks.
+        ChecksumError: with ``verify``, a source tensor differs from its record (the sink
+            holds partial data then: the caller aborts it).
     """
     t0 = time.perf_counter()
-    run = _Run(plan, source, sink, workers, progress)
-    run.start()
-    run.prepare_seconds = time.perf_counter() - t0
-    with ThreadPoolExecutor(run.workers, thread_name_prefix="scalai-run") as pool:
-        if run.is_async:
-            asyncio.run(run.run_async(pool))
-        else:
-            run.run_threads(pool)
-    return run.report(time.perf_counter() - t0)
+    run = _Run(plan, source, sink, workers, progress, verify)
+    check = _SourceCheck(source, frozenset(run.passing), max(1, run.workers // 2)) if verify else None
+    try:
+        run.start()
+        run.prepare_seconds = time.perf_counter() - t0
+        with ThreadPoolExecutor(run.workers, thread_name_prefix="scalai-run") as pool:
+            if run.is_async:
+                asyncio.run(run.run_async(pool))
+            else:
+                run.run_threads(pool)
+        t1 = time.perf_counter()
+        if check is not None:
+            check.result()
+            missed = set(run.passing) - run.crcs.checked  # never expected: check them now
+            if missed:
+                verify_source(source, sorted({r for r, _ in missed}), run.workers,
+                              skip={(r, n) for r in {r for r, _ in missed} for n in source.stored(r)} - missed)
+    except BaseException:
+        if check is not None:
+            check.cancel()
+        raise
+    report = run.report(time.perf_counter() - t0)
+    if check is not None:
+        report.seconds.update(verify=check.seconds, verify_wait=time.perf_counter() - t1)
+    return report
 
 
 async def run_plan_async(plan: Plan, source: TensorSource, sink: TensorSink, *, pool: Executor,

@@ -41,13 +41,20 @@ from . import blocks as _blocks
 from .base import ArraySink, ArraySource, AsyncRangeSource, RangeSource, StreamingSource, TensorSink, TensorSource
 from .blocks import split_window, window_span
 
-__all__ = ["check_plan", "uncovered", "Dest", "Task", "Grouping", "group", "SMALL_FRACTION", "MAX_PACKED"]
+__all__ = ["default_workers", "check_plan", "uncovered", "Dest", "Task", "Grouping", "group", "SMALL_FRACTION", "MAX_PACKED"]
 
 #: A block of at most ``1 / SMALL_FRACTION`` of its source's ``block_bytes`` is packed with
 #: others of the same source rank into a ``batch`` task.
 SMALL_FRACTION = 4
 #: The most blocks packed into one ``batch`` task (one request of a coalescing source).
 MAX_PACKED = 1024
+
+
+def default_workers() -> int:
+    """Threads for copies and checksums: one per core, at most 8 (memory-bound beyond)."""
+    import os
+
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _fits(region: Region, shape: tuple[int, ...]) -> bool:

@@ -6,7 +6,7 @@ import asyncio
 import threading
 from math import prod
 from concurrent.futures import CancelledError, ThreadPoolExecutor
-from typing import Iterable
+from typing import Collection, Iterable
 
 import numpy as np
 
@@ -17,8 +17,7 @@ from ..regions import Region
 from .base import ArraySource, AsyncRangeSource, RangeSource, StreamingSource, TensorSource
 from .blocks import split_window
 from .checksum import checksums, crc32
-from .run import default_workers
-from .tasks import SMALL_FRACTION
+from .tasks import SMALL_FRACTION, default_workers
 
 __all__ = ["verify_source", "assign_checks"]
 
@@ -67,7 +66,7 @@ def _ranged_jobs(source: TensorSource, ranged: list[tuple[int, str, object]]) ->
 
 
 def verify_source(source: TensorSource, ranks: Iterable[int] | None = None, workers: int | None = None,
-                  stop: threading.Event | None = None) -> None:
+                  stop: threading.Event | None = None, skip: Collection[tuple[int, str]] = ()) -> None:
     """Recompute the CRC-32 of every tensor that the given ranks store (default: all) and
     compare it with the one the source records (tensors without a recorded CRC are skipped).
 
@@ -78,6 +77,8 @@ def verify_source(source: TensorSource, ranks: Iterable[int] | None = None, work
 
     Args:
         stop: set from another thread to end the check early (a copy it ran alongside failed).
+        skip: ``(rank, tensor)`` pairs checked elsewhere (a plan runner checks those whose
+            bytes it reads whole as they pass).
 
     Raises:
         ChecksumError: naming the first tensor (rank order, then the source's order) whose
@@ -92,7 +93,7 @@ def verify_source(source: TensorSource, ranks: Iterable[int] | None = None, work
             streamed.append((rank, part))
             continue
         for name in source.stored(rank):
-            if source.checksum(rank, name) is None:
+            if source.checksum(rank, name) is None or (rank, name) in skip:
                 continue
             order.append((rank, name))
             if isinstance(part, ArraySource):
@@ -120,8 +121,7 @@ def verify_source(source: TensorSource, ranks: Iterable[int] | None = None, work
     for rank, name in order:
         want, got = source.checksum(rank, name), crcs[(rank, name)]
         if got != want:
-            raise ChecksumError(f"checksum mismatch in {source.where(rank)}, tensor {name}: stored {want:08x}, "
-                                f"computed {got:08x}; the data is corrupt: use an earlier checkpoint")
+            raise ChecksumError.mismatch(source.where(rank), name, want, got)
 
 
 def assign_checks(needed: dict[tuple[int, int], int], files: int, readers: int) -> dict[int, list[int]]:
