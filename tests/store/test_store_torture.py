@@ -33,6 +33,7 @@ from scalai.store import StoreCluster, StoreRequestError, pull
 pytestmark = pytest.mark.slow
 
 LEASE_S = 3
+IDLE_S = 5  # the stores' idle timeout (default 30 s): bounds when a dead writer's upload file is swept
 STORM_S = 25
 SCALAI = str(Path(sys.executable).parent / "scalai")
 LAYOUTS = [("tp=1,pp=2,dp=4,zero=1", 3), ("tp=2,pp=1,dp=2", 2), ("tp=1,pp=1,dp=3,zero=1", 1),
@@ -107,7 +108,7 @@ def _equal(a: Path, b: Path) -> None:
 
 
 def test_torture_concurrent_writers_killed_at_random(stores, tiny_ckpt, tmp_path):
-    procs = stores(3, extra=("--lease", str(LEASE_S)))
+    procs = stores(3, extra=("--lease", str(LEASE_S), "--idle-timeout", str(IDLE_S)))
     urls = ",".join(p.url for p in procs)
     cluster = StoreCluster(urls)
     for c in cluster.clients:
@@ -197,8 +198,8 @@ def test_torture_concurrent_writers_killed_at_random(stores, tiny_ckpt, tmp_path
         assert not [f for f in _files(p.root) if f.parent.name != "uploads"], _files(p.root)[:5]
     # a writer killed while writing a local upload file (before asking the store to adopt
     # it) leaves it until the store sweeps it: once nobody wrote it for max(lease, the idle
-    # timeout of 30 s), checked every second
-    deadline = time.monotonic() + 30 + 15
+    # timeout), checked every second
+    deadline = time.monotonic() + max(LEASE_S, IDLE_S) + 15
     while any(_files(p.root) for p in procs) and time.monotonic() < deadline:
         time.sleep(0.5)
     for p in procs:
