@@ -618,3 +618,36 @@ def test_reshard_verify_catches_a_flipped_byte_wherever_it_is(tmp_path, monkeypa
                 path.write_bytes(bytes(raw))
             assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(f".out{n}")]
     assert on_the_way, "no flipped tensor was one checked on the way"
+
+
+def test_padding_of_flat_shards_is_found_from_the_windows_runs():
+    """``uncovered`` of a flat tensor (ZeRO shards: many windows, views of its ranges) names
+    exactly the elements no window selects; the oracle marks each window's selection in a
+    boolean array with numpy's own indexing."""
+    from scalai.storage.tasks import uncovered
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        n = int(rng.integers(1, 400))
+        windows = []
+        for _ in range(int(rng.integers(0, 80))):
+            a = int(rng.integers(0, n))
+            b = int(rng.integers(a + 1, n + 1))
+            if rng.random() < 0.5 or b - a < 4:
+                windows.append(Window(Region((a,), (b - a,))))
+                continue
+            rows = next(r for r in (4, 3, 2, 1) if (b - a) % r == 0)
+            view = (rows, (b - a) // rows)
+            r0 = int(rng.integers(0, rows))
+            c0 = int(rng.integers(0, view[1]))
+            sub = Region((r0, c0), (int(rng.integers(1, rows - r0 + 1)), int(rng.integers(1, view[1] - c0 + 1))))
+            windows.append(Window(Region((a,), (b - a,)), view, sub))
+        mask = np.zeros(n, bool)
+        for w in windows:
+            w.select(mask)[...] = True
+        gaps = uncovered((n,), windows)
+        got = np.zeros(n, bool)
+        for box in gaps:
+            assert box.volume and not got[box.to_slices()].any()  # disjoint, not empty
+            got[box.to_slices()] = True
+        assert np.array_equal(got, ~mask)

@@ -36,7 +36,7 @@ import numpy as np
 from ..dtypes import raw_numpy
 from ..errors import PlanError
 from ..planner.plan import Copy, Plan, Window
-from ..regions import Region, subtract
+from ..regions import Region, flat_runs, subtract
 from . import blocks as _blocks
 from .base import ArraySink, ArraySource, AsyncRangeSource, RangeSource, StreamingSource, TensorSink, TensorSource
 from .blocks import split_window, window_span
@@ -106,13 +106,40 @@ def check_plan(plan: Plan) -> dict[tuple[int, str], list[Window]]:
 
 def uncovered(shape: tuple[int, ...], windows: list[Window], limit: int = 64) -> list[Region] | None:
     """The boxes of a tensor of ``shape`` that no window writes (its padding), or ``None``
-    when that is not worth computing (windows of flat views, or very many windows)."""
+    when that is not worth computing (more than ``limit`` windows, or windows of views, of
+    a tensor of more than one dimension). A flat tensor (a ZeRO shard: many windows, views
+    of its ranges) gets its gaps from the windows' sorted element runs."""
+    if len(shape) == 1:
+        return _flat_gaps(shape[0], windows)
     if len(windows) > limit or any(w.view is not None for w in windows):
         return None
     left = [Region.full(shape)]
     for w in windows:
         left = [piece for box in left for piece in subtract(box, w.region)]
     return [box for box in left if box.volume]
+
+
+def _flat_gaps(n: int, windows: list[Window], max_runs: int = 1 << 14) -> list[Region] | None:
+    """The ranges of a flat tensor of ``n`` elements that no window writes; ``None`` when
+    the windows' selections fall into more than ``max_runs`` runs."""
+    runs: list[tuple[int, int]] = []
+    for w in windows:
+        start = w.region.offsets[0]
+        if w.view is None:
+            runs.append((start, start + w.region.sizes[0]))
+            continue
+        inner = flat_runs(w.view, w.sub)
+        if len(runs) + len(inner) > max_runs:
+            return None
+        runs.extend((start + a, start + b) for a, b in inner)
+    gaps, pos = [], 0
+    for a, b in sorted(runs):
+        if a > pos:
+            gaps.append(Region((pos,), (a - pos,)))
+        pos = max(pos, b)
+    if pos < n:
+        gaps.append(Region((pos,), (n - pos,)))
+    return gaps
 
 
 @dataclass
