@@ -81,6 +81,7 @@ def choose_workdir(need_bytes: int, ram_bytes: int, requested: str | None, tag: 
     """
     if requested:
         parent = requested
+        _check_room(requested, need_bytes, ram_bytes)
     else:
         parent = "/tmp"
         if os.path.isdir("/dev/shm"):
@@ -93,6 +94,24 @@ def choose_workdir(need_bytes: int, ram_bytes: int, requested: str | None, tag: 
     kind = fs_type(path)
     what = "RAM-backed, no disk I/O" if kind == "tmpfs" else "disk, through the page cache"
     return path, f"{path} ({kind}, {what})"
+
+
+def _check_room(parent: str, need_bytes: int, ram_bytes: int) -> None:
+    """Refuse, in one line, a requested scratch directory without room for the run's files
+    (on tmpfs: in memory, besides what the run allocates): better than an OOM kill halfway."""
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe) or "."
+    gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes:
+        raise SystemExit(f"--workdir {parent}: the run writes about {gb(need_bytes)} of files there and "
+                         f"{gb(free)} are free; free some space or choose another directory")
+    available = mem_available()
+    if fs_type(probe) == "tmpfs" and available and available < need_bytes + ram_bytes:
+        raise SystemExit(f"--workdir {parent} is in memory (tmpfs): the run needs about {gb(need_bytes)} of "
+                         f"files there and {gb(ram_bytes)} of memory besides, and {gb(available)} are available; "
+                         f"free memory (old files in {probe}?) or choose a directory on disk")
 
 
 def machine_description() -> dict[str, str]:
