@@ -150,7 +150,7 @@ def test_every_source_kind_into_every_sink_kind(model, a, b, source_kind, sink_k
         assert sorted(sink.completed) == sorted(written), "each tensor completed exactly once"
     assert report.bytes == plan.stats.total_bytes
     if source_kind == "async":
-        assert 1 <= source.most <= AsyncRanged.concurrency
+        assert source.most == AsyncRanged.concurrency  # reads overlap, never beyond the source's limit
 
 
 class Batched(Ranged):
