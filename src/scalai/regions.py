@@ -17,6 +17,7 @@ __all__ = [
     "Region",
     "subtract",
     "flat_runs",
+    "gaps",
     "contiguous_boxes",
     "disjoint",
     "bounding_box",
@@ -179,6 +180,19 @@ def flat_runs(shape: Sequence[int], region: Region) -> list[tuple[int, int]]:
         else:
             runs.append((s, s + run))
     return runs
+
+
+def gaps(runs: Iterable[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """The ranges ``[start, stop)`` of ``0..n`` that none of ``runs`` (``[start, stop)``
+    ranges, overlapping or not, in any order) covers, in order."""
+    out, pos = [], 0
+    for a, b in sorted(runs):
+        if a > pos:
+            out.append((pos, a))
+        pos = max(pos, b)
+    if pos < n:
+        out.append((pos, n))
+    return out
 
 
 def contiguous_boxes(shape: Sequence[int], start: int, stop: int) -> list[Region]:

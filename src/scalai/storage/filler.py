@@ -148,7 +148,7 @@ class Filler:
                 continue
             t0 = _now()
             staged = self.buffer(block.volume * dtype.itemsize, dtype, block.sizes)
-            covered = sum(cut[0].volume for cut in cuts)
+            covered = sum(cut.volume for cut, *_ in cuts)
             if covered < block.volume:
                 staged[...] = 0
             for cut, box, s, _ in cuts:

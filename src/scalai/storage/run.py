@@ -64,6 +64,7 @@ import numpy as np
 
 from ..errors import PlanError
 from ..planner.plan import Copy, Plan, Window
+from ..regions import gaps
 from . import blocks as _blocks
 from .base import (ArraySink, ArraySource, AsyncRangeSource, FileSink, FileSource, TensorSink, TensorSource,
                    same_tensors)
@@ -205,18 +206,11 @@ class _Run:
         whole = {}
         for key, found in pieces.items():
             total = self.source.part(key[0]).array(*key).nbytes
-            gaps, pos = [], 0
-            for offset, nbytes in sorted(found):
-                if offset < pos:
-                    break  # overlapping reads: left to the check alongside
-                if offset > pos:
-                    gaps.append((pos, offset - pos))
-                pos = offset + nbytes
-            else:
-                if pos < total:
-                    gaps.append((pos, total - pos))
-                if 2 * sum(n for _, n in gaps) <= total and self.source.checksum(*key) is not None:
-                    whole[key] = gaps
+            holes = gaps(((o, o + n) for o, n in found), total)
+            unread = sum(b - a for a, b in holes)
+            overlap = sum(n for _, n in found) > total - unread  # left to the check alongside
+            if not overlap and 2 * unread <= total and self.source.checksum(*key) is not None:
+                whole[key] = [(a, b - a) for a, b in holes]
         return whole
 
     def _check_gaps(self) -> None:
@@ -362,7 +356,7 @@ class _Run:
         for run in runs:
             data = run.local.reshape(-1)[run.at:run.at + run.size]
             offset = run.span * dest.dtype.itemsize
-            key = (self.source.stored_in(run.src_rank, tensor), tensor)
+            key = (self.source.stored_in(run.src_rank, tensor), tensor) if self.passing else None
             if key in self.passing:  # through user space: checked on the way
                 crc = filler.stream(data, write, offset, True)
                 self.crcs.add(key, run.at * data.itemsize, data.nbytes, crc)
@@ -765,10 +759,11 @@ def run_plan(plan: Plan, source: TensorSource, sink: TensorSink, *, workers: int
         t1 = time.perf_counter()
         if check is not None:
             check.result()
-            missed = set(run.passing) - run.crcs.checked  # never expected: check them now
-            if missed:
-                verify_source(source, sorted({r for r, _ in missed}), run.workers,
-                              skip={(r, n) for r in {r for r, _ in missed} for n in source.stored(r)} - missed)
+            missed = set(run.passing) - run.crcs.checked
+            if missed:  # expected to pass whole but did not (never so far): checked now
+                ranks = sorted({r for r, _ in missed})
+                others = {(r, n) for r in ranks for n in source.stored(r)} - missed
+                verify_source(source, ranks, run.workers, skip=others)
     except BaseException:
         if check is not None:
             check.cancel()

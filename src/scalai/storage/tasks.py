@@ -26,6 +26,7 @@ largest first, blocks of equal size taking every source host's turn in turn.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -36,12 +37,13 @@ import numpy as np
 from ..dtypes import raw_numpy
 from ..errors import PlanError
 from ..planner.plan import Copy, Plan, Window
-from ..regions import Region, flat_runs, subtract
+from ..regions import Region, flat_runs, gaps, subtract
 from . import blocks as _blocks
 from .base import ArraySink, ArraySource, AsyncRangeSource, RangeSource, StreamingSource, TensorSink, TensorSource
 from .blocks import split_window, window_span
 
-__all__ = ["default_workers", "check_plan", "uncovered", "Dest", "Task", "Grouping", "group", "SMALL_FRACTION", "MAX_PACKED"]
+__all__ = ["default_workers", "check_plan", "uncovered", "Dest", "Task", "Grouping", "group", "Dealer",
+           "SMALL_FRACTION", "MAX_PACKED"]
 
 #: A block of at most ``1 / SMALL_FRACTION`` of its source's ``block_bytes`` is packed with
 #: others of the same source rank into a ``batch`` task.
@@ -52,8 +54,6 @@ MAX_PACKED = 1024
 
 def default_workers() -> int:
     """Threads for copies and checksums: one per core, at most 8 (memory-bound beyond)."""
-    import os
-
     return max(1, min(8, os.cpu_count() or 1))
 
 
@@ -132,14 +132,7 @@ def _flat_gaps(n: int, windows: list[Window], max_runs: int = 1 << 14) -> list[R
         if len(runs) + len(inner) > max_runs:
             return None
         runs.extend((start + a, start + b) for a, b in inner)
-    gaps, pos = [], 0
-    for a, b in sorted(runs):
-        if a > pos:
-            gaps.append(Region((pos,), (a - pos,)))
-        pos = max(pos, b)
-    if pos < n:
-        gaps.append(Region((pos,), (n - pos,)))
-    return gaps
+    return [Region((a,), (b - a,)) for a, b in gaps(runs, n)]
 
 
 @dataclass
