@@ -651,3 +651,32 @@ def test_padding_of_flat_shards_is_found_from_the_windows_runs():
             assert box.volume and not got[box.to_slices()].any()  # disjoint, not empty
             got[box.to_slices()] = True
         assert np.array_equal(got, ~mask)
+
+
+def test_a_tensor_expected_to_pass_whole_but_not_seen_is_still_checked(tmp_path, monkeypatch):
+    """The runner predicts which source tensors its copy checks on the way; one whose bytes
+    it did not see after all (here: their CRC-32s dropped on purpose) is checked at the
+    end, so a flipped byte in it still fails the reshard."""
+    import scalai.storage.run as run_module
+    from scalai.errors import ChecksumError
+    from scalai.storage.pieces import CrcCheck
+
+    old = model_ptc("llama-tiny", "tp=1,pp=1,dp=1")
+    src = tmp_path / "src"
+    save_arrays(src, old, local_raw(old, global_raw(old, seed=6), pad=GARBAGE))
+    name = max((n for n, _ in old.rank_shards(0)), key=lambda n: int(np.prod(old.spec(n).shape)))
+    add = CrcCheck.add
+    monkeypatch.setattr(run_module.CrcCheck, "add", lambda self, key, *a: None if key[1] == name else add(self, key, *a))
+    passing = []
+    real = run_module._Run._read_whole
+    monkeypatch.setattr(run_module._Run, "_read_whole", lambda self: passing.append(real(self)) or passing[-1])
+    with Checkpoint.open(src) as ck:
+        _, start = ck.file_range(0, name)
+    path = src / "rank-00000.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[start + 5] ^= 0x5A
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ChecksumError, match=f"tensor {name}:"):
+        reshard_checkpoint(src, tmp_path / "out", "tp=1,pp=2,dp=1", workers=2, verify=True)
+    assert (0, name) in passing[0], "the tensor was expected to pass whole"
+    assert not (tmp_path / "out").exists()
