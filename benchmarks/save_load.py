@@ -320,8 +320,8 @@ def main() -> None:
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}; torch "
           f"{machine.get('torch')}; files on {where}; load average (1 min) at start {load_before:.1f}, at end {os.getloadavg()[0]:.1f}")
     if args.storage == "s3":
-        print(f"scalai save: each rank's file below 100 MiB sent in one PUT once complete (the rank files "
-              f"here: 73 MiB), a larger one streamed out in 8 MiB parts as it fills (an S3 multipart upload); "
+        print(f"scalai save: each rank's file below 100 MiB sent in one PUT once complete, a larger one "
+              f"streamed out in 8 MiB parts as it fills (an S3 multipart upload); "
               f"CRC-32s from the bytes sent; rank 0 writes the manifest last; load (default): per saved file "
               f"the plan's windows in a few streamed GETs (runs closer than 2 MiB share one, 16 at once per "
               f"rank), each file read whole by the rank that needs most of it, every tensor checked against its "

@@ -28,8 +28,8 @@ __all__ = ["reshard_checkpoint", "ReshardTime"]
 class ReshardTime(float):
     """Total seconds of a reshard, with its parts as attributes (seconds): ``plan``,
     ``copy`` (running the plan), ``verify`` (waiting, after the copy, for the check of the
-    source tensors the copy did not check as they passed), ``checksum`` (reading back what has no CRC yet) and
-    ``sync`` (fsync + renames). ``run`` is the runner's report: where ``copy`` went
+    source tensors the copy did not check as they passed), ``checksum`` (reading back what
+    has no CRC yet) and ``sync`` (fsync + renames). ``run`` is the runner's report: where ``copy`` went
     (read, copy, checksum, write, ... summed over its threads); ``checked``: the seconds
     the source's check took, overlapped with the copy (not a part of the total)."""
 

@@ -16,8 +16,8 @@ from .memory import MemorySink, MemorySource
 from .run import RunReport, default_workers, run_plan, run_plan_async
 
 __all__ = [
-    "TensorSource", "ArraySource", "FileSource", "RangeSource", "StreamingSource", "AsyncRangeSource", "TensorSink", "ArraySink",
-    "FileSink",
+    "TensorSource", "ArraySource", "FileSource", "RangeSource", "StreamingSource", "AsyncRangeSource",
+    "TensorSink", "ArraySink", "FileSink",
     "ArraysSource", "ArraysSink", "MemorySource", "MemorySink",
     "run_plan", "run_plan_async", "RunReport", "default_workers",
 ]

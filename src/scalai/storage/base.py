@@ -55,8 +55,8 @@ from ..layout.ptc import PTC
 from ..planner.plan import Window
 from ..regions import Region
 
-__all__ = ["TensorSource", "ArraySource", "FileSource", "RangeSource", "StreamingSource", "AsyncRangeSource", "TensorSink",
-           "ArraySink", "FileSink", "copy_bytes", "same_tensors"]
+__all__ = ["TensorSource", "ArraySource", "FileSource", "RangeSource", "StreamingSource", "AsyncRangeSource",
+           "TensorSink", "ArraySink", "FileSink", "copy_bytes", "same_tensors"]
 
 
 class TensorSource(ABC):

@@ -5,10 +5,10 @@ Collective (every rank calls it). Every rank, independently and identically:
 1. opens the saved version (manifest parsed strictly; every rank file present);
 2. checks its share of the saved bytes against their CRC-32s (saved rank ``s`` is
    checked by live rank ``s mod world``: one pass over the checkpoint, in parallel). From
-   a :class:`~scalai.storage.StreamingSource` (an object store), the check happens during step 4 instead:
-   each saved file is read whole, in a few large GETs, by the live rank that reads most
-   of it (:func:`~scalai.storage.verify.assign_checks`), every tensor checked as its bytes
-   pass, so that no byte is fetched twice for the check;
+   a :class:`~scalai.storage.StreamingSource` (an object store), the check happens during
+   step 4 instead: each saved file is read whole, in a few large GETs, by the live rank
+   that reads most of it (:func:`~scalai.storage.verify.assign_checks`), every tensor
+   checked as its bytes pass, so that no byte is fetched twice for the check;
 3. plans: ``make_plan(saved PTC, live PTC)`` (pure; the same plan on every rank) and
    keeps the copies into itself;
 4. checks that its copies write every element of every live local tensor that holds
@@ -47,7 +47,7 @@ from ..errors import PlanError, ScalaiError
 from ..layout.ptc import PTC
 from ..planner import Deployment, make_plan
 from ..planner.plan import Copy, Plan
-from ..storage.base import RangeSource, StreamingSource, TensorSource
+from ..storage.base import StreamingSource, TensorSource
 from ..storage.live import ArraysSink
 from ..storage.run import run_plan
 from ..storage.verify import assign_checks, verify_source
@@ -190,9 +190,9 @@ def _fill(job: JobState, source: TensorSource, plan: Plan, target: PTC) -> int:
 
 
 def _checked_here(source: TensorSource, plan: Plan, rank: int, world: int) -> list[int]:
-    """The saved files this live rank checks while it reads (a :class:`~scalai.storage.StreamingSource`):
-    :func:`~scalai.storage.verify.assign_checks` of the bytes each live rank reads from
-    each file."""
+    """The saved files this live rank checks while it reads (from a
+    :class:`~scalai.storage.StreamingSource`): :func:`~scalai.storage.verify.assign_checks`
+    of the bytes each live rank reads from each file."""
     needed: dict[tuple[int, int], int] = defaultdict(int)
     for c in plan.copies:
         needed[(c.dst_rank, source.ptc.replica_owner(c.tensor, c.src_rank))] += c.nbytes
@@ -210,10 +210,10 @@ def load(job: JobState, source: Any, *, verify: bool = True, placement: Placemen
             ``get_state_dict`` gives them), or any ``TensorSource`` (for a DCP checkpoint
             under other names: :func:`scalai.interop.dcp.open_dcp` with its rules).
         verify: check every saved byte against its CRC-32 (split over the ranks; a DCP
-            chunk against the CRC its archive records): first, or for a source that
-            a :class:`~scalai.storage.StreamingSource` (an object store) while the copies read it (each saved file read
-            whole by the rank that needs most of it; a mismatch then fails the load after
-            live tensors were written).
+            chunk against the CRC its archive records): first, or, from a
+            :class:`~scalai.storage.StreamingSource` (an object store), while the copies read
+            it (each saved file read whole by the rank that needs most of it; a mismatch
+            then fails the load after live tensors were written).
         placement: the hosts the live ranks run on, when ``source`` knows where its ranks
             are (stores: a reader's ``placement``): ranks then read replicas from their
             own host's store.
