@@ -14,7 +14,7 @@ from scalai.checkpoint import Checkpoint, CheckpointWriter, save_arrays, verify
 from scalai.config import ParallelConfig, Placement
 from scalai.dtypes import raw_numpy
 from scalai.errors import PlanError
-from scalai.reshard import ReshardTime, reshard_checkpoint
+from scalai.reshard import Reshard, ReshardTime, reshard_checkpoint
 from scalai.layout.ptc import PTC
 from scalai.layout.spec import TensorSpec, with_optimizer_state
 from scalai.layout.splits import Replicate, Split
@@ -335,6 +335,41 @@ def test_worker_count_does_not_change_the_bytes(tmp_path):
     for name in one:
         if name != "manifest.json":
             assert one[name] == four[name], name
+
+
+def test_reshard_opened_then_run(tmp_path, monkeypatch):
+    """``Reshard`` opens the source once, checks and plans before writing anything: its
+    ``total_bytes`` are the new rank files' tensor bytes (read from the written files'
+    own safetensors headers); leaving without ``run`` writes nothing and closes the source."""
+    import json
+    import scalai.reshard as reshard_module
+
+    old = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1")
+    save_arrays(tmp_path / "a", old, local_raw(old, global_raw(old)))
+    opened, closed = [], []
+    real_open = reshard_module.open_source
+
+    def counted(location):
+        source = real_open(location)
+        real_close = source.close
+        source.close = lambda: closed.append(location) or real_close()
+        opened.append(location)
+        return source
+
+    monkeypatch.setattr(reshard_module, "open_source", counted)
+    with Reshard(tmp_path / "a", tmp_path / "unused", "tp=1,pp=2,dp=2,zero=1") as job:
+        assert (str(job.old), str(job.new)) == ("tp=2,pp=1,dp=1", "tp=1,pp=2,dp=2,zero=1")
+    assert len(opened) == len(closed) == 1 and sorted(os.listdir(tmp_path)) == ["a"]
+    with Reshard(tmp_path / "a", tmp_path / "b", "tp=1,pp=2,dp=2,zero=1") as job:
+        seconds = job.run(workers=2)
+    assert len(opened) == len(closed) == 2 and seconds.run.bytes == job.plan.stats.total_bytes
+    stored = 0
+    for name in os.listdir(tmp_path / "b"):
+        if name.endswith(".safetensors"):
+            with open(tmp_path / "b" / name, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            stored += sum(t["data_offsets"][1] - t["data_offsets"][0] for k, t in header.items() if k != "__metadata__")
+    assert stored == job.total_bytes > 0
 
 
 def test_reshard_refuses_existing_output_and_bad_layout(tmp_path):

@@ -19,7 +19,7 @@ from .layout.ptc import PTC
 from .storage.base import TensorSink, TensorSource
 from .storage.memory import SCHEME as MEMORY, MemorySink, MemorySource, memory_checkpoints
 
-__all__ = ["open_source", "create_sink", "exists", "delete", "is_memory", "is_object_url", "is_directory"]
+__all__ = ["open_source", "create_sink", "exists", "delete", "is_memory", "is_object_url", "is_directory", "shown"]
 
 _FILE = "file://"
 
@@ -31,6 +31,13 @@ def is_memory(location: str | os.PathLike) -> bool:
 def is_directory(location: str | os.PathLike) -> bool:
     """Whether ``location`` is a directory of this machine (a path or ``file://PATH``)."""
     return not is_memory(location) and not is_object_url(location)
+
+
+def shown(location: str | os.PathLike) -> str:
+    """A location as messages show it: a directory made absolute, a URL without credentials."""
+    from .checkpoint.objects import redact
+
+    return os.path.abspath(location) if is_directory(location) else redact(os.fspath(location))
 
 
 def _path(location: str | os.PathLike) -> str:

@@ -1,8 +1,8 @@
 """Resharding a checkpoint: plan from its layout to a new one, run the plan, commit.
 
-``reshard_checkpoint(src, out, layout)`` reads the checkpoint at ``src`` (a directory or
-``memory://NAME``, see :mod:`scalai.locations`), plans with
-:func:`~scalai.planner.make_plan`, runs the plan with :func:`~scalai.storage.run_plan`
+``reshard_checkpoint(src, out, layout)`` (:class:`Reshard` opened, then run) reads the
+checkpoint at ``src`` (a directory, ``memory://NAME`` or an fsspec URL, see
+:mod:`scalai.locations`), plans with :func:`~scalai.planner.make_plan`, runs the plan with :func:`~scalai.storage.run_plan`
 into a new checkpoint at ``out`` and commits it. No global tensor is ever built; a tensor
 that moves unchanged keeps the CRC its source records, every other block is checksummed
 while it is written, so the new checkpoint's checksums cost no second read.
@@ -16,13 +16,13 @@ from typing import Callable
 
 from .checkpoint.staging import check_output
 from .config import ParallelConfig, Placement
-from .locations import create_sink, exists, is_directory, open_source
+from .locations import create_sink, exists, is_directory, open_source, shown
 from .models.synth import stored_nbytes
 from .planner.plan import Deployment, Plan
 from .state import carry_state
 from .storage.run import RunReport, run_plan
 
-__all__ = ["reshard_checkpoint", "ReshardTime"]
+__all__ = ["reshard_checkpoint", "Reshard", "ReshardTime"]
 
 
 class ReshardTime(float):
@@ -54,11 +54,95 @@ class ReshardTime(float):
                 f"verify={self.verify:.3f}, checksum={self.checksum:.3f}, sync={self.sync:.3f})")
 
 
+class Reshard:
+    """One reshard, opened: the source is open, the output checked, the plan made, and
+    nothing written yet; :meth:`run` copies and commits. Open it as a context manager
+    (the source closes at its end); :func:`reshard_checkpoint` does both in one call.
+
+    Attributes:
+        plan: the plan from the source's layout to ``new_config`` (into what the new
+            checkpoint stores: each replica once).
+        old, new: the source's layout and the new one (:class:`ParallelConfig`).
+        total_bytes: bytes the new checkpoint stores (padding included, replicas once).
+
+    Raises (when opened):
+        ValueError: ``new_config`` is not valid for the checkpoint's tensors; a directory
+            ``out`` lies inside ``src`` or its filesystem cannot take the new checkpoint.
+        FileExistsError: ``out`` exists (nothing is touched).
+        CheckpointError: the source is incomplete or damaged.
+    """
+
+    def __init__(self, src: str | os.PathLike, out: str | os.PathLike, new_config: ParallelConfig | str,
+                 placement: Placement | None = None):
+        from .planner import make_plan
+
+        self._t0 = time.perf_counter()
+        new_config = ParallelConfig.parse(new_config)
+        if exists(out):
+            raise FileExistsError(f"output {shown(out)} already exists; choose another location or remove it "
+                                  f"first")
+        self.out = out
+        self.source = open_source(src)
+        try:
+            self.old, self.new = self.source.ptc.config, new_config
+            self._new_ptc = self.source.ptc.relayout(new_config)
+            self.total_bytes = stored_nbytes(self._new_ptc)
+            if is_directory(out):
+                check_output(os.fspath(out), self.total_bytes, f"the reshard to {new_config}",
+                             inputs=[os.fspath(src)] if is_directory(src) else [])
+            if placement is None:
+                placement = Placement(gpus_per_host=max(self.old.world_size, new_config.world_size))
+            self.plan = make_plan(Deployment(self.source.ptc, placement),
+                                  Deployment(self._new_ptc.stored_replicas(), placement))
+            self._state = carry_state(self.source.state, self.old, new_config)  # step, RNG rule, data
+        except BaseException:
+            self.source.close()
+            raise
+        self._planned = time.perf_counter()
+
+    def __enter__(self) -> Reshard:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.source.close()
+
+    def run(self, workers: int | None = None, progress: Callable[[int], None] | None = None,
+            sync: bool = True, verify: bool = False) -> ReshardTime:
+        """Copy into a new checkpoint at ``out`` and commit it; its time (``plan``: opening).
+
+        Args:
+            workers: threads of the runner.
+            progress: called with each block's byte count (``total_bytes`` in all).
+            sync: fsync the new checkpoint (``ReshardTime.sync`` reports what that cost).
+            verify: check the source's checksums during the copy, before the commit.
+
+        Raises:
+            ChecksumError: with ``verify``, the source's bytes differ from its record (the
+                new checkpoint is deleted, nothing committed; the source is never modified).
+        """
+        t1 = time.perf_counter()
+        with create_sink(self.out, self._new_ptc, self._state, sync=sync) as sink:
+            # a mismatch found by the check raises here: the sink is aborted, nothing committed
+            report = run_plan(self.plan, self.source, sink, workers=workers, progress=progress, verify=verify)
+            t2 = time.perf_counter()
+            sink.commit()
+            t3 = time.perf_counter()
+        checksum = sink.timings.get("checksum", 0.0)
+        wait = report.seconds.get("verify_wait", 0.0)
+        return ReshardTime(plan=self._planned - self._t0, copy=t2 - t1 - wait,
+                           checksum=checksum, sync=t3 - t2 - checksum, run=report, verify=wait,
+                           checked=report.seconds.get("verify", 0.0))
+
+
 def reshard_checkpoint(src: str | os.PathLike, out: str | os.PathLike, new_config: ParallelConfig | str,
                        placement: Placement | None = None, workers: int | None = None,
                        progress: Callable[[int], None] | None = None,
                        sync: bool = True, verify: bool = False) -> tuple[Plan, ReshardTime]:
-    """Rewrite the checkpoint ``src`` in layout ``new_config`` as ``out``.
+    """Rewrite the checkpoint ``src`` in layout ``new_config`` as ``out``: :class:`Reshard`
+    opened and run.
 
     The non-tensor state goes through :func:`scalai.state.carry_state`. Bytes move as
     they are, and those that move unchanged keep the CRC their source records, so a
@@ -72,46 +156,14 @@ def reshard_checkpoint(src: str | os.PathLike, out: str | os.PathLike, new_confi
         src, out: checkpoint locations (directories, ``memory://NAME``, fsspec URLs).
         placement: where old and new ranks run (the same hosts); default: one host holding
             every rank, so that every copy is a local one.
-        workers: threads of the runner.
-        sync: fsync the new checkpoint (``ReshardTime.sync`` reports what that cost).
-        verify: check the source's checksums during the copy, before the commit.
+        workers, progress, sync, verify: see :meth:`Reshard.run`.
 
     Returns:
         the plan and the time it took (a float of seconds, with a breakdown).
 
     Raises:
-        ValueError: ``new_config`` is not valid for the checkpoint's tensors; a directory
-            ``out`` lies inside ``src`` or its filesystem cannot take the new checkpoint.
-        FileExistsError: ``out`` exists (nothing is touched).
-        CheckpointError: the source is incomplete or damaged (``ChecksumError`` with
-            ``verify``: its bytes differ from its record). The source is never modified.
+        ValueError, FileExistsError, CheckpointError: see :class:`Reshard`.
+        ChecksumError: see :meth:`Reshard.run`.
     """
-    from .planner import make_plan
-
-    t0 = time.perf_counter()
-    new_config = ParallelConfig.parse(new_config)
-    if exists(out):
-        raise FileExistsError(f"output {out} already exists; choose another output directory "
-                              f"or remove it first")
-    with open_source(src) as source:
-        old_ptc = source.ptc
-        new_ptc = old_ptc.relayout(new_config)
-        if is_directory(out):
-            check_output(os.fspath(out), stored_nbytes(new_ptc), f"the reshard to {new_config}",
-                         inputs=[os.fspath(src)] if is_directory(src) else [])
-        if placement is None:
-            placement = Placement(gpus_per_host=max(old_ptc.config.world_size, new_config.world_size))
-        # Into what the new checkpoint stores: each replica once.
-        plan = make_plan(Deployment(old_ptc, placement), Deployment(new_ptc.stored_replicas(), placement))
-        state = carry_state(source.state, old_ptc.config, new_config)  # step, RNG rule, data
-        t1 = time.perf_counter()
-        with create_sink(out, new_ptc, state, sync=sync) as sink:
-            # a mismatch found by the check raises here: the sink is aborted, nothing committed
-            report = run_plan(plan, source, sink, workers=workers, progress=progress, verify=verify)
-            t2 = time.perf_counter()
-            sink.commit()
-            t3 = time.perf_counter()
-    checksum = sink.timings.get("checksum", 0.0)
-    wait = report.seconds.get("verify_wait", 0.0)
-    return plan, ReshardTime(plan=t1 - t0, copy=t2 - t1 - wait, checksum=checksum, sync=t3 - t2 - checksum,
-                             run=report, verify=wait, checked=report.seconds.get("verify", 0.0))
+    with Reshard(src, out, new_config, placement) as job:
+        return job.plan, job.run(workers, progress, sync, verify)

@@ -14,11 +14,10 @@ from .params import COUNT, SEED
 
 
 def _shown(location: str) -> str:
-    """A location as output shows it: a directory made absolute, a URL without credentials."""
-    from ..checkpoint.objects import redact
-    from ..locations import is_directory
+    """:func:`scalai.locations.shown`, imported when first needed (the CLI starts fast)."""
+    from ..locations import shown
 
-    return os.path.abspath(location) if is_directory(location) else redact(location)
+    return shown(location)
 
 
 def _placement(gpus_per_host: int):
@@ -208,28 +207,19 @@ def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool
     if dcp_source(ckpt, model, rules_path):
         reshard_dcp(ckpt, out, to_layout, model, rules_path, workers, verify, as_json)
         return
-    from ..checkpoint.staging import check_output
     from ..checkpoint.limits import reserve_descriptors
-    from ..locations import exists, is_directory, open_source
-    from ..reshard import reshard_checkpoint
-    from ..models.synth import stored_nbytes
+    from ..reshard import Reshard
 
     reserve_descriptors(to_layout.world_size, "the new checkpoint")
-    with open_source(ckpt) as c:
-        old = c.ptc
-        total = stored_nbytes(old.relayout(to_layout))
-        if is_directory(out):
-            check_output(out, total, f"the reshard to {to_layout}", inputs=[ckpt] if is_directory(ckpt) else [])
-        elif exists(out):
-            raise FileExistsError(f"output {_shown(out)} already exists; choose another location or delete it first")
     placement = _placement(gpus_per_host) if gpus_per_host is not None else None
-    with progress("reshard", total, enabled=not as_json) as advance:
-        result, seconds = reshard_checkpoint(ckpt, out, to_layout, placement=placement,
-                                             workers=workers, progress=advance, verify=verify)
+    with Reshard(ckpt, out, to_layout, placement) as job, \
+            progress("reshard", job.total_bytes, enabled=not as_json) as advance:
+        seconds = job.run(workers=workers, progress=advance, verify=verify)
+    result, old = job.plan, job.old
     moved = result.stats.total_bytes
     verify_seconds = seconds.checked
     if as_json:
-        emit_json({"checkpoint": _shown(out), "from": str(old.config), "to": str(to_layout),
+        emit_json({"checkpoint": _shown(out), "from": str(old), "to": str(to_layout),
                    "seconds": round(float(seconds), 3),
                    "phases": {"verified_alongside": round(verify_seconds, 3),
                               **{k: round(v, 3) for k, v in seconds.__dict__.items()}},
@@ -238,7 +228,7 @@ def reshard(ckpt: str, out: str, to_layout, gpus_per_host, workers, verify: bool
                    "throughput_bytes_per_s": moved / float(seconds), **result.stats.to_json()})
         return
     out_c = console()
-    out_c.print(f"{old.config} -> {to_layout}: wrote {_shown(out)}")
+    out_c.print(f"{old} -> {to_layout}: wrote {_shown(out)}")
     out_c.print(stats_table(result.stats, title="plan"))
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in seconds.__dict__.items())
     if verify:
