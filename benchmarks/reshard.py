@@ -41,8 +41,9 @@ new one by every method below. What each side does:
 - **(c) memory copy**: ``np.copyto`` of as many bytes as scalai reshard writes, RAM to RAM,
   between two pre-faulted 512 MiB buffers: the physical limit.
 - **(c') file copy**: as many bytes as scalai reshard writes into each new rank file,
-  copied by the kernel (``os.sendfile``) from the old rank files, writeback started per
-  64 MiB chunk, fsynced: the storage's own floor, no layout logic.
+  copied by the kernel (``copy_file_range``) from the old rank files in 64 MiB chunks
+  shared out over the threads (each starts on a file of its own; one new file gets them
+  all), writeback started per chunk, fsynced: the storage's own floor, no layout logic.
 
 Threads: ``--workers`` (default one per core, at most 8) for scalai, (b), (c) and (c').
 
@@ -356,6 +357,22 @@ def _ratio(a: Stats | None, b: Stats | None) -> float | None:
     return a.median / b.median if a and b and b.median else None
 
 
+def _paired(res: Result, a: str, b: str) -> Stats | None:
+    """``a``'s time over ``b``'s, round by round (each round runs both, one after the other,
+    so that a slow spell of a shared machine hits both sides of one ratio alike)."""
+    ra, rb = res.samples.get(a), res.samples.get(b)
+    if not ra or not rb or len(ra) != len(rb):
+        return None
+    return Stats.of([x["total"] / y["total"] for x, y in zip(ra, rb)])
+
+
+def _per_round(res: Result, method: str) -> str:
+    paired = _paired(res, "filecopy", method)
+    if paired is None or paired.n < 2:
+        return ""
+    return f"; round by round: median {paired.median:.2f}, {paired.min:.2f}–{paired.max:.2f}"
+
+
 def _where(res: Result, method: str, floor: float) -> str:
     """scalai reshard's median wall time cut into its phases, each also as a share of the
     file copy's time, and the plan runner's thread-seconds inside the copy phase."""
@@ -402,7 +419,7 @@ def summary(results: list[Result], fs: str) -> list[str]:
                     checks.append(f"{label} takes {st.median / floor.median:.2f}x the file copy's time on {fs} "
                                   f"(its copy phase alone {copy.median / floor.median:.2f}x; issue 13's target: "
                                   f"the file copy's time is at least 0.9 of scalai's, {floor.median / st.median:.2f} "
-                                  f"here)")
+                                  f"here{_per_round(res, method)})")
                     checks.append(f"where {label}'s time goes: " + _where(res, method, floor.median))
         mem = res.rate(rows["memcpy:total"])
         if mem:

@@ -21,9 +21,11 @@ the way a careful implementation would be, with what scalai's own writer has:
 RAM to RAM, in threads: the physical limit of moving bytes.
 
 (c') :func:`file_copy`: the storage's own floor. One new file per new rank, as many bytes
-as scalai writes into that rank's file, filled by the kernel (``os.sendfile``) from the old
-rank files taken in turn, in 64 MiB chunks with writeback started after each chunk
-(``sync_file_range``, as scalai's writer does), then fsynced: no layout logic, no checksum.
+as scalai writes into that rank's file, filled by the kernel (``copy_file_range``) from the
+old rank files taken in turn, in 64 MiB chunks shared out over the threads (each starts on
+a file of its own, then helps with the others; a single new file gets every thread) with
+writeback started after each chunk (``sync_file_range``, as scalai's writer does), then
+fsynced: no layout logic, no checksum.
 """
 
 from __future__ import annotations
@@ -236,32 +238,50 @@ _SYNC_FILE_RANGE = _load_sync_file_range()
 
 def file_copy(src: str, out: str, sizes: list[int], workers: int) -> dict[str, float]:
     """(c'): ``sizes[r]`` bytes into ``out/rank-r.bin`` for every new rank ``r``, copied by
-    the kernel from the old rank files of ``src`` (taken in turn), writeback started after
-    every chunk, fsync at the end."""
+    the kernel from the old rank files of ``src`` (taken in turn from file ``r mod files``)
+    in chunks of 64 MiB (``copy_file_range`` at explicit offsets), writeback started after
+    every chunk, each file fsynced at the end. ``workers`` threads share the chunks: each
+    starts on a file of its own (writes into one file take turns on its inode lock) and,
+    once that is done, helps with the file that has the most chunks left."""
     t0 = time.perf_counter()
     files = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
     lengths = [os.path.getsize(os.path.join(src, f)) for f in files]
     os.makedirs(out)
-
-    def copy(rank: int) -> None:
-        fd_out = os.open(os.path.join(out, f"rank-{rank:05d}.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            left, k, offset, written = sizes[rank], rank % len(files), 0, 0
-            while left:
-                fd_in = os.open(os.path.join(src, files[k]), os.O_RDONLY)
-                try:
-                    while left and offset < lengths[k]:
-                        n = os.sendfile(fd_out, fd_in, offset, min(left, lengths[k] - offset, _COPY_CHUNK))
-                        if _SYNC_FILE_RANGE is not None:
-                            _SYNC_FILE_RANGE(fd_out, written, n, 2)  # SYNC_FILE_RANGE_WRITE: start writeback
-                        offset, left, written = offset + n, left - n, written + n
-                finally:
-                    os.close(fd_in)
+    ins = [os.open(os.path.join(src, f), os.O_RDONLY) for f in files]
+    outs = [os.open(os.path.join(out, f"rank-{r:05d}.bin"), os.O_WRONLY | os.O_CREAT, 0o644)
+            for r in range(len(sizes))]
+    queues: list[list[tuple[int, int, int, int]]] = []  # per new file: (out offset, old file, offset, bytes)
+    for rank, size in enumerate(sizes):
+        chunks, k, offset, written = [], rank % len(files), 0, 0
+        while written < size:
+            if offset == lengths[k]:
                 k, offset = (k + 1) % len(files), 0
-            os.fsync(fd_out)
-        finally:
-            os.close(fd_out)
+                continue
+            n = min(size - written, lengths[k] - offset, _COPY_CHUNK)
+            chunks.append((written, k, offset, n))
+            offset, written = offset + n, written + n
+        queues.append(chunks[::-1])  # popped from the end: in file order
+    lock = threading.Lock()
 
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(copy, range(len(sizes))))
+    def next_chunk(home: int) -> tuple[int, tuple[int, int, int, int]] | None:
+        with lock:
+            rank = home if queues[home] else max(range(len(queues)), key=lambda q: len(queues[q]))
+            return (rank, queues[rank].pop()) if queues[rank] else None
+
+    def copy(worker: int) -> None:
+        while (job := next_chunk(worker % len(queues))) is not None:
+            rank, (at, k, offset, n) = job
+            while n:
+                done = os.copy_file_range(ins[k], outs[rank], n, offset, at)
+                if _SYNC_FILE_RANGE is not None:
+                    _SYNC_FILE_RANGE(outs[rank], at, done, 2)  # SYNC_FILE_RANGE_WRITE: start writeback
+                at, offset, n = at + done, offset + done, n - done
+
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(copy, range(workers)))
+            list(pool.map(os.fsync, outs))
+    finally:
+        for fd in ins + outs:
+            os.close(fd)
     return {"total": time.perf_counter() - t0}
