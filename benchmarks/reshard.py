@@ -37,18 +37,22 @@ new one by every method below. What each side does:
   every global tensor written whole into a scratch file of its own (straight from the
   shards' maps, or assembled in 4 MiB blocks of rows; no fsync, no checksum), then every
   new rank file cut from those through scalai's own checkpoint writer: 4 MiB blocks with
-  their CRC-32 computed while writing, writeback started per tensor, fsync at commit.
+  their CRC-32 (zlib-ng, scalai's) computed while writing, writeback started per tensor,
+  fsync at commit.
 - **(c) memory copy**: ``np.copyto`` of as many bytes as scalai reshard writes, RAM to RAM,
   between two pre-faulted 512 MiB buffers: the physical limit.
 - **(c') file copy**: as many bytes as scalai reshard writes into each new rank file,
   copied by the kernel (``copy_file_range``) from the old rank files in 64 MiB chunks
   shared out over the threads (each starts on a file of its own; one new file gets them
   all), writeback started per chunk, fsynced: the storage's own floor, no layout logic.
+- **(c'') file copy + CRC-32**: the same, but every byte passes through the process in
+  4 MiB blocks of the old files' maps, its CRC-32 computed (zlib-ng, scalai's) before
+  ``pwrite``: the floor of a copy that reads its source, as a source check must.
 
-Threads: ``--workers`` (default one per core, at most 8) for scalai, (b), (c) and (c').
+Threads: ``--workers`` (default one per core, at most 8) for scalai, (b), (c), (c') and (c'').
 
 Bytes: every method's GB/s is the bytes *it* writes over its time, and the table prints
-them: the new checkpoint's rank files for scalai reshard, (b), (c) and (c') (each replica
+them: the new checkpoint's rank files for scalai reshard, (b), (c), (c') and (c'') (each replica
 once, vocabulary padding included), the new layout's arrays in RAM for the loads (every
 rank holds its replicas), DCP's ranks' tensors for its load and its saved files for load +
 save.
@@ -227,9 +231,10 @@ def memory_copy(case: Case) -> Callable[[], dict[str, float]]:
     return MemoryCopy(sum(case.file_sizes), case.workers).run
 
 
-def kernel_file_copy(case: Case) -> Callable[[], dict[str, float]]:
-    """(c'): scalai reshard's rank file sizes, copied by the kernel from the old files."""
-    return lambda: file_copy(case.src, case.out("filecopy"), case.file_sizes, case.workers)
+def kernel_file_copy(case: Case, checked: bool = False) -> Callable[[], dict[str, float]]:
+    """(c'): scalai reshard's rank file sizes, copied by the kernel from the old files;
+    (c''), ``checked``: every byte through this process, its CRC-32 computed on the way."""
+    return lambda: file_copy(case.src, case.out("filecopy"), case.file_sizes, case.workers, checked)
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,7 @@ METHODS: dict[str, Method] = {
     "consolidate": Method(consolidate_split, ("consolidated", "split")),
     "memcpy": Method(memory_copy),
     "filecopy": Method(kernel_file_copy, ("filecopy",)),
+    "filecopy-crc": Method(lambda c: kernel_file_copy(c, checked=True), ("filecopy",)),
 }
 
 
@@ -305,6 +311,7 @@ ROWS = (
         (("consolidate", "consol."), ("split", "split"), ("commit", "commit"))),
     Row("(c) memory copy", "memcpy", "total", "cpu", "files"),
     Row("(c') file copy", "filecopy", "total", "cpu", "files"),
+    Row("(c'') file copy + CRC-32", "filecopy-crc", "total", "cpu", "files"),
 )
 
 
@@ -366,8 +373,8 @@ def _paired(res: Result, a: str, b: str) -> Stats | None:
     return Stats.of([x["total"] / y["total"] for x, y in zip(ra, rb)])
 
 
-def _per_round(res: Result, method: str) -> str:
-    paired = _paired(res, "filecopy", method)
+def _per_round(res: Result, method: str, floor: str = "filecopy") -> str:
+    paired = _paired(res, floor, method)
     if paired is None or paired.n < 2:
         return ""
     return f"; round by round: median {paired.median:.2f}, {paired.min:.2f}–{paired.max:.2f}"
@@ -421,6 +428,14 @@ def summary(results: list[Result], fs: str) -> list[str]:
                                   f"the file copy's time is at least 0.9 of scalai's, {floor.median / st.median:.2f} "
                                   f"here{_per_round(res, method)})")
                     checks.append(f"where {label}'s time goes: " + _where(res, method, floor.median))
+        checked = res.stats("filecopy-crc")
+        if checked and res.stats("scalai"):
+            line = (f"the checked file copy (c'': every byte read for its CRC-32 on the way, as scalai reshard's "
+                    f"source check does) takes {checked.median / res.stats('scalai').median:.2f} of scalai "
+                    f"reshard's time{_per_round(res, 'scalai', 'filecopy-crc')}")
+            if floor:
+                line += f"; the check alone makes the file copy {checked.median / floor.median:.2f}x slower"
+            checks.append(line)
         mem = res.rate(rows["memcpy:total"])
         if mem:
             shares = [f"{label} {rate / mem:.2f}" for label, key in (("scalai reshard", "scalai:total"),
@@ -608,7 +623,7 @@ def main(argv=None) -> int:
                         "default: a TP, a PP and a DP/ZeRO change)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per transition (default 3)")
     p.add_argument("--workers", type=int, default=default_workers(),
-                   help="threads for scalai, (b), (c), (c') (default: scalai's, one per core up to 8)")
+                   help="threads for scalai, (b), (c), (c'), (c'') (default: scalai's, one per core up to 8)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     p.add_argument("--workdir", help="scratch parent directory (default /dev/shm when it has room, else /tmp)")
     p.add_argument("--seed", type=int, default=0)
@@ -648,7 +663,7 @@ def main(argv=None) -> int:
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}; {machine['os']}; "
           f"python {machine['python']}, numpy {machine.get('numpy')}, torch {machine.get('torch')}; "
           f"{machine['date']}")
-    print(f"scalai: {revision}; {args.workers} threads for scalai, (b), (c), (c'); "
+    print(f"scalai: {revision}; {args.workers} threads for scalai, (b), (c), (c'), (c''); "
           f"DCP: one process per new rank, cores / ranks threads each")
     print(f"storage: {bench.storage}; every method that writes files fsyncs them; destination arrays of the "
           f"loads (scalai and DCP) allocated and pre-faulted before timing")
@@ -656,7 +671,7 @@ def main(argv=None) -> int:
     print(f"load average (1 min) at start {load_before[0]:.1f}, at end {load_after[0]:.1f} "
           f"({machine['cores']} cores; above that count, other processes competed for the CPU)")
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print("bytes: scalai reshard, (b), (c), (c'): the new rank files (replicas once, padding included); loads "
+    print("bytes: scalai reshard, (b), (c), (c'), (c''): the new rank files (replicas once, padding included); loads "
           "and RAM → RAM: every new rank's arrays (replicas per rank); DCP load: its ranks' tensors (no "
           "padding); DCP load + save: the files dcp.save wrote")
     if any(r.nbytes.get("files", 0) < 1e9 for r in results):

@@ -1,7 +1,8 @@
 """Sides (b), (c) and (c') of ``reshard.py``: consolidate-then-split, and the two floors.
 
 (b) :func:`consolidate_then_split` is DeepSpeed's universal-checkpoint approach, written
-the way a careful implementation would be, with what scalai's own writer has:
+the way a careful implementation would be, with what scalai's own writer has (its CRC-32
+too: zlib-ng's, as scalai computes it):
 
 - *consolidate*: every global tensor into one scratch file of its own, assembled from one
   replica of every distinct shard. A shard whose global box is one run of the tensor's
@@ -25,16 +26,17 @@ as scalai writes into that rank's file, filled by the kernel (``copy_file_range`
 old rank files taken in turn, in 64 MiB chunks shared out over the threads (each starts on
 a file of its own, then helps with the others; a single new file gets every thread) with
 writeback started after each chunk (``sync_file_range``, as scalai's writer does), then
-fsynced: no layout logic, no checksum.
+fsynced: no layout logic, no checksum. (c'') the same with every byte read through this
+process for its CRC-32 on the way (``file_copy(checked=True)``): the floor of a checked copy.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from math import prod
 from typing import Callable
@@ -46,6 +48,7 @@ from scalai.config import ParallelConfig
 from scalai.dtypes import raw_numpy
 from scalai.regions import Region
 from scalai.state import carry_state
+from scalai.storage.checksum import crc32
 
 __all__ = ["consolidate_then_split", "MemoryCopy", "file_copy", "BLOCK_BYTES"]
 
@@ -53,6 +56,7 @@ __all__ = ["consolidate_then_split", "MemoryCopy", "file_copy", "BLOCK_BYTES"]
 BLOCK_BYTES = 4 << 20
 _MEMCPY_BUFFER = 512 << 20
 _COPY_CHUNK = 64 << 20
+_BLOCK = 4 << 20  # a checked copy's block: read, checksummed and written while in cache
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,7 +155,7 @@ def _split(writer: CheckpointWriter, scratch: str, rank: int, name: str, shard, 
             if spec.nbytes else np.zeros(spec.shape, raw))
 
     def write(offset: int, block: np.ndarray) -> None:
-        writer.write(rank, name, offset, block, zlib.crc32(block))
+        writer.write(rank, name, offset, block, crc32(block))
 
     for p in shard.pieces:  # padding (vocabulary) is left to the writer's zero fill
         start = _run_start(shard.shape, p.local_region)
@@ -236,13 +240,17 @@ def _load_sync_file_range():
 _SYNC_FILE_RANGE = _load_sync_file_range()
 
 
-def file_copy(src: str, out: str, sizes: list[int], workers: int) -> dict[str, float]:
+def file_copy(src: str, out: str, sizes: list[int], workers: int, checked: bool = False) -> dict[str, float]:
     """(c'): ``sizes[r]`` bytes into ``out/rank-r.bin`` for every new rank ``r``, copied by
     the kernel from the old rank files of ``src`` (taken in turn from file ``r mod files``)
     in chunks of 64 MiB (``copy_file_range`` at explicit offsets), writeback started after
     every chunk, each file fsynced at the end. ``workers`` threads share the chunks: each
     starts on a file of its own (writes into one file take turns on its inode lock) and,
-    once that is done, helps with the file that has the most chunks left."""
+    once that is done, helps with the file that has the most chunks left.
+
+    ``checked`` (c''): every byte passes through this process instead, in 4 MiB blocks of
+    the old files' memory maps: its CRC-32 computed (zlib-ng, as scalai's check), then
+    ``pwrite``: the floor of a copy that reads what it copies, as a source check must."""
     t0 = time.perf_counter()
     files = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
     lengths = [os.path.getsize(os.path.join(src, f)) for f in files]
@@ -262,6 +270,8 @@ def file_copy(src: str, out: str, sizes: list[int], workers: int) -> dict[str, f
             offset, written = offset + n, written + n
         queues.append(chunks[::-1])  # popped from the end: in file order
     lock = threading.Lock()
+    maps = [mmap.mmap(fd, length, prot=mmap.PROT_READ) for fd, length in zip(ins, lengths)] if checked else []
+    views, crcs = [memoryview(m) for m in maps], []
 
     def next_chunk(home: int) -> tuple[int, tuple[int, int, int, int]] | None:
         with lock:
@@ -272,7 +282,12 @@ def file_copy(src: str, out: str, sizes: list[int], workers: int) -> dict[str, f
         while (job := next_chunk(worker % len(queues))) is not None:
             rank, (at, k, offset, n) = job
             while n:
-                done = os.copy_file_range(ins[k], outs[rank], n, offset, at)
+                if checked:
+                    block = views[k][offset:offset + min(n, _BLOCK)]
+                    crcs.append(crc32(block))
+                    done = os.pwrite(outs[rank], block, at)
+                else:
+                    done = os.copy_file_range(ins[k], outs[rank], n, offset, at)
                 if _SYNC_FILE_RANGE is not None:
                     _SYNC_FILE_RANGE(outs[rank], at, done, 2)  # SYNC_FILE_RANGE_WRITE: start writeback
                 at, offset, n = at + done, offset + done, n - done
@@ -282,6 +297,10 @@ def file_copy(src: str, out: str, sizes: list[int], workers: int) -> dict[str, f
             list(pool.map(copy, range(workers)))
             list(pool.map(os.fsync, outs))
     finally:
+        for v in views:
+            v.release()
+        for m in maps:
+            m.close()
         for fd in ins + outs:
             os.close(fd)
     return {"total": time.perf_counter() - t0}
