@@ -242,7 +242,9 @@ _SYNC_FILE_RANGE = _load_sync_file_range()
 
 def file_copy(src: str, out: str, sizes: list[int], workers: int, checked: bool = False) -> dict[str, float]:
     """(c'): ``sizes[r]`` bytes into ``out/rank-r.bin`` for every new rank ``r``, copied by
-    the kernel from the old rank files of ``src`` (taken in turn from file ``r mod files``)
+    the kernel from the old rank files of ``src`` (the new files laid one after the other
+    over the old ones read in turn, so that each byte is read once until all were: as in a
+    reshard, no two threads read the same bytes, which one would find in the cache)
     in chunks of 64 MiB (``copy_file_range`` at explicit offsets), writeback started after
     every chunk, each file fsynced at the end. ``workers`` threads share the chunks: each
     starts on a file of its own (writes into one file take turns on its inode lock) and,
@@ -259,8 +261,12 @@ def file_copy(src: str, out: str, sizes: list[int], workers: int, checked: bool 
     outs = [os.open(os.path.join(out, f"rank-{r:05d}.bin"), os.O_WRONLY | os.O_CREAT, 0o644)
             for r in range(len(sizes))]
     queues: list[list[tuple[int, int, int, int]]] = []  # per new file: (out offset, old file, offset, bytes)
+    at = 0  # where the next new file starts in the old files, read one after the other (then again)
     for rank, size in enumerate(sizes):
-        chunks, k, offset, written = [], rank % len(files), 0, 0
+        chunks, k, offset, written = [], 0, at % sum(lengths), 0
+        while offset >= lengths[k]:
+            k, offset = k + 1, offset - lengths[k]
+        at += size
         while written < size:
             if offset == lengths[k]:
                 k, offset = (k + 1) % len(files), 0
