@@ -59,6 +59,12 @@ class Reshard:
     nothing written yet; :meth:`run` copies and commits. Open it as a context manager
     (the source closes at its end); :func:`reshard_checkpoint` does both in one call.
 
+    Args:
+        src, out: checkpoint locations (directories, ``memory://NAME``, fsspec URLs).
+        new_config: the new layout.
+        placement: where old and new ranks run (the same hosts); default: one host holding
+            every rank, so that every copy is a local one.
+
     Attributes:
         plan: the plan from the source's layout to ``new_config`` (into what the new
             checkpoint stores: each replica once).
@@ -153,9 +159,7 @@ def reshard_checkpoint(src: str | os.PathLike, out: str | os.PathLike, new_confi
     :class:`ChecksumError` raised).
 
     Args:
-        src, out: checkpoint locations (directories, ``memory://NAME``, fsspec URLs).
-        placement: where old and new ranks run (the same hosts); default: one host holding
-            every rank, so that every copy is a local one.
+        src, out, new_config, placement: see :class:`Reshard`.
         workers, progress, sync, verify: see :meth:`Reshard.run`.
 
     Returns:

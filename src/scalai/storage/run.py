@@ -189,6 +189,13 @@ class _Run:
         pieces: dict[tuple[int, str], set[tuple[int, int]]] = defaultdict(set)
         if self.arrays and not self.checksum:  # memory to memory: strided copies, no runs
             return {}
+        arrays: dict[tuple[int, str], np.ndarray] = {}  # a tensor's copies ask for it in turn
+
+        def array(part: ArraySource, rank: int, name: str) -> np.ndarray:
+            if (rank, name) not in arrays:
+                arrays[(rank, name)] = part.array(rank, name)
+            return arrays[(rank, name)]
+
         for task in self.phases[0]:
             if task.kind != "arrays":
                 continue
@@ -199,13 +206,13 @@ class _Run:
                 part = self.parts.get(c.src_rank)
                 if (span is None and not assembled) or c.from_new or not isinstance(part, ArraySource):
                     continue
-                local = part.array(c.src_rank, c.tensor)
+                local = array(part, c.src_rank, c.tensor)
                 at = window_span(local.shape, c.src) if local.flags.c_contiguous else None
                 if at is not None:
                     pieces[(self.source.stored_in(c.src_rank, c.tensor), c.tensor)].add((at * local.itemsize, c.nbytes))
         whole = {}
         for key, found in pieces.items():
-            total = self.source.part(key[0]).array(*key).nbytes
+            total = array(self.source.part(key[0]), *key).nbytes
             holes = gaps(((o, o + n) for o, n in found), total)
             unread = sum(b - a for a, b in holes)
             overlap = sum(n for _, n in found) > total - unread  # left to the check alongside
