@@ -434,7 +434,7 @@ def summary(results: list[Result], fs: str) -> list[str]:
                     f"source check does) takes {checked.median / res.stats('scalai').median:.2f} of scalai "
                     f"reshard's time{_per_round(res, 'scalai', 'filecopy-crc')}")
             if floor:
-                line += f"; the check alone makes the file copy {checked.median / floor.median:.2f}x slower"
+                line += f"; the checked copy takes {checked.median / floor.median:.2f}x the plain copy's time"
             checks.append(line)
         mem = res.rate(rows["memcpy:total"])
         if mem:
