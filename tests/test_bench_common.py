@@ -1,4 +1,5 @@
-"""The benchmarks' shared helpers: a scratch directory without room is refused in one line."""
+"""The benchmarks' shared helpers: a scratch directory without room is refused in one line;
+the reshard benchmark's file-copy floors copy what they claim."""
 
 import os
 import shutil
@@ -21,3 +22,27 @@ def test_a_requested_workdir_without_room_is_refused_before_anything_is_written(
     assert not target.exists()
     path, where = choose_workdir(1 << 20, 0, str(target), "bench")  # room enough: a fresh directory
     assert os.path.isdir(path) and path.startswith(str(target)) and where.startswith(path)
+
+
+@pytest.mark.parametrize("checked", [False, True])
+@pytest.mark.parametrize("sizes", [[5000], [3000, 2500], [1200, 1300, 1500, 900]])
+def test_the_file_copy_floor_copies_each_old_byte_once_in_turn(tmp_path, monkeypatch, checked, sizes):
+    """The reshard benchmark's floors (c') and (c''): each new file holds the next bytes of
+    the old files read one after the other (wrapping around once all were read), so that no
+    two new files start at the same old byte; chunks shared over threads land in place."""
+    import numpy as np
+    import reshard_baselines
+
+    monkeypatch.setattr(reshard_baselines, "_COPY_CHUNK", 700)  # several chunks per file
+    monkeypatch.setattr(reshard_baselines, "_BLOCK", 300)  # several blocks per chunk
+    src = tmp_path / "old"
+    src.mkdir()
+    old = [np.random.default_rng(i).integers(0, 256, n, dtype=np.uint8).tobytes() for i, n in enumerate([1700, 2300])]
+    for i, data in enumerate(old):
+        (src / f"rank-{i:05d}.safetensors").write_bytes(data)
+    reshard_baselines.file_copy(str(src), str(tmp_path / "new"), sizes, workers=3, checked=checked)
+    stream = b"".join(old) * 3
+    at = 0
+    for rank, size in enumerate(sizes):
+        assert (tmp_path / "new" / f"rank-{rank:05d}.bin").read_bytes() == stream[at % 4000:at % 4000 + size]
+        at += size
