@@ -71,7 +71,7 @@ noise of a shared machine hits every method alike; the table shows median, min a
 
 Usage::
 
-    .venv/bin/python benchmarks/reshard.py                        # defaults (3 rounds)
+    .venv/bin/python benchmarks/reshard.py                        # defaults (5 rounds)
     .venv/bin/python benchmarks/reshard.py --model gpt-tiny --repeats 1   # smoke test
     .venv/bin/python benchmarks/reshard.py --methods scalai,scalai-noverify,filecopy --workdir /tmp
 """
@@ -621,7 +621,8 @@ def main(argv=None) -> int:
     p.add_argument("--transition", action="append",
                    help="OLD:NEW layouts, e.g. 'tp=2,pp=1,dp=1:tp=1,pp=2,dp=1' (repeatable; "
                         "default: a TP, a PP and a DP/ZeRO change)")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds per transition (default 3)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed rounds per transition (default 5: one round's ratio moves by a fifth on a shared VM)")
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="threads for scalai, (b), (c), (c'), (c'') (default: scalai's, one per core up to 8)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
