@@ -153,8 +153,10 @@ def test_killed_push_leaves_nothing_after_its_lease(stores, tiny_ckpt):
     _until(lambda: not any(_versions(c, "gpt") for c in clients), "the killed push's version expires")
     for p, c in zip(procs, clients):  # ... and, after its lease, nothing at all
         assert c.usage()["memory_bytes"] == 0
-        assert not [f for f in (p.root / "jobs").rglob("*") if f.is_file()]
-        assert not list((p.root / "uploads").iterdir())
+        # an expired version is renamed away at once and its files deleted just after, off
+        # the store's event loop (Catalog.purge): wait for that, bounded
+        _until(lambda: not [f for f in (p.root / "jobs").rglob("*") if f.is_file()]
+               and not list((p.root / "uploads").iterdir()), f"{p.root}'s expired files are deleted", 20)
 
 
 def test_killed_coordinator_transformation_is_cancelled(stores, tiny_ckpt, tmp_path):
