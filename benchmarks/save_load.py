@@ -114,8 +114,13 @@ def _writer_reader(base: str):
     if "://" in base:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
-        # no fsync on an object store: an upload is durable once it completes
-        return (lambda path: FsspecWriter(path, sync_files=False, thread_count=THREADS)), FsspecReader
+        from scalai.checkpoint.uploads import SINGLE_PUT_BYTES
+
+        # no fsync on an object store: an upload is durable once it completes; s3fs's block
+        # as large as scalai's one-PUT size, so that DCP's files below it go up in one PUT too
+        # (with s3fs's default 50 MiB block a file of 50-100 MiB would be a multipart upload)
+        return (lambda path: FsspecWriter(path, sync_files=False, thread_count=THREADS,
+                                          default_block_size=SINGLE_PUT_BYTES)), FsspecReader
     return (lambda path: FileSystemWriter(path, sync_files=True, thread_count=THREADS)), FileSystemReader
 
 
@@ -326,7 +331,8 @@ def main() -> None:
               f"the plan's windows in a few streamed GETs (runs closer than 2 MiB share one, 16 at once per "
               f"rank), each file read whole by the rank that needs most of it, every tensor checked against its "
               f"CRC-32 as its bytes pass. "
-              f"DCP: FsspecWriter(sync_files=False, thread_count={THREADS}) over s3fs; load: FsspecReader, "
+              f"DCP: FsspecWriter(sync_files=False, thread_count={THREADS}) over s3fs with its block at 100 MiB "
+              f"(files below it in one PUT, as scalai's); load: FsspecReader, "
               f"dcp.load + set_state_dict, no checksums.")
     else:
         print(f"scalai save: pwrite from the live tensors, CRC-32 on {THREADS} threads per rank, fsync; load "

@@ -31,9 +31,9 @@ __all__ = ["RankUpload", "PART_BYTES", "SINGLE_PUT_BYTES", "MIN_PART_BYTES", "MA
 
 #: Default part size (what AWS's own transfer manager uses).
 PART_BYTES = 8 << 20
-#: Files below this size go up in one request (s3fs's rule: below twice its 50 MiB chunk). A
-#: multipart upload costs the store more per byte (on moto, a 73 MiB file took 0.47 s in one
-#: PUT and 0.72 s in 8 MiB parts; DCP's fsspec writer, through s3fs, sends such files whole).
+#: Files below this size go up in one request (s3fs's ``pipe_file`` rule: below twice its
+#: 50 MiB chunk). A multipart upload costs the store more per byte (on moto, a 73 MiB file
+#: took 0.47 s in one PUT and 0.72 s in 8 MiB parts).
 SINGLE_PUT_BYTES = 100 << 20
 #: S3's smallest part (except the last).
 MIN_PART_BYTES = 5 << 20
