@@ -2,10 +2,11 @@
 
 ``reshard_checkpoint(src, out, layout)`` (:class:`Reshard` opened, then run) reads the
 checkpoint at ``src`` (a directory, ``memory://NAME`` or an fsspec URL, see
-:mod:`scalai.locations`), plans with :func:`~scalai.planner.make_plan`, runs the plan with :func:`~scalai.storage.run_plan`
-into a new checkpoint at ``out`` and commits it. No global tensor is ever built; a tensor
-that moves unchanged keeps the CRC its source records, every other block is checksummed
-while it is written, so the new checkpoint's checksums cost no second read.
+:mod:`scalai.locations`), plans with :func:`~scalai.planner.make_plan`, runs the plan with
+:func:`~scalai.storage.run_plan` into a new checkpoint at ``out`` and commits it. No
+global tensor is ever built; a tensor that moves unchanged keeps the CRC its source
+records, every other block is checksummed while it is written, so the new checkpoint's
+checksums cost no second read.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class Reshard:
                  placement: Placement | None = None):
         from .planner import make_plan
 
-        self._t0 = time.perf_counter()
+        t0 = time.perf_counter()
         new_config = ParallelConfig.parse(new_config)
         if exists(out):
             raise FileExistsError(f"output {shown(out)} already exists; choose another location or remove it "
@@ -104,7 +105,7 @@ class Reshard:
         except BaseException:
             self.source.close()
             raise
-        self._planned = time.perf_counter()
+        self._open_seconds = time.perf_counter() - t0  # opening, checking, planning
 
     def __enter__(self) -> Reshard:
         return self
@@ -138,7 +139,7 @@ class Reshard:
             t3 = time.perf_counter()
         checksum = sink.timings.get("checksum", 0.0)
         wait = report.seconds.get("verify_wait", 0.0)
-        return ReshardTime(plan=self._planned - self._t0, copy=t2 - t1 - wait,
+        return ReshardTime(plan=self._open_seconds, copy=t2 - t1 - wait,
                            checksum=checksum, sync=t3 - t2 - checksum, run=report, verify=wait,
                            checked=report.seconds.get("verify", 0.0))
 

@@ -165,12 +165,11 @@ class _Run:
         self.prepare_seconds = 0.0  # checking the plan, grouping it, preparing the sink
         self._sems: dict[int, asyncio.Semaphore] = {}  # per asynchronous part: reads in flight
         # source tensors checked as their bytes pass (the rest: verify_source alongside)
-        self.passing = self._read_whole() if verify else {}
-        self.crcs = CrcCheck(self._expected, lambda key: source.where(key[0]))
-
-    def _expected(self, key: tuple[int, str]) -> tuple[int | None, int]:
-        local = self.source.part(key[0]).array(*key)
-        return self.source.checksum(*key), local.nbytes
+        self.passing: dict[tuple[int, str], list[tuple[int, int]]] = {}
+        self._expect: dict[tuple[int, str], tuple[int, int]] = {}  # key -> (recorded CRC-32, bytes)
+        if verify:
+            self._read_whole()
+        self.crcs = CrcCheck(self._expect.__getitem__, lambda key: source.where(key[0]))
 
     def _assembled(self, dest: Dest, copies: list[Copy], spans: list[int | None]) -> bool:
         """Whether a destination tensor of a sink without arrays is built by rows
@@ -178,17 +177,17 @@ class _Run:
         return None in spans and not dest.mixed and all(c.dst.view is None for c in copies) \
             and prod(dest.shape[1:]) * dest.dtype.itemsize <= _blocks.CHUNK_BYTES
 
-    def _read_whole(self) -> dict[tuple[int, str], list[tuple[int, int]]]:
-        """The source tensors ``(rank, name)`` with a recorded CRC-32 that this run reads
-        as they are, contiguous byte ranges passing through this process (:meth:`_arrays`'
-        runs, and the row blocks it assembles from whole source rows), covering at least
-        half of their bytes: their CRC-32s are recomputed from those ranges as they pass,
-        plus the ``(offset, nbytes)`` gaps returned for each (vocabulary padding rows, which
-        no copy reads), read at :meth:`start`. Checking the source then costs no read of
-        its own for them."""
+    def _read_whole(self) -> None:
+        """Finds the source tensors ``(rank, name)`` with a recorded CRC-32 that this run
+        reads as they are, contiguous byte ranges passing through this process
+        (:meth:`_arrays`' runs, and the row blocks it assembles from whole source rows),
+        covering at least half of their bytes: their CRC-32s are recomputed from those
+        ranges as they pass, plus the ``(offset, nbytes)`` gaps kept for each in
+        :attr:`passing` (vocabulary padding rows, which no copy reads), read at
+        :meth:`start`. Checking the source then costs no read of its own for them."""
         pieces: dict[tuple[int, str], set[tuple[int, int]]] = defaultdict(set)
         if self.arrays and not self.checksum:  # memory to memory: strided copies, no runs
-            return {}
+            return
         arrays: dict[tuple[int, str], np.ndarray] = {}  # a tensor's copies ask for it in turn
 
         def array(part: ArraySource, rank: int, name: str) -> np.ndarray:
@@ -210,23 +209,23 @@ class _Run:
                 at = window_span(local.shape, c.src) if local.flags.c_contiguous else None
                 if at is not None:
                     pieces[(self.source.stored_in(c.src_rank, c.tensor), c.tensor)].add((at * local.itemsize, c.nbytes))
-        whole = {}
         for key, found in pieces.items():
             total = array(self.source.part(key[0]), *key).nbytes
             holes = gaps(((o, o + n) for o, n in found), total)
             unread = sum(b - a for a, b in holes)
             overlap = sum(n for _, n in found) > total - unread  # left to the check alongside
-            if not overlap and 2 * unread <= total and self.source.checksum(*key) is not None:
-                whole[key] = [(a, b - a) for a, b in holes]
-        return whole
+            crc = self.source.checksum(*key)
+            if not overlap and 2 * unread <= total and crc is not None:
+                self.passing[key] = [(a, b - a) for a, b in holes]
+                self._expect[key] = (crc, total)
 
     def _check_gaps(self) -> None:
         """The CRC-32 of the bytes of each checked source tensor that no copy reads."""
         clock = self.filler().clock
         t0 = time.perf_counter()
-        for key, gaps in self.passing.items():
+        for key, holes in self.passing.items():
             flat = self.source.part(key[0]).array(*key).reshape(-1).view(np.uint8)
-            for offset, nbytes in gaps:
+            for offset, nbytes in holes:
                 self.crcs.add(key, offset, nbytes, crc32(flat[offset:offset + nbytes]))
         clock.checksum += time.perf_counter() - t0
 
