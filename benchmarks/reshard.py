@@ -43,8 +43,9 @@ new one by every method below. What each side does:
   between two pre-faulted 512 MiB buffers: the physical limit.
 - **(c') file copy**: as many bytes as scalai reshard writes into each new rank file,
   copied by the kernel (``copy_file_range``) from the old rank files in 64 MiB chunks
-  shared out over the threads (each starts on a file of its own; one new file gets them
-  all), writeback started per chunk, fsynced: the storage's own floor, no layout logic.
+  shared out over the threads (each takes its next chunk from the file with the most
+  left that no other thread copies into; one new file gets them all), writeback started
+  per chunk, fsynced: the storage's own floor, no layout logic.
 - **(c'') file copy + CRC-32**: the same, but every byte passes through the process in
   4 MiB blocks of the old files' maps, its CRC-32 computed (zlib-ng, scalai's) before
   ``pwrite``: the floor of a copy that reads its source, as a source check must.

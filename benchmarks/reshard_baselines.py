@@ -247,8 +247,9 @@ def file_copy(src: str, out: str, sizes: list[int], workers: int, checked: bool 
     reshard, no two threads read the same bytes, which one would find in the cache)
     in chunks of 64 MiB (``copy_file_range`` at explicit offsets), writeback started after
     every chunk, each file fsynced at the end. ``workers`` threads share the chunks: each
-    starts on a file of its own (writes into one file take turns on its inode lock) and,
-    once that is done, helps with the file that has the most chunks left.
+    takes its next from the file with the most chunks left that no other thread copies
+    into (writes into one file take turns on its inode lock), so the files drain together
+    and the threads end together (scalai's runner deals its tasks by the same rule).
 
     ``checked`` (c''): every byte passes through this process instead, in 4 MiB blocks of
     the old files' memory maps: its CRC-32 computed (zlib-ng, as scalai's check), then
@@ -279,13 +280,21 @@ def file_copy(src: str, out: str, sizes: list[int], workers: int, checked: bool 
     maps = [mmap.mmap(fd, length, prot=mmap.PROT_READ) for fd, length in zip(ins, lengths)] if checked else []
     views = [memoryview(m) for m in maps]
 
-    def next_chunk(home: int) -> tuple[int, tuple[int, int, int, int]] | None:
-        with lock:
-            rank = home if queues[home] else max(range(len(queues)), key=lambda q: len(queues[q]))
-            return (rank, queues[rank].pop()) if queues[rank] else None
+    writing: dict[int, int] = {}  # worker -> the new file it copies into
+
+    def next_chunk(worker: int) -> tuple[int, tuple[int, int, int, int]] | None:
+        with lock:  # the file with the most chunks left that no other thread copies into
+            writing.pop(worker, None)
+            live = [q for q in range(len(queues)) if queues[q]]
+            if not live:
+                return None
+            free = [q for q in live if q not in writing.values()] or live
+            rank = max(free, key=lambda q: (len(queues[q]), q == worker % len(queues)))
+            writing[worker] = rank
+            return rank, queues[rank].pop()
 
     def copy(worker: int) -> None:
-        while (job := next_chunk(worker % len(queues))) is not None:
+        while (job := next_chunk(worker)) is not None:
             rank, (at, k, offset, n) = job
             while n:
                 if checked:
