@@ -18,7 +18,6 @@ from typing import Callable
 from .checkpoint.staging import check_output
 from .config import ParallelConfig, Placement
 from .locations import create_sink, exists, is_directory, open_source, shown
-from .models.synth import stored_nbytes
 from .planner.plan import Deployment, Plan
 from .state import carry_state
 from .storage.run import RunReport, run_plan
@@ -93,14 +92,15 @@ class Reshard:
         try:
             self.old, self.new = self.source.ptc.config, new_config
             self._new_ptc = self.source.ptc.relayout(new_config)
-            self.total_bytes = stored_nbytes(self._new_ptc)
+            stored = self._new_ptc.stored_replicas()  # what the new checkpoint holds: each replica once
+            self.total_bytes = stored.total_nbytes()
             if is_directory(out):
                 check_output(os.fspath(out), self.total_bytes, f"the reshard to {new_config}",
                              inputs=[os.fspath(src)] if is_directory(src) else [])
             if placement is None:
                 placement = Placement(gpus_per_host=max(self.old.world_size, new_config.world_size))
             self.plan = make_plan(Deployment(self.source.ptc, placement),
-                                  Deployment(self._new_ptc.stored_replicas(), placement))
+                                  Deployment(stored, placement))
             self._state = carry_state(self.source.state, self.old, new_config)  # step, RNG rule, data
         except BaseException:
             self.source.close()

@@ -229,9 +229,8 @@ def _dumps(obj: dict) -> str:
     ptc = obj["ptc"]
     ptc_text = ("{" + ", ".join(f"{line(k)}: {line(v)}" for k, v in ptc.items() if k != "tensors")
                 + ', "tensors": [\n   ' + ",\n   ".join(line(t) for t in ptc["tensors"]) + "]}")
-    parts = {k: line(v) for k, v in obj.items()}
-    parts["ptc"] = ptc_text
-    parts["ranks"] = "[\n  " + ",\n  ".join(line(r) for r in obj["ranks"]) + "]"
+    ranks_text = "[\n  " + ",\n  ".join(line(r) for r in obj["ranks"]) + "]"
+    parts = {k: ptc_text if k == "ptc" else ranks_text if k == "ranks" else line(v) for k, v in obj.items()}
     return "{\n" + ",\n".join(f" {line(k)}: {v}" for k, v in parts.items()) + "\n}\n"
 
 

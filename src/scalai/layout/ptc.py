@@ -284,6 +284,11 @@ class PTC:
 
         return sum(prod(s.shape) * itemsize(self.spec(n).dtype) for n, s in self.rank_shards(rank))
 
+    def total_nbytes(self) -> int:
+        """Bytes of every rank's local tensors (padding included); of a
+        :meth:`stored_replicas` view, what a checkpoint of this layout stores."""
+        return sum(self.rank_nbytes(r) for r in range(self.config.world_size))
+
     def validate(self) -> None:
         """Check that every tensor is covered exactly and every shard is well formed.
 

@@ -104,7 +104,8 @@ class TensorSpec:
         if isinstance(self.shape, (str, bytes)) or not hasattr(self.shape, "__iter__"):
             raise ValueError(f"tensor {self.name}: shape {self.shape!r} is not a list of sizes")
         sizes = tuple(self.shape)
-        if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in sizes):
+        if not all((type(s) is int or isinstance(s, numbers.Integral) and not isinstance(s, bool)) and s >= 0
+                   for s in sizes):
             raise ValueError(f"tensor {self.name}: shape {list(sizes)!r:.200} must hold non-negative "
                              f"integer sizes")
         DIMS.check(len(sizes), f"tensor {self.name}")

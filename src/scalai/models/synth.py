@@ -99,12 +99,7 @@ def fill_local(spec: TensorSpec, shard, out: np.ndarray, seed: int) -> None:
 
 def stored_nbytes(ptc) -> int:
     """Bytes a checkpoint of ``ptc`` stores: local tensors, padding included, replicas once."""
-    total = 0
-    for rank in range(ptc.config.world_size):
-        for name, shard in ptc.rank_shards(rank):
-            if ptc.replica_owner(name, rank) == rank:
-                total += int(np.prod(shard.shape)) * raw_numpy(ptc.spec(name).dtype).itemsize
-    return total
+    return ptc.stored_replicas().total_nbytes()
 
 
 def synthetic_state(model: str, config, seed: int, step: int = 1000, global_batch: int = 64) -> dict:

@@ -215,24 +215,32 @@ def check_coverage(plan: Plan) -> None:
         for name, shard in ptc.rank_shards(rank):
             key = (rank, name)
             boxes = plain.pop(key, [])
+            flat = viewed.pop(key, None)
+            if flat is None and len(boxes) == 1 and len(shard.pieces) == 1 and not any(boxes[0].offsets) \
+                    and boxes[0].sizes == shard.shape and shard.pieces[0].local_region == boxes[0]:
+                continue  # one window writes the whole tensor, which is all global data
             pieces = {p.local_region: p for p in shard.pieces}
-            for (region, view), subs in viewed.pop(key, {}).items():
+            for (region, view), subs in (flat or {}).items():
                 piece = pieces.get(region)
-                if piece is None or piece.global_region.sizes != view \
-                        or not disjoint(subs) or sum(b.volume for b in subs) != prod(view) \
-                        or not all(Region.full(view).contains(b) for b in subs):
+                if len(subs) == 1:  # one window fills the piece
+                    filled = not any(subs[0].offsets) and subs[0].sizes == view
+                else:
+                    whole = Region.full(view)
+                    filled = disjoint(subs) and sum(b.volume for b in subs) == prod(view) \
+                        and all(whole.contains(b) for b in subs)
+                if piece is None or piece.global_region.sizes != view or not filled:
                     raise PlanError(f"plan does not fill flat piece {region} of {name} on rank "
                                     f"{rank} exactly once")
                 boxes.append(region)
             full = Region.full(shard.shape)
-            written = sum(b.volume for b in boxes)
-            ok = written == shard.covered and disjoint(boxes) and all(full.contains(b) for b in boxes)
-            if ok and shard.covered != full.volume:  # padding exists: nothing may land on it
+            written, covered = sum(b.volume for b in boxes), shard.covered
+            ok = written == covered and disjoint(boxes) and all(full.contains(b) for b in boxes)
+            if ok and covered != full.volume:  # padding exists: nothing may land on it
                 holes = [p.local_region for p in shard.pieces]
                 ok = all(not _outside(b, holes, subtract) for b in boxes)
             if not ok:
                 raise PlanError(f"plan writes {written} elements of {name} on rank {rank} "
-                                f"where {shard.covered} are needed exactly once")
+                                f"where {covered} are needed exactly once")
     leftover = next(iter(plain), None) or next(iter(viewed), None)
     if leftover:
         raise PlanError(f"plan writes {leftover[1]} on rank {leftover[0]}, which does not hold it")

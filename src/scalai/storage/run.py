@@ -167,6 +167,7 @@ class _Run:
         # source tensors checked as their bytes pass (the rest: verify_source alongside)
         self.passing: dict[tuple[int, str], list[tuple[int, int]]] = {}
         self._expect: dict[tuple[int, str], tuple[int, int]] = {}  # key -> (recorded CRC-32, bytes)
+        self._old_arrays: dict[tuple[int, str], np.ndarray] = {}  # (old rank, tensor) -> its array
         if verify:
             self._read_whole()
         self.crcs = CrcCheck(self._expect.__getitem__, lambda key: source.where(key[0]))
@@ -188,13 +189,7 @@ class _Run:
         pieces: dict[tuple[int, str], set[tuple[int, int]]] = defaultdict(set)
         if self.arrays and not self.checksum:  # memory to memory: strided copies, no runs
             return
-        arrays: dict[tuple[int, str], np.ndarray] = {}  # a tensor's copies ask for it in turn
-
-        def array(part: ArraySource, rank: int, name: str) -> np.ndarray:
-            if (rank, name) not in arrays:
-                arrays[(rank, name)] = part.array(rank, name)
-            return arrays[(rank, name)]
-
+        array = self._source_array
         for task in self.phases[0]:
             if task.kind != "arrays":
                 continue
@@ -205,12 +200,12 @@ class _Run:
                 part = self.parts.get(c.src_rank)
                 if (span is None and not assembled) or c.from_new or not isinstance(part, ArraySource):
                     continue
-                local = array(part, c.src_rank, c.tensor)
+                local = array(c.src_rank, c.tensor)
                 at = window_span(local.shape, c.src) if local.flags.c_contiguous else None
                 if at is not None:
                     pieces[(self.source.stored_in(c.src_rank, c.tensor), c.tensor)].add((at * local.itemsize, c.nbytes))
         for key, found in pieces.items():
-            total = array(self.source.part(key[0]), *key).nbytes
+            total = array(*key).nbytes
             holes = gaps(((o, o + n) for o, n in found), total)
             unread = sum(b - a for a, b in holes)
             overlap = sum(n for _, n in found) > total - unread  # left to the check alongside
@@ -218,6 +213,14 @@ class _Run:
             if not overlap and 2 * unread <= total and crc is not None:
                 self.passing[key] = [(a, b - a) for a, b in holes]
                 self._expect[key] = (crc, total)
+
+    def _source_array(self, rank: int, tensor: str) -> np.ndarray:
+        """Old rank ``rank``'s ``tensor`` from its part, asked for once per run (a tensor's
+        copies, and the check's look-ahead, ask for it in turn)."""
+        local = self._old_arrays.get((rank, tensor))
+        if local is None:
+            local = self._old_arrays[(rank, tensor)] = self.parts[rank].array(rank, tensor)
+        return local
 
     def _check_gaps(self) -> None:
         """The CRC-32 of the bytes of each checked source tensor that no copy reads."""
@@ -326,7 +329,7 @@ class _Run:
         dest, sink, filler = self.dests[(rank, tensor)], self.sink, self.filler()
         selected = []
         for c in copies:
-            local = sink.written(c.src_rank, tensor) if c.from_new else self.parts[c.src_rank].array(c.src_rank, tensor)
+            local = sink.written(c.src_rank, tensor) if c.from_new else self._source_array(c.src_rank, tensor)
             if local.dtype.itemsize != dest.dtype.itemsize:
                 raise PlanError(f"{tensor}: source and destination element sizes differ")
             selected.append((c, select(c.src, local), local))
@@ -598,12 +601,12 @@ class _Run:
 
     # -- drivers ------------------------------------------------------------------------
     def run_threads(self, pool: Executor) -> None:
-        """Every task on the pool's threads, each thread keeping to the destination files
-        dealt to it (:class:`~.tasks.Dealer`); after a failure no task starts, the running
-        ones end, and the first error is raised."""
+        """Every task on the pool's threads, no two writing one destination file while
+        another has tasks left (:class:`~.tasks.Dealer`); after a failure no task starts,
+        the running ones end, and the first error is raised."""
         for phase in self.phases:  # from_new copies read what the first phase wrote
             n = min(self.workers, len(phase))
-            dealer, failed = Dealer(phase, n), []
+            dealer, failed = Dealer(phase, n, sticky=self.sink.in_order), []
 
             def worker(i: int) -> None:
                 while not failed:
