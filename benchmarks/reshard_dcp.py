@@ -24,6 +24,7 @@ first and last stage). DCP thus moves the same global tensors, minus vocabulary 
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import socket
@@ -136,9 +137,13 @@ def _worker(rank: int, world: int, init_method: str, conn, threads: int, model: 
 
     def load(src: str, out: str | None, verify: list[str] | None, seed: int) -> dict:
         """Timed: ``dcp.load`` into a pre-faulted state dict of ``layout``, then (``out``)
-        ``dcp.save``. The state dict is built and every page written before the clock."""
+        ``dcp.save``. The state dict is built and every page written before the clock, and
+        the objects alive then are moved out of the cyclic collector's reach (``gc.freeze``,
+        as the harness does for the methods it runs in its own process)."""
         state = {name: _dtensor(torch.ones(shape, dtype=getattr(torch, spec.dtype)), spec, sub, placements)
                  for name, spec, placements, shape, offset in items}  # ones: every page written, untimed
+        gc.collect()
+        gc.freeze()
         dist.barrier()
         t0, c0 = time.perf_counter(), cpu_seconds()
         dcp.load(state, storage_reader=FileSystemReader(src))
