@@ -301,7 +301,14 @@ class ArraySink(TensorSink):
 
 class FileSink(ArraySink):
     """An :class:`ArraySink` whose tensors are contiguous byte ranges of files: the runner
-    hands it whole source tensors to copy file to file inside the kernel."""
+    hands it whole source tensors to copy file to file inside the kernel.
+
+    Attributes:
+        links: :meth:`link_from` may link a whole source file (a medium of one file per
+            tensor); the runner offers it the tensors that move unchanged.
+    """
+
+    links: bool = False
 
     @abstractmethod
     def copy_from(self, rank: int, tensor: str, byte_offset: int, fd: int, offset: int, nbytes: int,

@@ -404,14 +404,16 @@ class _Run:
 
     def _link(self, task: Task) -> bool:
         """A destination tensor that is one source tensor unchanged, both files: offered to
-        the sink as that very file (:meth:`FileSink.link_from`, which checks dtype, shape
-        and CRC in its own format). Its copies all read one source rank, each window the
+        a sink that links (:attr:`FileSink.links`) as that very file
+        (:meth:`FileSink.link_from`, which checks dtype, shape and CRC in its own format). Its copies all read one source rank, each window the
         same box on both sides, no view, together every element; the source records a CRC.
         False (the copies then run) where any of that fails or the sink declines."""
+        if not (isinstance(self.sink, FileSink) and self.sink.links):
+            return False
         first = task.copies[0]
         part = self.parts.get(first.src_rank)
         dest = self.dests[(task.rank, task.tensor)]
-        if not (isinstance(self.sink, FileSink) and isinstance(part, FileSource)) or dest.mixed:
+        if not isinstance(part, FileSource) or dest.mixed:
             return False
         for c in task.copies:
             if (c.from_new or c.src_rank != first.src_rank or c.src.view is not None or c.dst.view is not None

@@ -211,6 +211,7 @@ class NewVersion(FileSink):
     """
 
     zero_filled = True
+    links = True  # one file per tensor: one that moves unchanged is linked
 
     def __init__(self, catalog: Catalog, entry: VersionEntry, new: Deployment, checksum: bool = True):
         self.catalog, self.entry = catalog, entry
