@@ -337,6 +337,26 @@ def test_worker_count_does_not_change_the_bytes(tmp_path):
             assert one[name] == four[name], name
 
 
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_reshard_leaves_no_mapping_of_its_source(tmp_path, verify):
+    """Once the reshard returns, no page of the source's files is mapped in this process:
+    the runner drops the arrays it held (a view kept alive past the source's close keeps
+    its mapping until the collector happens by). The garbage collector is off throughout."""
+    import gc
+
+    old = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1")
+    save_arrays(tmp_path / "a", old, local_raw(old, global_raw(old)))
+    gc.collect()
+    gc.disable()
+    try:
+        reshard_checkpoint(tmp_path / "a", tmp_path / "b", "tp=1,pp=2,dp=2,zero=1", workers=2, verify=verify)
+        with open("/proc/self/maps") as f:
+            mapped = [line for line in f if str(tmp_path / "a") in line]
+    finally:
+        gc.enable()
+    assert mapped == []
+
+
 def test_reshard_opened_then_run(tmp_path, monkeypatch):
     """``Reshard`` opens the source once, checks and plans before writing anything: its
     ``total_bytes`` are the new rank files' tensor bytes (read from the written files'

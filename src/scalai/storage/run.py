@@ -222,6 +222,11 @@ class _Run:
             local = self._old_arrays[(rank, tensor)] = self.parts[rank].array(rank, tensor)
         return local
 
+    def release(self) -> None:
+        """Drop the source arrays this run holds, so that the source can unmap its files
+        when it closes (a view kept alive would keep its mapping past the close)."""
+        self._old_arrays.clear()
+
     def _check_gaps(self) -> None:
         """The CRC-32 of the bytes of each checked source tensor that no copy reads."""
         clock = self.filler().clock
@@ -779,6 +784,8 @@ def run_plan(plan: Plan, source: TensorSource, sink: TensorSink, *, workers: int
         if check is not None:
             check.cancel()
         raise
+    finally:
+        run.release()
     report = run.report(time.perf_counter() - t0)
     if check is not None:
         report.seconds.update(verify=check.seconds, verify_wait=time.perf_counter() - t1)
@@ -795,5 +802,8 @@ async def run_plan_async(plan: Plan, source: TensorSource, sink: TensorSink, *, 
     run = await loop.run_in_executor(pool, lambda: _Run(plan, source, sink, None, progress))
     await loop.run_in_executor(pool, run.start)
     run.prepare_seconds = time.perf_counter() - t0
-    await run.run_async(pool)
+    try:
+        await run.run_async(pool)
+    finally:
+        run.release()
     return run.report(time.perf_counter() - t0)
