@@ -249,7 +249,7 @@ def file_copy(src: str, out: str, sizes: list[int], workers: int, checked: bool 
     every chunk, each file fsynced at the end. ``workers`` threads share the chunks: each
     takes its next from the file with the most chunks left that no other thread copies
     into (writes into one file take turns on its inode lock), so the files drain together
-    and the threads end together (scalai's runner deals its tasks by the same rule).
+    and the threads end together.
 
     ``checked`` (c''): every byte passes through this process instead, in 4 MiB blocks of
     the old files' memory maps: its CRC-32 computed (zlib-ng, as scalai's check), then

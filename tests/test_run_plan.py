@@ -592,47 +592,51 @@ def test_a_failed_copy_stops_the_source_check_alongside_it(tmp_path, monkeypatch
     assert not [t for t in threading.enumerate() if t.name.startswith("scalai-verify")]
 
 
-@pytest.mark.parametrize("sticky", [False, True])
-def test_the_dealer_sends_each_thread_to_a_file_no_other_thread_writes(sticky):
-    """Three threads, five destination ranks (files), tasks finishing in a random order:
-    each pick goes to the rank with the most bytes left among those no other thread is
-    writing (or, ``sticky``, to the thread's own rank while it has tasks); only when every
-    rank with tasks left is being written does a thread join one. Every task comes out
-    once, each rank's in phase order. The test keeps its own books of who writes what."""
-    import random
-
+def test_the_dealer_keeps_each_thread_to_its_own_files_and_hands_out_every_task_once():
+    """Two threads, three destination ranks (files): each thread writes only the ranks dealt
+    to it while they last (the largest rank alone on one thread), then helps with the rank
+    that has the most bytes left; every task comes out once, each rank's in phase order."""
     from scalai.storage.tasks import Dealer, Task
 
-    rng = random.Random(7)
-    phase = [Task("arrays", r, f"t{r}.{i}", [], rng.randint(1, 50)) for r in range(5) for i in range(rng.randint(1, 6))]
-    left = {r: sum(t.nbytes for t in phase if t.rank == r) for r in range(5)}
-    dealer, writing, last, seq, joined = Dealer(phase, 3, sticky=sticky), {}, {}, [], 0
-    running = list(range(3))  # threads whose task ends next, in a random order
-    while running:
-        worker = running.pop(rng.randrange(len(running)))
-        writing.pop(worker, None)
+    sizes = {0: [50, 40, 30], 1: [20, 20], 2: [10, 10, 10, 10]}  # bytes: rank 0 120, rank 1 40, rank 2 40
+    phase = [Task("arrays", r, f"t{r}.{i}", [], n) for r, ns in sizes.items() for i, n in enumerate(ns)]
+    dealer = Dealer(phase, 2)
+    assert sorted(map(sorted, dealer.dealt)) == [[0], [1, 2]]
+    heavy, seq = dealer.dealt.index([0]), []
+    light = 1 - heavy
+
+    def take(worker):
         task = dealer.next(worker)
-        live = {r for r, n in left.items() if n}
-        if task is None:
-            assert not live
-            continue
-        busy = set(writing.values())
-        free = live - busy
-        if sticky and left.get(last.get(worker), 0):
-            assert task.rank == last[worker]
-        elif free:
-            assert task.rank in free and left[task.rank] == max(left[r] for r in free)
-        else:
-            assert task.rank in live
-            joined += 1
-        left[task.rank] -= task.nbytes
-        writing[worker] = last[worker] = task.rank
-        seq.append(task)
-        running.append(worker)
-    assert joined >= 1  # the end of the phase: a thread joined a rank being written
-    assert sorted(map(id, seq)) == sorted(map(id, phase))  # each task exactly once
-    for r in range(5):  # in phase order within each rank
-        assert [t for t in seq if t.rank == r] == [t for t in phase if t.rank == r]
+        if task is not None:
+            seq.append((worker, task))
+        return task
+
+    assert take(heavy).rank == 0  # the heavy thread starts its rank 0 ...
+    while (t := take(light)) is not None:  # ... the light one does ranks 1 and 2, then helps
+        pass
+    light_ranks = [t.rank for w, t in seq if w == light]
+    assert set(light_ranks[:6]) == {1, 2} and set(light_ranks[6:]) <= {0}
+    assert take(heavy) is None
+    assert sorted(id(t) for _, t in seq) == sorted(id(t) for t in phase)  # each task exactly once
+    for r in sizes:  # in phase order within each rank
+        assert [t for _, t in seq if t.rank == r] == [t for t in phase if t.rank == r]
+
+
+def test_a_dealer_thread_done_with_its_files_helps_where_no_other_thread_writes():
+    """Thread X holds rank 0, thread Y ranks 1 and 2. X finishes rank 0 while Y writes
+    rank 1, which has more bytes left than rank 2: X goes to rank 2, which nobody writes
+    (joining rank 1 would wait for Y's turn on the file); once every rank left is being
+    written, a thread joins the one with the most bytes left."""
+    from scalai.storage.tasks import Dealer, Task
+
+    sizes = {0: [50, 30], 1: [30, 30], 2: [10, 10]}
+    phase = [Task("arrays", r, f"t{r}.{i}", [], n) for r, ns in sizes.items() for i, n in enumerate(ns)]
+    dealer = Dealer(phase, 2)
+    x, y = dealer.dealt.index([0]), dealer.dealt.index([1, 2])
+    assert (dealer.next(x).nbytes, dealer.next(y).rank, dealer.next(x).nbytes) == (50, 1, 30)
+    assert dealer.next(x).rank == 2  # rank 1 has 30 bytes left but Y writes it
+    assert dealer.next(y).rank == 1  # Y keeps to its own rank
+    assert dealer.next(x).rank == 2 and dealer.next(x) is None  # rank 2 done, rank 1's last task taken
 
 
 @pytest.mark.parametrize("old_layout,new_layout", [

@@ -608,12 +608,12 @@ class _Run:
 
     # -- drivers ------------------------------------------------------------------------
     def run_threads(self, pool: Executor) -> None:
-        """Every task on the pool's threads, no two writing one destination file while
-        another has tasks left (:class:`~.tasks.Dealer`); after a failure no task starts,
-        the running ones end, and the first error is raised."""
+        """Every task on the pool's threads, each thread keeping to the destination files
+        dealt to it, then helping where no other thread writes (:class:`~.tasks.Dealer`);
+        after a failure no task starts, the running ones end, and the first error is raised."""
         for phase in self.phases:  # from_new copies read what the first phase wrote
             n = min(self.workers, len(phase))
-            dealer, failed = Dealer(phase, n, sticky=self.sink.in_order), []
+            dealer, failed = Dealer(phase, n), []
 
             def worker(i: int) -> None:
                 while not failed:

@@ -324,30 +324,30 @@ def _pack_small_blocks(tasks: list[Task], plan: Plan) -> list[Task]:
 
 
 class Dealer:
-    """Hands a phase's tasks to ``workers`` threads so that, while it can, no two threads
-    write one destination rank (file) at the same time: writes into one file take turns in
-    the kernel (tmpfs, ext4: the inode's lock), so a second thread there waits while another
-    file could be written.
+    """Hands a phase's tasks to ``workers`` threads, each thread keeping to the destination
+    ranks (files) dealt to it: writes into one file serialize in the kernel (tmpfs, ext4:
+    the inode's lock), so two threads writing one file wait for each other while another
+    file could be written. Ranks are dealt by bytes (the largest to the least loaded
+    thread), so that a thread's large tensors run beside another's many small ones, and a
+    sink filled in file order gets about one file per thread. A thread whose ranks are done
+    helps with the rank with the most bytes left that no other thread is writing, or, when
+    every rank left is being written, with the one with the most bytes left. Each rank's
+    tasks keep the phase's order. Thread-safe."""
 
-    A thread's next task comes from the rank with the most bytes left among those no other
-    thread is writing: the ranks drain together, so the last tasks of a phase are in
-    different files and the threads end together (with ranks dealt to threads up front, a
-    thread whose files went fast waited for the other's last file). Only when every rank
-    with tasks left is being written does a thread join the one with the most bytes left.
-    ``sticky``: a thread keeps to its rank until that has no task left (a sink that is
-    filled in file order holds about one file per thread). Each rank's tasks keep the
-    phase's order. Thread-safe."""
-
-    def __init__(self, tasks: list[Task], workers: int, sticky: bool = False):
+    def __init__(self, tasks: list[Task], workers: int):
         self._queues: dict[int, list[Task]] = defaultdict(list)
         for t in tasks:
             self._queues[t.rank].append(t)
         for q in self._queues.values():
             q.reverse()  # pop() from the end: the phase's order
         self._left = {r: sum(t.nbytes for t in q) for r, q in self._queues.items()}
-        self._sticky = sticky
+        loads = [0] * max(1, workers)
+        self.dealt: list[list[int]] = [[] for _ in loads]
+        for r in sorted(self._left, key=lambda r: (-self._left[r], r)):
+            i = loads.index(min(loads))
+            self.dealt[i].append(r)
+            loads[i] += self._left[r]
         self._writing: dict[int, int] = {}  # worker -> the rank of the task it runs
-        self._last: dict[int, int] = {}  # worker -> the rank of its last task
         self._lock = threading.Lock()
 
     def next(self, worker: int) -> Task | None:
@@ -355,17 +355,16 @@ class Dealer:
         is done; None when none is left."""
         with self._lock:
             self._writing.pop(worker, None)
-            last = self._last.get(worker)
-            if self._sticky and last is not None and self._queues[last]:
-                rank = last
+            mine = [r for r in self.dealt[worker] if self._queues[r]]
+            if mine:
+                rank = mine[0]
             else:
                 live = [r for r, q in self._queues.items() if q]
                 if not live:
                     return None
                 busy = set(self._writing.values())
-                free = [r for r in live if r not in busy]
-                rank = max(free or live, key=lambda r: (self._left[r], r == last, -r))
+                rank = max([r for r in live if r not in busy] or live, key=lambda r: self._left[r])
             task = self._queues[rank].pop()
             self._left[rank] -= task.nbytes
-            self._writing[worker] = self._last[worker] = rank
+            self._writing[worker] = rank
             return task
