@@ -216,10 +216,12 @@ class _Run:
 
     def _source_array(self, rank: int, tensor: str) -> np.ndarray:
         """Old rank ``rank``'s ``tensor`` from its part, asked for once per run (a tensor's
-        copies, and the check's look-ahead, ask for it in turn)."""
+        copies, and the check's look-ahead, ask for it in turn); ``rank`` may be one that no
+        copy reads, the owner of a replica the check reads where it is stored."""
         local = self._old_arrays.get((rank, tensor))
         if local is None:
-            local = self._old_arrays[(rank, tensor)] = self.parts[rank].array(rank, tensor)
+            part = self.parts[rank] if rank in self.parts else self.source.part(rank)
+            local = self._old_arrays[(rank, tensor)] = part.array(rank, tensor)
         return local
 
     def release(self) -> None:
