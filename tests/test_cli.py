@@ -192,3 +192,25 @@ def test_demo_reshard_runs(capsys, tmp_path):
     r = run(capsys, "demo-reshard", "--out", tmp_path / "demo")
     assert r.code == 0, r.err
     assert r.out.count("equal:") == 2 and "bit for bit" in r.out
+
+
+def test_a_bug_surfacing_as_a_bare_key_error_says_so(capsys, tmp_path, tiny, monkeypatch):
+    """A KeyError that is not one of scalai's sentences (a bare key, as a dict lookup
+    raises it) is reported as an internal error with how to get the traceback, not as
+    ``scalai: error: 2``; scalai's own KeyErrors keep their text."""
+    import scalai.reshard
+
+    def broken(*args, **kwargs):
+        raise KeyError(2)
+
+    monkeypatch.setattr(scalai.reshard.Reshard, "__init__", broken)
+    r = run(capsys, "reshard", tiny, tmp_path / "out", "--to", "tp=1,pp=1,dp=1")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r.err
+    assert "internal error (KeyError: 2)" in r.err and "SCALAI_DEBUG=1" in r.err
+
+    def refused(*args, **kwargs):
+        raise KeyError("tensor 'x' is not part of this job's state")
+
+    monkeypatch.setattr(scalai.reshard.Reshard, "__init__", refused)
+    r = run(capsys, "reshard", tiny, tmp_path / "out", "--to", "tp=1,pp=1,dp=1")
+    assert r.code == 2 and r.err == "scalai: error: tensor 'x' is not part of this job's state\n", r.err

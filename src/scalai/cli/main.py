@@ -100,6 +100,14 @@ def _interrupted(exc: BaseException) -> int:
     return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
 
 
+def _key_error(exc: KeyError) -> str:
+    """scalai's own KeyErrors carry a sentence; a bare key (``KeyError(2)``) is a bug in scalai."""
+    if exc.args and isinstance(exc.args[0], str) and " " in exc.args[0]:
+        return exc.args[0]
+    return (f"internal error ({type(exc).__name__}: {exc.args[0] if exc.args else ''!r}); rerun with "
+            f"SCALAI_DEBUG=1 for the traceback and report it")
+
+
 def _run(argv: list[str] | None) -> int:
     try:
         code = cli.main(args=argv, prog_name="scalai", standalone_mode=False)
@@ -118,7 +126,7 @@ def _run(argv: list[str] | None) -> int:
             PermissionError, ConnectionError, TimeoutError, ScalaiError) as exc:
         if os.environ.get("SCALAI_DEBUG"):
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        message = _key_error(exc) if isinstance(exc, KeyError) else exc
         click.echo(f"scalai: error: {message}", err=True)
         return 1 if isinstance(exc, ScalaiError) else 2
     except OSError as exc:  # a full or read-only disk, an I/O error: what and where, in one line
