@@ -234,7 +234,7 @@ class _Run:
         clock = self.filler().clock
         t0 = time.perf_counter()
         for key, holes in self.passing.items():
-            flat = self.source.part(key[0]).array(*key).reshape(-1).view(np.uint8)
+            flat = self._source_array(*key).reshape(-1).view(np.uint8)
             for offset, nbytes in holes:
                 self.crcs.add(key, offset, nbytes, crc32(flat[offset:offset + nbytes]))
         clock.checksum += time.perf_counter() - t0
@@ -412,9 +412,10 @@ class _Run:
     def _link(self, task: Task) -> bool:
         """A destination tensor that is one source tensor unchanged, both files: offered to
         a sink that links (:attr:`FileSink.links`) as that very file
-        (:meth:`FileSink.link_from`, which checks dtype, shape and CRC in its own format). Its copies all read one source rank, each window the
-        same box on both sides, no view, together every element; the source records a CRC.
-        False (the copies then run) where any of that fails or the sink declines."""
+        (:meth:`FileSink.link_from`, which checks dtype, shape and CRC in its own format).
+        Its copies all read one source rank, each window the same box on both sides, no
+        view, together every element; the source records a CRC. False (the copies then run)
+        where any of that fails or the sink declines."""
         if not (isinstance(self.sink, FileSink) and self.sink.links):
             return False
         first = task.copies[0]
