@@ -152,8 +152,9 @@ def reshard_checkpoint(src: str | os.PathLike, out: str | os.PathLike, new_confi
     opened and run.
 
     The non-tensor state goes through :func:`scalai.state.carry_state`. Bytes move as
-    they are, and those that move unchanged keep the CRC their source records, so a
-    damaged source stays detectable; with ``verify`` it is detected here: the source's
+    they are, and tensors that move unchanged keep the CRC their source records, so damage
+    in them stays detectable (a tensor that is re-laid out gets the CRC of its bytes as
+    written, damaged or not); with ``verify`` any damage is detected here: the source's
     CRC-32s are recomputed during the copy (``run_plan(verify=True)``: from the bytes as
     they pass where the copy reads a tensor whole, by a check alongside for the rest), and
     the new checkpoint is committed only once they all match (else it is deleted and

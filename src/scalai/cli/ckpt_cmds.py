@@ -188,7 +188,9 @@ def plan(ckpt, model, from_layout, to_layout, gpus_per_host: int, as_json: bool)
               help="devices per host for the plan statistics (default: one host)")
 @click.option("--workers", "-j", default=None, type=COUNT, help="copy threads (default: one per core)")
 @click.option("--verify/--no-verify", default=True, show_default=True,
-              help="check the source's checksums during the copy, before the commit")
+              help="check the source's checksums during the copy, before the commit (--no-verify: a "
+                   "damaged tensor that moves unchanged keeps a checksum that exposes it, but one that is "
+                   "re-laid out gets a new checksum of its damaged bytes)")
 @dcp_model_option
 @rules_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
