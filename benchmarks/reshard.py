@@ -11,7 +11,8 @@ new one by every method below. What each side does:
   of the source (``verify``; the commit waits for it): the source tensors whose bytes the
   copy reads whole as runs (moved unchanged, the sides of a ZeRO split, whole rows
   assembled) are checked from the CRC-32s of the 4 MiB blocks it writes with ``pwrite``
-  from the source's memory maps (computed while the block is in cache), the others
+  (computed while the block is in cache; runs read with ``pread`` into a buffer of each
+  thread's, rows assembled from the source's memory maps), the others
   (replicas no copy reads) on half its threads alongside. Without the check, runs of a
   source tensor's bytes that stay runs in the new file (adjacent copies merged) go file
   to file in the kernel (``copy_file_range``) with their CRC-32 carried over (recorded, or
@@ -47,8 +48,8 @@ new one by every method below. What each side does:
   left that no other thread copies into; one new file gets them all), writeback started
   per chunk, fsynced: the storage's own floor, no layout logic.
 - **(c'') file copy + CRC-32**: the same, but every byte passes through the process in
-  4 MiB blocks of the old files' maps, its CRC-32 computed (zlib-ng, scalai's) before
-  ``pwrite``: the floor of a copy that reads its source, as a source check must.
+  4 MiB blocks read with ``pread`` into a buffer of each thread's, its CRC-32 computed
+  (zlib-ng, scalai's) before ``pwrite``: the floor of a copy that reads its source, as a source check must.
 
 Threads: ``--workers`` (default one per core, at most 8) for scalai, (b), (c), (c') and (c'').
 

@@ -33,7 +33,6 @@ process for its CRC-32 on the way (``file_copy(checked=True)``): the floor of a 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import threading
 import time
@@ -251,9 +250,11 @@ def file_copy(src: str, out: str, sizes: list[int], workers: int, checked: bool 
     into (writes into one file take turns on its inode lock), so the files drain together
     and the threads end together.
 
-    ``checked`` (c''): every byte passes through this process instead, in 4 MiB blocks of
-    the old files' memory maps: its CRC-32 computed (zlib-ng, as scalai's check), then
-    ``pwrite``: the floor of a copy that reads what it copies, as a source check must."""
+    ``checked`` (c''): every byte passes through this process instead, in 4 MiB blocks
+    read (``pread``) into a buffer of each thread's: its CRC-32 computed while the block is
+    in cache (zlib-ng, as scalai's check), then ``pwrite``: the floor of a copy that reads
+    what it copies, as a source check must. (Reading through memory maps of the old files
+    instead was about 7 % slower here: page faults, and the unmapping at the end.)"""
     t0 = time.perf_counter()
     files = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
     lengths = [os.path.getsize(os.path.join(src, f)) for f in files]
@@ -277,8 +278,6 @@ def file_copy(src: str, out: str, sizes: list[int], workers: int, checked: bool 
             offset, written = offset + n, written + n
         queues.append(chunks[::-1])  # popped from the end: in file order
     lock = threading.Lock()
-    maps = [mmap.mmap(fd, length, prot=mmap.PROT_READ) for fd, length in zip(ins, lengths)] if checked else []
-    views = [memoryview(m) for m in maps]
 
     writing: dict[int, int] = {}  # worker -> the new file it copies into
 
@@ -294,11 +293,12 @@ def file_copy(src: str, out: str, sizes: list[int], workers: int, checked: bool 
             return rank, queues[rank].pop()
 
     def copy(worker: int) -> None:
+        buf = memoryview(bytearray(_BLOCK)) if checked else None
         while (job := next_chunk(worker)) is not None:
             rank, (at, k, offset, n) = job
             while n:
                 if checked:
-                    block = views[k][offset:offset + min(n, _BLOCK)]
+                    block = buf[:os.preadv(ins[k], [buf[:min(n, _BLOCK)]], offset)]
                     crc32(block)  # what a check computes of each block (and compares, at no cost)
                     done = os.pwrite(outs[rank], block, at)
                 else:
@@ -312,10 +312,6 @@ def file_copy(src: str, out: str, sizes: list[int], workers: int, checked: bool 
             list(pool.map(copy, range(workers)))
             list(pool.map(os.fsync, outs))
     finally:
-        for v in views:
-            v.release()
-        for m in maps:
-            m.close()
         for fd in ins + outs:
             os.close(fd)
     return {"total": time.perf_counter() - t0}

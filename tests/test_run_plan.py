@@ -27,7 +27,7 @@ from scalai.storage import ArraysSink, ArraysSource, run_plan
 from scalai.storage.memory import delete_memory_checkpoint, memory_checkpoints
 from scalai.storage.verify import verify_source
 from scalai.storage import blocks as transfer
-from scalai.storage.filler import Filler
+from scalai.storage.filler import Clock, Filler
 from test_checkpoint import _snapshot, global_raw, local_raw, make_ptc
 
 ONE_HOST = Placement(gpus_per_host=64)
@@ -323,6 +323,29 @@ def test_small_blocks_and_the_paths_taken(tmp_path, monkeypatch):
     with Checkpoint.open(tmp_path / "b") as ck:
         ck.verify()
         _assert_ranks_equal(ck.view, local_raw(new, glob, pad=0))
+
+
+def test_stream_file_writes_a_file_range_block_by_block_with_each_blocks_crc(tmp_path, monkeypatch):
+    """A run read from a file into the worker's buffer: the writes tile the destination
+    from ``offset``, each carries its block's CRC-32, the one returned is the whole range's
+    (oracles: the file's bytes and zlib); a file shorter than the range is an OSError."""
+    monkeypatch.setattr(transfer, "CHUNK_BYTES", 1000)
+    data = np.random.default_rng(5).integers(0, 256, 10_000, np.uint8).tobytes()
+    (tmp_path / "f").write_bytes(data)
+    writes, ticks = [], []
+    filler = Filler(ticks.append, Clock())
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        crc = filler.stream_file(fd, 123, 4567, lambda off, b, c: writes.append((off, bytes(b), c)), 40)
+        ticked = sum(ticks)
+        with pytest.raises(OSError, match="ended 100 bytes early"):
+            filler.stream_file(fd, 5000, 5100, lambda *a: None, 0)
+    finally:
+        os.close(fd)
+    assert crc == zlib.crc32(data[123:123 + 4567])
+    assert [off for off, _, _ in writes] == list(range(40, 40 + 4567, 1000))
+    assert b"".join(b for _, b, _ in writes) == data[123:123 + 4567]
+    assert all(c == zlib.crc32(b) for _, b, c in writes) and ticked == 4567
 
 
 def test_worker_count_does_not_change_the_bytes(tmp_path):

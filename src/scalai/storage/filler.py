@@ -6,7 +6,11 @@ Three ways, chosen per destination tensor by :mod:`scalai.storage.run`:
   selection is handed to the sink's ``write`` as it is when contiguous (``pwrite`` straight
   from a source mapping: no page faults and no zeroing on the destination side, which a
   copy through a writable mapping of a fresh file pays), or gathered through the worker's
-  buffer first when strided.
+  buffer first when strided. A run of a source file's bytes that must be checksummed on
+  the way (a source check) is read into the worker's buffer instead (*stream_file*):
+  ``pread`` block by block, each block's CRC-32 computed while it is in cache, then
+  written; no page of the source is mapped, so no thread waits on page faults and nothing
+  is left to unmap.
 - *assemble*: some windows are strided in the destination (e.g. a tensor split along
   dim 1 becoming whole). The tensor is built block by block (whole rows, at most one
   buffer) from every copy into it, and each block is one ``write``.
@@ -21,6 +25,8 @@ Time spent in each part is added to the worker's :class:`Clock`.
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from dataclasses import dataclass
 from math import prod
@@ -33,10 +39,10 @@ from . import blocks as _blocks
 from .blocks import blocks, select
 from .checksum import crc32, crc32_combine
 
-__all__ = ["Clock", "PARTS", "Filler"]
+__all__ = ["Clock", "PARTS", "Filler", "Write"]
 
 #: The parts of a run that :class:`Clock` times (seconds, summed over worker threads):
-#: ``read`` (ranged reads from a remote source), ``copy`` (gathering strided elements,
+#: ``read`` (ranged reads from a remote source, reads of a source file into the buffer), ``copy`` (gathering strided elements,
 #: copies into arrays), ``checksum`` (CRC-32 of written blocks), ``write`` (the sink's
 #: writes), ``complete`` (the sink's per-tensor completion: write-back, device copies).
 PARTS = ("read", "copy", "checksum", "write", "complete")
@@ -126,6 +132,36 @@ class Filler:
             self.put(write, offset, staged, checksum)
             offset += part.nbytes
         return None
+
+    def stream_file(self, fd: int, at: int, nbytes: int, write: Write, offset: int) -> int:
+        """Write ``nbytes`` bytes of file ``fd`` from byte ``at`` as the bytes at ``offset``,
+        read (``pread``) block by block into the worker's buffer; every ``write`` carries its
+        block's CRC-32. Returns the CRC-32 of all ``nbytes`` bytes (blocks' combined).
+
+        Raises:
+            OSError: the read failed, or the file ended before ``at + nbytes``.
+        """
+        clock, step = self.clock, _blocks.CHUNK_BYTES
+        buf = self.buffer(min(step, nbytes), np.uint8, (min(step, nbytes),))
+        whole, done = 0, 0
+        while done < nbytes:
+            t0 = _now()
+            block = buf[:min(step, nbytes - done)]
+            got = os.preadv(fd, [block], at + done)
+            if got == 0:
+                raise OSError(errno.EIO, f"the source file ended {nbytes - done} bytes early")
+            block = block[:got]
+            t1 = _now()
+            crc = crc32(block)
+            t2 = _now()
+            write(offset + done, block, crc)
+            clock.read += t1 - t0
+            clock.checksum += t2 - t1
+            clock.write += _now() - t2
+            whole = crc if done == 0 else crc32_combine(whole, crc, got)
+            done += got
+            self.progress(got)
+        return whole
 
     def assemble(self, shape: tuple[int, ...], dtype: np.dtype, pieces: Sequence[tuple[Region, np.ndarray]],
                  write: Write, checksum: bool,

@@ -70,7 +70,7 @@ from .base import (ArraySink, ArraySource, AsyncRangeSource, FileSink, FileSourc
                    same_tensors)
 from .blocks import select, split_window, window_span
 from .checksum import crc32, crc32_of_range
-from .filler import PARTS, Clock, Filler
+from .filler import PARTS, Clock, Filler, Write
 from .pieces import CrcCheck
 from .tasks import Dealer, Dest, Task, default_workers, group, uncovered
 from .verify import verify_source
@@ -374,14 +374,24 @@ class _Run:
             offset = run.span * dest.dtype.itemsize
             key = (self.source.stored_in(run.src_rank, tensor), tensor) if self.passing else None
             if key in self.passing:  # through user space: checked on the way
-                crc = filler.stream(data, write, offset, True)
-                self.crcs.add(key, run.at * data.itemsize, data.nbytes, crc)
+                self.crcs.add(key, run.at * data.itemsize, data.nbytes, self._pass_through(run, tensor, write, offset))
                 continue
             crc = self._source_crc(run, tensor)
             if crc is None:
                 filler.stream(data, write, offset, self.checksum)
             elif not self._kernel_copy(run, rank, tensor, offset, crc):
                 filler.stream(data, write, offset, crc)
+
+    def _pass_through(self, run: _ByteRun, tensor: str, write: Write, offset: int) -> int:
+        """Write a run whose source bytes the check reads on the way; returns their CRC-32.
+        From a file: read into the worker's buffer (:meth:`Filler.stream_file`: no page
+        faults, nothing mapped to drop at the end); else straight from the source's array."""
+        part = self.parts[run.src_rank]
+        if isinstance(part, FileSource):
+            fd, start = part.file_range(run.src_rank, tensor)
+            size = run.local.itemsize
+            return self.filler().stream_file(fd, start + run.at * size, run.size * size, write, offset)
+        return self.filler().stream(run.local.reshape(-1)[run.at:run.at + run.size], write, offset, True)
 
     def _source_crc(self, run: _ByteRun, tensor: str) -> int | None:
         """The rule for bytes that move unchanged, in one place: a run of a source tensor's
