@@ -70,6 +70,9 @@ arrays equal its local tensors, and DCP's loaded tensors equal the synthetic glo
 
 Repeats are interleaved (each round runs every method, in a rotated order) so that the
 noise of a shared machine hits every method alike; the table shows median, min and max.
+One untimed warm-up round of every method comes first (``--warmup``): on a VM whose host
+takes back the memory it frees (free page reporting), the first writes into fresh memory
+wait for the host, at up to 2 s a GB here, which falls on whichever method comes first.
 Before the clock, each process that runs a method (this one, each DCP rank) moves the
 objects alive out of the cyclic garbage collector's reach (``gc.freeze``): this process
 holds torch's and DCP's heap, which ``scalai reshard`` in its own process would not walk.
@@ -608,6 +611,10 @@ class Bench:
             self.verify(case, ref, result)
             if str(t.new) not in later:
                 self.release({str(t.old)} | later)  # the reference is no longer needed
+            for r in range(self.args.warmup):  # untimed: first touches of fresh memory fall here
+                for m in self.methods:
+                    measure(METHODS[m], case)
+                log(f"  warm-up round {r + 1}/{self.args.warmup} (not counted)")
             for r in range(self.args.repeats):
                 k = r % len(self.methods)
                 order = self.methods[k:] + self.methods[:k]
@@ -637,6 +644,8 @@ def main(argv=None) -> int:
                         "default: a TP, a PP and a DP/ZeRO change)")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed rounds per transition (default 5: one round's ratio moves by a fifth on a shared VM)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed rounds of every method before the timed ones (default 1)")
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="threads for scalai, (b), (c), (c'), (c'') (default: scalai's, one per core up to 8)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
@@ -647,6 +656,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.warmup < 0:
+        p.error("--warmup must be 0 or more")
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
         p.error(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
@@ -682,7 +693,8 @@ def main(argv=None) -> int:
           f"DCP: one process per new rank, cores / ranks threads each")
     print(f"storage: {bench.storage}; every method that writes files fsyncs them; destination arrays of the "
           f"loads (scalai and DCP) allocated and pre-faulted before timing; the objects alive before the clock "
-          f"frozen out of the garbage collector's reach (gc.freeze) in every process that runs a method")
+          f"frozen out of the garbage collector's reach (gc.freeze) in every process that runs a method; "
+          f"{args.warmup} untimed warm-up round(s) of every method before the timed ones")
     load_after = os.getloadavg()
     print(f"load average (1 min) at start {load_before[0]:.1f}, at end {load_after[0]:.1f} "
           f"({machine['cores']} cores; above that count, other processes competed for the CPU)")
