@@ -56,6 +56,7 @@ BLOCK_BYTES = 4 << 20
 _MEMCPY_BUFFER = 512 << 20
 _COPY_CHUNK = 64 << 20
 _BLOCK = 4 << 20  # a checked copy's block: read, checksummed and written while in cache
+_PAGE = 4096
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,8 +252,9 @@ def file_copy(src: str, out: str, sizes: list[int], workers: int, checked: bool 
     and the threads end together.
 
     ``checked`` (c''): every byte passes through this process instead, in 4 MiB blocks
-    read (``pread``) into a buffer of each thread's: its CRC-32 computed while the block is
-    in cache (zlib-ng, as scalai's check), then ``pwrite``: the floor of a copy that reads
+    read (``pread``) into a buffer of each thread's, at the same offset in a page as in the
+    file (a copy 8 bytes ahead of its source modulo a page runs at a third of the speed
+    here): its CRC-32 computed while the block is in cache (zlib-ng, as scalai's check), then ``pwrite``: the floor of a copy that reads
     what it copies, as a source check must. (Reading through memory maps of the old files
     instead was about 7 % slower here: page faults, and the unmapping at the end.)"""
     t0 = time.perf_counter()
@@ -293,12 +295,14 @@ def file_copy(src: str, out: str, sizes: list[int], workers: int, checked: bool 
             return rank, queues[rank].pop()
 
     def copy(worker: int) -> None:
-        buf = memoryview(bytearray(_BLOCK)) if checked else None
+        buf = np.empty(_BLOCK + 2 * _PAGE, np.uint8) if checked else None
+        page = -buf.ctypes.data % _PAGE if checked else 0  # where a page starts in buf
         while (job := next_chunk(worker)) is not None:
             rank, (at, k, offset, n) = job
             while n:
-                if checked:
-                    block = buf[:os.preadv(ins[k], [buf[:min(n, _BLOCK)]], offset)]
+                if checked:  # each block at its file offset's place in a page, as scalai's reads
+                    view = buf[page + offset % _PAGE:][:min(n, _BLOCK)]
+                    block = view[:os.preadv(ins[k], [view], offset)]
                     crc32(block)  # what a check computes of each block (and compares, at no cost)
                     done = os.pwrite(outs[rank], block, at)
                 else:

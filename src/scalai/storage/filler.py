@@ -49,6 +49,9 @@ PARTS = ("read", "copy", "checksum", "write", "complete")
 
 _now = time.perf_counter
 
+#: Bytes of a memory page (the alignment of the worker's buffer).
+PAGE_BYTES = 4096
+
 
 @dataclass
 class Clock:
@@ -78,11 +81,13 @@ class Filler:
         self.clock = clock
         self._buf: np.ndarray | None = None
 
-    def buffer(self, nbytes: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        """A view of the worker's buffer as ``dtype[shape]`` (``nbytes`` bytes)."""
-        if self._buf is None or self._buf.nbytes < nbytes:
-            self._buf = np.empty(max(nbytes, _blocks.CHUNK_BYTES), np.uint8)
-        return self._buf[:nbytes].view(dtype).reshape(shape)
+    def buffer(self, nbytes: int, dtype: np.dtype, shape: tuple[int, ...], page_offset: int = 0) -> np.ndarray:
+        """A view of the worker's buffer as ``dtype[shape]`` (``nbytes`` bytes), starting
+        ``page_offset`` (0 to ``PAGE_BYTES - 1``) bytes after a page boundary."""
+        if self._buf is None or self._buf.nbytes < nbytes + 2 * PAGE_BYTES:
+            self._buf = np.empty(max(nbytes, _blocks.CHUNK_BYTES) + 2 * PAGE_BYTES, np.uint8)
+        start = -self._buf.ctypes.data % PAGE_BYTES + page_offset
+        return self._buf[start:start + nbytes].view(dtype).reshape(shape)
 
     def put(self, write: Write, offset: int, data: np.ndarray, checksum: bool, copied: int | None = None) -> int | None:
         """One ``write`` of contiguous ``data`` at byte ``offset``, with its CRC if ``checksum``
@@ -142,7 +147,11 @@ class Filler:
             OSError: the read failed, or the file ended before ``at + nbytes``.
         """
         clock, step = self.clock, _blocks.CHUNK_BYTES
-        buf = self.buffer(min(step, nbytes), np.uint8, (min(step, nbytes),))
+        # the bytes land at the offset in a page that they have in the file: a copy whose
+        # destination lies just past its source modulo a page (8 bytes on) ran at a third
+        # of the speed here (4 KiB aliasing); the file's own offsets are what the copy
+        # through a mapping would have had
+        buf = self.buffer(min(step, nbytes), np.uint8, (min(step, nbytes),), at % PAGE_BYTES)
         whole, done = 0, 0
         while done < nbytes:
             t0 = _now()
