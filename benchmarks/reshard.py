@@ -68,8 +68,10 @@ Correctness is checked before timing: scalai's and (b)'s outputs compare equal
 arrays equal its local tensors, and DCP's loaded tensors equal the synthetic global values
 (whole shards for a sample of tensors, first and last rows of every tensor on every rank).
 
-Repeats are interleaved (each round runs every method, in a rotated order) so that the
-noise of a shared machine hits every method alike; the table shows median, min and max.
+Repeats are interleaved (each round runs every method, in an order shuffled anew each
+round from ``--seed``: a rotated order kept each method right after the same one, whose
+freed memory it then met every round) so that the noise of a shared machine hits every
+method alike; the table shows median, min and max.
 One untimed warm-up round of every method comes first (``--warmup``): on a VM whose host
 takes back the memory it frees (free page reporting), the first writes into fresh memory
 wait for the host, at up to 2 s a GB here, which falls on whichever method comes first.
@@ -91,6 +93,7 @@ import gc
 import io
 import json
 import os
+import random
 import shutil
 import signal
 import sys
@@ -382,8 +385,8 @@ def _ratio(a: Stats | None, b: Stats | None) -> float | None:
 
 
 def _paired(res: Result, a: str, b: str) -> Stats | None:
-    """``a``'s time over ``b``'s, round by round (each round runs both, one after the other,
-    so that a slow spell of a shared machine hits both sides of one ratio alike)."""
+    """``a``'s time over ``b``'s, round by round (each round runs both within seconds of
+    each other, so that a slow spell of a shared machine hits both sides of one ratio alike)."""
     ra, rb = res.samples.get(a), res.samples.get(b)
     if not ra or not rb or len(ra) != len(rb):
         return None
@@ -615,9 +618,10 @@ class Bench:
                 for m in self.methods:
                     measure(METHODS[m], case)
                 log(f"  warm-up round {r + 1}/{self.args.warmup} (not counted)")
+            shuffle = random.Random(self.seed)
             for r in range(self.args.repeats):
-                k = r % len(self.methods)
-                order = self.methods[k:] + self.methods[:k]
+                order = list(self.methods)
+                shuffle.shuffle(order)  # no method always follows the same one
                 for m in order:
                     result.samples.setdefault(m, []).append(measure(METHODS[m], case))
                 log(f"  round {r + 1}/{self.args.repeats}: "
