@@ -20,6 +20,35 @@ def test_rank_logs_round_trip(tmp_path):
     assert got[1]["pid"] == os.getpid() and read_generation(tmp_path, 4) == {}
 
 
+def test_a_rank_log_written_from_two_threads_at_once_keeps_every_change(tmp_path):
+    """A worker's abort thread reports (``commit_abandoned``, ``exit``) while its main or
+    commit thread may be reporting too: no write fails (a shared temporary file name made
+    one thread's rename find its file gone, and the worker exit 1: CI, stop 23), and the
+    file ends with every field. The oracle is the fields each thread set."""
+    import json
+    import threading
+
+    log = RankLog(tmp_path, 1, 1)
+    errors = []
+
+    def report(name: str) -> None:
+        try:
+            for i in range(300):
+                log.update(**{name: i})
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=report, args=(f"field{k}",)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    got = json.loads(log.path.read_text())
+    assert {f"field{k}": 299 for k in range(4)}.items() <= got.items()
+    assert sorted(p.name for p in log.path.parent.iterdir()) == [log.path.name]
+
+
 def test_phases_tile_the_downtime():
     old = {r: {"times": {"save_start": 101.0 + r * 0.1, "save_end": 102.0 + r * 0.1}} for r in range(2)}
     new = {r: {"times": {"ready": 104.0, "load_end": 106.5}} for r in range(4)}

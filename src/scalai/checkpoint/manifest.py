@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,8 +202,10 @@ def _check_replicas(records: tuple[RankRecord, ...], ptc: PTC, bad) -> None:
 
 
 def atomic_write(path: str, data: bytes, sync: bool = True) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename (all or nothing)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename (all or nothing).
+    Threads may write the same path at once: each has its own temporary file, the last
+    rename wins."""
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -72,26 +73,32 @@ def read_generation(run_dir: str | os.PathLike, generation: int) -> dict[int, di
 
 
 class RankLog:
-    """One worker's report (see the module docstring); every change is written at once."""
+    """One worker's report (see the module docstring); every change is written at once.
+    Thread-safe: a worker's abort thread reports while its main thread may be reporting
+    too (each change and its write happen under one lock, so the file ends with the last)."""
 
     def __init__(self, run_dir: str | os.PathLike, generation: int, rank: int, **fields: Any):
         self.path = rank_file(run_dir, generation, rank)
         self.data: dict[str, Any] = {"generation": generation, "rank": rank, "pid": os.getpid(),
                                      "times": {}, "commits": [], **fields}
+        self._lock = threading.RLock()
         self.flush()
 
     def mark(self, name: str, when: float | None = None, **fields: Any) -> None:
         import time
 
-        self.data["times"][name] = time.time() if when is None else when
-        self.update(**fields)
+        with self._lock:
+            self.data["times"][name] = time.time() if when is None else when
+            self.update(**fields)
 
     def update(self, **fields: Any) -> None:
-        self.data.update(fields)
-        self.flush()
+        with self._lock:
+            self.data.update(fields)
+            self.flush()
 
     def flush(self) -> None:
-        write_json_atomic(self.path, self.data)
+        with self._lock:
+            write_json_atomic(self.path, self.data)
 
 
 def _span(reports: Mapping[int, dict], name: str, pick) -> float | None:
