@@ -49,7 +49,8 @@ new one by every method below. What each side does:
   per chunk, fsynced: the storage's own floor, no layout logic.
 - **(c'') file copy + CRC-32**: the same, but every byte passes through the process in
   4 MiB blocks read with ``pread`` into a buffer of each thread's, its CRC-32 computed
-  (zlib-ng, scalai's) before ``pwrite``: the floor of a copy that reads its source, as a source check must.
+  (zlib-ng, scalai's) before ``pwrite``: the floor of a copy that reads its source, as a
+  source check must.
 
 Threads: ``--workers`` (default one per core, at most 8) for scalai, (b), (c), (c') and (c'').
 

@@ -42,9 +42,10 @@ from .checksum import crc32, crc32_combine
 __all__ = ["Clock", "PARTS", "Filler", "Write"]
 
 #: The parts of a run that :class:`Clock` times (seconds, summed over worker threads):
-#: ``read`` (ranged reads from a remote source, reads of a source file into the buffer), ``copy`` (gathering strided elements,
-#: copies into arrays), ``checksum`` (CRC-32 of written blocks), ``write`` (the sink's
-#: writes), ``complete`` (the sink's per-tensor completion: write-back, device copies).
+#: ``read`` (ranged reads from a remote source, reads of a source file into the buffer),
+#: ``copy`` (gathering strided elements, copies into arrays), ``checksum`` (CRC-32 of
+#: written blocks), ``write`` (the sink's writes), ``complete`` (the sink's per-tensor
+#: completion: write-back, device copies).
 PARTS = ("read", "copy", "checksum", "write", "complete")
 
 _now = time.perf_counter

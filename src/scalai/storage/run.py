@@ -374,7 +374,8 @@ class _Run:
             offset = run.span * dest.dtype.itemsize
             key = (self.source.stored_in(run.src_rank, tensor), tensor) if self.passing else None
             if key in self.passing:  # through user space: checked on the way
-                self.crcs.add(key, run.at * data.itemsize, data.nbytes, self._pass_through(run, tensor, write, offset))
+                crc = self._pass_through(run, tensor, data, write, offset)
+                self.crcs.add(key, run.at * data.itemsize, data.nbytes, crc)
                 continue
             crc = self._source_crc(run, tensor)
             if crc is None:
@@ -382,16 +383,16 @@ class _Run:
             elif not self._kernel_copy(run, rank, tensor, offset, crc):
                 filler.stream(data, write, offset, crc)
 
-    def _pass_through(self, run: _ByteRun, tensor: str, write: Write, offset: int) -> int:
-        """Write a run whose source bytes the check reads on the way; returns their CRC-32.
-        From a file: read into the worker's buffer (:meth:`Filler.stream_file`: no page
-        faults, nothing mapped to drop at the end); else straight from the source's array."""
+    def _pass_through(self, run: _ByteRun, tensor: str, data: np.ndarray, write: Write, offset: int) -> int:
+        """Write a run (``data``: its elements in the source's array) whose source bytes the
+        check reads on the way; returns their CRC-32. From a file: read into the worker's
+        buffer (:meth:`Filler.stream_file`: no page faults, nothing mapped to drop at the
+        end); else straight from ``data``."""
         part = self.parts[run.src_rank]
         if isinstance(part, FileSource):
             fd, start = part.file_range(run.src_rank, tensor)
-            size = run.local.itemsize
-            return self.filler().stream_file(fd, start + run.at * size, run.size * size, write, offset)
-        return self.filler().stream(run.local.reshape(-1)[run.at:run.at + run.size], write, offset, True)
+            return self.filler().stream_file(fd, start + run.at * data.itemsize, data.nbytes, write, offset)
+        return self.filler().stream(data, write, offset, True)
 
     def _source_crc(self, run: _ByteRun, tensor: str) -> int | None:
         """The rule for bytes that move unchanged, in one place: a run of a source tensor's
