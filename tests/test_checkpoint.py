@@ -134,6 +134,31 @@ def test_official_safetensors_library_loads_our_files(saved):
             assert f.metadata()["scalai.rank"] == str(r)
 
 
+def test_data_sections_start_at_a_page_and_files_with_8_byte_headers_still_read(saved, tmp_path):
+    """Every rank file's data section starts at a multiple of 4096 bytes (its length prefix
+    and JSON header padded with spaces), so a tensor's place in a page does not depend on
+    the header's length; a file whose header is padded to 8 bytes only, as the official
+    library writes it, reads the same."""
+    out, ptc, _, arrays = saved
+    for r in range(ptc.config.world_size):
+        with open(os.path.join(out, rank_file_name(r)), "rb") as f:
+            data = f.read()
+        n = int.from_bytes(data[:8], "little")
+        assert (8 + n) % 4096 == 0 and data[8:8 + n].rstrip(b" ").endswith(b"}"), r
+    path = os.path.join(out, rank_file_name(0))
+    with open(path, "rb") as f:
+        data = f.read()
+    n = int.from_bytes(data[:8], "little")
+    text = data[8:8 + n].rstrip(b" ")
+    text += b" " * (-len(text) % 8)
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+    assert len(text) < n
+    with SafetensorsReader(short) as f, SafetensorsReader(path) as g:
+        assert list(f.entries) == list(g.entries) and f.entries and f.metadata == g.metadata
+        for name in f.entries:
+            assert np.array_equal(f.view(name).view(np.uint8), arrays[0][name].view(np.uint8)), name
+
 def test_region_views_are_read_only_and_bounded(saved):
     out, _, _, arrays = saved
     with Checkpoint.open(out) as ck:
