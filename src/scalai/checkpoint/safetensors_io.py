@@ -151,7 +151,6 @@ class SafetensorsWriter:
         self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         self._map: mmap.mmap | None = None
         self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
         self.finalized = False
         self._reserved: set[str] = set()
         try:
@@ -199,8 +198,10 @@ class SafetensorsWriter:
     def write(self, name: str, byte_offset: int, data) -> None:
         """Write the bytes of ``data`` (a contiguous buffer) at ``byte_offset`` of tensor ``name``.
 
-        Writes into one file run one at a time: the kernel serializes them on the file
-        anyway, and a thread that waits here sleeps instead of spinning in the kernel."""
+        No lock here: the kernel serializes writes into one file (its inode lock), and a
+        waiter spins there only while the writer runs. A lock of this process's in front
+        of it cost each hand-off a futex wake-up and the GIL: two threads writing one
+        file took 15 % longer behind it (TP 2->1 of gpt2-small without the check)."""
         entry = self.entry(name)
         mv = memoryview(data)
         if byte_offset < 0 or byte_offset + mv.nbytes > entry.nbytes:
@@ -211,10 +212,9 @@ class SafetensorsWriter:
         mv = mv.cast("B")
         pos = entry.start + byte_offset
         try:
-            with self._write_lock:
-                while mv.nbytes:
-                    done = os.pwrite(self._fd, mv, pos)
-                    mv, pos = mv[done:], pos + done
+            while mv.nbytes:
+                done = os.pwrite(self._fd, mv, pos)
+                mv, pos = mv[done:], pos + done
         except OSError as exc:  # name the file: a full disk says where it was full
             raise OSError(exc.errno, f"{exc.strerror} while writing {name}", self.path) from None
 
@@ -227,8 +227,7 @@ class SafetensorsWriter:
             raise ValueError(f"copy of {nbytes} bytes at {byte_offset} falls outside "
                              f"{name} ({entry.nbytes} bytes)")
         try:
-            with self._write_lock:
-                return kernel_copy(fd, offset, self._fd, entry.start + byte_offset, nbytes)
+            return kernel_copy(fd, offset, self._fd, entry.start + byte_offset, nbytes)
         except OSError as exc:
             raise OSError(exc.errno, f"{exc.strerror} while writing {name}", self.path) from None
 

@@ -706,7 +706,7 @@ async def _gather_or_cancel(coros) -> None:
 class _SourceCheck:
     """:func:`~scalai.storage.verify.verify_source` of the tensors a run does not check on
     the way, on a thread of its own alongside the copy: the copy is bound by writes (into
-    one file they take turns), the check by reads. ``seconds``: its own time."""
+    one file the kernel serializes them), the check by reads. ``seconds``: its own time."""
 
     def __init__(self, source: TensorSource, skip: frozenset, workers: int):
         self.stop = threading.Event()
