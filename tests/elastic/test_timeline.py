@@ -27,3 +27,42 @@ def test_plots_are_png_files(tmp_path):
     for name in ("t.png", "l.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_figures_are_saved_atomically_from_several_threads_and_a_failed_draw_leaves_the_old_png(tmp_path):
+    import os
+    import threading
+
+    import pytest
+    from matplotlib.figure import Figure  # not pyplot's registry, which threads must not share
+
+    from scalai.training.plot import save_figure
+
+    path = tmp_path / "t.png"
+    errors = []
+
+    def draw(i):
+        try:
+            for _ in range(3):
+                fig = Figure()
+                fig.add_subplot().plot([0, i])
+                save_figure(fig, path, dpi=40)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=draw, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    good = path.read_bytes()
+    assert good[:8] == b"\x89PNG\r\n\x1a\n"
+
+    fig = Figure()
+    fig.add_subplot().plot([0, 1])
+    fig.savefig = lambda *a, **k: (open(a[0], "wb").write(b"half"), (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        save_figure(fig, path, dpi=40)
+    assert path.read_bytes() == good
+    assert sorted(os.listdir(tmp_path)) == ["t.png"]

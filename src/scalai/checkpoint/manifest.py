@@ -36,8 +36,9 @@ from __future__ import annotations
 import json
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from ..bounded import loads, read_regular
 from ..errors import CheckpointError
@@ -46,7 +47,7 @@ from ..storage.checksum import ALGORITHM
 
 __all__ = ["FORMAT", "VERSION", "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "TensorRecord", "RankRecord",
            "Manifest", "rank_file_name", "read_manifest", "parse_manifest", "write_manifest", "manifest_bytes",
-           "atomic_write"]
+           "atomic_write", "replacing"]
 
 FORMAT = "scalai-checkpoint"
 VERSION = 3
@@ -201,17 +202,15 @@ def _check_replicas(records: tuple[RankRecord, ...], ptc: PTC, bad) -> None:
                           f"which does not store an identical replica")
 
 
-def atomic_write(path: str, data: bytes, sync: bool = True) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename (all or nothing).
-    Threads may write the same path at once: each has its own temporary file, the last
-    rename wins."""
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+@contextmanager
+def replacing(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+    """A temporary name next to ``path`` to write the new file under (ending in ``suffix``);
+    renamed to ``path`` when the block ends, removed if it raises (all or nothing). Threads
+    may replace the same path at once: each has its own temporary file (pid and thread id),
+    the last rename wins."""
+    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}-{threading.get_ident()}{suffix}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
+        yield tmp
         os.rename(tmp, path)
     except BaseException:
         try:
@@ -219,6 +218,15 @@ def atomic_write(path: str, data: bytes, sync: bool = True) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def atomic_write(path: str, data: bytes, sync: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename (:func:`replacing`)."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        if sync:
+            os.fsync(f.fileno())
 
 
 def _dumps(obj: dict) -> str:

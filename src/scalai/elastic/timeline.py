@@ -80,12 +80,9 @@ class Reconfiguration:
 
 def write_timeline(path: str | os.PathLike, changes: Sequence[Reconfiguration]) -> None:
     """Write ``timeline.json`` atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump([c.to_json() for c in changes], f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from ..checkpoint.manifest import atomic_write
+
+    atomic_write(os.fspath(path), json.dumps([c.to_json() for c in changes], indent=2).encode())
 
 
 def read_timeline(path: str | os.PathLike) -> list[Reconfiguration]:
@@ -246,9 +243,6 @@ def plot_loss(runs: dict[str, Sequence[dict]], path: str | os.PathLike,
 
 
 def _save(fig, path) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    import matplotlib.pyplot as plt
+    from ..training.plot import save_figure
 
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)

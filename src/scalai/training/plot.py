@@ -14,7 +14,7 @@ from typing import Iterable
 
 from ..bounded import loads, open_regular
 
-__all__ = ["read_metrics", "relative_differences", "plot_losses"]
+__all__ = ["read_metrics", "relative_differences", "plot_losses", "save_figure"]
 
 
 def read_metrics(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[dict]:
@@ -115,7 +115,19 @@ def plot_losses(records: list[dict], out: str | os.PathLike, reference: list[dic
         low.grid(alpha=0.3)
     axes[-1][0].set_xlabel("step")
     fig.tight_layout()
-    tmp = f"{os.fspath(out)}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out)
+    save_figure(fig, out, dpi=120)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int) -> None:
+    """Save the matplotlib figure ``fig`` as the PNG ``path`` atomically and close it
+    (:func:`~scalai.checkpoint.manifest.replacing`: a failed draw leaves the old PNG and no
+    temporary file)."""
+    import matplotlib.pyplot as plt
+
+    from ..checkpoint.manifest import replacing
+
+    try:
+        with replacing(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
