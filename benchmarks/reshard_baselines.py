@@ -255,8 +255,9 @@ def file_copy(src: str, out: str, sizes: list[int], workers: int, checked: bool 
     read (``pread``) into a buffer of each thread's, at the same offset in a page as in the
     file (a copy 8 bytes ahead of its source modulo a page runs at a third of the speed
     here): its CRC-32 computed while the block is in cache (zlib-ng, as scalai's check),
-    then ``pwrite``: the floor of a copy that reads what it copies, as a source check must. (Reading through memory maps of the old files
-    instead was about 7 % slower here: page faults, and the unmapping at the end.)"""
+    then ``pwrite``: the floor of a copy that reads what it copies, as a source check
+    must. (Reading through memory maps of the old files instead was about 7 % slower
+    here: page faults, and the unmapping at the end.)"""
     t0 = time.perf_counter()
     files = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
     lengths = [os.path.getsize(os.path.join(src, f)) for f in files]

@@ -159,6 +159,7 @@ def test_data_sections_start_at_a_page_and_files_with_8_byte_headers_still_read(
         for name in f.entries:
             assert np.array_equal(f.view(name).view(np.uint8), arrays[0][name].view(np.uint8)), name
 
+
 def test_region_views_are_read_only_and_bounded(saved):
     out, _, _, arrays = saved
     with Checkpoint.open(out) as ck:

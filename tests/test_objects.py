@@ -52,6 +52,21 @@ def _one_host(old, new):
     return make_plan(Deployment(old, place), Deployment(new, place))
 
 
+def _checking_load(url, fs, old, new, want, check_all=False) -> int:
+    """A load with verify from ``url`` into zeroed arrays of ``new``'s rank 0 (old rank 1's
+    file read whole, the other's layout from the manifest: ``others_checked``), compared
+    with ``want``; with ``check_all``, every stored tensor's CRC-32 checked afterwards.
+    Returns the header bytes the source fetched apart."""
+    with ObjectSource(url, fs=fs) as source:
+        source.read_whole([1], others_checked=True)
+        dest = {0: {n: np.zeros(x.shape, x.dtype) for n, x in want.items()}}
+        run_plan(_one_host(old, new), source, ArraysSink(new, dest), workers=2)
+        assert all(np.array_equal(dest[0][n], x) for n, x in want.items())
+        if check_all:
+            verify_source(source, range(old.config.world_size))
+        return source.header_bytes
+
+
 def _needed_bytes(ptc) -> int:
     """Bytes of real (non-padding) elements of every tensor a rank stores itself: what a
     reshard into ``ptc`` from a ranged source must read, each once."""
@@ -251,15 +266,8 @@ def test_a_checking_load_of_files_with_8_byte_headers_fetches_their_headers(memf
         data = fs.cat_file(f"{root}/rank-{r:05d}.safetensors")
         n = int.from_bytes(data[:8], "little")
         assert (8 + n) % 8 == 0 and (8 + n) % 4096 != 0, "written the old way"
-    plan = _one_host(old, new)
-    want = local_raw(new, glob)[0]
-    with ObjectSource(f"{prefix}/old", fs=fs) as source:
-        source.read_whole([1], others_checked=True)
-        dest = {0: {n: np.zeros(x.shape, x.dtype) for n, x in want.items()}}
-        run_plan(plan, source, ArraysSink(new, dest), workers=2)
-        assert source.header_bytes > 0, "the headers were read, not predicted"
-        assert all(np.array_equal(dest[0][n], x) for n, x in want.items())
-        verify_source(source, [0, 1])
+    fetched = _checking_load(f"{prefix}/old", fs, old, new, local_raw(new, glob)[0], check_all=True)
+    assert fetched > 0, "the headers were read, not predicted"
 
 
 def test_a_checking_load_fetches_no_header_apart_and_the_checker_compares_it(memfs):
@@ -270,22 +278,13 @@ def test_a_checking_load_fetches_no_header_apart_and_the_checker_compares_it(mem
     old, new = model_ptc("gpt-tiny", "tp=2,pp=1,dp=1"), model_ptc("gpt-tiny", "tp=1,pp=1,dp=1")
     glob = global_raw(old, seed=7)
     _save(fs, f"{prefix}/h", old, local_raw(old, glob))
-    plan = _one_host(old, new)
     want = local_raw(new, glob)[0]
-    with ObjectSource(f"{prefix}/h", fs=fs) as source:
-        source.read_whole([1], others_checked=True)
-        dest = {0: {n: np.zeros(x.shape, x.dtype) for n, x in want.items()}}
-        run_plan(plan, source, ArraysSink(new, dest), workers=2)
-        assert source.header_bytes == 0, "no header fetched apart"
-        assert all(np.array_equal(dest[0][n], x) for n, x in want.items())
+    assert _checking_load(f"{prefix}/h", fs, old, new, want) == 0, "no header fetched apart"
     root = f"{prefix.split('://')[1]}/h"
     data = bytearray(fs.cat_file(f"{root}/rank-00001.safetensors"))
     n = int.from_bytes(data[:8], "little")
     assert data[8 + n - 1:8 + n] == b" "  # the header's padding
     data[8 + n - 1] = ord("\t")
     fs.pipe_file(f"{root}/rank-00001.safetensors", bytes(data))
-    with ObjectSource(f"{prefix}/h", fs=fs) as source:
-        source.read_whole([1], others_checked=True)
-        dest = {0: {n: np.zeros(x.shape, x.dtype) for n, x in want.items()}}
-        with pytest.raises(CheckpointError, match="rank-00001.safetensors is not laid out as its manifest says"):
-            run_plan(plan, source, ArraysSink(new, dest), workers=2)
+    with pytest.raises(CheckpointError, match="rank-00001.safetensors is not laid out as its manifest says"):
+        _checking_load(f"{prefix}/h", fs, old, new, want)

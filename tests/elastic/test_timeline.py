@@ -59,9 +59,14 @@ def test_figures_are_saved_atomically_from_several_threads_and_a_failed_draw_lea
     good = path.read_bytes()
     assert good[:8] == b"\x89PNG\r\n\x1a\n"
 
+    def half_then_full(tmp, **_):  # a draw that dies half way through its file
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
     fig = Figure()
     fig.add_subplot().plot([0, 1])
-    fig.savefig = lambda *a, **k: (open(a[0], "wb").write(b"half"), (_ for _ in ()).throw(OSError("disk full")))
+    fig.savefig = half_then_full
     with pytest.raises(OSError, match="disk full"):
         save_figure(fig, path, dpi=40)
     assert path.read_bytes() == good

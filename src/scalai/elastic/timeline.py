@@ -139,6 +139,8 @@ def plot_timeline(changes: Sequence[Reconfiguration], path: str | os.PathLike, t
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..training.plot import save_figure  # with matplotlib: only when drawing
+
     fig, ax = plt.subplots(figsize=(11, 1.4 + 0.75 * max(1, len(changes))))
     labels, seen = [], set()
     for i, c in enumerate(changes):
@@ -175,7 +177,7 @@ def plot_timeline(changes: Sequence[Reconfiguration], path: str | os.PathLike, t
                   frameon=False)
         ax.set_xlim(0, max(c.downtime for c in changes) * 1.45 or 1)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_loss(runs: dict[str, Sequence[dict]], path: str | os.PathLike,
@@ -190,6 +192,8 @@ def plot_loss(runs: dict[str, Sequence[dict]], path: str | os.PathLike,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from ..training.plot import save_figure  # with matplotlib: only when drawing
 
     panels = 2 if reference else 1
     fig, axes = plt.subplots(panels, 1, figsize=(11, 5 + 2.2 * (panels - 1)), sharex=True, squeeze=False,
@@ -239,10 +243,4 @@ def plot_loss(runs: dict[str, Sequence[dict]], path: str | os.PathLike,
         low.grid(alpha=0.3)
     axes[-1][0].set_xlabel("step")
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path) -> None:
-    from ..training.plot import save_figure
-
     save_figure(fig, path, dpi=110)
