@@ -192,6 +192,27 @@ def test_region_read_maps_only_the_pages_it_touches(tmp_path):
     assert grown < 16 << 20, f"reading one row mapped {grown} bytes"
 
 
+def test_writer_copies_consecutive_tensors_in_one_call_and_refuses_others(tmp_path):
+    """copy_tensors copies tensors that lie one after the other in the new file from one
+    run of another file; tensors that do not (a skipped one between them, or the wrong
+    order) are refused with nothing written."""
+    rng = np.random.default_rng(5)
+    a, b, c = (rng.integers(0, 255, n, dtype=np.uint8) for n in (10, 7, 5))
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"xyz" + a.tobytes() + b.tobytes() + c.tobytes())
+    entries = [(n, "uint8", (len(x),)) for n, x in (("a", a), ("b", b), ("c", c))]
+    with open(src, "rb") as f, SafetensorsWriter(str(tmp_path / "out.safetensors"), entries) as w:
+        for names in (["a", "c"], ["b", "a"]):
+            with pytest.raises(ValueError, match="not consecutive"):
+                w.copy_tensors(names, f.fileno(), 3)
+        assert not w.view("a").any() and not w.view("c").any()
+        assert w.copy_tensors(["a", "b"], f.fileno(), 3)
+        assert w.copy_tensors(["c"], f.fileno(), 3 + 17)
+    with SafetensorsReader(str(tmp_path / "out.safetensors")) as r:
+        for name, x in (("a", a), ("b", b), ("c", c)):
+            assert np.array_equal(r.view(name), x), name
+
+
 def test_writer_views_fill_in_place_and_padding_reads_zero(tmp_path):
     ptc = make_ptc("tp=4,pp=1,dp=1")
     with CheckpointWriter(tmp_path / "c", ptc, {"a": [1, 2]}) as w:

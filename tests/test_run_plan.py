@@ -557,6 +557,43 @@ def test_whole_tensors_copy_file_to_file_in_the_kernel(tmp_path, monkeypatch, re
         _assert_ranks_equal(ck.view, local_raw(new, glob, pad=0))
 
 
+@pytest.mark.parametrize("new_layout", ["tp=1,pp=2,dp=1", "tp=1,pp=1,dp=2,zero=1"])
+def test_whole_tensors_consecutive_in_both_files_share_one_kernel_copy(tmp_path, monkeypatch, new_layout):
+    """Whole tensors that lie one after the other in a source file and in a new file are
+    copied by one copy_file_range call (a pipeline stage's share of a file, a ZeRO part's
+    run of whole moments). Every call copies whole source tensors, consecutive in their
+    file (the source's own table of offsets is the oracle), fewer calls than tensors, and
+    the result verifies and equals the expected layout."""
+    real, calls = os.copy_file_range, []
+
+    def spy(src, dst, count, offset_src=None, offset_dst=None):
+        calls.append((offset_src, count))
+        return real(src, dst, count, offset_src, offset_dst)
+
+    monkeypatch.setattr(os, "copy_file_range", spy)
+    old, new = model_ptc("gpt-tiny", "tp=1,pp=1,dp=1"), model_ptc("gpt-tiny", new_layout)
+    glob = global_raw(old, seed=12)
+    save_arrays(tmp_path / "a", old, local_raw(old, glob, pad=GARBAGE))
+    with Checkpoint.open(tmp_path / "a") as ck:
+        ends = {ck.file_range(0, n)[1]: ck.file_range(0, n)[1] + ck.view(0, n).nbytes for n in ck.stored(0)}
+    reshard_checkpoint(tmp_path / "a", tmp_path / "b", new_layout, workers=2)
+    joined = 0
+    for offset, count in calls:
+        if offset not in ends or offset + count <= ends[offset]:
+            continue  # one tensor, or a run of one (a vocabulary without its padding rows)
+        at = offset
+        while at < offset + count:  # whole tensors, one after the other
+            assert at in ends, f"a call of {count} bytes at {offset} ends inside a tensor"
+            at = ends[at]
+        assert at == offset + count, f"a call of {count} bytes at {offset} ends inside a tensor"
+        joined += 1
+    assert joined, "consecutive tensors were joined into one kernel copy"
+    assert len(calls) < len(ends), (len(calls), len(ends))
+    with Checkpoint.open(tmp_path / "b") as ck:
+        ck.verify()
+        _assert_ranks_equal(ck.view, local_raw(new, glob, pad=0))
+
+
 @pytest.mark.parametrize("model, layout, inside", [("gpt-tiny", "tp=1,pp=1,dp=2,zero=1", False),
                                                   ("llama-tiny", "tp=1,pp=1,dp=3,zero=1", True)])
 def test_most_of_a_tensor_copies_in_the_kernel_with_a_derived_crc(tmp_path, monkeypatch, model, layout, inside):

@@ -383,3 +383,29 @@ def test_live_tensors_that_are_strided_views_are_filled_in_place(source_kind):
     for n, want in expected[0].items():
         assert np.array_equal(live[0][n], want), n
         assert (backing[n][0] == 9).all(), f"{n}: written outside the view"
+
+
+def test_chain_moves_joins_tensors_consecutive_in_both_files_up_to_a_limit():
+    """Moves join while each starts where the previous one ended in the same source file
+    and in the same destination file, and the chain stays within the limit; anything else
+    starts a new chain, and a move that joins nothing keeps its own task."""
+    from scalai.storage.tasks import Move, Task, chain_moves
+
+    def move(rank, name, fd, start, at, nbytes):
+        return Move(Task("arrays", rank, name, [], nbytes), fd, start, at, crc=None)
+
+    moves = [move(0, "c", 3, 200, 1100, 50),  # given out of file order: sorted by (rank, at)
+             move(0, "a", 3, 100, 1000, 60), move(0, "b", 3, 160, 1060, 40),
+             move(0, "d", 3, 400, 1150, 10),  # source gap after c (250 != 400)
+             move(0, "e", 4, 410, 1160, 10),  # another source file
+             move(1, "f", 3, 420, 1170, 10),  # another destination rank
+             move(0, "g", 4, 420, 1170, 10), move(0, "h", 4, 430, 1180, 10)]
+    chains = chain_moves(moves, limit=1000)
+    assert [[m.tensor for m in c.members] for c in chains] == [["a", "b", "c"], ["e", "g", "h"]]
+    assert [(c.kind, c.rank, c.tensor, c.nbytes) for c in chains] == [("chain", 0, "a", 150), ("chain", 0, "e", 30)]
+    assert [[m.start for m in c.piece] for c in chains] == [[100, 160, 200], [410, 420, 430]]
+    # b is not after a in the source: a, b, c break apart
+    broken = [move(0, "a", 3, 100, 1000, 60), move(0, "b", 3, 170, 1060, 40), move(0, "c", 3, 210, 1100, 50)]
+    assert [[m.tensor for m in c.members] for c in chain_moves(broken)] == [["b", "c"]]
+    # the limit: 60 + 40 fit in 100, c starts a chain of its own (and alone, no task)
+    assert [[m.tensor for m in c.members] for c in chain_moves(moves[:3], limit=100)] == [["a", "b"]]

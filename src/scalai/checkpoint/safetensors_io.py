@@ -231,6 +231,27 @@ class SafetensorsWriter:
         except OSError as exc:
             raise OSError(exc.errno, f"{exc.strerror} while writing {name}", self.path) from None
 
+    def copy_tensors(self, names: Sequence[str], fd: int, offset: int) -> bool:
+        """Copy whole tensors ``names``, consecutive in this file (in that order), from file
+        ``fd`` at ``offset`` (their bytes one after the other there too) in one kernel copy;
+        ``False``, nothing written, where the kernel cannot.
+
+        Raises:
+            ValueError: the tensors are not consecutive here.
+        """
+        entries = [self.entry(n) for n in names]
+        for a, b in zip(entries, entries[1:]):
+            if b.start != a.start + a.nbytes:
+                raise ValueError(f"tensors {a.name} and {b.name} are not consecutive in {self.path}")
+        if not entries:
+            return True
+        nbytes = entries[-1].start + entries[-1].nbytes - entries[0].start
+        try:
+            return kernel_copy(fd, offset, self._fd, entries[0].start, nbytes)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{exc.strerror} while writing {entries[0].name}..{entries[-1].name}",
+                          self.path) from None
+
     def start_writeback(self, name: str) -> None:
         """Ask the kernel to start writing tensor ``name``'s bytes to disk, without waiting,
         so that the fsync of :meth:`finalize` overlaps with the rest of the work."""

@@ -32,7 +32,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -132,6 +132,7 @@ class CheckpointWriter(FileSink):
 
     zero_filled = True
     records_checksums = True
+    spans = True
 
     def __init__(self, out_dir: str | os.PathLike, ptc: PTC, state: Mapping[str, Any] | None = None,
                  sync: bool = True, dedup: bool = True, staging: str | None = None):
@@ -238,6 +239,21 @@ class CheckpointWriter(FileSink):
         if not self.file(rank).copy_from(tensor, byte_offset, fd, offset, nbytes):
             return False
         self._ledger.piece((rank, tensor), byte_offset, nbytes, crc)
+        return True
+
+    def start_of(self, rank: int, tensor: str) -> int:
+        """Byte offset of ``tensor`` in ``rank``'s file (tensors lie one after the other)."""
+        return self.file(rank).entry(tensor).start
+
+    def copy_tensors(self, rank: int, tensors: Sequence[tuple[str, int | None]], fd: int, offset: int) -> bool:
+        """Copy whole tensors, consecutive in ``rank``'s file, from file ``fd`` at ``offset``
+        in one kernel copy (``copy_file_range``); ``tensors``: ``(name, CRC-32 or None)``.
+        ``False`` where the kernel cannot."""
+        f = self.file(rank)
+        if not f.copy_tensors([n for n, _ in tensors], fd, offset):
+            return False
+        for name, crc in tensors:
+            self._ledger.piece((rank, name), 0, f.entry(name).nbytes, crc)
         return True
 
     def complete(self, rank: int, tensor: str) -> None:

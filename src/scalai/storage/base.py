@@ -306,9 +306,13 @@ class FileSink(ArraySink):
     Attributes:
         links: :meth:`link_from` may link a whole source file (a medium of one file per
             tensor); the runner offers it the tensors that move unchanged.
+        spans: a rank's tensors lie one after the other in one file (:meth:`start_of`), so
+            that whole tensors consecutive in a source file and in this sink's file are
+            copied by one :meth:`copy_tensors` call instead of one call each.
     """
 
     links: bool = False
+    spans: bool = False
 
     @abstractmethod
     def copy_from(self, rank: int, tensor: str, byte_offset: int, fd: int, offset: int, nbytes: int,
@@ -317,6 +321,21 @@ class FileSink(ArraySink):
         ``rank``'s ``tensor`` (``crc``: their CRC-32, when known). Returns ``False``, having
         written nothing, when the kernel cannot copy between these files (then the runner
         writes the bytes with :meth:`write`)."""
+
+    def start_of(self, rank: int, tensor: str) -> int:
+        """Byte offset of ``rank``'s ``tensor`` in its file (a sink that declares ``spans``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare spans")
+
+    def copy_tensors(self, rank: int, tensors: Sequence[tuple[str, int | None]], fd: int, offset: int) -> bool:
+        """Copy whole tensors of ``rank``, consecutive in its file (in that order), from file
+        ``fd`` at ``offset``, where their bytes lie one after the other, in one kernel copy;
+        ``tensors``: ``(name, its CRC-32 when known)``. A sink that declares ``spans``
+        implements it; ``False``, nothing written, where the kernel cannot copy.
+
+        Raises:
+            ValueError: the tensors are not consecutive in ``rank``'s file.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not declare spans")
 
     def link_from(self, rank: int, tensor: str, path: str, fd: int, offset: int, nbytes: int, crc: int) -> bool:
         """Make ``rank``'s whole ``tensor`` the source file itself (``fd``, named ``path``),

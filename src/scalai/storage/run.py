@@ -72,7 +72,7 @@ from .blocks import select, split_window, window_span
 from .checksum import crc32, crc32_of_range
 from .filler import PARTS, Clock, Filler, Write
 from .pieces import CrcCheck
-from .tasks import Dealer, Dest, Task, default_workers, group, uncovered
+from .tasks import Dealer, Dest, Move, Task, chain_moves, default_workers, group, order_phase, uncovered
 from .verify import verify_source
 
 __all__ = ["run_plan", "run_plan_async", "RunReport", "default_workers"]
@@ -285,6 +285,7 @@ class _Run:
         ranks = sorted({rank for rank, _ in self.windows})
         self._check_gaps()
         self.sink.prepare(ranks)
+        self._chain()
         if self.sink.zero_filled:
             return
         for rank in ranks:
@@ -321,6 +322,9 @@ class _Run:
             return
         if task.kind == "stream":
             self._stream(task)  # calls done() itself, per member
+            return
+        if task.kind == "chain":
+            self._chained(task)  # calls done() itself, per member
             return
         if task.kind == "block":
             self._ranged(task)
@@ -429,23 +433,17 @@ class _Run:
         where any of that fails or the sink declines."""
         if not (isinstance(self.sink, FileSink) and self.sink.links):
             return False
-        first = task.copies[0]
-        part = self.parts.get(first.src_rank)
-        dest = self.dests[(task.rank, task.tensor)]
-        if not isinstance(part, FileSource) or dest.mixed:
+        moved = self._whole_move(task)
+        if moved is None:
             return False
-        for c in task.copies:
-            if (c.from_new or c.src_rank != first.src_rank or c.src.view is not None or c.dst.view is not None
-                    or c.src.region != c.dst.region):
-                return False
-        if uncovered(dest.shape, [c.dst for c in task.copies]) != []:  # every element, from its own place
-            return False
-        crc = part.checksum(first.src_rank, task.tensor)
-        path = part.file_path(first.src_rank, task.tensor)
+        part, src_rank = moved
+        crc = part.checksum(src_rank, task.tensor)
+        path = part.file_path(src_rank, task.tensor)
         if crc is None or path is None:
             return False
+        dest = self.dests[(task.rank, task.tensor)]
         nbytes = prod(dest.shape) * dest.dtype.itemsize
-        fd, start = part.file_range(first.src_rank, task.tensor)
+        fd, start = part.file_range(src_rank, task.tensor)
         clock = self.filler().clock
         t0 = time.perf_counter()
         done = self.sink.link_from(task.rank, task.tensor, path, fd, start, nbytes, crc)
@@ -455,6 +453,76 @@ class _Run:
                 self.linked += nbytes
             self.tick(nbytes)
         return done
+
+    def _whole_move(self, task: Task) -> tuple[FileSource, int] | None:
+        """``(part, old rank)`` when ``task`` (``arrays``) makes its destination tensor one
+        source tensor of a file, unchanged: its copies all read one source rank, each window
+        the same box on both sides, no view, together every element. ``None`` otherwise."""
+        if task.kind != "arrays":
+            return None
+        first = task.copies[0]
+        part = self.parts.get(first.src_rank)
+        dest = self.dests[(task.rank, task.tensor)]
+        if not isinstance(part, FileSource) or dest.mixed:
+            return None
+        for c in task.copies:
+            if (c.from_new or c.src_rank != first.src_rank or c.src.view is not None or c.dst.view is not None
+                    or c.src.region != c.dst.region):
+                return None
+        if len(task.copies) == 1:  # the usual case: one window, the whole tensor or not
+            box = first.dst.region
+            whole = box.sizes == dest.shape and not any(box.offsets)
+        else:
+            whole = uncovered(dest.shape, [c.dst for c in task.copies]) == []  # every element
+        return (part, first.src_rank) if whole else None
+
+    def _chain(self) -> None:
+        """Join the tasks of whole tensors that move unchanged file to file and lie one
+        after the other in both files (consecutive layers' tensors, a pipeline stage's
+        share of a file) into ``chain`` tasks (:func:`~.tasks.chain_moves`): one kernel
+        copy each instead of one per tensor (a model's biases and norms are many tensors
+        of a few KiB each). Not for tensors the check reads as they pass (``verify``),
+        nor where the source records no CRC for a sink that records checksums."""
+        if not (self.files and isinstance(self.sink, FileSink) and self.sink.spans):
+            return
+        moves = []
+        for task in self.phases[0]:
+            moved = self._whole_move(task)
+            if moved is None:
+                continue
+            part, src_rank = moved
+            if (self.source.stored_in(src_rank, task.tensor), task.tensor) in self.passing:
+                continue
+            if self._source_array(src_rank, task.tensor).nbytes != task.nbytes:
+                continue  # the source tensor holds more (padding): not one run of its file
+            crc = part.checksum(src_rank, task.tensor) if self.checksum else None
+            if self.checksum and crc is None:
+                continue
+            fd, start = part.file_range(src_rank, task.tensor)
+            moves.append(Move(task, fd, start, self.sink.start_of(task.rank, task.tensor), crc))
+        chains = chain_moves(moves)
+        if chains:
+            joined = {id(t) for chain in chains for t in chain.members}
+            self.phases[0][:] = [t for t in self.phases[0] if id(t) not in joined] + chains
+            order_phase(self.phases[0], self.plan, self.sink)
+
+    def _chained(self, task: Task) -> None:
+        """A ``chain`` task: its tensors in one kernel copy, or one by one where the kernel
+        cannot copy between these files."""
+        moves: list[Move] = task.piece
+        clock = self.filler().clock
+        t0 = time.perf_counter()
+        done = self.files and self.sink.copy_tensors(task.rank, [(m.task.tensor, m.crc) for m in moves],
+                                                      moves[0].fd, moves[0].start)
+        clock.write += time.perf_counter() - t0
+        if done:
+            self.tick(task.nbytes)
+        else:
+            self.files = False
+        for member in task.members:
+            if not done:
+                self._arrays(member)
+            self.done((member.rank, member.tensor))
 
     def _kernel_copy(self, run: _ByteRun, rank: int, tensor: str, offset: int, crc: int) -> bool:
         """Copy a run of a source tensor's bytes file to file inside the kernel (no page of

@@ -18,7 +18,10 @@ tensor how its copies run from what the source's parts and the sink declare:
   blocks at once and says which requests fetch them; each piece is one task whose
   ``members`` are the blocks it serves;
 - ``staged``: a whole tensor assembled in a buffer, for a sink without arrays whose windows
-  cannot be written as contiguous runs.
+  cannot be written as contiguous runs;
+- ``chain`` (:func:`chain_moves`, made by the runner once it knows where tensors lie in
+  the files): ``arrays`` tasks of whole tensors that move unchanged and lie one after the
+  other in one source file and in one destination file, joined into one kernel copy.
 
 Tasks come in two phases (``from_new`` copies read what the first one wrote), each ordered
 largest first, blocks of equal size taking every source host's turn in turn.
@@ -42,14 +45,17 @@ from . import blocks as _blocks
 from .base import ArraySink, ArraySource, AsyncRangeSource, RangeSource, StreamingSource, TensorSink, TensorSource
 from .blocks import split_window, window_span
 
-__all__ = ["default_workers", "check_plan", "uncovered", "Dest", "Task", "Grouping", "group", "Dealer",
-           "SMALL_FRACTION", "MAX_PACKED"]
+__all__ = ["default_workers", "check_plan", "uncovered", "Dest", "Task", "Grouping", "group", "order_phase",
+           "Move", "chain_moves", "Dealer", "SMALL_FRACTION", "MAX_PACKED", "CHAIN_BYTES"]
 
 #: A block of at most ``1 / SMALL_FRACTION`` of its source's ``block_bytes`` is packed with
 #: others of the same source rank into a ``batch`` task.
 SMALL_FRACTION = 4
 #: The most blocks packed into one ``batch`` task (one request of a coalescing source).
 MAX_PACKED = 1024
+#: The most bytes of whole tensors, consecutive in both files, joined into one ``chain``
+#: task (one kernel copy): a plain file copy's chunk.
+CHAIN_BYTES = 64 << 20
 
 
 def default_workers() -> int:
@@ -151,9 +157,10 @@ class Task:
     arrays: a source's, or the sink's for ``from_new``), ``block`` (one block of one copy
     from a ranged source), ``batch`` (``members``: small ``block`` tasks of one source rank,
     read together; ``rank`` and ``tensor`` are its first member's), ``stream`` (``members``:
-    the blocks one piece of a streaming source serves) or ``staged`` (a whole
-    tensor assembled in a buffer, for a sink without arrays whose windows cannot be
-    written by rows)."""
+    the blocks one piece of a streaming source serves), ``chain`` (``members``: ``arrays``
+    tasks of whole tensors consecutive in both files, one kernel copy; see
+    :func:`chain_moves`) or ``staged`` (a whole tensor assembled in a buffer, for a sink
+    without arrays whose windows cannot be written by rows)."""
 
     kind: str
     rank: int
@@ -164,7 +171,7 @@ class Task:
     part: TensorSource | None = None
     turn: int = 0  # a block's place among the blocks read from its source host
     members: list[Task] = field(default_factory=list)
-    piece: object = None  # a ``stream`` task's Piece (its ``reads`` index ``members`` in order)
+    piece: object = None  # a ``stream`` task's Piece (its ``reads`` index ``members`` in order), a chain's moves
 
 
 @dataclass
@@ -261,15 +268,58 @@ def group(plan: Plan, source: TensorSource, sink: TensorSink) -> Grouping:
             if t.kind in ("block", "batch", "stream"):  # equal sizes: every source host's turn in turn
                 t.turn = turns[t.copies[0].src_host]
                 turns[t.copies[0].src_host] += 1
-        if sink.in_order:  # destination file order: the sink holds only the parts being filled
-            orders = {r: {n: i for i, (n, _) in enumerate(plan.new.ptc.rank_shards(r))}
-                      for r in {t.rank for t in phase}}
-            phase.sort(key=lambda t: (t.rank, orders[t.rank].get(t.tensor, 0),
-                                      (t.block[1] if t.block else t.copies[0].dst).region.offsets))
-        else:
-            phase.sort(key=lambda t: (-t.nbytes, t.turn))  # largest first: the pool ends on small tasks
+        order_phase(phase, plan, sink)
     return Grouping(windows, dests, phases, parts, sum(len(c) for c in by_dest.values()),
                     sum(c.nbytes for copies in by_dest.values() for c in copies))
+
+
+def order_phase(phase: list[Task], plan: Plan, sink: TensorSink) -> None:
+    """Sort a phase's tasks into the order to start them: largest first (the pool ends on
+    small tasks), or for a sink that declares ``in_order``, its files' order (it then holds
+    only the parts being filled)."""
+    if sink.in_order:
+        orders = {r: {n: i for i, (n, _) in enumerate(plan.new.ptc.rank_shards(r))}
+                  for r in {t.rank for t in phase}}
+        phase.sort(key=lambda t: (t.rank, orders[t.rank].get(t.tensor, 0),
+                                  (t.block[1] if t.block else t.copies[0].dst).region.offsets))
+    else:
+        phase.sort(key=lambda t: (-t.nbytes, t.turn))
+
+
+@dataclass(frozen=True)
+class Move:
+    """A destination tensor that is one whole source tensor, unchanged, file to file:
+    ``task`` (its ``arrays`` task) copies the ``task.nbytes`` bytes at ``start`` of source
+    file ``fd`` to byte ``at`` of rank ``task.rank``'s file; ``crc``: their CRC-32 (or
+    ``None``)."""
+
+    task: Task
+    fd: int
+    start: int
+    at: int
+    crc: int | None
+
+
+def chain_moves(moves: list[Move], limit: int = CHAIN_BYTES) -> list[Task]:
+    """``chain`` tasks for the moves that follow one another both in one source file and
+    in one destination file, joined while they add up to at most ``limit`` bytes (a chunk
+    as large as a plain file copy's): each is one kernel copy instead of one per tensor.
+    A chain's ``members`` are its moves' tasks, in file order; ``piece`` its moves."""
+    runs: list[list[Move]] = []
+    size = 0
+    for m in sorted(moves, key=lambda m: (m.task.rank, m.at)):
+        last = runs[-1][-1] if runs else None
+        if (last is not None and last.task.rank == m.task.rank and last.fd == m.fd
+                and last.at + last.task.nbytes == m.at and last.start + last.task.nbytes == m.start
+                and size + m.task.nbytes <= limit):
+            runs[-1].append(m)
+            size += m.task.nbytes
+        else:
+            runs.append([m])
+            size = m.task.nbytes
+    return [Task("chain", run[0].task.rank, run[0].task.tensor, [c for m in run for c in m.task.copies],
+                 sum(m.task.nbytes for m in run), members=[m.task for m in run], piece=run)
+            for run in runs if len(run) > 1]
 
 
 def _streamed_blocks(tasks: list[Task]) -> list[Task]:
