@@ -35,8 +35,10 @@ def _check(name: str) -> None:
 
 
 def itemsize(name: str) -> int:
-    _check(name)
-    return DTYPES[name][0]
+    entry = DTYPES.get(name)
+    if entry is None:
+        _check(name)  # raises, naming the supported dtypes
+    return entry[0]
 
 
 def safetensors_code(name: str) -> str:

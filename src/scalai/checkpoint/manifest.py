@@ -229,13 +229,15 @@ def atomic_write(path: str, data: bytes, sync: bool = True) -> None:
             os.fsync(f.fileno())
 
 
+_LINE = json.JSONEncoder(separators=(", ", ": "), allow_nan=False)  # one encoder, not one per line
+
+
 def _dumps(obj: dict) -> str:
     """JSON with one line per top-level key, per tensor spec and per rank (readable, compact).
 
     Strict JSON (``NaN`` and infinities refused), as :func:`parse_manifest` reads it.
     """
-    def line(x: Any) -> str:
-        return json.dumps(x, separators=(", ", ": "), allow_nan=False)
+    line = _LINE.encode
 
     ptc = obj["ptc"]
     ptc_text = ("{" + ", ".join(f"{line(k)}: {line(v)}" for k, v in ptc.items() if k != "tensors")

@@ -25,6 +25,7 @@ on a filesystem the ranks share)::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -75,7 +76,9 @@ def rank_record(ptc: PTC, rank: int, nbytes: int, crcs: Mapping[str, int], store
         for n, s in ptc.rank_shards(rank)})
 
 
+@functools.cache
 def created_by() -> str:
+    """``scalai VERSION`` for a manifest (the package's metadata, read once per process)."""
     try:
         return f"scalai {version('scalai')}"
     except PackageNotFoundError:

@@ -25,15 +25,16 @@ CHUNK_BYTES = 4 << 20
 
 def _box_start(shape: Sequence[int], region: Region) -> int | None:
     """Row-major start element of ``region`` in ``shape`` if the box is contiguous there."""
-    nd = len(shape)
+    offsets, sizes, nd = region.offsets, region.sizes, len(shape)
     k = 0
-    while k < nd and region.sizes[k] == 1:
+    while k < nd and sizes[k] == 1:
         k += 1
-    if any(region.offsets[d] != 0 or region.sizes[d] != shape[d] for d in range(k + 1, nd)):
-        return None
+    for d in range(k + 1, nd):  # after the first dimension of more than one: whole
+        if offsets[d] or sizes[d] != shape[d]:
+            return None
     start, stride = 0, 1
     for d in range(nd - 1, -1, -1):
-        start += region.offsets[d] * stride
+        start += offsets[d] * stride
         stride *= shape[d]
     return start
 

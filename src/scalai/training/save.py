@@ -18,11 +18,11 @@ removed the staging version; a reader never sees a partial save.
 from __future__ import annotations
 
 import time
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from ..storage.arrays import as_raw
 from ..checkpoint.manifest import Manifest
+from ..checkpoint.writer import created_by
 from .collective import CollectiveError, agree
 from .job import JobState
 from .nontensor import capture, rank_snapshot
@@ -33,10 +33,7 @@ __all__ = ["save", "SaveReport"]
 
 
 def _created_by() -> str:
-    try:
-        return f"scalai {version('scalai')} (training)"
-    except PackageNotFoundError:
-        return "scalai (training)"
+    return f"{created_by()} (training)"
 
 
 def save(job: JobState, target: Any, background: bool = False, on_busy: str = "wait") -> SaveReport:
