@@ -195,7 +195,7 @@ def _checked_here(source: TensorSource, plan: Plan, rank: int, world: int) -> li
     of the bytes each live rank reads from each file."""
     needed: dict[tuple[int, int], int] = defaultdict(int)
     for c in plan.copies:
-        needed[(c.dst_rank, source.ptc.replica_owner(c.tensor, c.src_rank))] += c.nbytes
+        needed[(c.dst_rank, source.stored_in(c.src_rank, c.tensor))] += c.nbytes  # as the manifest records
     return assign_checks(needed, source.ptc.config.world_size, world)[rank]
 
 
