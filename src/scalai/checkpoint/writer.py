@@ -39,7 +39,7 @@ import numpy as np
 
 from ..bounded import loads
 from ..layout.ptc import PTC
-from ..storage.base import FileSink
+from ..storage.base import PackedFileSink
 from ..storage.checksum import ChecksumLedger, checksums
 from ..storage.run import default_workers
 from .limits import reserve_descriptors
@@ -105,7 +105,7 @@ def _refuse_existing(out_dir: str) -> None:
                               f"or remove it first")
 
 
-class CheckpointWriter(FileSink):
+class CheckpointWriter(PackedFileSink):
     """Write the checkpoint of ``ptc`` into ``out_dir`` (which must not exist yet): the
     :class:`~scalai.storage.TensorSink` of checkpoint directories.
 
@@ -135,7 +135,6 @@ class CheckpointWriter(FileSink):
 
     zero_filled = True
     records_checksums = True
-    spans = True
 
     def __init__(self, out_dir: str | os.PathLike, ptc: PTC, state: Mapping[str, Any] | None = None,
                  sync: bool = True, dedup: bool = True, staging: str | None = None):

@@ -9,15 +9,15 @@ live tensors (:class:`ArraysSource` / :class:`ArraysSink`), ``memory://`` checkp
 (:mod:`scalai.store.sources`).
 """
 
-from .base import (ArraySink, ArraySource, AsyncRangeSource, FileSink, FileSource, RangeSource, StreamingSource,
-                   TensorSink, TensorSource)
+from .base import (ArraySink, ArraySource, AsyncRangeSource, FileSink, FileSource, PackedFileSink, RangeSource,
+                   StreamingSource, TensorSink, TensorSource)
 from .live import ArraysSink, ArraysSource
 from .memory import MemorySink, MemorySource
 from .run import RunReport, default_workers, run_plan, run_plan_async
 
 __all__ = [
     "TensorSource", "ArraySource", "FileSource", "RangeSource", "StreamingSource", "AsyncRangeSource",
-    "TensorSink", "ArraySink", "FileSink",
+    "TensorSink", "ArraySink", "FileSink", "PackedFileSink",
     "ArraysSource", "ArraysSink", "MemorySource", "MemorySink",
     "run_plan", "run_plan_async", "RunReport", "default_workers",
 ]

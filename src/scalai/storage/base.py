@@ -25,7 +25,9 @@ Sinks (the new layout's tensors):
 - :class:`ArraySink`: its tensors are also writable arrays, so strided windows are copied
   in place, and what a plan wrote can be read back (a host fan-out reads it).
   :class:`FileSink`: moreover each tensor is a byte range of a file, so a whole tensor of a
-  :class:`FileSource` is copied file to file inside the kernel.
+  :class:`FileSource` is copied file to file inside the kernel. :class:`PackedFileSink`:
+  moreover a rank's tensors lie one after the other in one file, so whole tensors
+  consecutive in both files are copied by one kernel call.
 
 A sink declares ``zero_filled`` (elements no copy writes read as zero: fresh files, fresh
 RAM) and ``records_checksums`` (it keeps a CRC-32 per tensor: the runner hands it the CRC
@@ -56,7 +58,7 @@ from ..planner.plan import Window
 from ..regions import Region
 
 __all__ = ["TensorSource", "ArraySource", "FileSource", "RangeSource", "StreamingSource", "AsyncRangeSource",
-           "TensorSink", "ArraySink", "FileSink", "copy_bytes", "same_tensors"]
+           "TensorSink", "ArraySink", "FileSink", "PackedFileSink", "copy_bytes", "same_tensors"]
 
 
 class TensorSource(ABC):
@@ -306,13 +308,9 @@ class FileSink(ArraySink):
     Attributes:
         links: :meth:`link_from` may link a whole source file (a medium of one file per
             tensor); the runner offers it the tensors that move unchanged.
-        spans: a rank's tensors lie one after the other in one file (:meth:`start_of`), so
-            that whole tensors consecutive in a source file and in this sink's file are
-            copied by one :meth:`copy_tensors` call instead of one call each.
     """
 
     links: bool = False
-    spans: bool = False
 
     @abstractmethod
     def copy_from(self, rank: int, tensor: str, byte_offset: int, fd: int, offset: int, nbytes: int,
@@ -321,21 +319,6 @@ class FileSink(ArraySink):
         ``rank``'s ``tensor`` (``crc``: their CRC-32, when known). Returns ``False``, having
         written nothing, when the kernel cannot copy between these files (then the runner
         writes the bytes with :meth:`write`)."""
-
-    def start_of(self, rank: int, tensor: str) -> int:
-        """Byte offset of ``rank``'s ``tensor`` in its file (a sink that declares ``spans``)."""
-        raise NotImplementedError(f"{type(self).__name__} does not declare spans")
-
-    def copy_tensors(self, rank: int, tensors: Sequence[tuple[str, int | None]], fd: int, offset: int) -> bool:
-        """Copy whole tensors of ``rank``, consecutive in its file (in that order), from file
-        ``fd`` at ``offset``, where their bytes lie one after the other, in one kernel copy;
-        ``tensors``: ``(name, its CRC-32 when known)``. A sink that declares ``spans``
-        implements it; ``False``, nothing written, where the kernel cannot copy.
-
-        Raises:
-            ValueError: the tensors are not consecutive in ``rank``'s file.
-        """
-        raise NotImplementedError(f"{type(self).__name__} does not declare spans")
 
     def link_from(self, rank: int, tensor: str, path: str, fd: int, offset: int, nbytes: int, crc: int) -> bool:
         """Make ``rank``'s whole ``tensor`` the source file itself (``fd``, named ``path``),
@@ -346,6 +329,27 @@ class FileSink(ArraySink):
         into the file afterwards."""
         return False
 
+
+
+class PackedFileSink(FileSink):
+    """A :class:`FileSink` whose rank's tensors lie one after the other in one file (a
+    checkpoint's rank file): whole tensors that are consecutive in a source file and in this
+    sink's file are copied by one :meth:`copy_tensors` call instead of one call each."""
+
+    @abstractmethod
+    def start_of(self, rank: int, tensor: str) -> int:
+        """Byte offset of ``rank``'s ``tensor`` in its file."""
+
+    @abstractmethod
+    def copy_tensors(self, rank: int, tensors: Sequence[tuple[str, int | None]], fd: int, offset: int) -> bool:
+        """Copy whole tensors of ``rank``, consecutive in its file (in that order), from file
+        ``fd`` at ``offset``, where their bytes lie one after the other, in one kernel copy;
+        ``tensors``: ``(name, its CRC-32 when known)``. ``False``, nothing written, where the
+        kernel cannot copy between these files.
+
+        Raises:
+            ValueError: the tensors are not consecutive in ``rank``'s file.
+        """
 
 def copy_bytes(array: np.ndarray, byte_offset: int, data, what: str = "tensor") -> None:
     """Copy the bytes of ``data`` (a contiguous buffer) into the C-contiguous ``array`` at

@@ -66,8 +66,8 @@ from ..errors import PlanError
 from ..planner.plan import Copy, Plan, Window
 from ..regions import gaps
 from . import blocks as _blocks
-from .base import (ArraySink, ArraySource, AsyncRangeSource, FileSink, FileSource, TensorSink, TensorSource,
-                   same_tensors)
+from .base import (ArraySink, ArraySource, AsyncRangeSource, FileSink, FileSource, PackedFileSink, TensorSink,
+                   TensorSource, same_tensors)
 from .blocks import select, split_window, window_span
 from .checksum import crc32, crc32_of_range
 from .filler import PARTS, Clock, Filler, Write
@@ -483,7 +483,7 @@ class _Run:
         copy each instead of one per tensor (a model's biases and norms are many tensors
         of a few KiB each). Not for tensors the check reads as they pass (``verify``),
         nor where the source records no CRC for a sink that records checksums."""
-        if not (self.files and isinstance(self.sink, FileSink) and self.sink.spans):
+        if not (self.files and isinstance(self.sink, PackedFileSink)):
             return
         moves = []
         for task in self.phases[0]:
