@@ -336,16 +336,42 @@ def test_stream_file_writes_a_file_range_block_by_block_with_each_blocks_crc(tmp
     filler = Filler(ticks.append, Clock())
     fd = os.open(tmp_path / "f", os.O_RDONLY)
     try:
-        crc = filler.stream_file(fd, 123, 4567, lambda off, b, c: writes.append((off, bytes(b), c)), 40)
+        [crc] = filler.stream_file(fd, 123, [4567], lambda i, off, b, c: writes.append((i, off, bytes(b), c)))
         ticked = sum(ticks)
         with pytest.raises(OSError, match="ended 100 bytes early"):
-            filler.stream_file(fd, 5000, 5100, lambda *a: None, 0)
+            filler.stream_file(fd, 5000, [5100], lambda *a: None)
     finally:
         os.close(fd)
     assert crc == zlib.crc32(data[123:123 + 4567])
-    assert [off for off, _, _ in writes] == list(range(40, 40 + 4567, 1000))
-    assert b"".join(b for _, b, _ in writes) == data[123:123 + 4567]
-    assert all(c == zlib.crc32(b) for _, b, c in writes) and ticked == 4567
+    assert [(i, off) for i, off, _, _ in writes] == [(0, off) for off in range(0, 4567, 1000)]
+    assert b"".join(b for _, _, b, _ in writes) == data[123:123 + 4567]
+    assert all(c == zlib.crc32(b) for _, _, b, c in writes) and ticked == 4567
+
+
+def test_stream_file_cuts_blocks_at_the_pieces_they_hold(tmp_path, monkeypatch):
+    """Pieces one after the other in a file (whole tensors of a chain): a block that holds
+    the end of one piece and the start of the next is written as two shares, each at its
+    offset in its own piece with its own CRC-32; pieces of no bytes are skipped; every
+    piece's CRC-32 is returned (oracles: slices of the file's bytes and zlib)."""
+    monkeypatch.setattr(transfer, "CHUNK_BYTES", 1000)
+    data = np.random.default_rng(6).integers(0, 256, 10_000, np.uint8).tobytes()
+    (tmp_path / "f").write_bytes(data)
+    sizes = [10, 0, 2500, 1, 990, 0, 1500]
+    writes = []
+    filler = Filler(lambda n: None, Clock())
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        crcs = filler.stream_file(fd, 77, sizes, lambda i, off, b, c: writes.append((i, off, bytes(b), c)))
+    finally:
+        os.close(fd)
+    starts = [77 + sum(sizes[:i]) for i in range(len(sizes))]
+    assert crcs == [zlib.crc32(data[s:s + n]) for s, n in zip(starts, sizes)]
+    for i, off, b, c in writes:
+        assert b == data[starts[i] + off:starts[i] + off + len(b)] and c == zlib.crc32(b) and b
+    for i, n in enumerate(sizes):  # each piece tiled, in order
+        offs = [(off, len(b)) for j, off, b, _ in writes if j == i]
+        assert sum(k for _, k in offs) == n and all(a + k == b for (a, k), (b, _) in zip(offs, offs[1:]))
+    assert max(len(b) for _, _, b, _ in writes) <= 1000 and len(writes) > sum(1 for n in sizes if n)
 
 
 def test_worker_count_does_not_change_the_bytes(tmp_path):
@@ -589,6 +615,35 @@ def test_whole_tensors_consecutive_in_both_files_share_one_kernel_copy(tmp_path,
         joined += 1
     assert joined, "consecutive tensors were joined into one kernel copy"
     assert len(calls) < len(ends), (len(calls), len(ends))
+    with Checkpoint.open(tmp_path / "b") as ck:
+        ck.verify()
+        _assert_ranks_equal(ck.view, local_raw(new, glob, pad=0))
+
+
+@pytest.mark.parametrize("new_layout", ["tp=1,pp=2,dp=1", "tp=1,pp=1,dp=2,zero=1"])
+def test_checked_tensors_consecutive_in_both_files_are_read_as_one_stream(tmp_path, monkeypatch, new_layout):
+    """With the source check, whole tensors consecutive in both files pass through the
+    process as one stream of block reads: some read holds the end of one source tensor
+    and the start of the next (the source's own table of offsets is the oracle), there
+    are fewer reads than tensors, and the result verifies and equals the expected layout."""
+    real, reads = os.preadv, []
+
+    def spy(fd, buffers, offset, *rest):
+        got = real(fd, buffers, offset, *rest)
+        reads.append((offset, got))
+        return got
+
+    monkeypatch.setattr(os, "preadv", spy)
+    old, new = model_ptc("gpt-tiny", "tp=1,pp=1,dp=1"), model_ptc("gpt-tiny", new_layout)
+    glob = global_raw(old, seed=13)
+    save_arrays(tmp_path / "a", old, local_raw(old, glob, pad=GARBAGE))
+    with Checkpoint.open(tmp_path / "a") as ck:
+        starts = sorted(ck.file_range(0, n)[1] for n in ck.stored(0))
+    reads.clear()
+    reshard_checkpoint(tmp_path / "a", tmp_path / "b", new_layout, workers=2, verify=True)
+    across = [(o, n) for o, n in reads if any(o < s < o + n for s in starts)]
+    assert across, "no read held the bytes of two consecutive tensors"
+    assert len(reads) < len(starts), (len(reads), len(starts))
     with Checkpoint.open(tmp_path / "b") as ck:
         ck.verify()
         _assert_ranks_equal(ck.view, local_raw(new, glob, pad=0))

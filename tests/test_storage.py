@@ -409,3 +409,11 @@ def test_chain_moves_joins_tensors_consecutive_in_both_files_up_to_a_limit():
     assert [[m.tensor for m in c.members] for c in chain_moves(broken)] == [["b", "c"]]
     # the limit: 60 + 40 fit in 100, c starts a chain of its own (and alone, no task)
     assert [[m.tensor for m in c.members] for c in chain_moves(moves[:3], limit=100)] == [["a", "b"]]
+    # a checked move (read through the process) never joins one the kernel copies
+    mixed = [move(0, "a", 3, 100, 1000, 60), move(0, "b", 3, 160, 1060, 40), move(0, "c", 3, 200, 1100, 50)]
+    mixed[1] = Move(mixed[1].task, 3, 160, 1060, crc=None, checked=True)
+    mixed.append(Move(Task("arrays", 0, "d", [], 10), 3, 250, 1150, crc=None, checked=True))
+    assert [[m.tensor for m in c.members] for c in chain_moves(mixed)] == []
+    mixed[2] = Move(mixed[2].task, 3, 200, 1100, crc=None, checked=True)
+    assert [[(m.task.tensor, m.checked) for m in c.piece] for c in chain_moves(mixed)] == [
+        [("b", True), ("c", True), ("d", True)]]

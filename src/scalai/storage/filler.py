@@ -139,39 +139,49 @@ class Filler:
             offset += part.nbytes
         return None
 
-    def stream_file(self, fd: int, at: int, nbytes: int, write: Write, offset: int) -> int:
-        """Write ``nbytes`` bytes of file ``fd`` from byte ``at`` as the bytes at ``offset``,
-        read (``pread``) block by block into the worker's buffer; every ``write`` carries its
-        block's CRC-32. Returns the CRC-32 of all ``nbytes`` bytes (blocks' combined).
+    def stream_file(self, fd: int, at: int, sizes: Sequence[int],
+                    write: Callable[[int, int, np.ndarray, int], None]) -> list[int]:
+        """Write the bytes of file ``fd`` from byte ``at``, which hold ``len(sizes)`` pieces one
+        after the other (``sizes[i]`` bytes each: one run of a tensor, or whole tensors that
+        lie one after the other), read (``pread``) block by block into the worker's buffer:
+        each piece's share of a block goes to ``write(i, offset in piece i, bytes, their
+        CRC-32)``. Returns every piece's CRC-32 (its shares' combined).
 
         Raises:
-            OSError: the read failed, or the file ended before ``at + nbytes``.
+            OSError: the read failed, or the file ended before ``at + sum(sizes)``.
         """
-        clock, step = self.clock, _blocks.CHUNK_BYTES
+        clock, step, total = self.clock, _blocks.CHUNK_BYTES, sum(sizes)
         # the bytes land at the offset in a page that they have in the file: a copy whose
         # destination lies just past its source modulo a page (8 bytes on) ran at a third
         # of the speed here (4 KiB aliasing); the file's own offsets are what the copy
         # through a mapping would have had
-        buf = self.buffer(min(step, nbytes), np.uint8, (min(step, nbytes),), at % PAGE_BYTES)
-        whole, done = 0, 0
-        while done < nbytes:
+        buf = self.buffer(min(step, total), np.uint8, (min(step, total),), at % PAGE_BYTES)
+        crcs = [0] * len(sizes)
+        piece, into, done = 0, 0, 0  # the piece being written, its bytes written so far
+        while done < total:
             t0 = _now()
-            block = buf[:min(step, nbytes - done)]
+            block = buf[:min(step, total - done)]
             got = os.preadv(fd, [block], at + done)
             if got == 0:
-                raise OSError(errno.EIO, f"the source file ended {nbytes - done} bytes early")
-            block = block[:got]
-            t1 = _now()
-            crc = crc32(block)
-            t2 = _now()
-            write(offset + done, block, crc)
-            clock.read += t1 - t0
-            clock.checksum += t2 - t1
-            clock.write += _now() - t2
-            whole = crc if done == 0 else crc32_combine(whole, crc, got)
+                raise OSError(errno.EIO, f"the source file ended {total - done} bytes early")
+            clock.read += _now() - t0
+            pos = 0
+            while pos < got:
+                while not sizes[piece] - into:  # pieces of no bytes
+                    piece, into = piece + 1, 0
+                n = min(sizes[piece] - into, got - pos)
+                share = block[pos:pos + n]
+                t1 = _now()
+                crc = crc32(share)
+                t2 = _now()
+                write(piece, into, share, crc)
+                clock.checksum += t2 - t1
+                clock.write += _now() - t2
+                crcs[piece] = crc if into == 0 else crc32_combine(crcs[piece], crc, n)
+                pos, into = pos + n, into + n
             done += got
             self.progress(got)
-        return whole
+        return crcs
 
     def assemble(self, shape: tuple[int, ...], dtype: np.dtype, pieces: Sequence[tuple[Region, np.ndarray]],
                  write: Write, checksum: bool,

@@ -395,7 +395,9 @@ class _Run:
         part = self.parts[run.src_rank]
         if isinstance(part, FileSource):
             fd, start = part.file_range(run.src_rank, tensor)
-            return self.filler().stream_file(fd, start + run.at * data.itemsize, data.nbytes, write, offset)
+            [crc] = self.filler().stream_file(fd, start + run.at * data.itemsize, [data.nbytes],
+                                              lambda _, at, block, crc: write(offset + at, block, crc))
+            return crc
         return self.filler().stream(data, write, offset, True)
 
     def _source_crc(self, run: _ByteRun, tensor: str) -> int | None:
@@ -481,8 +483,9 @@ class _Run:
         after the other in both files (consecutive layers' tensors, a pipeline stage's
         share of a file) into ``chain`` tasks (:func:`~.tasks.chain_moves`): one kernel
         copy each instead of one per tensor (a model's biases and norms are many tensors
-        of a few KiB each). Not for tensors the check reads as they pass (``verify``),
-        nor where the source records no CRC for a sink that records checksums."""
+        of a few KiB each), or, for tensors the check reads as they pass (``verify``), one
+        stream of 4 MiB reads cut at the tensors' ends. Not where the source records no
+        CRC for a sink that records checksums."""
         if not (self.files and isinstance(self.sink, PackedFileSink)):
             return
         moves = []
@@ -491,15 +494,14 @@ class _Run:
             if moved is None:
                 continue
             part, src_rank = moved
-            if (self.source.stored_in(src_rank, task.tensor), task.tensor) in self.passing:
-                continue
+            checked = (self.source.stored_in(src_rank, task.tensor), task.tensor) in self.passing
             if self._source_array(src_rank, task.tensor).nbytes != task.nbytes:
                 continue  # the source tensor holds more (padding): not one run of its file
             crc = part.checksum(src_rank, task.tensor) if self.checksum else None
-            if self.checksum and crc is None:
+            if self.checksum and crc is None and not checked:
                 continue
             fd, start = part.file_range(src_rank, task.tensor)
-            moves.append(Move(task, fd, start, self.sink.start_of(task.rank, task.tensor), crc))
+            moves.append(Move(task, fd, start, self.sink.start_of(task.rank, task.tensor), crc, checked))
         chains = chain_moves(moves)
         if chains:
             joined = {id(t) for chain in chains for t in chain.members}
@@ -508,8 +510,11 @@ class _Run:
 
     def _chained(self, task: Task) -> None:
         """A ``chain`` task: its tensors in one kernel copy, or one by one where the kernel
-        cannot copy between these files."""
+        cannot copy between these files; checked tensors read through the worker's buffer."""
         moves: list[Move] = task.piece
+        if moves[0].checked:
+            self._chained_through(task)
+            return
         clock = self.filler().clock
         t0 = time.perf_counter()
         done = self.files and self.sink.copy_tensors(task.rank, [(m.task.tensor, m.crc) for m in moves],
@@ -523,6 +528,20 @@ class _Run:
             if not done:
                 self._arrays(member)
             self.done((member.rank, member.tensor))
+
+    def _chained_through(self, task: Task) -> None:
+        """A ``chain`` task of tensors the source check reads as they pass: their bytes read
+        from the source file block by block (:meth:`Filler.stream_file`), each tensor's
+        share of a block written with its CRC-32, each tensor's CRC-32 counted for the check."""
+        moves: list[Move] = task.piece
+        names = [m.task.tensor for m in moves]
+        write = self.sink.write
+        crcs = self.filler().stream_file(moves[0].fd, moves[0].start, [m.task.nbytes for m in moves],
+                                         lambda i, offset, block, crc: write(task.rank, names[i], offset, block, crc))
+        for m, crc in zip(moves, crcs):
+            src_rank = m.task.copies[0].src_rank
+            self.crcs.add((self.source.stored_in(src_rank, m.task.tensor), m.task.tensor), 0, m.task.nbytes, crc)
+            self.done((m.task.rank, m.task.tensor))
 
     def _kernel_copy(self, run: _ByteRun, rank: int, tensor: str, offset: int, crc: int) -> bool:
         """Copy a run of a source tensor's bytes file to file inside the kernel (no page of

@@ -291,26 +291,31 @@ class Move:
     """A destination tensor that is one whole source tensor, unchanged, file to file:
     ``task`` (its ``arrays`` task) copies the ``task.nbytes`` bytes at ``start`` of source
     file ``fd`` to byte ``at`` of rank ``task.rank``'s file; ``crc``: their CRC-32 (or
-    ``None``)."""
+    ``None``); ``checked``: the bytes pass through the process, for the source check,
+    instead of being copied by the kernel."""
 
     task: Task
     fd: int
     start: int
     at: int
     crc: int | None
+    checked: bool = False
 
 
 def chain_moves(moves: list[Move], limit: int = CHAIN_BYTES) -> list[Task]:
     """``chain`` tasks for the moves that follow one another both in one source file and
-    in one destination file, joined while they add up to at most ``limit`` bytes (a chunk
-    as large as a plain file copy's): each is one kernel copy instead of one per tensor.
-    A chain's ``members`` are its moves' tasks, in file order; ``piece`` its moves."""
+    in one destination file, and are all ``checked`` or all not, joined while they add up
+    to at most ``limit`` bytes (a chunk as large as a plain file copy's): each is one
+    kernel copy instead of one per tensor, or one stream of reads through the process for
+    checked moves. A chain's ``members`` are its moves' tasks, in file order; ``piece``
+    its moves."""
     runs: list[list[Move]] = []
     size = 0
     for m in sorted(moves, key=lambda m: (m.task.rank, m.at)):
         last = runs[-1][-1] if runs else None
         if (last is not None and last.task.rank == m.task.rank and last.fd == m.fd
                 and last.at + last.task.nbytes == m.at and last.start + last.task.nbytes == m.start
+                and last.checked == m.checked
                 and size + m.task.nbytes <= limit):
             runs[-1].append(m)
             size += m.task.nbytes
