@@ -674,7 +674,9 @@ def test_most_of_a_tensor_copies_in_the_kernel_with_a_derived_crc(tmp_path, monk
     with Checkpoint.open(tmp_path / "a") as ck:
         start, nbytes = ck.file_range(0, qkv)[1], ck.view(0, qkv).nbytes
     if sum(c.tensor == qkv for c in plan.copies) > 1 and not inside:  # head groups, adjacent both sides
-        assert (start, nbytes) in calls, "adjacent copies merged into one kernel copy"
+        # one kernel copy holds the whole tensor (alone, or in a chain with its neighbours)
+        assert any(o <= start and start + nbytes <= o + n for o, n in calls), "adjacent copies merged"
+        assert not any(start < o < start + nbytes for o, _ in calls), "a kernel copy starts inside the tensor"
     if inside:  # the larger side of a ZeRO split
         assert any(offset not in spans for offset, _ in calls), "a run starting inside a tensor"
     else:  # a vocabulary without its padding rows

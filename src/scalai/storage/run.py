@@ -457,26 +457,35 @@ class _Run:
         return done
 
     def _whole_move(self, task: Task) -> tuple[FileSource, int] | None:
-        """``(part, old rank)`` when ``task`` (``arrays``) makes its destination tensor one
-        source tensor of a file, unchanged: its copies all read one source rank, each window
-        the same box on both sides, no view, together every element. ``None`` otherwise."""
+        """``(part, old rank)`` when ``task`` (``arrays``) writes its destination tensor as the
+        bytes of one whole source tensor of a file, unchanged and in their order: the same
+        box on both sides, or a flat ZeRO piece holding the whole of a parameter's state.
+        Its copies all read one source rank, each one contiguous run at the same element
+        offset on both sides, together every element of both. ``None`` otherwise."""
         if task.kind != "arrays":
             return None
         first = task.copies[0]
         part = self.parts.get(first.src_rank)
         dest = self.dests[(task.rank, task.tensor)]
-        if not isinstance(part, FileSource) or dest.mixed:
+        if not isinstance(part, FileSource) or dest.mixed or any(
+                c.from_new or c.src_rank != first.src_rank for c in task.copies):
             return None
+        src_shape = self._source_array(first.src_rank, task.tensor).shape
+        size = prod(dest.shape)
+        if prod(src_shape) != size:  # the source holds more (padding) or less
+            return None
+        runs = []
         for c in task.copies:
-            if (c.from_new or c.src_rank != first.src_rank or c.src.view is not None or c.dst.view is not None
-                    or c.src.region != c.dst.region):
+            at = window_span(src_shape, c.src)
+            if at is None or at != window_span(dest.shape, c.dst):
                 return None
-        if len(task.copies) == 1:  # the usual case: one window, the whole tensor or not
-            box = first.dst.region
-            whole = box.sizes == dest.shape and not any(box.offsets)
-        else:
-            whole = uncovered(dest.shape, [c.dst for c in task.copies]) == []  # every element
-        return (part, first.src_rank) if whole else None
+            runs.append((at, c.src.volume))
+        end = 0
+        for at, n in sorted(runs):  # the runs tile the tensor
+            if at != end:
+                return None
+            end += n
+        return (part, first.src_rank) if end == size else None
 
     def _chain(self) -> None:
         """Join the tasks of whole tensors that move unchanged file to file and lie one
@@ -495,8 +504,6 @@ class _Run:
                 continue
             part, src_rank = moved
             checked = (self.source.stored_in(src_rank, task.tensor), task.tensor) in self.passing
-            if self._source_array(src_rank, task.tensor).nbytes != task.nbytes:
-                continue  # the source tensor holds more (padding): not one run of its file
             crc = part.checksum(src_rank, task.tensor) if self.checksum else None
             if self.checksum and crc is None and not checked:
                 continue
