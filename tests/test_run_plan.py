@@ -602,18 +602,24 @@ def test_whole_tensors_consecutive_in_both_files_share_one_kernel_copy(tmp_path,
     save_arrays(tmp_path / "a", old, local_raw(old, glob, pad=GARBAGE))
     with Checkpoint.open(tmp_path / "a") as ck:
         ends = {ck.file_range(0, n)[1]: ck.file_range(0, n)[1] + ck.view(0, n).nbytes for n in ck.stored(0)}
+        names = {ck.file_range(0, n)[1]: n for n in ck.stored(0)}
+        dims = {n: ck.view(0, n).ndim for n in ck.stored(0)}
     reshard_checkpoint(tmp_path / "a", tmp_path / "b", new_layout, workers=2)
-    joined = 0
+    joined, states = 0, 0
     for offset, count in calls:
         if offset not in ends or offset + count <= ends[offset]:
             continue  # one tensor, or a run of one (a vocabulary without its padding rows)
-        at = offset
+        at, held = offset, []
         while at < offset + count:  # whole tensors, one after the other
             assert at in ends, f"a call of {count} bytes at {offset} ends inside a tensor"
+            held.append(names[at])
             at = ends[at]
         assert at == offset + count, f"a call of {count} bytes at {offset} ends inside a tensor"
         joined += 1
+        states += any(n.startswith("optimizer.") and dims[n] > 1 for n in held)
     assert joined, "consecutive tensors were joined into one kernel copy"
+    if "zero=1" in new_layout:  # matrices' states become flat ZeRO pieces, byte for byte: they join too
+        assert states, "no kernel copy joined the optimizer state of a matrix into a ZeRO part"
     assert len(calls) < len(ends), (len(calls), len(ends))
     with Checkpoint.open(tmp_path / "b") as ck:
         ck.verify()
