@@ -62,6 +62,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..dtypes import itemsize
 from ..errors import PlanError
 from ..planner.plan import Copy, Plan, Window
 from ..regions import gaps
@@ -168,6 +169,7 @@ class _Run:
         self.passing: dict[tuple[int, str], list[tuple[int, int]]] = {}
         self._expect: dict[tuple[int, str], tuple[int, int]] = {}  # key -> (recorded CRC-32, bytes)
         self._old_arrays: dict[tuple[int, str], np.ndarray] = {}  # (old rank, tensor) -> its array
+        self._old_shapes: dict[int, dict[str, tuple[int, ...]]] = {}  # old rank -> its tensors' local shapes
         if verify:
             self._read_whole()
         self.crcs = CrcCheck(self._expect.__getitem__, lambda key: source.where(key[0]))
@@ -189,7 +191,7 @@ class _Run:
         pieces: dict[tuple[int, str], set[tuple[int, int]]] = defaultdict(set)
         if self.arrays and not self.checksum:  # memory to memory: strided copies, no runs
             return
-        array = self._source_array
+        layout = self._source_layout
         for task in self.phases[0]:
             if task.kind != "arrays":
                 continue
@@ -200,12 +202,13 @@ class _Run:
                 part = self.parts.get(c.src_rank)
                 if (span is None and not assembled) or c.from_new or not isinstance(part, ArraySource):
                     continue
-                local = array(c.src_rank, c.tensor)
-                at = window_span(local.shape, c.src) if local.flags.c_contiguous else None
+                shape, size = layout(c.src_rank, c.tensor)
+                at = None if shape is None else window_span(shape, c.src)
                 if at is not None:
-                    pieces[(self.source.stored_in(c.src_rank, c.tensor), c.tensor)].add((at * local.itemsize, c.nbytes))
+                    pieces[(self.source.stored_in(c.src_rank, c.tensor), c.tensor)].add((at * size, c.nbytes))
         for key, found in pieces.items():
-            total = array(*key).nbytes
+            shape, size = layout(*key)
+            total = prod(shape) * size
             holes = gaps(((o, o + n) for o, n in found), total)
             unread = sum(b - a for a, b in holes)
             overlap = sum(n for _, n in found) > total - unread  # left to the check alongside
@@ -213,6 +216,20 @@ class _Run:
             if not overlap and 2 * unread <= total and crc is not None:
                 self.passing[key] = [(a, b - a) for a, b in holes]
                 self._expect[key] = (crc, total)
+
+    def _source_layout(self, rank: int, tensor: str) -> tuple[tuple[int, ...] | None, int]:
+        """``(local shape, bytes per element)`` of old rank ``rank``'s ``tensor`` as one
+        C-contiguous run of bytes; the shape ``None`` where its array is strided. A file's
+        tensors always are runs: their shapes come from the plan's layout (which the source
+        was checked to hold), no array is made."""
+        part = self.parts[rank] if rank in self.parts else self.source.part(rank)
+        if isinstance(part, FileSource):
+            shapes = self._old_shapes.get(rank)
+            if shapes is None:
+                shapes = self._old_shapes[rank] = {n: s.shape for n, s in self.plan.old.ptc.rank_shards(rank)}
+            return shapes[tensor], itemsize(self.plan.old.ptc.spec(tensor).dtype)
+        local = self._source_array(rank, tensor)
+        return (local.shape if local.flags.c_contiguous else None), local.itemsize
 
     def _source_array(self, rank: int, tensor: str) -> np.ndarray:
         """Old rank ``rank``'s ``tensor`` from its part, asked for once per run (a tensor's
@@ -470,7 +487,7 @@ class _Run:
         if not isinstance(part, FileSource) or dest.mixed or any(
                 c.from_new or c.src_rank != first.src_rank for c in task.copies):
             return None
-        src_shape = self._source_array(first.src_rank, task.tensor).shape
+        src_shape, _ = self._source_layout(first.src_rank, task.tensor)
         size = prod(dest.shape)
         if prod(src_shape) != size:  # the source holds more (padding) or less
             return None
