@@ -170,6 +170,7 @@ class _Run:
         self._expect: dict[tuple[int, str], tuple[int, int]] = {}  # key -> (recorded CRC-32, bytes)
         self._old_arrays: dict[tuple[int, str], np.ndarray] = {}  # (old rank, tensor) -> its array
         self._old_shapes: dict[int, dict[str, tuple[int, ...]]] = {}  # old rank -> its tensors' local shapes
+        self._moves: dict[int, tuple[FileSource, int] | None] = {}  # id(task) -> _whole_move(task)
         if verify:
             self._read_whole()
         self.crcs = CrcCheck(self._expect.__getitem__, lambda key: source.where(key[0]))
@@ -194,6 +195,10 @@ class _Run:
         layout = self._source_layout
         for task in self.phases[0]:
             if task.kind != "arrays":
+                continue
+            moved = self._whole_move(task)
+            if moved is not None:  # one whole source tensor, read as one run
+                pieces[(self.source.stored_in(moved[1], task.tensor), task.tensor)].add((0, task.nbytes))
                 continue
             dest = self.dests[(task.rank, task.tensor)]
             spans = [window_span(dest.shape, c.dst) for c in task.copies]
@@ -478,9 +483,16 @@ class _Run:
         bytes of one whole source tensor of a file, unchanged and in their order: the same
         box on both sides, or a flat ZeRO piece holding the whole of a parameter's state.
         Its copies all read one source rank, each one contiguous run at the same element
-        offset on both sides, together every element of both. ``None`` otherwise."""
+        offset on both sides, together every element of both. ``None`` otherwise.
+        Worked out once per task (the check's look-ahead, the chains and links ask)."""
         if task.kind != "arrays":
             return None
+        known = self._moves.get(id(task), False)
+        if known is False:
+            known = self._moves[id(task)] = self._find_whole_move(task)
+        return known
+
+    def _find_whole_move(self, task: Task) -> tuple[FileSource, int] | None:
         first = task.copies[0]
         part = self.parts.get(first.src_rank)
         dest = self.dests[(task.rank, task.tensor)]
