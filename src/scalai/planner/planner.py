@@ -219,7 +219,7 @@ def check_coverage(plan: Plan) -> None:
             if flat is None and len(boxes) == 1 and len(shard.pieces) == 1 and not any(boxes[0].offsets) \
                     and boxes[0].sizes == shard.shape and shard.pieces[0].local_region == boxes[0]:
                 continue  # one window writes the whole tensor, which is all global data
-            pieces = {p.local_region: p for p in shard.pieces}
+            pieces = {p.local_region: p for p in shard.pieces} if flat else {}
             for (region, view), subs in (flat or {}).items():
                 piece = pieces.get(region)
                 if len(subs) == 1:  # one window fills the piece
@@ -232,10 +232,11 @@ def check_coverage(plan: Plan) -> None:
                     raise PlanError(f"plan does not fill flat piece {region} of {name} on rank "
                                     f"{rank} exactly once")
                 boxes.append(region)
-            full = Region.full(shard.shape)
+            shape = shard.shape
             written, covered = sum(b.volume for b in boxes), shard.covered
-            ok = written == covered and disjoint(boxes) and all(full.contains(b) for b in boxes)
-            if ok and covered != full.volume:  # padding exists: nothing may land on it
+            ok = written == covered and all(
+                all(o + n <= d for o, n, d in zip(b.offsets, b.sizes, shape)) for b in boxes) and disjoint(boxes)
+            if ok and covered != prod(shape):  # padding exists: nothing may land on it
                 holes = [p.local_region for p in shard.pieces]
                 ok = all(not _outside(b, holes, subtract) for b in boxes)
             if not ok:
