@@ -174,6 +174,20 @@ def test_coverage_check_catches_a_dropped_copy():
     doubled = type(plan)(plan.old, plan.new, plan.copies + plan.copies[:1], plan.stats)
     with pytest.raises(PlanError, match="exactly once"):
         check_coverage(doubled)
+    # a window moved one row down, past the end of its tensor: as many elements, none twice
+    import dataclasses
+
+    from scalai.regions import Region
+
+    shapes = {(r, n): sh.shape for r in range(new.ptc.config.world_size) for n, sh in new.ptc.rank_shards(r)}
+    i, c = next((i, c) for i, c in enumerate(plan.copies) if c.dst.view is None and len(c.dst.region.sizes) == 2
+                and c.dst.region.offsets[0] > 0 and c.dst.region.ends[0] == shapes[(c.dst_rank, c.tensor)][0])
+    box = c.dst.region
+    moved = dataclasses.replace(c, dst=dataclasses.replace(c.dst, region=Region(
+        (box.offsets[0] + 1,) + box.offsets[1:], box.sizes)))
+    shifted = type(plan)(plan.old, plan.new, plan.copies[:i] + (moved,) + plan.copies[i + 1:], plan.stats)
+    with pytest.raises(PlanError, match="exactly once"):
+        check_coverage(shifted)
 
 
 def test_planning_hundreds_of_ranks_in_one_process():
