@@ -391,8 +391,8 @@ def test_chain_moves_joins_tensors_consecutive_in_both_files_up_to_a_limit():
     starts a new chain, and a move that joins nothing keeps its own task."""
     from scalai.storage.tasks import Move, Task, chain_moves
 
-    def move(rank, name, fd, start, at, nbytes):
-        return Move(Task("arrays", rank, name, [], nbytes), fd, start, at, crc=None)
+    def move(rank, name, fd, start, at, nbytes, checked=False):
+        return Move(Task("arrays", rank, name, [], nbytes), fd, start, at, crc=None, checked=checked)
 
     moves = [move(0, "c", 3, 200, 1100, 50),  # given out of file order: sorted by (rank, at)
              move(0, "a", 3, 100, 1000, 60), move(0, "b", 3, 160, 1060, 40),
@@ -410,10 +410,9 @@ def test_chain_moves_joins_tensors_consecutive_in_both_files_up_to_a_limit():
     # the limit: 60 + 40 fit in 100, c starts a chain of its own (and alone, no task)
     assert [[m.tensor for m in c.members] for c in chain_moves(moves[:3], limit=100)] == [["a", "b"]]
     # a checked move (read through the process) never joins one the kernel copies
-    mixed = [move(0, "a", 3, 100, 1000, 60), move(0, "b", 3, 160, 1060, 40), move(0, "c", 3, 200, 1100, 50)]
-    mixed[1] = Move(mixed[1].task, 3, 160, 1060, crc=None, checked=True)
-    mixed.append(Move(Task("arrays", 0, "d", [], 10), 3, 250, 1150, crc=None, checked=True))
+    mixed = [move(0, "a", 3, 100, 1000, 60), move(0, "b", 3, 160, 1060, 40, checked=True),
+             move(0, "c", 3, 200, 1100, 50), move(0, "d", 3, 250, 1150, 10, checked=True)]
     assert [[m.tensor for m in c.members] for c in chain_moves(mixed)] == []
-    mixed[2] = Move(mixed[2].task, 3, 200, 1100, crc=None, checked=True)
+    mixed[2] = move(0, "c", 3, 200, 1100, 50, checked=True)
     assert [[(m.task.tensor, m.checked) for m in c.piece] for c in chain_moves(mixed)] == [
         [("b", True), ("c", True), ("d", True)]]

@@ -226,10 +226,7 @@ class SafetensorsWriter:
         if byte_offset < 0 or byte_offset + nbytes > entry.nbytes:
             raise ValueError(f"copy of {nbytes} bytes at {byte_offset} falls outside "
                              f"{name} ({entry.nbytes} bytes)")
-        try:
-            return kernel_copy(fd, offset, self._fd, entry.start + byte_offset, nbytes)
-        except OSError as exc:
-            raise OSError(exc.errno, f"{exc.strerror} while writing {name}", self.path) from None
+        return self._kernel_copy(fd, offset, entry.start + byte_offset, nbytes, name)
 
     def copy_tensors(self, names: Sequence[str], fd: int, offset: int) -> bool:
         """Copy whole tensors ``names``, consecutive in this file (in that order), from file
@@ -246,11 +243,15 @@ class SafetensorsWriter:
         if not entries:
             return True
         nbytes = entries[-1].start + entries[-1].nbytes - entries[0].start
+        return self._kernel_copy(fd, offset, entries[0].start, nbytes, f"{entries[0].name}..{entries[-1].name}")
+
+    def _kernel_copy(self, fd: int, offset: int, at: int, nbytes: int, what: str) -> bool:
+        """``copy_file_range`` of ``nbytes`` bytes of ``fd`` at ``offset`` to byte ``at`` of
+        this file; an error names this file and ``what`` was being written."""
         try:
-            return kernel_copy(fd, offset, self._fd, entries[0].start, nbytes)
-        except OSError as exc:
-            raise OSError(exc.errno, f"{exc.strerror} while writing {entries[0].name}..{entries[-1].name}",
-                          self.path) from None
+            return kernel_copy(fd, offset, self._fd, at, nbytes)
+        except OSError as exc:  # name the file: a full disk says where it was full
+            raise OSError(exc.errno, f"{exc.strerror} while writing {what}", self.path) from None
 
     def start_writeback(self, name: str) -> None:
         """Ask the kernel to start writing tensor ``name``'s bytes to disk, without waiting,

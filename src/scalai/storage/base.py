@@ -330,7 +330,6 @@ class FileSink(ArraySink):
         return False
 
 
-
 class PackedFileSink(FileSink):
     """A :class:`FileSink` whose rank's tensors lie one after the other in one file (a
     checkpoint's rank file): whole tensors that are consecutive in a source file and in this
@@ -350,6 +349,7 @@ class PackedFileSink(FileSink):
         Raises:
             ValueError: the tensors are not consecutive in ``rank``'s file.
         """
+
 
 def copy_bytes(array: np.ndarray, byte_offset: int, data, what: str = "tensor") -> None:
     """Copy the bytes of ``data`` (a contiguous buffer) into the C-contiguous ``array`` at

@@ -222,13 +222,17 @@ class _Run:
                 self.passing[key] = [(a, b - a) for a, b in holes]
                 self._expect[key] = (crc, total)
 
+    def _part(self, rank: int) -> TensorSource:
+        """The source part that reads old rank ``rank`` (also one that no copy reads: the
+        owner of a replica the check reads where it is stored)."""
+        return self.parts[rank] if rank in self.parts else self.source.part(rank)
+
     def _source_layout(self, rank: int, tensor: str) -> tuple[tuple[int, ...] | None, int]:
         """``(local shape, bytes per element)`` of old rank ``rank``'s ``tensor`` as one
         C-contiguous run of bytes; the shape ``None`` where its array is strided. A file's
         tensors always are runs: their shapes come from the plan's layout (which the source
         was checked to hold), no array is made."""
-        part = self.parts[rank] if rank in self.parts else self.source.part(rank)
-        if isinstance(part, FileSource):
+        if isinstance(self._part(rank), FileSource):
             shapes = self._old_shapes.get(rank)
             if shapes is None:
                 shapes = self._old_shapes[rank] = {n: s.shape for n, s in self.plan.old.ptc.rank_shards(rank)}
@@ -237,13 +241,11 @@ class _Run:
         return (local.shape if local.flags.c_contiguous else None), local.itemsize
 
     def _source_array(self, rank: int, tensor: str) -> np.ndarray:
-        """Old rank ``rank``'s ``tensor`` from its part, asked for once per run (a tensor's
-        copies, and the check's look-ahead, ask for it in turn); ``rank`` may be one that no
-        copy reads, the owner of a replica the check reads where it is stored."""
+        """Old rank ``rank``'s ``tensor`` from its part (:meth:`_part`), asked for once per
+        run (a tensor's copies, and the check's gaps, ask for it in turn)."""
         local = self._old_arrays.get((rank, tensor))
         if local is None:
-            part = self.parts[rank] if rank in self.parts else self.source.part(rank)
-            local = self._old_arrays[(rank, tensor)] = part.array(rank, tensor)
+            local = self._old_arrays[(rank, tensor)] = self._part(rank).array(rank, tensor)
         return local
 
     def release(self) -> None:
