@@ -42,6 +42,11 @@ new one by every method below. What each side does:
   fsync at commit.
 - **(c) memory copy**: ``np.copyto`` of as many bytes as scalai reshard writes, RAM to RAM,
   between two pre-faulted 512 MiB buffers: the physical limit.
+- **(c-t) the plan's windows copied**: the RAM → RAM plan made and every window selected
+  before the clock, then each ``np.copyto``'d from the old arrays into the new ones by the
+  threads, dealt largest first to the least loaded: what any runner copying tensor by
+  tensor must do, without planning, grouping or books. (c) → (c-t) is the cost of many
+  separate, partly strided windows against one buffer; (c-t) → RAM → RAM is scalai's own.
 - **(c') file copy**: as many bytes as scalai reshard writes into each new rank file,
   copied by the kernel (``copy_file_range``) from the old rank files in 64 MiB chunks
   shared out over the threads (each takes its next chunk from the file with the most
@@ -52,12 +57,12 @@ new one by every method below. What each side does:
   (zlib-ng, scalai's) before ``pwrite``: the floor of a copy that reads its source, as a
   source check must.
 
-Threads: ``--workers`` (default one per core, at most 8) for scalai, (b), (c), (c') and (c'').
+Threads: ``--workers`` (default one per core, at most 8) for scalai, (b), (c), (c-t), (c') and (c'').
 
 Bytes: every method's GB/s is the bytes *it* writes over its time, and the table prints
 them: the new checkpoint's rank files for scalai reshard, (b), (c), (c') and (c'') (each replica
-once, vocabulary padding included), the new layout's arrays in RAM for the loads (every
-rank holds its replicas), DCP's ranks' tensors for its load and its saved files for load +
+once, vocabulary padding included), the new layout's arrays in RAM for the loads and
+(c-t) (every rank holds its replicas), DCP's ranks' tensors for its load and its saved files for load +
 save.
 
 Storage: one scratch directory for every method, ``/dev/shm`` (tmpfs) when memory leaves
@@ -107,7 +112,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import Stats, choose_workdir, log, machine_description, print_table  # noqa: E402
-from reshard_baselines import MemoryCopy, consolidate_then_split, file_copy  # noqa: E402
+from reshard_baselines import MemoryCopy, WindowCopy, consolidate_then_split, file_copy  # noqa: E402
 from reshard_dcp import DcpJob, cpu_seconds, dcp_sample  # noqa: E402
 
 from scalai.checkpoint import Checkpoint, default_workers  # noqa: E402
@@ -193,19 +198,33 @@ def scalai_cli(case: Case, verify: bool = True) -> Callable[[], dict[str, float]
     return run
 
 
-def scalai_load(case: Case, verify: bool = True, from_files: bool = True) -> Callable[[], dict[str, float]]:
-    """The new layout's arrays filled by scalai's planner and plan runner, from the checkpoint's
-    files (``from_files``, with the source's CRC-32s checked first if ``verify``) or from
-    the old local tensors read into RAM (untimed). Destinations pre-faulted, untimed."""
+def _arrays(case: Case, with_source: bool):
+    """``(old PTC, old arrays or None, new PTC, new arrays)`` for the RAM sides: the old
+    local tensors read into RAM (``with_source``), the new ones allocated with every page
+    written (a resuming job's tensors exist); the new ones kept for the untimed check."""
     with Checkpoint.open(case.src) as ckpt:
         old_ptc = ckpt.ptc
-        source = None if from_files else {
+        source = None if not with_source else {
             r: {n: np.array(ckpt.view(r, n)) for n, _ in old_ptc.rank_shards(r)}
             for r in range(old_ptc.config.world_size)}
     new_ptc = old_ptc.relayout(case.new)
     dest = {r: {n: np.ones(s.shape, raw_numpy(new_ptc.spec(n).dtype)) for n, s in new_ptc.rank_shards(r)}
             for r in range(case.new.world_size)}  # ones: every page written before the clock
-    case.last_arrays = dest  # for the untimed check of the values
+    case.last_arrays = dest
+    return old_ptc, source, new_ptc, dest
+
+
+def _plan(old_ptc, new_ptc):
+    """The plan of a load: both layouts on one host (every rank reads its own)."""
+    both = Placement(gpus_per_host=max(old_ptc.config.world_size, new_ptc.config.world_size))
+    return make_plan(Deployment(old_ptc, both), Deployment(new_ptc, both))
+
+
+def scalai_load(case: Case, verify: bool = True, from_files: bool = True) -> Callable[[], dict[str, float]]:
+    """The new layout's arrays filled by scalai's planner and plan runner, from the checkpoint's
+    files (``from_files``, with the source's CRC-32s checked first if ``verify``) or from
+    the old local tensors read into RAM (untimed). Destinations pre-faulted, untimed."""
+    old_ptc, source, new_ptc, dest = _arrays(case, with_source=not from_files)
 
     def run() -> dict[str, float]:
         t0 = time.perf_counter()
@@ -214,8 +233,7 @@ def scalai_load(case: Case, verify: bool = True, from_files: bool = True) -> Cal
             if ckpt is not None and verify:
                 ckpt.verify(case.workers)
             t1 = time.perf_counter()
-            both = Placement(gpus_per_host=max(old_ptc.config.world_size, case.new.world_size))
-            plan = make_plan(Deployment(old_ptc, both), Deployment(new_ptc, both))
+            plan = _plan(old_ptc, new_ptc)
             t2 = time.perf_counter()
             report = run_plan(plan, ckpt if ckpt is not None else ArraysSource(old_ptc, source),
                               ArraysSink(new_ptc, dest), workers=case.workers)
@@ -244,6 +262,16 @@ def memory_copy(case: Case) -> Callable[[], dict[str, float]]:
     return MemoryCopy(sum(case.file_sizes), case.workers).run
 
 
+def window_copy(case: Case) -> Callable[[], dict[str, float]]:
+    """(c-t): the RAM → RAM plan's windows alone, copied between the same arrays
+    (planned and selected before the clock), see ``reshard_baselines.WindowCopy``."""
+    old_ptc, source, new_ptc, dest = _arrays(case, with_source=True)
+    for arrays in dest.values():
+        for a in arrays.values():
+            a[...] = 0  # padding no window writes, as scalai's runner zeroes it (untimed)
+    return WindowCopy(_plan(old_ptc, new_ptc), source, dest, case.workers).run
+
+
 def kernel_file_copy(case: Case, checked: bool = False) -> Callable[[], dict[str, float]]:
     """(c'): scalai reshard's rank file sizes, copied by the kernel from the old files;
     (c''), ``checked``: every byte through this process, its CRC-32 computed on the way."""
@@ -265,6 +293,7 @@ METHODS: dict[str, Method] = {
     "dcp": Method(dcp_load_save, ("dcp-new",)),
     "consolidate": Method(consolidate_split, ("consolidated", "split")),
     "memcpy": Method(memory_copy),
+    "windowcopy": Method(window_copy),
     "filecopy": Method(kernel_file_copy, ("filecopy",)),
     "filecopy-crc": Method(lambda c: kernel_file_copy(c, checked=True), ("filecopy",)),
 }
@@ -331,6 +360,7 @@ ROWS = (
     Row("(b) consolidate → split", "consolidate", "total", "cpu", "files",
         (("consolidate", "consol."), ("split", "split"), ("commit", "commit"))),
     Row("(c) memory copy", "memcpy", "total", "cpu", "files"),
+    Row("(c-t) the plan's windows copied", "windowcopy", "total", "cpu", "ram"),
     Row("(c') file copy", "filecopy", "total", "cpu", "files"),
     Row("(c'') file copy + CRC-32", "filecopy-crc", "total", "cpu", "files"),
 )
@@ -461,6 +491,8 @@ def summary(results: list[Result], fs: str) -> list[str]:
         if mem:
             shares = [f"{label} {rate / mem:.2f}" for label, key in (("scalai reshard", "scalai:total"),
                                                                     ("RAM → RAM", "scalai-mem:total"),
+                                                                    ("(c-t) the plan's windows copied alone",
+                                                                     "windowcopy:total"),
                                                                     ("file copy", "filecopy:total"))
                       if (rate := res.rate(rows[key]))]
             checks.append("rate as a share of memory copy's: " + ", ".join(shares)
@@ -569,9 +601,11 @@ class Bench:
         _rm(case.out("scalai"))
         new_ptc = model_ptc(self.model, case.new)
         result.nbytes["ram"] = sum(new_ptc.rank_nbytes(r) for r in range(case.new.world_size))
-        for method, from_files in (("scalai-mem", False), ("scalai-load", True)):
+        for method, run in (("scalai-mem", lambda: scalai_load(case, verify=False, from_files=False)()),
+                            ("scalai-load", lambda: scalai_load(case, verify=False)()),
+                            ("windowcopy", lambda: window_copy(case)())):
             if method in self.methods or method + "-noverify" in self.methods:
-                scalai_load(case, verify=False, from_files=from_files)()
+                run()
                 with Checkpoint.open(ref) as ckpt:
                     for r, tensors in case.last_arrays.items():
                         for n, array in tensors.items():
@@ -652,7 +686,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed rounds of every method before the timed ones (default 1)")
     p.add_argument("--workers", type=int, default=default_workers(),
-                   help="threads for scalai, (b), (c), (c'), (c'') (default: scalai's, one per core up to 8)")
+                   help="threads for scalai, (b), (c), (c-t), (c'), (c'') (default: scalai's, one per core up to 8)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     p.add_argument("--workdir", help="scratch parent directory (default /dev/shm when it has room, else /tmp)")
     p.add_argument("--seed", type=int, default=0)
@@ -694,7 +728,7 @@ def main(argv=None) -> int:
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}; {machine['os']}; "
           f"python {machine['python']}, numpy {machine.get('numpy')}, torch {machine.get('torch')}; "
           f"{machine['date']}")
-    print(f"scalai: {revision}; {args.workers} threads for scalai, (b), (c), (c'), (c''); "
+    print(f"scalai: {revision}; {args.workers} threads for scalai, (b), (c), (c-t), (c'), (c''); "
           f"DCP: one process per new rank, cores / ranks threads each")
     print(f"storage: {bench.storage}; every method that writes files fsyncs them; destination arrays of the "
           f"loads (scalai and DCP) allocated and pre-faulted before timing; the objects alive before the clock "
@@ -704,8 +738,8 @@ def main(argv=None) -> int:
     print(f"load average (1 min) at start {load_before[0]:.1f}, at end {load_after[0]:.1f} "
           f"({machine['cores']} cores; above that count, other processes competed for the CPU)")
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print("bytes: scalai reshard, (b), (c), (c'), (c''): the new rank files (replicas once, padding included); loads "
-          "and RAM → RAM: every new rank's arrays (replicas per rank); DCP load: its ranks' tensors (no "
+    print("bytes: scalai reshard, (b), (c), (c'), (c''): the new rank files (replicas once, padding included); loads, "
+          "RAM → RAM and (c-t): every new rank's arrays (replicas per rank); DCP load: its ranks' tensors (no "
           "padding); DCP load + save: the files dcp.save wrote")
     if any(r.nbytes.get("files", 0) < 1e9 for r in results):
         print("note: transitions that write less than 1 GB; use --model gpt2-small or larger for the record")

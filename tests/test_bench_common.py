@@ -46,3 +46,39 @@ def test_the_file_copy_floor_copies_each_old_byte_once_in_turn(tmp_path, monkeyp
     for rank, size in enumerate(sizes):
         assert (tmp_path / "new" / f"rank-{rank:05d}.bin").read_bytes() == stream[at % 4000:at % 4000 + size]
         at += size
+
+
+@pytest.mark.parametrize("old, new", [("tp=2,pp=1,dp=1", "tp=1,pp=2,dp=1"),
+                                      ("tp=1,pp=2,dp=1", "tp=1,pp=1,dp=2,zero=1")])
+def test_the_window_copy_floor_fills_the_new_arrays_with_the_new_layouts_values(tmp_path, old, new):
+    """(c-t): the plan's windows copied between arrays leave every new local tensor equal
+    to that of a checkpoint synthesized directly in the new layout (padding aside, which
+    it leaves as it found it: zero here), whatever threads got which windows."""
+    import numpy as np
+    import reshard_baselines
+
+    from scalai.checkpoint import Checkpoint
+    from scalai.config import ParallelConfig, Placement
+    from scalai.dtypes import raw_numpy
+    from scalai.models.synth import write_synthetic_checkpoint
+    from scalai.planner import Deployment, make_plan
+
+    old_cfg, new_cfg = ParallelConfig.parse(old), ParallelConfig.parse(new)
+    write_synthetic_checkpoint("gpt-tiny", str(tmp_path / "old"), old_cfg)
+    write_synthetic_checkpoint("gpt-tiny", str(tmp_path / "new"), new_cfg)
+    with Checkpoint.open(str(tmp_path / "old")) as ckpt:
+        old_ptc = ckpt.ptc
+        source = {r: {n: np.array(ckpt.view(r, n)) for n, _ in old_ptc.rank_shards(r)}
+                  for r in range(old_cfg.world_size)}
+    new_ptc = old_ptc.relayout(new_cfg)
+    dest = {r: {n: np.zeros(s.shape, raw_numpy(new_ptc.spec(n).dtype)) for n, s in new_ptc.rank_shards(r)}
+            for r in range(new_cfg.world_size)}
+    both = Placement(gpus_per_host=max(old_cfg.world_size, new_cfg.world_size))
+    copy = reshard_baselines.WindowCopy(make_plan(Deployment(old_ptc, both), Deployment(new_ptc, both)),
+                                        source, dest, workers=3)
+    assert sum(map(len, copy.dealt)) > 3  # every thread has windows to copy
+    copy.run()
+    with Checkpoint.open(str(tmp_path / "new")) as ref:
+        for r, tensors in dest.items():
+            for n, array in tensors.items():
+                assert np.array_equal(array, ref.view(r, n)), (r, n)
