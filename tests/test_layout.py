@@ -53,6 +53,21 @@ def test_split_rules_round_trip_json():
         assert split_from_json(rule.to_json()) == rule
 
 
+def test_a_parsed_split_rule_is_reused_but_never_for_json_of_other_types():
+    """Rules parsed once serve every tensor naming the same JSON (one object), but JSON
+    that Python calls equal with other types (true for 1, 1.0 for 1) is parsed, and
+    refused, on its own."""
+    assert split_from_json({"kind": "split", "dim": 1}) is split_from_json({"kind": "split", "dim": 1})
+    for bad in ({"kind": "split", "dim": True}, {"kind": "split", "dim": 1.0},
+                {"kind": "fused", "dim": 0, "segments": [4, True], "groups": 2, "unit": "heads"}):
+        with pytest.raises(ValueError):
+            split_from_json(bad)
+    assert split_from_json({"kind": "fused", "dim": 0, "segments": [4, 4], "groups": 2, "unit": "heads"}) \
+        == Fused(0, (4, 4), 2, "heads")
+    with pytest.raises(ValueError):
+        split_from_json({"kind": "split", "dim": [[1]]})  # does not hash: parsed, and refused
+
+
 @pytest.mark.parametrize("model", ["gpt-tiny", "llama-tiny", "gpt2-small"])
 @pytest.mark.parametrize("layout", ["tp=1,pp=1,dp=1", "tp=2,pp=2,dp=2", "tp=4,pp=4,dp=1,zero=1",
                                     "tp=2,pp=1,dp=3,zero=1", "tp=1,pp=2,dp=2,stages=1+3"])

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
+from typing import Callable
 
 from .validate import integer
 
@@ -71,11 +73,14 @@ class Limit:
             raise ValueError(f"{self.env}={text[:40]!r} is not an integer{hint}") from None
         return integer(self.env, value, 1, hint=hint)
 
-    def check(self, count: int, subject: str) -> int:
+    def check(self, count: int, subject: str | Callable[[], str]) -> int:
         """Return ``count`` if within the limit, else raise :class:`LimitError` saying that
-        ``subject`` (e.g. ``"layout tp=1,pp=1,dp=100000"``) has too many."""
+        ``subject`` (e.g. ``"layout tp=1,pp=1,dp=100000"``, or a function that says it, called
+        only then: a check made per tensor need not format its name) has too many."""
         limit = self.value
         if count > limit:
+            if callable(subject):
+                subject = subject()
             raise LimitError(f"{subject} has {count:,} {self.unit}, more than scalai's limit of {limit:,} "
                              f"(set {self.env} to raise it if this is intended)")
         return count

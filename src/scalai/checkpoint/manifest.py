@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ from ..storage.checksum import ALGORITHM
 __all__ = ["FORMAT", "VERSION", "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "TensorRecord", "RankRecord",
            "Manifest", "rank_file_name", "read_manifest", "parse_manifest", "write_manifest", "manifest_bytes",
            "atomic_write", "replacing"]
+
+_HEX8 = re.compile("[0-9a-f]{8}")  # a recorded CRC-32: eight lowercase hex digits
 
 FORMAT = "scalai-checkpoint"
 VERSION = 3
@@ -175,8 +178,7 @@ def _rank_record(obj: Any, rank: int, ptc: PTC, bad) -> RankRecord:
                     and not isinstance(t["stored_in"], bool)
                 record = TensorRecord(t["dtype"], tuple(t["shape"]), None, t["stored_in"])
             else:
-                ok = (set(t) == {"dtype", "shape", "checksum"} and len(t["checksum"]) == 8
-                      and all(c in "0123456789abcdef" for c in t["checksum"]))
+                ok = set(t) == {"dtype", "shape", "checksum"} and _HEX8.fullmatch(t["checksum"]) is not None
                 record = TensorRecord(t["dtype"], tuple(t["shape"]), int(t["checksum"], 16))
             ok = ok and all(isinstance(s, int) for s in t["shape"])
         except (TypeError, ValueError, KeyError):

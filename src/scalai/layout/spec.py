@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 from ..dtypes import itemsize
@@ -67,12 +68,25 @@ class Residence:
     def from_json(cls, text: str) -> Residence:
         if not isinstance(text, str):
             raise ValueError(f"residence {text!r} is not a string such as \"layer:3\" or \"first\"")
+        return _residence(text) if cls is Residence else cls._parse(text)
+
+    @classmethod
+    def _parse(cls, text: str) -> Residence:
         if text.startswith("layer:"):
             number = text.split(":", 1)[1]
             if not number.isdigit() or not number.isascii() or len(number) > 18:
                 raise ValueError(f"residence {text!r} does not name a layer index (layer:N)")
             return cls("layer", int(number))
         return cls(text)
+
+
+_SPEC_KEYS = frozenset({"name", "shape", "dtype", "split", "residence", "param", "state"})
+
+
+@lru_cache(maxsize=4096)
+def _residence(text: str) -> Residence:
+    """One immutable :class:`Residence` per text (a model's tensors name a few hundred)."""
+    return Residence._parse(text)
 
 
 @dataclass(frozen=True)
@@ -108,9 +122,10 @@ class TensorSpec:
                    for s in sizes):
             raise ValueError(f"tensor {self.name}: shape {list(sizes)!r:.200} must hold non-negative "
                              f"integer sizes")
-        DIMS.check(len(sizes), f"tensor {self.name}")
-        object.__setattr__(self, "shape", tuple(int(s) for s in sizes))
-        ELEMENTS.check(self.numel, f"tensor {self.name} (shape {list(self.shape)})")
+        DIMS.check(len(sizes), lambda: f"tensor {self.name}")
+        if type(self.shape) is not tuple or any(type(s) is not int for s in sizes):
+            object.__setattr__(self, "shape", tuple(int(s) for s in sizes))
+        ELEMENTS.check(self.numel, lambda: f"tensor {self.name} (shape {list(self.shape)})")
         if not isinstance(self.dtype, str):
             raise ValueError(f"tensor {self.name}: dtype {self.dtype!r} is not a dtype name")
         itemsize(self.dtype)  # validates the dtype name
@@ -149,9 +164,8 @@ class TensorSpec:
         """Parse :meth:`to_json`'s object strictly; raises ValueError (or KeyError)."""
         if not isinstance(obj, dict):
             raise ValueError(f"a tensor spec must be a JSON object, not {obj!r:.80}")
-        unknown = sorted(set(obj) - {"name", "shape", "dtype", "split", "residence", "param", "state"})
-        if unknown:
-            raise ValueError(f"tensor spec {obj.get('name')!r} has unknown keys {unknown}")
+        if not obj.keys() <= _SPEC_KEYS:
+            raise ValueError(f"tensor spec {obj.get('name')!r} has unknown keys {sorted(obj.keys() - _SPEC_KEYS)}")
         if not isinstance(obj["shape"], list):
             raise ValueError(f"tensor {obj['name']!r}: shape {obj['shape']!r:.80} is not a list")
         return cls(name=obj["name"], shape=tuple(obj["shape"]), dtype=obj["dtype"],

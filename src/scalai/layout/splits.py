@@ -255,7 +255,14 @@ SPLIT_KINDS: dict[str, type[SplitRule]] = {
 def register_split(cls: type[SplitRule]) -> type[SplitRule]:
     """Make a split rule known to :func:`split_from_json` (used by DTensor-derived rules)."""
     SPLIT_KINDS[cls.kind] = cls
+    _PARSED.clear()
     return cls
+
+
+#: Rules parsed, by their JSON's items (a manifest names a few rules for hundreds of tensors;
+#: rules are immutable, so one object serves them all). Emptied when full.
+_PARSED: dict[tuple, SplitRule] = {}
+_PARSED_MAX = 4096
 
 
 def split_from_json(obj: dict) -> SplitRule:
@@ -266,6 +273,22 @@ def split_from_json(obj: dict) -> SplitRule:
     """
     if not isinstance(obj, dict):
         raise ValueError(f"a split rule must be a JSON object, not {obj!r}")
+    try:  # types in the key: 1, 1.0 and true are equal in Python, not as fields of a rule
+        key = tuple((k, tuple((type(x), x) for x in v) if type(v) is list else (type(v), v))
+                    for k, v in obj.items())
+        rule = _PARSED.get(key)
+    except TypeError:  # a value that does not hash (nested lists): parsed, and refused, below
+        key, rule = None, None
+    if rule is None:
+        rule = _parse_split(obj)
+        if key is not None:
+            if len(_PARSED) >= _PARSED_MAX:
+                _PARSED.clear()
+            _PARSED[key] = rule
+    return rule
+
+
+def _parse_split(obj: dict) -> SplitRule:
     kind = obj.get("kind")
     if not isinstance(kind, str) or kind not in SPLIT_KINDS:
         raise ValueError(f"unknown split kind {kind!r}; known: {', '.join(SPLIT_KINDS)}")
