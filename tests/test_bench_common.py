@@ -82,3 +82,27 @@ def test_the_window_copy_floor_fills_the_new_arrays_with_the_new_layouts_values(
         for r, tensors in dest.items():
             for n, array in tensors.items():
                 assert np.array_equal(array, ref.view(r, n)), (r, n)
+
+
+def test_every_checked_copy_of_the_floor_benchmark_copies_its_part_exactly(tmp_path):
+    """benchmarks/checked_copy.py: each way of copying (kernel copy, read + CRC + write, a
+    CRC through a map before or after the kernel copy) writes its part of the source,
+    byte for byte, into a file of its own, with blocks that do not divide the part."""
+    import os
+
+    import numpy as np
+    from checked_copy import methods
+
+    data = np.random.default_rng(3).integers(0, 256, 3 * 4096 * 7 + 100, dtype=np.uint8).tobytes()
+    src = tmp_path / "source.bin"
+    src.write_bytes(data)
+    lo, hi = 4096 * 5, len(data)  # a part that starts on a page (a map's offset) and ends off one
+    for name, (copy, _) in methods([4096, 3 * 4096]).items():
+        fi = os.open(src, os.O_RDONLY)
+        fo = os.open(tmp_path / "part", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            copy(fi, fo, lo, hi, 3 * 4096)
+        finally:
+            os.close(fi)
+            os.close(fo)
+        assert (tmp_path / "part").read_bytes() == data[lo:hi], name
