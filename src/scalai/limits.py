@@ -39,7 +39,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from typing import Callable
-from typing import Callable
 
 from .validate import integer
 
