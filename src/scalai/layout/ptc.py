@@ -159,7 +159,8 @@ class PTC:
     def _compute_holdings(self, spec: TensorSpec) -> list[Holding]:
         if self._replicas_of is not None:
             owners = self._replicas_of._owner_maps(self._replica_group)[spec.name]
-            return [Holding(h.tensor, h.shard, tuple(sorted({owners[r] for r in h.ranks})), h.key)
+            return [h if len(h.ranks) == 1 else  # a shard without replicas stays where it is
+                    Holding(h.tensor, h.shard, tuple(sorted({owners[r] for r in h.ranks})), h.key)
                     for h in self._replicas_of.holdings(spec.name)]
         cfg = self.config
         stages = self.stages_of(spec)
@@ -237,6 +238,11 @@ class PTC:
             for spec in self.specs:
                 owners = maps[spec.name] = {}
                 for h in self.holdings(spec.name):
+                    if len(h.ranks) == 1:  # no replica: its holder stores it
+                        r = h.ranks[0]
+                        owners[r] = r
+                        load[r] += prod(h.shard.shape) * itemsize(spec.dtype)
+                        continue
                     members: dict[Hashable, list[int]] = {}
                     for r in h.ranks:
                         members.setdefault(None if group is None else group(r), []).append(r)
