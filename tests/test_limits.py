@@ -26,6 +26,20 @@ def test_a_limit_names_itself_and_its_variable(monkeypatch):
         RANKS.value
 
 
+def test_a_tensor_spec_over_a_limit_is_named_in_the_refusal(monkeypatch):
+    """Specs format their subject only when a limit is exceeded; the refusal still names
+    the tensor (and its shape for too many elements)."""
+    monkeypatch.setenv("SCALAI_MAX_DIMS", "2")
+    with pytest.raises(LimitError, match=r"tensor deep has 3 dimensions, .*SCALAI_MAX_DIMS"):
+        TensorSpec("deep", (1, 2, 3), "float32")
+    monkeypatch.setenv("SCALAI_MAX_ELEMENTS", "100")
+    with pytest.raises(LimitError, match=r"tensor big \(shape \[10, 11\]\) has 110 elements"):
+        TensorSpec("big", (10, 11), "float32")
+    assert TensorSpec("small", (10, 10), "float32").numel == 100
+    asked = []
+    assert RANKS.check(3, lambda: asked.append(1) or "unused") == 3 and not asked
+
+
 def test_layers_are_bounded_before_a_stage_table_is_built():
     with pytest.raises(LimitError, match="1,000,000,000,000 layers.*SCALAI_MAX_LAYERS"):
         ParallelConfig(pp=4).stage_layers(10**12)
