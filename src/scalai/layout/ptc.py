@@ -238,16 +238,11 @@ class PTC:
             for spec in self.specs:
                 owners = maps[spec.name] = {}
                 for h in self.holdings(spec.name):
-                    if len(h.ranks) == 1:  # no replica: its holder stores it
-                        r = h.ranks[0]
-                        owners[r] = r
-                        load[r] += prod(h.shard.shape) * itemsize(spec.dtype)
-                        continue
                     members: dict[Hashable, list[int]] = {}
                     for r in h.ranks:
                         members.setdefault(None if group is None else group(r), []).append(r)
-                    for ranks in members.values():
-                        owner = min(ranks, key=lambda r: (load[r], r))
+                    for ranks in members.values():  # one holder (no replica): it stores the shard
+                        owner = ranks[0] if len(ranks) == 1 else min(ranks, key=lambda r: (load[r], r))
                         load[owner] += prod(h.shard.shape) * itemsize(spec.dtype)
                         owners.update((r, owner) for r in ranks)
             self._owners[group] = maps

@@ -68,7 +68,7 @@ class Residence:
     def from_json(cls, text: str) -> Residence:
         if not isinstance(text, str):
             raise ValueError(f"residence {text!r} is not a string such as \"layer:3\" or \"first\"")
-        return _residence(text) if cls is Residence else cls._parse(text)
+        return _residence(text)
 
     @classmethod
     def _parse(cls, text: str) -> Residence:
