@@ -16,14 +16,18 @@ cross-host bytes equal the lower bound exactly: per destination host, the distin
 its new shards need that no old shard on the host holds.
 
 Cost: geometry is computed once per distinct (old layout, new layout, shape, split) and
-reused across layers; decisions are made per (fragment group, destination rank). Plan time
-grows linearly with ``tensors x ranks holding each tensor``; see the README for figures.
+reused across layers; decisions are made per (fragment group, destination rank), and
+where none of a tensor's weighed the running totals (every source was forced: on the
+destination's device, or the only one on its host), the tensor's copies are a template
+that every later tensor with the same holdings (the same layer's tensor in every other
+layer of the stage) replays under its own name. Plan time grows linearly with ``tensors x
+ranks holding each tensor``; see the README for figures.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ..dtypes import itemsize
 from ..errors import PlanError
@@ -90,6 +94,15 @@ class _Sources:
     by_host: dict[str, list[int]]
 
 
+@dataclass(frozen=True)
+class _Template:
+    """A tensor's copies without its name (each copy's fields after ``tensor``), and what
+    it added to the cross-host lower bound (the other totals follow from the copies)."""
+
+    copies: tuple[tuple, ...]
+    lower_bound: int
+
+
 @dataclass
 class _Builder:
     old: Deployment
@@ -105,6 +118,10 @@ class _Builder:
     sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     received: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     rank_read: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    # (size, old holdings, new holdings) -> the tensor's template; None: a decision weighed totals
+    templates: dict[tuple, _Template | None] = field(default_factory=dict)
+    weighed: bool = False  # a decision of the tensor being added compared candidates' totals
+    replay: bool = True  # reuse templates (off: every tensor decided afresh, for tests)
 
     def __post_init__(self) -> None:
         old_world, new_world = self.old.ptc.config.world_size, self.new.ptc.config.world_size
@@ -116,6 +133,44 @@ class _Builder:
     def add_tensor(self, name: str, size: int) -> None:
         old_h = self.old.ptc.holdings(name)
         new_h = self.new.ptc.holdings(name)
+        key = (size, tuple((h.key, h.ranks) for h in old_h), tuple((h.key, h.ranks) for h in new_h))
+        if not self.replay or key in self.templates:
+            template = self.templates.get(key)
+            if template is not None:
+                self._replay(name, template)
+            else:  # its decisions weigh the running totals: made afresh every time
+                self._plan_tensor(name, size, old_h, new_h)
+            return
+        first, lower_bound = len(self.copies), self.lower_bound
+        self.weighed = False
+        self._plan_tensor(name, size, old_h, new_h)
+        self.templates[key] = None if self.weighed else _Template(
+            tuple(tuple(getattr(c, f) for f in _COPY_FIELDS) for c in self.copies[first:]),
+            self.lower_bound - lower_bound)
+
+    def _replay(self, name: str, t: _Template) -> None:
+        """Add ``t``'s copies as ``name``'s, and count them as :meth:`_add_group` did."""
+        old_device, new_device = self.old_device, self.new_device
+        for fields_ in t.copies:
+            c = Copy(name, *fields_)
+            self.copies.append(c)
+            n = c.nbytes
+            self.total += n
+            if c.from_new:
+                self.same_host += n
+                continue
+            self.rank_read[c.src_rank] += n
+            if c.src_host == c.dst_host:
+                self.same_host += n
+                if old_device[c.src_rank] == new_device[c.dst_rank]:
+                    self.same_device += n
+            else:
+                self.cross_host += n
+                self.sent[c.src_host] += n
+                self.received[c.dst_host] += n
+        self.lower_bound += t.lower_bound
+
+    def _plan_tensor(self, name: str, size: int, old_h: tuple[Holding, ...], new_h: tuple[Holding, ...]) -> None:
         groups = fragment_groups(old_h, new_h)
         covered = sum(g.volume for g in groups)
         numel = self.new.ptc.spec(name).numel
@@ -152,7 +207,7 @@ class _Builder:
                 need_hosts.add(host)
                 src = sources.by_device.get(self.new_device[dst])
                 if src is None and host in sources.by_host:
-                    src = min(sources.by_host[host], key=lambda r: (self.rank_read[r], r))
+                    src = self._least_read(sources.by_host[host])
                 if src is not None:
                     self._emit(name, size, group, owner_of[src], ni, src, dst, host, host, False)
                     self.same_host += nbytes
@@ -163,8 +218,10 @@ class _Builder:
                     self._emit_fanout(name, size, group, peer_ni, ni, peer, dst, host)
                     self.same_host += nbytes
                 else:
-                    src_host = min(sources.by_host, key=lambda h: (self.sent[h], h))
-                    src = min(sources.by_host[src_host], key=lambda r: (self.rank_read[r], r))
+                    hosts = sources.by_host
+                    self.weighed |= len(hosts) > 1
+                    src_host = min(hosts, key=lambda h: (self.sent[h], h))
+                    src = self._least_read(hosts[src_host])
                     self._emit(name, size, group, owner_of[src], ni, src, dst, src_host, host, False)
                     self.cross_host += nbytes
                     self.sent[src_host] += nbytes
@@ -172,6 +229,13 @@ class _Builder:
                     fetched[host] = (dst, ni)
                 self.total += nbytes
         self.lower_bound += nbytes * len(need_hosts - sources.by_host.keys())
+
+    def _least_read(self, ranks: list[int]) -> int:
+        """The rank of ``ranks`` that has been read least so far (ties: the lowest)."""
+        if len(ranks) == 1:
+            return ranks[0]
+        self.weighed = True
+        return min(ranks, key=lambda r: (self.rank_read[r], r))
 
     def _emit(self, name, size, group: Group, oi, ni, src, dst, src_host, dst_host, from_new) -> None:
         self.rank_read[src] += group.volume * size
@@ -185,6 +249,9 @@ class _Builder:
     def stats(self) -> PlanStats:
         return PlanStats(self.total, self.same_device, self.same_host, self.cross_host,
                          self.lower_bound, dict(self.sent), dict(self.received), len(self.copies))
+
+
+_COPY_FIELDS = tuple(f.name for f in fields(Copy))[1:]  # after ``tensor``
 
 
 def check_coverage(plan: Plan) -> None:
