@@ -41,6 +41,12 @@ class Window:
     region: Region
     view: tuple[int, ...] | None = None
     sub: Region | None = None
+    # ``region`` as an index (its slices and a trailing Ellipsis), made once: windows are
+    # shared by every layer's copies, and each copy indexes two arrays with them
+    index: tuple = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "index", self.region.to_slices() + (...,))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -53,7 +59,7 @@ class Window:
     def select(self, local):
         """The selected elements of ``local`` (a numpy array or torch tensor) as a view."""
         # The trailing Ellipsis keeps 0-d selections views (plain () indexing copies a scalar).
-        out = local[self.region.to_slices() + (...,)]
+        out = local[self.index]
         if self.view is not None:
             out = out.reshape(self.view)[self.sub.to_slices() + (...,)]
         return out

@@ -96,10 +96,5 @@ def split_window(src: Window, dst: Window, itemsize: int, max_bytes: int) -> lis
     return out
 
 
-def select(window: Window, local: np.ndarray) -> np.ndarray:
-    """``window.select(local)`` as a view, also for 0-d selections (where plain indexing
-    with ``()`` would return a scalar copy)."""
-    out = local[window.region.to_slices() + (Ellipsis,)]
-    if window.view is not None:
-        out = out.reshape(window.view)[window.sub.to_slices() + (Ellipsis,)]
-    return out
+#: ``select(window, local)``: :meth:`Window.select` (a view, also for 0-d selections).
+select = Window.select

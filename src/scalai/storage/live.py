@@ -108,16 +108,21 @@ class ArraysSink(ArraySink):
         self.ptc = ptc
         self._arrays = _Arrays(ptc, arrays, "destination")
         self._staged: dict[tuple[int, str], np.ndarray] = {}
+        self._host: dict[tuple[int, str], np.ndarray] = {}  # host arrays, checked writable
         self._lock = threading.Lock()
 
     def array(self, rank: int, tensor: str) -> np.ndarray:
+        key = (rank, tensor)
+        raw = self._host.get(key)
+        if raw is not None:
+            return raw
         given = self._arrays.given(rank, tensor)
         if not _on_device(given):
             raw = self._arrays.raw(rank, tensor)
             if not raw.flags.writeable:
                 raise ValueError(f"destination {tensor} of rank {rank} is read-only; give writable arrays")
+            self._host[key] = raw
             return raw
-        key = (rank, tensor)
         with self._lock:
             staged = self._staged.get(key)
             if staged is None:
@@ -132,6 +137,8 @@ class ArraysSink(ArraySink):
 
     def complete(self, rank: int, tensor: str) -> None:
         """Copy a device tensor's host buffer to the device and free the buffer."""
+        if not self._staged:  # host arrays only (a staged tensor stays until its own complete)
+            return
         with self._lock:
             staged = self._staged.pop((rank, tensor), None)
         if staged is not None:

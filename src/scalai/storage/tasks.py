@@ -84,30 +84,34 @@ def check_plan(plan: Plan) -> dict[tuple[int, str], list[Window]]:
     old_ptc, new_ptc = plan.old.ptc, plan.new.ptc
     shapes: dict[tuple[bool, int], dict[str, tuple[int, ...]]] = {}
 
-    def shape_of(new: bool, rank: int, tensor: str) -> tuple[int, ...] | None:
+    def shapes_of(new: bool, rank: int) -> dict[str, tuple[int, ...]]:
         table = shapes.get((new, rank))
         if table is None:
             ptc = new_ptc if new else old_ptc
             table = shapes[(new, rank)] = ({n: s.shape for n, s in ptc.rank_shards(rank)}
                                            if 0 <= rank < ptc.config.world_size else {})
-        return table.get(tensor)
+        return table
 
     windows: dict[tuple[int, str], list[Window]] = defaultdict(list)
     for c in plan.copies:
         for window, new, rank, side in ((c.src, c.from_new, c.src_rank, "source"),
                                         (c.dst, True, c.dst_rank, "destination")):
-            shape = shape_of(new, rank, c.tensor)
-            ok = shape is not None and _fits(window.region, shape)
-            if ok and window.view is not None:
-                ok = (prod(window.view) == window.region.volume and window.sub is not None
-                      and _fits(window.sub, window.view))
-            if not ok:
+            shape = shapes_of(new, rank).get(c.tensor)
+            if not _window_fits(window, shape):
                 raise PlanError(f"copy of {c.tensor}: {side} window {window} does not fit rank "
                                 f"{rank}'s local tensor ({shape if shape is not None else 'absent'})")
         if c.src.shape != c.dst.shape:
             raise PlanError(f"copy of {c.tensor}: source shape {c.src.shape} != destination {c.dst.shape}")
         windows[(c.dst_rank, c.tensor)].append(c.dst)
     return windows
+
+
+def _window_fits(window: Window, shape: tuple[int, ...] | None) -> bool:
+    """Whether ``window`` selects elements of a local tensor of ``shape`` (``None``: absent)."""
+    if shape is None or not _fits(window.region, shape):
+        return False
+    return window.view is None or (prod(window.view) == window.region.volume and window.sub is not None
+                                   and _fits(window.sub, window.view))
 
 
 def uncovered(shape: tuple[int, ...], windows: list[Window], limit: int = 64) -> list[Region] | None:
@@ -215,27 +219,32 @@ def group(plan: Plan, source: TensorSource, sink: TensorSink) -> Grouping:
     windows = check_plan(plan)
     arrays = isinstance(sink, ArraySink)
     parts: dict[int, TensorSource] = {}
+    addressable: dict[int, bool] = {}  # old rank -> its part is an ArraySource
     by_dest: dict[tuple[int, str], list[Copy]] = defaultdict(list)
     for c in plan.copies:
-        if not sink.stores(c.dst_rank, c.tensor):
-            raise PlanError(f"the plan copies {c.tensor} into rank {c.dst_rank}, whose replica the "
-                            f"destination stores elsewhere; plan into ptc.stored_replicas()")
-        if c.from_new and not arrays:
-            raise PlanError(f"the plan copies {c.tensor} from new rank {c.src_rank} (a host fan-out), "
-                            f"but {type(sink).__name__} cannot be read back; plan with fanout=False")
-        if not c.from_new and c.src_rank not in parts:
+        if c.from_new:
+            if not arrays:
+                raise PlanError(f"the plan copies {c.tensor} from new rank {c.src_rank} (a host fan-out), "
+                                f"but {type(sink).__name__} cannot be read back; plan with fanout=False")
+        elif c.src_rank not in parts:
             part = parts[c.src_rank] = source.part(c.src_rank)
             if not isinstance(part, (ArraySource, RangeSource, AsyncRangeSource)):
                 raise TypeError(f"source part {type(part).__name__} of rank {c.src_rank} declares no way "
                                 f"to read (ArraySource, RangeSource or AsyncRangeSource)")
+            addressable[c.src_rank] = isinstance(part, ArraySource)
         if c.dst.volume:
             by_dest[(c.dst_rank, c.tensor)].append(c)
+    for rank, tensor in windows:  # every destination, written or (all padding) not
+        if not sink.stores(rank, tensor):
+            raise PlanError(f"the plan copies {tensor} into rank {rank}, whose replica the "
+                            f"destination stores elsewhere; plan into ptc.stored_replicas()")
     dests: dict[tuple[int, str], Dest] = {}
     phases: tuple[list[Task], list[Task]] = ([], [])
     shapes: dict[int, dict] = {}
     dtypes: dict[str, np.dtype] = {}
     for (rank, tensor), copies in by_dest.items():
-        copies.sort(key=lambda c: c.dst.region.offsets)
+        if len(copies) > 1:
+            copies.sort(key=lambda c: c.dst.region.offsets)
         if rank not in shapes:
             shapes[rank] = {n: s.shape for n, s in plan.new.ptc.rank_shards(rank)}
         dtype = dtypes.get(tensor)
@@ -244,8 +253,7 @@ def group(plan: Plan, source: TensorSource, sink: TensorSink) -> Grouping:
         dest = dests[(rank, tensor)] = Dest(shapes[rank][tensor], dtype)
         fanout, local, ranged = [], [], []
         for c in copies:
-            (fanout if c.from_new else local if isinstance(parts[c.src_rank], ArraySource)
-             else ranged).append(c)
+            (fanout if c.from_new else local if addressable[c.src_rank] else ranged).append(c)
         dest.mixed = sum(map(bool, (fanout, local, ranged))) > 1
         if not arrays and not _rows_only(dest, local, ranged):
             phases[0].append(Task("staged", rank, tensor, copies, sum(c.nbytes for c in copies)))
