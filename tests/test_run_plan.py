@@ -762,6 +762,28 @@ def test_a_dealer_thread_done_with_its_files_helps_where_no_other_thread_writes(
     assert dealer.next(x).rank == 2 and dealer.next(x) is None  # rank 2 done, rank 1's last task taken
 
 
+def test_a_dealer_thread_drains_its_files_together_so_a_helper_finds_one_nobody_writes():
+    """Thread X holds rank 0, thread Y ranks 1 and 2. Y takes its next task from its rank
+    with the most bytes left, so when X is done with rank 0, rank 1 still has bytes and Y
+    writes rank 2: X helps with rank 1 and no file has two writers. Filling its ranks one
+    after the other (``in_order``, a sink that streams its files in order), Y would have
+    only rank 2 left, and both threads would write it."""
+    from scalai.storage.tasks import Dealer, Task
+
+    sizes = {0: [60, 40], 1: [25, 25], 2: [25, 25]}
+    phase = [Task("arrays", r, f"t{r}.{i}", [], n) for r, ns in sizes.items() for i, n in enumerate(ns)]
+    dealer = Dealer(phase, 2)
+    x, y = dealer.dealt.index([0]), dealer.dealt.index([1, 2])
+    assert [dealer.next(x).rank, dealer.next(y).rank, dealer.next(y).rank, dealer.next(x).rank] == [0, 1, 2, 0]
+    assert dealer.next(x).rank == 1  # Y writes rank 2; rank 1's last task is nobody's
+    assert dealer.next(y).rank == 2 and dealer.next(y) is None and dealer.next(x) is None
+
+    ordered = Dealer(phase, 2, in_order=True)
+    x, y = ordered.dealt.index([0]), ordered.dealt.index([1, 2])
+    assert [ordered.next(x).rank, ordered.next(y).rank, ordered.next(y).rank, ordered.next(x).rank] == [0, 1, 1, 0]
+    assert ordered.next(x).rank == 2 and ordered.next(y).rank == 2  # one file, two writers
+
+
 @pytest.mark.parametrize("old_layout,new_layout", [
     ("tp=2,pp=1,dp=1", "tp=1,pp=1,dp=1"),  # runs, rows assembled from both shards, replicas never read
     ("tp=1,pp=1,dp=1", "tp=1,pp=2,dp=1"),  # whole tensors, vocabulary padding no copy reads

@@ -752,7 +752,7 @@ class _Run:
         after a failure no task starts, the running ones end, and the first error is raised."""
         for phase in self.phases:  # from_new copies read what the first phase wrote
             n = min(self.workers, len(phase))
-            dealer, failed = Dealer(phase, n), []
+            dealer, failed = Dealer(phase, n, self.sink.in_order), []
 
             def worker(i: int) -> None:
                 while not failed:

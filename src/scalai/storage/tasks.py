@@ -391,13 +391,16 @@ class Dealer:
     ranks (files) dealt to it: writes into one file serialize in the kernel (tmpfs, ext4:
     the inode's lock), so two threads writing one file wait for each other while another
     file could be written. Ranks are dealt by bytes (the largest to the least loaded
-    thread), so that a thread's large tensors run beside another's many small ones, and a
-    sink filled in file order gets about one file per thread. A thread whose ranks are done
-    helps with the rank with the most bytes left that no other thread is writing, or, when
-    every rank left is being written, with the one with the most bytes left. Each rank's
-    tasks keep the phase's order. Thread-safe."""
+    thread), so that a thread's large tensors run beside another's many small ones. A
+    thread drains its ranks together (its next task from its rank with the most bytes left
+    that no other thread writes), so that a thread done early finds a file of the others'
+    that nobody writes; with ``in_order`` (a sink filled in file order) it fills them one
+    after the other instead, about one file per thread at a time. A thread whose ranks are
+    done helps with the rank with the most bytes left that no other thread is writing, or,
+    when every rank left is being written, with the one with the most bytes left. Each
+    rank's tasks keep the phase's order. Thread-safe."""
 
-    def __init__(self, tasks: list[Task], workers: int):
+    def __init__(self, tasks: list[Task], workers: int, in_order: bool = False):
         self._queues: dict[int, list[Task]] = defaultdict(list)
         for t in tasks:
             self._queues[t.rank].append(t)
@@ -411,6 +414,7 @@ class Dealer:
             self.dealt[i].append(r)
             loads[i] += self._left[r]
         self._writing: dict[int, int] = {}  # worker -> the rank of the task it runs
+        self._in_order = in_order
         self._lock = threading.Lock()
 
     def next(self, worker: int) -> Task | None:
@@ -418,14 +422,16 @@ class Dealer:
         is done; None when none is left."""
         with self._lock:
             self._writing.pop(worker, None)
+            busy = set(self._writing.values())
             mine = [r for r in self.dealt[worker] if self._queues[r]]
-            if mine:
+            if mine and self._in_order:
                 rank = mine[0]
+            elif mine:
+                rank = max([r for r in mine if r not in busy] or mine, key=lambda r: self._left[r])
             else:
                 live = [r for r, q in self._queues.items() if q]
                 if not live:
                     return None
-                busy = set(self._writing.values())
                 rank = max([r for r in live if r not in busy] or live, key=lambda r: self._left[r])
             task = self._queues[rank].pop()
             self._left[rank] -= task.nbytes
