@@ -149,25 +149,9 @@ class _Builder:
             self.lower_bound - lower_bound)
 
     def _replay(self, name: str, t: _Template) -> None:
-        """Add ``t``'s copies as ``name``'s, and count them as :meth:`_add_group` did."""
-        old_device, new_device = self.old_device, self.new_device
+        """Add ``t``'s copies as ``name``'s, counted as any copy is (:meth:`_add`)."""
         for fields_ in t.copies:
-            c = Copy(name, *fields_)
-            self.copies.append(c)
-            n = c.nbytes
-            self.total += n
-            if c.from_new:
-                self.same_host += n
-                continue
-            self.rank_read[c.src_rank] += n
-            if c.src_host == c.dst_host:
-                self.same_host += n
-                if old_device[c.src_rank] == new_device[c.dst_rank]:
-                    self.same_device += n
-            else:
-                self.cross_host += n
-                self.sent[c.src_host] += n
-                self.received[c.dst_host] += n
+            self._add(Copy(name, *fields_))
         self.lower_bound += t.lower_bound
 
     def _plan_tensor(self, name: str, size: int, old_h: tuple[Holding, ...], new_h: tuple[Holding, ...]) -> None:
@@ -198,7 +182,6 @@ class _Builder:
             raise PlanError(f"tensor {name}: {group.volume} elements are held only by unavailable old ranks "
                             f"{lost}; no replica survives, so restore the job from a persistent checkpoint")
         owner_of = {r: oi for oi in group.old for r in old_h[oi].ranks}
-        nbytes = group.volume * size
         fetched: dict[str, tuple[int, int]] = {}  # host -> (rank that fetched, its new holding)
         need_hosts = set()
         for ni in group.new:
@@ -209,26 +192,19 @@ class _Builder:
                 if src is None and host in sources.by_host:
                     src = self._least_read(sources.by_host[host])
                 if src is not None:
-                    self._emit(name, size, group, owner_of[src], ni, src, dst, host, host, False)
-                    self.same_host += nbytes
-                    if self.old_device[src] == self.new_device[dst]:
-                        self.same_device += nbytes
+                    self._emit(name, size, group, owner_of[src], ni, src, dst, host, host)
                 elif self.fanout and host in fetched:
                     peer, peer_ni = fetched[host]
-                    self._emit_fanout(name, size, group, peer_ni, ni, peer, dst, host)
-                    self.same_host += nbytes
+                    for sw, dw in group.fanout_pairs(peer_ni, ni):
+                        self._add(Copy(name, peer, dst, sw, dw, dw.volume * size, host, host, True))
                 else:
                     hosts = sources.by_host
                     self.weighed |= len(hosts) > 1
                     src_host = min(hosts, key=lambda h: (self.sent[h], h))
                     src = self._least_read(hosts[src_host])
-                    self._emit(name, size, group, owner_of[src], ni, src, dst, src_host, host, False)
-                    self.cross_host += nbytes
-                    self.sent[src_host] += nbytes
-                    self.received[host] += nbytes
+                    self._emit(name, size, group, owner_of[src], ni, src, dst, src_host, host)
                     fetched[host] = (dst, ni)
-                self.total += nbytes
-        self.lower_bound += nbytes * len(need_hosts - sources.by_host.keys())
+        self.lower_bound += group.volume * size * len(need_hosts - sources.by_host.keys())
 
     def _least_read(self, ranks: list[int]) -> int:
         """The rank of ``ranks`` that has been read least so far (ties: the lowest)."""
@@ -237,14 +213,28 @@ class _Builder:
         self.weighed = True
         return min(ranks, key=lambda r: (self.rank_read[r], r))
 
-    def _emit(self, name, size, group: Group, oi, ni, src, dst, src_host, dst_host, from_new) -> None:
-        self.rank_read[src] += group.volume * size
+    def _emit(self, name, size, group: Group, oi, ni, src, dst, src_host, dst_host) -> None:
         for sw, dw in group.pairs(oi, ni):
-            self.copies.append(Copy(name, src, dst, sw, dw, sw.volume * size, src_host, dst_host, from_new))
+            self._add(Copy(name, src, dst, sw, dw, sw.volume * size, src_host, dst_host))
 
-    def _emit_fanout(self, name, size, group: Group, peer_ni, ni, peer, dst, host) -> None:
-        for sw, dw in group.fanout_pairs(peer_ni, ni):
-            self.copies.append(Copy(name, peer, dst, sw, dw, dw.volume * size, host, host, True))
+    def _add(self, c: Copy) -> None:
+        """Add a copy to the plan and count its bytes: read from its old rank, within a
+        device, a host (a host fan-out's too) or across hosts."""
+        self.copies.append(c)
+        n = c.nbytes
+        self.total += n
+        if c.from_new:
+            self.same_host += n
+            return
+        self.rank_read[c.src_rank] += n
+        if c.src_host == c.dst_host:
+            self.same_host += n
+            if self.old_device[c.src_rank] == self.new_device[c.dst_rank]:
+                self.same_device += n
+        else:
+            self.cross_host += n
+            self.sent[c.src_host] += n
+            self.received[c.dst_host] += n
 
     def stats(self) -> PlanStats:
         return PlanStats(self.total, self.same_device, self.same_host, self.cross_host,
