@@ -33,8 +33,11 @@ as scalai writes into that rank's file, filled by the kernel (``copy_file_range`
 old rank files taken in turn, in 64 MiB chunks shared out over the threads (each starts on
 a file of its own, then helps with the others; a single new file gets every thread) with
 writeback started after each chunk (``sync_file_range``, as scalai's writer does), then
-fsynced: no layout logic, no checksum. (c'') the same with every byte read through this
-process for its CRC-32 on the way (``file_copy(checked=True)``): the floor of a checked copy.
+fsynced: no layout logic, no checksum. (c'b) the same bytes through a buffer of this
+process instead (``file_copy(mode="buffered")``: ``pread`` then ``pwrite``, as ``dd`` or
+``rsync`` copy), since which of the two is faster depends on the file system: the report
+holds scalai against the faster. (c'') the buffered copy with every block's CRC-32
+computed on the way (``mode="checked"``): the floor of a checked copy.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ __all__ = ["consolidate_then_split", "MemoryCopy", "file_copy", "BLOCK_BYTES"]
 BLOCK_BYTES = 4 << 20
 _MEMCPY_BUFFER = 512 << 20
 _COPY_CHUNK = 64 << 20
-_BLOCK = 4 << 20  # a checked copy's block: read, checksummed and written while in cache
+_BLOCK = 4 << 20  # a buffered copy's block: read, checksummed if checked, and written while in cache
 _PAGE = 4096
 
 
@@ -274,7 +277,10 @@ def _load_sync_file_range():
 _SYNC_FILE_RANGE = _load_sync_file_range()
 
 
-def file_copy(src: str, out: str, sizes: list[int], workers: int, checked: bool = False) -> dict[str, float]:
+COPY_MODES = ("kernel", "buffered", "checked")
+
+
+def file_copy(src: str, out: str, sizes: list[int], workers: int, mode: str = "kernel") -> dict[str, float]:
     """(c'): ``sizes[r]`` bytes into ``out/rank-r.bin`` for every new rank ``r``, copied by
     the kernel from the old rank files of ``src`` (the new files laid one after the other
     over the old ones read in turn, so that each byte is read once until all were: as in a
@@ -285,13 +291,17 @@ def file_copy(src: str, out: str, sizes: list[int], workers: int, checked: bool 
     into (writes into one file take turns on its inode lock), so the files drain together
     and the threads end together.
 
-    ``checked`` (c''): every byte passes through this process instead, in 4 MiB blocks
-    read (``pread``) into a buffer of each thread's, at the same offset in a page as in the
-    file (a copy 8 bytes ahead of its source modulo a page runs at a third of the speed
-    here): its CRC-32 computed while the block is in cache (zlib-ng, as scalai's check),
-    then ``pwrite``: the floor of a copy that reads what it copies, as a source check
+    ``mode``: ``"kernel"`` as above (c'); ``"buffered"`` (c'b): every byte passes through
+    this process instead, in 4 MiB blocks read (``pread``) into a buffer of each thread's,
+    at the same offset in a page as in the file (a copy 8 bytes ahead of its source modulo
+    a page runs at a third of the speed here), then ``pwrite``; ``"checked"`` (c''): the
+    buffered copy with each block's CRC-32 computed while it is in cache (zlib-ng, as
+    scalai's check): the floor of a copy that reads what it copies, as a source check
     must. (Reading through memory maps of the old files instead was about 7 % slower
     here: page faults, and the unmapping at the end.)"""
+    if mode not in COPY_MODES:
+        raise ValueError(f"file copy mode {mode!r} is not one of {', '.join(COPY_MODES)}")
+    buffered = mode != "kernel"
     t0 = time.perf_counter()
     files = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
     lengths = [os.path.getsize(os.path.join(src, f)) for f in files]
@@ -330,15 +340,16 @@ def file_copy(src: str, out: str, sizes: list[int], workers: int, checked: bool 
             return rank, queues[rank].pop()
 
     def copy(worker: int) -> None:
-        buf = np.empty(_BLOCK + 2 * _PAGE, np.uint8) if checked else None
-        page = -buf.ctypes.data % _PAGE if checked else 0  # where a page starts in buf
+        buf = np.empty(_BLOCK + 2 * _PAGE, np.uint8) if buffered else None
+        page = -buf.ctypes.data % _PAGE if buffered else 0  # where a page starts in buf
         while (job := next_chunk(worker)) is not None:
             rank, (at, k, offset, n) = job
             while n:
-                if checked:  # each block at its file offset's place in a page, as scalai's reads
+                if buffered:  # each block at its file offset's place in a page, as scalai's reads
                     view = buf[page + offset % _PAGE:][:min(n, _BLOCK)]
                     block = view[:os.preadv(ins[k], [view], offset)]
-                    crc32(block)  # what a check computes of each block (and compares, at no cost)
+                    if mode == "checked":
+                        crc32(block)  # what a check computes of each block (and compares, at no cost)
                     done = os.pwrite(outs[rank], block, at)
                 else:
                     done = os.copy_file_range(ins[k], outs[rank], n, offset, at)

@@ -24,10 +24,10 @@ def test_a_requested_workdir_without_room_is_refused_before_anything_is_written(
     assert os.path.isdir(path) and path.startswith(str(target)) and where.startswith(path)
 
 
-@pytest.mark.parametrize("checked", [False, True])
+@pytest.mark.parametrize("mode", ["kernel", "buffered", "checked"])
 @pytest.mark.parametrize("sizes", [[5000], [3000, 2500], [1200, 1300, 1500, 900]])
-def test_the_file_copy_floor_copies_each_old_byte_once_in_turn(tmp_path, monkeypatch, checked, sizes):
-    """The reshard benchmark's floors (c') and (c''): each new file holds the next bytes of
+def test_the_file_copy_floor_copies_each_old_byte_once_in_turn(tmp_path, monkeypatch, mode, sizes):
+    """The reshard benchmark's floors (c'), (c'b) and (c''): each new file holds the next bytes of
     the old files read one after the other (wrapping around once all were read), so that no
     two new files start at the same old byte; chunks shared over threads land in place."""
     import numpy as np
@@ -40,12 +40,20 @@ def test_the_file_copy_floor_copies_each_old_byte_once_in_turn(tmp_path, monkeyp
     old = [np.random.default_rng(i).integers(0, 256, n, dtype=np.uint8).tobytes() for i, n in enumerate([1700, 2300])]
     for i, data in enumerate(old):
         (src / f"rank-{i:05d}.safetensors").write_bytes(data)
-    reshard_baselines.file_copy(str(src), str(tmp_path / "new"), sizes, workers=3, checked=checked)
+    reshard_baselines.file_copy(str(src), str(tmp_path / "new"), sizes, workers=3, mode=mode)
     stream = b"".join(old) * 3
     at = 0
     for rank, size in enumerate(sizes):
         assert (tmp_path / "new" / f"rank-{rank:05d}.bin").read_bytes() == stream[at % 4000:at % 4000 + size]
         at += size
+
+
+def test_the_file_copy_floor_refuses_an_unknown_mode_before_writing(tmp_path):
+    import reshard_baselines
+
+    with pytest.raises(ValueError, match="mode 'fast' is not one of kernel, buffered, checked"):
+        reshard_baselines.file_copy(str(tmp_path), str(tmp_path / "new"), [10], workers=1, mode="fast")
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("old, new", [("tp=2,pp=1,dp=1", "tp=1,pp=2,dp=1"),
