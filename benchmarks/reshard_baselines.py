@@ -65,7 +65,9 @@ __all__ = ["consolidate_then_split", "MemoryCopy", "file_copy", "BLOCK_BYTES"]
 BLOCK_BYTES = 4 << 20
 _MEMCPY_BUFFER = 512 << 20
 _COPY_CHUNK = 64 << 20
-_BLOCK = 4 << 20  # a buffered copy's block: read, checksummed if checked, and written while in cache
+# A buffered copy's block: read, checksummed if checked, and written while in cache. 1 MiB
+# was the fastest of 0.5, 1, 2, 4 and 16 MiB on tmpfs here (2-4 % ahead of 4 MiB).
+_BLOCK = 1 << 20
 _PAGE = 4096
 
 
@@ -292,7 +294,7 @@ def file_copy(src: str, out: str, sizes: list[int], workers: int, mode: str = "k
     and the threads end together.
 
     ``mode``: ``"kernel"`` as above (c'); ``"buffered"`` (c'b): every byte passes through
-    this process instead, in 4 MiB blocks read (``pread``) into a buffer of each thread's,
+    this process instead, in 1 MiB blocks read (``pread``) into a buffer of each thread's,
     at the same offset in a page as in the file (a copy 8 bytes ahead of its source modulo
     a page runs at a third of the speed here), then ``pwrite``; ``"checked"`` (c''): the
     buffered copy with each block's CRC-32 computed while it is in cache (zlib-ng, as
